@@ -1,0 +1,194 @@
+//! UDP transport: each dmfabric frame (Ethernet header included) is the
+//! payload of one datagram. This is the baseline a user would build first,
+//! one `send_to` / `recv_from` per frame, and the comparison in every bench.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use dmfabric_wire::MacAddr;
+
+use crate::batch::FrameBatch;
+use crate::sys;
+use crate::transport::{Transport, TransportError, TransportKind, TransportStats};
+use crate::FRAME_CAP;
+
+/// Peers learnt from received datagrams, so replies find their way back.
+const MAX_PEERS: usize = 64;
+
+#[derive(Debug)]
+pub struct UdpTransport {
+    sock: UdpSocket,
+    mac: MacAddr,
+    default_peer: Option<SocketAddr>,
+    peers: Vec<(MacAddr, SocketAddr)>,
+    buf: Box<[u8]>,
+    stats: TransportStats,
+}
+
+impl UdpTransport {
+    /// Bind to `local`. Frames to a MAC not yet heard from go to `peer`.
+    pub fn bind(
+        local: SocketAddr,
+        peer: Option<SocketAddr>,
+        mac: MacAddr,
+    ) -> Result<Self, TransportError> {
+        let sock = UdpSocket::bind(local)
+            .map_err(|e| TransportError::io(format!("Cannot bind UDP socket to {local}"), e))?;
+        sock.set_nonblocking(true)
+            .map_err(|e| TransportError::io("Cannot make the UDP socket non-blocking", e))?;
+        Ok(UdpTransport {
+            sock,
+            mac,
+            default_peer: peer,
+            peers: Vec::with_capacity(MAX_PEERS),
+            buf: vec![0u8; FRAME_CAP].into_boxed_slice(),
+            stats: TransportStats::default(),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    fn learn(&mut self, mac: MacAddr, addr: SocketAddr) {
+        if let Some(entry) = self.peers.iter_mut().find(|(m, _)| *m == mac) {
+            entry.1 = addr;
+        } else if self.peers.len() < MAX_PEERS {
+            self.peers.push((mac, addr));
+        }
+    }
+
+    fn route(&self, dst: MacAddr) -> Option<SocketAddr> {
+        self.peers
+            .iter()
+            .find(|(m, _)| *m == dst)
+            .map(|(_, a)| *a)
+            .or(self.default_peer)
+    }
+}
+
+impl Transport for UdpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Udp
+    }
+
+    fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    fn recv(
+        &mut self,
+        max: usize,
+        on_frame: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, TransportError> {
+        let mut n = 0;
+        while n < max {
+            match self.sock.recv_from(&mut self.buf) {
+                Ok((len, from)) => {
+                    if len >= 12 {
+                        let mut src = [0u8; 6];
+                        src.copy_from_slice(&self.buf[6..12]);
+                        if !MacAddr(src).is_multicast() && self.route(MacAddr(src)) != Some(from) {
+                            self.learn(MacAddr(src), from);
+                        }
+                    }
+                    on_frame(&self.buf[..len]);
+                    n += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // ICMP errors (port unreachable) surface here; count and go on.
+                    self.stats.io_errors += 1;
+                    break;
+                }
+            }
+        }
+        self.stats.rx_frames += n as u64;
+        Ok(n)
+    }
+
+    fn send(&mut self, batch: &mut FrameBatch) -> Result<usize, TransportError> {
+        let mut sent = 0;
+        for frame in batch.iter() {
+            let dst = if frame.len() >= 6 {
+                let mut d = [0u8; 6];
+                d.copy_from_slice(&frame[..6]);
+                MacAddr(d)
+            } else {
+                MacAddr::BROADCAST
+            };
+            let Some(addr) = self.route(dst) else {
+                self.stats.tx_dropped += 1;
+                continue;
+            };
+            match self.sock.send_to(frame, addr) {
+                Ok(_) => sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stats.tx_dropped += 1,
+                Err(_) => {
+                    self.stats.io_errors += 1;
+                    self.stats.tx_dropped += 1;
+                }
+            }
+        }
+        batch.clear();
+        self.stats.tx_frames += sent as u64;
+        Ok(sent)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        sys::poll_readable(self.sock.as_raw_fd(), timeout)
+            .map_err(|e| TransportError::io("poll on the UDP socket failed", e))?;
+        Ok(())
+    }
+
+    fn stats(&self) -> TransportStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_round_trip_learns_the_peer() {
+        let mac_a = MacAddr([2, 0, 0, 0, 0, 0xa]);
+        let mac_b = MacAddr([2, 0, 0, 0, 0, 0xb]);
+        let mut b = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), None, mac_b).unwrap();
+        let mut a = UdpTransport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(b.local_addr().unwrap()),
+            mac_a,
+        )
+        .unwrap();
+        let mut frame = [0u8; 20];
+        frame[..6].copy_from_slice(&mac_b.0);
+        frame[6..12].copy_from_slice(&mac_a.0);
+        let mut batch = FrameBatch::new();
+        batch.push(&frame);
+        assert_eq!(a.send(&mut batch).unwrap(), 1);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            b.wait(Duration::from_millis(10)).unwrap();
+            b.recv(8, &mut |f| got.push(f.to_vec())).unwrap();
+            if !got.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(got, vec![frame.to_vec()]);
+        // b has no default peer: it can answer only because it learnt a's address.
+        let mut reply = [0u8; 20];
+        reply[..6].copy_from_slice(&mac_a.0);
+        batch.push(&reply);
+        assert_eq!(b.send(&mut batch).unwrap(), 1);
+        // A frame to an unknown MAC with no default peer is dropped and counted.
+        let mut stray = [0u8; 20];
+        stray[..6].copy_from_slice(&[2, 9, 9, 9, 9, 9]);
+        batch.push(&stray);
+        assert_eq!(b.send(&mut batch).unwrap(), 0);
+        assert_eq!(b.stats().tx_dropped, 1);
+    }
+}

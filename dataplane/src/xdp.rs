@@ -1,0 +1,556 @@
+//! AF_XDP transport through xsk-rs: the production transport.
+//!
+//! One socket on one (interface, queue), its own UMEM split in two halves:
+//! receive frames circulate between the fill ring and the RX ring, transmit
+//! frames between a free list, the TX ring and the completion ring. Both
+//! attach modes (native/driver and generic/SKB) and both bind modes
+//! (zero-copy where the driver has it, copy otherwise) are supported; `Auto`
+//! tries the fastest first. On veth only copy mode exists.
+
+use std::ffi::CStr;
+use std::fmt;
+use std::io::{self, Write};
+use std::num::NonZeroU32;
+use std::process::Command;
+use std::time::Duration;
+
+use dmfabric_wire::MacAddr;
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, QueueSize, SocketConfig, UmemConfig, XdpFlags,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+use crate::batch::FrameBatch;
+use crate::sys;
+use crate::transport::{Transport, TransportError, TransportKind, TransportStats};
+use crate::MAX_BURST;
+
+/// Name of the program libxdp loads for AF_XDP sockets, and of its dispatcher.
+const LIBXDP_XSK_PROG: &str = "xsk_def_prog";
+const LIBXDP_DISPATCHER: &str = "xdp_dispatcher";
+
+/// Frames the kernel sends per TX kick in copy mode.
+const COPY_MODE_TX_BATCH: usize = 32;
+
+/// Where the XDP program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native first, generic if the driver has no XDP.
+    Auto,
+    /// Generic (SKB) mode: works on every interface, slower.
+    Generic,
+    /// Native (driver) mode.
+    Native,
+}
+
+impl std::str::FromStr for XdpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(XdpMode::Auto),
+            "generic" | "skb" => Ok(XdpMode::Generic),
+            "native" | "drv" => Ok(XdpMode::Native),
+            _ => Err(format!(
+                "unknown XDP mode `{s}`: expected auto, generic or native"
+            )),
+        }
+    }
+}
+
+/// Whether to bind in zero-copy mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Zero-copy where the driver supports it, copy otherwise.
+    Auto,
+    Off,
+    On,
+}
+
+impl std::str::FromStr for ZeroCopy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ZeroCopy::Auto),
+            "off" | "copy" => Ok(ZeroCopy::Off),
+            "on" | "zc" => Ok(ZeroCopy::On),
+            _ => Err(format!(
+                "unknown zero-copy setting `{s}`: expected auto, on or off"
+            )),
+        }
+    }
+}
+
+/// How to open an AF_XDP transport.
+#[derive(Debug, Clone)]
+pub struct XdpConfig {
+    pub iface: String,
+    pub queue: u32,
+    pub mode: XdpMode,
+    pub zero_copy: ZeroCopy,
+    /// UMEM frames (half receive, half transmit); a power of two.
+    pub frames: u32,
+    /// Remove a program left on the interface by a killed dmfabric run.
+    pub clear_stale_program: bool,
+}
+
+impl XdpConfig {
+    pub fn new(iface: impl Into<String>) -> Self {
+        XdpConfig {
+            iface: iface.into(),
+            queue: 0,
+            mode: XdpMode::Auto,
+            zero_copy: ZeroCopy::Auto,
+            frames: 4096,
+            clear_stale_program: true,
+        }
+    }
+}
+
+/// How the socket ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attachment {
+    pub native: bool,
+    pub zero_copy: bool,
+}
+
+impl fmt::Display for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} mode, {}",
+            if self.native { "native" } else { "generic" },
+            if self.zero_copy { "zero-copy" } else { "copy" }
+        )
+    }
+}
+
+pub struct XdpTransport {
+    // Field order is drop order: queues (which hold the socket) before the UMEM.
+    tx_q: TxQueue,
+    rx_q: RxQueue,
+    fq: FillQueue,
+    cq: CompQueue,
+    umem: Umem,
+    rx_descs: Vec<FrameDesc>,
+    tx_free: Vec<FrameDesc>,
+    tx_pending: Vec<FrameDesc>,
+    comp_descs: Vec<FrameDesc>,
+    mac: MacAddr,
+    attachment: Attachment,
+    removed_stale: Option<String>,
+    stats: TransportStats,
+}
+
+impl fmt::Debug for XdpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XdpTransport")
+            .field("mac", &self.mac)
+            .field("attachment", &self.attachment)
+            .finish()
+    }
+}
+
+const PRIVILEGE_HINT: &str = "run as root or use --transport packet";
+
+impl XdpTransport {
+    /// Open an AF_XDP socket on `cfg.iface` in the calling thread's network namespace.
+    pub fn open(cfg: &XdpConfig) -> Result<Self, TransportError> {
+        let missing = sys::missing_capabilities(&[
+            (sys::CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+            (sys::CAP_NET_RAW, "CAP_NET_RAW"),
+            (sys::CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        ]);
+        if !missing.is_empty() {
+            return Err(TransportError::Privilege(format!(
+                "AF_XDP needs CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN (missing {}): {PRIVILEGE_HINT}",
+                missing.join(", ")
+            )));
+        }
+        if !cfg.frames.is_power_of_two() || cfg.frames < 2 * MAX_BURST as u32 {
+            return Err(TransportError::Unsupported(format!(
+                "AF_XDP UMEM frames must be a power of two of at least {}, not {}",
+                2 * MAX_BURST,
+                cfg.frames
+            )));
+        }
+        sys::raise_memlock_limit();
+        quiet_libxdp();
+        let ifindex = sys::if_index(&cfg.iface)
+            .ok_or_else(|| TransportError::NoSuchInterface(cfg.iface.clone()))?;
+        let mac = sys::if_mac(&cfg.iface)
+            .map_err(|e| TransportError::io(format!("Cannot read the MAC of {}", cfg.iface), e))?;
+
+        let removed_stale = if cfg.clear_stale_program {
+            clear_stale_program(&cfg.iface, ifindex)?
+        } else {
+            None
+        };
+
+        let natives: &[bool] = match cfg.mode {
+            XdpMode::Auto => &[true, false],
+            XdpMode::Native => &[true],
+            XdpMode::Generic => &[false],
+        };
+        let zcs: &[bool] = match cfg.zero_copy {
+            ZeroCopy::Auto => &[true, false],
+            ZeroCopy::On => &[true],
+            ZeroCopy::Off => &[false],
+        };
+        let mut last_err = None;
+        for &native in natives {
+            for &zc in zcs {
+                if zc && !native {
+                    continue; // generic mode is always copy mode
+                }
+                match Self::try_open(
+                    cfg,
+                    mac,
+                    Attachment {
+                        native,
+                        zero_copy: zc,
+                    },
+                ) {
+                    Ok(mut t) => {
+                        t.removed_stale = removed_stale;
+                        return Ok(t);
+                    }
+                    Err(e) => last_err = Some(e),
+                }
+            }
+        }
+        let err = last_err.unwrap_or_else(|| io::Error::other("no attach mode to try"));
+        Err(explain_open_error(cfg, err))
+    }
+
+    fn try_open(cfg: &XdpConfig, mac: MacAddr, att: Attachment) -> Result<Self, io::Error> {
+        let half = cfg.frames / 2;
+        let ring = QueueSize::new(half).map_err(|e| io::Error::other(e.to_string()))?;
+        let umem_cfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(2048).map_err(|e| io::Error::other(e.to_string()))?)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let frames =
+            NonZeroU32::new(cfg.frames).ok_or_else(|| io::Error::other("zero UMEM frames"))?;
+        let (umem, mut descs) = Umem::new(umem_cfg, frames, false).map_err(source_io)?;
+
+        let mut xdp_flags = XdpFlags::empty();
+        xdp_flags |= if att.native {
+            XdpFlags::XDP_FLAGS_DRV_MODE
+        } else {
+            XdpFlags::XDP_FLAGS_SKB_MODE
+        };
+        let mut bind_flags = BindFlags::XDP_USE_NEED_WAKEUP;
+        bind_flags |= if att.zero_copy {
+            BindFlags::XDP_ZEROCOPY
+        } else {
+            BindFlags::XDP_COPY
+        };
+        let sock_cfg = SocketConfig::builder()
+            .rx_queue_size(ring)
+            .tx_queue_size(ring)
+            .xdp_flags(xdp_flags)
+            .bind_flags(bind_flags)
+            .build();
+        let iface: Interface = cfg
+            .iface
+            .parse()
+            .map_err(|_| io::Error::other("interface name contains NUL"))?;
+        // SAFETY: the UMEM is new and used by this socket only, so the
+        // shared-UMEM contract of `Socket::new` does not apply.
+        let (tx_q, rx_q, fq_cq) =
+            unsafe { Socket::new(sock_cfg, &umem, &iface, cfg.queue) }.map_err(source_io)?;
+        let (mut fq, cq) =
+            fq_cq.ok_or_else(|| io::Error::other("libxdp returned no fill/completion queue"))?;
+
+        let tx_free = descs.split_off(half as usize);
+        // SAFETY: the descriptors came from this UMEM and none is in use.
+        let filled = unsafe { fq.produce(&descs) };
+        if filled != descs.len() {
+            return Err(io::Error::other(
+                "fill queue took fewer frames than it has slots",
+            ));
+        }
+        let blank = tx_free[0];
+        Ok(XdpTransport {
+            tx_q,
+            rx_q,
+            fq,
+            cq,
+            umem,
+            rx_descs: vec![blank; MAX_BURST],
+            tx_pending: Vec::with_capacity(MAX_BURST),
+            comp_descs: vec![blank; half as usize],
+            tx_free,
+            mac,
+            attachment: att,
+            removed_stale: None,
+            stats: TransportStats::default(),
+        })
+    }
+
+    /// How the socket is attached.
+    pub fn attachment(&self) -> Attachment {
+        self.attachment
+    }
+
+    /// The stale program this open removed, if any (for the log).
+    pub fn removed_stale_program(&self) -> Option<&str> {
+        self.removed_stale.as_deref()
+    }
+
+    fn reclaim_tx(&mut self) {
+        // SAFETY: completion descriptors are frames of this UMEM that the
+        // kernel has finished sending.
+        let n = unsafe { self.cq.consume(&mut self.comp_descs) };
+        self.tx_free.extend_from_slice(&self.comp_descs[..n]);
+    }
+
+    fn kick_tx(&mut self, queued: usize) {
+        // In copy mode the kernel sends during the syscall, at most 32
+        // frames per call: kick until the ring is drained (bounded).
+        let ring_size = self.comp_descs.len() as u32;
+        let kicks = queued.div_ceil(COPY_MODE_TX_BATCH) + 2;
+        for _ in 0..kicks {
+            if !self.attachment.zero_copy || self.tx_q.needs_wakeup() {
+                if self.tx_q.wakeup().is_err() {
+                    self.stats.io_errors += 1;
+                }
+            }
+            if self.attachment.zero_copy || self.tx_q.nb_free_exact() == ring_size {
+                break;
+            }
+        }
+    }
+}
+
+fn source_io<E: std::error::Error>(e: E) -> io::Error {
+    let msg = e.to_string();
+    let code = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<io::Error>())
+        .and_then(|s| s.raw_os_error());
+    match code {
+        Some(c) => io::Error::from_raw_os_error(c),
+        None => io::Error::other(msg),
+    }
+}
+
+fn explain_open_error(cfg: &XdpConfig, err: io::Error) -> TransportError {
+    let iface = &cfg.iface;
+    match err.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => TransportError::Privilege(format!(
+            "AF_XDP on {iface} was refused (EPERM): it needs CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_ADMIN; {PRIVILEGE_HINT}"
+        )),
+        Some(libc::ENOBUFS) | Some(libc::ENOMEM) => TransportError::Privilege(format!(
+            "AF_XDP could not lock its UMEM memory on {iface}: raise `ulimit -l` (RLIMIT_MEMLOCK) or grant CAP_IPC_LOCK, or use --transport packet"
+        )),
+        Some(libc::EBUSY) => TransportError::Busy(format!(
+            "{iface} queue {} is busy: another AF_XDP socket or XDP program holds it (see `ss -a --xdp` and `ip link show {iface}`); stop it, or detach with `ip link set dev {iface} xdp off`",
+            cfg.queue
+        )),
+        Some(libc::EAFNOSUPPORT) | Some(libc::ENOPROTOOPT) => TransportError::Unsupported(
+            "This kernel has no AF_XDP sockets (CONFIG_XDP_SOCKETS): use --transport packet".into(),
+        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => TransportError::Unsupported(format!(
+            "{iface} does not support the requested XDP mode ({:?}, zero-copy {:?}): try --xdp-mode generic --zero-copy off, or --transport packet",
+            cfg.mode, cfg.zero_copy
+        )),
+        Some(libc::EINTR) => TransportError::io(format!("AF_XDP socket creation on {iface} was interrupted"), err),
+        _ => TransportError::io(format!("Cannot create an AF_XDP socket on {iface} queue {}", cfg.queue), err),
+    }
+}
+
+/// libxdp and libbpf print warnings on stderr (for example that bpffs is not
+/// mounted and the dispatcher is skipped, which is expected on test hosts).
+/// Our errors carry the errno and a hint instead, so silence them unless
+/// DMFABRIC_LIBXDP_DEBUG is set.
+fn quiet_libxdp() {
+    if std::env::var_os("DMFABRIC_LIBXDP_DEBUG").is_some() {
+        return;
+    }
+    // SAFETY: setting the print callbacks to NULL disables printing; both
+    // calls only store a function pointer.
+    unsafe {
+        libxdp_sys::libxdp_set_print(None);
+        libbpf_sys::libbpf_set_print(None);
+    }
+}
+
+/// If `iface` carries an XDP program that libxdp loaded for AF_XDP and no
+/// AF_XDP socket is bound to the interface any more, it was left behind by a
+/// killed run: detach it. Any other program is someone else's: refuse.
+/// Returns a description of what was removed.
+pub fn clear_stale_program(iface: &str, ifindex: u32) -> Result<Option<String>, TransportError> {
+    let Some(prog) = attached_program(ifindex) else {
+        return Ok(None);
+    };
+    if prog.name != LIBXDP_XSK_PROG && prog.name != LIBXDP_DISPATCHER {
+        return Err(TransportError::Busy(format!(
+            "{iface} already has XDP program `{}` (id {}) that dmfabric did not load: detach it with `ip link set dev {iface} xdp off`, or use --transport packet",
+            prog.name, prog.id
+        )));
+    }
+    if xdp_sockets_bound(ifindex) {
+        return Err(TransportError::Busy(format!(
+            "{iface} is in use by another AF_XDP socket (`ss -a --xdp` shows it): stop that process or use another interface"
+        )));
+    }
+    // Nothing holds the program: it is a leftover of a killed run.
+    let status = Command::new("ip")
+        .args(["link", "set", "dev", iface, "xdp", "off"])
+        .status();
+    let _ = Command::new("ip")
+        .args(["link", "set", "dev", iface, "xdpgeneric", "off"])
+        .status();
+    if !matches!(status, Ok(s) if s.success()) || attached_program(ifindex).is_some() {
+        return Err(TransportError::Busy(format!(
+            "{iface} has a leftover XDP program `{}` (id {}) that could not be removed: run `ip link set dev {iface} xdp off`",
+            prog.name, prog.id
+        )));
+    }
+    Ok(Some(format!(
+        "removed leftover XDP program `{}` (id {}) from {iface}",
+        prog.name, prog.id
+    )))
+}
+
+#[derive(Debug)]
+struct AttachedProgram {
+    name: String,
+    id: u32,
+}
+
+fn attached_program(ifindex: u32) -> Option<AttachedProgram> {
+    // SAFETY: libxdp returns NULL, an error pointer or a multiprog we own
+    // and close below; `libxdp_get_error` tells the cases apart.
+    unsafe {
+        let mp = libxdp_sys::xdp_multiprog__get_from_ifindex(ifindex as i32);
+        if mp.is_null() || libxdp_sys::libxdp_get_error(mp.cast()) != 0 {
+            return None;
+        }
+        let main = libxdp_sys::xdp_multiprog__main_prog(mp);
+        let found = if main.is_null() {
+            None
+        } else {
+            let name_ptr = libxdp_sys::xdp_program__name(main);
+            let name = if name_ptr.is_null() {
+                String::from("?")
+            } else {
+                CStr::from_ptr(name_ptr).to_string_lossy().into_owned()
+            };
+            Some(AttachedProgram {
+                name,
+                id: libxdp_sys::xdp_program__id(main),
+            })
+        };
+        libxdp_sys::xdp_multiprog__close(mp);
+        found
+    }
+}
+
+/// Whether any AF_XDP socket is bound to `ifindex` (asked through `ss`).
+fn xdp_sockets_bound(ifindex: u32) -> bool {
+    let Ok(out) = Command::new("ss")
+        .args(["-a", "-n", "--xdp", "-e"])
+        .output()
+    else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("ifindex:{ifindex} ");
+    text.lines().skip(1).any(|l| l.contains(&needle))
+}
+
+impl Transport for XdpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Xdp
+    }
+
+    fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    fn recv(
+        &mut self,
+        max: usize,
+        on_frame: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, TransportError> {
+        let max = max.min(MAX_BURST);
+        // SAFETY: the descriptors are filled in from the RX ring of this
+        // socket, whose frames belong to `self.umem`.
+        let n = unsafe { self.rx_q.consume(&mut self.rx_descs[..max]) };
+        if n == 0 {
+            if self.fq.needs_wakeup() {
+                let _ = self.rx_q.poll(0);
+            }
+            return Ok(0);
+        }
+        for desc in &self.rx_descs[..n] {
+            // SAFETY: the frame was just received into this UMEM and is not
+            // on the fill ring until it is produced back below.
+            let data = unsafe { self.umem.data(desc) };
+            on_frame(data.contents());
+        }
+        // SAFETY: the frames are ours again and go back to the kernel.
+        let back = unsafe { self.fq.produce(&self.rx_descs[..n]) };
+        if back < n {
+            // The fill ring is sized for every receive frame, so this cannot
+            // happen; count it rather than leak silently.
+            self.stats.rx_dropped += (n - back) as u64;
+        }
+        self.stats.rx_frames += n as u64;
+        Ok(n)
+    }
+
+    fn send(&mut self, batch: &mut FrameBatch) -> Result<usize, TransportError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        self.reclaim_tx();
+        self.tx_pending.clear();
+        for frame in batch.iter() {
+            let Some(mut desc) = self.tx_free.pop() else {
+                break;
+            };
+            {
+                // SAFETY: `desc` is a free TX frame of this UMEM: neither on a
+                // ring nor referenced anywhere else.
+                let mut data = unsafe { self.umem.data_mut(&mut desc) };
+                let mut cursor = data.cursor();
+                cursor.set_pos(0);
+                if cursor.write_all(frame).is_err() {
+                    self.tx_free.push(desc);
+                    continue;
+                }
+            }
+            self.tx_pending.push(desc);
+        }
+        // SAFETY: every pending descriptor is a filled frame of this UMEM.
+        let queued = unsafe { self.tx_q.produce(&self.tx_pending) };
+        self.tx_free.extend_from_slice(&self.tx_pending[queued..]);
+        self.stats.tx_dropped += (batch.len() - queued) as u64;
+        self.stats.tx_frames += queued as u64;
+        batch.clear();
+        if queued > 0 {
+            self.kick_tx(queued);
+        }
+        Ok(queued)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        self.rx_q
+            .poll(ms)
+            .map_err(|e| TransportError::io("poll on the AF_XDP socket failed", e))?;
+        Ok(())
+    }
+
+    fn stats(&self) -> TransportStats {
+        let mut s = self.stats;
+        if let Ok(x) = self.rx_q.fd().xdp_statistics() {
+            s.rx_dropped += x.rx_dropped() + x.rx_ring_full() + x.rx_invalid_descs();
+        }
+        s
+    }
+}
