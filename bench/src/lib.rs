@@ -1,1 +1,11 @@
+//! Benchmarks and the end-to-end harness.
+//!
+//! Owns: the load generator ([`loadgen`]: IoRequests against the test
+//! device, every answer checked, latencies in an HDR histogram), the
+//! harness that runs a server and the load in two test hosts
+//! ([`harness`]), and the JSON reports ([`report`]). The criterion suites
+//! are under `benches/`.
 
+pub mod harness;
+pub mod loadgen;
+pub mod report;

@@ -1,1 +1,65 @@
-fn main() {}
+//! `dmfabric`: the one binary.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod server;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dmfabric",
+    version,
+    about = "Run VMs whose emulated devices live on other hosts, over raw Ethernet and AF_XDP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve device models to client platforms over the wire.
+    Server(server::ServerArgs),
+    /// Measure the data plane between two network namespaces.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Create two test hosts, start a server in one, drive it from the
+    /// other over AF_XDP and UDP, print what was measured, clean up.
+    Demo(bench::DemoArgs),
+}
+
+/// Set on Ctrl-C / SIGTERM; every long-running loop checks it.
+fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let presses = AtomicU32::new(0);
+    ctrlc::set_handler(move || {
+        if presses.fetch_add(1, Ordering::Relaxed) >= 2 {
+            eprintln!("dmfabric: interrupted three times, exiting without cleanup (the next run removes leftovers)");
+            std::process::exit(130);
+        }
+        flag.store(true, Ordering::Relaxed);
+    })?;
+    Ok(stop)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = install_stop_handler().and_then(|stop| match cli.cmd {
+        Cmd::Server(args) => server::run(args, stop),
+        Cmd::Bench(cmd) => bench::run(cmd, stop),
+        Cmd::Demo(args) => bench::demo(args, stop),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("dmfabric: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

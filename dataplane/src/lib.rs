@@ -33,3 +33,40 @@ pub const FRAME_CAP: usize = 2048;
 pub const MAX_BURST: usize = 64;
 
 pub use sys::{if_index, if_mac};
+
+/// How to open one transport (everything but the in-memory one, which
+/// comes in connected pairs from [`mem::pair`]).
+#[derive(Debug, Clone)]
+pub enum TransportSpec {
+    Xdp(xdp::XdpConfig),
+    Packet {
+        iface: String,
+    },
+    Udp {
+        local: std::net::SocketAddr,
+        peer: Option<std::net::SocketAddr>,
+        /// The MAC this endpoint uses as its identity inside frames.
+        mac: dmfabric_wire::MacAddr,
+    },
+}
+
+impl TransportSpec {
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            TransportSpec::Xdp(_) => TransportKind::Xdp,
+            TransportSpec::Packet { .. } => TransportKind::Packet,
+            TransportSpec::Udp { .. } => TransportKind::Udp,
+        }
+    }
+}
+
+/// Open the transport `spec` describes, in the calling thread's network namespace.
+pub fn open(spec: &TransportSpec) -> Result<Box<dyn Transport>, TransportError> {
+    Ok(match spec {
+        TransportSpec::Xdp(cfg) => Box::new(xdp::XdpTransport::open(cfg)?),
+        TransportSpec::Packet { iface } => Box::new(packet::PacketTransport::open(iface)?),
+        TransportSpec::Udp { local, peer, mac } => {
+            Box::new(udp::UdpTransport::bind(*local, *peer, *mac)?)
+        }
+    })
+}

@@ -232,6 +232,11 @@ impl TestNet {
         })
     }
 
+    /// Run `f` on the calling thread inside host `i`'s namespace; see [`with_ns`].
+    pub fn with_host<R>(&self, i: usize, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
+        with_ns(&self.hosts[i].ns, f)
+    }
+
     /// Start `f` on a new thread inside host `i`'s namespace.
     pub fn spawn_in<F, R>(
         &self,
@@ -344,6 +349,31 @@ pub fn enter(ns: &str) -> Result<(), NetnsError> {
         });
     }
     Ok(())
+}
+
+/// Run `f` on the calling thread inside namespace `ns`, then move the
+/// thread back to the namespace it was in (also when `f` panics).
+pub fn with_ns<R>(ns: &str, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
+    let home = File::open("/proc/thread-self/ns/net").map_err(|source| NetnsError::Enter {
+        ns: "(current)".into(),
+        source,
+    })?;
+    struct Restore(File);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` is the open namespace file of the thread's
+            // original namespace.
+            let rc = unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
+            // Staying in a test namespace that is about to be deleted would
+            // leave this thread without a network: that is not recoverable.
+            assert_eq!(rc, 0, "cannot return to the original network namespace");
+        }
+    }
+    let restore = Restore(home);
+    enter(ns)?;
+    let r = f();
+    drop(restore);
+    Ok(r)
 }
 
 /// Remove namespaces left by dmfabric processes that no longer run.

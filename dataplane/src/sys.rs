@@ -80,6 +80,52 @@ pub fn if_mac(name: &str) -> io::Result<MacAddr> {
     Ok(MacAddr(mac))
 }
 
+/// The driver behind interface `name` (ethtool's GDRVINFO), e.g. "veth".
+pub fn if_driver(name: &str) -> Option<String> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: `ifr` names the interface and points at a buffer as large as
+    // struct ethtool_drvinfo (196 bytes), which SIOCETHTOOL fills.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut ifr) };
+    // SAFETY: `fd` is ours and closed exactly once.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return None;
+    }
+    let end = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// Capabilities (by number) missing from the effective set of this process.
 pub fn missing_capabilities(wanted: &[(u32, &'static str)]) -> Vec<&'static str> {
     let eff = std::fs::read_to_string("/proc/self/status")

@@ -35,7 +35,8 @@ const COPY_MODE_TX_BATCH: usize = 32;
 /// Where the XDP program runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdpMode {
-    /// Native first, generic if the driver has no XDP.
+    /// Native first, generic if the driver has no XDP; generic first on
+    /// veth, where copy-mode native XDP measured slower (README, bench rtt).
     Auto,
     /// Generic (SKB) mode: works on every interface, slower.
     Generic,
@@ -187,6 +188,9 @@ impl XdpTransport {
         };
 
         let natives: &[bool] = match cfg.mode {
+            XdpMode::Auto if sys::if_driver(&cfg.iface).as_deref() == Some("veth") => {
+                &[false, true]
+            }
             XdpMode::Auto => &[true, false],
             XdpMode::Native => &[true],
             XdpMode::Generic => &[false],
@@ -481,7 +485,7 @@ impl Transport for XdpTransport {
         // socket, whose frames belong to `self.umem`.
         let n = unsafe { self.rx_q.consume(&mut self.rx_descs[..max]) };
         if n == 0 {
-            if self.fq.needs_wakeup() {
+            if self.attachment.zero_copy && self.fq.needs_wakeup() {
                 let _ = self.rx_q.poll(0);
             }
             return Ok(0);

@@ -1,0 +1,64 @@
+//! Request round trips per transport: a load generator in one network
+//! namespace, the server in another, over veth (the in-memory transport in
+//! one process). Needs root for everything but `mem`; without it those
+//! transports are skipped with one line.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dmfabric_bench::harness::{self, ServerLaunch, Setup};
+use dmfabric_bench::loadgen;
+use dmfabric_dataplane::TransportKind;
+
+fn round_trip(c: &mut Criterion) {
+    let root = unsafe_free_is_root();
+    let stop = Arc::new(AtomicBool::new(false));
+    for kind in [
+        TransportKind::Xdp,
+        TransportKind::Packet,
+        TransportKind::Udp,
+        TransportKind::Mem,
+    ] {
+        if kind != TransportKind::Mem && !root {
+            eprintln!("round_trip/{kind}: skipped, needs root");
+            continue;
+        }
+        let setup = Setup::new(kind, ServerLaunch::Thread);
+        let mut group = c.benchmark_group("round_trip");
+        group.throughput(Throughput::Elements(1));
+        group.measurement_time(Duration::from_secs(4));
+        let never = AtomicBool::new(false);
+        let outcome = harness::run(&setup, &stop, |t, target| {
+            group.bench_function(kind.name(), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    let r = loadgen::rtt(t, &target, iters, 0, Duration::from_millis(200), &never)
+                        .expect("transport works");
+                    assert_eq!(r.lost, 0, "{kind}: lost requests");
+                    start.elapsed()
+                })
+            });
+            Ok(())
+        });
+        group.finish();
+        if let Err(e) = outcome {
+            eprintln!("round_trip/{kind}: {e}");
+        }
+    }
+}
+
+fn unsafe_free_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+criterion_group!(benches, round_trip);
+criterion_main!(benches);

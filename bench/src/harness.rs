@@ -1,0 +1,305 @@
+//! The end-to-end harness: make two test hosts, start a server in one and
+//! the load in the other, pin both, run, tear everything down, and report
+//! in JSON.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmfabric_dataplane::netns::{self, TestNet};
+use dmfabric_dataplane::poll::{self, PollConfig};
+use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
+use dmfabric_dataplane::{mem, Transport, TransportKind, TransportSpec};
+use dmfabric_dm_workers::server::{DeviceSpec, Server, ServerStats};
+use dmfabric_wire::MacAddr;
+
+use crate::loadgen::{self, LoadError, Target};
+
+/// UDP port of the baseline transport on test hosts.
+pub const UDP_PORT: u16 = 47000;
+/// Server id of the server the harness starts.
+pub const SERVER_ID: u16 = 1;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub enum ServerLaunch {
+    /// A thread of this process, inside the server's namespace.
+    Thread,
+    /// A `dmfabric server` process started with `ip netns exec`.
+    Process(PathBuf),
+}
+
+/// One harness run's set-up.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub transport: TransportKind,
+    pub xdp_mode: XdpMode,
+    pub launch: ServerLaunch,
+    pub client_core: Option<usize>,
+    pub server_core: Option<usize>,
+}
+
+impl Setup {
+    /// Client on the first core and server on the last, as on a 2-core host.
+    pub fn new(transport: TransportKind, launch: ServerLaunch) -> Setup {
+        let cores = dmfabric_pinning::available_cores();
+        let (client, server) = if cores.len() >= 2 {
+            (Some(cores[0]), Some(cores[cores.len() - 1]))
+        } else {
+            (None, None)
+        };
+        Setup {
+            transport,
+            xdp_mode: XdpMode::Auto,
+            launch,
+            client_core: client,
+            server_core: server,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("The server did not start: {0}")]
+    ServerStart(String),
+    #[error("Cannot start the server process: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Pin(#[from] dmfabric_pinning::PinError),
+}
+
+/// The transport spec for host `me` talking to host `peer` of `net`.
+pub fn spec_for(
+    kind: TransportKind,
+    net: &TestNet,
+    me: usize,
+    peer: usize,
+    xdp_mode: XdpMode,
+) -> TransportSpec {
+    let host = net.host(me);
+    match kind {
+        TransportKind::Xdp => {
+            let mut cfg = XdpConfig::new(&host.iface);
+            cfg.mode = xdp_mode;
+            TransportSpec::Xdp(cfg)
+        }
+        TransportKind::Packet => TransportSpec::Packet {
+            iface: host.iface.clone(),
+        },
+        TransportKind::Udp | TransportKind::Mem => TransportSpec::Udp {
+            local: (host.ipv4, UDP_PORT).into(),
+            peer: Some((net.host(peer).ipv4, UDP_PORT).into()),
+            mac: host.mac,
+        },
+    }
+}
+
+/// What a run produced: the load's result and the server's counters (when
+/// the server reported them).
+#[derive(Debug)]
+pub struct Outcome<R> {
+    pub result: R,
+    pub server: Option<ServerStats>,
+    pub server_json: Option<String>,
+}
+
+/// Start a server per `setup`, then run `load` on the client side with a
+/// connected transport and the discovered target.
+pub fn run<R, F>(setup: &Setup, stop: &Arc<AtomicBool>, load: F) -> Result<Outcome<R>, HarnessError>
+where
+    F: FnOnce(&mut dyn Transport, Target) -> Result<R, LoadError>,
+{
+    if setup.transport == TransportKind::Mem {
+        return run_mem(setup, stop, load);
+    }
+    let net = TestNet::pair()?;
+    match &setup.launch {
+        ServerLaunch::Thread => {
+            let server_stop = Arc::new(AtomicBool::new(false));
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+            let spec = spec_for(setup.transport, &net, 1, 0, setup.xdp_mode);
+            let ns = net.host(1).ns.clone();
+            let core = setup.server_core;
+            let flag = server_stop.clone();
+            let server = std::thread::spawn(move || -> Option<ServerStats> {
+                let started = (|| -> Result<(Box<dyn Transport>, Server), String> {
+                    netns::enter(&ns).map_err(|e| e.to_string())?;
+                    if let Some(c) = core {
+                        dmfabric_pinning::pin_current(c).map_err(|e| e.to_string())?;
+                    }
+                    let t = dmfabric_dataplane::open(&spec).map_err(|e| e.to_string())?;
+                    let s = Server::new(SERVER_ID, t.mac(), &[DeviceSpec::test_device()]);
+                    Ok((t, s))
+                })();
+                let (mut t, mut s) = match started {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return None;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let cfg = PollConfig {
+                    spin: u32::MAX,
+                    ..PollConfig::default()
+                };
+                let _ = poll::run(&mut t, &mut s, cfg, &flag);
+                Some(s.stats())
+            });
+            let started = ready_rx
+                .recv_timeout(Duration::from_secs(20))
+                .map_err(|_| HarnessError::ServerStart("timed out".into()))?;
+            let result = match started {
+                Ok(()) => client_side(setup, &net, load),
+                Err(e) => Err(HarnessError::ServerStart(e)),
+            };
+            server_stop.store(true, Ordering::Relaxed);
+            let server = server.join().ok().flatten();
+            Ok(Outcome {
+                result: result?,
+                server,
+                server_json: None,
+            })
+        }
+        ServerLaunch::Process(exe) => {
+            let mut cmd = net.command(1, exe);
+            cmd.args([
+                "server",
+                "--transport",
+                setup.transport.name(),
+                "--iface",
+                &net.host(1).iface,
+                "--server-id",
+                &SERVER_ID.to_string(),
+            ]);
+            cmd.args(["--busy-poll", "--stats-json"]);
+            if setup.transport == TransportKind::Xdp {
+                cmd.args([
+                    "--xdp-mode",
+                    match setup.xdp_mode {
+                        XdpMode::Auto => "auto",
+                        XdpMode::Generic => "generic",
+                        XdpMode::Native => "native",
+                    },
+                ]);
+            }
+            if setup.transport == TransportKind::Udp {
+                cmd.args(["--udp-bind", &format!("{}:{UDP_PORT}", net.host(1).ipv4)]);
+            }
+            if let Some(c) = setup.server_core {
+                cmd.args(["--cores", &c.to_string()]);
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut child = net.spawn(&mut cmd).map_err(HarnessError::Spawn)?;
+            let stdout = child
+                .child()
+                .stdout
+                .take()
+                .ok_or_else(|| HarnessError::ServerStart("no stdout".into()))?;
+            let (line_tx, line_rx) = mpsc::channel::<String>();
+            let reader = std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            wait_ready(&line_rx, stop)?;
+            let result = client_side(setup, &net, load);
+            let _ = child.interrupt(Duration::from_secs(5));
+            drop(child);
+            let _ = reader.join();
+            let server_json = line_rx
+                .try_iter()
+                .filter_map(|l| l.strip_prefix("stats-json: ").map(str::to_string))
+                .last();
+            Ok(Outcome {
+                result: result?,
+                server: None,
+                server_json,
+            })
+        }
+    }
+}
+
+fn wait_ready(lines: &mpsc::Receiver<String>, stop: &AtomicBool) -> Result<(), HarnessError> {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.starts_with("dmfabric server ready") => return Ok(()),
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(HarnessError::ServerStart(
+                    "the server process exited (its error is above)".into(),
+                ))
+            }
+        }
+    }
+    Err(HarnessError::ServerStart(
+        "no ready line within 30 s".into(),
+    ))
+}
+
+fn client_side<R, F>(setup: &Setup, net: &TestNet, load: F) -> Result<R, HarnessError>
+where
+    F: FnOnce(&mut dyn Transport, Target) -> Result<R, LoadError>,
+{
+    let spec = spec_for(setup.transport, net, 0, 1, setup.xdp_mode);
+    let core = setup.client_core;
+    net.with_host(0, move || -> Result<R, HarnessError> {
+        if let Some(c) = core {
+            dmfabric_pinning::pin_current(c)?;
+        }
+        let mut t = dmfabric_dataplane::open(&spec).map_err(LoadError::from)?;
+        let (mac, id) = loadgen::discover(t.as_mut(), Duration::from_secs(5))?;
+        Ok(load(t.as_mut(), Target::test_device(mac, id))?)
+    })?
+}
+
+fn run_mem<R, F>(setup: &Setup, stop: &Arc<AtomicBool>, load: F) -> Result<Outcome<R>, HarnessError>
+where
+    F: FnOnce(&mut dyn Transport, Target) -> Result<R, LoadError>,
+{
+    let client_mac = MacAddr([2, 0, 0, 0, 0, 1]);
+    let server_mac = MacAddr([2, 0, 0, 0, 0, 2]);
+    let (mut client, mut server_t) = mem::pair(client_mac, server_mac, 1024);
+    let server_stop = Arc::new(AtomicBool::new(false));
+    let flag = server_stop.clone();
+    let core = setup.server_core;
+    let server = std::thread::spawn(move || {
+        if let Some(c) = core {
+            let _ = dmfabric_pinning::pin_current(c);
+        }
+        let mut s = Server::new(SERVER_ID, server_mac, &[DeviceSpec::test_device()]);
+        let cfg = PollConfig {
+            spin: u32::MAX,
+            ..PollConfig::default()
+        };
+        let _ = poll::run(&mut server_t, &mut s, cfg, &flag);
+        s.stats()
+    });
+    if let Some(c) = setup.client_core {
+        dmfabric_pinning::pin_current(c)?;
+    }
+    let _ = stop;
+    let result = loadgen::discover(&mut client, Duration::from_secs(5))
+        .and_then(|(mac, id)| load(&mut client, Target::test_device(mac, id)));
+    server_stop.store(true, Ordering::Relaxed);
+    let server = server.join().ok();
+    Ok(Outcome {
+        result: result?,
+        server,
+        server_json: None,
+    })
+}

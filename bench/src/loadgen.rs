@@ -1,0 +1,388 @@
+//! The load generator: IoRequests against the register-file test device,
+//! timed per request, with every answer checked.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
+use dmfabric_dm_workers::server::{TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_PIO};
+use dmfabric_wire::{
+    AccessSize, ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr,
+    Message, Route, Space, Status,
+};
+use hdrhistogram::Histogram;
+
+/// Whom the load is aimed at and as whom it is sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub server_mac: MacAddr,
+    pub server_id: u16,
+    pub device: u32,
+    pub client_id: u16,
+    pub vm: u32,
+}
+
+impl Target {
+    /// The default test device on `server_mac`.
+    pub fn test_device(server_mac: MacAddr, server_id: u16) -> Target {
+        Target {
+            server_mac,
+            server_id,
+            device: TEST_DEVICE_ID,
+            client_id: 1,
+            vm: 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("No dmfabric server answered a Hello within {0:?}: is `dmfabric server` running on the other end of the link?")]
+    NoServer(Duration),
+    #[error("The server stopped answering: {0} requests in a row were lost")]
+    ServerGone(u64),
+}
+
+/// Find a server on the link: broadcast Hello, take the first HelloReply.
+/// Returns the server's MAC and id.
+pub fn discover(t: &mut dyn Transport, timeout: Duration) -> Result<(MacAddr, u16), LoadError> {
+    let end = Instant::now() + timeout;
+    let mut batch = FrameBatch::new();
+    let mut seq = 0u64;
+    while Instant::now() < end {
+        seq += 1;
+        let hello = FrameRepr::new(
+            EthernetRepr {
+                dst: MacAddr::BROADCAST,
+                src: t.mac(),
+            },
+            Message::Control(ControlMsg {
+                route: Route::default(),
+                seq,
+                op: ControlOp::Hello,
+                payload: &[],
+            }),
+        );
+        batch.push_with(|buf| hello.emit(buf).ok());
+        t.send(&mut batch)?;
+        let retry = Instant::now() + Duration::from_millis(100);
+        let mut found = None;
+        while found.is_none() && Instant::now() < retry {
+            t.recv(16, &mut |f| {
+                if let Ok(FrameRepr {
+                    eth,
+                    msg: Message::Control(c),
+                    ..
+                }) = FrameRepr::parse_bytes(f)
+                {
+                    if c.op == ControlOp::HelloReply {
+                        found = Some((eth.src, c.route.server));
+                    }
+                }
+            })?;
+        }
+        if let Some(found) = found {
+            return Ok(found);
+        }
+    }
+    Err(LoadError::NoServer(timeout))
+}
+
+/// One request of the test pattern: write, then read back, in port space
+/// and MMIO space in turn, so every read has a known answer.
+fn pattern(i: u64, slot: u16) -> (Space, Direction, AccessSize, u64, u64) {
+    let value = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(slot);
+    match i % 4 {
+        0 => (
+            Space::Pio,
+            Direction::Write,
+            AccessSize::B4,
+            u64::from(TEST_DEVICE_PIO) + u64::from(slot % 4) * 4,
+            value & 0xffff_ffff,
+        ),
+        1 => (
+            Space::Pio,
+            Direction::Read,
+            AccessSize::B4,
+            u64::from(TEST_DEVICE_PIO) + u64::from(slot % 4) * 4,
+            0,
+        ),
+        2 => (
+            Space::Mmio,
+            Direction::Write,
+            AccessSize::B8,
+            TEST_DEVICE_MMIO + u64::from(slot % 512) * 8,
+            value,
+        ),
+        _ => (
+            Space::Mmio,
+            Direction::Read,
+            AccessSize::B8,
+            TEST_DEVICE_MMIO + u64::from(slot % 512) * 8,
+            0,
+        ),
+    }
+}
+
+/// What the answer to request `i` must carry, given the write before it.
+fn expected(i: u64, slot: u16) -> u64 {
+    match i % 4 {
+        1 | 3 => pattern(i - 1, slot).4,
+        _ => pattern(i, slot).4,
+    }
+}
+
+fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16, seq: u64) {
+    let (space, dir, size, addr, data) = pattern(seq, vcpu);
+    let req = IoRequest {
+        route: Route {
+            server: target.server_id,
+            hypervisor: 1,
+            client: target.client_id,
+            vm: target.vm,
+            vcpu,
+            device: target.device,
+        },
+        seq,
+        space,
+        dir,
+        size,
+        addr,
+        data,
+    };
+    let repr = FrameRepr::new(
+        EthernetRepr {
+            dst: target.server_mac,
+            src,
+        },
+        Message::IoRequest(req),
+    );
+    batch.push_with(|buf| repr.emit(buf).ok());
+}
+
+/// What a completion said, reduced to what the generator checks.
+struct Answer {
+    vcpu: u16,
+    seq: u64,
+    good: bool,
+}
+
+fn check_answer(frame: &[u8], target: &Target) -> Option<Answer> {
+    let repr = FrameRepr::parse_bytes(frame).ok()?;
+    let Message::IoCompletion(c) = repr.msg else {
+        return None;
+    };
+    if c.route.vm != target.vm || c.route.client != target.client_id {
+        return None;
+    }
+    let good = c.status == Status::Ok && c.data == expected(c.seq, c.route.vcpu);
+    Some(Answer {
+        vcpu: c.route.vcpu,
+        seq: c.seq,
+        good,
+    })
+}
+
+fn histogram() -> Histogram<u64> {
+    // 10 ns .. 60 s at 3 significant digits.
+    Histogram::new_with_bounds(10, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Result of [`rtt`] or [`throughput`].
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub sent: u64,
+    pub completed: u64,
+    /// Requests without an answer within the timeout.
+    pub lost: u64,
+    /// Answers with the wrong data or a non-Ok status.
+    pub wrong: u64,
+    /// Answers to requests already given up on.
+    pub late: u64,
+    pub elapsed: Duration,
+    /// Round-trip times in nanoseconds.
+    pub hist: Histogram<u64>,
+}
+
+impl LoadReport {
+    fn new() -> Self {
+        LoadReport {
+            sent: 0,
+            completed: 0,
+            lost: 0,
+            wrong: 0,
+            late: 0,
+            elapsed: Duration::ZERO,
+            hist: histogram(),
+        }
+    }
+
+    /// Latency at `q` (0..=1) in microseconds.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Consecutive lost requests after which a run gives up instead of waiting
+/// out every remaining timeout.
+pub const GIVE_UP_AFTER_LOST: u64 = 50;
+
+/// Ping-pong: `requests` requests, one outstanding at a time. Warm-up
+/// requests (not recorded) go first.
+pub fn rtt(
+    t: &mut dyn Transport,
+    target: &Target,
+    requests: u64,
+    warmup: u64,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<LoadReport, LoadError> {
+    let mut report = LoadReport::new();
+    let mut batch = FrameBatch::new();
+    let src = t.mac();
+    let start = Instant::now();
+    let mut lost_in_a_row = 0u64;
+    for i in 0..warmup + requests {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let record = i >= warmup;
+        emit_request(&mut batch, src, target, 0, i);
+        let sent_at = Instant::now();
+        t.send(&mut batch)?;
+        report.sent += u64::from(record);
+        let deadline = sent_at + timeout;
+        let mut done = false;
+        while !done {
+            t.recv(8, &mut |f| {
+                if let Some(a) = check_answer(f, target) {
+                    if a.vcpu == 0 && a.seq == i {
+                        let rtt = sent_at.elapsed();
+                        done = true;
+                        if record {
+                            report.completed += 1;
+                            report.wrong += u64::from(!a.good);
+                            let _ = report.hist.record(rtt.as_nanos() as u64);
+                        }
+                    } else if record {
+                        report.late += 1;
+                    }
+                }
+            })?;
+            if !done && Instant::now() >= deadline {
+                report.lost += u64::from(record);
+                break;
+            }
+        }
+        lost_in_a_row = if done { 0 } else { lost_in_a_row + 1 };
+        if lost_in_a_row >= GIVE_UP_AFTER_LOST {
+            return Err(LoadError::ServerGone(lost_in_a_row));
+        }
+    }
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+/// Many requests in flight, as from `inflight` vCPUs each with one
+/// outstanding request, for `duration`. A vCPU whose request times out
+/// counts it lost and sends the next.
+pub fn throughput(
+    t: &mut dyn Transport,
+    target: &Target,
+    duration: Duration,
+    inflight: u16,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<LoadReport, LoadError> {
+    struct Slot {
+        seq: u64,
+        sent_at: Instant,
+        busy: bool,
+    }
+    let inflight = inflight.max(1);
+    let now = Instant::now();
+    let mut slots: Vec<Slot> = (0..inflight)
+        .map(|_| Slot {
+            seq: 0,
+            sent_at: now,
+            busy: false,
+        })
+        .collect();
+    let mut report = LoadReport::new();
+    let mut batch = FrameBatch::new();
+    let src = t.mac();
+    let start = Instant::now();
+    let end = start + duration;
+    let mut next_slot = 0usize;
+    let mut iter = 0u64;
+    loop {
+        let now = Instant::now();
+        let sending = now < end && !stop.load(Ordering::Relaxed);
+        if sending {
+            // Up to half a burst of new requests per iteration, round-robin.
+            for _ in 0..inflight.min(32) {
+                let vcpu = next_slot as u16;
+                next_slot = (next_slot + 1) % slots.len();
+                let s = &mut slots[usize::from(vcpu)];
+                if s.busy {
+                    continue;
+                }
+                s.busy = true;
+                s.sent_at = now;
+                emit_request(&mut batch, src, target, vcpu, s.seq);
+                report.sent += 1;
+                if batch.len() >= 32 {
+                    break;
+                }
+            }
+            if !batch.is_empty() {
+                t.send(&mut batch)?;
+            }
+        }
+        let slots_ref = &mut slots;
+        let report_ref = &mut report;
+        t.recv(64, &mut |f| {
+            let Some(a) = check_answer(f, target) else {
+                return;
+            };
+            let Some(s) = slots_ref.get_mut(usize::from(a.vcpu)) else {
+                return;
+            };
+            if s.busy && a.seq == s.seq {
+                s.busy = false;
+                s.seq += 1;
+                report_ref.completed += 1;
+                report_ref.wrong += u64::from(!a.good);
+                let _ = report_ref
+                    .hist
+                    .record(s.sent_at.elapsed().as_nanos() as u64);
+            } else {
+                report_ref.late += 1;
+            }
+        })?;
+        iter += 1;
+        if iter % 256 == 0 || !sending {
+            let now = Instant::now();
+            for s in slots
+                .iter_mut()
+                .filter(|s| s.busy && now.duration_since(s.sent_at) >= timeout)
+            {
+                report.lost += 1;
+                s.busy = false;
+                // Skip the pair this request belonged to, so that a read is
+                // never checked against a write that was lost.
+                s.seq = (s.seq | 1) + 1;
+            }
+            if !sending && slots.iter().all(|s| !s.busy) {
+                break;
+            }
+        }
+    }
+    report.elapsed = Instant::now()
+        .min(end)
+        .duration_since(start)
+        .max(Duration::from_nanos(1));
+    Ok(report)
+}

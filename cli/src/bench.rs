@@ -1,0 +1,354 @@
+//! `dmfabric bench rtt|throughput` and `dmfabric demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use dmfabric_bench::harness::{self, ServerLaunch, Setup};
+use dmfabric_bench::loadgen::{self, LoadReport, Target};
+use dmfabric_bench::report::{RttJson, ThroughputJson};
+use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
+use dmfabric_dataplane::{Transport, TransportKind, TransportSpec};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Round-trip latency: one request outstanding at a time.
+    Rtt(RttArgs),
+    /// Request throughput with many requests in flight (as from many vCPUs).
+    Throughput(ThroughputArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServerMode {
+    /// `dmfabric server` as its own process in the server namespace.
+    Process,
+    /// A thread of this process in the server namespace.
+    Thread,
+}
+
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Transports to measure, in one run: xdp, packet, udp, mem (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "xdp")]
+    transport: Vec<TransportKind>,
+    /// Where the XDP program runs: auto (native, else generic), native, generic.
+    #[arg(long, default_value = "auto")]
+    xdp_mode: XdpMode,
+    /// How to run the server on the test host.
+    #[arg(long, value_enum, default_value = "process")]
+    server: ServerMode,
+    /// Write the results as JSON here (an object for one transport, an array for several).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Use this interface in the current namespace instead of creating test
+    /// hosts; a `dmfabric server` must already answer on the link.
+    #[arg(long)]
+    iface: Option<String>,
+    /// With --iface and --transport udp: the server's UDP address.
+    #[arg(long)]
+    udp_peer: Option<SocketAddr>,
+    /// With --iface and --transport udp: the local UDP address.
+    #[arg(long, default_value = "0.0.0.0:47000")]
+    udp_bind: SocketAddr,
+    /// A request without an answer after this long counts as lost.
+    #[arg(long, default_value_t = 100)]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RttArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Requests to time (after the warm-up).
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    /// Untimed requests first, to reach steady state (a short warm-up
+    /// measurably inflates the percentiles on virtualised hosts).
+    #[arg(long, default_value_t = 50_000)]
+    warmup: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    common: Common,
+    /// How long to load the server.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Requests in flight (one per simulated vCPU).
+    #[arg(long, default_value_t = 64)]
+    inflight: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Transports to compare.
+    #[arg(long, value_delimiter = ',', default_value = "xdp,udp")]
+    transport: Vec<TransportKind>,
+    /// Round trips per transport.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Seconds of throughput load per transport.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+}
+
+pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Rtt(a) => {
+            let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
+                loadgen::rtt(
+                    t,
+                    &target,
+                    a.requests,
+                    a.warmup,
+                    Duration::from_millis(a.common.timeout_ms),
+                    stop,
+                )
+            })?;
+            let rows: Vec<RttJson> = reports
+                .iter()
+                .map(|(k, r)| RttJson::new(k.name(), r))
+                .collect();
+            for row in &rows {
+                print_rtt(row);
+            }
+            print_ratio(&rows, |r| r.p50_us, "p50 latency");
+            write_json(&a.common.json, &rows)?;
+            fail_on_loss(&reports)
+        }
+        BenchCmd::Throughput(a) => {
+            if !(a.seconds > 0.0 && a.seconds <= 3600.0) {
+                bail!("--seconds must be between 0 and 3600, not {}", a.seconds);
+            }
+            let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
+                loadgen::throughput(
+                    t,
+                    &target,
+                    Duration::from_secs_f64(a.seconds),
+                    a.inflight,
+                    Duration::from_millis(a.common.timeout_ms),
+                    stop,
+                )
+            })?;
+            let rows: Vec<ThroughputJson> = reports
+                .iter()
+                .map(|(k, r)| ThroughputJson::new(k.name(), a.inflight, r))
+                .collect();
+            for row in &rows {
+                print_throughput(row);
+            }
+            print_ratio(&rows, |r| r.mreq_per_s, "throughput");
+            write_json(&a.common.json, &rows)?;
+            let wrong: u64 = reports.iter().map(|(_, r)| r.wrong).sum();
+            if wrong > 0 {
+                bail!("{wrong} answers carried wrong data");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    println!("dmfabric demo: a server in one network namespace answers I/O requests from a client in another,");
+    println!(
+        "over raw Ethernet on a veth pair. Each transport: {} round trips, then {} s of load.",
+        args.requests, args.seconds
+    );
+    let common = Common {
+        transport: args.transport.clone(),
+        xdp_mode: XdpMode::Auto,
+        server: ServerMode::Process,
+        json: None,
+        iface: None,
+        udp_peer: None,
+        udp_bind: "0.0.0.0:47000".parse().expect("valid address"),
+        timeout_ms: 100,
+    };
+    let rtts = for_each_transport(&common, &stop, |t, target, stop| {
+        loadgen::rtt(
+            t,
+            &target,
+            args.requests,
+            20_000,
+            Duration::from_millis(100),
+            stop,
+        )
+    })?;
+    let rows: Vec<RttJson> = rtts
+        .iter()
+        .map(|(k, r)| RttJson::new(k.name(), r))
+        .collect();
+    println!("\nround trips (one request outstanding):");
+    for row in &rows {
+        print_rtt(row);
+    }
+    print_ratio(&rows, |r| r.p50_us, "p50 latency");
+    if stop.load(Ordering::Relaxed) {
+        bail!("Interrupted");
+    }
+    let tputs = for_each_transport(&common, &stop, |t, target, stop| {
+        loadgen::throughput(
+            t,
+            &target,
+            Duration::from_secs_f64(args.seconds),
+            64,
+            Duration::from_millis(100),
+            stop,
+        )
+    })?;
+    let trows: Vec<ThroughputJson> = tputs
+        .iter()
+        .map(|(k, r)| ThroughputJson::new(k.name(), 64, r))
+        .collect();
+    println!("\nthroughput (64 requests in flight):");
+    for row in &trows {
+        print_throughput(row);
+    }
+    print_ratio(&trows, |r| r.mreq_per_s, "throughput");
+    println!("\nnamespaces, links and XDP programs removed.");
+    fail_on_loss(&rtts)
+}
+
+type LoadFn<'a> = dyn FnMut(&mut dyn Transport, Target, &AtomicBool) -> Result<LoadReport, loadgen::LoadError>
+    + 'a;
+
+fn for_each_transport(
+    common: &Common,
+    stop: &Arc<AtomicBool>,
+    mut load: impl FnMut(
+        &mut dyn Transport,
+        Target,
+        &AtomicBool,
+    ) -> Result<LoadReport, loadgen::LoadError>,
+) -> anyhow::Result<Vec<(TransportKind, LoadReport)>> {
+    let load: &mut LoadFn<'_> = &mut load;
+    if let Some(iface) = &common.iface {
+        let [kind] = common.transport[..] else {
+            bail!("--iface measures one transport at a time");
+        };
+        return Ok(vec![(
+            kind,
+            on_given_interface(common, kind, iface, stop, load)?,
+        )]);
+    }
+    let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
+    let mut out = Vec::new();
+    for &kind in &common.transport {
+        if stop.load(Ordering::Relaxed) {
+            bail!("Interrupted");
+        }
+        let launch = match common.server {
+            ServerMode::Process => ServerLaunch::Process(exe.clone()),
+            ServerMode::Thread => ServerLaunch::Thread,
+        };
+        let mut setup = Setup::new(kind, launch);
+        setup.xdp_mode = common.xdp_mode;
+        eprintln!("dmfabric bench: {kind}: test hosts up, server starting ...");
+        let flag = stop.clone();
+        let outcome = harness::run(&setup, stop, |t, target| load(t, target, &flag))
+            .with_context(|| format!("{kind} run failed"))?;
+        if let Some(json) = &outcome.server_json {
+            eprintln!("dmfabric bench: {kind}: server counters {json}");
+        }
+        out.push((kind, outcome.result));
+    }
+    Ok(out)
+}
+
+fn on_given_interface(
+    common: &Common,
+    kind: TransportKind,
+    iface: &str,
+    stop: &Arc<AtomicBool>,
+    load: &mut LoadFn<'_>,
+) -> anyhow::Result<LoadReport> {
+    let spec = match kind {
+        TransportKind::Xdp => {
+            let mut cfg = XdpConfig::new(iface);
+            cfg.mode = common.xdp_mode;
+            TransportSpec::Xdp(cfg)
+        }
+        TransportKind::Packet => TransportSpec::Packet {
+            iface: iface.to_string(),
+        },
+        TransportKind::Udp => {
+            let Some(peer) = common.udp_peer else {
+                bail!("--transport udp with --iface needs --udp-peer")
+            };
+            let mac = dmfabric_dataplane::if_mac(iface)
+                .with_context(|| format!("Cannot read the MAC of {iface}"))?;
+            TransportSpec::Udp {
+                local: common.udp_bind,
+                peer: Some(peer),
+                mac,
+            }
+        }
+        TransportKind::Mem => bail!("--transport mem cannot use an interface"),
+    };
+    let mut t = dmfabric_dataplane::open(&spec)?;
+    let (mac, id) = loadgen::discover(t.as_mut(), Duration::from_secs(5))?;
+    Ok(load(t.as_mut(), Target::test_device(mac, id), stop)?)
+}
+
+fn print_rtt(r: &RttJson) {
+    println!(
+        "  {:<7} requests {:>8}  lost {}  wrong {}  p50 {:>7.2} µs  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>8.2}  max {:>9.2}",
+        r.transport, r.requests, r.lost, r.wrong, r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.max_us
+    );
+}
+
+fn print_throughput(r: &ThroughputJson) {
+    println!(
+        "  {:<7} {:>7.3} Mreq/s  completed {:>9} in {:.2} s  lost {}  wrong {}  p50 {:.2} µs  p99 {:.2} µs",
+        r.transport, r.mreq_per_s, r.completed, r.seconds, r.lost, r.wrong, r.p50_us, r.p99_us
+    );
+}
+
+/// With both AF_XDP and UDP in the run, print their ratio.
+fn print_ratio<T: serde::Serialize>(rows: &[T], value: impl Fn(&T) -> f64, what: &str) {
+    let get = |name: &str| {
+        rows.iter()
+            .find(|r| {
+                serde_json::to_value(r)
+                    .ok()
+                    .and_then(|v| v.get("transport").cloned())
+                    == Some(name.into())
+            })
+            .map(&value)
+    };
+    if let (Some(x), Some(u)) = (get("xdp"), get("udp")) {
+        if u > 0.0 {
+            println!("  xdp/udp {what}: {:.2}x", x / u);
+        }
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, rows: &[T]) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let text = if rows.len() == 1 {
+        serde_json::to_string_pretty(&rows[0])?
+    } else {
+        serde_json::to_string_pretty(rows)?
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, text + "\n")
+        .with_context(|| format!("Cannot write {}", path.display()))?;
+    eprintln!("dmfabric bench: wrote {}", path.display());
+    Ok(())
+}
+
+fn fail_on_loss(reports: &[(TransportKind, LoadReport)]) -> anyhow::Result<()> {
+    let lost: u64 = reports.iter().map(|(_, r)| r.lost).sum();
+    let wrong: u64 = reports.iter().map(|(_, r)| r.wrong).sum();
+    if lost > 0 || wrong > 0 {
+        bail!("{lost} requests lost and {wrong} answered with wrong data");
+    }
+    Ok(())
+}

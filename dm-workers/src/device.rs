@@ -1,0 +1,16 @@
+//! What a device model is to the server.
+
+use dmfabric_wire::{AccessSize, Space};
+
+/// A device model: register reads and writes in one or both address spaces.
+///
+/// `addr` is the full guest address of the access. A model that has no
+/// register of that size at that address returns `None` from `read` and
+/// `false` from `write`; the server then completes the access the way real
+/// hardware would (reads all ones, writes ignored) and counts it.
+pub trait Device: Send {
+    /// A short kind name for counters.
+    fn kind(&self) -> &'static str;
+    fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64>;
+    fn write(&mut self, space: Space, addr: u64, size: AccessSize, data: u64) -> bool;
+}

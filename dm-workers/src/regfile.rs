@@ -1,0 +1,126 @@
+//! The register-file test device: a window of plain memory in port space
+//! and/or MMIO space. Reads return what was written (little-endian, as the
+//! guest sees memory); a fresh device reads as zeros.
+
+use dmfabric_wire::{AccessSize, Space};
+
+use crate::device::Device;
+
+/// An address window `[base, base + len)` with its bytes.
+#[derive(Debug, Clone)]
+struct Window {
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl Window {
+    fn range(&self, addr: u64, size: AccessSize) -> Option<std::ops::Range<usize>> {
+        let off = addr.checked_sub(self.base)?;
+        let end = off.checked_add(u64::from(size.bytes()))?;
+        (end <= self.bytes.len() as u64).then(|| off as usize..end as usize)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RegisterFile {
+    pio: Option<Window>,
+    mmio: Option<Window>,
+}
+
+impl RegisterFile {
+    /// A device with `pio = (base, len)` ports and `mmio = (base, len)` bytes.
+    pub fn new(pio: Option<(u16, u16)>, mmio: Option<(u64, u32)>) -> Self {
+        RegisterFile {
+            pio: pio.map(|(base, len)| Window {
+                base: u64::from(base),
+                bytes: vec![0; usize::from(len)],
+            }),
+            mmio: mmio.map(|(base, len)| Window {
+                base,
+                bytes: vec![0; len as usize],
+            }),
+        }
+    }
+
+    fn window(&mut self, space: Space) -> Option<&mut Window> {
+        match space {
+            Space::Pio => self.pio.as_mut(),
+            Space::Mmio => self.mmio.as_mut(),
+        }
+    }
+}
+
+impl Device for RegisterFile {
+    fn kind(&self) -> &'static str {
+        "regfile"
+    }
+
+    fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
+        let w = self.window(space)?;
+        let r = w.range(addr, size)?;
+        let mut le = [0u8; 8];
+        le[..r.len()].copy_from_slice(&w.bytes[r]);
+        Some(u64::from_le_bytes(le))
+    }
+
+    fn write(&mut self, space: Space, addr: u64, size: AccessSize, data: u64) -> bool {
+        let Some(w) = self.window(space) else {
+            return false;
+        };
+        let Some(r) = w.range(addr, size) else {
+            return false;
+        };
+        let n = r.len();
+        w.bytes[r].copy_from_slice(&data.to_le_bytes()[..n]);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_return_what_was_written() {
+        let mut d = RegisterFile::new(Some((0x500, 16)), Some((0xd000_0000, 0x1000)));
+        assert_eq!(d.read(Space::Pio, 0x500, AccessSize::B4), Some(0));
+        assert!(d.write(Space::Pio, 0x500, AccessSize::B4, 0x1122_3344));
+        assert_eq!(d.read(Space::Pio, 0x500, AccessSize::B4), Some(0x1122_3344));
+        assert_eq!(
+            d.read(Space::Pio, 0x501, AccessSize::B1),
+            Some(0x33),
+            "little-endian bytes"
+        );
+        assert!(d.write(Space::Mmio, 0xd000_0ff8, AccessSize::B8, u64::MAX - 1));
+        assert_eq!(
+            d.read(Space::Mmio, 0xd000_0ff8, AccessSize::B8),
+            Some(u64::MAX - 1)
+        );
+        assert_eq!(
+            d.read(Space::Mmio, 0xd000_0ffc, AccessSize::B2),
+            Some(0xffff)
+        );
+    }
+
+    #[test]
+    fn accesses_outside_the_windows_are_unclaimed() {
+        let mut d = RegisterFile::new(Some((0x500, 16)), None);
+        assert_eq!(d.read(Space::Pio, 0x4ff, AccessSize::B1), None);
+        assert_eq!(
+            d.read(Space::Pio, 0x50e, AccessSize::B4),
+            None,
+            "straddles the end"
+        );
+        assert!(!d.write(Space::Pio, 0x510, AccessSize::B1, 1));
+        assert_eq!(
+            d.read(Space::Mmio, 0xd000_0000, AccessSize::B4),
+            None,
+            "no MMIO window"
+        );
+        assert_eq!(
+            d.read(Space::Pio, u64::MAX, AccessSize::B8),
+            None,
+            "no overflow"
+        );
+    }
+}

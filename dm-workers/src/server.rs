@@ -1,0 +1,441 @@
+//! The server's frame handling, run to completion on one core: receive,
+//! validate, run the device model, transmit the completion.
+//!
+//! Every frame that is not answered is counted by reason; nothing received
+//! from the wire can make this code panic.
+
+use std::fmt;
+use std::time::Instant;
+
+use dmfabric_dataplane::poll::Handler;
+use dmfabric_dataplane::FrameBatch;
+use dmfabric_wire::{
+    ControlMsg, ControlOp, EthernetRepr, FrameRepr, IoCompletion, IoRequest, Kind, MacAddr,
+    Message, Nack, NackReason, Status, WireError, ETHERTYPE_DMFABRIC,
+};
+
+use crate::device::Device;
+use crate::regfile::RegisterFile;
+
+/// One device a server hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub id: u32,
+    /// Ports `(base, len)`.
+    pub pio: Option<(u16, u16)>,
+    /// MMIO `(base, len)`.
+    pub mmio: Option<(u64, u32)>,
+}
+
+impl DeviceSpec {
+    /// The register-file test device every dmfabric server has by default:
+    /// device 1, ports 0x500–0x50f and MMIO 0xd000_0000–0xd000_0fff.
+    pub fn test_device() -> Self {
+        DeviceSpec {
+            id: TEST_DEVICE_ID,
+            pio: Some((TEST_DEVICE_PIO, 16)),
+            mmio: Some((TEST_DEVICE_MMIO, 0x1000)),
+        }
+    }
+}
+
+/// Device id of the default register-file test device.
+pub const TEST_DEVICE_ID: u32 = 1;
+/// First port of the test device.
+pub const TEST_DEVICE_PIO: u16 = 0x500;
+/// First MMIO address of the test device.
+pub const TEST_DEVICE_MMIO: u64 = 0xd000_0000;
+
+/// Counters of a server. Plain integers: owned by the server's core.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServerStats {
+    pub requests: u64,
+    pub completions: u64,
+    /// Accesses the device did not claim (completed as real hardware would).
+    pub unclaimed: u64,
+    pub nack_unknown_device: u64,
+    pub nack_wrong_server: u64,
+    pub hellos: u64,
+    /// Frames of another EtherType (ARP and the like on a shared link).
+    pub foreign: u64,
+    /// Unicast frames addressed to another MAC.
+    pub not_for_us: u64,
+    /// Valid frames of a kind a server does not accept.
+    pub unexpected_kind: u64,
+    /// Replies that did not fit the TX burst.
+    pub tx_full: u64,
+    /// Malformed frames by reason (WireError::name → count, non-zero only).
+    pub malformed: Vec<(&'static str, u64)>,
+}
+
+impl ServerStats {
+    pub fn malformed_total(&self) -> u64 {
+        self.malformed.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl fmt::Display for ServerStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}) hellos {} foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
+            self.requests,
+            self.completions,
+            self.unclaimed,
+            self.nack_unknown_device,
+            self.nack_wrong_server,
+            self.hellos,
+            self.foreign,
+            self.not_for_us,
+            self.unexpected_kind,
+            self.tx_full,
+            self.malformed_total()
+        )?;
+        for (name, n) in &self.malformed {
+            write!(f, " {name}={n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A server's devices and counters; a poll-loop [`Handler`].
+pub struct Server {
+    id: u16,
+    mac: MacAddr,
+    /// Sorted by id.
+    devices: Vec<(u32, Box<dyn Device>)>,
+    stats: ServerStats,
+    malformed: [u64; WireError::ALL.len()],
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("id", &self.id)
+            .field("mac", &self.mac)
+            .field("devices", &self.devices.len())
+            .finish()
+    }
+}
+
+impl Server {
+    /// A server with id `id` answering from `mac` for `devices`.
+    pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server {
+        let mut table: Vec<(u32, Box<dyn Device>)> = devices
+            .iter()
+            .map(|d| {
+                (
+                    d.id,
+                    Box::new(RegisterFile::new(d.pio, d.mmio)) as Box<dyn Device>,
+                )
+            })
+            .collect();
+        table.sort_by_key(|(id, _)| *id);
+        table.dedup_by_key(|(id, _)| *id);
+        Server {
+            id,
+            mac,
+            devices: table,
+            stats: ServerStats::default(),
+            malformed: [0; WireError::ALL.len()],
+        }
+    }
+
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        let mut s = self.stats.clone();
+        s.malformed = WireError::ALL
+            .iter()
+            .filter(|e| self.malformed[e.index()] > 0)
+            .map(|e| (e.name(), self.malformed[e.index()]))
+            .collect();
+        s
+    }
+
+    fn device(&mut self, id: u32) -> Option<&mut dyn Device> {
+        let i = self.devices.binary_search_by_key(&id, |(d, _)| *d).ok()?;
+        Some(self.devices[i].1.as_mut())
+    }
+
+    /// Run one request against its device; `None` if the device is unknown.
+    pub fn execute(&mut self, req: &IoRequest) -> Option<IoCompletion> {
+        let dev = self.device(req.route.device)?;
+        let (data, claimed) = match req.dir {
+            dmfabric_wire::Direction::Read => match dev.read(req.space, req.addr, req.size) {
+                Some(v) => (v, true),
+                None => (u64::MAX, false),
+            },
+            dmfabric_wire::Direction::Write => {
+                (req.data, dev.write(req.space, req.addr, req.size, req.data))
+            }
+        };
+        if !claimed {
+            self.stats.unclaimed += 1;
+        }
+        let status = if claimed {
+            Status::Ok
+        } else {
+            Status::Unclaimed
+        };
+        Some(IoCompletion::for_request(req, data, status))
+    }
+
+    fn reply(&mut self, tx: &mut FrameBatch, to: MacAddr, msg: Message<'_>) {
+        let repr = FrameRepr::new(
+            EthernetRepr {
+                dst: to,
+                src: self.mac,
+            },
+            msg,
+        );
+        let pushed = tx.push_with(|buf| repr.emit(buf).ok());
+        if !pushed {
+            self.stats.tx_full += 1;
+        }
+    }
+
+    fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, reason: NackReason) {
+        match reason {
+            NackReason::UnknownDevice => self.stats.nack_unknown_device += 1,
+            NackReason::WrongServer => self.stats.nack_wrong_server += 1,
+            _ => {}
+        }
+        let msg = Message::Nack(Nack {
+            route: req.route,
+            seq: req.seq,
+            reason,
+            nacked: Kind::IoRequest,
+        });
+        self.reply(tx, to, msg);
+    }
+}
+
+impl Handler for Server {
+    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, _now: Instant) {
+        if bytes.len() >= 14 && bytes[12..14] != ETHERTYPE_DMFABRIC.to_be_bytes() {
+            self.stats.foreign += 1;
+            return;
+        }
+        let repr = match FrameRepr::parse_bytes(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.malformed[e.index()] += 1;
+                return;
+            }
+        };
+        let from = repr.eth.src;
+        if repr.eth.dst != self.mac && !repr.eth.dst.is_multicast() {
+            self.stats.not_for_us += 1;
+            return;
+        }
+        match repr.msg {
+            Message::IoRequest(req) => {
+                self.stats.requests += 1;
+                if req.route.server != self.id {
+                    self.nack(tx, from, &req, NackReason::WrongServer);
+                    return;
+                }
+                match self.execute(&req) {
+                    Some(cmp) => {
+                        self.stats.completions += 1;
+                        self.reply(tx, from, Message::IoCompletion(cmp));
+                    }
+                    None => self.nack(tx, from, &req, NackReason::UnknownDevice),
+                }
+            }
+            Message::Control(ControlMsg {
+                op: ControlOp::Hello,
+                route,
+                seq,
+                ..
+            }) => {
+                self.stats.hellos += 1;
+                let route = dmfabric_wire::Route {
+                    server: self.id,
+                    ..route
+                };
+                self.reply(
+                    tx,
+                    from,
+                    Message::Control(ControlMsg {
+                        route,
+                        seq,
+                        op: ControlOp::HelloReply,
+                        payload: &[],
+                    }),
+                );
+            }
+            _ => self.stats.unexpected_kind += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmfabric_wire::{AccessSize, Direction, Route, Space};
+
+    const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
+    const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
+
+    fn request(device: u32, server: u16, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
+        let req = IoRequest {
+            route: Route {
+                server,
+                client: 3,
+                vm: 7,
+                vcpu: 0,
+                device,
+                hypervisor: 1,
+            },
+            seq: 42,
+            space: Space::Pio,
+            dir,
+            size: AccessSize::B2,
+            addr,
+            data,
+        };
+        let repr = FrameRepr::new(
+            EthernetRepr {
+                dst: SERVER,
+                src: CLIENT,
+            },
+            Message::IoRequest(req),
+        );
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        buf
+    }
+
+    fn answer(server: &mut Server, frame: &[u8]) -> Vec<Vec<u8>> {
+        let mut tx = FrameBatch::new();
+        server.on_frame(frame, &mut tx, Instant::now());
+        tx.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    fn only_msg(frames: &[Vec<u8>]) -> Message<'_> {
+        assert_eq!(frames.len(), 1);
+        let repr = FrameRepr::parse_bytes(&frames[0]).unwrap();
+        assert_eq!(
+            repr.eth,
+            EthernetRepr {
+                dst: CLIENT,
+                src: SERVER
+            }
+        );
+        repr.msg
+    }
+
+    #[test]
+    fn write_then_read_back() {
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let out = answer(&mut s, &request(1, 1, Direction::Write, 0x502, 0xbeef));
+        let Message::IoCompletion(c) = only_msg(&out) else {
+            panic!("not a completion")
+        };
+        assert_eq!((c.seq, c.status, c.dir), (42, Status::Ok, Direction::Write));
+        let out = answer(&mut s, &request(1, 1, Direction::Read, 0x502, 0));
+        let Message::IoCompletion(c) = only_msg(&out) else {
+            panic!("not a completion")
+        };
+        assert_eq!((c.data, c.route.vm, c.route.client), (0xbeef, 7, 3));
+        assert_eq!(s.stats().completions, 2);
+    }
+
+    #[test]
+    fn unclaimed_reads_are_all_ones() {
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let out = answer(&mut s, &request(1, 1, Direction::Read, 0x600, 0));
+        let Message::IoCompletion(c) = only_msg(&out) else {
+            panic!("not a completion")
+        };
+        assert_eq!((c.data, c.status), (0xffff, Status::Unclaimed));
+        assert_eq!(s.stats().unclaimed, 1);
+    }
+
+    #[test]
+    fn unknown_device_and_wrong_server_are_nacked() {
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let out = answer(&mut s, &request(99, 1, Direction::Read, 0x500, 0));
+        assert!(matches!(
+            only_msg(&out),
+            Message::Nack(Nack {
+                reason: NackReason::UnknownDevice,
+                seq: 42,
+                ..
+            })
+        ));
+        let out = answer(&mut s, &request(1, 2, Direction::Read, 0x500, 0));
+        assert!(matches!(
+            only_msg(&out),
+            Message::Nack(Nack {
+                reason: NackReason::WrongServer,
+                ..
+            })
+        ));
+        let st = s.stats();
+        assert_eq!(
+            (st.nack_unknown_device, st.nack_wrong_server, st.completions),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_counted_by_reason_and_not_answered() {
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let good = request(1, 1, Direction::Read, 0x500, 0);
+        let mut bad_magic = good.clone();
+        bad_magic[14] = 0;
+        let mut bad_version = good.clone();
+        bad_version[16] = 2;
+        let mut arp = good.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let mut other_mac = good.clone();
+        other_mac[5] = 0x99;
+        for f in [
+            &good[..20],
+            &bad_magic[..],
+            &bad_version[..],
+            &arp[..],
+            &other_mac[..],
+            &[][..],
+        ] {
+            assert!(answer(&mut s, f).is_empty());
+        }
+        let st = s.stats();
+        assert_eq!(
+            st.malformed,
+            vec![("truncated", 2), ("bad_magic", 1), ("bad_version", 1)]
+        );
+        assert_eq!((st.foreign, st.not_for_us, st.requests), (1, 1, 0));
+        // And the server still answers.
+        assert_eq!(answer(&mut s, &good).len(), 1);
+    }
+
+    #[test]
+    fn hello_is_answered_from_our_mac() {
+        let mut s = Server::new(5, SERVER, &[]);
+        let hello = FrameRepr::new(
+            EthernetRepr {
+                dst: MacAddr::BROADCAST,
+                src: CLIENT,
+            },
+            Message::Control(ControlMsg {
+                route: Route::default(),
+                seq: 9,
+                op: ControlOp::Hello,
+                payload: &[],
+            }),
+        );
+        let mut buf = vec![0u8; hello.buffer_len()];
+        hello.emit(&mut buf).unwrap();
+        let out = answer(&mut s, &buf);
+        let Message::Control(c) = only_msg(&out) else {
+            panic!("not control")
+        };
+        assert_eq!((c.op, c.route.server, c.seq), (ControlOp::HelloReply, 5, 9));
+    }
+}
