@@ -90,39 +90,29 @@ pub fn discover(t: &mut dyn Transport, timeout: Duration) -> Result<(MacAddr, u1
     Err(LoadError::NoServer(timeout))
 }
 
+/// Most simulated vCPUs: each owns one 8-byte MMIO register of the test device.
+pub const MAX_INFLIGHT: u16 = 512;
+/// vCPUs below this also own a 4-byte port register (256 ports / 4).
+const PIO_SLOTS: u16 = 64;
+
 /// One request of the test pattern: write, then read back, in port space
-/// and MMIO space in turn, so every read has a known answer.
+/// and MMIO space in turn, so every read has a known answer. Each vCPU
+/// slot has registers of its own, so slots never disturb each other.
 fn pattern(i: u64, slot: u16) -> (Space, Direction, AccessSize, u64, u64) {
     let value = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(slot);
-    match i % 4 {
-        0 => (
+    let pio = u64::from(TEST_DEVICE_PIO) + u64::from(slot) * 4;
+    let mmio = TEST_DEVICE_MMIO + u64::from(slot % MAX_INFLIGHT) * 8;
+    match (i % 4, slot < PIO_SLOTS) {
+        (0, true) => (
             Space::Pio,
             Direction::Write,
             AccessSize::B4,
-            u64::from(TEST_DEVICE_PIO) + u64::from(slot % 4) * 4,
+            pio,
             value & 0xffff_ffff,
         ),
-        1 => (
-            Space::Pio,
-            Direction::Read,
-            AccessSize::B4,
-            u64::from(TEST_DEVICE_PIO) + u64::from(slot % 4) * 4,
-            0,
-        ),
-        2 => (
-            Space::Mmio,
-            Direction::Write,
-            AccessSize::B8,
-            TEST_DEVICE_MMIO + u64::from(slot % 512) * 8,
-            value,
-        ),
-        _ => (
-            Space::Mmio,
-            Direction::Read,
-            AccessSize::B8,
-            TEST_DEVICE_MMIO + u64::from(slot % 512) * 8,
-            0,
-        ),
+        (1, true) => (Space::Pio, Direction::Read, AccessSize::B4, pio, 0),
+        (0 | 2, _) => (Space::Mmio, Direction::Write, AccessSize::B8, mmio, value),
+        _ => (Space::Mmio, Direction::Read, AccessSize::B8, mmio, 0),
     }
 }
 
@@ -301,7 +291,7 @@ pub fn throughput(
         sent_at: Instant,
         busy: bool,
     }
-    let inflight = inflight.max(1);
+    let inflight = inflight.clamp(1, MAX_INFLIGHT);
     let now = Instant::now();
     let mut slots: Vec<Slot> = (0..inflight)
         .map(|_| Slot {

@@ -125,6 +125,13 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             if !(a.seconds > 0.0 && a.seconds <= 3600.0) {
                 bail!("--seconds must be between 0 and 3600, not {}", a.seconds);
             }
+            if a.inflight == 0 || a.inflight > loadgen::MAX_INFLIGHT {
+                bail!(
+                    "--inflight must be between 1 and {}, not {}",
+                    loadgen::MAX_INFLIGHT,
+                    a.inflight
+                );
+            }
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::throughput(
                     t,

@@ -11,7 +11,8 @@ use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
 use dmfabric_dm_workers::server::{
-    DeviceSpec, Server, TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_PIO,
+    DeviceSpec, Server, TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO,
+    TEST_DEVICE_PIO_LEN,
 };
 use dmfabric_wire::MacAddr;
 
@@ -143,9 +144,9 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         args.server_id,
         transport.mac(),
         TEST_DEVICE_PIO,
-        TEST_DEVICE_PIO + 15,
+        TEST_DEVICE_PIO + (TEST_DEVICE_PIO_LEN - 1),
         TEST_DEVICE_MMIO,
-        TEST_DEVICE_MMIO + 0xfff
+        TEST_DEVICE_MMIO + u64::from(TEST_DEVICE_MMIO_LEN - 1)
     );
     let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
     let mut handler = Reporting {

@@ -29,12 +29,12 @@ pub struct DeviceSpec {
 
 impl DeviceSpec {
     /// The register-file test device every dmfabric server has by default:
-    /// device 1, ports 0x500–0x50f and MMIO 0xd000_0000–0xd000_0fff.
+    /// device 1, ports 0x500–0x5ff and MMIO 0xd000_0000–0xd000_0fff.
     pub fn test_device() -> Self {
         DeviceSpec {
             id: TEST_DEVICE_ID,
-            pio: Some((TEST_DEVICE_PIO, 16)),
-            mmio: Some((TEST_DEVICE_MMIO, 0x1000)),
+            pio: Some((TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN)),
+            mmio: Some((TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN)),
         }
     }
 }
@@ -43,8 +43,12 @@ impl DeviceSpec {
 pub const TEST_DEVICE_ID: u32 = 1;
 /// First port of the test device.
 pub const TEST_DEVICE_PIO: u16 = 0x500;
+/// Ports of the test device.
+pub const TEST_DEVICE_PIO_LEN: u16 = 0x100;
 /// First MMIO address of the test device.
 pub const TEST_DEVICE_MMIO: u64 = 0xd000_0000;
+/// MMIO bytes of the test device.
+pub const TEST_DEVICE_MMIO_LEN: u32 = 0x1000;
 
 /// Counters of a server. Plain integers: owned by the server's core.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
