@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use dmfabric_wire::MacAddr;
 use xsk_rs::config::{
-    BindFlags, FrameSize, Interface, QueueSize, SocketConfig, UmemConfig, XdpFlags,
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags,
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
@@ -181,12 +181,30 @@ impl XdpTransport {
         let mac = sys::if_mac(&cfg.iface)
             .map_err(|e| TransportError::io(format!("Cannot read the MAC of {}", cfg.iface), e))?;
 
-        let removed_stale = if cfg.clear_stale_program {
-            clear_stale_program(&cfg.iface, ifindex)?
+        // Someone else's program is never touched.
+        if let Some(prog) = attached_program(ifindex) {
+            if !prog.is_libxdp() {
+                return Err(TransportError::Busy(format!(
+                    "{} already has XDP program `{}` (id {}) that dmfabric did not load: detach it with `ip link set dev {} xdp off`, or use --transport packet",
+                    cfg.iface, prog.name, prog.id, cfg.iface
+                )));
+            }
+        }
+        // libxdp's own program may be a leftover of a killed run; whether
+        // libxdp would replace it or fail with EBUSY depends on its version
+        // and on bpffs, so decide here: leftover if no socket holds the queue.
+        let removed = if cfg.clear_stale_program {
+            clear_stale_program(cfg, ifindex)?
         } else {
             None
         };
+        let mut t =
+            retry_busy(|| Self::open_any_mode(cfg, mac)).map_err(|e| explain_open_error(cfg, e))?;
+        t.removed_stale = removed;
+        Ok(t)
+    }
 
+    fn open_any_mode(cfg: &XdpConfig, mac: MacAddr) -> Result<Self, io::Error> {
         let natives: &[bool] = match cfg.mode {
             XdpMode::Auto if sys::if_driver(&cfg.iface).as_deref() == Some("veth") => {
                 &[false, true]
@@ -213,20 +231,26 @@ impl XdpTransport {
                         native,
                         zero_copy: zc,
                     },
+                    false,
                 ) {
-                    Ok(mut t) => {
-                        t.removed_stale = removed_stale;
-                        return Ok(t);
-                    }
+                    Ok(t) => return Ok(t),
+                    // Busy is busy in every mode: stop trying.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(e),
                     Err(e) => last_err = Some(e),
                 }
             }
         }
-        let err = last_err.unwrap_or_else(|| io::Error::other("no attach mode to try"));
-        Err(explain_open_error(cfg, err))
+        Err(last_err.unwrap_or_else(|| io::Error::other("no attach mode to try")))
     }
 
-    fn try_open(cfg: &XdpConfig, mac: MacAddr, att: Attachment) -> Result<Self, io::Error> {
+    /// `probe`: bind without loading libxdp's program, only to learn
+    /// whether a socket already holds the queue.
+    fn try_open(
+        cfg: &XdpConfig,
+        mac: MacAddr,
+        att: Attachment,
+        probe: bool,
+    ) -> Result<Self, io::Error> {
         let half = cfg.frames / 2;
         let ring = QueueSize::new(half).map_err(|e| io::Error::other(e.to_string()))?;
         let umem_cfg = UmemConfig::builder()
@@ -251,7 +275,12 @@ impl XdpTransport {
         } else {
             BindFlags::XDP_COPY
         };
+        let mut libxdp_flags = LibxdpFlags::empty();
+        if probe {
+            libxdp_flags |= LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD;
+        }
         let sock_cfg = SocketConfig::builder()
+            .libxdp_flags(libxdp_flags)
             .rx_queue_size(ring)
             .tx_queue_size(ring)
             .xdp_flags(xdp_flags)
@@ -329,6 +358,22 @@ impl XdpTransport {
     }
 }
 
+/// The kernel releases a closed AF_XDP socket's queue asynchronously, so a
+/// bind right after a close (or a killed process) can briefly fail with
+/// EBUSY. Retry for up to a second; a queue held by a live socket stays busy.
+fn retry_busy<T>(mut f: impl FnMut() -> Result<T, io::Error>) -> Result<T, io::Error> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn source_io<E: std::error::Error>(e: E) -> io::Error {
     let msg = e.to_string();
     let code = std::error::Error::source(&e)
@@ -381,40 +426,45 @@ fn quiet_libxdp() {
     }
 }
 
-/// If `iface` carries an XDP program that libxdp loaded for AF_XDP and no
-/// AF_XDP socket is bound to the interface any more, it was left behind by a
-/// killed run: detach it. Any other program is someone else's: refuse.
+/// If `cfg.iface` carries libxdp's AF_XDP program and no socket holds the
+/// queue (a bind that loads no program succeeds), the program was left by a
+/// killed run: detach it. If a socket holds the queue, refuse.
 /// Returns a description of what was removed.
-pub fn clear_stale_program(iface: &str, ifindex: u32) -> Result<Option<String>, TransportError> {
+fn clear_stale_program(cfg: &XdpConfig, ifindex: u32) -> Result<Option<String>, TransportError> {
+    let iface = &cfg.iface;
     let Some(prog) = attached_program(ifindex) else {
         return Ok(None);
     };
-    if prog.name != LIBXDP_XSK_PROG && prog.name != LIBXDP_DISPATCHER {
-        return Err(TransportError::Busy(format!(
-            "{iface} already has XDP program `{}` (id {}) that dmfabric did not load: detach it with `ip link set dev {iface} xdp off`, or use --transport packet",
-            prog.name, prog.id
-        )));
+    let generic_copy = Attachment {
+        native: false,
+        zero_copy: false,
+    };
+    let probe = retry_busy(|| XdpTransport::try_open(cfg, MacAddr::default(), generic_copy, true));
+    match probe {
+        Ok(probe) => drop(probe),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(TransportError::Busy(format!(
+                "{iface} queue {} is in use by another AF_XDP socket (a running dmfabric server?): stop it or use another interface or queue",
+                cfg.queue
+            )))
+        }
+        Err(e) => return Err(explain_open_error(cfg, e)),
     }
-    if xdp_sockets_bound(ifindex) {
-        return Err(TransportError::Busy(format!(
-            "{iface} is in use by another AF_XDP socket (`ss -a --xdp` shows it): stop that process or use another interface"
-        )));
+    // Nothing holds the queue: the program is a leftover of a killed run.
+    for mode in ["xdp", "xdpgeneric", "xdpdrv"] {
+        let _ = Command::new("ip")
+            .args(["link", "set", "dev", iface, mode, "off"])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
-    // Nothing holds the program: it is a leftover of a killed run.
-    let status = Command::new("ip")
-        .args(["link", "set", "dev", iface, "xdp", "off"])
-        .status();
-    let _ = Command::new("ip")
-        .args(["link", "set", "dev", iface, "xdpgeneric", "off"])
-        .status();
-    if !matches!(status, Ok(s) if s.success()) || attached_program(ifindex).is_some() {
+    if attached_program(ifindex).is_some() {
         return Err(TransportError::Busy(format!(
             "{iface} has a leftover XDP program `{}` (id {}) that could not be removed: run `ip link set dev {iface} xdp off`",
             prog.name, prog.id
         )));
     }
     Ok(Some(format!(
-        "removed leftover XDP program `{}` (id {}) from {iface}",
+        "removed leftover XDP program `{}` (id {}) from {iface}, left by a run that was killed",
         prog.name, prog.id
     )))
 }
@@ -423,6 +473,13 @@ pub fn clear_stale_program(iface: &str, ifindex: u32) -> Result<Option<String>, 
 struct AttachedProgram {
     name: String,
     id: u32,
+}
+
+impl AttachedProgram {
+    /// Loaded by libxdp for AF_XDP sockets (ours or another AF_XDP user's).
+    fn is_libxdp(&self) -> bool {
+        self.name == LIBXDP_XSK_PROG || self.name == LIBXDP_DISPATCHER
+    }
 }
 
 fn attached_program(ifindex: u32) -> Option<AttachedProgram> {
@@ -451,19 +508,6 @@ fn attached_program(ifindex: u32) -> Option<AttachedProgram> {
         libxdp_sys::xdp_multiprog__close(mp);
         found
     }
-}
-
-/// Whether any AF_XDP socket is bound to `ifindex` (asked through `ss`).
-fn xdp_sockets_bound(ifindex: u32) -> bool {
-    let Ok(out) = Command::new("ss")
-        .args(["-a", "-n", "--xdp", "-e"])
-        .output()
-    else {
-        return false;
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let needle = format!("ifindex:{ifindex} ");
-    text.lines().skip(1).any(|l| l.contains(&needle))
 }
 
 impl Transport for XdpTransport {

@@ -1,0 +1,348 @@
+//! The `dmfabric` binary as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dmfabric_bench::loadgen::{self, Target};
+use dmfabric_dataplane::netns::{self, ChildGuard, Need, TestNet};
+use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dmfabric");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Start `dmfabric server` on host 1; returns the guard and all its
+/// stderr so far once it printed its ready line (or panics with its output).
+fn start_server(net: &TestNet, extra: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
+    let mut cmd = net.command(1, BIN);
+    cmd.args([
+        "server",
+        "--transport",
+        "xdp",
+        "--iface",
+        &net.host(1).iface,
+    ])
+    .args(extra);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = net.spawn(&mut cmd).expect("spawn server");
+    let (tx, rx) = mpsc::channel();
+    for stream in [
+        Box::new(child.child().stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.child().stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    (child, rx)
+}
+
+/// Lines until one contains `what` (within 20 s); all lines seen.
+fn wait_for(rx: &mpsc::Receiver<String>, what: &str) -> Result<Vec<String>, Vec<String>> {
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < end {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let hit = line.contains(what);
+                seen.push(line);
+                if hit {
+                    return Ok(seen);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Err(seen)
+}
+
+fn xdp_attached(net: &TestNet, host: usize) -> bool {
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &net.host(host).ns,
+            "-d",
+            "link",
+            "show",
+            &net.host(host).iface,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// Requests from host 0 over AF_XDP are answered.
+fn server_answers(net: &TestNet) -> bool {
+    net.with_host(0, || {
+        let mut t = XdpTransport::open(&XdpConfig::new(&net.host(0).iface)).expect("client AF_XDP");
+        let Ok((mac, id)) = loadgen::discover(&mut t, Duration::from_secs(3)) else {
+            return false;
+        };
+        let r = loadgen::rtt(
+            &mut t,
+            &Target::test_device(mac, id),
+            200,
+            0,
+            Duration::from_millis(200),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        r.completed == 200 && r.wrong == 0
+    })
+    .unwrap()
+}
+
+#[test]
+fn leftover_xdp_program_of_a_killed_server_is_removed() {
+    if !netns::privileged_or_skip(
+        "leftover_xdp_program_of_a_killed_server_is_removed",
+        &[Need::Root],
+    ) {
+        return;
+    }
+    let net = TestNet::pair().unwrap();
+    let (mut first, rx) = start_server(&net, &[]);
+    wait_for(&rx, "dmfabric server ready").expect("first server ready");
+    first.child().kill().unwrap(); // SIGKILL: no cleanup runs
+    first.child().wait().unwrap();
+    assert!(
+        xdp_attached(&net, 1),
+        "a killed server leaves its program behind"
+    );
+
+    let (_second, rx) = start_server(&net, &[]);
+    let lines =
+        wait_for(&rx, "dmfabric server ready").unwrap_or_else(|l| panic!("second server: {l:?}"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("removed leftover XDP program `xsk_def_prog`")),
+        "{lines:?}"
+    );
+    assert!(server_answers(&net), "the new server serves");
+}
+
+#[test]
+fn a_live_server_is_never_disturbed_by_a_second_one() {
+    if !netns::privileged_or_skip(
+        "a_live_server_is_never_disturbed_by_a_second_one",
+        &[Need::Root],
+    ) {
+        return;
+    }
+    let net = TestNet::pair().unwrap();
+    let (_first, rx) = start_server(&net, &[]);
+    wait_for(&rx, "dmfabric server ready").expect("first server ready");
+    let (mut second, rx2) = start_server(&net, &[]);
+    let lines = wait_for(&rx2, "in use by another AF_XDP socket")
+        .unwrap_or_else(|l| panic!("second server: {l:?}"));
+    let status = second.child().wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{lines:?}");
+    assert!(server_answers(&net), "the first server still serves");
+}
+
+#[test]
+fn missing_privileges_give_one_line_naming_the_fallback() {
+    if !netns::privileged_or_skip(
+        "missing_privileges_give_one_line_naming_the_fallback",
+        &[Need::Root],
+    ) {
+        return;
+    }
+    // Drop to an unprivileged user with no capabilities.
+    let drop_privs = |args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                BIN,
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv (util-linux)");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = drop_privs(&[
+        "server",
+        "--transport",
+        "xdp",
+        "--iface",
+        "lo",
+        "--cores",
+        "0",
+    ]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("CAP_NET_ADMIN") && err.contains("--transport packet"),
+        "{err}"
+    );
+    let (code, err) = drop_privs(&[
+        "server",
+        "--transport",
+        "packet",
+        "--iface",
+        "lo",
+        "--cores",
+        "0",
+    ]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("CAP_NET_RAW") && err.contains("--transport udp"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let (code, _, err) = run(&["server", "--transport", "xdp"]);
+    assert_eq!(
+        (code, err.trim()),
+        (1, "dmfabric: --iface is required with --transport xdp")
+    );
+    let (code, _, err) = run(&[
+        "bench",
+        "throughput",
+        "--transport",
+        "mem",
+        "--inflight",
+        "0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--inflight must be between 1 and 512"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["bench", "rtt", "--transport", "carrier-pigeon"]);
+    assert_eq!(code, 2, "clap usage error");
+    assert!(err.contains("unknown transport `carrier-pigeon`"), "{err}");
+    let (code, _, err) = run(&[
+        "server",
+        "--transport",
+        "xdp",
+        "--iface",
+        "no-such-if0",
+        "--cores",
+        "0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("No interface `no-such-if0`") || err.contains("CAP_"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_rtt_writes_json_and_leaves_nothing_behind() {
+    if !netns::privileged_or_skip(
+        "bench_rtt_writes_json_and_leaves_nothing_behind",
+        &[Need::Root],
+    ) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-cli-{}", std::process::id()));
+    let json = dir.join("rtt.json");
+    let spawned = Command::new(BIN)
+        .args([
+            "bench",
+            "rtt",
+            "--transport",
+            "xdp,udp",
+            "--requests",
+            "3000",
+            "--warmup",
+            "500",
+            "--json",
+        ])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = spawned.id();
+    let child = spawned.wait_with_output().unwrap();
+    assert!(
+        child.status.success(),
+        "{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = rows.as_array().expect("an array for two transports");
+    assert_eq!(rows.len(), 2);
+    for (row, name) in rows.iter().zip(["xdp", "udp"]) {
+        assert_eq!(row["transport"], name);
+        assert_eq!(row["requests"], 3000);
+        assert_eq!(row["lost"], 0);
+        for key in ["p50_us", "p99_us", "p999_us", "max_us"] {
+            assert!(row[key].as_f64().unwrap() > 0.0, "{key} in {row}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // The bench made its namespaces (named after its pid) and removed them.
+    let prefix = format!("{}{pid}-", netns::NS_PREFIX);
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+#[test]
+fn bench_throughput_over_mem_needs_no_privileges() {
+    let dir = std::env::temp_dir().join(format!("dmfabric-cli-tput-{}", std::process::id()));
+    let json = dir.join("t.json");
+    let (code, out, err) = run(&[
+        "bench",
+        "throughput",
+        "--transport",
+        "mem",
+        "--seconds",
+        "0.3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Mreq/s"), "{out}");
+    let row: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in ["transport", "seconds", "completed", "lost", "mreq_per_s"] {
+        assert!(!row[key].is_null(), "{key} missing in {row}");
+    }
+    assert_eq!(row["lost"], 0);
+    assert_eq!(row["wrong"], 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
