@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what dmfabric needs on a fresh Debian host of this kind, then
+# builds it. Idempotent: packages already present are not fetched again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: installing packages needs root: run as root (sudo)" >&2
+    exit 1
+  fi
+}
+
+# Build: clang, libelf, m4, libpcap for libxdp/libbpf (xsk-rs); iproute2 for
+# test hosts; util-linux for setpriv (privilege tests).
+packages=(clang libelf-dev m4 libpcap-dev pkg-config zlib1g-dev gcc make iproute2 util-linux)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  need_root
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+
+echo "setup: building dmfabric (release)"
+cargo build --release --locked -p dmfabric 2>&1 | grep -vE '^\s*(Compiling|Downloaded|Downloading)' || true
+test -x target/release/dmfabric || { echo "setup: build failed" >&2; exit 1; }
