@@ -353,7 +353,7 @@ pub fn throughput(
             }
         })?;
         iter += 1;
-        if iter % 256 == 0 || !sending {
+        if iter.is_multiple_of(256) || !sending {
             let now = Instant::now();
             for s in slots
                 .iter_mut()

@@ -12,7 +12,6 @@ use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind};
 use dmfabric_wire::{
     AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, Message, Route, Space,
-    ETHERTYPE_DMFABRIC,
 };
 
 const ROUNDS: u64 = 500;

@@ -101,7 +101,7 @@ impl XdpConfig {
             queue: 0,
             mode: XdpMode::Auto,
             zero_copy: ZeroCopy::Auto,
-            frames: 4096,
+            frames: 1024,
             clear_stale_program: true,
         }
     }
@@ -346,10 +346,10 @@ impl XdpTransport {
         let ring_size = self.comp_descs.len() as u32;
         let kicks = queued.div_ceil(COPY_MODE_TX_BATCH) + 2;
         for _ in 0..kicks {
-            if !self.attachment.zero_copy || self.tx_q.needs_wakeup() {
-                if self.tx_q.wakeup().is_err() {
-                    self.stats.io_errors += 1;
-                }
+            if (!self.attachment.zero_copy || self.tx_q.needs_wakeup())
+                && self.tx_q.wakeup().is_err()
+            {
+                self.stats.io_errors += 1;
             }
             if self.attachment.zero_copy || self.tx_q.nb_free_exact() == ring_size {
                 break;

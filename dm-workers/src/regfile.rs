@@ -17,7 +17,7 @@ impl Window {
     fn range(&self, addr: u64, size: AccessSize) -> Option<std::ops::Range<usize>> {
         let off = addr.checked_sub(self.base)?;
         let end = off.checked_add(u64::from(size.bytes()))?;
-        (end <= self.bytes.len() as u64).then(|| off as usize..end as usize)
+        (end <= self.bytes.len() as u64).then_some(off as usize..end as usize)
     }
 }
 
