@@ -15,12 +15,7 @@ use dmfabric_dataplane::TransportKind;
 fn round_trip(c: &mut Criterion) {
     let root = unsafe_free_is_root();
     let stop = Arc::new(AtomicBool::new(false));
-    for kind in [
-        TransportKind::Xdp,
-        TransportKind::Packet,
-        TransportKind::Udp,
-        TransportKind::Mem,
-    ] {
+    for kind in [TransportKind::Xdp, TransportKind::Packet, TransportKind::Udp, TransportKind::Mem] {
         if kind != TransportKind::Mem && !root {
             eprintln!("round_trip/{kind}: skipped, needs root");
             continue;
@@ -52,11 +47,7 @@ fn round_trip(c: &mut Criterion) {
 fn unsafe_free_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().nth(1) == Some("0"))
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
 

@@ -1,25 +1,13 @@
 //! Parse and emit of the frames on the hot path.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use dmfabric_wire::{
-    AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space,
-};
+use dmfabric_wire::{AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space};
 
 fn request() -> FrameRepr<'static> {
     FrameRepr::new(
-        EthernetRepr {
-            dst: MacAddr([2, 0, 0, 0, 0, 2]),
-            src: MacAddr([2, 0, 0, 0, 0, 1]),
-        },
+        EthernetRepr { dst: MacAddr([2, 0, 0, 0, 0, 2]), src: MacAddr([2, 0, 0, 0, 0, 1]) },
         Message::IoRequest(IoRequest {
-            route: Route {
-                server: 1,
-                hypervisor: 1,
-                client: 1,
-                vm: 7,
-                vcpu: 3,
-                device: 1,
-            },
+            route: Route { server: 1, hypervisor: 1, client: 1, vm: 7, vcpu: 3, device: 1 },
             seq: 123_456,
             space: Space::Pio,
             dir: Direction::Write,
@@ -36,18 +24,12 @@ fn wire(c: &mut Criterion) {
     let n = repr.emit(&mut buf).unwrap();
     let mut g = c.benchmark_group("wire");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("emit_io_request", |b| {
-        b.iter(|| black_box(&repr).emit(black_box(&mut buf)).unwrap())
-    });
+    g.bench_function("emit_io_request", |b| b.iter(|| black_box(&repr).emit(black_box(&mut buf)).unwrap()));
     let frame = buf;
-    g.bench_function("parse_io_request", |b| {
-        b.iter(|| FrameRepr::parse_bytes(black_box(&frame[..n])).unwrap())
-    });
+    g.bench_function("parse_io_request", |b| b.iter(|| FrameRepr::parse_bytes(black_box(&frame[..n])).unwrap()));
     let mut bad = frame;
     bad[14] = 0;
-    g.bench_function("reject_bad_magic", |b| {
-        b.iter(|| FrameRepr::parse_bytes(black_box(&bad[..n])).is_err())
-    });
+    g.bench_function("reject_bad_magic", |b| b.iter(|| FrameRepr::parse_bytes(black_box(&bad[..n])).is_err()));
     g.finish();
 }
 

@@ -41,23 +41,26 @@ pub struct Setup {
     pub launch: ServerLaunch,
     pub client_core: Option<usize>,
     pub server_core: Option<usize>,
+    /// `--layout` of a server process (`rtc`, `split:1:W`); threads are rtc.
+    pub server_layout: Option<String>,
+    /// Test devices on the server; the load spreads its vCPUs over them.
+    pub test_devices: u32,
 }
 
 impl Setup {
     /// Client on the first core and server on the last, as on a 2-core host.
     pub fn new(transport: TransportKind, launch: ServerLaunch) -> Setup {
         let cores = dmfabric_pinning::available_cores();
-        let (client, server) = if cores.len() >= 2 {
-            (Some(cores[0]), Some(cores[cores.len() - 1]))
-        } else {
-            (None, None)
-        };
+        let (client, server) =
+            if cores.len() >= 2 { (Some(cores[0]), Some(cores[cores.len() - 1])) } else { (None, None) };
         Setup {
             transport,
             xdp_mode: XdpMode::Auto,
             launch,
             client_core: client,
             server_core: server,
+            server_layout: None,
+            test_devices: 1,
         }
     }
 }
@@ -77,13 +80,7 @@ pub enum HarnessError {
 }
 
 /// The transport spec for host `me` talking to host `peer` of `net`.
-pub fn spec_for(
-    kind: TransportKind,
-    net: &TestNet,
-    me: usize,
-    peer: usize,
-    xdp_mode: XdpMode,
-) -> TransportSpec {
+pub fn spec_for(kind: TransportKind, net: &TestNet, me: usize, peer: usize, xdp_mode: XdpMode) -> TransportSpec {
     let host = net.host(me);
     match kind {
         TransportKind::Xdp => {
@@ -91,9 +88,7 @@ pub fn spec_for(
             cfg.mode = xdp_mode;
             TransportSpec::Xdp(cfg)
         }
-        TransportKind::Packet => TransportSpec::Packet {
-            iface: host.iface.clone(),
-        },
+        TransportKind::Packet => TransportSpec::Packet { iface: host.iface.clone() },
         TransportKind::Udp | TransportKind::Mem => TransportSpec::Udp {
             local: (host.ipv4, UDP_PORT).into(),
             peer: Some((net.host(peer).ipv4, UDP_PORT).into()),
@@ -147,10 +142,7 @@ where
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                let cfg = PollConfig {
-                    spin: u32::MAX,
-                    ..PollConfig::default()
-                };
+                let cfg = PollConfig { spin: u32::MAX, ..PollConfig::default() };
                 let _ = poll::run(&mut t, &mut s, cfg, &flag);
                 Some(s.stats())
             });
@@ -163,11 +155,7 @@ where
             };
             server_stop.store(true, Ordering::Relaxed);
             let server = server.join().ok().flatten();
-            Ok(Outcome {
-                result: result?,
-                server,
-                server_json: None,
-            })
+            Ok(Outcome { result: result?, server, server_json: None })
         }
         ServerLaunch::Process(exe) => {
             let mut cmd = net.command(1, exe);
@@ -180,7 +168,12 @@ where
                 "--server-id",
                 &SERVER_ID.to_string(),
             ]);
-            cmd.args(["--busy-poll", "--stats-json"]);
+            cmd.arg("--stats-json");
+            // Busy-poll when the server has its own core; a split server on a
+            // small host shares cores with the client and must nap when idle.
+            if setup.server_layout.is_none() {
+                cmd.arg("--busy-poll");
+            }
             if setup.transport == TransportKind::Xdp {
                 cmd.args([
                     "--xdp-mode",
@@ -194,18 +187,21 @@ where
             if setup.transport == TransportKind::Udp {
                 cmd.args(["--udp-bind", &format!("{}:{UDP_PORT}", net.host(1).ipv4)]);
             }
-            if let Some(c) = setup.server_core {
-                cmd.args(["--cores", &c.to_string()]);
+            match &setup.server_layout {
+                // A split server spreads over every core, the client's included.
+                Some(layout) => {
+                    cmd.args(["--layout", layout]);
+                }
+                None => {
+                    if let Some(c) = setup.server_core {
+                        cmd.args(["--cores", &c.to_string()]);
+                    }
+                }
             }
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
+            cmd.args(["--test-devices", &setup.test_devices.to_string()]);
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
             let mut child = net.spawn(&mut cmd).map_err(HarnessError::Spawn)?;
-            let stdout = child
-                .child()
-                .stdout
-                .take()
-                .ok_or_else(|| HarnessError::ServerStart("no stdout".into()))?;
+            let stdout = child.child().stdout.take().ok_or_else(|| HarnessError::ServerStart("no stdout".into()))?;
             let (line_tx, line_rx) = mpsc::channel::<String>();
             let reader = std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -219,15 +215,9 @@ where
             let _ = child.interrupt(Duration::from_secs(5));
             drop(child);
             let _ = reader.join();
-            let server_json = line_rx
-                .try_iter()
-                .filter_map(|l| l.strip_prefix("stats-json: ").map(str::to_string))
-                .last();
-            Ok(Outcome {
-                result: result?,
-                server: None,
-                server_json,
-            })
+            let server_json =
+                line_rx.try_iter().filter_map(|l| l.strip_prefix("stats-json: ").map(str::to_string)).last();
+            Ok(Outcome { result: result?, server: None, server_json })
         }
     }
 }
@@ -240,15 +230,11 @@ fn wait_ready(lines: &mpsc::Receiver<String>, stop: &AtomicBool) -> Result<(), H
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(HarnessError::ServerStart(
-                    "the server process exited (its error is above)".into(),
-                ))
+                return Err(HarnessError::ServerStart("the server process exited (its error is above)".into()))
             }
         }
     }
-    Err(HarnessError::ServerStart(
-        "no ready line within 30 s".into(),
-    ))
+    Err(HarnessError::ServerStart("no ready line within 30 s".into()))
 }
 
 fn client_side<R, F>(setup: &Setup, net: &TestNet, load: F) -> Result<R, HarnessError>
@@ -263,7 +249,8 @@ where
         }
         let mut t = dmfabric_dataplane::open(&spec).map_err(LoadError::from)?;
         let (mac, id) = loadgen::discover(t.as_mut(), Duration::from_secs(5))?;
-        Ok(load(t.as_mut(), Target::test_device(mac, id))?)
+        let target = Target { devices: setup.test_devices, ..Target::test_device(mac, id) };
+        Ok(load(t.as_mut(), target)?)
     })?
 }
 
@@ -282,10 +269,7 @@ where
             let _ = dmfabric_pinning::pin_current(c);
         }
         let mut s = Server::new(SERVER_ID, server_mac, &[DeviceSpec::test_device()]);
-        let cfg = PollConfig {
-            spin: u32::MAX,
-            ..PollConfig::default()
-        };
+        let cfg = PollConfig { spin: u32::MAX, ..PollConfig::default() };
         let _ = poll::run(&mut server_t, &mut s, cfg, &flag);
         s.stats()
     });
@@ -297,9 +281,5 @@ where
         .and_then(|(mac, id)| load(&mut client, Target::test_device(mac, id)));
     server_stop.store(true, Ordering::Relaxed);
     let server = server.join().ok();
-    Ok(Outcome {
-        result: result?,
-        server,
-        server_json: None,
-    })
+    Ok(Outcome { result: result?, server, server_json: None })
 }

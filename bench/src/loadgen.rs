@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
 use dmfabric_dm_workers::server::{TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_PIO};
 use dmfabric_wire::{
-    AccessSize, ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr,
-    Message, Route, Space, Status,
+    AccessSize, ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space,
+    Status,
 };
 use hdrhistogram::Histogram;
 
@@ -20,18 +20,15 @@ pub struct Target {
     pub device: u32,
     pub client_id: u16,
     pub vm: u32,
+    /// Spread vCPUs over devices `device..device + devices` (vCPU `v` uses
+    /// `device + v % devices`), e.g. to load several worker shards.
+    pub devices: u32,
 }
 
 impl Target {
     /// The default test device on `server_mac`.
     pub fn test_device(server_mac: MacAddr, server_id: u16) -> Target {
-        Target {
-            server_mac,
-            server_id,
-            device: TEST_DEVICE_ID,
-            client_id: 1,
-            vm: 1,
-        }
+        Target { server_mac, server_id, device: TEST_DEVICE_ID, client_id: 1, vm: 1, devices: 1 }
     }
 }
 
@@ -39,7 +36,9 @@ impl Target {
 pub enum LoadError {
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("No dmfabric server answered a Hello within {0:?}: is `dmfabric server` running on the other end of the link?")]
+    #[error(
+        "No dmfabric server answered a Hello within {0:?}: is `dmfabric server` running on the other end of the link?"
+    )]
     NoServer(Duration),
     #[error("The server stopped answering: {0} requests in a row were lost")]
     ServerGone(u64),
@@ -54,16 +53,8 @@ pub fn discover(t: &mut dyn Transport, timeout: Duration) -> Result<(MacAddr, u1
     while Instant::now() < end {
         seq += 1;
         let hello = FrameRepr::new(
-            EthernetRepr {
-                dst: MacAddr::BROADCAST,
-                src: t.mac(),
-            },
-            Message::Control(ControlMsg {
-                route: Route::default(),
-                seq,
-                op: ControlOp::Hello,
-                payload: &[],
-            }),
+            EthernetRepr { dst: MacAddr::BROADCAST, src: t.mac() },
+            Message::Control(ControlMsg { route: Route::default(), seq, op: ControlOp::Hello, payload: &[] }),
         );
         batch.push_with(|buf| hello.emit(buf).ok());
         t.send(&mut batch)?;
@@ -71,12 +62,7 @@ pub fn discover(t: &mut dyn Transport, timeout: Duration) -> Result<(MacAddr, u1
         let mut found = None;
         while found.is_none() && Instant::now() < retry {
             t.recv(16, &mut |f| {
-                if let Ok(FrameRepr {
-                    eth,
-                    msg: Message::Control(c),
-                    ..
-                }) = FrameRepr::parse_bytes(f)
-                {
+                if let Ok(FrameRepr { eth, msg: Message::Control(c), .. }) = FrameRepr::parse_bytes(f) {
                     if c.op == ControlOp::HelloReply {
                         found = Some((eth.src, c.route.server));
                     }
@@ -103,13 +89,7 @@ fn pattern(i: u64, slot: u16) -> (Space, Direction, AccessSize, u64, u64) {
     let pio = u64::from(TEST_DEVICE_PIO) + u64::from(slot) * 4;
     let mmio = TEST_DEVICE_MMIO + u64::from(slot % MAX_INFLIGHT) * 8;
     match (i % 4, slot < PIO_SLOTS) {
-        (0, true) => (
-            Space::Pio,
-            Direction::Write,
-            AccessSize::B4,
-            pio,
-            value & 0xffff_ffff,
-        ),
+        (0, true) => (Space::Pio, Direction::Write, AccessSize::B4, pio, value & 0xffff_ffff),
         (1, true) => (Space::Pio, Direction::Read, AccessSize::B4, pio, 0),
         (0 | 2, _) => (Space::Mmio, Direction::Write, AccessSize::B8, mmio, value),
         _ => (Space::Mmio, Direction::Read, AccessSize::B8, mmio, 0),
@@ -133,7 +113,7 @@ fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16
             client: target.client_id,
             vm: target.vm,
             vcpu,
-            device: target.device,
+            device: target.device + u32::from(vcpu) % target.devices.max(1),
         },
         seq,
         space,
@@ -142,13 +122,7 @@ fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16
         addr,
         data,
     };
-    let repr = FrameRepr::new(
-        EthernetRepr {
-            dst: target.server_mac,
-            src,
-        },
-        Message::IoRequest(req),
-    );
+    let repr = FrameRepr::new(EthernetRepr { dst: target.server_mac, src }, Message::IoRequest(req));
     batch.push_with(|buf| repr.emit(buf).ok());
 }
 
@@ -168,11 +142,7 @@ fn check_answer(frame: &[u8], target: &Target) -> Option<Answer> {
         return None;
     }
     let good = c.status == Status::Ok && c.data == expected(c.seq, c.route.vcpu);
-    Some(Answer {
-        vcpu: c.route.vcpu,
-        seq: c.seq,
-        good,
-    })
+    Some(Answer { vcpu: c.route.vcpu, seq: c.seq, good })
 }
 
 fn histogram() -> Histogram<u64> {
@@ -198,15 +168,7 @@ pub struct LoadReport {
 
 impl LoadReport {
     fn new() -> Self {
-        LoadReport {
-            sent: 0,
-            completed: 0,
-            lost: 0,
-            wrong: 0,
-            late: 0,
-            elapsed: Duration::ZERO,
-            hist: histogram(),
-        }
+        LoadReport { sent: 0, completed: 0, lost: 0, wrong: 0, late: 0, elapsed: Duration::ZERO, hist: histogram() }
     }
 
     /// Latency at `q` (0..=1) in microseconds.
@@ -293,13 +255,7 @@ pub fn throughput(
     }
     let inflight = inflight.clamp(1, MAX_INFLIGHT);
     let now = Instant::now();
-    let mut slots: Vec<Slot> = (0..inflight)
-        .map(|_| Slot {
-            seq: 0,
-            sent_at: now,
-            busy: false,
-        })
-        .collect();
+    let mut slots: Vec<Slot> = (0..inflight).map(|_| Slot { seq: 0, sent_at: now, busy: false }).collect();
     let mut report = LoadReport::new();
     let mut batch = FrameBatch::new();
     let src = t.mac();
@@ -345,9 +301,7 @@ pub fn throughput(
                 s.seq += 1;
                 report_ref.completed += 1;
                 report_ref.wrong += u64::from(!a.good);
-                let _ = report_ref
-                    .hist
-                    .record(s.sent_at.elapsed().as_nanos() as u64);
+                let _ = report_ref.hist.record(s.sent_at.elapsed().as_nanos() as u64);
             } else {
                 report_ref.late += 1;
             }
@@ -355,10 +309,7 @@ pub fn throughput(
         iter += 1;
         if iter.is_multiple_of(256) || !sending {
             let now = Instant::now();
-            for s in slots
-                .iter_mut()
-                .filter(|s| s.busy && now.duration_since(s.sent_at) >= timeout)
-            {
+            for s in slots.iter_mut().filter(|s| s.busy && now.duration_since(s.sent_at) >= timeout) {
                 report.lost += 1;
                 s.busy = false;
                 // Skip the pair this request belonged to, so that a read is
@@ -370,9 +321,6 @@ pub fn throughput(
             }
         }
     }
-    report.elapsed = Instant::now()
-        .min(end)
-        .duration_since(start)
-        .max(Duration::from_nanos(1));
+    report.elapsed = Instant::now().min(end).duration_since(start).max(Duration::from_nanos(1));
     Ok(report)
 }

@@ -10,9 +10,7 @@ use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen::LoadError;
 use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind};
-use dmfabric_wire::{
-    AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, Message, Route, Space,
-};
+use dmfabric_wire::{AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, Message, Route, Space};
 
 const ROUNDS: u64 = 500;
 
@@ -20,10 +18,7 @@ const ROUNDS: u64 = 500;
 struct Lcg(u64);
 impl Lcg {
     fn byte(&mut self) -> u8 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 33) as u8
     }
 }
@@ -31,96 +26,77 @@ impl Lcg {
 fn flood(kind: TransportKind) {
     let setup = Setup::new(kind, ServerLaunch::Thread);
     let stop = Arc::new(AtomicBool::new(false));
-    let outcome = harness::run(
-        &setup,
-        &stop,
-        |t: &mut dyn Transport, target| -> Result<(u64, u64), LoadError> {
-            let mut rng = Lcg(7);
-            let mut batch = FrameBatch::new();
-            let (mut answered, mut foreign_sent) = (0u64, 0u64);
-            for seq in 0..ROUNDS {
-                let req = IoRequest {
-                    route: Route {
-                        server: target.server_id,
-                        hypervisor: 1,
-                        client: 1,
-                        vm: 1,
-                        vcpu: 0,
-                        device: target.device,
-                    },
-                    seq,
-                    space: Space::Pio,
-                    dir: Direction::Write,
-                    size: AccessSize::B1,
-                    addr: 0x500,
-                    data: seq & 0xff,
-                };
-                let repr = FrameRepr::new(
-                    EthernetRepr {
-                        dst: target.server_mac,
-                        src: t.mac(),
-                    },
-                    Message::IoRequest(req),
-                );
-                let mut good = vec![0u8; repr.buffer_len()];
-                repr.emit(&mut good).unwrap();
-                // Six kinds of bad frame around every good one.
-                let mut short = good.clone();
-                short.truncate(30);
-                let mut magic = good.clone();
-                magic[14] ^= 0xff;
-                let mut version = good.clone();
-                version[16] = 99;
-                let mut unknown_kind = good.clone();
-                unknown_kind[17] = 0x7f;
-                let mut size = good.clone();
-                size[47] = 3;
-                let mut random = good[..14].to_vec();
-                random.extend((0..60).map(|_| rng.byte()));
-                random[14] = 0; // never a valid magic: counted as bad_magic
-                batch.push(&short);
-                batch.push(&magic);
-                batch.push(&version);
-                batch.push(&good);
-                batch.push(&unknown_kind);
-                batch.push(&size);
-                batch.push(&random);
-                if kind == TransportKind::Xdp {
-                    // AF_XDP's program hands over every EtherType: count those too.
-                    let mut other = good.clone();
-                    other[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-                    batch.push(&other);
-                    foreign_sent += 1;
-                }
-                t.send(&mut batch)?;
-                let deadline = Instant::now() + Duration::from_secs(1);
-                let mut done = false;
-                while !done && Instant::now() < deadline {
-                    t.recv(16, &mut |f| {
-                        if let Ok(FrameRepr {
-                            msg: Message::IoCompletion(c),
-                            ..
-                        }) = FrameRepr::parse_bytes(f)
-                        {
-                            done |= c.seq == seq;
-                        }
-                    })?;
-                }
-                answered += u64::from(done);
+    let outcome = harness::run(&setup, &stop, |t: &mut dyn Transport, target| -> Result<(u64, u64), LoadError> {
+        let mut rng = Lcg(7);
+        let mut batch = FrameBatch::new();
+        let (mut answered, mut foreign_sent) = (0u64, 0u64);
+        for seq in 0..ROUNDS {
+            let req = IoRequest {
+                route: Route {
+                    server: target.server_id,
+                    hypervisor: 1,
+                    client: 1,
+                    vm: 1,
+                    vcpu: 0,
+                    device: target.device,
+                },
+                seq,
+                space: Space::Pio,
+                dir: Direction::Write,
+                size: AccessSize::B1,
+                addr: 0x500,
+                data: seq & 0xff,
+            };
+            let repr = FrameRepr::new(EthernetRepr { dst: target.server_mac, src: t.mac() }, Message::IoRequest(req));
+            let mut good = vec![0u8; repr.buffer_len()];
+            repr.emit(&mut good).unwrap();
+            // Six kinds of bad frame around every good one.
+            let mut short = good.clone();
+            short.truncate(30);
+            let mut magic = good.clone();
+            magic[14] ^= 0xff;
+            let mut version = good.clone();
+            version[16] = 99;
+            let mut unknown_kind = good.clone();
+            unknown_kind[17] = 0x7f;
+            let mut size = good.clone();
+            size[47] = 3;
+            let mut random = good[..14].to_vec();
+            random.extend((0..60).map(|_| rng.byte()));
+            random[14] = 0; // never a valid magic: counted as bad_magic
+            batch.push(&short);
+            batch.push(&magic);
+            batch.push(&version);
+            batch.push(&good);
+            batch.push(&unknown_kind);
+            batch.push(&size);
+            batch.push(&random);
+            if kind == TransportKind::Xdp {
+                // AF_XDP's program hands over every EtherType: count those too.
+                let mut other = good.clone();
+                other[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+                batch.push(&other);
+                foreign_sent += 1;
             }
-            Ok((answered, foreign_sent))
-        },
-    )
+            t.send(&mut batch)?;
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut done = false;
+            while !done && Instant::now() < deadline {
+                t.recv(16, &mut |f| {
+                    if let Ok(FrameRepr { msg: Message::IoCompletion(c), .. }) = FrameRepr::parse_bytes(f) {
+                        done |= c.seq == seq;
+                    }
+                })?;
+            }
+            answered += u64::from(done);
+        }
+        Ok((answered, foreign_sent))
+    })
     .expect("harness run");
     let (answered, foreign_sent) = outcome.result;
     assert_eq!(answered, ROUNDS, "{kind}: every valid request answered");
     let s = outcome.server.expect("server stats");
-    let count = |name: &str| {
-        s.malformed
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, c)| *c)
-    };
+    let count = |name: &str| s.malformed.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c);
     assert_eq!(s.requests, ROUNDS, "{kind}: {s}");
     assert_eq!(s.completions, ROUNDS);
     assert_eq!(count("truncated"), ROUNDS, "{s}");

@@ -19,11 +19,7 @@ fn with_server<R>(device: DeviceSpec, f: impl FnOnce(&mut dyn Transport, Target)
     let flag = stop.clone();
     let server = std::thread::spawn(move || {
         let mut s = Server::new(1, server_mac, &[device]);
-        let cfg = PollConfig {
-            spin: 1000,
-            wait: Duration::from_millis(1),
-            ..PollConfig::default()
-        };
+        let cfg = PollConfig { spin: 1000, wait: Duration::from_millis(1), ..PollConfig::default() };
         poll::run(&mut server_t, &mut s, cfg, &flag).unwrap();
         s.stats()
     });
@@ -40,15 +36,8 @@ fn with_server<R>(device: DeviceSpec, f: impl FnOnce(&mut dyn Transport, Target)
 fn throughput_at_full_depth_gets_every_answer_right() {
     let never = AtomicBool::new(false);
     let r = with_server(DeviceSpec::test_device(), |t, target| {
-        loadgen::throughput(
-            t,
-            &target,
-            Duration::from_millis(300),
-            MAX_INFLIGHT,
-            Duration::from_millis(500),
-            &never,
-        )
-        .unwrap()
+        loadgen::throughput(t, &target, Duration::from_millis(300), MAX_INFLIGHT, Duration::from_millis(500), &never)
+            .unwrap()
     });
     assert!(r.completed > 1000, "completed {}", r.completed);
     assert_eq!((r.lost, r.wrong, r.late), (0, 0, 0));
@@ -70,20 +59,9 @@ fn rtt_gets_every_answer_right_and_records_each() {
 #[test]
 fn a_device_that_loses_registers_is_caught() {
     let never = AtomicBool::new(false);
-    let small = DeviceSpec {
-        pio: Some((0x500, 16)),
-        ..DeviceSpec::test_device()
-    };
+    let small = DeviceSpec { pio: Some((0x500, 16)), ..DeviceSpec::test_device() };
     let r = with_server(small, |t, target| {
-        loadgen::throughput(
-            t,
-            &target,
-            Duration::from_millis(200),
-            16,
-            Duration::from_millis(500),
-            &never,
-        )
-        .unwrap()
+        loadgen::throughput(t, &target, Duration::from_millis(200), 16, Duration::from_millis(500), &never).unwrap()
     });
     assert!(r.wrong > 0, "wrong answers must be detected");
 }
@@ -91,11 +69,7 @@ fn a_device_that_loses_registers_is_caught() {
 /// With no server, discovery fails with a clear error instead of hanging.
 #[test]
 fn no_server_is_a_clear_error() {
-    let (mut client, _silent) =
-        mem::pair(MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]), 16);
+    let (mut client, _silent) = mem::pair(MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]), 16);
     let err = loadgen::discover(&mut client, Duration::from_millis(300)).unwrap_err();
-    assert!(
-        err.to_string().contains("No dmfabric server answered"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("No dmfabric server answered"), "{err}");
 }

@@ -57,6 +57,12 @@ pub struct Common {
     /// A request without an answer after this long counts as lost.
     #[arg(long, default_value_t = 100)]
     timeout_ms: u64,
+    /// The server process's thread layout: rtc or split:1:W (see `dmfabric server --help`).
+    #[arg(long)]
+    server_layout: Option<String>,
+    /// Test devices on the server; the load spreads its vCPUs over them.
+    #[arg(long, default_value_t = 1)]
+    test_devices: u32,
 }
 
 #[derive(Debug, Args)]
@@ -101,19 +107,9 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Rtt(a) => {
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
-                loadgen::rtt(
-                    t,
-                    &target,
-                    a.requests,
-                    a.warmup,
-                    Duration::from_millis(a.common.timeout_ms),
-                    stop,
-                )
+                loadgen::rtt(t, &target, a.requests, a.warmup, Duration::from_millis(a.common.timeout_ms), stop)
             })?;
-            let rows: Vec<RttJson> = reports
-                .iter()
-                .map(|(k, r)| RttJson::new(k.name(), r))
-                .collect();
+            let rows: Vec<RttJson> = reports.iter().map(|(k, r)| RttJson::new(k.name(), r)).collect();
             for row in &rows {
                 print_rtt(row);
             }
@@ -126,11 +122,7 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 bail!("--seconds must be between 0 and 3600, not {}", a.seconds);
             }
             if a.inflight == 0 || a.inflight > loadgen::MAX_INFLIGHT {
-                bail!(
-                    "--inflight must be between 1 and {}, not {}",
-                    loadgen::MAX_INFLIGHT,
-                    a.inflight
-                );
+                bail!("--inflight must be between 1 and {}, not {}", loadgen::MAX_INFLIGHT, a.inflight);
             }
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::throughput(
@@ -142,10 +134,8 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     stop,
                 )
             })?;
-            let rows: Vec<ThroughputJson> = reports
-                .iter()
-                .map(|(k, r)| ThroughputJson::new(k.name(), a.inflight, r))
-                .collect();
+            let rows: Vec<ThroughputJson> =
+                reports.iter().map(|(k, r)| ThroughputJson::new(k.name(), a.inflight, r)).collect();
             for row in &rows {
                 print_throughput(row);
             }
@@ -175,21 +165,13 @@ pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         udp_peer: None,
         udp_bind: "0.0.0.0:47000".parse().expect("valid address"),
         timeout_ms: 100,
+        server_layout: None,
+        test_devices: 1,
     };
     let rtts = for_each_transport(&common, &stop, |t, target, stop| {
-        loadgen::rtt(
-            t,
-            &target,
-            args.requests,
-            20_000,
-            Duration::from_millis(100),
-            stop,
-        )
+        loadgen::rtt(t, &target, args.requests, 20_000, Duration::from_millis(100), stop)
     })?;
-    let rows: Vec<RttJson> = rtts
-        .iter()
-        .map(|(k, r)| RttJson::new(k.name(), r))
-        .collect();
+    let rows: Vec<RttJson> = rtts.iter().map(|(k, r)| RttJson::new(k.name(), r)).collect();
     println!("\nround trips (one request outstanding):");
     for row in &rows {
         print_rtt(row);
@@ -199,19 +181,9 @@ pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         bail!("Interrupted");
     }
     let tputs = for_each_transport(&common, &stop, |t, target, stop| {
-        loadgen::throughput(
-            t,
-            &target,
-            Duration::from_secs_f64(args.seconds),
-            64,
-            Duration::from_millis(100),
-            stop,
-        )
+        loadgen::throughput(t, &target, Duration::from_secs_f64(args.seconds), 64, Duration::from_millis(100), stop)
     })?;
-    let trows: Vec<ThroughputJson> = tputs
-        .iter()
-        .map(|(k, r)| ThroughputJson::new(k.name(), 64, r))
-        .collect();
+    let trows: Vec<ThroughputJson> = tputs.iter().map(|(k, r)| ThroughputJson::new(k.name(), 64, r)).collect();
     println!("\nthroughput (64 requests in flight):");
     for row in &trows {
         print_throughput(row);
@@ -221,27 +193,19 @@ pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     fail_on_loss(&rtts)
 }
 
-type LoadFn<'a> = dyn FnMut(&mut dyn Transport, Target, &AtomicBool) -> Result<LoadReport, loadgen::LoadError>
-    + 'a;
+type LoadFn<'a> = dyn FnMut(&mut dyn Transport, Target, &AtomicBool) -> Result<LoadReport, loadgen::LoadError> + 'a;
 
 fn for_each_transport(
     common: &Common,
     stop: &Arc<AtomicBool>,
-    mut load: impl FnMut(
-        &mut dyn Transport,
-        Target,
-        &AtomicBool,
-    ) -> Result<LoadReport, loadgen::LoadError>,
+    mut load: impl FnMut(&mut dyn Transport, Target, &AtomicBool) -> Result<LoadReport, loadgen::LoadError>,
 ) -> anyhow::Result<Vec<(TransportKind, LoadReport)>> {
     let load: &mut LoadFn<'_> = &mut load;
     if let Some(iface) = &common.iface {
         let [kind] = common.transport[..] else {
             bail!("--iface measures one transport at a time");
         };
-        return Ok(vec![(
-            kind,
-            on_given_interface(common, kind, iface, stop, load)?,
-        )]);
+        return Ok(vec![(kind, on_given_interface(common, kind, iface, stop, load)?)]);
     }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let mut out = Vec::new();
@@ -255,6 +219,8 @@ fn for_each_transport(
         };
         let mut setup = Setup::new(kind, launch);
         setup.xdp_mode = common.xdp_mode;
+        setup.server_layout = common.server_layout.clone();
+        setup.test_devices = common.test_devices.max(1);
         eprintln!("dmfabric bench: {kind}: test hosts up, server starting ...");
         let flag = stop.clone();
         let outcome = harness::run(&setup, stop, |t, target| load(t, target, &flag))
@@ -280,20 +246,11 @@ fn on_given_interface(
             cfg.mode = common.xdp_mode;
             TransportSpec::Xdp(cfg)
         }
-        TransportKind::Packet => TransportSpec::Packet {
-            iface: iface.to_string(),
-        },
+        TransportKind::Packet => TransportSpec::Packet { iface: iface.to_string() },
         TransportKind::Udp => {
-            let Some(peer) = common.udp_peer else {
-                bail!("--transport udp with --iface needs --udp-peer")
-            };
-            let mac = dmfabric_dataplane::if_mac(iface)
-                .with_context(|| format!("Cannot read the MAC of {iface}"))?;
-            TransportSpec::Udp {
-                local: common.udp_bind,
-                peer: Some(peer),
-                mac,
-            }
+            let Some(peer) = common.udp_peer else { bail!("--transport udp with --iface needs --udp-peer") };
+            let mac = dmfabric_dataplane::if_mac(iface).with_context(|| format!("Cannot read the MAC of {iface}"))?;
+            TransportSpec::Udp { local: common.udp_bind, peer: Some(peer), mac }
         }
         TransportKind::Mem => bail!("--transport mem cannot use an interface"),
     };
@@ -320,12 +277,7 @@ fn print_throughput(r: &ThroughputJson) {
 fn print_ratio<T: serde::Serialize>(rows: &[T], value: impl Fn(&T) -> f64, what: &str) {
     let get = |name: &str| {
         rows.iter()
-            .find(|r| {
-                serde_json::to_value(r)
-                    .ok()
-                    .and_then(|v| v.get("transport").cloned())
-                    == Some(name.into())
-            })
+            .find(|r| serde_json::to_value(r).ok().and_then(|v| v.get("transport").cloned()) == Some(name.into()))
             .map(&value)
     };
     if let (Some(x), Some(u)) = (get("xdp"), get("udp")) {
@@ -337,16 +289,12 @@ fn print_ratio<T: serde::Serialize>(rows: &[T], value: impl Fn(&T) -> f64, what:
 
 fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, rows: &[T]) -> anyhow::Result<()> {
     let Some(path) = path else { return Ok(()) };
-    let text = if rows.len() == 1 {
-        serde_json::to_string_pretty(&rows[0])?
-    } else {
-        serde_json::to_string_pretty(rows)?
-    };
+    let text =
+        if rows.len() == 1 { serde_json::to_string_pretty(&rows[0])? } else { serde_json::to_string_pretty(rows)? };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     }
-    std::fs::write(path, text + "\n")
-        .with_context(|| format!("Cannot write {}", path.display()))?;
+    std::fs::write(path, text + "\n").with_context(|| format!("Cannot write {}", path.display()))?;
     eprintln!("dmfabric bench: wrote {}", path.display());
     Ok(())
 }

@@ -11,9 +11,10 @@ use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
 use dmfabric_dm_workers::server::{
-    DeviceSpec, Server, TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO,
-    TEST_DEVICE_PIO_LEN,
+    DeviceSpec, Server, ServerStats, TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
 };
+use dmfabric_dm_workers::sharded::{ShardStats, ShardedServer, WorkerIdle};
+use dmfabric_pinning::{Layout, LayoutSpec};
 use dmfabric_wire::MacAddr;
 
 #[derive(Debug, Args)]
@@ -30,7 +31,7 @@ pub struct ServerArgs {
     /// UDP address to bind (udp transport).
     #[arg(long, default_value = "0.0.0.0:47000")]
     udp_bind: SocketAddr,
-    /// Where the XDP program runs: auto (native, else generic), native, generic.
+    /// Where the XDP program runs: auto (native, else generic; generic on veth), native, generic.
     #[arg(long, default_value = "auto")]
     xdp_mode: XdpMode,
     /// AF_XDP zero-copy: auto (where the driver has it), on, off.
@@ -42,13 +43,22 @@ pub struct ServerArgs {
     /// Fail instead of removing an XDP program left by a killed run.
     #[arg(long)]
     keep_stale_xdp: bool,
-    /// Cores to run on, e.g. `1` or `2-3` (default: the last available core).
+    /// Thread layout: auto (from the core count), rtc (one core receives,
+    /// runs the devices and transmits) or split:1:W (one data-plane core,
+    /// W worker cores joined by SPSC rings).
+    #[arg(long, default_value = "auto")]
+    layout: LayoutSpec,
+    /// Cores to use, e.g. `1` or `2-5` (default: every online core; the
+    /// run-to-completion layout takes the last).
     #[arg(long)]
     cores: Option<String>,
-    /// Never block when idle: lowest latency, one core at 100 %.
+    /// Register-file test devices to host, ids 1..=N (spread over the workers).
+    #[arg(long, default_value_t = 1)]
+    test_devices: u32,
+    /// Never block when idle: lowest latency, each core at 100 %.
     #[arg(long)]
     busy_poll: bool,
-    /// Empty polls before an idle server blocks (ignored with --busy-poll).
+    /// Empty polls before an idle core naps (ignored with --busy-poll).
     #[arg(long, default_value_t = 200_000)]
     spin: u32,
     /// Print counters to stderr every this many seconds (0: only at exit).
@@ -59,41 +69,147 @@ pub struct ServerArgs {
     stats_json: bool,
 }
 
-/// The server plus periodic reporting, as a poll-loop handler.
+/// Either layout's handler, with periodic reporting.
+enum Served {
+    Rtc(Server),
+    Split(ShardedServer),
+}
+
+impl Served {
+    fn stats(&self) -> (ServerStats, Option<ShardStats>) {
+        match self {
+            Served::Rtc(s) => (s.stats(), None),
+            Served::Split(s) => {
+                let (a, b) = s.stats();
+                (a, Some(b))
+            }
+        }
+    }
+}
+
 struct Reporting {
-    server: Server,
+    served: Served,
     every: Option<Duration>,
     next: Instant,
 }
 
 impl Handler for Reporting {
     fn on_frame(&mut self, frame: &[u8], tx: &mut FrameBatch, now: Instant) {
-        self.server.on_frame(frame, tx, now);
+        match &mut self.served {
+            Served::Rtc(s) => s.on_frame(frame, tx, now),
+            Served::Split(s) => s.on_frame(frame, tx, now),
+        }
     }
 
-    fn on_poll(&mut self, _tx: &mut FrameBatch, now: Instant) {
+    fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
+        if let Served::Split(s) = &mut self.served {
+            s.on_poll(tx, now);
+        }
         if let Some(every) = self.every {
             if now >= self.next {
                 self.next = now + every;
-                eprintln!("dmfabric server: {}", self.server.stats());
+                let (stats, shards) = self.served.stats();
+                eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
             }
         }
     }
 }
 
+fn shard_summary(s: Option<&ShardStats>) -> String {
+    match s {
+        None => String::new(),
+        Some(s) => format!(
+            " | workers executed {:?} ring-full {} overflow-dropped {}",
+            s.executed, s.ring_full, s.overflow_dropped
+        ),
+    }
+}
+
 pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let available = dmfabric_pinning::available_cores();
-    let core = match &args.cores {
+    let online = dmfabric_pinning::available_cores();
+    let cores = match &args.cores {
         Some(list) => {
             let cores = dmfabric_pinning::parse_core_list(list)?;
-            dmfabric_pinning::check_allowed(&cores, &available)?;
-            cores[0]
+            dmfabric_pinning::check_allowed(&cores, &online)?;
+            cores
         }
-        None => *available.last().unwrap_or(&0),
+        None => online,
     };
-    dmfabric_pinning::pin_current(core)?;
+    let layout = dmfabric_pinning::choose_shared(args.layout, &cores)?;
+    if let Layout::Split { dataplane, .. } = &layout {
+        if dataplane.len() > 1 {
+            bail!("This server drives one AF_XDP queue, so the split layout takes one data-plane core: use split:1:<workers>");
+        }
+    }
+    let dp_core = match &layout {
+        Layout::RunToCompletion { core } => *core,
+        Layout::Split { dataplane, .. } => dataplane[0],
+    };
+    dmfabric_pinning::pin_current(dp_core)?;
+    if args.test_devices == 0 {
+        bail!("--test-devices must be at least 1");
+    }
 
-    let spec = match args.transport {
+    let spec = transport_spec(&args)?;
+    let (mut transport, description) = open_transport(&spec)?;
+    let devices: Vec<DeviceSpec> =
+        (1..=args.test_devices).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
+    let served = match &layout {
+        Layout::RunToCompletion { .. } => Served::Rtc(Server::new(args.server_id, transport.mac(), &devices)),
+        Layout::Split { workers, .. } => {
+            let idle =
+                WorkerIdle { spin: if args.busy_poll { u32::MAX } else { args.spin }, nap: Duration::from_micros(50) };
+            Served::Split(ShardedServer::start(args.server_id, transport.mac(), &devices, workers, idle)?)
+        }
+    };
+    let where_ = match &spec {
+        TransportSpec::Udp { local, .. } => format!("udp {local}"),
+        _ => format!("{description} on {}", args.iface.as_deref().unwrap_or("?")),
+    };
+    println!(
+        "dmfabric server ready: server {} ({where_}, mac {}), {layout}; test devices 1..={}: ports {:#x}-{:#x}, mmio {:#x}-{:#x}",
+        args.server_id,
+        transport.mac(),
+        args.test_devices,
+        TEST_DEVICE_PIO,
+        TEST_DEVICE_PIO + (TEST_DEVICE_PIO_LEN - 1),
+        TEST_DEVICE_MMIO,
+        TEST_DEVICE_MMIO + u64::from(TEST_DEVICE_MMIO_LEN - 1)
+    );
+    let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
+    let mut handler = Reporting { served, every, next: Instant::now() + every.unwrap_or_default() };
+    let cfg = PollConfig { spin: if args.busy_poll { u32::MAX } else { args.spin }, ..PollConfig::default() };
+    let result = poll::run(&mut transport, &mut handler, cfg, &stop);
+    let (stats, shards) = match handler.served {
+        Served::Rtc(s) => (s.stats(), None),
+        Served::Split(s) => {
+            let (a, b) = s.finish();
+            (a, Some(b))
+        }
+    };
+    eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
+    let t = transport.stats();
+    eprintln!(
+        "dmfabric server: transport {}: rx {} tx {} rx-dropped {} tx-dropped {} io-errors {}",
+        transport.kind(),
+        t.rx_frames,
+        t.tx_frames,
+        t.rx_dropped,
+        t.tx_dropped,
+        t.io_errors
+    );
+    if args.stats_json {
+        let transport = serde_json::json!({
+            "rx_frames": t.rx_frames, "tx_frames": t.tx_frames, "rx_dropped": t.rx_dropped,
+            "tx_dropped": t.tx_dropped, "io_errors": t.io_errors });
+        println!("stats-json: {}", serde_json::json!({ "server": stats, "shards": shards, "transport": transport }));
+    }
+    result.context("The data plane stopped")?;
+    Ok(())
+}
+
+fn transport_spec(args: &ServerArgs) -> anyhow::Result<TransportSpec> {
+    Ok(match args.transport {
         TransportKind::Xdp | TransportKind::Packet => {
             let Some(iface) = args.iface.clone() else {
                 bail!("--iface is required with --transport {}", args.transport)
@@ -111,76 +227,13 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         TransportKind::Udp => {
             let mac = match &args.iface {
-                Some(i) => dmfabric_dataplane::if_mac(i)
-                    .with_context(|| format!("Cannot read the MAC of {i}"))?,
-                None => MacAddr([
-                    0x02,
-                    0xdf,
-                    0,
-                    0,
-                    (args.server_id >> 8) as u8,
-                    args.server_id as u8,
-                ]),
+                Some(i) => dmfabric_dataplane::if_mac(i).with_context(|| format!("Cannot read the MAC of {i}"))?,
+                None => MacAddr([0x02, 0xdf, 0, 0, (args.server_id >> 8) as u8, args.server_id as u8]),
             };
-            TransportSpec::Udp {
-                local: args.udp_bind,
-                peer: None,
-                mac,
-            }
+            TransportSpec::Udp { local: args.udp_bind, peer: None, mac }
         }
-        TransportKind::Mem => {
-            bail!("--transport mem exists only inside one process (bench --transport mem)")
-        }
-    };
-    let (mut transport, description) = open_transport(&spec)?;
-    let devices = [DeviceSpec::test_device()];
-    let server = Server::new(args.server_id, transport.mac(), &devices);
-    let where_ = match &spec {
-        TransportSpec::Udp { local, .. } => format!("udp {local}"),
-        _ => format!("{description} on {}", args.iface.as_deref().unwrap_or("?")),
-    };
-    println!(
-        "dmfabric server ready: server {} ({where_}, mac {}) on core {core}; test device {TEST_DEVICE_ID}: ports {:#x}-{:#x}, mmio {:#x}-{:#x}",
-        args.server_id,
-        transport.mac(),
-        TEST_DEVICE_PIO,
-        TEST_DEVICE_PIO + (TEST_DEVICE_PIO_LEN - 1),
-        TEST_DEVICE_MMIO,
-        TEST_DEVICE_MMIO + u64::from(TEST_DEVICE_MMIO_LEN - 1)
-    );
-    let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
-    let mut handler = Reporting {
-        server,
-        every,
-        next: Instant::now() + every.unwrap_or_default(),
-    };
-    let cfg = PollConfig {
-        spin: if args.busy_poll { u32::MAX } else { args.spin },
-        ..PollConfig::default()
-    };
-    let result = poll::run(&mut transport, &mut handler, cfg, &stop);
-    let stats = handler.server.stats();
-    eprintln!("dmfabric server: {stats}");
-    let t = transport.stats();
-    eprintln!(
-        "dmfabric server: transport {}: rx {} tx {} rx-dropped {} tx-dropped {} io-errors {}",
-        transport.kind(),
-        t.rx_frames,
-        t.tx_frames,
-        t.rx_dropped,
-        t.tx_dropped,
-        t.io_errors
-    );
-    if args.stats_json {
-        println!(
-            "stats-json: {}",
-            serde_json::json!({ "server": stats, "transport": {
-            "rx_frames": t.rx_frames, "tx_frames": t.tx_frames, "rx_dropped": t.rx_dropped,
-            "tx_dropped": t.tx_dropped, "io_errors": t.io_errors } })
-        );
-    }
-    result.context("The data plane stopped")?;
-    Ok(())
+        TransportKind::Mem => bail!("--transport mem exists only inside one process (bench --transport mem)"),
+    })
 }
 
 /// Open the transport; returns it with a description of how it attached.

@@ -13,11 +13,7 @@ use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run dmfabric");
+    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run dmfabric");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -29,17 +25,8 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// stderr so far once it printed its ready line (or panics with its output).
 fn start_server(net: &TestNet, extra: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
     let mut cmd = net.command(1, BIN);
-    cmd.args([
-        "server",
-        "--transport",
-        "xdp",
-        "--iface",
-        &net.host(1).iface,
-    ])
-    .args(extra);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(["server", "--transport", "xdp", "--iface", &net.host(1).iface]).args(extra);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = net.spawn(&mut cmd).expect("spawn server");
     let (tx, rx) = mpsc::channel();
     for stream in [
@@ -78,14 +65,7 @@ fn wait_for(rx: &mpsc::Receiver<String>, what: &str) -> Result<Vec<String>, Vec<
 
 fn xdp_attached(net: &TestNet, host: usize) -> bool {
     let out = Command::new("ip")
-        .args([
-            "-n",
-            &net.host(host).ns,
-            "-d",
-            "link",
-            "show",
-            &net.host(host).iface,
-        ])
+        .args(["-n", &net.host(host).ns, "-d", "link", "show", &net.host(host).iface])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
@@ -114,10 +94,7 @@ fn server_answers(net: &TestNet) -> bool {
 
 #[test]
 fn leftover_xdp_program_of_a_killed_server_is_removed() {
-    if !netns::privileged_or_skip(
-        "leftover_xdp_program_of_a_killed_server_is_removed",
-        &[Need::Root],
-    ) {
+    if !netns::privileged_or_skip("leftover_xdp_program_of_a_killed_server_is_removed", &[Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -125,37 +102,24 @@ fn leftover_xdp_program_of_a_killed_server_is_removed() {
     wait_for(&rx, "dmfabric server ready").expect("first server ready");
     first.child().kill().unwrap(); // SIGKILL: no cleanup runs
     first.child().wait().unwrap();
-    assert!(
-        xdp_attached(&net, 1),
-        "a killed server leaves its program behind"
-    );
+    assert!(xdp_attached(&net, 1), "a killed server leaves its program behind");
 
     let (_second, rx) = start_server(&net, &[]);
-    let lines =
-        wait_for(&rx, "dmfabric server ready").unwrap_or_else(|l| panic!("second server: {l:?}"));
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("removed leftover XDP program `xsk_def_prog`")),
-        "{lines:?}"
-    );
+    let lines = wait_for(&rx, "dmfabric server ready").unwrap_or_else(|l| panic!("second server: {l:?}"));
+    assert!(lines.iter().any(|l| l.contains("removed leftover XDP program `xsk_def_prog`")), "{lines:?}");
     assert!(server_answers(&net), "the new server serves");
 }
 
 #[test]
 fn a_live_server_is_never_disturbed_by_a_second_one() {
-    if !netns::privileged_or_skip(
-        "a_live_server_is_never_disturbed_by_a_second_one",
-        &[Need::Root],
-    ) {
+    if !netns::privileged_or_skip("a_live_server_is_never_disturbed_by_a_second_one", &[Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
     let (_first, rx) = start_server(&net, &[]);
     wait_for(&rx, "dmfabric server ready").expect("first server ready");
     let (mut second, rx2) = start_server(&net, &[]);
-    let lines = wait_for(&rx2, "in use by another AF_XDP socket")
-        .unwrap_or_else(|l| panic!("second server: {l:?}"));
+    let lines = wait_for(&rx2, "in use by another AF_XDP socket").unwrap_or_else(|l| panic!("second server: {l:?}"));
     let status = second.child().wait().unwrap();
     assert_eq!(status.code(), Some(1), "{lines:?}");
     assert!(server_answers(&net), "the first server still serves");
@@ -163,125 +127,53 @@ fn a_live_server_is_never_disturbed_by_a_second_one() {
 
 #[test]
 fn missing_privileges_give_one_line_naming_the_fallback() {
-    if !netns::privileged_or_skip(
-        "missing_privileges_give_one_line_naming_the_fallback",
-        &[Need::Root],
-    ) {
+    if !netns::privileged_or_skip("missing_privileges_give_one_line_naming_the_fallback", &[Need::Root]) {
         return;
     }
     // Drop to an unprivileged user with no capabilities.
     let drop_privs = |args: &[&str]| {
         let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--inh-caps=-all",
-                "--bounding-set=-all",
-                BIN,
-            ])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", BIN])
             .args(args)
             .stdin(Stdio::null())
             .output()
             .expect("setpriv (util-linux)");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let (code, err) = drop_privs(&[
-        "server",
-        "--transport",
-        "xdp",
-        "--iface",
-        "lo",
-        "--cores",
-        "0",
-    ]);
+    let (code, err) = drop_privs(&["server", "--transport", "xdp", "--iface", "lo", "--cores", "0"]);
     assert_eq!(code, Some(1));
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(
-        err.contains("CAP_NET_ADMIN") && err.contains("--transport packet"),
-        "{err}"
-    );
-    let (code, err) = drop_privs(&[
-        "server",
-        "--transport",
-        "packet",
-        "--iface",
-        "lo",
-        "--cores",
-        "0",
-    ]);
+    assert!(err.contains("CAP_NET_ADMIN") && err.contains("--transport packet"), "{err}");
+    let (code, err) = drop_privs(&["server", "--transport", "packet", "--iface", "lo", "--cores", "0"]);
     assert_eq!(code, Some(1));
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(
-        err.contains("CAP_NET_RAW") && err.contains("--transport udp"),
-        "{err}"
-    );
+    assert!(err.contains("CAP_NET_RAW") && err.contains("--transport udp"), "{err}");
 }
 
 #[test]
 fn bad_arguments_are_clear_errors() {
     let (code, _, err) = run(&["server", "--transport", "xdp"]);
-    assert_eq!(
-        (code, err.trim()),
-        (1, "dmfabric: --iface is required with --transport xdp")
-    );
-    let (code, _, err) = run(&[
-        "bench",
-        "throughput",
-        "--transport",
-        "mem",
-        "--inflight",
-        "0",
-    ]);
+    assert_eq!((code, err.trim()), (1, "dmfabric: --iface is required with --transport xdp"));
+    let (code, _, err) = run(&["bench", "throughput", "--transport", "mem", "--inflight", "0"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("--inflight must be between 1 and 512"),
-        "{err}"
-    );
+    assert!(err.contains("--inflight must be between 1 and 512"), "{err}");
     let (code, _, err) = run(&["bench", "rtt", "--transport", "carrier-pigeon"]);
     assert_eq!(code, 2, "clap usage error");
     assert!(err.contains("unknown transport `carrier-pigeon`"), "{err}");
-    let (code, _, err) = run(&[
-        "server",
-        "--transport",
-        "xdp",
-        "--iface",
-        "no-such-if0",
-        "--cores",
-        "0",
-    ]);
+    let (code, _, err) = run(&["server", "--transport", "xdp", "--iface", "no-such-if0", "--cores", "0"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("No interface `no-such-if0`") || err.contains("CAP_"),
-        "{err}"
-    );
+    assert!(err.contains("No interface `no-such-if0`") || err.contains("CAP_"), "{err}");
 }
 
 #[test]
 fn bench_rtt_writes_json_and_leaves_nothing_behind() {
-    if !netns::privileged_or_skip(
-        "bench_rtt_writes_json_and_leaves_nothing_behind",
-        &[Need::Root],
-    ) {
+    if !netns::privileged_or_skip("bench_rtt_writes_json_and_leaves_nothing_behind", &[Need::Root]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-cli-{}", std::process::id()));
     let json = dir.join("rtt.json");
     let spawned = Command::new(BIN)
-        .args([
-            "bench",
-            "rtt",
-            "--transport",
-            "xdp,udp",
-            "--requests",
-            "3000",
-            "--warmup",
-            "500",
-            "--json",
-        ])
+        .args(["bench", "rtt", "--transport", "xdp,udp", "--requests", "3000", "--warmup", "500", "--json"])
         .arg(&json)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -290,13 +182,8 @@ fn bench_rtt_writes_json_and_leaves_nothing_behind() {
         .unwrap();
     let pid = spawned.id();
     let child = spawned.wait_with_output().unwrap();
-    assert!(
-        child.status.success(),
-        "{}",
-        String::from_utf8_lossy(&child.stderr)
-    );
-    let rows: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(child.status.success(), "{}", String::from_utf8_lossy(&child.stderr));
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = rows.as_array().expect("an array for two transports");
     assert_eq!(rows.len(), 2);
     for (row, name) in rows.iter().zip(["xdp", "udp"]) {
@@ -325,24 +212,49 @@ fn bench_rtt_writes_json_and_leaves_nothing_behind() {
 fn bench_throughput_over_mem_needs_no_privileges() {
     let dir = std::env::temp_dir().join(format!("dmfabric-cli-tput-{}", std::process::id()));
     let json = dir.join("t.json");
-    let (code, out, err) = run(&[
-        "bench",
-        "throughput",
-        "--transport",
-        "mem",
-        "--seconds",
-        "0.3",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (code, out, err) =
+        run(&["bench", "throughput", "--transport", "mem", "--seconds", "0.3", "--json", json.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Mreq/s"), "{out}");
-    let row: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let row: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for key in ["transport", "seconds", "completed", "lost", "mreq_per_s"] {
         assert!(!row[key].is_null(), "{key} missing in {row}");
     }
     assert_eq!(row["lost"], 0);
     assert_eq!(row["wrong"], 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn split_layout_serves_over_xdp_with_every_worker_busy() {
+    if !netns::privileged_or_skip("split_layout_serves_over_xdp_with_every_worker_busy", &[Need::Root]) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-cli-split-{}", std::process::id()));
+    let json = dir.join("t.json");
+    // On a 2-core host the workers share cores with the client, so answers
+    // are slow (scheduler time slices): give them time, check correctness.
+    let out = Command::new(BIN)
+        .args(["bench", "throughput", "--transport", "xdp", "--seconds", "1", "--inflight", "16"])
+        .args(["--server-layout", "split:1:2", "--test-devices", "2", "--timeout-ms", "3000", "--json"])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let row: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!((row["lost"].as_u64(), row["wrong"].as_u64()), (Some(0), Some(0)), "{row}");
+    assert!(row["completed"].as_u64().unwrap() > 0);
+    let counters = err
+        .lines()
+        .find_map(|l| l.split_once("server counters ").map(|(_, j)| j.to_string()))
+        .expect("server counters");
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    let executed: Vec<u64> =
+        counters["shards"]["executed"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(executed.len(), 2);
+    assert!(executed.iter().all(|&n| n > 0), "both workers served: {executed:?}");
+    assert_eq!(executed.iter().sum::<u64>(), counters["server"]["completions"].as_u64().unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }

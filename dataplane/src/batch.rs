@@ -12,9 +12,7 @@ pub struct FrameBatch {
 
 impl std::fmt::Debug for FrameBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameBatch")
-            .field("count", &self.count)
-            .finish()
+        f.debug_struct("FrameBatch").field("count", &self.count).finish()
     }
 }
 
@@ -26,11 +24,7 @@ impl Default for FrameBatch {
 
 impl FrameBatch {
     pub fn new() -> Self {
-        FrameBatch {
-            data: vec![0u8; FRAME_CAP * MAX_BURST].into_boxed_slice(),
-            lens: [0; MAX_BURST],
-            count: 0,
-        }
+        FrameBatch { data: vec![0u8; FRAME_CAP * MAX_BURST].into_boxed_slice(), lens: [0; MAX_BURST], count: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -99,8 +93,7 @@ impl FrameBatch {
             return;
         }
         let rest = self.count - n;
-        self.data
-            .copy_within(n * FRAME_CAP..self.count * FRAME_CAP, 0);
+        self.data.copy_within(n * FRAME_CAP..self.count * FRAME_CAP, 0);
         self.lens.copy_within(n..self.count, 0);
         self.count = rest;
     }

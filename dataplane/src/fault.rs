@@ -25,23 +25,14 @@ pub struct FaultConfig {
 impl FaultConfig {
     /// Parse `drop=0.05,dup=0.05,reorder=0.01,corrupt=0.01,seed=7`.
     pub fn parse(spec: &str) -> Result<FaultConfig, String> {
-        let mut cfg = FaultConfig {
-            seed: 1,
-            ..FaultConfig::default()
-        };
+        let mut cfg = FaultConfig { seed: 1, ..FaultConfig::default() };
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| format!("fault `{item}`: expected key=value"))?;
+            let (key, value) = item.split_once('=').ok_or_else(|| format!("fault `{item}`: expected key=value"))?;
             if key == "seed" {
-                cfg.seed = value
-                    .parse()
-                    .map_err(|_| format!("fault seed `{value}` is not an integer"))?;
+                cfg.seed = value.parse().map_err(|_| format!("fault seed `{value}` is not an integer"))?;
                 continue;
             }
-            let p: f64 = value
-                .parse()
-                .map_err(|_| format!("fault `{key}`: `{value}` is not a number"))?;
+            let p: f64 = value.parse().map_err(|_| format!("fault `{key}`: `{value}` is not a number"))?;
             if !(0.0..=1.0).contains(&p) {
                 return Err(format!("fault `{key}`: probability {p} is outside 0..=1"));
             }
@@ -50,11 +41,7 @@ impl FaultConfig {
                 "dup" | "duplicate" => cfg.duplicate = p,
                 "reorder" => cfg.reorder = p,
                 "corrupt" => cfg.corrupt = p,
-                _ => {
-                    return Err(format!(
-                        "unknown fault `{key}`: expected drop, dup, reorder, corrupt or seed"
-                    ))
-                }
+                _ => return Err(format!("unknown fault `{key}`: expected drop, dup, reorder, corrupt or seed")),
             }
         }
         Ok(cfg)
@@ -142,19 +129,8 @@ impl<T: Transport> Transport for FaultInjector<T> {
         self.inner.mac()
     }
 
-    fn recv(
-        &mut self,
-        max: usize,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError> {
-        let Self {
-            inner,
-            cfg,
-            rng,
-            scratch,
-            stats,
-            ..
-        } = self;
+    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
+        let Self { inner, cfg, rng, scratch, stats, .. } = self;
         inner.recv(max, &mut |frame: &[u8]| {
             if rng.chance(cfg.drop) {
                 stats.dropped += 1;
@@ -251,37 +227,16 @@ mod tests {
 
     #[test]
     fn rates_are_roughly_honoured_and_seeded() {
-        let cfg = FaultConfig {
-            drop: 0.1,
-            duplicate: 0.1,
-            reorder: 0.05,
-            corrupt: 0.05,
-            seed: 42,
-        };
+        let cfg = FaultConfig { drop: 0.1, duplicate: 0.1, reorder: 0.05, corrupt: 0.05, seed: 42 };
         let (got, stats) = run(cfg, 5000);
         for (name, n) in [("dropped", stats.dropped), ("duplicated", stats.duplicated)] {
             assert!((300..=700).contains(&n), "{name} = {n}");
         }
-        assert!(
-            (100..=450).contains(&stats.reordered),
-            "reordered = {}",
-            stats.reordered
-        );
-        assert!(
-            (100..=450).contains(&stats.corrupted),
-            "corrupted = {}",
-            stats.corrupted
-        );
+        assert!((100..=450).contains(&stats.reordered), "reordered = {}", stats.reordered);
+        assert!((100..=450).contains(&stats.corrupted), "corrupted = {}", stats.corrupted);
         // Out-of-order arrivals exist.
-        let seqs: Vec<u16> = got
-            .iter()
-            .filter(|f| f.len() == 2)
-            .map(|f| u16::from_be_bytes([f[0], f[1]]))
-            .collect();
-        assert!(
-            seqs.windows(2).any(|w| w[1] < w[0]),
-            "some frames arrive out of order"
-        );
+        let seqs: Vec<u16> = got.iter().filter(|f| f.len() == 2).map(|f| u16::from_be_bytes([f[0], f[1]])).collect();
+        assert!(seqs.windows(2).any(|w| w[1] < w[0]), "some frames arrive out of order");
         // The same seed gives the same run.
         assert_eq!(run(cfg, 5000), (got, stats));
     }

@@ -65,8 +65,6 @@ pub fn open(spec: &TransportSpec) -> Result<Box<dyn Transport>, TransportError> 
     Ok(match spec {
         TransportSpec::Xdp(cfg) => Box::new(xdp::XdpTransport::open(cfg)?),
         TransportSpec::Packet { iface } => Box::new(packet::PacketTransport::open(iface)?),
-        TransportSpec::Udp { local, peer, mac } => {
-            Box::new(udp::UdpTransport::bind(*local, *peer, *mac)?)
-        }
+        TransportSpec::Udp { local, peer, mac } => Box::new(udp::UdpTransport::bind(*local, *peer, *mac)?),
     })
 }

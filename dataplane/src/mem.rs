@@ -46,14 +46,7 @@ pub fn pair(mac_a: MacAddr, mac_b: MacAddr, capacity: usize) -> (MemTransport, M
 }
 
 #[allow(clippy::type_complexity)]
-fn direction(
-    capacity: usize,
-) -> (
-    Producer<Vec<u8>>,
-    Consumer<Vec<u8>>,
-    Consumer<Vec<u8>>,
-    Producer<Vec<u8>>,
-) {
+fn direction(capacity: usize) -> (Producer<Vec<u8>>, Consumer<Vec<u8>>, Consumer<Vec<u8>>, Producer<Vec<u8>>) {
     let (data_p, data_c) = RingBuffer::new(capacity);
     let (mut free_p, free_c) = RingBuffer::new(capacity);
     for _ in 0..capacity {
@@ -72,11 +65,7 @@ impl Transport for MemTransport {
         self.mac
     }
 
-    fn recv(
-        &mut self,
-        max: usize,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError> {
+    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
         let mut n = 0;
         while n < max {
             let Ok(buf) = self.rx.pop() else { break };
@@ -167,9 +156,6 @@ mod tests {
     fn dropped_peer_is_reported() {
         let (mut a, b) = pair(MacAddr::default(), MacAddr::default(), 2);
         drop(b);
-        assert!(matches!(
-            a.recv(8, &mut |_| {}),
-            Err(TransportError::Disconnected)
-        ));
+        assert!(matches!(a.recv(8, &mut |_| {}), Err(TransportError::Disconnected)));
     }
 }

@@ -68,10 +68,7 @@ pub struct TestNetConfig {
 
 impl Default for TestNetConfig {
     fn default() -> Self {
-        TestNetConfig {
-            hosts: 2,
-            mtu: 1500,
-        }
+        TestNetConfig { hosts: 2, mtu: 1500 }
     }
 }
 
@@ -86,11 +83,7 @@ pub struct TestNet {
 }
 
 fn ip(args: &[&str]) -> Result<String, NetnsError> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(NetnsError::NoIp)?;
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().map_err(NetnsError::NoIp)?;
     if !out.status.success() {
         return Err(NetnsError::Command {
             cmd: format!("ip {}", args.join(" ")),
@@ -123,11 +116,7 @@ impl TestNet {
         sweep_stale();
         let id = NEXT_NET.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let mut net = TestNet {
-            hosts: Vec::new(),
-            switch: None,
-            created: Vec::new(),
-        };
+        let mut net = TestNet { hosts: Vec::new(), switch: None, created: Vec::new() };
         // On any error `net` is dropped and removes what was made so far.
         for i in 0..cfg.hosts {
             let ns = format!("{NS_PREFIX}{pid}-{id}-h{i}");
@@ -143,8 +132,8 @@ impl TestNet {
         if cfg.hosts == 2 {
             let (a, b) = (net.hosts[0].ns.clone(), net.hosts[1].ns.clone());
             ip(&[
-                "link", "add", HOST_IFACE, "netns", &a, "mtu", &mtu, "type", "veth", "peer",
-                "name", HOST_IFACE, "netns", &b, "mtu", &mtu,
+                "link", "add", HOST_IFACE, "netns", &a, "mtu", &mtu, "type", "veth", "peer", "name", HOST_IFACE,
+                "netns", &b, "mtu", &mtu,
             ])?;
         } else {
             let sw = format!("{NS_PREFIX}{pid}-{id}-sw");
@@ -168,8 +157,8 @@ impl TestNet {
             for (i, host) in net.hosts.iter().enumerate() {
                 let port = format!("p{i}");
                 ip(&[
-                    "link", "add", HOST_IFACE, "netns", &host.ns, "mtu", &mtu, "type", "veth",
-                    "peer", "name", &port, "netns", &sw, "mtu", &mtu,
+                    "link", "add", HOST_IFACE, "netns", &host.ns, "mtu", &mtu, "type", "veth", "peer", "name", &port,
+                    "netns", &sw, "mtu", &mtu,
                 ])?;
                 ip(&["-n", &sw, "link", "set", &port, "master", "br0"])?;
                 ip(&["-n", &sw, "link", "set", &port, "up"])?;
@@ -238,12 +227,7 @@ impl TestNet {
     }
 
     /// Start `f` on a new thread inside host `i`'s namespace.
-    pub fn spawn_in<F, R>(
-        &self,
-        i: usize,
-        name: &str,
-        f: F,
-    ) -> std::thread::JoinHandle<Result<R, NetnsError>>
+    pub fn spawn_in<F, R>(&self, i: usize, name: &str, f: F) -> std::thread::JoinHandle<Result<R, NetnsError>>
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
@@ -273,26 +257,8 @@ impl TestNet {
 
     fn cleanup(&mut self) {
         for host in &self.hosts {
-            let _ = ip(&[
-                "-n",
-                &host.ns,
-                "link",
-                "set",
-                "dev",
-                &host.iface,
-                "xdp",
-                "off",
-            ]);
-            let _ = ip(&[
-                "-n",
-                &host.ns,
-                "link",
-                "set",
-                "dev",
-                &host.iface,
-                "xdpgeneric",
-                "off",
-            ]);
+            let _ = ip(&["-n", &host.ns, "link", "set", "dev", &host.iface, "xdp", "off"]);
+            let _ = ip(&["-n", &host.ns, "link", "set", "dev", &host.iface, "xdpgeneric", "off"]);
         }
         for ns in self.created.drain(..).rev() {
             delete_ns(&ns);
@@ -322,31 +288,20 @@ fn ns_exists(ns: &str) -> bool {
 
 fn read_mac(ns: &str) -> Result<MacAddr, NetnsError> {
     let out = ip(&["-n", ns, "-o", "link", "show", HOST_IFACE])?;
-    out.split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .and_then(|m| m.parse().ok())
-        .ok_or_else(|| NetnsError::Command {
-            cmd: format!("ip -n {ns} link show {HOST_IFACE}"),
-            stderr: format!("no MAC in: {out}"),
-        })
+    out.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).and_then(|m| m.parse().ok()).ok_or_else(|| {
+        NetnsError::Command { cmd: format!("ip -n {ns} link show {HOST_IFACE}"), stderr: format!("no MAC in: {out}") }
+    })
 }
 
 /// Move the calling thread into network namespace `ns`.
 pub fn enter(ns: &str) -> Result<(), NetnsError> {
     let path = std::path::Path::new("/run/netns").join(ns);
-    let file = File::open(&path).map_err(|source| NetnsError::Enter {
-        ns: ns.into(),
-        source,
-    })?;
+    let file = File::open(&path).map_err(|source| NetnsError::Enter { ns: ns.into(), source })?;
     // SAFETY: `file` is an open namespace file; setns only changes the
     // calling thread's network namespace.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
-        return Err(NetnsError::Enter {
-            ns: ns.into(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(NetnsError::Enter { ns: ns.into(), source: io::Error::last_os_error() });
     }
     Ok(())
 }
@@ -354,10 +309,8 @@ pub fn enter(ns: &str) -> Result<(), NetnsError> {
 /// Run `f` on the calling thread inside namespace `ns`, then move the
 /// thread back to the namespace it was in (also when `f` panics).
 pub fn with_ns<R>(ns: &str, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
-    let home = File::open("/proc/thread-self/ns/net").map_err(|source| NetnsError::Enter {
-        ns: "(current)".into(),
-        source,
-    })?;
+    let home = File::open("/proc/thread-self/ns/net")
+        .map_err(|source| NetnsError::Enter { ns: "(current)".into(), source })?;
     struct Restore(File);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -456,13 +409,7 @@ pub fn privileged_or_skip(test: &str, needs: &[Need]) -> bool {
     for need in needs {
         match need {
             Need::Root if !is_root() => missing.push("root"),
-            Need::Kvm
-                if std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open("/dev/kvm")
-                    .is_err() =>
-            {
+            Need::Kvm if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() => {
                 missing.push("/dev/kvm")
             }
             _ => {}

@@ -33,25 +33,18 @@ impl PacketTransport {
                 "AF_PACKET needs CAP_NET_RAW: run as root or use --transport udp".into(),
             ));
         }
-        let ifindex =
-            sys::if_index(iface).ok_or_else(|| TransportError::NoSuchInterface(iface.into()))?;
-        let mac = sys::if_mac(iface)
-            .map_err(|e| TransportError::io(format!("Cannot read the MAC of {iface}"), e))?;
+        let ifindex = sys::if_index(iface).ok_or_else(|| TransportError::NoSuchInterface(iface.into()))?;
+        let mac = sys::if_mac(iface).map_err(|e| TransportError::io(format!("Cannot read the MAC of {iface}"), e))?;
         let proto = ETHERTYPE_DMFABRIC.to_be() as libc::c_int;
         // SAFETY: plain socket(2) call; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                proto,
-            )
-        };
+        let raw =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
         if raw < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) => TransportError::Privilege(
-                    "AF_PACKET needs CAP_NET_RAW: run as root or use --transport udp".into(),
-                ),
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    TransportError::Privilege("AF_PACKET needs CAP_NET_RAW: run as root or use --transport udp".into())
+                }
                 _ => TransportError::io("Cannot open an AF_PACKET socket", e),
             });
         }
@@ -112,11 +105,7 @@ impl Transport for PacketTransport {
         self.mac
     }
 
-    fn recv(
-        &mut self,
-        max: usize,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError> {
+    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
         let mut n = 0;
         while n < max {
             // SAFETY: `buf` is valid for writes of its length; no address is requested.
@@ -156,14 +145,7 @@ impl Transport for PacketTransport {
         for frame in batch.iter() {
             // SAFETY: `frame` is valid for reads of its length; the socket is bound,
             // so no destination address is needed.
-            let rc = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let rc = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
             if rc < 0 {
                 self.stats.tx_dropped += 1;
                 if io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {

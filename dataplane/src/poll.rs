@@ -33,11 +33,7 @@ pub struct PollConfig {
 
 impl Default for PollConfig {
     fn default() -> Self {
-        PollConfig {
-            burst: 32,
-            spin: 200_000,
-            wait: Duration::from_millis(10),
-        }
+        PollConfig { burst: 32, spin: 200_000, wait: Duration::from_millis(10) }
     }
 }
 
@@ -125,16 +121,8 @@ mod tests {
             }
         }
         client.send(&mut batch).unwrap();
-        let mut echo = Echo {
-            seen: 0,
-            limit: 100,
-            stop: stop.clone(),
-        };
-        let cfg = PollConfig {
-            burst: 16,
-            spin: 4,
-            wait: Duration::from_millis(1),
-        };
+        let mut echo = Echo { seen: 0, limit: 100, stop: stop.clone() };
+        let cfg = PollConfig { burst: 16, spin: 4, wait: Duration::from_millis(1) };
         let stats = run(&mut server, &mut echo, cfg, &stop).unwrap();
         assert_eq!(echo.seen, 100);
         assert!(stats.bursts >= 100 / 16);

@@ -10,11 +10,7 @@ use dmfabric_wire::MacAddr;
 
 /// Wait until `fd` is readable or `timeout` passed. Returns true if readable.
 pub fn poll_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `pfd` is a valid pollfd for the duration of the call and the
     // count is 1.
@@ -47,10 +43,7 @@ pub fn if_index(name: &str) -> Option<u32> {
 pub fn if_mac(name: &str) -> io::Result<MacAddr> {
     let bytes = name.as_bytes();
     if bytes.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
     }
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -94,11 +87,7 @@ pub fn if_driver(name: &str) -> Option<String> {
     }
     const ETHTOOL_GDRVINFO: u32 = 3;
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        rest: [0; 160],
-    };
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160] };
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -118,11 +107,7 @@ pub fn if_driver(name: &str) -> Option<String> {
     if rc < 0 {
         return None;
     }
-    let end = info
-        .driver
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(info.driver.len());
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
@@ -131,16 +116,10 @@ pub fn missing_capabilities(wanted: &[(u32, &'static str)]) -> Vec<&'static str>
     let eff = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .unwrap_or(0);
-    wanted
-        .iter()
-        .filter(|(bit, _)| eff & (1u64 << bit) == 0)
-        .map(|(_, name)| *name)
-        .collect()
+    wanted.iter().filter(|(bit, _)| eff & (1u64 << bit) == 0).map(|(_, name)| *name).collect()
 }
 
 pub const CAP_NET_ADMIN: u32 = 12;
@@ -149,16 +128,10 @@ pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// Raise RLIMIT_MEMLOCK as far as allowed (AF_XDP locks its UMEM).
 pub fn raise_memlock_limit() {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: `lim` is a valid rlimit; failure is harmless and ignored.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
-        let mut cur = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         // SAFETY: `cur` is a valid out-parameter.
         if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) } == 0 {
             cur.rlim_cur = cur.rlim_max;

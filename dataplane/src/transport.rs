@@ -22,12 +22,8 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    pub const ALL: [TransportKind; 4] = [
-        TransportKind::Xdp,
-        TransportKind::Packet,
-        TransportKind::Udp,
-        TransportKind::Mem,
-    ];
+    pub const ALL: [TransportKind; 4] =
+        [TransportKind::Xdp, TransportKind::Packet, TransportKind::Udp, TransportKind::Mem];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,9 +48,7 @@ impl std::str::FromStr for TransportKind {
         TransportKind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                format!("unknown transport `{s}`: expected one of xdp, packet, udp, mem")
-            })
+            .ok_or_else(|| format!("unknown transport `{s}`: expected one of xdp, packet, udp, mem"))
     }
 }
 
@@ -109,10 +103,7 @@ pub enum TransportError {
 
 impl TransportError {
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
-        TransportError::Io {
-            what: what.into(),
-            source,
-        }
+        TransportError::Io { what: what.into(), source }
     }
 }
 
@@ -128,11 +119,7 @@ pub trait Transport: Send {
 
     /// Receive up to `max` frames (at most [`crate::MAX_BURST`]), calling
     /// `on_frame` for each; returns how many. Does not block.
-    fn recv(
-        &mut self,
-        max: usize,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError>;
+    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError>;
 
     /// Send every frame of `batch` and clear it; returns how many were
     /// sent. Frames that could not be queued are counted in `tx_dropped`.
@@ -152,11 +139,7 @@ impl Transport for Box<dyn Transport> {
     fn mac(&self) -> MacAddr {
         (**self).mac()
     }
-    fn recv(
-        &mut self,
-        max: usize,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError> {
+    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
         (**self).recv(max, on_frame)
     }
     fn send(&mut self, batch: &mut FrameBatch) -> Result<usize, TransportError> {

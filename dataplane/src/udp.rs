@@ -29,15 +29,10 @@ pub struct UdpTransport {
 
 impl UdpTransport {
     /// Bind to `local`. Frames to a MAC not yet heard from go to `peer`.
-    pub fn bind(
-        local: SocketAddr,
-        peer: Option<SocketAddr>,
-        mac: MacAddr,
-    ) -> Result<Self, TransportError> {
-        let sock = UdpSocket::bind(local)
-            .map_err(|e| TransportError::io(format!("Cannot bind UDP socket to {local}"), e))?;
-        sock.set_nonblocking(true)
-            .map_err(|e| TransportError::io("Cannot make the UDP socket non-blocking", e))?;
+    pub fn bind(local: SocketAddr, peer: Option<SocketAddr>, mac: MacAddr) -> Result<Self, TransportError> {
+        let sock =
+            UdpSocket::bind(local).map_err(|e| TransportError::io(format!("Cannot bind UDP socket to {local}"), e))?;
+        sock.set_nonblocking(true).map_err(|e| TransportError::io("Cannot make the UDP socket non-blocking", e))?;
         Ok(UdpTransport {
             sock,
             mac,
@@ -61,11 +56,7 @@ impl UdpTransport {
     }
 
     fn route(&self, dst: MacAddr) -> Option<SocketAddr> {
-        self.peers
-            .iter()
-            .find(|(m, _)| *m == dst)
-            .map(|(_, a)| *a)
-            .or(self.default_peer)
+        self.peers.iter().find(|(m, _)| *m == dst).map(|(_, a)| *a).or(self.default_peer)
     }
 }
 
@@ -78,11 +69,7 @@ impl Transport for UdpTransport {
         self.mac
     }
 
-    fn recv(
-        &mut self,
-        max: usize,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError> {
+    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
         let mut n = 0;
         while n < max {
             match self.sock.recv_from(&mut self.buf) {
@@ -158,12 +145,7 @@ mod tests {
         let mac_a = MacAddr([2, 0, 0, 0, 0, 0xa]);
         let mac_b = MacAddr([2, 0, 0, 0, 0, 0xb]);
         let mut b = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), None, mac_b).unwrap();
-        let mut a = UdpTransport::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            Some(b.local_addr().unwrap()),
-            mac_a,
-        )
-        .unwrap();
+        let mut a = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), Some(b.local_addr().unwrap()), mac_a).unwrap();
         let mut frame = [0u8; 20];
         frame[..6].copy_from_slice(&mac_b.0);
         frame[6..12].copy_from_slice(&mac_a.0);

@@ -15,9 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use dmfabric_wire::MacAddr;
-use xsk_rs::config::{
-    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags,
-};
+use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 use crate::batch::FrameBatch;
@@ -51,9 +49,7 @@ impl std::str::FromStr for XdpMode {
             "auto" => Ok(XdpMode::Auto),
             "generic" | "skb" => Ok(XdpMode::Generic),
             "native" | "drv" => Ok(XdpMode::Native),
-            _ => Err(format!(
-                "unknown XDP mode `{s}`: expected auto, generic or native"
-            )),
+            _ => Err(format!("unknown XDP mode `{s}`: expected auto, generic or native")),
         }
     }
 }
@@ -74,9 +70,7 @@ impl std::str::FromStr for ZeroCopy {
             "auto" => Ok(ZeroCopy::Auto),
             "off" | "copy" => Ok(ZeroCopy::Off),
             "on" | "zc" => Ok(ZeroCopy::On),
-            _ => Err(format!(
-                "unknown zero-copy setting `{s}`: expected auto, on or off"
-            )),
+            _ => Err(format!("unknown zero-copy setting `{s}`: expected auto, on or off")),
         }
     }
 }
@@ -144,10 +138,7 @@ pub struct XdpTransport {
 
 impl fmt::Debug for XdpTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("XdpTransport")
-            .field("mac", &self.mac)
-            .field("attachment", &self.attachment)
-            .finish()
+        f.debug_struct("XdpTransport").field("mac", &self.mac).field("attachment", &self.attachment).finish()
     }
 }
 
@@ -176,8 +167,7 @@ impl XdpTransport {
         }
         sys::raise_memlock_limit();
         quiet_libxdp();
-        let ifindex = sys::if_index(&cfg.iface)
-            .ok_or_else(|| TransportError::NoSuchInterface(cfg.iface.clone()))?;
+        let ifindex = sys::if_index(&cfg.iface).ok_or_else(|| TransportError::NoSuchInterface(cfg.iface.clone()))?;
         let mac = sys::if_mac(&cfg.iface)
             .map_err(|e| TransportError::io(format!("Cannot read the MAC of {}", cfg.iface), e))?;
 
@@ -193,22 +183,15 @@ impl XdpTransport {
         // libxdp's own program may be a leftover of a killed run; whether
         // libxdp would replace it or fail with EBUSY depends on its version
         // and on bpffs, so decide here: leftover if no socket holds the queue.
-        let removed = if cfg.clear_stale_program {
-            clear_stale_program(cfg, ifindex)?
-        } else {
-            None
-        };
-        let mut t =
-            retry_busy(|| Self::open_any_mode(cfg, mac)).map_err(|e| explain_open_error(cfg, e))?;
+        let removed = if cfg.clear_stale_program { clear_stale_program(cfg, ifindex)? } else { None };
+        let mut t = retry_busy(|| Self::open_any_mode(cfg, mac)).map_err(|e| explain_open_error(cfg, e))?;
         t.removed_stale = removed;
         Ok(t)
     }
 
     fn open_any_mode(cfg: &XdpConfig, mac: MacAddr) -> Result<Self, io::Error> {
         let natives: &[bool] = match cfg.mode {
-            XdpMode::Auto if sys::if_driver(&cfg.iface).as_deref() == Some("veth") => {
-                &[false, true]
-            }
+            XdpMode::Auto if sys::if_driver(&cfg.iface).as_deref() == Some("veth") => &[false, true],
             XdpMode::Auto => &[true, false],
             XdpMode::Native => &[true],
             XdpMode::Generic => &[false],
@@ -224,15 +207,7 @@ impl XdpTransport {
                 if zc && !native {
                     continue; // generic mode is always copy mode
                 }
-                match Self::try_open(
-                    cfg,
-                    mac,
-                    Attachment {
-                        native,
-                        zero_copy: zc,
-                    },
-                    false,
-                ) {
+                match Self::try_open(cfg, mac, Attachment { native, zero_copy: zc }, false) {
                     Ok(t) => return Ok(t),
                     // Busy is busy in every mode: stop trying.
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(e),
@@ -245,12 +220,7 @@ impl XdpTransport {
 
     /// `probe`: bind without loading libxdp's program, only to learn
     /// whether a socket already holds the queue.
-    fn try_open(
-        cfg: &XdpConfig,
-        mac: MacAddr,
-        att: Attachment,
-        probe: bool,
-    ) -> Result<Self, io::Error> {
+    fn try_open(cfg: &XdpConfig, mac: MacAddr, att: Attachment, probe: bool) -> Result<Self, io::Error> {
         let half = cfg.frames / 2;
         let ring = QueueSize::new(half).map_err(|e| io::Error::other(e.to_string()))?;
         let umem_cfg = UmemConfig::builder()
@@ -259,22 +229,13 @@ impl XdpTransport {
             .comp_queue_size(ring)
             .build()
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let frames =
-            NonZeroU32::new(cfg.frames).ok_or_else(|| io::Error::other("zero UMEM frames"))?;
+        let frames = NonZeroU32::new(cfg.frames).ok_or_else(|| io::Error::other("zero UMEM frames"))?;
         let (umem, mut descs) = Umem::new(umem_cfg, frames, false).map_err(source_io)?;
 
         let mut xdp_flags = XdpFlags::empty();
-        xdp_flags |= if att.native {
-            XdpFlags::XDP_FLAGS_DRV_MODE
-        } else {
-            XdpFlags::XDP_FLAGS_SKB_MODE
-        };
+        xdp_flags |= if att.native { XdpFlags::XDP_FLAGS_DRV_MODE } else { XdpFlags::XDP_FLAGS_SKB_MODE };
         let mut bind_flags = BindFlags::XDP_USE_NEED_WAKEUP;
-        bind_flags |= if att.zero_copy {
-            BindFlags::XDP_ZEROCOPY
-        } else {
-            BindFlags::XDP_COPY
-        };
+        bind_flags |= if att.zero_copy { BindFlags::XDP_ZEROCOPY } else { BindFlags::XDP_COPY };
         let mut libxdp_flags = LibxdpFlags::empty();
         if probe {
             libxdp_flags |= LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD;
@@ -286,24 +247,17 @@ impl XdpTransport {
             .xdp_flags(xdp_flags)
             .bind_flags(bind_flags)
             .build();
-        let iface: Interface = cfg
-            .iface
-            .parse()
-            .map_err(|_| io::Error::other("interface name contains NUL"))?;
+        let iface: Interface = cfg.iface.parse().map_err(|_| io::Error::other("interface name contains NUL"))?;
         // SAFETY: the UMEM is new and used by this socket only, so the
         // shared-UMEM contract of `Socket::new` does not apply.
-        let (tx_q, rx_q, fq_cq) =
-            unsafe { Socket::new(sock_cfg, &umem, &iface, cfg.queue) }.map_err(source_io)?;
-        let (mut fq, cq) =
-            fq_cq.ok_or_else(|| io::Error::other("libxdp returned no fill/completion queue"))?;
+        let (tx_q, rx_q, fq_cq) = unsafe { Socket::new(sock_cfg, &umem, &iface, cfg.queue) }.map_err(source_io)?;
+        let (mut fq, cq) = fq_cq.ok_or_else(|| io::Error::other("libxdp returned no fill/completion queue"))?;
 
         let tx_free = descs.split_off(half as usize);
         // SAFETY: the descriptors came from this UMEM and none is in use.
         let filled = unsafe { fq.produce(&descs) };
         if filled != descs.len() {
-            return Err(io::Error::other(
-                "fill queue took fewer frames than it has slots",
-            ));
+            return Err(io::Error::other("fill queue took fewer frames than it has slots"));
         }
         let blank = tx_free[0];
         Ok(XdpTransport {
@@ -346,9 +300,7 @@ impl XdpTransport {
         let ring_size = self.comp_descs.len() as u32;
         let kicks = queued.div_ceil(COPY_MODE_TX_BATCH) + 2;
         for _ in 0..kicks {
-            if (!self.attachment.zero_copy || self.tx_q.needs_wakeup())
-                && self.tx_q.wakeup().is_err()
-            {
+            if (!self.attachment.zero_copy || self.tx_q.needs_wakeup()) && self.tx_q.wakeup().is_err() {
                 self.stats.io_errors += 1;
             }
             if self.attachment.zero_copy || self.tx_q.nb_free_exact() == ring_size {
@@ -376,9 +328,7 @@ fn retry_busy<T>(mut f: impl FnMut() -> Result<T, io::Error>) -> Result<T, io::E
 
 fn source_io<E: std::error::Error>(e: E) -> io::Error {
     let msg = e.to_string();
-    let code = std::error::Error::source(&e)
-        .and_then(|s| s.downcast_ref::<io::Error>())
-        .and_then(|s| s.raw_os_error());
+    let code = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<io::Error>()).and_then(|s| s.raw_os_error());
     match code {
         Some(c) => io::Error::from_raw_os_error(c),
         None => io::Error::other(msg),
@@ -435,10 +385,7 @@ fn clear_stale_program(cfg: &XdpConfig, ifindex: u32) -> Result<Option<String>, 
     let Some(prog) = attached_program(ifindex) else {
         return Ok(None);
     };
-    let generic_copy = Attachment {
-        native: false,
-        zero_copy: false,
-    };
+    let generic_copy = Attachment { native: false, zero_copy: false };
     let probe = retry_busy(|| XdpTransport::try_open(cfg, MacAddr::default(), generic_copy, true));
     match probe {
         Ok(probe) => drop(probe),
@@ -500,10 +447,7 @@ fn attached_program(ifindex: u32) -> Option<AttachedProgram> {
             } else {
                 CStr::from_ptr(name_ptr).to_string_lossy().into_owned()
             };
-            Some(AttachedProgram {
-                name,
-                id: libxdp_sys::xdp_program__id(main),
-            })
+            Some(AttachedProgram { name, id: libxdp_sys::xdp_program__id(main) })
         };
         libxdp_sys::xdp_multiprog__close(mp);
         found
@@ -519,11 +463,7 @@ impl Transport for XdpTransport {
         self.mac
     }
 
-    fn recv(
-        &mut self,
-        max: usize,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> Result<usize, TransportError> {
+    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
         let max = max.min(MAX_BURST);
         // SAFETY: the descriptors are filled in from the RX ring of this
         // socket, whose frames belong to `self.umem`.
@@ -588,9 +528,7 @@ impl Transport for XdpTransport {
 
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        self.rx_q
-            .poll(ms)
-            .map_err(|e| TransportError::io("poll on the AF_XDP socket failed", e))?;
+        self.rx_q.poll(ms).map_err(|e| TransportError::io("poll on the AF_XDP socket failed", e))?;
         Ok(())
     }
 

@@ -33,13 +33,7 @@ impl Handler for Echo {
     }
 }
 
-fn open(
-    kind: TransportKind,
-    net: &TestNet,
-    me: usize,
-    peer: usize,
-    mode: XdpMode,
-) -> Box<dyn Transport> {
+fn open(kind: TransportKind, net: &TestNet, me: usize, peer: usize, mode: XdpMode) -> Box<dyn Transport> {
     let host = net.host(me);
     match kind {
         TransportKind::Xdp => {
@@ -47,9 +41,7 @@ fn open(
             cfg.mode = mode;
             Box::new(XdpTransport::open(&cfg).expect("open AF_XDP"))
         }
-        TransportKind::Packet => {
-            Box::new(PacketTransport::open(&host.iface).expect("open AF_PACKET"))
-        }
+        TransportKind::Packet => Box::new(PacketTransport::open(&host.iface).expect("open AF_PACKET")),
         TransportKind::Udp => {
             let local = (host.ipv4, PORT).into();
             let peer = (net.host(peer).ipv4, PORT).into();
@@ -69,16 +61,10 @@ fn echo_round_trips(kind: TransportKind, mode: XdpMode) {
             netns::enter(&server_net.host(1).ns).unwrap();
             let mut t = open(kind, server_net, 1, 0, mode);
             ready_tx.send(()).unwrap();
-            let cfg = PollConfig {
-                spin: 1000,
-                wait: Duration::from_millis(5),
-                ..PollConfig::default()
-            };
+            let cfg = PollConfig { spin: 1000, wait: Duration::from_millis(5), ..PollConfig::default() };
             poll::run(&mut t, &mut Echo, cfg, &server_stop).unwrap();
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("server ready");
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("server ready");
         let result = net.run_in(0, || {
             let mut t = open(kind, &net, 0, 1, mode);
             let server_mac = net.host(1).mac;
@@ -96,8 +82,7 @@ fn echo_round_trips(kind: TransportKind, mode: XdpMode) {
                 let mut matched = false;
                 while !matched && Instant::now() < deadline {
                     t.recv(8, &mut |f| {
-                        if f.len() == 70 && f[14..18] == i.to_be_bytes() && f[..6] == t_mac(&frame)
-                        {
+                        if f.len() == 70 && f[14..18] == i.to_be_bytes() && f[..6] == t_mac(&frame) {
                             matched = true;
                         }
                     })

@@ -13,3 +13,4 @@
 pub mod device;
 pub mod regfile;
 pub mod server;
+pub mod sharded;

@@ -31,14 +31,8 @@ impl RegisterFile {
     /// A device with `pio = (base, len)` ports and `mmio = (base, len)` bytes.
     pub fn new(pio: Option<(u16, u16)>, mmio: Option<(u64, u32)>) -> Self {
         RegisterFile {
-            pio: pio.map(|(base, len)| Window {
-                base: u64::from(base),
-                bytes: vec![0; usize::from(len)],
-            }),
-            mmio: mmio.map(|(base, len)| Window {
-                base,
-                bytes: vec![0; len as usize],
-            }),
+            pio: pio.map(|(base, len)| Window { base: u64::from(base), bytes: vec![0; usize::from(len)] }),
+            mmio: mmio.map(|(base, len)| Window { base, bytes: vec![0; len as usize] }),
         }
     }
 
@@ -86,41 +80,19 @@ mod tests {
         assert_eq!(d.read(Space::Pio, 0x500, AccessSize::B4), Some(0));
         assert!(d.write(Space::Pio, 0x500, AccessSize::B4, 0x1122_3344));
         assert_eq!(d.read(Space::Pio, 0x500, AccessSize::B4), Some(0x1122_3344));
-        assert_eq!(
-            d.read(Space::Pio, 0x501, AccessSize::B1),
-            Some(0x33),
-            "little-endian bytes"
-        );
+        assert_eq!(d.read(Space::Pio, 0x501, AccessSize::B1), Some(0x33), "little-endian bytes");
         assert!(d.write(Space::Mmio, 0xd000_0ff8, AccessSize::B8, u64::MAX - 1));
-        assert_eq!(
-            d.read(Space::Mmio, 0xd000_0ff8, AccessSize::B8),
-            Some(u64::MAX - 1)
-        );
-        assert_eq!(
-            d.read(Space::Mmio, 0xd000_0ffc, AccessSize::B2),
-            Some(0xffff)
-        );
+        assert_eq!(d.read(Space::Mmio, 0xd000_0ff8, AccessSize::B8), Some(u64::MAX - 1));
+        assert_eq!(d.read(Space::Mmio, 0xd000_0ffc, AccessSize::B2), Some(0xffff));
     }
 
     #[test]
     fn accesses_outside_the_windows_are_unclaimed() {
         let mut d = RegisterFile::new(Some((0x500, 16)), None);
         assert_eq!(d.read(Space::Pio, 0x4ff, AccessSize::B1), None);
-        assert_eq!(
-            d.read(Space::Pio, 0x50e, AccessSize::B4),
-            None,
-            "straddles the end"
-        );
+        assert_eq!(d.read(Space::Pio, 0x50e, AccessSize::B4), None, "straddles the end");
         assert!(!d.write(Space::Pio, 0x510, AccessSize::B1, 1));
-        assert_eq!(
-            d.read(Space::Mmio, 0xd000_0000, AccessSize::B4),
-            None,
-            "no MMIO window"
-        );
-        assert_eq!(
-            d.read(Space::Pio, u64::MAX, AccessSize::B8),
-            None,
-            "no overflow"
-        );
+        assert_eq!(d.read(Space::Mmio, 0xd000_0000, AccessSize::B4), None, "no MMIO window");
+        assert_eq!(d.read(Space::Pio, u64::MAX, AccessSize::B8), None, "no overflow");
     }
 }

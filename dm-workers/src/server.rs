@@ -1,5 +1,7 @@
-//! The server's frame handling, run to completion on one core: receive,
-//! validate, run the device model, transmit the completion.
+//! The server's frame handling: receive, validate, run the device model,
+//! transmit the completion. [`Server`] does all of it on one core; the
+//! split layout ([`crate::sharded`]) runs the [`Frontend`] on a data-plane
+//! core and [`Devices`] shards on worker cores.
 //!
 //! Every frame that is not answered is counted by reason; nothing received
 //! from the wire can make this code panic.
@@ -10,8 +12,8 @@ use std::time::Instant;
 use dmfabric_dataplane::poll::Handler;
 use dmfabric_dataplane::FrameBatch;
 use dmfabric_wire::{
-    ControlMsg, ControlOp, EthernetRepr, FrameRepr, IoCompletion, IoRequest, Kind, MacAddr,
-    Message, Nack, NackReason, Status, WireError, ETHERTYPE_DMFABRIC,
+    ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, IoCompletion, IoRequest, Kind, MacAddr, Message, Nack,
+    NackReason, Route, Status, WireError, ETHERTYPE_DMFABRIC,
 };
 
 use crate::device::Device;
@@ -102,53 +104,73 @@ impl fmt::Display for ServerStats {
     }
 }
 
-/// A server's devices and counters; a poll-loop [`Handler`].
-pub struct Server {
+/// The devices of a server (or of one worker shard), sorted by id.
+pub struct Devices {
+    table: Vec<(u32, Box<dyn Device>)>,
+    unclaimed: u64,
+}
+
+impl fmt::Debug for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Devices").field("count", &self.table.len()).finish()
+    }
+}
+
+impl Devices {
+    pub fn new(specs: &[DeviceSpec]) -> Devices {
+        let mut table: Vec<(u32, Box<dyn Device>)> =
+            specs.iter().map(|d| (d.id, Box::new(RegisterFile::new(d.pio, d.mmio)) as Box<dyn Device>)).collect();
+        table.sort_by_key(|(id, _)| *id);
+        table.dedup_by_key(|(id, _)| *id);
+        Devices { table, unclaimed: 0 }
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.table.binary_search_by_key(&id, |(d, _)| *d).is_ok()
+    }
+
+    /// Accesses no device register claimed so far.
+    pub fn unclaimed(&self) -> u64 {
+        self.unclaimed
+    }
+
+    /// Run one request against its device; `None` if the device is unknown.
+    pub fn execute(&mut self, req: &IoRequest) -> Option<IoCompletion> {
+        let i = self.table.binary_search_by_key(&req.route.device, |(d, _)| *d).ok()?;
+        let dev = self.table[i].1.as_mut();
+        let (data, claimed) = match req.dir {
+            Direction::Read => match dev.read(req.space, req.addr, req.size) {
+                Some(v) => (v, true),
+                None => (u64::MAX, false),
+            },
+            Direction::Write => (req.data, dev.write(req.space, req.addr, req.size, req.data)),
+        };
+        if !claimed {
+            self.unclaimed += 1;
+        }
+        let status = if claimed { Status::Ok } else { Status::Unclaimed };
+        Some(IoCompletion::for_request(req, data, status))
+    }
+}
+
+/// The part of a server that faces the wire: validates every frame,
+/// answers Hellos, Nacks what it cannot serve, and emits completions. In
+/// the run-to-completion layout it shares a core with the devices; in the
+/// split layout it is the data-plane core.
+#[derive(Debug)]
+pub struct Frontend {
     id: u16,
     mac: MacAddr,
-    /// Sorted by id.
-    devices: Vec<(u32, Box<dyn Device>)>,
     stats: ServerStats,
     malformed: [u64; WireError::ALL.len()],
 }
 
-impl fmt::Debug for Server {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Server")
-            .field("id", &self.id)
-            .field("mac", &self.mac)
-            .field("devices", &self.devices.len())
-            .finish()
-    }
-}
-
-impl Server {
-    /// A server with id `id` answering from `mac` for `devices`.
-    pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server {
-        let mut table: Vec<(u32, Box<dyn Device>)> = devices
-            .iter()
-            .map(|d| {
-                (
-                    d.id,
-                    Box::new(RegisterFile::new(d.pio, d.mmio)) as Box<dyn Device>,
-                )
-            })
-            .collect();
-        table.sort_by_key(|(id, _)| *id);
-        table.dedup_by_key(|(id, _)| *id);
-        Server {
-            id,
-            mac,
-            devices: table,
-            stats: ServerStats::default(),
-            malformed: [0; WireError::ALL.len()],
-        }
+impl Frontend {
+    pub fn new(id: u16, mac: MacAddr) -> Frontend {
+        Frontend { id, mac, stats: ServerStats::default(), malformed: [0; WireError::ALL.len()] }
     }
 
-    pub fn id(&self) -> u16 {
-        self.id
-    }
-
+    /// Counters so far (`unclaimed` is the devices' to add).
     pub fn stats(&self) -> ServerStats {
         let mut s = self.stats.clone();
         s.malformed = WireError::ALL
@@ -159,120 +181,102 @@ impl Server {
         s
     }
 
-    fn device(&mut self, id: u32) -> Option<&mut dyn Device> {
-        let i = self.devices.binary_search_by_key(&id, |(d, _)| *d).ok()?;
-        Some(self.devices[i].1.as_mut())
-    }
-
-    /// Run one request against its device; `None` if the device is unknown.
-    pub fn execute(&mut self, req: &IoRequest) -> Option<IoCompletion> {
-        let dev = self.device(req.route.device)?;
-        let (data, claimed) = match req.dir {
-            dmfabric_wire::Direction::Read => match dev.read(req.space, req.addr, req.size) {
-                Some(v) => (v, true),
-                None => (u64::MAX, false),
-            },
-            dmfabric_wire::Direction::Write => {
-                (req.data, dev.write(req.space, req.addr, req.size, req.data))
-            }
-        };
-        if !claimed {
-            self.stats.unclaimed += 1;
-        }
-        let status = if claimed {
-            Status::Ok
-        } else {
-            Status::Unclaimed
-        };
-        Some(IoCompletion::for_request(req, data, status))
-    }
-
-    fn reply(&mut self, tx: &mut FrameBatch, to: MacAddr, msg: Message<'_>) {
-        let repr = FrameRepr::new(
-            EthernetRepr {
-                dst: to,
-                src: self.mac,
-            },
-            msg,
-        );
-        let pushed = tx.push_with(|buf| repr.emit(buf).ok());
-        if !pushed {
-            self.stats.tx_full += 1;
-        }
-    }
-
-    fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, reason: NackReason) {
-        match reason {
-            NackReason::UnknownDevice => self.stats.nack_unknown_device += 1,
-            NackReason::WrongServer => self.stats.nack_wrong_server += 1,
-            _ => {}
-        }
-        let msg = Message::Nack(Nack {
-            route: req.route,
-            seq: req.seq,
-            reason,
-            nacked: Kind::IoRequest,
-        });
-        self.reply(tx, to, msg);
-    }
-}
-
-impl Handler for Server {
-    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, _now: Instant) {
+    /// Handle everything about a received frame except running a device:
+    /// returns the request to execute and whom to answer, if any.
+    pub fn classify(&mut self, bytes: &[u8], tx: &mut FrameBatch) -> Option<(IoRequest, MacAddr)> {
         if bytes.len() >= 14 && bytes[12..14] != ETHERTYPE_DMFABRIC.to_be_bytes() {
             self.stats.foreign += 1;
-            return;
+            return None;
         }
         let repr = match FrameRepr::parse_bytes(bytes) {
             Ok(r) => r,
             Err(e) => {
                 self.malformed[e.index()] += 1;
-                return;
+                return None;
             }
         };
         let from = repr.eth.src;
         if repr.eth.dst != self.mac && !repr.eth.dst.is_multicast() {
             self.stats.not_for_us += 1;
-            return;
+            return None;
         }
         match repr.msg {
             Message::IoRequest(req) => {
                 self.stats.requests += 1;
                 if req.route.server != self.id {
                     self.nack(tx, from, &req, NackReason::WrongServer);
-                    return;
+                    return None;
                 }
-                match self.execute(&req) {
-                    Some(cmp) => {
-                        self.stats.completions += 1;
-                        self.reply(tx, from, Message::IoCompletion(cmp));
-                    }
-                    None => self.nack(tx, from, &req, NackReason::UnknownDevice),
-                }
+                Some((req, from))
             }
-            Message::Control(ControlMsg {
-                op: ControlOp::Hello,
-                route,
-                seq,
-                ..
-            }) => {
+            Message::Control(ControlMsg { op: ControlOp::Hello, route, seq, .. }) => {
                 self.stats.hellos += 1;
-                let route = dmfabric_wire::Route {
-                    server: self.id,
-                    ..route
-                };
-                self.reply(
-                    tx,
-                    from,
-                    Message::Control(ControlMsg {
-                        route,
-                        seq,
-                        op: ControlOp::HelloReply,
-                        payload: &[],
-                    }),
-                );
+                let route = Route { server: self.id, ..route };
+                let reply = ControlMsg { route, seq, op: ControlOp::HelloReply, payload: &[] };
+                self.reply(tx, from, Message::Control(reply));
+                None
             }
-            _ => self.stats.unexpected_kind += 1,
+            _ => {
+                self.stats.unexpected_kind += 1;
+                None
+            }
+        }
+    }
+
+    /// Send a completion to `to`.
+    pub fn complete(&mut self, tx: &mut FrameBatch, to: MacAddr, cmp: IoCompletion) {
+        self.stats.completions += 1;
+        self.reply(tx, to, Message::IoCompletion(cmp));
+    }
+
+    /// Refuse `req`.
+    pub fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, reason: NackReason) {
+        match reason {
+            NackReason::UnknownDevice => self.stats.nack_unknown_device += 1,
+            NackReason::WrongServer => self.stats.nack_wrong_server += 1,
+            _ => {}
+        }
+        let msg = Message::Nack(Nack { route: req.route, seq: req.seq, reason, nacked: Kind::IoRequest });
+        self.reply(tx, to, msg);
+    }
+
+    fn reply(&mut self, tx: &mut FrameBatch, to: MacAddr, msg: Message<'_>) {
+        let repr = FrameRepr::new(EthernetRepr { dst: to, src: self.mac }, msg);
+        if !tx.push_with(|buf| repr.emit(buf).ok()) {
+            self.stats.tx_full += 1;
+        }
+    }
+}
+
+/// A whole server on one core (run-to-completion): a poll-loop [`Handler`].
+#[derive(Debug)]
+pub struct Server {
+    frontend: Frontend,
+    devices: Devices,
+}
+
+impl Server {
+    /// A server with id `id` answering from `mac` for `devices`.
+    pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server {
+        Server { frontend: Frontend::new(id, mac), devices: Devices::new(devices) }
+    }
+
+    pub fn id(&self) -> u16 {
+        self.frontend.id
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        ServerStats { unclaimed: self.devices.unclaimed(), ..self.frontend.stats() }
+    }
+}
+
+impl Handler for Server {
+    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, _now: Instant) {
+        if let Some((req, from)) = self.frontend.classify(bytes, tx) {
+            match self.devices.execute(&req) {
+                Some(cmp) => self.frontend.complete(tx, from, cmp),
+                None => self.frontend.nack(tx, from, &req, NackReason::UnknownDevice),
+            }
         }
     }
 }
@@ -280,21 +284,14 @@ impl Handler for Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dmfabric_wire::{AccessSize, Direction, Route, Space};
+    use dmfabric_wire::{AccessSize, Space};
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
     const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
 
     fn request(device: u32, server: u16, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
         let req = IoRequest {
-            route: Route {
-                server,
-                client: 3,
-                vm: 7,
-                vcpu: 0,
-                device,
-                hypervisor: 1,
-            },
+            route: Route { server, client: 3, vm: 7, vcpu: 0, device, hypervisor: 1 },
             seq: 42,
             space: Space::Pio,
             dir,
@@ -302,13 +299,7 @@ mod tests {
             addr,
             data,
         };
-        let repr = FrameRepr::new(
-            EthernetRepr {
-                dst: SERVER,
-                src: CLIENT,
-            },
-            Message::IoRequest(req),
-        );
+        let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::IoRequest(req));
         let mut buf = vec![0u8; repr.buffer_len()];
         repr.emit(&mut buf).unwrap();
         buf
@@ -323,13 +314,7 @@ mod tests {
     fn only_msg(frames: &[Vec<u8>]) -> Message<'_> {
         assert_eq!(frames.len(), 1);
         let repr = FrameRepr::parse_bytes(&frames[0]).unwrap();
-        assert_eq!(
-            repr.eth,
-            EthernetRepr {
-                dst: CLIENT,
-                src: SERVER
-            }
-        );
+        assert_eq!(repr.eth, EthernetRepr { dst: CLIENT, src: SERVER });
         repr.msg
     }
 
@@ -337,14 +322,10 @@ mod tests {
     fn write_then_read_back() {
         let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
         let out = answer(&mut s, &request(1, 1, Direction::Write, 0x502, 0xbeef));
-        let Message::IoCompletion(c) = only_msg(&out) else {
-            panic!("not a completion")
-        };
+        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
         assert_eq!((c.seq, c.status, c.dir), (42, Status::Ok, Direction::Write));
         let out = answer(&mut s, &request(1, 1, Direction::Read, 0x502, 0));
-        let Message::IoCompletion(c) = only_msg(&out) else {
-            panic!("not a completion")
-        };
+        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
         assert_eq!((c.data, c.route.vm, c.route.client), (0xbeef, 7, 3));
         assert_eq!(s.stats().completions, 2);
     }
@@ -353,9 +334,7 @@ mod tests {
     fn unclaimed_reads_are_all_ones() {
         let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
         let out = answer(&mut s, &request(1, 1, Direction::Read, 0x600, 0));
-        let Message::IoCompletion(c) = only_msg(&out) else {
-            panic!("not a completion")
-        };
+        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
         assert_eq!((c.data, c.status), (0xffff, Status::Unclaimed));
         assert_eq!(s.stats().unclaimed, 1);
     }
@@ -364,27 +343,11 @@ mod tests {
     fn unknown_device_and_wrong_server_are_nacked() {
         let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
         let out = answer(&mut s, &request(99, 1, Direction::Read, 0x500, 0));
-        assert!(matches!(
-            only_msg(&out),
-            Message::Nack(Nack {
-                reason: NackReason::UnknownDevice,
-                seq: 42,
-                ..
-            })
-        ));
+        assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::UnknownDevice, seq: 42, .. })));
         let out = answer(&mut s, &request(1, 2, Direction::Read, 0x500, 0));
-        assert!(matches!(
-            only_msg(&out),
-            Message::Nack(Nack {
-                reason: NackReason::WrongServer,
-                ..
-            })
-        ));
+        assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::WrongServer, .. })));
         let st = s.stats();
-        assert_eq!(
-            (st.nack_unknown_device, st.nack_wrong_server, st.completions),
-            (1, 1, 0)
-        );
+        assert_eq!((st.nack_unknown_device, st.nack_wrong_server, st.completions), (1, 1, 0));
     }
 
     #[test]
@@ -399,21 +362,11 @@ mod tests {
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         let mut other_mac = good.clone();
         other_mac[5] = 0x99;
-        for f in [
-            &good[..20],
-            &bad_magic[..],
-            &bad_version[..],
-            &arp[..],
-            &other_mac[..],
-            &[][..],
-        ] {
+        for f in [&good[..20], &bad_magic[..], &bad_version[..], &arp[..], &other_mac[..], &[][..]] {
             assert!(answer(&mut s, f).is_empty());
         }
         let st = s.stats();
-        assert_eq!(
-            st.malformed,
-            vec![("truncated", 2), ("bad_magic", 1), ("bad_version", 1)]
-        );
+        assert_eq!(st.malformed, vec![("truncated", 2), ("bad_magic", 1), ("bad_version", 1)]);
         assert_eq!((st.foreign, st.not_for_us, st.requests), (1, 1, 0));
         // And the server still answers.
         assert_eq!(answer(&mut s, &good).len(), 1);
@@ -423,23 +376,13 @@ mod tests {
     fn hello_is_answered_from_our_mac() {
         let mut s = Server::new(5, SERVER, &[]);
         let hello = FrameRepr::new(
-            EthernetRepr {
-                dst: MacAddr::BROADCAST,
-                src: CLIENT,
-            },
-            Message::Control(ControlMsg {
-                route: Route::default(),
-                seq: 9,
-                op: ControlOp::Hello,
-                payload: &[],
-            }),
+            EthernetRepr { dst: MacAddr::BROADCAST, src: CLIENT },
+            Message::Control(ControlMsg { route: Route::default(), seq: 9, op: ControlOp::Hello, payload: &[] }),
         );
         let mut buf = vec![0u8; hello.buffer_len()];
         hello.emit(&mut buf).unwrap();
         let out = answer(&mut s, &buf);
-        let Message::Control(c) = only_msg(&out) else {
-            panic!("not control")
-        };
+        let Message::Control(c) = only_msg(&out) else { panic!("not control") };
         assert_eq!((c.op, c.route.server, c.seq), (ControlOp::HelloReply, 5, 9));
     }
 }

@@ -21,12 +21,7 @@ pub enum PinError {
     #[error("Core {0} is not available to this process (allowed: {1})")]
     CoreNotAllowed(usize, String),
     #[error("The split layout needs {need} cores ({dataplane} data-plane + {workers} workers) but only {have} are available: use --layout rtc or fewer workers")]
-    TooFewCores {
-        need: usize,
-        have: usize,
-        dataplane: usize,
-        workers: usize,
-    },
+    TooFewCores { need: usize, have: usize, dataplane: usize, workers: usize },
     #[error("Cannot pin to core {0}: sched_setaffinity refused")]
     PinFailed(usize),
     #[error("Unknown layout `{0}`: expected auto, rtc, or split:<data-plane cores>:<workers>")]
@@ -56,22 +51,11 @@ impl std::str::FromStr for LayoutSpec {
             _ => {
                 let rest = s.strip_prefix("split").ok_or_else(bad)?;
                 if rest.is_empty() {
-                    return Ok(LayoutSpec::Split {
-                        dataplane: 1,
-                        workers: 1,
-                    });
+                    return Ok(LayoutSpec::Split { dataplane: 1, workers: 1 });
                 }
                 let mut parts = rest.strip_prefix(':').ok_or_else(bad)?.split(':');
-                let dataplane = parts
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .filter(|&n| n > 0)
-                    .ok_or_else(bad)?;
-                let workers = parts
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .filter(|&n| n > 0)
-                    .ok_or_else(bad)?;
+                let dataplane = parts.next().and_then(|p| p.parse().ok()).filter(|&n| n > 0).ok_or_else(bad)?;
+                let workers = parts.next().and_then(|p| p.parse().ok()).filter(|&n| n > 0).ok_or_else(bad)?;
                 if parts.next().is_some() {
                     return Err(bad());
                 }
@@ -84,23 +68,17 @@ impl std::str::FromStr for LayoutSpec {
 /// The cores each role runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
-    RunToCompletion {
-        core: usize,
-    },
-    Split {
-        dataplane: Vec<usize>,
-        workers: Vec<usize>,
-    },
+    RunToCompletion { core: usize },
+    Split { dataplane: Vec<usize>, workers: Vec<usize> },
 }
 
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Layout::RunToCompletion { core } => write!(f, "run-to-completion on core {core}"),
-            Layout::Split { dataplane, workers } => write!(
-                f,
-                "split: data-plane cores {dataplane:?}, worker cores {workers:?}"
-            ),
+            Layout::Split { dataplane, workers } => {
+                write!(f, "split: data-plane cores {dataplane:?}, worker cores {workers:?}")
+            }
         }
     }
 }
@@ -112,18 +90,9 @@ impl fmt::Display for Layout {
 /// child process inherits a pinned thread's mask) that mask says only where
 /// it runs now, not where it may go.
 pub fn available_cores() -> Vec<usize> {
-    let read = |path: &str| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| parse_core_list(s.trim()).ok())
-    };
-    let mut cores = read("/sys/devices/system/cpu/online").unwrap_or_else(|| {
-        core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect()
-    });
+    let read = |path: &str| std::fs::read_to_string(path).ok().and_then(|s| parse_core_list(s.trim()).ok());
+    let mut cores = read("/sys/devices/system/cpu/online")
+        .unwrap_or_else(|| core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect());
     if let Some(allowed) = read("/sys/fs/cgroup/cpuset.cpus.effective") {
         cores.retain(|c| allowed.contains(c));
     }
@@ -140,8 +109,7 @@ pub fn parse_core_list(s: &str) -> Result<Vec<usize>, PinError> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
                 if a > b {
                     return Err(bad());
                 }
@@ -180,19 +148,11 @@ pub fn choose(spec: LayoutSpec, cores: &[usize]) -> Result<Layout, PinError> {
 fn split(cores: &[usize], dataplane: usize, workers: usize) -> Result<Layout, PinError> {
     let need = dataplane + workers;
     if cores.len() < need {
-        return Err(PinError::TooFewCores {
-            need,
-            have: cores.len(),
-            dataplane,
-            workers,
-        });
+        return Err(PinError::TooFewCores { need, have: cores.len(), dataplane, workers });
     }
     // Take the highest cores: core 0 usually carries the system's interrupts.
     let used = &cores[cores.len() - need..];
-    Ok(Layout::Split {
-        dataplane: used[..dataplane].to_vec(),
-        workers: used[dataplane..].to_vec(),
-    })
+    Ok(Layout::Split { dataplane: used[..dataplane].to_vec(), workers: used[dataplane..].to_vec() })
 }
 
 /// Like [`choose`], but on a machine with too few cores for the asked
@@ -245,23 +205,14 @@ mod tests {
 
     #[test]
     fn auto_layout_follows_the_machine() {
-        assert_eq!(
-            choose(LayoutSpec::Auto, &[0, 1]).unwrap(),
-            Layout::RunToCompletion { core: 1 }
-        );
+        assert_eq!(choose(LayoutSpec::Auto, &[0, 1]).unwrap(), Layout::RunToCompletion { core: 1 });
         assert_eq!(
             choose(LayoutSpec::Auto, &(0..8).collect::<Vec<_>>()).unwrap(),
-            Layout::Split {
-                dataplane: vec![0, 1],
-                workers: vec![2, 3, 4, 5, 6, 7]
-            }
+            Layout::Split { dataplane: vec![0, 1], workers: vec![2, 3, 4, 5, 6, 7] }
         );
         assert_eq!(
             choose(LayoutSpec::Auto, &[0, 1, 2, 3]).unwrap(),
-            Layout::Split {
-                dataplane: vec![0],
-                workers: vec![1, 2, 3]
-            }
+            Layout::Split { dataplane: vec![0], workers: vec![1, 2, 3] }
         );
     }
 
@@ -269,71 +220,26 @@ mod tests {
     fn explicit_layouts() {
         let cores: Vec<usize> = (0..6).collect();
         assert_eq!(
-            choose(
-                LayoutSpec::Split {
-                    dataplane: 1,
-                    workers: 4
-                },
-                &cores
-            )
-            .unwrap(),
-            Layout::Split {
-                dataplane: vec![1],
-                workers: vec![2, 3, 4, 5]
-            }
+            choose(LayoutSpec::Split { dataplane: 1, workers: 4 }, &cores).unwrap(),
+            Layout::Split { dataplane: vec![1], workers: vec![2, 3, 4, 5] }
         );
         assert!(matches!(
-            choose(
-                LayoutSpec::Split {
-                    dataplane: 1,
-                    workers: 4
-                },
-                &[0, 1]
-            ),
-            Err(PinError::TooFewCores {
-                need: 5,
-                have: 2,
-                ..
-            })
+            choose(LayoutSpec::Split { dataplane: 1, workers: 4 }, &[0, 1]),
+            Err(PinError::TooFewCores { need: 5, have: 2, .. })
         ));
         assert_eq!(
-            choose_shared(
-                LayoutSpec::Split {
-                    dataplane: 1,
-                    workers: 4
-                },
-                &[0, 1]
-            )
-            .unwrap(),
-            Layout::Split {
-                dataplane: vec![1],
-                workers: vec![0, 1, 0, 1]
-            }
+            choose_shared(LayoutSpec::Split { dataplane: 1, workers: 4 }, &[0, 1]).unwrap(),
+            Layout::Split { dataplane: vec![1], workers: vec![0, 1, 0, 1] }
         );
-        assert_eq!(
-            choose(LayoutSpec::RunToCompletion, &cores).unwrap(),
-            Layout::RunToCompletion { core: 5 }
-        );
+        assert_eq!(choose(LayoutSpec::RunToCompletion, &cores).unwrap(), Layout::RunToCompletion { core: 5 });
     }
 
     #[test]
     fn layout_specs_parse() {
         assert_eq!("auto".parse(), Ok(LayoutSpec::Auto));
         assert_eq!("rtc".parse(), Ok(LayoutSpec::RunToCompletion));
-        assert_eq!(
-            "split:2:4".parse(),
-            Ok(LayoutSpec::Split {
-                dataplane: 2,
-                workers: 4
-            })
-        );
-        assert_eq!(
-            "split".parse(),
-            Ok(LayoutSpec::Split {
-                dataplane: 1,
-                workers: 1
-            })
-        );
+        assert_eq!("split:2:4".parse(), Ok(LayoutSpec::Split { dataplane: 2, workers: 4 }));
+        assert_eq!("split".parse(), Ok(LayoutSpec::Split { dataplane: 1, workers: 1 }));
         for bad in ["split:0:1", "split:1", "split:1:2:3", "fast"] {
             assert!(bad.parse::<LayoutSpec>().is_err(), "{bad}");
         }
@@ -344,10 +250,7 @@ mod tests {
         let cores = available_cores();
         assert!(!cores.is_empty());
         let core = *cores.last().unwrap();
-        std::thread::spawn(move || pin_current(core))
-            .join()
-            .unwrap()
-            .unwrap();
+        std::thread::spawn(move || pin_current(core)).join().unwrap().unwrap();
         // A pinned thread still sees every core as available.
         let before = cores.clone();
         let first = cores[0];

@@ -11,9 +11,7 @@ pub const ETHERTYPE_DMFABRIC: u16 = 0x88B5;
 pub const ETHERNET_HEADER_LEN: usize = 14;
 
 /// An Ethernet II header as it sits on the wire.
-#[derive(
-    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug, PartialEq, Eq,
-)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct EthernetHeader {
     pub dst: [u8; 6],
@@ -40,11 +38,7 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -101,13 +95,7 @@ mod tests {
 
     #[test]
     fn mac_rejects_garbage() {
-        for bad in [
-            "",
-            "02:00:0a:ff:00",
-            "02:00:0a:ff:00:01:02",
-            "zz:00:00:00:00:00",
-            "002:0:0:0:0:0",
-        ] {
+        for bad in ["", "02:00:0a:ff:00", "02:00:0a:ff:00:01:02", "zz:00:00:00:00:00", "002:0:0:0:0:0"] {
             assert_eq!(bad.parse::<MacAddr>(), Err(ParseMacError), "{bad}");
         }
     }

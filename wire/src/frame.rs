@@ -27,8 +27,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
         if bytes.len() < ETHERNET_HEADER_LEN + HEADER_LEN {
             return Err(WireError::Truncated);
         }
-        let (eth, rest) =
-            EthernetHeader::ref_from_prefix(bytes).map_err(|_| WireError::Truncated)?;
+        let (eth, rest) = EthernetHeader::ref_from_prefix(bytes).map_err(|_| WireError::Truncated)?;
         if eth.ethertype.get() != ETHERTYPE_DMFABRIC {
             return Err(WireError::BadEtherType);
         }
@@ -46,11 +45,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
         if f & !flags::ALL != 0 {
             return Err(WireError::BadFlags);
         }
-        let tag = if f & flags::AUTH_TAG != 0 {
-            AUTH_TAG_LEN
-        } else {
-            0
-        };
+        let tag = if f & flags::AUTH_TAG != 0 { AUTH_TAG_LEN } else { 0 };
         let need = ETHERNET_HEADER_LEN + HEADER_LEN + usize::from(hdr.payload_len.get()) + tag;
         if bytes.len() < need {
             return Err(WireError::Truncated);
@@ -112,18 +107,12 @@ impl<T: AsRef<[u8]>> Frame<T> {
             return None;
         }
         let start = ETHERNET_HEADER_LEN + HEADER_LEN + usize::from(self.header().payload_len.get());
-        self.buffer.as_ref()[start..start + AUTH_TAG_LEN]
-            .try_into()
-            .ok()
+        self.buffer.as_ref()[start..start + AUTH_TAG_LEN].try_into().ok()
     }
 
     /// Length of the frame proper (headers, payload, tag), without padding.
     pub fn frame_len(&self) -> usize {
-        let tag = if self.flags() & flags::AUTH_TAG != 0 {
-            AUTH_TAG_LEN
-        } else {
-            0
-        };
+        let tag = if self.flags() & flags::AUTH_TAG != 0 { AUTH_TAG_LEN } else { 0 };
         ETHERNET_HEADER_LEN + HEADER_LEN + usize::from(self.header().payload_len.get()) + tag
     }
 }
@@ -176,10 +165,7 @@ mod tests {
             b[at] = val;
             assert_eq!(Frame::new_checked(&b[..]).err(), Some(want), "byte {at}");
         }
-        assert_eq!(
-            Frame::new_checked(&good[..good.len() - 1]).err(),
-            Some(WireError::Truncated)
-        );
+        assert_eq!(Frame::new_checked(&good[..good.len() - 1]).err(), Some(WireError::Truncated));
     }
 
     #[test]
@@ -192,9 +178,6 @@ mod tests {
         b[19] |= flags::AUTH_TAG as u8;
         assert_eq!(Frame::new_checked(&b[..]).err(), Some(WireError::Truncated));
         b.extend_from_slice(&[7; AUTH_TAG_LEN]);
-        assert_eq!(
-            Frame::new_checked(&b[..]).unwrap().auth_tag(),
-            Some(&[7; AUTH_TAG_LEN])
-        );
+        assert_eq!(Frame::new_checked(&b[..]).unwrap().auth_tag(), Some(&[7; AUTH_TAG_LEN]));
     }
 }

@@ -33,9 +33,7 @@ pub const AUTH_TAG_LEN: usize = 16;
 /// 40 addr         u64    port / MMIO address; Interrupt: line or MSI address
 /// 48 data         u64    write data / read result; Interrupt: MSI data
 /// ```
-#[derive(
-    FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug, PartialEq, Eq,
-)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct Header {
     pub magic: U16,

@@ -7,9 +7,7 @@ use zerocopy::IntoBytes;
 use crate::error::WireError;
 use crate::ethernet::{EthernetHeader, MacAddr, ETHERNET_HEADER_LEN, ETHERTYPE_DMFABRIC};
 use crate::frame::Frame;
-use crate::header::{
-    flags, ControlOp, Header, Kind, NackReason, Status, AUTH_TAG_LEN, HEADER_LEN, MAGIC, VERSION,
-};
+use crate::header::{flags, ControlOp, Header, Kind, NackReason, Status, AUTH_TAG_LEN, HEADER_LEN, MAGIC, VERSION};
 
 /// Where a message is going and on whose behalf: every id of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -244,12 +242,7 @@ pub struct FrameRepr<'a> {
 impl<'a> FrameRepr<'a> {
     /// A frame without tag and retransmit mark.
     pub fn new(eth: EthernetRepr, msg: Message<'a>) -> Self {
-        FrameRepr {
-            eth,
-            msg,
-            retransmit: false,
-            auth_tag: None,
-        }
+        FrameRepr { eth, msg, retransmit: false, auth_tag: None }
     }
 
     /// Parse bytes from the wire: the checked view, then [`FrameRepr::parse`].
@@ -314,44 +307,21 @@ impl<'a> FrameRepr<'a> {
                 if data & !size.mask() != 0 {
                     return Err(WireError::DataTooWide);
                 }
-                let dir = if f & flags::WRITE != 0 {
-                    Direction::Write
-                } else {
-                    Direction::Read
-                };
+                let dir = if f & flags::WRITE != 0 { Direction::Write } else { Direction::Read };
                 if kind == Kind::IoRequest {
                     if h.status != 0 {
                         return Err(WireError::BadStatus);
                     }
-                    Message::IoRequest(IoRequest {
-                        route,
-                        seq,
-                        space,
-                        dir,
-                        size,
-                        addr,
-                        data,
-                    })
+                    Message::IoRequest(IoRequest { route, seq, space, dir, size, addr, data })
                 } else {
                     let status = Status::from_u8(h.status).ok_or(WireError::BadStatus)?;
-                    Message::IoCompletion(IoCompletion {
-                        route,
-                        seq,
-                        space,
-                        dir,
-                        size,
-                        addr,
-                        data,
-                        status,
-                    })
+                    Message::IoCompletion(IoCompletion { route, seq, space, dir, size, addr, data, status })
                 }
             }
             Kind::Interrupt => {
                 no_io_fields(h, true, false)?;
                 let source = match h.space {
-                    1 => IrqSource::Line(
-                        u32::try_from(h.addr.get()).map_err(|_| WireError::DataTooWide)?,
-                    ),
+                    1 => IrqSource::Line(u32::try_from(h.addr.get()).map_err(|_| WireError::DataTooWide)?),
                     2 => IrqSource::Msi {
                         address: h.addr.get(),
                         data: u32::try_from(h.data.get()).map_err(|_| WireError::DataTooWide)?,
@@ -366,12 +336,7 @@ impl<'a> FrameRepr<'a> {
                 if matches!(source, IrqSource::Msi { .. }) && trigger != Trigger::Edge {
                     return Err(WireError::BadFlags);
                 }
-                Message::Interrupt(Interrupt {
-                    route,
-                    seq,
-                    source,
-                    trigger,
-                })
+                Message::Interrupt(Interrupt { route, seq, source, trigger })
             }
             Kind::InterruptAck => {
                 no_io_fields(h, false, false)?;
@@ -380,31 +345,18 @@ impl<'a> FrameRepr<'a> {
             Kind::Control => {
                 no_io_fields(h, true, false)?;
                 let op = ControlOp::from_u8(h.space).ok_or(WireError::BadSpace)?;
-                Message::Control(ControlMsg {
-                    route,
-                    seq,
-                    op,
-                    payload,
-                })
+                Message::Control(ControlMsg { route, seq, op, payload })
             }
             Kind::Nack => {
                 no_io_fields(h, true, true)?;
                 let nacked = Kind::from_u8(h.space).ok_or(WireError::BadSpace)?;
                 let reason = NackReason::from_u8(h.status).ok_or(WireError::BadStatus)?;
-                Message::Nack(Nack {
-                    route,
-                    seq,
-                    reason,
-                    nacked,
-                })
+                Message::Nack(Nack { route, seq, reason, nacked })
             }
         };
 
         Ok(FrameRepr {
-            eth: EthernetRepr {
-                dst: frame.dst(),
-                src: frame.src(),
-            },
+            eth: EthernetRepr { dst: frame.dst(), src: frame.src() },
             msg,
             retransmit: f & flags::RETRANSMIT != 0,
             auth_tag: frame.auth_tag().copied(),
@@ -416,11 +368,7 @@ impl<'a> FrameRepr<'a> {
         ETHERNET_HEADER_LEN
             + HEADER_LEN
             + self.msg.payload().len()
-            + if self.auth_tag.is_some() {
-                AUTH_TAG_LEN
-            } else {
-                0
-            }
+            + if self.auth_tag.is_some() { AUTH_TAG_LEN } else { 0 }
     }
 
     /// Write the frame to the start of `buf`; returns the bytes written.
@@ -432,11 +380,7 @@ impl<'a> FrameRepr<'a> {
         }
         let payload_len = u16::try_from(payload.len()).map_err(|_| WireError::BufferTooSmall)?;
 
-        let eth = EthernetHeader {
-            dst: self.eth.dst.0,
-            src: self.eth.src.0,
-            ethertype: U16::new(ETHERTYPE_DMFABRIC),
-        };
+        let eth = EthernetHeader { dst: self.eth.dst.0, src: self.eth.src.0, ethertype: U16::new(ETHERTYPE_DMFABRIC) };
         let route = *self.msg.route();
         let mut f = 0u16;
         if self.retransmit {

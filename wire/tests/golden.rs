@@ -7,14 +7,7 @@ const DST: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x02]);
 const SRC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x01]);
 
 fn route() -> Route {
-    Route {
-        server: 0x0102,
-        hypervisor: 0x0304,
-        client: 0x0506,
-        vm: 0x0708_090a,
-        vcpu: 0x0b0c,
-        device: 0x0d0e_0f10,
-    }
+    Route { server: 0x0102, hypervisor: 0x0304, client: 0x0506, vm: 0x0708_090a, vcpu: 0x0b0c, device: 0x0d0e_0f10 }
 }
 
 #[rustfmt::skip]
@@ -154,16 +147,8 @@ fn golden_level_interrupt() {
 #[test]
 fn golden_control_hello_with_tag() {
     let mut repr = FrameRepr::new(
-        EthernetRepr {
-            dst: MacAddr::BROADCAST,
-            src: SRC,
-        },
-        Message::Control(ControlMsg {
-            route: route(),
-            seq: 1,
-            op: ControlOp::Hello,
-            payload: b"hi!",
-        }),
+        EthernetRepr { dst: MacAddr::BROADCAST, src: SRC },
+        Message::Control(ControlMsg { route: route(), seq: 1, op: ControlOp::Hello, payload: b"hi!" }),
     );
     let mut tag = [0u8; 16];
     for (i, b) in tag.iter_mut().enumerate() {
@@ -177,12 +162,7 @@ fn golden_control_hello_with_tag() {
 fn golden_nack() {
     let repr = FrameRepr::new(
         EthernetRepr { dst: SRC, src: DST },
-        Message::Nack(Nack {
-            route: route(),
-            seq: 0x1234,
-            reason: NackReason::UnknownDevice,
-            nacked: Kind::IoRequest,
-        }),
+        Message::Nack(Nack { route: route(), seq: 0x1234, reason: NackReason::UnknownDevice, nacked: Kind::IoRequest }),
     );
     check_golden(&NACK_UNKNOWN_DEVICE, repr);
 }
@@ -191,12 +171,12 @@ fn golden_nack() {
 #[test]
 fn semantic_faults_are_rejected() {
     let cases: &[(&[u8], usize, u8, WireError)] = &[
-        (&IO_REQUEST_OUT, 46, 3, WireError::BadSpace), // space 3
-        (&IO_REQUEST_OUT, 47, 8, WireError::BadSize),  // 8-byte port I/O
-        (&IO_REQUEST_OUT, 47, 3, WireError::BadSize),  // size 3
+        (&IO_REQUEST_OUT, 46, 3, WireError::BadSpace),    // space 3
+        (&IO_REQUEST_OUT, 47, 8, WireError::BadSize),     // 8-byte port I/O
+        (&IO_REQUEST_OUT, 47, 3, WireError::BadSize),     // size 3
         (&IO_REQUEST_OUT, 68, 1, WireError::DataTooWide), // data 0x141 in a 1-byte OUT
-        (&IO_REQUEST_OUT, 48, 1, WireError::BadStatus), // status on a request
-        (&IO_REQUEST_OUT, 59, 1, WireError::BadSpace), // port 0x1_0000_03f8
+        (&IO_REQUEST_OUT, 48, 1, WireError::BadStatus),   // status on a request
+        (&IO_REQUEST_OUT, 59, 1, WireError::BadSpace),    // port 0x1_0000_03f8
         (&MMIO_COMPLETION, 48, 9, WireError::BadStatus),
         (&LEVEL_INTERRUPT, 46, 2, WireError::BadFlags), // MSI cannot be level
         (&LEVEL_INTERRUPT, 47, 1, WireError::BadSize),
@@ -207,20 +187,13 @@ fn semantic_faults_are_rejected() {
     for &(golden, at, val, want) in cases {
         let mut b = golden.to_vec();
         b[at] = val;
-        assert_eq!(
-            FrameRepr::parse_bytes(&b).err(),
-            Some(want),
-            "byte {at} = {val:#x}"
-        );
+        assert_eq!(FrameRepr::parse_bytes(&b).err(), Some(want), "byte {at} = {val:#x}");
     }
     // A payload on a kind that carries none.
     let mut b = NACK_UNKNOWN_DEVICE.to_vec();
     b[21] = 1;
     b.push(0);
-    assert_eq!(
-        FrameRepr::parse_bytes(&b).err(),
-        Some(WireError::UnexpectedPayload)
-    );
+    assert_eq!(FrameRepr::parse_bytes(&b).err(), Some(WireError::UnexpectedPayload));
 }
 
 #[test]
@@ -241,9 +214,7 @@ fn fuzz_seed_corpus() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let bytes = std::fs::read(&path).unwrap();
         let parsed = FrameRepr::parse_bytes(&bytes);
-        let bad = ["bad_", "short", "arp_"]
-            .iter()
-            .any(|p| name.starts_with(p));
+        let bad = ["bad_", "short", "arp_"].iter().any(|p| name.starts_with(p));
         assert_eq!(parsed.is_err(), bad, "{name}: {parsed:?}");
         if let Ok(repr) = parsed {
             let mut out = vec![0u8; repr.buffer_len()];

@@ -9,116 +9,46 @@ fn mac() -> impl Strategy<Value = MacAddr> {
 }
 
 fn route() -> impl Strategy<Value = Route> {
-    (
-        any::<u16>(),
-        any::<u16>(),
-        any::<u16>(),
-        any::<u32>(),
-        any::<u16>(),
-        any::<u32>(),
+    (any::<u16>(), any::<u16>(), any::<u16>(), any::<u32>(), any::<u16>(), any::<u32>()).prop_map(
+        |(server, hypervisor, client, vm, vcpu, device)| Route { server, hypervisor, client, vm, vcpu, device },
     )
-        .prop_map(|(server, hypervisor, client, vm, vcpu, device)| Route {
-            server,
-            hypervisor,
-            client,
-            vm,
-            vcpu,
-            device,
-        })
 }
 
 fn io_fields() -> impl Strategy<Value = (Space, Direction, AccessSize, u64, u64)> {
-    (
-        prop_oneof![Just(Space::Pio), Just(Space::Mmio)],
-        any::<bool>(),
-        0usize..4,
-        any::<u64>(),
-        any::<u64>(),
-    )
+    (prop_oneof![Just(Space::Pio), Just(Space::Mmio)], any::<bool>(), 0usize..4, any::<u64>(), any::<u64>())
         .prop_filter_map("size fits space", |(space, write, s, addr, data)| {
             let size = AccessSize::new([1, 2, 4, 8][s], space)?;
-            let addr = if space == Space::Pio {
-                addr & 0xffff
-            } else {
-                addr
-            };
-            let dir = if write {
-                Direction::Write
-            } else {
-                Direction::Read
-            };
+            let addr = if space == Space::Pio { addr & 0xffff } else { addr };
+            let dir = if write { Direction::Write } else { Direction::Read };
             Some((space, dir, size, addr, data & size.mask()))
         })
 }
 
 fn message(payload: &[u8]) -> impl Strategy<Value = Message<'_>> {
-    let io_req = (route(), any::<u64>(), io_fields()).prop_map(
-        |(route, seq, (space, dir, size, addr, data))| {
-            Message::IoRequest(IoRequest {
-                route,
-                seq,
-                space,
-                dir,
-                size,
-                addr,
-                data,
-            })
-        },
-    );
+    let io_req = (route(), any::<u64>(), io_fields()).prop_map(|(route, seq, (space, dir, size, addr, data))| {
+        Message::IoRequest(IoRequest { route, seq, space, dir, size, addr, data })
+    });
     let io_cmp = (route(), any::<u64>(), io_fields(), any::<bool>()).prop_map(
         |(route, seq, (space, dir, size, addr, data), ok)| {
             let status = if ok { Status::Ok } else { Status::Unclaimed };
-            Message::IoCompletion(IoCompletion {
-                route,
-                seq,
-                space,
-                dir,
-                size,
-                addr,
-                data,
-                status,
-            })
+            Message::IoCompletion(IoCompletion { route, seq, space, dir, size, addr, data, status })
         },
     );
-    let irq = (route(), any::<u64>(), any::<u32>(), any::<u64>(), 0u8..4).prop_map(
-        |(route, seq, n, a, t)| {
-            let (source, trigger) = match t {
-                0 => (IrqSource::Line(n), Trigger::Edge),
-                1 => (IrqSource::Line(n), Trigger::Level { asserted: true }),
-                2 => (IrqSource::Line(n), Trigger::Level { asserted: false }),
-                _ => (
-                    IrqSource::Msi {
-                        address: a,
-                        data: n,
-                    },
-                    Trigger::Edge,
-                ),
-            };
-            Message::Interrupt(Interrupt {
-                route,
-                seq,
-                source,
-                trigger,
-            })
-        },
-    );
-    let ack = (route(), any::<u64>())
-        .prop_map(|(route, seq)| Message::InterruptAck(InterruptAck { route, seq }));
+    let irq = (route(), any::<u64>(), any::<u32>(), any::<u64>(), 0u8..4).prop_map(|(route, seq, n, a, t)| {
+        let (source, trigger) = match t {
+            0 => (IrqSource::Line(n), Trigger::Edge),
+            1 => (IrqSource::Line(n), Trigger::Level { asserted: true }),
+            2 => (IrqSource::Line(n), Trigger::Level { asserted: false }),
+            _ => (IrqSource::Msi { address: a, data: n }, Trigger::Edge),
+        };
+        Message::Interrupt(Interrupt { route, seq, source, trigger })
+    });
+    let ack = (route(), any::<u64>()).prop_map(|(route, seq)| Message::InterruptAck(InterruptAck { route, seq }));
     let ctl = (route(), any::<u64>(), 1u8..=6).prop_map(move |(route, seq, op)| {
-        Message::Control(ControlMsg {
-            route,
-            seq,
-            op: ControlOp::from_u8(op).unwrap(),
-            payload,
-        })
+        Message::Control(ControlMsg { route, seq, op: ControlOp::from_u8(op).unwrap(), payload })
     });
     let nack = (route(), any::<u64>(), 1u8..=5, 1u8..=6).prop_map(|(route, seq, r, k)| {
-        Message::Nack(Nack {
-            route,
-            seq,
-            reason: NackReason::from_u8(r).unwrap(),
-            nacked: Kind::from_u8(k).unwrap(),
-        })
+        Message::Nack(Nack { route, seq, reason: NackReason::from_u8(r).unwrap(), nacked: Kind::from_u8(k).unwrap() })
     });
     prop_oneof![io_req, io_cmp, irq, ack, ctl, nack]
 }
