@@ -63,6 +63,7 @@ pub struct ShardedServer {
     stats: ShardStats,
     workers: Vec<JoinHandle<Devices>>,
     stop_workers: Arc<AtomicBool>,
+    pause_workers: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ShardedServer {
@@ -99,19 +100,21 @@ impl ShardedServer {
         shard_of.sort_unstable();
         shard_of.dedup_by_key(|(id, _)| *id);
         let stop_workers = Arc::new(AtomicBool::new(false));
+        let pause_workers = Arc::new(AtomicBool::new(false));
         let (mut to_workers, mut from_workers, mut workers) = (Vec::new(), Vec::new(), Vec::new());
         for (w, specs) in shards.into_iter().enumerate() {
             let (job_p, job_c) = ring::channel::<Job>(RING_SLOTS);
             let (done_p, done_c) = ring::channel::<Done>(RING_SLOTS);
             let core = worker_cores.get(w).copied();
             let stop = stop_workers.clone();
+            let pause = pause_workers.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("dmf-worker-{w}"))
                 .spawn(move || {
                     if let Some(c) = core {
                         let _ = dmfabric_pinning::pin_current(c);
                     }
-                    worker_loop(Devices::new(&specs), job_c, done_p, &stop, idle)
+                    worker_loop(Devices::new(&specs), job_c, done_p, &stop, &pause, idle)
                 })
                 .expect("spawning a worker thread");
             to_workers.push(job_p);
@@ -127,7 +130,14 @@ impl ShardedServer {
             stats: ShardStats { executed: vec![0; n], ..ShardStats::default() },
             workers,
             stop_workers,
+            pause_workers,
         })
+    }
+
+    /// Hold every worker before its next request (requests queue up in the
+    /// rings and then on the data-plane core), or let them go on.
+    pub fn pause_workers(&self, paused: bool) {
+        self.pause_workers.store(paused, Ordering::Release);
     }
 
     fn shard(&self, device: u32) -> Option<usize> {
@@ -218,11 +228,13 @@ fn worker_loop(
     mut jobs: Consumer<Job>,
     mut done: Producer<Done>,
     stop: &AtomicBool,
+    pause: &AtomicBool,
     idle: WorkerIdle,
 ) -> Devices {
     let mut empty = 0u32;
     while !stop.load(Ordering::Relaxed) {
-        let Ok(job) = jobs.pop() else {
+        let job = if pause.load(Ordering::Acquire) { None } else { jobs.pop().ok() };
+        let Some(job) = job else {
             empty = empty.saturating_add(1);
             if empty >= idle.spin {
                 std::thread::sleep(idle.nap);
@@ -327,16 +339,18 @@ mod tests {
     #[test]
     fn a_full_ring_waits_in_order_and_loses_nothing() {
         let devices = [DeviceSpec::test_device()];
-        // A worker that naps long, so the ring fills.
-        let idle = WorkerIdle { spin: 1, nap: Duration::from_millis(20) };
+        let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
         let mut s = ShardedServer::start(1, SERVER, &devices, &[0], idle).unwrap();
+        // A held worker takes nothing, so its ring fills and the rest waits.
+        s.pause_workers(true);
         let n = RING_SLOTS + 300;
         let frames: Vec<Vec<u8>> = (0..n as u64).map(|i| request(1, i, Direction::Write, i)).collect();
         let mut tx = FrameBatch::new();
         for f in &frames {
             s.on_frame(f, &mut tx, Instant::now());
         }
-        assert!(s.stats().1.ring_full >= 300);
+        assert_eq!(s.stats().1.ring_full, 300);
+        s.pause_workers(false);
         let mut seqs = Vec::new();
         let end = Instant::now() + Duration::from_secs(10);
         while seqs.len() < n && Instant::now() < end {
