@@ -85,29 +85,6 @@ impl FrameBatch {
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
         (0..self.count).map(move |i| self.get(i))
     }
-
-    /// Drop the first `n` frames, keeping the rest in order.
-    pub fn consume_front(&mut self, n: usize) {
-        let n = n.min(self.count);
-        if n == 0 {
-            return;
-        }
-        let rest = self.count - n;
-        self.data.copy_within(n * FRAME_CAP..self.count * FRAME_CAP, 0);
-        self.lens.copy_within(n..self.count, 0);
-        self.count = rest;
-    }
-
-    /// Swap frames `i` and `j` (fault injection reorders).
-    pub fn swap(&mut self, i: usize, j: usize) {
-        if i == j {
-            return;
-        }
-        let (lo, hi) = (i.min(j), i.max(j));
-        let (a, b) = self.data.split_at_mut(hi * FRAME_CAP);
-        a[lo * FRAME_CAP..(lo + 1) * FRAME_CAP].swap_with_slice(&mut b[..FRAME_CAP]);
-        self.lens.swap(i, j);
-    }
 }
 
 #[cfg(test)]
@@ -115,7 +92,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn push_get_consume_swap() {
+    fn push_get_clear() {
         let mut b = FrameBatch::new();
         for i in 0..MAX_BURST {
             assert!(b.push(&[i as u8; 3]));
@@ -123,14 +100,11 @@ mod tests {
         assert!(b.is_full());
         assert!(!b.push(&[9]));
         assert_eq!(b.get(5), &[5, 5, 5]);
-        b.swap(0, 7);
-        assert_eq!(b.get(0), &[7, 7, 7]);
-        assert_eq!(b.get(7), &[0, 0, 0]);
-        b.consume_front(60);
-        assert_eq!(b.len(), 4);
-        assert_eq!(b.get(0), &[60, 60, 60]);
+        assert_eq!(b.iter().count(), MAX_BURST);
+        b.clear();
+        assert!(b.is_empty());
         assert!(b.push_with(|_| None));
-        assert_eq!(b.len(), 4, "a writer returning None appends nothing");
+        assert_eq!(b.len(), 0, "a writer returning None appends nothing");
     }
 
     #[test]

@@ -108,10 +108,6 @@ impl<T: Transport> FaultInjector<T> {
         self.stats
     }
 
-    pub fn inner(&self) -> &T {
-        &self.inner
-    }
-
     fn corrupt(rng: &mut Rng, frame: &mut [u8]) {
         if !frame.is_empty() {
             let bit = rng.next_u64() as usize % (frame.len() * 8);

@@ -18,7 +18,6 @@ const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 #[derive(Debug)]
 pub struct PacketTransport {
     fd: OwnedFd,
-    ifindex: u32,
     mac: MacAddr,
     buf: Box<[u8]>,
     stats: TransportStats,
@@ -82,17 +81,7 @@ impl PacketTransport {
                 io::Error::last_os_error(),
             ));
         }
-        Ok(PacketTransport {
-            fd,
-            ifindex,
-            mac,
-            buf: vec![0u8; FRAME_CAP].into_boxed_slice(),
-            stats: TransportStats::default(),
-        })
-    }
-
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
+        Ok(PacketTransport { fd, mac, buf: vec![0u8; FRAME_CAP].into_boxed_slice(), stats: TransportStats::default() })
     }
 }
 

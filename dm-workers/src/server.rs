@@ -125,10 +125,6 @@ impl Devices {
         Devices { table, unclaimed: 0 }
     }
 
-    pub fn contains(&self, id: u32) -> bool {
-        self.table.binary_search_by_key(&id, |(d, _)| *d).is_ok()
-    }
-
     /// Accesses no device register claimed so far.
     pub fn unclaimed(&self) -> u64 {
         self.unclaimed
