@@ -234,8 +234,11 @@ impl XdpTransport {
 
         let mut xdp_flags = XdpFlags::empty();
         xdp_flags |= if att.native { XdpFlags::XDP_FLAGS_DRV_MODE } else { XdpFlags::XDP_FLAGS_SKB_MODE };
-        let mut bind_flags = BindFlags::XDP_USE_NEED_WAKEUP;
-        bind_flags |= if att.zero_copy { BindFlags::XDP_ZEROCOPY } else { BindFlags::XDP_COPY };
+        // Copy mode: the kernel fills the RX ring from the network stack and
+        // sends during our TX kick, so wake-up flags would only add checks to
+        // every poll. Zero-copy drivers sleep: there they pay off.
+        let bind_flags =
+            if att.zero_copy { BindFlags::XDP_ZEROCOPY | BindFlags::XDP_USE_NEED_WAKEUP } else { BindFlags::XDP_COPY };
         let mut libxdp_flags = LibxdpFlags::empty();
         if probe {
             libxdp_flags |= LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD;
