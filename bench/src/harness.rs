@@ -248,7 +248,7 @@ where
             dmfabric_pinning::pin_current(c)?;
         }
         let mut t = dmfabric_dataplane::open(&spec).map_err(LoadError::from)?;
-        let (mac, id) = loadgen::discover(t.as_mut(), Duration::from_secs(5))?;
+        let (mac, id) = loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, Duration::from_secs(5))?;
         let target = Target { devices: setup.test_devices, ..Target::test_device(mac, id) };
         Ok(load(t.as_mut(), target)?)
     })?
@@ -277,7 +277,7 @@ where
         dmfabric_pinning::pin_current(c)?;
     }
     let _ = stop;
-    let result = loadgen::discover(&mut client, Duration::from_secs(5))
+    let result = loadgen::discover(&mut client, loadgen::CLIENT_ID, Duration::from_secs(5))
         .and_then(|(mac, id)| load(&mut client, Target::test_device(mac, id)));
     server_stop.store(true, Ordering::Relaxed);
     let server = server.join().ok();

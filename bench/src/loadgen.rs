@@ -12,6 +12,9 @@ use dmfabric_wire::{
 };
 use hdrhistogram::Histogram;
 
+/// The client platform id the load generator sends as.
+pub const CLIENT_ID: u16 = 1;
+
 /// Whom the load is aimed at and as whom it is sent.
 #[derive(Debug, Clone, Copy)]
 pub struct Target {
@@ -28,7 +31,7 @@ pub struct Target {
 impl Target {
     /// The default test device on `server_mac`.
     pub fn test_device(server_mac: MacAddr, server_id: u16) -> Target {
-        Target { server_mac, server_id, device: TEST_DEVICE_ID, client_id: 1, vm: 1, devices: 1 }
+        Target { server_mac, server_id, device: TEST_DEVICE_ID, client_id: CLIENT_ID, vm: 1, devices: 1 }
     }
 }
 
@@ -46,7 +49,9 @@ pub enum LoadError {
 
 /// Find a server on the link: broadcast Hello, take the first HelloReply.
 /// Returns the server's MAC and id.
-pub fn discover(t: &mut dyn Transport, timeout: Duration) -> Result<(MacAddr, u16), LoadError> {
+/// `client` is the client platform id the load will use: the server
+/// forgets that client's streams, since its sequence numbers start over.
+pub fn discover(t: &mut dyn Transport, client: u16, timeout: Duration) -> Result<(MacAddr, u16), LoadError> {
     let end = Instant::now() + timeout;
     let mut batch = FrameBatch::new();
     let mut seq = 0u64;
@@ -54,7 +59,12 @@ pub fn discover(t: &mut dyn Transport, timeout: Duration) -> Result<(MacAddr, u1
         seq += 1;
         let hello = FrameRepr::new(
             EthernetRepr { dst: MacAddr::BROADCAST, src: t.mac() },
-            Message::Control(ControlMsg { route: Route::default(), seq, op: ControlOp::Hello, payload: &[] }),
+            Message::Control(ControlMsg {
+                route: Route { client, ..Route::default() },
+                seq,
+                op: ControlOp::Hello,
+                payload: &[],
+            }),
         );
         batch.push_with(|buf| hello.emit(buf).ok());
         t.send(&mut batch)?;
@@ -104,7 +114,7 @@ fn expected(i: u64, slot: u16) -> u64 {
     }
 }
 
-fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16, seq: u64) {
+fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16, seq: u64, retransmit: bool) {
     let (space, dir, size, addr, data) = pattern(seq, vcpu);
     let req = IoRequest {
         route: Route {
@@ -122,7 +132,8 @@ fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16
         addr,
         data,
     };
-    let repr = FrameRepr::new(EthernetRepr { dst: target.server_mac, src }, Message::IoRequest(req));
+    let mut repr = FrameRepr::new(EthernetRepr { dst: target.server_mac, src }, Message::IoRequest(req));
+    repr.retransmit = retransmit;
     batch.push_with(|buf| repr.emit(buf).ok());
 }
 
@@ -150,25 +161,50 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(10, 60_000_000_000, 3).expect("valid histogram bounds")
 }
 
+/// When to give up on an answer: after `timeout`, send the request again
+/// (same sequence number), up to `retries` times; then count it lost.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { timeout: Duration::from_millis(20), retries: 4 }
+    }
+}
+
 /// Result of [`rtt`] or [`throughput`].
 #[derive(Debug, Clone)]
 pub struct LoadReport {
     pub sent: u64,
     pub completed: u64,
-    /// Requests without an answer within the timeout.
+    /// Requests without an answer after every retry.
     pub lost: u64,
+    /// Requests sent again after a timeout.
+    pub retransmits: u64,
     /// Answers with the wrong data or a non-Ok status.
     pub wrong: u64,
-    /// Answers to requests already given up on.
+    /// Answers to requests already answered or given up on.
     pub late: u64,
     pub elapsed: Duration,
-    /// Round-trip times in nanoseconds.
+    /// Round-trip times in nanoseconds, from the first send to the answer.
     pub hist: Histogram<u64>,
 }
 
 impl LoadReport {
     fn new() -> Self {
-        LoadReport { sent: 0, completed: 0, lost: 0, wrong: 0, late: 0, elapsed: Duration::ZERO, hist: histogram() }
+        LoadReport {
+            sent: 0,
+            completed: 0,
+            lost: 0,
+            retransmits: 0,
+            wrong: 0,
+            late: 0,
+            elapsed: Duration::ZERO,
+            hist: histogram(),
+        }
     }
 
     /// Latency at `q` (0..=1) in microseconds.
@@ -182,13 +218,14 @@ impl LoadReport {
 pub const GIVE_UP_AFTER_LOST: u64 = 50;
 
 /// Ping-pong: `requests` requests, one outstanding at a time. Warm-up
-/// requests (not recorded) go first.
+/// requests (not recorded) go first. Sequence numbers start at 0, so call
+/// [`discover`] before each run: its Hello resets this client's streams.
 pub fn rtt(
     t: &mut dyn Transport,
     target: &Target,
     requests: u64,
     warmup: u64,
-    timeout: Duration,
+    retry: Retry,
     stop: &AtomicBool,
 ) -> Result<LoadReport, LoadError> {
     let mut report = LoadReport::new();
@@ -196,21 +233,23 @@ pub fn rtt(
     let src = t.mac();
     let start = Instant::now();
     let mut lost_in_a_row = 0u64;
-    for i in 0..warmup + requests {
+    let mut i = 0u64;
+    while i < warmup + requests {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let record = i >= warmup;
-        emit_request(&mut batch, src, target, 0, i);
+        emit_request(&mut batch, src, target, 0, i, false);
         let sent_at = Instant::now();
         t.send(&mut batch)?;
         report.sent += u64::from(record);
-        let deadline = sent_at + timeout;
+        let mut deadline = sent_at + retry.timeout;
+        let mut tries = 0;
         let mut done = false;
         while !done {
             t.recv(8, &mut |f| {
                 if let Some(a) = check_answer(f, target) {
-                    if a.vcpu == 0 && a.seq == i {
+                    if a.vcpu == 0 && a.seq == i && !done {
                         let rtt = sent_at.elapsed();
                         done = true;
                         if record {
@@ -224,38 +263,50 @@ pub fn rtt(
                 }
             })?;
             if !done && Instant::now() >= deadline {
-                report.lost += u64::from(record);
-                break;
+                if tries == retry.retries {
+                    report.lost += u64::from(record);
+                    break;
+                }
+                tries += 1;
+                report.retransmits += u64::from(record);
+                emit_request(&mut batch, src, target, 0, i, true);
+                t.send(&mut batch)?;
+                deadline = Instant::now() + retry.timeout;
             }
         }
         lost_in_a_row = if done { 0 } else { lost_in_a_row + 1 };
         if lost_in_a_row >= GIVE_UP_AFTER_LOST {
             return Err(LoadError::ServerGone(lost_in_a_row));
         }
+        // A lost write leaves its read without a known answer: skip the pair.
+        i = if done { i + 1 } else { (i | 1) + 1 };
     }
     report.elapsed = start.elapsed();
     Ok(report)
 }
 
 /// Many requests in flight, as from `inflight` vCPUs each with one
-/// outstanding request, for `duration`. A vCPU whose request times out
-/// counts it lost and sends the next.
+/// outstanding request, for `duration`. Like [`rtt`], numbers from 0. A request without an answer is
+/// sent again per `retry`, then counted lost, and its vCPU goes on.
 pub fn throughput(
     t: &mut dyn Transport,
     target: &Target,
     duration: Duration,
     inflight: u16,
-    timeout: Duration,
+    retry: Retry,
     stop: &AtomicBool,
 ) -> Result<LoadReport, LoadError> {
     struct Slot {
         seq: u64,
         sent_at: Instant,
+        deadline: Instant,
+        tries: u32,
         busy: bool,
     }
     let inflight = inflight.clamp(1, MAX_INFLIGHT);
     let now = Instant::now();
-    let mut slots: Vec<Slot> = (0..inflight).map(|_| Slot { seq: 0, sent_at: now, busy: false }).collect();
+    let mut slots: Vec<Slot> =
+        (0..inflight).map(|_| Slot { seq: 0, sent_at: now, deadline: now, tries: 0, busy: false }).collect();
     let mut report = LoadReport::new();
     let mut batch = FrameBatch::new();
     let src = t.mac();
@@ -275,9 +326,8 @@ pub fn throughput(
                 if s.busy {
                     continue;
                 }
-                s.busy = true;
-                s.sent_at = now;
-                emit_request(&mut batch, src, target, vcpu, s.seq);
+                *s = Slot { seq: s.seq, sent_at: now, deadline: now + retry.timeout, tries: 0, busy: true };
+                emit_request(&mut batch, src, target, vcpu, s.seq, false);
                 report.sent += 1;
                 if batch.len() >= 32 {
                     break;
@@ -290,12 +340,8 @@ pub fn throughput(
         let slots_ref = &mut slots;
         let report_ref = &mut report;
         t.recv(64, &mut |f| {
-            let Some(a) = check_answer(f, target) else {
-                return;
-            };
-            let Some(s) = slots_ref.get_mut(usize::from(a.vcpu)) else {
-                return;
-            };
+            let Some(a) = check_answer(f, target) else { return };
+            let Some(s) = slots_ref.get_mut(usize::from(a.vcpu)) else { return };
             if s.busy && a.seq == s.seq {
                 s.busy = false;
                 s.seq += 1;
@@ -307,14 +353,27 @@ pub fn throughput(
             }
         })?;
         iter += 1;
-        if iter.is_multiple_of(256) || !sending {
+        if iter.is_multiple_of(64) || !sending {
             let now = Instant::now();
-            for s in slots.iter_mut().filter(|s| s.busy && now.duration_since(s.sent_at) >= timeout) {
-                report.lost += 1;
-                s.busy = false;
-                // Skip the pair this request belonged to, so that a read is
-                // never checked against a write that was lost.
-                s.seq = (s.seq | 1) + 1;
+            for (vcpu, s) in slots.iter_mut().enumerate().filter(|(_, s)| s.busy && now >= s.deadline) {
+                if s.tries < retry.retries {
+                    s.tries += 1;
+                    s.deadline = now + retry.timeout;
+                    report.retransmits += 1;
+                    emit_request(&mut batch, src, target, vcpu as u16, s.seq, true);
+                    if batch.is_full() {
+                        t.send(&mut batch)?;
+                    }
+                } else {
+                    report.lost += 1;
+                    s.busy = false;
+                    // Skip the pair this request belonged to, so that a read is
+                    // never checked against a write that was lost.
+                    s.seq = (s.seq | 1) + 1;
+                }
+            }
+            if !batch.is_empty() {
+                t.send(&mut batch)?;
             }
             if !sending && slots.iter().all(|s| !s.busy) {
                 break;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmfabric_bench::loadgen::{self, Target, MAX_INFLIGHT};
+use dmfabric_bench::loadgen::{self, Retry, Target, MAX_INFLIGHT};
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::{mem, Transport};
 use dmfabric_dm_workers::server::{DeviceSpec, Server};
@@ -23,7 +23,7 @@ fn with_server<R>(device: DeviceSpec, f: impl FnOnce(&mut dyn Transport, Target)
         poll::run(&mut server_t, &mut s, cfg, &flag).unwrap();
         s.stats()
     });
-    let (mac, id) = loadgen::discover(&mut client, Duration::from_secs(5)).unwrap();
+    let (mac, id) = loadgen::discover(&mut client, loadgen::CLIENT_ID, Duration::from_secs(5)).unwrap();
     assert_eq!((mac, id), (server_mac, 1));
     let r = f(&mut client, Target::test_device(mac, id));
     stop.store(true, Ordering::Relaxed);
@@ -36,8 +36,15 @@ fn with_server<R>(device: DeviceSpec, f: impl FnOnce(&mut dyn Transport, Target)
 fn throughput_at_full_depth_gets_every_answer_right() {
     let never = AtomicBool::new(false);
     let r = with_server(DeviceSpec::test_device(), |t, target| {
-        loadgen::throughput(t, &target, Duration::from_millis(300), MAX_INFLIGHT, Duration::from_millis(500), &never)
-            .unwrap()
+        loadgen::throughput(
+            t,
+            &target,
+            Duration::from_millis(300),
+            MAX_INFLIGHT,
+            Retry { timeout: Duration::from_millis(500), retries: 0 },
+            &never,
+        )
+        .unwrap()
     });
     assert!(r.completed > 1000, "completed {}", r.completed);
     assert_eq!((r.lost, r.wrong, r.late), (0, 0, 0));
@@ -48,7 +55,7 @@ fn throughput_at_full_depth_gets_every_answer_right() {
 fn rtt_gets_every_answer_right_and_records_each() {
     let never = AtomicBool::new(false);
     let r = with_server(DeviceSpec::test_device(), |t, target| {
-        loadgen::rtt(t, &target, 2000, 100, Duration::from_millis(500), &never).unwrap()
+        loadgen::rtt(t, &target, 2000, 100, Retry { timeout: Duration::from_millis(500), retries: 0 }, &never).unwrap()
     });
     assert_eq!((r.sent, r.completed, r.lost, r.wrong), (2000, 2000, 0, 0));
     assert_eq!(r.hist.len(), 2000);
@@ -61,7 +68,15 @@ fn a_device_that_loses_registers_is_caught() {
     let never = AtomicBool::new(false);
     let small = DeviceSpec { pio: Some((0x500, 16)), ..DeviceSpec::test_device() };
     let r = with_server(small, |t, target| {
-        loadgen::throughput(t, &target, Duration::from_millis(200), 16, Duration::from_millis(500), &never).unwrap()
+        loadgen::throughput(
+            t,
+            &target,
+            Duration::from_millis(200),
+            16,
+            Retry { timeout: Duration::from_millis(500), retries: 0 },
+            &never,
+        )
+        .unwrap()
     });
     assert!(r.wrong > 0, "wrong answers must be detected");
 }
@@ -70,6 +85,46 @@ fn a_device_that_loses_registers_is_caught() {
 #[test]
 fn no_server_is_a_clear_error() {
     let (mut client, _silent) = mem::pair(MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]), 16);
-    let err = loadgen::discover(&mut client, Duration::from_millis(300)).unwrap_err();
+    let err = loadgen::discover(&mut client, loadgen::CLIENT_ID, Duration::from_millis(300)).unwrap_err();
     assert!(err.to_string().contains("No dmfabric server answered"), "{err}");
+}
+
+/// Drops, duplicates and reordering on the client's link: retransmits
+/// recover every request, and the server's per-stream cache answers
+/// duplicates without applying a write twice (an old write applied again
+/// after a newer one would make the next read wrong).
+#[test]
+fn lossy_link_loses_nothing_and_applies_no_write_twice() {
+    use dmfabric_dataplane::fault::{FaultConfig, FaultInjector};
+    let never = AtomicBool::new(false);
+    let (client_mac, server_mac) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]));
+    let (client, mut server_t) = mem::pair(client_mac, server_mac, 1024);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let server = std::thread::spawn(move || {
+        let mut s = Server::new(1, server_mac, &[DeviceSpec::test_device()]);
+        let cfg = PollConfig { spin: 1000, wait: Duration::from_millis(1), ..PollConfig::default() };
+        poll::run(&mut server_t, &mut s, cfg, &flag).unwrap();
+        s.stats()
+    });
+    let cfg = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.02, corrupt: 0.0, seed: 11 };
+    let mut client = FaultInjector::new(client, cfg);
+    let (mac, id) = loadgen::discover(&mut client, loadgen::CLIENT_ID, Duration::from_secs(5)).unwrap();
+    let target = Target::test_device(mac, id);
+    let retry = Retry { timeout: Duration::from_millis(5), retries: 20 };
+    let tput = loadgen::throughput(&mut client, &target, Duration::from_millis(500), 32, retry, &never).unwrap();
+    // A new run numbers from 0 again: say Hello first, as a restarted client does.
+    loadgen::discover(&mut client, loadgen::CLIENT_ID, Duration::from_secs(5)).unwrap();
+    let rtt = loadgen::rtt(&mut client, &target, 3000, 0, retry, &never).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let stats = server.join().unwrap();
+    let faults = client.fault_stats();
+    assert!(faults.dropped > 50 && faults.duplicated > 50 && faults.reordered > 10, "{faults:?}");
+    for r in [&tput, &rtt] {
+        assert_eq!((r.lost, r.wrong), (0, 0), "{r:?}");
+        assert!(r.retransmits > 0, "drops were recovered by retransmits");
+    }
+    assert_eq!(rtt.completed, 3000);
+    assert!(stats.duplicates_answered > 0, "{stats}");
+    assert!(stats.stale + stats.duplicates_answered > 0, "{stats}");
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
-use dmfabric_bench::loadgen::{self, LoadReport, Target};
+use dmfabric_bench::loadgen::{self, LoadReport, Retry, Target};
 use dmfabric_bench::report::{RttJson, ThroughputJson};
+use dmfabric_dataplane::fault::{FaultConfig, FaultInjector};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{Transport, TransportKind, TransportSpec};
 
@@ -54,9 +55,15 @@ pub struct Common {
     /// With --iface and --transport udp: the local UDP address.
     #[arg(long, default_value = "0.0.0.0:47000")]
     udp_bind: SocketAddr,
-    /// A request without an answer after this long counts as lost.
-    #[arg(long, default_value_t = 100)]
+    /// Send a request again when its answer has not come after this long.
+    #[arg(long, default_value_t = 20)]
     timeout_ms: u64,
+    /// Retransmissions before a request counts as lost.
+    #[arg(long, default_value_t = 4)]
+    retries: u32,
+    /// Inject faults on the client's transport, e.g. drop=0.05,dup=0.05,reorder=0.01,seed=7.
+    #[arg(long)]
+    faults: Option<String>,
     /// The server process's thread layout: rtc or split:1:W (see `dmfabric server --help`).
     #[arg(long)]
     server_layout: Option<String>,
@@ -107,7 +114,7 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Rtt(a) => {
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
-                loadgen::rtt(t, &target, a.requests, a.warmup, Duration::from_millis(a.common.timeout_ms), stop)
+                loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
             })?;
             let rows: Vec<RttJson> = reports.iter().map(|(k, r)| RttJson::new(k.name(), r)).collect();
             for row in &rows {
@@ -125,14 +132,7 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 bail!("--inflight must be between 1 and {}, not {}", loadgen::MAX_INFLIGHT, a.inflight);
             }
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
-                loadgen::throughput(
-                    t,
-                    &target,
-                    Duration::from_secs_f64(a.seconds),
-                    a.inflight,
-                    Duration::from_millis(a.common.timeout_ms),
-                    stop,
-                )
+                loadgen::throughput(t, &target, Duration::from_secs_f64(a.seconds), a.inflight, a.common.retry(), stop)
             })?;
             let rows: Vec<ThroughputJson> =
                 reports.iter().map(|(k, r)| ThroughputJson::new(k.name(), a.inflight, r)).collect();
@@ -164,12 +164,14 @@ pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         iface: None,
         udp_peer: None,
         udp_bind: "0.0.0.0:47000".parse().expect("valid address"),
-        timeout_ms: 100,
+        timeout_ms: 20,
+        retries: 4,
+        faults: None,
         server_layout: None,
         test_devices: 1,
     };
     let rtts = for_each_transport(&common, &stop, |t, target, stop| {
-        loadgen::rtt(t, &target, args.requests, 20_000, Duration::from_millis(100), stop)
+        loadgen::rtt(t, &target, args.requests, 20_000, Retry::default(), stop)
     })?;
     let rows: Vec<RttJson> = rtts.iter().map(|(k, r)| RttJson::new(k.name(), r)).collect();
     println!("\nround trips (one request outstanding):");
@@ -181,7 +183,7 @@ pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         bail!("Interrupted");
     }
     let tputs = for_each_transport(&common, &stop, |t, target, stop| {
-        loadgen::throughput(t, &target, Duration::from_secs_f64(args.seconds), 64, Duration::from_millis(100), stop)
+        loadgen::throughput(t, &target, Duration::from_secs_f64(args.seconds), 64, Retry::default(), stop)
     })?;
     let trows: Vec<ThroughputJson> = tputs.iter().map(|(k, r)| ThroughputJson::new(k.name(), 64, r)).collect();
     println!("\nthroughput (64 requests in flight):");
@@ -201,6 +203,9 @@ fn for_each_transport(
     mut load: impl FnMut(&mut dyn Transport, Target, &AtomicBool) -> Result<LoadReport, loadgen::LoadError>,
 ) -> anyhow::Result<Vec<(TransportKind, LoadReport)>> {
     let load: &mut LoadFn<'_> = &mut load;
+    if let Some(spec) = &common.faults {
+        FaultConfig::parse(spec).map_err(|e| anyhow::anyhow!("--faults: {e}"))?;
+    }
     if let Some(iface) = &common.iface {
         let [kind] = common.transport[..] else {
             bail!("--iface measures one transport at a time");
@@ -223,7 +228,7 @@ fn for_each_transport(
         setup.test_devices = common.test_devices.max(1);
         eprintln!("dmfabric bench: {kind}: test hosts up, server starting ...");
         let flag = stop.clone();
-        let outcome = harness::run(&setup, stop, |t, target| load(t, target, &flag))
+        let outcome = harness::run(&setup, stop, |t, target| with_faults(common, t, |t| load(t, target, &flag)))
             .with_context(|| format!("{kind} run failed"))?;
         if let Some(json) = &outcome.server_json {
             eprintln!("dmfabric bench: {kind}: server counters {json}");
@@ -255,8 +260,34 @@ fn on_given_interface(
         TransportKind::Mem => bail!("--transport mem cannot use an interface"),
     };
     let mut t = dmfabric_dataplane::open(&spec)?;
-    let (mac, id) = loadgen::discover(t.as_mut(), Duration::from_secs(5))?;
-    Ok(load(t.as_mut(), Target::test_device(mac, id), stop)?)
+    let (mac, id) = loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, Duration::from_secs(5))?;
+    let target = Target { devices: common.test_devices.max(1), ..Target::test_device(mac, id) };
+    Ok(with_faults(common, t.as_mut(), |t| load(t, target, stop))?)
+}
+
+impl Common {
+    fn retry(&self) -> Retry {
+        Retry { timeout: Duration::from_millis(self.timeout_ms.max(1)), retries: self.retries }
+    }
+}
+
+/// Run `load` on `t`, through the fault injector if `--faults` asks for it.
+fn with_faults<R>(
+    common: &Common,
+    t: &mut dyn Transport,
+    load: impl FnOnce(&mut dyn Transport) -> Result<R, loadgen::LoadError>,
+) -> Result<R, loadgen::LoadError> {
+    let Some(spec) = &common.faults else { return load(t) };
+    // Validated before any test host was made (see `check_faults`).
+    let cfg = FaultConfig::parse(spec).unwrap_or_default();
+    let mut faulty = FaultInjector::new(t, cfg);
+    let r = load(&mut faulty);
+    let f = faulty.fault_stats();
+    eprintln!(
+        "dmfabric bench: faults injected on the client: dropped {} duplicated {} reordered {} corrupted {}",
+        f.dropped, f.duplicated, f.reordered, f.corrupted
+    );
+    r
 }
 
 fn print_rtt(r: &RttJson) {

@@ -75,7 +75,7 @@ fn xdp_attached(net: &TestNet, host: usize) -> bool {
 fn server_answers(net: &TestNet) -> bool {
     net.with_host(0, || {
         let mut t = XdpTransport::open(&XdpConfig::new(&net.host(0).iface)).expect("client AF_XDP");
-        let Ok((mac, id)) = loadgen::discover(&mut t, Duration::from_secs(3)) else {
+        let Ok((mac, id)) = loadgen::discover(&mut t, loadgen::CLIENT_ID, Duration::from_secs(3)) else {
             return false;
         };
         let r = loadgen::rtt(
@@ -83,7 +83,7 @@ fn server_answers(net: &TestNet) -> bool {
             &Target::test_device(mac, id),
             200,
             0,
-            Duration::from_millis(200),
+            loadgen::Retry::default(),
             &AtomicBool::new(false),
         )
         .unwrap();
@@ -236,7 +236,17 @@ fn split_layout_serves_over_xdp_with_every_worker_busy() {
     // are slow (scheduler time slices): give them time, check correctness.
     let out = Command::new(BIN)
         .args(["bench", "throughput", "--transport", "xdp", "--seconds", "1", "--inflight", "16"])
-        .args(["--server-layout", "split:1:2", "--test-devices", "2", "--timeout-ms", "3000", "--json"])
+        .args([
+            "--server-layout",
+            "split:1:2",
+            "--test-devices",
+            "2",
+            "--timeout-ms",
+            "3000",
+            "--retries",
+            "0",
+            "--json",
+        ])
         .arg(&json)
         .stdin(Stdio::null())
         .output()

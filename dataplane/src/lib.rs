@@ -18,6 +18,7 @@ pub mod mem;
 pub mod netns;
 pub mod packet;
 pub mod poll;
+pub mod reliable;
 pub mod ring;
 mod sys;
 pub mod transport;

@@ -16,6 +16,8 @@ use dmfabric_wire::{
     NackReason, Route, Status, WireError, ETHERTYPE_DMFABRIC,
 };
 
+use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
+
 use crate::device::Device;
 use crate::regfile::RegisterFile;
 
@@ -70,6 +72,15 @@ pub struct ServerStats {
     pub unexpected_kind: u64,
     /// Replies that did not fit the TX burst.
     pub tx_full: u64,
+    /// Retransmitted requests answered again from the stream's cache,
+    /// without running the device model twice.
+    pub duplicates_answered: u64,
+    /// Retransmitted requests still being executed (their answer follows).
+    pub duplicates_in_flight: u64,
+    /// Requests older than their stream's latest: dropped.
+    pub stale: u64,
+    /// Streams forgotten because their client said Hello again (restarted).
+    pub streams_reset: u64,
     /// Malformed frames by reason (WireError::name → count, non-zero only).
     pub malformed: Vec<(&'static str, u64)>,
 }
@@ -84,12 +95,15 @@ impl fmt::Display for ServerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}) hellos {} foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
+            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}) duplicates {} (in flight {}) stale {} hellos {} foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
             self.requests,
             self.completions,
             self.unclaimed,
             self.nack_unknown_device,
             self.nack_wrong_server,
+            self.duplicates_answered,
+            self.duplicates_in_flight,
+            self.stale,
             self.hellos,
             self.foreign,
             self.not_for_us,
@@ -159,11 +173,22 @@ pub struct Frontend {
     mac: MacAddr,
     stats: ServerStats,
     malformed: [u64; WireError::ALL.len()],
+    streams: DupCache<IoCompletion>,
+}
+
+fn stream_of(route: &Route) -> StreamKey {
+    StreamKey::new(route.client, route.vm, route.vcpu)
 }
 
 impl Frontend {
     pub fn new(id: u16, mac: MacAddr) -> Frontend {
-        Frontend { id, mac, stats: ServerStats::default(), malformed: [0; WireError::ALL.len()] }
+        Frontend {
+            id,
+            mac,
+            stats: ServerStats::default(),
+            malformed: [0; WireError::ALL.len()],
+            streams: DupCache::default(),
+        }
     }
 
     /// Counters so far (`unclaimed` is the devices' to add).
@@ -203,10 +228,27 @@ impl Frontend {
                     self.nack(tx, from, &req, NackReason::WrongServer);
                     return None;
                 }
-                Some((req, from))
+                match self.streams.check(stream_of(&req.route), req.seq) {
+                    Seen::New => Some((req, from)),
+                    Seen::Duplicate(Some(&answer)) => {
+                        self.stats.duplicates_answered += 1;
+                        self.reply(tx, from, Message::IoCompletion(answer));
+                        None
+                    }
+                    Seen::Duplicate(None) => {
+                        self.stats.duplicates_in_flight += 1;
+                        None
+                    }
+                    Seen::Stale => {
+                        self.stats.stale += 1;
+                        None
+                    }
+                }
             }
             Message::Control(ControlMsg { op: ControlOp::Hello, route, seq, .. }) => {
                 self.stats.hellos += 1;
+                // A client says Hello when it starts: its sequence numbers start over.
+                self.stats.streams_reset += self.streams.forget_client(route.client) as u64;
                 let route = Route { server: self.id, ..route };
                 let reply = ControlMsg { route, seq, op: ControlOp::HelloReply, payload: &[] };
                 self.reply(tx, from, Message::Control(reply));
@@ -222,6 +264,7 @@ impl Frontend {
     /// Send a completion to `to`.
     pub fn complete(&mut self, tx: &mut FrameBatch, to: MacAddr, cmp: IoCompletion) {
         self.stats.completions += 1;
+        self.streams.answered(stream_of(&cmp.route), cmp.seq, cmp);
         self.reply(tx, to, Message::IoCompletion(cmp));
     }
 
@@ -285,10 +328,17 @@ mod tests {
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
     const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
 
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
+
+    /// A request with the next sequence number of the test stream.
     fn request(device: u32, server: u16, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
+        request_seq(SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed), device, server, dir, addr, data)
+    }
+
+    fn request_seq(seq: u64, device: u32, server: u16, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
         let req = IoRequest {
             route: Route { server, client: 3, vm: 7, vcpu: 0, device, hypervisor: 1 },
-            seq: 42,
+            seq,
             space: Space::Pio,
             dir,
             size: AccessSize::B2,
@@ -319,7 +369,7 @@ mod tests {
         let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
         let out = answer(&mut s, &request(1, 1, Direction::Write, 0x502, 0xbeef));
         let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
-        assert_eq!((c.seq, c.status, c.dir), (42, Status::Ok, Direction::Write));
+        assert_eq!((c.status, c.dir), (Status::Ok, Direction::Write));
         let out = answer(&mut s, &request(1, 1, Direction::Read, 0x502, 0));
         let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
         assert_eq!((c.data, c.route.vm, c.route.client), (0xbeef, 7, 3));
@@ -339,7 +389,7 @@ mod tests {
     fn unknown_device_and_wrong_server_are_nacked() {
         let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
         let out = answer(&mut s, &request(99, 1, Direction::Read, 0x500, 0));
-        assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::UnknownDevice, seq: 42, .. })));
+        assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::UnknownDevice, .. })));
         let out = answer(&mut s, &request(1, 2, Direction::Read, 0x500, 0));
         assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::WrongServer, .. })));
         let st = s.stats();
@@ -366,6 +416,44 @@ mod tests {
         assert_eq!((st.foreign, st.not_for_us, st.requests), (1, 1, 0));
         // And the server still answers.
         assert_eq!(answer(&mut s, &good).len(), 1);
+    }
+
+    #[test]
+    fn a_retransmitted_write_is_answered_from_the_cache_not_run_twice() {
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let first = request_seq(10, 1, 1, Direction::Write, 0x500, 0xaa);
+        let first_answer = answer(&mut s, &first);
+        // The same frame again (the client did not see the answer): same answer.
+        assert_eq!(answer(&mut s, &first), first_answer);
+        // The next write, then the first one arriving late: stale, dropped.
+        answer(&mut s, &request_seq(11, 1, 1, Direction::Write, 0x500, 0xbb));
+        assert!(answer(&mut s, &first).is_empty());
+        let out = answer(&mut s, &request_seq(12, 1, 1, Direction::Read, 0x500, 0));
+        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
+        assert_eq!(c.data, 0xbb, "the old write was not applied again");
+        let st = s.stats();
+        assert_eq!((st.requests, st.completions, st.duplicates_answered, st.stale), (5, 3, 1, 1));
+    }
+
+    #[test]
+    fn hello_resets_the_clients_streams() {
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        answer(&mut s, &request_seq(1000, 1, 1, Direction::Write, 0x500, 1));
+        assert!(answer(&mut s, &request_seq(5, 1, 1, Direction::Write, 0x500, 2)).is_empty(), "stale");
+        let hello = FrameRepr::new(
+            EthernetRepr { dst: MacAddr::BROADCAST, src: CLIENT },
+            Message::Control(ControlMsg {
+                route: Route { client: 3, ..Route::default() },
+                seq: 1,
+                op: ControlOp::Hello,
+                payload: &[],
+            }),
+        );
+        let mut buf = vec![0u8; hello.buffer_len()];
+        hello.emit(&mut buf).unwrap();
+        answer(&mut s, &buf);
+        assert_eq!(answer(&mut s, &request_seq(5, 1, 1, Direction::Write, 0x500, 2)).len(), 1, "new again");
+        assert_eq!(s.stats().streams_reset, 1);
     }
 
     #[test]

@@ -313,9 +313,10 @@ mod tests {
         let devices: Vec<DeviceSpec> = (1..=4).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
         let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
         let mut s = ShardedServer::start(1, SERVER, &devices, &[0, 0], idle).unwrap();
-        let writes: Vec<Vec<u8>> = (1..=4).map(|d| request(d, 1, Direction::Write, 100 + u64::from(d))).collect();
+        let writes: Vec<Vec<u8>> =
+            (1..=4).map(|d| request(d, u64::from(d), Direction::Write, 100 + u64::from(d))).collect();
         assert_eq!(exchange(&mut s, &writes, 4).len(), 4);
-        let reads: Vec<Vec<u8>> = (1..=4).map(|d| request(d, 2, Direction::Read, 0)).collect();
+        let reads: Vec<Vec<u8>> = (1..=4).map(|d| request(d, 10 + u64::from(d), Direction::Read, 0)).collect();
         let mut got: Vec<(u32, u64)> = exchange(&mut s, &reads, 4)
             .into_iter()
             .map(|m| match m {
@@ -329,7 +330,7 @@ mod tests {
         got.sort_unstable();
         assert_eq!(got, vec![(1, 101), (2, 102), (3, 103), (4, 104)]);
         // An unknown device is Nacked by the data-plane core itself.
-        let nack = exchange(&mut s, &[request(9, 3, Direction::Read, 0)], 1);
+        let nack = exchange(&mut s, &[request(9, 99, Direction::Read, 0)], 1);
         assert!(matches!(nack[..], [Message::Nack(_)]));
         let (stats, shard) = s.finish();
         assert_eq!((stats.requests, stats.completions, stats.nack_unknown_device), (9, 8, 1));
