@@ -397,6 +397,8 @@ impl Drop for ChildGuard {
 pub enum Need {
     /// Root, for namespaces, AF_PACKET and AF_XDP.
     Root,
+    /// Read-write access to /dev/kvm.
+    Kvm,
 }
 
 /// Whether a privileged test can run here. Without the privilege it prints
@@ -407,7 +409,10 @@ pub fn privileged_or_skip(test: &str, needs: &[Need]) -> bool {
     for need in needs {
         match need {
             Need::Root if !is_root() => missing.push("root"),
-            Need::Root => {}
+            Need::Kvm if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() => {
+                missing.push("/dev/kvm")
+            }
+            Need::Root | Need::Kvm => {}
         }
     }
     if missing.is_empty() {

@@ -1,6 +1,17 @@
-//! The client platform's KVM shim (DESIGN.md, `vmm-shim/`): VM and vCPU
-//! set-up, guest loading, the exit loop and routing exits to local or
-//! remote devices. Empty until the KVM shim issue lands; nothing here
-//! pretends to work yet.
+//! The client platform's KVM shim (DESIGN.md, `vmm-shim/`).
+//!
+//! Owns: VM and vCPU set-up on KVM ([`kvm`], the only module with
+//! `unsafe`), the test guests assembled from `guests/` at build time
+//! ([`guests`]), the per-VM device map that says where each port and MMIO
+//! range goes ([`devmap`]), and the debug port guests report through.
+//!
+//! So far: a real guest in 64-bit long mode runs port and MMIO accesses
+//! against local device models. Still to come (issue 3): the remote path
+//! over the data plane, interrupts, several vCPUs and VMs, the client CLI.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+pub mod debugport;
+pub mod devmap;
+pub mod guests;
+pub mod kvm;

@@ -1,0 +1,117 @@
+//! Dispatch by address (vm-device's `bus` is the model): a VM's port and
+//! MMIO ranges, each pointing at a target, built once, overlaps rejected at
+//! registration, looked up per exit by binary search.
+
+use dmfabric_wire::Space;
+
+/// Why a range could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error("{space:?} range {base:#x}+{len:#x} overlaps {other_base:#x}+{other_len:#x}")]
+    Overlap { space: Space, base: u64, len: u64, other_base: u64, other_len: u64 },
+    #[error("{space:?} range {base:#x}+{len:#x} is empty or runs past the end of the space")]
+    BadRange { space: Space, base: u64, len: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Entry<T> {
+    base: u64,
+    len: u64,
+    target: T,
+}
+
+/// Where a VM's accesses go. `T` is what a range points at (a local device
+/// index, a remote server and device, ...).
+#[derive(Debug, Clone)]
+pub struct DeviceMap<T> {
+    pio: Vec<Entry<T>>,
+    mmio: Vec<Entry<T>>,
+}
+
+impl<T> Default for DeviceMap<T> {
+    fn default() -> Self {
+        DeviceMap { pio: Vec::new(), mmio: Vec::new() }
+    }
+}
+
+impl<T: Copy> DeviceMap<T> {
+    /// Map `[base, base + len)` of `space` to `target`.
+    pub fn add(&mut self, space: Space, base: u64, len: u64, target: T) -> Result<(), MapError> {
+        let limit: u64 = match space {
+            Space::Pio => 1 << 16,
+            Space::Mmio => u64::MAX,
+        };
+        let end = base.checked_add(len).filter(|&e| len > 0 && e <= limit);
+        if end.is_none() {
+            return Err(MapError::BadRange { space, base, len });
+        }
+        let list = self.list_mut(space);
+        let at = list.partition_point(|e| e.base < base);
+        for neighbour in [at.checked_sub(1), Some(at)].into_iter().flatten() {
+            if let Some(e) = list.get(neighbour) {
+                if base < e.base + e.len && e.base < base + len {
+                    return Err(MapError::Overlap { space, base, len, other_base: e.base, other_len: e.len });
+                }
+            }
+        }
+        list.insert(at, Entry { base, len, target });
+        Ok(())
+    }
+
+    /// The target of an access of `size` bytes at `addr`, if a range holds
+    /// all of it.
+    pub fn lookup(&self, space: Space, addr: u64, size: u8) -> Option<T> {
+        let list = match space {
+            Space::Pio => &self.pio,
+            Space::Mmio => &self.mmio,
+        };
+        let at = list.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let e = &list[at];
+        let end = addr.checked_add(u64::from(size))?;
+        (end <= e.base + e.len).then_some(e.target)
+    }
+
+    fn list_mut(&mut self, space: Space) -> &mut Vec<Entry<T>> {
+        match space {
+            Space::Pio => &mut self.pio,
+            Space::Mmio => &mut self.mmio,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_find_the_range_holding_the_whole_access() {
+        let mut m = DeviceMap::default();
+        m.add(Space::Pio, 0x3f8, 8, 'u').unwrap();
+        m.add(Space::Pio, 0x60, 1, 'k').unwrap();
+        m.add(Space::Pio, 0x64, 1, 'c').unwrap();
+        m.add(Space::Mmio, 0xd000_0000, 0x1000, 'm').unwrap();
+        assert_eq!(m.lookup(Space::Pio, 0x3f8, 1), Some('u'));
+        assert_eq!(m.lookup(Space::Pio, 0x3ff, 1), Some('u'));
+        assert_eq!(m.lookup(Space::Pio, 0x3fe, 4), None, "runs past the range");
+        assert_eq!(m.lookup(Space::Pio, 0x64, 1), Some('c'));
+        assert_eq!(m.lookup(Space::Pio, 0x61, 1), None);
+        assert_eq!(m.lookup(Space::Mmio, 0xd000_0ff8, 8), Some('m'));
+        assert_eq!(m.lookup(Space::Mmio, 0xcfff_ffff, 1), None);
+        assert_eq!(m.lookup(Space::Mmio, u64::MAX, 8), None, "no overflow");
+        assert_eq!(m.lookup(Space::Pio, 0xd000_0000, 1), None, "spaces are apart");
+    }
+
+    #[test]
+    fn overlaps_and_bad_ranges_are_refused() {
+        let mut m = DeviceMap::default();
+        m.add(Space::Pio, 0x100, 0x10, 1).unwrap();
+        for (base, len) in [(0x10f, 1), (0xf8, 0x10), (0x100, 0x10), (0x104, 2), (0x0, 0x1000)] {
+            assert!(matches!(m.add(Space::Pio, base, len, 2), Err(MapError::Overlap { .. })), "{base:#x}+{len:#x}");
+        }
+        m.add(Space::Pio, 0x110, 1, 3).unwrap();
+        m.add(Space::Pio, 0xff, 1, 4).unwrap();
+        assert!(matches!(m.add(Space::Pio, 0xfff0, 0x20, 5), Err(MapError::BadRange { .. })));
+        assert!(matches!(m.add(Space::Mmio, 1, 0, 5), Err(MapError::BadRange { .. })));
+        assert!(matches!(m.add(Space::Mmio, u64::MAX, 2, 5), Err(MapError::BadRange { .. })));
+    }
+}
