@@ -12,6 +12,8 @@ use dmfabric_wire::{
 };
 use hdrhistogram::Histogram;
 
+pub use dmfabric_dataplane::reliable::Retry;
+
 /// The client platform id the load generator sends as.
 pub const CLIENT_ID: u16 = 1;
 
@@ -159,20 +161,6 @@ fn check_answer(frame: &[u8], target: &Target) -> Option<Answer> {
 fn histogram() -> Histogram<u64> {
     // 10 ns .. 60 s at 3 significant digits.
     Histogram::new_with_bounds(10, 60_000_000_000, 3).expect("valid histogram bounds")
-}
-
-/// When to give up on an answer: after `timeout`, send the request again
-/// (same sequence number), up to `retries` times; then count it lost.
-#[derive(Debug, Clone, Copy)]
-pub struct Retry {
-    pub timeout: Duration,
-    pub retries: u32,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Retry { timeout: Duration::from_millis(20), retries: 4 }
-    }
 }
 
 /// Result of [`rtt`] or [`throughput`].

@@ -9,6 +9,21 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::time::Duration;
+
+/// When to give up on an answer: after `timeout`, send the request again
+/// (same sequence number), up to `retries` times; then count it lost.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { timeout: Duration::from_millis(20), retries: 4 }
+    }
+}
 
 /// One stop-and-wait stream: a vCPU of a VM on a client platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,6 +4,14 @@
 
 use dmfabric_wire::Space;
 
+/// Where a range of a VM goes: a device model in this process (the hybrid
+/// case), or a device on a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Local(usize),
+    Remote { server: u16, device: u32 },
+}
+
 /// Why a range could not be added.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MapError {

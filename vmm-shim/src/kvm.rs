@@ -48,6 +48,8 @@ pub enum KvmError {
     ImageTooBig { addr: u64, len: usize, mem: usize },
     #[error("The vCPU stopped: {0}")]
     Stopped(String),
+    #[error("An access could not be served: {0}")]
+    Device(String),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -222,8 +224,11 @@ fn le(bytes: &[u8]) -> u64 {
 
 impl Vcpu<'_> {
     /// Run until the guest halts. Every port-I/O and MMIO exit goes to
-    /// `on_exit`, whose return value is the data of a read.
-    pub fn run_until_halt(&mut self, on_exit: &mut dyn FnMut(&Exit) -> u64) -> Result<RunStats, KvmError> {
+    /// `on_exit`, whose value is the data of a read; its error stops the VM.
+    pub fn run_until_halt(
+        &mut self,
+        on_exit: &mut dyn FnMut(&Exit) -> Result<u64, String>,
+    ) -> Result<RunStats, KvmError> {
         let mut stats = RunStats::default();
         loop {
             let exit = self.fd.run().map_err(ioctl("KVM_RUN"))?;
@@ -231,24 +236,24 @@ impl Vcpu<'_> {
                 VcpuExit::IoOut(port, data) => {
                     stats.io_exits += 1;
                     let e = io_exit(Space::Pio, u64::from(port), data.len(), Direction::Write, le(data))?;
-                    on_exit(&e);
+                    on_exit(&e).map_err(KvmError::Device)?;
                 }
                 VcpuExit::IoIn(port, data) => {
                     stats.io_exits += 1;
                     let e = io_exit(Space::Pio, u64::from(port), data.len(), Direction::Read, 0)?;
-                    let v = on_exit(&e).to_le_bytes();
+                    let v = on_exit(&e).map_err(KvmError::Device)?.to_le_bytes();
                     let n = data.len();
                     data.copy_from_slice(&v[..n]);
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     stats.mmio_exits += 1;
                     let e = io_exit(Space::Mmio, addr, data.len(), Direction::Write, le(data))?;
-                    on_exit(&e);
+                    on_exit(&e).map_err(KvmError::Device)?;
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     stats.mmio_exits += 1;
                     let e = io_exit(Space::Mmio, addr, data.len(), Direction::Read, 0)?;
-                    let v = on_exit(&e).to_le_bytes();
+                    let v = on_exit(&e).map_err(KvmError::Device)?.to_le_bytes();
                     let n = data.len().min(8);
                     data[..n].copy_from_slice(&v[..n]);
                 }

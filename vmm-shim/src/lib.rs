@@ -5,13 +5,15 @@
 //! ([`guests`]), the per-VM device map that says where each port and MMIO
 //! range goes ([`devmap`]), and the debug port guests report through.
 //!
-//! So far: a real guest in 64-bit long mode runs port and MMIO accesses
-//! against local device models. Still to come (issue 3): the remote path
-//! over the data plane, interrupts, several vCPUs and VMs, the client CLI.
+//! So far: a real guest in 64-bit long mode whose port and MMIO accesses go
+//! to local device models or, over the data plane, to a server ([`remote`]).
+//! Still to come (issue 3): interrupts, several vCPUs and VMs, the client CLI.
 
 #![deny(unsafe_code)]
 
 pub mod debugport;
 pub mod devmap;
+pub mod exits;
 pub mod guests;
 pub mod kvm;
+pub mod remote;
