@@ -143,7 +143,7 @@ where
                 };
                 let _ = ready_tx.send(Ok(()));
                 let cfg = PollConfig { spin: u32::MAX, ..PollConfig::default() };
-                let _ = poll::run(&mut t, &mut s, cfg, &flag);
+                let _ = poll::run(t.as_mut(), &mut s, cfg, &flag);
                 Some(s.stats())
             });
             let started = ready_rx

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
 use dmfabric_dm_workers::server::{TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_PIO};
 use dmfabric_wire::{
-    AccessSize, ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space,
-    Status,
+    AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space, Status,
 };
 use hdrhistogram::Histogram;
 
@@ -49,43 +48,13 @@ pub enum LoadError {
     ServerGone(u64),
 }
 
-/// Find a server on the link: broadcast Hello, take the first HelloReply.
-/// Returns the server's MAC and id.
-/// `client` is the client platform id the load will use: the server
-/// forgets that client's streams, since its sequence numbers start over.
+/// Find a server on the link (broadcast Hello, first HelloReply). Returns
+/// the server's MAC and id. `client` is the client platform id the load
+/// will use: the server forgets that client's streams, since its sequence
+/// numbers start over.
 pub fn discover(t: &mut dyn Transport, client: u16, timeout: Duration) -> Result<(MacAddr, u16), LoadError> {
-    let end = Instant::now() + timeout;
-    let mut batch = FrameBatch::new();
-    let mut seq = 0u64;
-    while Instant::now() < end {
-        seq += 1;
-        let hello = FrameRepr::new(
-            EthernetRepr { dst: MacAddr::BROADCAST, src: t.mac() },
-            Message::Control(ControlMsg {
-                route: Route { client, ..Route::default() },
-                seq,
-                op: ControlOp::Hello,
-                payload: &[],
-            }),
-        );
-        batch.push_with(|buf| hello.emit(buf).ok());
-        t.send(&mut batch)?;
-        let retry = Instant::now() + Duration::from_millis(100);
-        let mut found = None;
-        while found.is_none() && Instant::now() < retry {
-            t.recv(16, &mut |f| {
-                if let Ok(FrameRepr { eth, msg: Message::Control(c), .. }) = FrameRepr::parse_bytes(f) {
-                    if c.op == ControlOp::HelloReply {
-                        found = Some((eth.src, c.route.server));
-                    }
-                }
-            })?;
-        }
-        if let Some(found) = found {
-            return Ok(found);
-        }
-    }
-    Err(LoadError::NoServer(timeout))
+    let route = Route { client, ..Route::default() };
+    dmfabric_dataplane::hello::discover(t, route, None, timeout)?.ok_or(LoadError::NoServer(timeout))
 }
 
 /// Most simulated vCPUs: each owns one 8-byte MMIO register of the test device.

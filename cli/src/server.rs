@@ -179,7 +179,7 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
     let mut handler = Reporting { served, every, next: Instant::now() + every.unwrap_or_default() };
     let cfg = PollConfig { spin: if args.busy_poll { u32::MAX } else { args.spin }, ..PollConfig::default() };
-    let result = poll::run(&mut transport, &mut handler, cfg, &stop);
+    let result = poll::run(transport.as_mut(), &mut handler, cfg, &stop);
     let (stats, shards) = match handler.served {
         Served::Rtc(s) => (s.stats(), None),
         Served::Split(s) => {

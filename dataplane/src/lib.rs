@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod fault;
+pub mod hello;
 pub mod mem;
 pub mod netns;
 pub mod packet;

@@ -152,24 +152,3 @@ impl<T: Transport + ?Sized> Transport for &mut T {
         (**self).stats()
     }
 }
-
-impl Transport for Box<dyn Transport> {
-    fn kind(&self) -> TransportKind {
-        (**self).kind()
-    }
-    fn mac(&self) -> MacAddr {
-        (**self).mac()
-    }
-    fn recv(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
-        (**self).recv(max, on_frame)
-    }
-    fn send(&mut self, batch: &mut FrameBatch) -> Result<usize, TransportError> {
-        (**self).send(batch)
-    }
-    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
-        (**self).wait(timeout)
-    }
-    fn stats(&self) -> TransportStats {
-        (**self).stats()
-    }
-}

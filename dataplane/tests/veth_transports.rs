@@ -62,7 +62,7 @@ fn echo_round_trips(kind: TransportKind, mode: XdpMode) {
             let mut t = open(kind, server_net, 1, 0, mode);
             ready_tx.send(()).unwrap();
             let cfg = PollConfig { spin: 1000, wait: Duration::from_millis(5), ..PollConfig::default() };
-            poll::run(&mut t, &mut Echo, cfg, &server_stop).unwrap();
+            poll::run(t.as_mut(), &mut Echo, cfg, &server_stop).unwrap();
         });
         ready_rx.recv_timeout(Duration::from_secs(10)).expect("server ready");
         let result = net.run_in(0, || {

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
-use dmfabric_wire::{
-    ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, NackReason, Route,
-};
+use dmfabric_wire::{Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, NackReason, Route};
 
 use crate::kvm::Exit;
 
@@ -67,39 +65,9 @@ impl<T: Transport> RemoteIo<T> {
         retry: Retry,
         timeout: Duration,
     ) -> Result<Self, RemoteError> {
-        let start = Instant::now();
-        let mut batch = FrameBatch::new();
-        let mut hello_seq = 0;
-        let mac = loop {
-            if start.elapsed() >= timeout {
-                return Err(RemoteError::NoServer { server, waited: timeout });
-            }
-            hello_seq += 1;
-            let hello = FrameRepr::new(
-                EthernetRepr { dst: MacAddr::BROADCAST, src: t.mac() },
-                Message::Control(ControlMsg {
-                    route: Route { server, client, hypervisor, vm, ..Route::default() },
-                    seq: hello_seq,
-                    op: ControlOp::Hello,
-                    payload: &[],
-                }),
-            );
-            batch.push_with(|buf| hello.emit(buf).ok());
-            t.send(&mut batch)?;
-            let retry_at = Instant::now() + Duration::from_millis(100);
-            let mut found = None;
-            while found.is_none() && Instant::now() < retry_at {
-                t.recv(16, &mut |f| {
-                    if let Ok(FrameRepr { eth, msg: Message::Control(c), .. }) = FrameRepr::parse_bytes(f) {
-                        if c.op == ControlOp::HelloReply && c.route.server == server {
-                            found = Some(eth.src);
-                        }
-                    }
-                })?;
-            }
-            if let Some(mac) = found {
-                break mac;
-            }
+        let route = Route { server, client, hypervisor, vm, ..Route::default() };
+        let Some((mac, _)) = dmfabric_dataplane::hello::discover(&mut t, route, Some(server), timeout)? else {
+            return Err(RemoteError::NoServer { server, waited: timeout });
         };
         Ok(RemoteIo {
             t,
@@ -109,7 +77,7 @@ impl<T: Transport> RemoteIo<T> {
             servers: vec![(server, mac)],
             next_seq: Vec::new(),
             retry,
-            batch,
+            batch: FrameBatch::new(),
             stats: RemoteStats::default(),
         })
     }
