@@ -126,5 +126,4 @@ fn lossy_link_loses_nothing_and_applies_no_write_twice() {
     }
     assert_eq!(rtt.completed, 3000);
     assert!(stats.duplicates_answered > 0, "{stats}");
-    assert!(stats.stale + stats.duplicates_answered > 0, "{stats}");
 }

@@ -64,10 +64,6 @@ impl<'d, T: Transport> Router<'d, T> {
         self.stats
     }
 
-    pub fn remote(&self) -> Option<&RemoteIo<T>> {
-        self.remote.as_ref()
-    }
-
     /// End the run: give back the remote connection (and the borrowed devices).
     pub fn into_remote(self) -> Option<RemoteIo<T>> {
         self.remote
