@@ -10,7 +10,7 @@ fn run(cmd: &mut Command) {
 }
 
 /// The guests under `guests/`, by file stem.
-const GUESTS: &[&str] = &["io_loop"];
+const GUESTS: &[&str] = &["io_loop", "pio_loop", "irq_wait"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));

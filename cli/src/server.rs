@@ -11,7 +11,8 @@ use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
 use dmfabric_dm_workers::server::{
-    DeviceSpec, Server, ServerStats, TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
+    DeviceSpec, Server, ServerStats, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE, IRQ_TEST_PIO, TEST_DEVICE_MMIO,
+    TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
 };
 use dmfabric_dm_workers::sharded::{ShardStats, ShardedServer, WorkerIdle};
 use dmfabric_pinning::{Layout, LayoutSpec};
@@ -55,6 +56,10 @@ pub struct ServerArgs {
     /// Register-file test devices to host, ids 1..=N (spread over the workers).
     #[arg(long, default_value_t = 1)]
     test_devices: u32,
+    /// Interrupt test devices to host, ids 101..: each at ports 0x600-0x607
+    /// (every VM maps its own), raising IRQ 5 on the VM that used it last.
+    #[arg(long, default_value_t = 2)]
+    irq_test_devices: u32,
     /// Never block when idle: lowest latency, each core at 100 %.
     #[arg(long)]
     busy_poll: bool,
@@ -110,6 +115,9 @@ impl Handler for Reporting {
                 self.next = now + every;
                 let (stats, shards) = self.served.stats();
                 eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
+                for d in &stats.devices {
+                    eprintln!("dmfabric server: {d}");
+                }
             }
         }
     }
@@ -152,8 +160,14 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let spec = transport_spec(&args)?;
     let (mut transport, description) = open_transport(&spec)?;
-    let devices: Vec<DeviceSpec> =
+    if args.irq_test_devices > 1000 {
+        bail!("--irq-test-devices: at most 1000");
+    }
+    let mut devices: Vec<DeviceSpec> =
         (1..=args.test_devices).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
+    devices.extend(
+        (0..args.irq_test_devices).map(|i| DeviceSpec::irq_test(IRQ_TEST_FIRST_ID + i, IRQ_TEST_PIO, IRQ_TEST_LINE)),
+    );
     let served = match &layout {
         Layout::RunToCompletion { .. } => Served::Rtc(Server::new(args.server_id, transport.mac(), &devices)),
         Layout::Split { workers, .. } => {
@@ -176,6 +190,16 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         TEST_DEVICE_MMIO,
         TEST_DEVICE_MMIO + u64::from(TEST_DEVICE_MMIO_LEN - 1)
     );
+    if args.irq_test_devices > 0 {
+        println!(
+            "dmfabric server: interrupt test devices {}..={}: ports {:#x}-{:#x}, IRQ {}",
+            IRQ_TEST_FIRST_ID,
+            IRQ_TEST_FIRST_ID + args.irq_test_devices - 1,
+            IRQ_TEST_PIO,
+            IRQ_TEST_PIO + 7,
+            IRQ_TEST_LINE
+        );
+    }
     let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
     let mut handler = Reporting { served, every, next: Instant::now() + every.unwrap_or_default() };
     let cfg = PollConfig { spin: if args.busy_poll { u32::MAX } else { args.spin }, ..PollConfig::default() };

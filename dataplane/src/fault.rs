@@ -191,6 +191,10 @@ impl<T: Transport> Transport for FaultInjector<T> {
         self.inner.wait(timeout)
     }
 
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.wake_fd()
+    }
+
     fn stats(&self) -> TransportStats {
         self.inner.stats()
     }

@@ -34,7 +34,7 @@ pub const FRAME_CAP: usize = 2048;
 /// Most frames handled in one burst.
 pub const MAX_BURST: usize = 64;
 
-pub use sys::{if_index, if_mac};
+pub use sys::{if_index, if_mac, poll_readable};
 
 /// How to open one transport (everything but the in-memory one, which
 /// comes in connected pairs from [`mem::pair`]).

@@ -2,7 +2,7 @@
 //! dmfabric EtherType. The fallback where XDP is missing.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use dmfabric_wire::{MacAddr, ETHERTYPE_DMFABRIC};
@@ -153,6 +153,10 @@ impl Transport for PacketTransport {
         sys::poll_readable(self.fd.as_raw_fd(), timeout)
             .map_err(|e| TransportError::io("poll on the AF_PACKET socket failed", e))?;
         Ok(())
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.fd.as_raw_fd())
     }
 
     fn stats(&self) -> TransportStats {

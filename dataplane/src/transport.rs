@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use dmfabric_wire::MacAddr;
@@ -102,7 +103,7 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
         TransportError::Io { what: what.into(), source }
     }
 }
@@ -129,6 +130,13 @@ pub trait Transport: Send {
     /// back-off of a poll loop.
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError>;
 
+    /// A descriptor that polls readable when frames may have arrived, so
+    /// another thread can sleep on it without owning the transport (a
+    /// client's interrupt poller). None: no such descriptor (memory).
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     fn stats(&self) -> TransportStats;
 }
 
@@ -147,6 +155,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
         (**self).wait(timeout)
+    }
+    fn wake_fd(&self) -> Option<RawFd> {
+        (**self).wake_fd()
     }
     fn stats(&self) -> TransportStats {
         (**self).stats()

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use dmfabric_wire::MacAddr;
@@ -129,6 +129,10 @@ impl Transport for UdpTransport {
         sys::poll_readable(self.sock.as_raw_fd(), timeout)
             .map_err(|e| TransportError::io("poll on the UDP socket failed", e))?;
         Ok(())
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.sock.as_raw_fd())
     }
 
     fn stats(&self) -> TransportStats {

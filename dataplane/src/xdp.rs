@@ -535,6 +535,11 @@ impl Transport for XdpTransport {
         Ok(())
     }
 
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.rx_q.fd().as_raw_fd())
+    }
+
     fn stats(&self) -> TransportStats {
         let mut s = self.stats;
         if let Ok(x) = self.rx_q.fd().xdp_statistics() {

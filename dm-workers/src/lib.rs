@@ -11,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+pub mod irq;
+pub mod irqtest;
 pub mod regfile;
 pub mod server;
 pub mod sharded;

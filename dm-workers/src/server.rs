@@ -7,19 +7,31 @@
 //! from the wire can make this code panic.
 
 use std::fmt;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use dmfabric_dataplane::poll::Handler;
 use dmfabric_dataplane::FrameBatch;
 use dmfabric_wire::{
-    ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, IoCompletion, IoRequest, Kind, MacAddr, Message, Nack,
-    NackReason, Route, Status, WireError, ETHERTYPE_DMFABRIC,
+    ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, Interrupt, IoCompletion, IoRequest, IrqSource, Kind,
+    MacAddr, Message, Nack, NackReason, Route, Status, WireError, ETHERTYPE_DMFABRIC,
 };
 
 use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
 
 use crate::device::Device;
+use crate::irq::{IrqQueue, WireLine};
+use crate::irqtest::{IrqTester, IRQ_TEST_PORTS};
 use crate::regfile::RegisterFile;
+
+/// Which model a device runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The register-file test device.
+    RegFile,
+    /// The interrupt test device ([`crate::irqtest`]) on IRQ line `line`.
+    IrqTest { line: u32 },
+}
 
 /// One device a server hosts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +41,7 @@ pub struct DeviceSpec {
     pub pio: Option<(u16, u16)>,
     /// MMIO `(base, len)`.
     pub mmio: Option<(u64, u32)>,
+    pub kind: DeviceKind,
 }
 
 impl DeviceSpec {
@@ -39,9 +52,22 @@ impl DeviceSpec {
             id: TEST_DEVICE_ID,
             pio: Some((TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN)),
             mmio: Some((TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN)),
+            kind: DeviceKind::RegFile,
         }
     }
+
+    /// An interrupt test device `id` at ports `base`.. raising IRQ `line`.
+    pub fn irq_test(id: u32, base: u16, line: u32) -> Self {
+        DeviceSpec { id, pio: Some((base, IRQ_TEST_PORTS)), mmio: None, kind: DeviceKind::IrqTest { line } }
+    }
 }
+
+/// Port of the interrupt test devices a server has with `--irq-test-devices`.
+pub const IRQ_TEST_PIO: u16 = 0x600;
+/// Their line.
+pub const IRQ_TEST_LINE: u32 = 5;
+/// Device id of the first of them (the next ones count up).
+pub const IRQ_TEST_FIRST_ID: u32 = 101;
 
 /// Device id of the default register-file test device.
 pub const TEST_DEVICE_ID: u32 = 1;
@@ -81,8 +107,44 @@ pub struct ServerStats {
     pub stale: u64,
     /// Streams forgotten because their client said Hello again (restarted).
     pub streams_reset: u64,
+    /// Interrupt frames sent (first copies).
+    pub interrupts: u64,
+    pub interrupt_retransmits: u64,
+    pub interrupt_acks: u64,
+    /// Acks for interrupts not (or no longer) waiting for one.
+    pub interrupt_acks_stale: u64,
+    /// Interrupts of a device no VM has used yet: nobody to send them to.
+    pub interrupts_unbound: u64,
+    /// Interrupts never acknowledged within the retry limit: dropped.
+    pub interrupts_given_up: u64,
+    /// Interrupts lost because the queue from the device models was full.
+    pub interrupts_queue_full: u64,
     /// Malformed frames by reason (WireError::name → count, non-zero only).
     pub malformed: Vec<(&'static str, u64)>,
+    /// Per device (filled where the devices are: at once in the
+    /// run-to-completion layout, after `finish` in the split one).
+    pub devices: Vec<DeviceCounters>,
+}
+
+/// What one device did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounters {
+    pub id: u32,
+    pub kind: &'static str,
+    pub reads: u64,
+    pub writes: u64,
+    /// Accesses to no register of the device.
+    pub unclaimed: u64,
+}
+
+impl fmt::Display for DeviceCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "device {} ({}): reads {} writes {} unclaimed {}",
+            self.id, self.kind, self.reads, self.writes, self.unclaimed
+        )
+    }
 }
 
 impl ServerStats {
@@ -95,7 +157,7 @@ impl fmt::Display for ServerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}) duplicates {} (in flight {}) stale {} hellos {} foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
+            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}) duplicates {} (in flight {}) stale {} hellos {} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
             self.requests,
             self.completions,
             self.unclaimed,
@@ -105,6 +167,11 @@ impl fmt::Display for ServerStats {
             self.duplicates_in_flight,
             self.stale,
             self.hellos,
+            self.interrupts,
+            self.interrupt_retransmits,
+            self.interrupt_acks,
+            self.interrupts_unbound,
+            self.interrupts_given_up,
             self.foreign,
             self.not_for_us,
             self.unexpected_kind,
@@ -121,6 +188,7 @@ impl fmt::Display for ServerStats {
 /// The devices of a server (or of one worker shard), sorted by id.
 pub struct Devices {
     table: Vec<(u32, Box<dyn Device>)>,
+    counters: Vec<DeviceCounters>,
     unclaimed: u64,
 }
 
@@ -131,12 +199,30 @@ impl fmt::Debug for Devices {
 }
 
 impl Devices {
-    pub fn new(specs: &[DeviceSpec]) -> Devices {
-        let mut table: Vec<(u32, Box<dyn Device>)> =
-            specs.iter().map(|d| (d.id, Box::new(RegisterFile::new(d.pio, d.mmio)) as Box<dyn Device>)).collect();
+    /// The models of `specs`; their interrupts queue on `irqs`.
+    pub fn new(specs: &[DeviceSpec], irqs: &Arc<IrqQueue>) -> Devices {
+        let model = |d: &DeviceSpec| -> Box<dyn Device> {
+            match d.kind {
+                DeviceKind::RegFile => Box::new(RegisterFile::new(d.pio, d.mmio)),
+                DeviceKind::IrqTest { line } => {
+                    let wire = WireLine::new(d.id, IrqSource::Line(line), irqs.clone());
+                    Box::new(IrqTester::new(d.pio.map_or(IRQ_TEST_PIO, |(base, _)| base), wire))
+                }
+            }
+        };
+        let mut table: Vec<(u32, Box<dyn Device>)> = specs.iter().map(|d| (d.id, model(d))).collect();
         table.sort_by_key(|(id, _)| *id);
         table.dedup_by_key(|(id, _)| *id);
-        Devices { table, unclaimed: 0 }
+        let counters = table
+            .iter()
+            .map(|(id, d)| DeviceCounters { id: *id, kind: d.kind(), ..DeviceCounters::default() })
+            .collect();
+        Devices { table, counters, unclaimed: 0 }
+    }
+
+    /// Per-device counters, by device id.
+    pub fn counters(&self) -> &[DeviceCounters] {
+        &self.counters
     }
 
     /// Accesses no device register claimed so far.
@@ -148,6 +234,11 @@ impl Devices {
     pub fn execute(&mut self, req: &IoRequest) -> Option<IoCompletion> {
         let i = self.table.binary_search_by_key(&req.route.device, |(d, _)| *d).ok()?;
         let dev = self.table[i].1.as_mut();
+        let counters = &mut self.counters[i];
+        match req.dir {
+            Direction::Read => counters.reads += 1,
+            Direction::Write => counters.writes += 1,
+        }
         let (data, claimed) = match req.dir {
             Direction::Read => match dev.read(req.space, req.addr, req.size) {
                 Some(v) => (v, true),
@@ -157,6 +248,7 @@ impl Devices {
         };
         if !claimed {
             self.unclaimed += 1;
+            counters.unclaimed += 1;
         }
         let status = if claimed { Status::Ok } else { Status::Unclaimed };
         Some(IoCompletion::for_request(req, data, status))
@@ -174,7 +266,41 @@ pub struct Frontend {
     stats: ServerStats,
     malformed: [u64; WireError::ALL.len()],
     streams: DupCache<IoCompletion>,
+    /// Device → the client and VM that used it last: where its interrupts go.
+    bindings: Vec<(u32, MacAddr, Route)>,
+    /// One interrupt stream per (client, VM).
+    irq_streams: Vec<IrqStream>,
+    /// First sequence number of a stream: the start time in nanoseconds, so
+    /// a restarted server's interrupts are never older than its last life's.
+    irq_seq_base: u64,
 }
+
+/// The interrupts of one (client, VM), delivered in order, stop-and-wait:
+/// the next is sent once the one in flight is acknowledged, so a lost frame
+/// can never let a later level overtake an earlier one.
+#[derive(Debug)]
+struct IrqStream {
+    key: (u16, u32),
+    next_seq: u64,
+    in_flight: Option<PendingIrq>,
+    queue: std::collections::VecDeque<(Interrupt, MacAddr)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingIrq {
+    irq: Interrupt,
+    to: MacAddr,
+    sent: Instant,
+    tries: u32,
+}
+
+/// Interrupts one (client, VM) stream may queue behind the one in flight.
+pub const IRQ_STREAM_QUEUE: usize = 1024;
+
+/// How long an interrupt waits for its ack before it is sent again.
+pub const IRQ_RETRY: Duration = Duration::from_millis(20);
+/// Sends of one interrupt before the server gives up on it.
+pub const IRQ_TRIES: u32 = 50;
 
 fn stream_of(route: &Route) -> StreamKey {
     StreamKey::new(route.client, route.vm, route.vcpu)
@@ -188,7 +314,89 @@ impl Frontend {
             stats: ServerStats::default(),
             malformed: [0; WireError::ALL.len()],
             streams: DupCache::default(),
+            bindings: Vec::new(),
+            irq_streams: Vec::new(),
+            irq_seq_base: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
         }
+    }
+
+    /// Remember who uses `req`'s device: its interrupts go there.
+    fn bind(&mut self, req: &IoRequest, from: MacAddr) {
+        let route = Route { server: self.id, vcpu: 0, ..req.route };
+        match self.bindings.iter_mut().find(|(d, _, _)| *d == req.route.device) {
+            Some(b) => {
+                b.1 = from;
+                b.2 = route;
+            }
+            None => self.bindings.push((req.route.device, from, route)),
+        }
+    }
+
+    /// Send the interrupts the device models queued (each stream's next
+    /// one once the previous is acknowledged), and again those whose ack is
+    /// overdue.
+    pub fn send_interrupts(&mut self, irqs: &IrqQueue, tx: &mut FrameBatch, now: Instant) {
+        self.stats.interrupts_queue_full = irqs.dropped();
+        while let Some(e) = irqs.pop() {
+            let Some(&(_, to, route)) = self.bindings.iter().find(|(d, _, _)| *d == e.device) else {
+                self.stats.interrupts_unbound += 1;
+                continue;
+            };
+            let key = (route.client, route.vm);
+            let at = match self.irq_streams.iter().position(|st| st.key == key) {
+                Some(i) => i,
+                None => {
+                    let next_seq = self.irq_seq_base;
+                    self.irq_streams.push(IrqStream { key, next_seq, in_flight: None, queue: Default::default() });
+                    self.irq_streams.len() - 1
+                }
+            };
+            let stream = &mut self.irq_streams[at];
+            if stream.queue.len() >= IRQ_STREAM_QUEUE {
+                self.stats.interrupts_queue_full += 1;
+                continue;
+            }
+            let irq = Interrupt { route, seq: stream.next_seq, source: e.source, trigger: e.trigger };
+            stream.next_seq += 1;
+            stream.queue.push_back((irq, to));
+        }
+        for i in 0..self.irq_streams.len() {
+            if tx.is_full() {
+                break;
+            }
+            let stream = &mut self.irq_streams[i];
+            match stream.in_flight {
+                None => {
+                    let Some((irq, to)) = stream.queue.pop_front() else { continue };
+                    stream.in_flight = Some(PendingIrq { irq, to, sent: now, tries: 1 });
+                    self.stats.interrupts += 1;
+                    self.send_irq(tx, to, irq, false);
+                }
+                Some(p) if now.saturating_duration_since(p.sent) < IRQ_RETRY => {}
+                Some(p) if p.tries >= IRQ_TRIES => {
+                    self.stats.interrupts_given_up += 1;
+                    stream.in_flight = None;
+                }
+                Some(p) => {
+                    stream.in_flight = Some(PendingIrq { sent: now, tries: p.tries + 1, ..p });
+                    self.stats.interrupt_retransmits += 1;
+                    self.send_irq(tx, p.to, p.irq, true);
+                }
+            }
+        }
+    }
+
+    fn send_irq(&mut self, tx: &mut FrameBatch, to: MacAddr, irq: Interrupt, retransmit: bool) {
+        let mut repr = FrameRepr::new(EthernetRepr { dst: to, src: self.mac }, Message::Interrupt(irq));
+        repr.retransmit = retransmit;
+        if !tx.push_with(|buf| repr.emit(buf).ok()) {
+            self.stats.tx_full += 1;
+        }
+    }
+
+    /// Interrupts not acknowledged yet (in flight or queued).
+    pub fn interrupts_pending(&self) -> usize {
+        self.irq_streams.iter().map(|st| st.queue.len() + usize::from(st.in_flight.is_some())).sum()
     }
 
     /// Counters so far (`unclaimed` is the devices' to add).
@@ -229,7 +437,10 @@ impl Frontend {
                     return None;
                 }
                 match self.streams.check(stream_of(&req.route), req.seq) {
-                    Seen::New => Some((req, from)),
+                    Seen::New => {
+                        self.bind(&req, from);
+                        Some((req, from))
+                    }
                     Seen::Duplicate(Some(&answer)) => {
                         self.stats.duplicates_answered += 1;
                         self.reply(tx, from, Message::IoCompletion(answer));
@@ -252,6 +463,19 @@ impl Frontend {
                 let route = Route { server: self.id, ..route };
                 let reply = ControlMsg { route, seq, op: ControlOp::HelloReply, payload: &[] };
                 self.reply(tx, from, Message::Control(reply));
+                None
+            }
+            Message::InterruptAck(ack) => {
+                let key = (ack.route.client, ack.route.vm);
+                let stream = self.irq_streams.iter_mut().find(|st| st.key == key);
+                match stream {
+                    Some(st) if st.in_flight.is_some_and(|p| p.irq.seq == ack.seq) => {
+                        st.in_flight = None;
+                        self.stats.interrupt_acks += 1;
+                        // The stream's next interrupt goes out in this loop's on_poll.
+                    }
+                    _ => self.stats.interrupt_acks_stale += 1,
+                }
                 None
             }
             _ => {
@@ -292,12 +516,14 @@ impl Frontend {
 pub struct Server {
     frontend: Frontend,
     devices: Devices,
+    irqs: Arc<IrqQueue>,
 }
 
 impl Server {
     /// A server with id `id` answering from `mac` for `devices`.
     pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server {
-        Server { frontend: Frontend::new(id, mac), devices: Devices::new(devices) }
+        let irqs = IrqQueue::new();
+        Server { frontend: Frontend::new(id, mac), devices: Devices::new(devices, &irqs), irqs }
     }
 
     pub fn id(&self) -> u16 {
@@ -305,7 +531,11 @@ impl Server {
     }
 
     pub fn stats(&self) -> ServerStats {
-        ServerStats { unclaimed: self.devices.unclaimed(), ..self.frontend.stats() }
+        ServerStats {
+            unclaimed: self.devices.unclaimed(),
+            devices: self.devices.counters().to_vec(),
+            ..self.frontend.stats()
+        }
     }
 }
 
@@ -317,6 +547,10 @@ impl Handler for Server {
                 None => self.frontend.nack(tx, from, &req, NackReason::UnknownDevice),
             }
         }
+    }
+
+    fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
+        self.frontend.send_interrupts(&self.irqs, tx, now);
     }
 }
 
@@ -468,5 +702,92 @@ mod tests {
         let out = answer(&mut s, &buf);
         let Message::Control(c) = only_msg(&out) else { panic!("not control") };
         assert_eq!((c.op, c.route.server, c.seq), (ControlOp::HelloReply, 5, 9));
+    }
+
+    fn irq_command(seq: u64, command: u64) -> Vec<u8> {
+        let req = IoRequest {
+            route: Route { server: 1, client: 3, vm: 7, vcpu: 0, device: 101, hypervisor: 1 },
+            seq,
+            space: Space::Pio,
+            dir: Direction::Write,
+            size: AccessSize::B4,
+            addr: u64::from(IRQ_TEST_PIO),
+            data: command,
+        };
+        let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::IoRequest(req));
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        buf
+    }
+
+    fn ack(seq: u64) -> Vec<u8> {
+        let ack = dmfabric_wire::InterruptAck {
+            route: Route { server: 1, client: 3, vm: 7, vcpu: 0, device: 101, hypervisor: 1 },
+            seq,
+        };
+        let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::InterruptAck(ack));
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        buf
+    }
+
+    /// The interrupts `on_poll` sends at `now`: (seq, trigger, retransmit).
+    fn poll_irqs(s: &mut Server, now: Instant) -> Vec<(u64, dmfabric_wire::Trigger, bool)> {
+        let mut tx = FrameBatch::new();
+        s.on_poll(&mut tx, now);
+        tx.iter()
+            .map(|f| {
+                let repr = FrameRepr::parse_bytes(f).unwrap();
+                assert_eq!(repr.eth.dst, CLIENT, "to the client that used the device");
+                let Message::Interrupt(i) = repr.msg else { panic!("not an interrupt") };
+                assert_eq!((i.route.client, i.route.vm, i.source), (3, 7, IrqSource::Line(IRQ_TEST_LINE)));
+                (i.seq, i.trigger, repr.retransmit)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn interrupts_go_one_at_a_time_until_acked_and_are_retransmitted() {
+        use dmfabric_wire::Trigger;
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::irq_test(101, IRQ_TEST_PIO, IRQ_TEST_LINE)]);
+        let t0 = Instant::now();
+        // Nobody has used the device yet: nothing to send.
+        assert!(poll_irqs(&mut s, t0).is_empty());
+        // Assert the level, then lower it: two interrupts, in order.
+        assert_eq!(answer(&mut s, &irq_command(0, 2)).len(), 1, "the write is completed");
+        assert_eq!(answer(&mut s, &irq_command(1, 3)).len(), 1);
+        let first = poll_irqs(&mut s, t0);
+        assert_eq!(first.len(), 1, "the second waits for the first's ack");
+        let (seq, trigger, re) = first[0];
+        assert_eq!((trigger, re), (Trigger::Level { asserted: true }, false));
+        assert!(poll_irqs(&mut s, t0 + IRQ_RETRY / 2).is_empty());
+        assert_eq!(poll_irqs(&mut s, t0 + IRQ_RETRY), vec![(seq, trigger, true)], "retransmitted");
+        assert!(answer(&mut s, &ack(seq + 7)).is_empty());
+        assert!(answer(&mut s, &ack(seq)).is_empty());
+        let t1 = t0 + IRQ_RETRY;
+        assert_eq!(poll_irqs(&mut s, t1), vec![(seq + 1, Trigger::Level { asserted: false }, false)]);
+        assert!(answer(&mut s, &ack(seq + 1)).is_empty());
+        assert!(poll_irqs(&mut s, t1 + IRQ_RETRY * 2).is_empty(), "all acknowledged");
+        let st = s.stats();
+        assert_eq!(
+            (st.interrupts, st.interrupt_retransmits, st.interrupt_acks, st.interrupt_acks_stale),
+            (2, 1, 2, 1),
+            "{st}"
+        );
+    }
+
+    #[test]
+    fn an_interrupt_nobody_acks_is_given_up_after_the_retry_limit() {
+        let mut s = Server::new(1, SERVER, &[DeviceSpec::irq_test(101, IRQ_TEST_PIO, IRQ_TEST_LINE)]);
+        answer(&mut s, &irq_command(0, 1));
+        let mut now = Instant::now();
+        let mut sent = 0;
+        for _ in 0..IRQ_TRIES + 5 {
+            sent += poll_irqs(&mut s, now).len();
+            now += IRQ_RETRY;
+        }
+        assert_eq!(sent, IRQ_TRIES as usize);
+        assert_eq!(s.stats().interrupts_given_up, 1);
+        assert_eq!(s.frontend.interrupts_pending(), 0);
     }
 }

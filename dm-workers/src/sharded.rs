@@ -19,6 +19,7 @@ use dmfabric_dataplane::ring::{self, Consumer, Producer};
 use dmfabric_dataplane::FrameBatch;
 use dmfabric_wire::{IoCompletion, IoRequest, MacAddr, NackReason};
 
+use crate::irq::IrqQueue;
 use crate::server::{DeviceSpec, Devices, Frontend, ServerStats};
 
 /// Slots of each ring between the data-plane core and a worker.
@@ -64,6 +65,8 @@ pub struct ShardedServer {
     workers: Vec<JoinHandle<Devices>>,
     stop_workers: Arc<AtomicBool>,
     pause_workers: Arc<AtomicBool>,
+    /// Interrupts raised on any worker, sent by the data-plane core.
+    irqs: Arc<IrqQueue>,
 }
 
 impl std::fmt::Debug for ShardedServer {
@@ -102,19 +105,21 @@ impl ShardedServer {
         let stop_workers = Arc::new(AtomicBool::new(false));
         let pause_workers = Arc::new(AtomicBool::new(false));
         let (mut to_workers, mut from_workers, mut workers) = (Vec::new(), Vec::new(), Vec::new());
+        let irqs = IrqQueue::new();
         for (w, specs) in shards.into_iter().enumerate() {
             let (job_p, job_c) = ring::channel::<Job>(RING_SLOTS);
             let (done_p, done_c) = ring::channel::<Done>(RING_SLOTS);
             let core = worker_cores.get(w).copied();
             let stop = stop_workers.clone();
             let pause = pause_workers.clone();
+            let irq_queue = irqs.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("dmf-worker-{w}"))
                 .spawn(move || {
                     if let Some(c) = core {
                         let _ = dmfabric_pinning::pin_current(c);
                     }
-                    worker_loop(Devices::new(&specs), job_c, done_p, &stop, &pause, idle)
+                    worker_loop(Devices::new(&specs, &irq_queue), job_c, done_p, &stop, &pause, idle)
                 })
                 .expect("spawning a worker thread");
             to_workers.push(job_p);
@@ -131,6 +136,7 @@ impl ShardedServer {
             workers,
             stop_workers,
             pause_workers,
+            irqs,
         })
     }
 
@@ -148,13 +154,17 @@ impl ShardedServer {
     pub fn finish(mut self) -> (ServerStats, ShardStats) {
         self.stop_workers.store(true, Ordering::Relaxed);
         let mut unclaimed = 0;
+        let mut counters = Vec::new();
         for h in self.workers.drain(..) {
             if let Ok(devices) = h.join() {
                 unclaimed += devices.unclaimed();
+                counters.extend_from_slice(devices.counters());
             }
         }
+        counters.sort_by_key(|c| c.id);
         let mut s = self.frontend.stats();
         s.unclaimed = unclaimed;
+        s.devices = counters;
         (s, self.stats.clone())
     }
 
@@ -217,8 +227,9 @@ impl Handler for ShardedServer {
         }
     }
 
-    fn on_poll(&mut self, tx: &mut FrameBatch, _now: Instant) {
+    fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
         self.drain_completions(tx);
+        self.frontend.send_interrupts(&self.irqs, tx, now);
         self.retry_overflow();
     }
 }

@@ -1,41 +1,45 @@
-//! The debug port test guests report results through: every 32-bit OUT is
-//! recorded; reads return all ones. A local device (a real one would not
-//! be worth a round trip).
+//! The debug port test guests talk to the shim through, served by the
+//! vCPU's router (a real device would not be worth a round trip):
+//!
+//! | port | access | meaning |
+//! |---|---|---|
+//! | base + 0 | OUT dword | report a value (kept in order, per vCPU) |
+//! | base + 4 | OUT dword | exit with that code: the vCPU stops |
+//!
+//! Anything else there behaves as unmapped (reads all ones).
 
-use dmfabric_dm_workers::device::Device;
-use dmfabric_wire::{AccessSize, Space};
+use dmfabric_wire::{AccessSize, Direction};
+
+use crate::kvm::Exit;
 
 /// Port of the debug device in test guests.
 pub const DEBUG_PORT: u16 = 0x4f0;
+/// Ports the debug device takes.
+pub const DEBUG_PORT_LEN: u16 = 8;
 
-#[derive(Debug, Default, Clone)]
-pub struct DebugPort {
-    pub words: Vec<u32>,
+/// What a debug-port access means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugOp {
+    Report(u32),
+    Exit(u32),
+    Nothing,
 }
 
-impl DebugPort {
-    /// Two reported dwords, low then high, as one u64.
-    pub fn u64_at(&self, i: usize) -> Option<u64> {
-        let lo = *self.words.get(i)?;
-        let hi = *self.words.get(i + 1)?;
-        Some(u64::from(lo) | (u64::from(hi) << 32))
+/// Decode an access to the debug device at `base`.
+pub fn decode(base: u64, exit: &Exit) -> DebugOp {
+    if exit.dir != Direction::Write || exit.size != AccessSize::B4 {
+        return DebugOp::Nothing;
+    }
+    match exit.addr.wrapping_sub(base) {
+        0 => DebugOp::Report(exit.data as u32),
+        4 => DebugOp::Exit(exit.data as u32),
+        _ => DebugOp::Nothing,
     }
 }
 
-impl Device for DebugPort {
-    fn kind(&self) -> &'static str {
-        "debug-port"
-    }
-
-    fn read(&mut self, _space: Space, _addr: u64, _size: AccessSize) -> Option<u64> {
-        None
-    }
-
-    fn write(&mut self, _space: Space, _addr: u64, size: AccessSize, data: u64) -> bool {
-        if size != AccessSize::B4 {
-            return false;
-        }
-        self.words.push(data as u32);
-        true
-    }
+/// Two reported dwords at `i`, low then high, as one u64.
+pub fn u64_at(words: &[u32], i: usize) -> Option<u64> {
+    let lo = *words.get(i)?;
+    let hi = *words.get(i + 1)?;
+    Some(u64::from(lo) | (u64::from(hi) << 32))
 }

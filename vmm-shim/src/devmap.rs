@@ -9,7 +9,13 @@ use dmfabric_wire::Space;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Local(usize),
-    Remote { server: u16, device: u32 },
+    Remote {
+        server: u16,
+        device: u32,
+    },
+    /// The debug port of test guests ([`crate::debugport`]), served by the
+    /// vCPU's own router.
+    Debug,
 }
 
 /// Why a range could not be added.

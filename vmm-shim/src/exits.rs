@@ -1,14 +1,17 @@
 //! Deciding what an exit means is a function of the exit and the device
 //! map (Firecracker's `handle_kvm_exit` is the model): [`decide`] is pure
-//! and tested without KVM; [`Router`] applies the decision.
+//! and tested without KVM; [`Router`] applies the decision for one vCPU.
+
+use std::sync::Mutex;
 
 use dmfabric_dataplane::Transport;
 use dmfabric_dm_workers::device::Device;
 use dmfabric_wire::Direction;
 
+use crate::debugport::{self, DebugOp, DEBUG_PORT};
 use crate::devmap::{DeviceMap, Target};
-use crate::kvm::Exit;
-use crate::remote::RemoteIo;
+use crate::kvm::{Exit, Flow};
+use crate::remote::VcpuRemote;
 
 /// What to do with one exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +21,10 @@ pub enum Decision {
         server: u16,
         device: u32,
     },
+    /// A test guest reports a value on the debug port.
+    Report(u32),
+    /// A test guest asks to stop with this code.
+    Exit(u32),
     /// No device claims the address: as real hardware, reads return all
     /// ones and writes are dropped.
     Unmapped,
@@ -27,77 +34,155 @@ pub fn decide(map: &DeviceMap<Target>, exit: &Exit) -> Decision {
     match map.lookup(exit.space, exit.addr, exit.size.bytes()) {
         Some(Target::Local(i)) => Decision::Local(i),
         Some(Target::Remote { server, device }) => Decision::Remote { server, device },
+        Some(Target::Debug) => match debugport::decode(u64::from(DEBUG_PORT), exit) {
+            DebugOp::Report(v) => Decision::Report(v),
+            DebugOp::Exit(code) => Decision::Exit(code),
+            DebugOp::Nothing => Decision::Unmapped,
+        },
         None => Decision::Unmapped,
     }
 }
 
-/// Counters of a VM's exits.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of a vCPU's (or, summed, a VM's) exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ExitStats {
     pub local: u64,
     pub remote: u64,
     pub unmapped_reads: u64,
     pub unmapped_writes: u64,
+    pub reports: u64,
 }
 
-/// A VM's exits to its devices: local models borrowed for the run, the
-/// remote path if any range is remote.
-pub struct Router<'d, T> {
-    map: DeviceMap<Target>,
-    local: Vec<&'d mut dyn Device>,
-    remote: Option<RemoteIo<T>>,
+impl std::ops::AddAssign for ExitStats {
+    fn add_assign(&mut self, o: ExitStats) {
+        self.local += o.local;
+        self.remote += o.remote;
+        self.unmapped_reads += o.unmapped_reads;
+        self.unmapped_writes += o.unmapped_writes;
+        self.reports += o.reports;
+    }
+}
+
+/// The device models a VM keeps in the client process (the hybrid case),
+/// shared by its vCPUs.
+pub type LocalDevices = [Mutex<Box<dyn Device>>];
+
+/// The remote path as the router sees it.
+pub trait RemoteAccess {
+    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, String>;
+}
+
+impl<T: Transport> RemoteAccess for VcpuRemote<'_, '_, T> {
+    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, String> {
+        VcpuRemote::access(self, server, device, exit).map_err(|e| e.to_string())
+    }
+}
+
+/// No remote devices.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRemote;
+
+impl RemoteAccess for NoRemote {
+    fn access(&mut self, server: u16, device: u32, _exit: &Exit) -> Result<u64, String> {
+        Err(format!("device {device} on server {server} is remote but this VM has no connection to a server"))
+    }
+}
+
+/// Exits per target of the device map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCount {
+    pub target: Target,
+    pub reads: u64,
+    pub writes: u64,
+}
+
+/// One vCPU's exits to its VM's devices.
+pub struct Router<'r, R> {
+    map: &'r DeviceMap<Target>,
+    local: &'r LocalDevices,
+    remote: R,
+    reports: Vec<u32>,
     stats: ExitStats,
+    per_device: Vec<DeviceCount>,
 }
 
-impl<T> std::fmt::Debug for Router<'_, T> {
+impl<R> std::fmt::Debug for Router<'_, R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Router").field("local", &self.local.len()).field("stats", &self.stats).finish()
     }
 }
 
-impl<'d, T: Transport> Router<'d, T> {
-    pub fn new(map: DeviceMap<Target>, local: Vec<&'d mut dyn Device>, remote: Option<RemoteIo<T>>) -> Self {
-        Router { map, local, remote, stats: ExitStats::default() }
+impl<'r, R: RemoteAccess> Router<'r, R> {
+    pub fn new(map: &'r DeviceMap<Target>, local: &'r LocalDevices, remote: R) -> Self {
+        Router { map, local, remote, reports: Vec::new(), stats: ExitStats::default(), per_device: Vec::new() }
     }
 
     pub fn stats(&self) -> ExitStats {
         self.stats
     }
 
-    /// End the run: give back the remote connection (and the borrowed devices).
-    pub fn into_remote(self) -> Option<RemoteIo<T>> {
-        self.remote
+    /// What the guest reported on the debug port, in order.
+    pub fn reports(&self) -> &[u32] {
+        &self.reports
     }
 
-    /// Serve one exit of `vcpu`: the data of a read, or an error that stops the VM.
-    pub fn handle(&mut self, vcpu: u16, exit: &Exit) -> Result<u64, String> {
-        match decide(&self.map, exit) {
+    /// Exits per device-map target, in first-seen order.
+    pub fn per_device(&self) -> &[DeviceCount] {
+        &self.per_device
+    }
+
+    fn count(&mut self, target: Target, dir: Direction) {
+        let i = match self.per_device.iter().position(|c| c.target == target) {
+            Some(i) => i,
+            None => {
+                self.per_device.push(DeviceCount { target, reads: 0, writes: 0 });
+                self.per_device.len() - 1
+            }
+        };
+        match dir {
+            Direction::Read => self.per_device[i].reads += 1,
+            Direction::Write => self.per_device[i].writes += 1,
+        }
+    }
+
+    /// Serve one exit: the data of a read, the guest's exit, or an error
+    /// that stops the VM.
+    pub fn handle(&mut self, exit: &Exit) -> Result<Flow, String> {
+        match decide(self.map, exit) {
             Decision::Local(i) => {
                 self.stats.local += 1;
+                self.count(Target::Local(i), exit.dir);
                 let dev = self
                     .local
-                    .get_mut(i)
-                    .ok_or_else(|| format!("device map names local device {i}, which does not exist"))?;
-                Ok(match exit.dir {
+                    .get(i)
+                    .ok_or_else(|| format!("the device map names local device {i}, which does not exist"))?;
+                let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(Flow::Continue(match exit.dir {
                     Direction::Read => dev.read(exit.space, exit.addr, exit.size).unwrap_or(exit.size.mask()),
                     Direction::Write => {
                         dev.write(exit.space, exit.addr, exit.size, exit.data);
                         0
                     }
-                })
+                }))
             }
             Decision::Remote { server, device } => {
                 self.stats.remote += 1;
-                let remote = self.remote.as_mut().ok_or("a remote range but no connection to a server")?;
-                remote.access(vcpu, server, device, exit).map_err(|e| e.to_string())
+                self.count(Target::Remote { server, device }, exit.dir);
+                self.remote.access(server, device, exit).map(Flow::Continue)
             }
+            Decision::Report(v) => {
+                self.stats.reports += 1;
+                self.reports.push(v);
+                Ok(Flow::Continue(0))
+            }
+            Decision::Exit(code) => Ok(Flow::Exit(code)),
             Decision::Unmapped if exit.dir == Direction::Read => {
                 self.stats.unmapped_reads += 1;
-                Ok(exit.size.mask())
+                Ok(Flow::Continue(exit.size.mask()))
             }
             Decision::Unmapped => {
                 self.stats.unmapped_writes += 1;
-                Ok(0)
+                Ok(Flow::Continue(0))
             }
         }
     }
@@ -106,7 +191,6 @@ impl<'d, T: Transport> Router<'d, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dmfabric_dataplane::mem::MemTransport;
     use dmfabric_dm_workers::regfile::RegisterFile;
     use dmfabric_wire::{AccessSize, Space};
 
@@ -118,6 +202,7 @@ mod tests {
         let mut m = DeviceMap::default();
         m.add(Space::Pio, 0x500, 0x100, Target::Local(0)).unwrap();
         m.add(Space::Pio, 0x3f8, 8, Target::Remote { server: 2, device: 7 }).unwrap();
+        m.add(Space::Pio, u64::from(DEBUG_PORT), 8, Target::Debug).unwrap();
         m
     }
 
@@ -131,17 +216,28 @@ mod tests {
         );
         assert_eq!(decide(&m, &exit(Space::Pio, 0x3fe, AccessSize::B4, Direction::Read, 0)), Decision::Unmapped);
         assert_eq!(decide(&m, &exit(Space::Mmio, 0x500, AccessSize::B4, Direction::Write, 1)), Decision::Unmapped);
+        assert_eq!(decide(&m, &exit(Space::Pio, 0x4f0, AccessSize::B4, Direction::Write, 9)), Decision::Report(9));
+        assert_eq!(decide(&m, &exit(Space::Pio, 0x4f4, AccessSize::B4, Direction::Write, 3)), Decision::Exit(3));
+        assert_eq!(decide(&m, &exit(Space::Pio, 0x4f4, AccessSize::B1, Direction::Write, 3)), Decision::Unmapped);
+        assert_eq!(decide(&m, &exit(Space::Pio, 0x4f0, AccessSize::B4, Direction::Read, 0)), Decision::Unmapped);
     }
 
     #[test]
-    fn local_and_unmapped_accesses_are_served_and_counted() {
-        let mut regs = RegisterFile::new(Some((0x500, 0x100)), None);
-        let mut r: Router<'_, MemTransport> = Router::new(map(), vec![&mut regs], None);
-        assert_eq!(r.handle(0, &exit(Space::Pio, 0x500, AccessSize::B2, Direction::Write, 0xbeef)), Ok(0));
-        assert_eq!(r.handle(0, &exit(Space::Pio, 0x500, AccessSize::B2, Direction::Read, 0)), Ok(0xbeef));
-        assert_eq!(r.handle(0, &exit(Space::Pio, 0x900, AccessSize::B2, Direction::Read, 0)), Ok(0xffff));
-        assert_eq!(r.handle(0, &exit(Space::Pio, 0x900, AccessSize::B1, Direction::Write, 5)), Ok(0));
-        assert!(r.handle(0, &exit(Space::Pio, 0x3f8, AccessSize::B1, Direction::Read, 0)).is_err(), "no server");
-        assert_eq!(r.stats(), ExitStats { local: 2, remote: 1, unmapped_reads: 1, unmapped_writes: 1 });
+    fn local_debug_and_unmapped_accesses_are_served_and_counted() {
+        let m = map();
+        let local: Vec<Mutex<Box<dyn Device>>> =
+            vec![Mutex::new(Box::new(RegisterFile::new(Some((0x500, 0x100)), None)))];
+        let mut r = Router::new(&m, &local, NoRemote);
+        let w = exit(Space::Pio, 0x500, AccessSize::B2, Direction::Write, 0xbeef);
+        assert_eq!(r.handle(&w), Ok(Flow::Continue(0)));
+        assert_eq!(r.handle(&exit(Space::Pio, 0x500, AccessSize::B2, Direction::Read, 0)), Ok(Flow::Continue(0xbeef)));
+        assert_eq!(r.handle(&exit(Space::Pio, 0x900, AccessSize::B2, Direction::Read, 0)), Ok(Flow::Continue(0xffff)));
+        assert_eq!(r.handle(&exit(Space::Pio, 0x900, AccessSize::B1, Direction::Write, 5)), Ok(Flow::Continue(0)));
+        assert!(r.handle(&exit(Space::Pio, 0x3f8, AccessSize::B1, Direction::Read, 0)).is_err(), "no server");
+        assert_eq!(r.handle(&exit(Space::Pio, 0x4f0, AccessSize::B4, Direction::Write, 7)), Ok(Flow::Continue(0)));
+        assert_eq!(r.handle(&exit(Space::Pio, 0x4f4, AccessSize::B4, Direction::Write, 1)), Ok(Flow::Exit(1)));
+        assert_eq!(r.reports(), &[7]);
+        assert_eq!(r.stats(), ExitStats { local: 2, remote: 1, unmapped_reads: 1, unmapped_writes: 1, reports: 1 });
+        assert_eq!(r.per_device()[0], DeviceCount { target: Target::Local(0), reads: 1, writes: 1 });
     }
 }

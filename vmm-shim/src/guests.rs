@@ -1,15 +1,37 @@
 //! Test guests, assembled from `guests/*.S` by build.rs with the system
-//! assembler, as flat binaries linked to run at [`LOAD_ADDR`].
+//! assembler, as flat binaries linked to run at [`LOAD_ADDR`]. Each starts
+//! in 64-bit long mode with its arguments in rdi, rsi, rdx, reports through
+//! the debug port ([`crate::debugport`]) and exits through its exit port.
 
 /// Guest-physical address the guests are linked for and loaded at.
 pub const LOAD_ADDR: u64 = 0x10_0000;
 
 /// `io_loop`: rdi iterations of OUT/IN on port rsi and an 8-byte MMIO
-/// write/read at rdx; reports a checksum on the debug port, then halts.
+/// write/read at rdx; reports a checksum (two dwords).
 pub const IO_LOOP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/io_loop.bin"));
+
+/// `pio_loop`: rdi round trips of OUT then IN on port rsi (two exits
+/// each); reports a checksum (two dwords). The exit benchmark's guest.
+pub const PIO_LOOP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pio_loop.bin"));
+
+/// `irq_wait`: waits for rdi interrupts on IRQ 5 from the irqtest device at
+/// port rsi (rdx: 0 edge, 1 level); reports interrupts counted, interrupts
+/// on other vectors and the device's own count.
+pub const IRQ_WAIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/irq_wait.bin"));
+
+/// The IRQ line `irq_wait` listens on.
+pub const IRQ_WAIT_LINE: u32 = 5;
+
+/// The guests by name, for the client's config.
+pub const ALL: &[(&str, &[u8])] = &[("io_loop", IO_LOOP), ("pio_loop", PIO_LOOP), ("irq_wait", IRQ_WAIT)];
 
 /// The checksum `io_loop` reports against a device whose registers read
 /// back what was written (a register file).
 pub fn io_loop_checksum(iterations: u64) -> u64 {
     (0..iterations).fold(0u64, |sum, i| sum.wrapping_add(i & 0xffff_ffff).wrapping_add(i.wrapping_mul(3)))
+}
+
+/// The checksum `pio_loop` reports against a register file.
+pub fn pio_loop_checksum(round_trips: u64) -> u64 {
+    (0..round_trips).fold(0u64, |sum, i| sum.wrapping_add(i & 0xffff_ffff))
 }

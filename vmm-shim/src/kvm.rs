@@ -17,9 +17,15 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
 
 use dmfabric_wire::{AccessSize, Direction, Space};
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_mp_state, kvm_msi, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memmap2::MmapMut;
 
@@ -27,8 +33,12 @@ const GDT_ADDR: u64 = 0x500;
 const PML4_ADDR: u64 = 0x1000;
 const PDPT_ADDR: u64 = 0x2000;
 const PD_ADDR: u64 = 0x3000;
-/// Top of the initial stack of a test vCPU.
+/// Top of the initial stack of vCPU 0; vCPU `n` starts [`STACK_BYTES`] × n lower.
 pub const STACK_TOP: u64 = 0x8_0000;
+/// Stack of each test vCPU.
+pub const STACK_BYTES: u64 = 0x4000;
+/// Most vCPUs a test VM can have (their stacks sit below [`STACK_TOP`]).
+pub const MAX_VCPUS: u64 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
@@ -48,6 +58,8 @@ pub enum KvmError {
     ImageTooBig { addr: u64, len: usize, mem: usize },
     #[error("The vCPU stopped: {0}")]
     Stopped(String),
+    #[error("vCPU {0} is out of range: a test VM has at most {MAX_VCPUS}")]
+    TooManyVcpus(u64),
     #[error("An access could not be served: {0}")]
     Device(String),
 }
@@ -67,12 +79,85 @@ pub struct Exit {
     pub data: u64,
 }
 
-/// How a run ended and what it did.
+/// What the exit handler wants after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Re-enter the guest; the value is the data of a read.
+    Continue(u64),
+    /// The guest asked to stop (a test guest's exit port) with this code.
+    Exit(u32),
+}
+
+/// What a run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunStats {
     pub io_exits: u64,
     pub mmio_exits: u64,
-    pub other_exits: u64,
+    /// KVM_RUN returns without an exit to serve (a signal, a kick).
+    pub interrupted: u64,
+    /// The code the guest exited with.
+    pub exit_code: u32,
+}
+
+/// Stops a vCPU from another thread, also while its guest is halted inside
+/// KVM_RUN: a flag the run loop checks plus a signal that makes KVM_RUN
+/// return (the way Firecracker and cloud-hypervisor kick vCPUs).
+#[derive(Debug, Default)]
+pub struct Kick {
+    stop: AtomicBool,
+    /// pthread_t of the thread inside [`Vcpu::run`], 0 outside it.
+    thread: AtomicU64,
+    reason: Mutex<Option<String>>,
+}
+
+/// The real-time signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Kick {
+    pub fn new() -> Kick {
+        Kick::default()
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Why the vCPU was asked to stop.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ask the vCPU to stop (the first reason is kept) and kick it out of
+    /// KVM_RUN, retrying for up to `within` in case the signal lands just
+    /// before the thread enters the guest.
+    pub fn stop(&self, reason: &str, within: Duration) {
+        {
+            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            r.get_or_insert_with(|| reason.to_string());
+        }
+        self.stop.store(true, Ordering::Release);
+        let deadline = Instant::now() + within;
+        loop {
+            let thread = self.thread.load(Ordering::Acquire);
+            if thread == 0 {
+                return;
+            }
+            // SAFETY: `thread` was stored by the vCPU thread from
+            // pthread_self() on entering `Vcpu::run` and is cleared before it
+            // leaves, so while it is non-zero it names a live thread (a
+            // signal racing with the clear reaches a thread that ignores it:
+            // the handler does nothing). The signal has a no-op handler.
+            unsafe { libc::pthread_kill(thread as libc::pthread_t, kick_signal()) };
+            if Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
 }
 
 /// A VM with its guest memory.
@@ -100,6 +185,12 @@ impl Vm {
             _ => KvmError::Ioctl { what: "open /dev/kvm", source: e },
         })?;
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        // The in-kernel PIC, IOAPIC and local APICs, and the PIT: interrupts
+        // are injected with KVM_IRQ_LINE / KVM_SIGNAL_MSI on the VM fd and
+        // a halted vCPU waits in the kernel.
+        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         let mem = MmapMut::map_anon(mem_bytes).map_err(|e| KvmError::Memory(mem_bytes, e))?;
         let region = kvm_userspace_memory_region {
             slot: 0,
@@ -152,10 +243,37 @@ impl Vm {
         }
     }
 
-    /// A vCPU in 64-bit long mode at CPL0, about to run `entry` with the
-    /// stack at [`STACK_TOP`] and `args` in rdi, rsi, rdx.
+    /// Set interrupt line (GSI) `gsi` to `level` (PIC and IOAPIC).
+    pub fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), KvmError> {
+        self.fd.set_irq_line(gsi, level).map_err(ioctl("KVM_IRQ_LINE"))
+    }
+
+    /// Deliver a message-signalled interrupt.
+    pub fn signal_msi(&self, address: u64, data: u32) -> Result<(), KvmError> {
+        let msi =
+            kvm_msi { address_lo: address as u32, address_hi: (address >> 32) as u32, data, ..Default::default() };
+        self.fd.signal_msi(msi).map(|_| ()).map_err(ioctl("KVM_SIGNAL_MSI"))
+    }
+
+    /// Bytes of guest memory at `addr` (None if out of range).
+    pub fn memory(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let start = usize::try_from(addr).ok()?;
+        self.mem.get(start..start.checked_add(len)?)
+    }
+
+    /// A vCPU in 64-bit long mode at CPL0, about to run `entry` with its
+    /// own stack below [`STACK_TOP`] and `args` in rdi, rsi, rdx. vCPUs
+    /// other than 0 start running too (no INIT/SIPI dance for test guests).
     pub fn long_mode_vcpu(&self, id: u64, entry: u64, args: [u64; 3]) -> Result<Vcpu<'_>, KvmError> {
+        if id >= MAX_VCPUS {
+            return Err(KvmError::TooManyVcpus(id));
+        }
         let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        if id != 0 {
+            // With the in-kernel irqchip an AP waits for a SIPI; start it now.
+            let runnable = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
+            fd.set_mp_state(runnable).map_err(ioctl("KVM_SET_MP_STATE"))?;
+        }
         let cpuid = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
 
@@ -192,7 +310,7 @@ impl Vm {
 
         let mut regs = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
         regs.rip = entry;
-        regs.rsp = STACK_TOP;
+        regs.rsp = STACK_TOP - id * STACK_BYTES;
         regs.rflags = 0x2;
         regs.rdi = args[0];
         regs.rsi = args[1];
@@ -223,46 +341,91 @@ fn le(bytes: &[u8]) -> u64 {
 }
 
 impl Vcpu<'_> {
-    /// Run until the guest halts. Every port-I/O and MMIO exit goes to
-    /// `on_exit`, whose value is the data of a read; its error stops the VM.
-    pub fn run_until_halt(
+    /// Run until the guest exits through its exit port, the handler fails,
+    /// or `kick` stops the vCPU. Every port-I/O and MMIO exit goes to
+    /// `on_exit`; its error stops the VM.
+    pub fn run(
         &mut self,
-        on_exit: &mut dyn FnMut(&Exit) -> Result<u64, String>,
+        kick: &Kick,
+        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, String>,
     ) -> Result<RunStats, KvmError> {
+        static HANDLER: Once = Once::new();
+        let mut installed = Ok(());
+        HANDLER.call_once(|| installed = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick_signal));
+        installed.map_err(|e| KvmError::Stopped(format!("cannot install the vCPU kick signal handler: {e}")))?;
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as u64;
+        kick.thread.store(me, Ordering::Release);
+        let result = self.run_loop(kick, on_exit);
+        kick.thread.store(0, Ordering::Release);
+        result
+    }
+
+    fn run_loop(
+        &mut self,
+        kick: &Kick,
+        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, String>,
+    ) -> Result<RunStats, KvmError> {
+        const EINTR: i32 = 4;
+        const EAGAIN: i32 = 11;
         let mut stats = RunStats::default();
+        let stopped = |kick: &Kick| KvmError::Stopped(kick.reason().unwrap_or_else(|| "asked to stop".into()));
         loop {
-            let exit = self.fd.run().map_err(ioctl("KVM_RUN"))?;
-            match exit {
+            if kick.stopped() {
+                return Err(stopped(kick));
+            }
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == EINTR || e.errno() == EAGAIN => {
+                    stats.interrupted += 1;
+                    continue;
+                }
+                Err(e) => return Err(KvmError::Ioctl { what: "KVM_RUN", source: e }),
+            };
+            let flow = match exit {
                 VcpuExit::IoOut(port, data) => {
                     stats.io_exits += 1;
                     let e = io_exit(Space::Pio, u64::from(port), data.len(), Direction::Write, le(data))?;
-                    on_exit(&e).map_err(KvmError::Device)?;
+                    on_exit(&e).map_err(KvmError::Device)?
                 }
                 VcpuExit::IoIn(port, data) => {
                     stats.io_exits += 1;
                     let e = io_exit(Space::Pio, u64::from(port), data.len(), Direction::Read, 0)?;
-                    let v = on_exit(&e).map_err(KvmError::Device)?.to_le_bytes();
-                    let n = data.len();
-                    data.copy_from_slice(&v[..n]);
+                    let flow = on_exit(&e).map_err(KvmError::Device)?;
+                    if let Flow::Continue(v) = flow {
+                        let n = data.len().min(8);
+                        data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+                    }
+                    flow
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     stats.mmio_exits += 1;
                     let e = io_exit(Space::Mmio, addr, data.len(), Direction::Write, le(data))?;
-                    on_exit(&e).map_err(KvmError::Device)?;
+                    on_exit(&e).map_err(KvmError::Device)?
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     stats.mmio_exits += 1;
                     let e = io_exit(Space::Mmio, addr, data.len(), Direction::Read, 0)?;
-                    let v = on_exit(&e).map_err(KvmError::Device)?.to_le_bytes();
-                    let n = data.len().min(8);
-                    data[..n].copy_from_slice(&v[..n]);
+                    let flow = on_exit(&e).map_err(KvmError::Device)?;
+                    if let Flow::Continue(v) = flow {
+                        let n = data.len().min(8);
+                        data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+                    }
+                    flow
                 }
-                VcpuExit::Hlt => return Ok(stats),
+                VcpuExit::Intr => {
+                    stats.interrupted += 1;
+                    continue;
+                }
                 other => {
                     let what = format!("{other:?}");
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                     return Err(KvmError::Stopped(format!("exit {what} at rip {rip:#x}")));
                 }
+            };
+            if let Flow::Exit(code) = flow {
+                stats.exit_code = code;
+                return Ok(stats);
             }
         }
     }

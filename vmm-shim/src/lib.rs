@@ -16,4 +16,5 @@ pub mod devmap;
 pub mod exits;
 pub mod guests;
 pub mod kvm;
+pub mod machine;
 pub mod remote;

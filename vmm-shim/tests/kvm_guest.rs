@@ -1,6 +1,8 @@
 //! Real KVM guests in 64-bit long mode whose port I/O and MMIO go to local
 //! device models or, over AF_XDP between two network namespaces, to a
-//! `dmfabric` server (needs /dev/kvm and root; skipped without them).
+//! dmfabric server; interrupts raised by the server's device models reach
+//! the right guest. Needs /dev/kvm and root; skipped without them (failed
+//! under DMFABRIC_REQUIRE_PRIVILEGED=1).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,42 +14,44 @@ use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_dataplane::Transport;
+use dmfabric_dm_workers::device::Device;
 use dmfabric_dm_workers::regfile::RegisterFile;
-use dmfabric_dm_workers::server::{DeviceSpec, Server, ServerStats};
-use dmfabric_vmm_shim::debugport::{DebugPort, DEBUG_PORT};
-use dmfabric_vmm_shim::devmap::{DeviceMap, Target};
-use dmfabric_vmm_shim::exits::{ExitStats, Router};
-use dmfabric_vmm_shim::guests::{self, IO_LOOP, LOAD_ADDR};
-use dmfabric_vmm_shim::kvm::{KvmError, Vm};
-use dmfabric_vmm_shim::remote::RemoteIo;
+use dmfabric_dm_workers::server::{DeviceSpec, Server, ServerStats, IRQ_TEST_LINE, IRQ_TEST_PIO};
+use dmfabric_vmm_shim::debugport::u64_at;
+use dmfabric_vmm_shim::devmap::Target;
+use dmfabric_vmm_shim::exits::ExitStats;
+use dmfabric_vmm_shim::guests::{self, IO_LOOP, IRQ_WAIT};
+use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
+use dmfabric_vmm_shim::remote::ClientConfig;
 use dmfabric_wire::Space;
 
 const PORT: u64 = 0x500;
 const MMIO: u64 = 0xd000_0000;
+const CLIENT: u16 = 3;
 
-/// Run io_loop aiming its port accesses at `port`, with the test device
-/// local or remote. Returns the reported checksum and the exit counters.
-fn run_io_loop<T: Transport>(
-    iterations: u64,
-    port: u64,
-    remote: Option<RemoteIo<T>>,
-) -> Result<(u64, ExitStats, Option<RemoteIo<T>>), KvmError> {
-    let mut regfile = RegisterFile::new(Some((PORT as u16, 0x100)), Some((MMIO, 0x1000)));
-    let mut debug = DebugPort::default();
-    let mut map = DeviceMap::default();
-    let device = if remote.is_some() { Target::Remote { server: 1, device: 1 } } else { Target::Local(1) };
-    map.add(Space::Pio, PORT, 0x100, device).unwrap();
-    map.add(Space::Mmio, MMIO, 0x1000, device).unwrap();
-    map.add(Space::Pio, u64::from(DEBUG_PORT), 4, Target::Local(0)).unwrap();
+fn regfile() -> Box<dyn Device> {
+    Box::new(RegisterFile::new(Some((PORT as u16, 0x100)), Some((MMIO, 0x1000))))
+}
 
-    let mut vm = Vm::new(4 << 20)?;
-    vm.load(LOAD_ADDR, IO_LOOP)?;
-    let mut vcpu = vm.long_mode_vcpu(0, LOAD_ADDR, [iterations, port, MMIO])?;
-    let mut router = Router::new(map, vec![&mut debug, &mut regfile], remote);
-    vcpu.run_until_halt(&mut |e| router.handle(0, e))?;
-    let stats = router.stats();
-    let remote = router.into_remote();
-    Ok((debug.u64_at(0).expect("checksum reported"), stats, remote))
+/// io_loop on `vcpus` vCPUs, vCPU n using ports PORT + 0x10 n and MMIO + 0x10 n
+/// of the test device, local or remote (server 1, device 1).
+fn io_loop_vm(id: u32, vcpus: u16, iterations: u64, port: u64, remote: bool) -> VmSpec {
+    let target = if remote { Target::Remote { server: 1, device: 1 } } else { Target::Local(0) };
+    let args = (0..u64::from(vcpus)).map(|n| [iterations, port + 0x10 * n, MMIO + 0x10 * n]).collect();
+    let ranges = [(Space::Pio, PORT, 0x100, target), (Space::Mmio, MMIO, 0x1000, target)];
+    let local = if remote { Vec::new() } else { vec![regfile()] };
+    VmSpec::test_guest(id, vcpus, IO_LOOP, args, &ranges, local).unwrap()
+}
+
+fn checksum(report: &RunReport, vm: u32, vcpu: usize) -> u64 {
+    let v = &report.vm(vm).expect("vm ran").vcpus[vcpu];
+    assert_eq!(v.result.as_ref().map(|r| r.exit_code), Ok(0), "vCPU {vcpu} of VM {vm} exits cleanly");
+    u64_at(&v.reports, 0).expect("checksum reported")
+}
+
+fn run_local(specs: &[VmSpec]) -> RunReport {
+    let stop = AtomicBool::new(false);
+    machine::run::<XdpTransport>(specs, None, &RunOptions::default(), &stop).expect("VMs run").0
 }
 
 #[test]
@@ -55,9 +59,9 @@ fn guest_port_and_mmio_io_reach_local_devices() {
     if !netns::privileged_or_skip("guest_port_and_mmio_io_reach_local_devices", &[Need::Kvm]) {
         return;
     }
-    let (checksum, stats, _) = run_io_loop::<XdpTransport>(500, PORT, None).unwrap();
-    assert_eq!(checksum, guests::io_loop_checksum(500));
-    assert_eq!(stats, ExitStats { local: 4 * 500 + 2, ..ExitStats::default() });
+    let report = run_local(&[io_loop_vm(1, 1, 500, PORT, false)]);
+    assert_eq!(checksum(&report, 1, 0), guests::io_loop_checksum(500));
+    assert_eq!(report.vm(1).unwrap().exits(), ExitStats { local: 4 * 500, reports: 2, ..ExitStats::default() });
 }
 
 #[test]
@@ -65,20 +69,54 @@ fn a_guest_touching_unmapped_ports_keeps_running_and_reads_all_ones() {
     if !netns::privileged_or_skip("a_guest_touching_unmapped_ports", &[Need::Kvm]) {
         return;
     }
-    let (checksum, stats, _) = run_io_loop::<XdpTransport>(100, 0x900, None).unwrap();
+    let report = run_local(&[io_loop_vm(1, 1, 100, 0x900, false)]);
     let expected = (0..100u64).fold(0u64, |s, i| s.wrapping_add(0xffff_ffff).wrapping_add(3 * i));
-    assert_eq!(checksum, expected);
-    assert_eq!((stats.unmapped_reads, stats.unmapped_writes), (100, 100));
+    assert_eq!(checksum(&report, 1, 0), expected);
+    let exits = report.vm(1).unwrap().exits();
+    assert_eq!((exits.unmapped_reads, exits.unmapped_writes), (100, 100));
 }
 
-/// A server thread in host 1 of `net`, until the returned flag is set.
+#[test]
+fn a_guest_waiting_for_an_interrupt_that_never_comes_is_stopped_at_the_run_limit() {
+    if !netns::privileged_or_skip("a_guest_waiting_forever_is_stopped", &[Need::Kvm]) {
+        return;
+    }
+    // The irqtest port is unmapped: no interrupt will ever come and the
+    // guest sits in `hlt` inside KVM_RUN.
+    let spec = VmSpec::test_guest(1, 1, IRQ_WAIT, vec![[1, IRQ_TEST_PIO.into(), 0]], &[], Vec::new()).unwrap();
+    let stop = AtomicBool::new(false);
+    let opts = RunOptions { timeout: Duration::from_millis(300), ..RunOptions::default() };
+    let start = Instant::now();
+    let (report, _) = machine::run::<XdpTransport>(&[spec], None, &opts, &stop).unwrap();
+    let err = report.vm(1).unwrap().error().expect("stopped").to_string();
+    assert!(err.contains("run limit"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(3), "kicked out of KVM_RUN, took {:?}", start.elapsed());
+}
+
+#[test]
+fn two_vcpus_run_on_their_own_threads() {
+    if !netns::privileged_or_skip("two_vcpus_run_on_their_own_threads", &[Need::Kvm]) {
+        return;
+    }
+    let report = run_local(&[io_loop_vm(1, 2, 300, PORT, false)]);
+    assert_eq!(checksum(&report, 1, 0), guests::io_loop_checksum(300));
+    assert_eq!(checksum(&report, 1, 1), guests::io_loop_checksum(300));
+}
+
+/// A server thread in host 1 of `net` with the test device and interrupt
+/// test devices 101 and 102, until the returned flag is set.
 fn start_server(net: &TestNet) -> (Arc<AtomicBool>, std::thread::JoinHandle<Result<ServerStats, netns::NetnsError>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = net.spawn_in(1, "server", move || {
         let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
-        let mut s = Server::new(1, t.mac(), &[DeviceSpec::test_device()]);
+        let devices = [
+            DeviceSpec::test_device(),
+            DeviceSpec::irq_test(101, IRQ_TEST_PIO, IRQ_TEST_LINE),
+            DeviceSpec::irq_test(102, IRQ_TEST_PIO, IRQ_TEST_LINE),
+        ];
+        let mut s = Server::new(1, t.mac(), &devices);
         ready_tx.send(()).unwrap();
         let cfg = PollConfig { spin: 10_000, wait: Duration::from_millis(1), ..PollConfig::default() };
         poll::run(&mut t, &mut s, cfg, &flag).unwrap();
@@ -88,8 +126,32 @@ fn start_server(net: &TestNet) -> (Arc<AtomicBool>, std::thread::JoinHandle<Resu
     (stop, handle)
 }
 
-fn connect<T: Transport>(t: T, retry: Retry) -> RemoteIo<T> {
-    RemoteIo::connect(t, 1, 1, 7, 1, retry, Duration::from_secs(5)).expect("server found")
+fn client_config(retry: Retry) -> ClientConfig {
+    ClientConfig { client: CLIENT, hypervisor: 1, servers: vec![1], retry, hello_timeout: Duration::from_secs(5) }
+}
+
+/// Run `specs` in host 0 over AF_XDP (optionally through the fault
+/// injector) against the server in host 1.
+fn run_remote(
+    net: &TestNet,
+    specs: &[VmSpec],
+    faults: Option<FaultConfig>,
+    retry: Retry,
+) -> (RunReport, Option<dmfabric_dataplane::fault::FaultStats>) {
+    net.with_host(0, || {
+        let t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("client AF_XDP");
+        let stop = AtomicBool::new(false);
+        let opts = RunOptions { timeout: Duration::from_secs(60), ..RunOptions::default() };
+        match faults {
+            None => (machine::run(specs, Some((t, client_config(retry))), &opts, &stop).expect("VMs run").0, None),
+            Some(f) => {
+                let t = FaultInjector::new(t, f);
+                let (report, t) = machine::run(specs, Some((t, client_config(retry))), &opts, &stop).expect("VMs run");
+                (report, t.map(|t| t.fault_stats()))
+            }
+        }
+    })
+    .unwrap()
 }
 
 #[test]
@@ -97,20 +159,16 @@ fn remote_device_gives_the_same_checksum_as_local() {
     if !netns::privileged_or_skip("remote_device_gives_the_same_checksum_as_local", &[Need::Kvm, Need::Root]) {
         return;
     }
+    let local = run_local(&[io_loop_vm(7, 1, 500, PORT, false)]);
     let net = TestNet::pair().unwrap();
     let (stop, server) = start_server(&net);
-    let (checksum, stats, remote) = net
-        .with_host(0, || {
-            let t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("client AF_XDP");
-            run_io_loop(500, PORT, Some(connect(t, Retry::default())))
-        })
-        .unwrap()
-        .expect("guest runs");
+    let (report, _) = run_remote(&net, &[io_loop_vm(7, 1, 500, PORT, true)], None, Retry::default());
     stop.store(true, Ordering::Relaxed);
     let served = server.join().unwrap().unwrap();
-    assert_eq!(checksum, guests::io_loop_checksum(500), "same as the local run");
-    assert_eq!(stats, ExitStats { local: 2, remote: 4 * 500, ..ExitStats::default() });
-    assert_eq!(remote.unwrap().stats().requests, 2000);
+    assert_eq!(checksum(&report, 7, 0), checksum(&local, 7, 0), "same as the local run");
+    assert_eq!(checksum(&report, 7, 0), guests::io_loop_checksum(500));
+    assert_eq!(report.vm(7).unwrap().exits(), ExitStats { remote: 4 * 500, reports: 2, ..ExitStats::default() });
+    assert_eq!(report.vm(7).unwrap().remote.unwrap().requests, 2000);
     assert_eq!(served.completions, 2000, "{served}");
 }
 
@@ -123,45 +181,106 @@ fn lost_and_duplicated_frames_change_nothing_the_guest_sees() {
     let (stop, server) = start_server(&net);
     let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.0, seed: 5 };
     let retry = Retry { timeout: Duration::from_millis(5), retries: 20 };
-    let (checksum, _, remote) = net
-        .with_host(0, || {
-            let t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("client AF_XDP");
-            run_io_loop(500, PORT, Some(connect(FaultInjector::new(t, faults), retry)))
-        })
-        .unwrap()
-        .expect("guest runs");
+    // Two vCPUs, so that a vCPU also picks up the other's completions.
+    let (report, injected) = run_remote(&net, &[io_loop_vm(7, 2, 250, PORT, true)], Some(faults), retry);
     stop.store(true, Ordering::Relaxed);
     let served = server.join().unwrap().unwrap();
-    let remote = remote.unwrap();
-    let injected = remote.transport().fault_stats();
+    let injected = injected.unwrap();
     assert!(injected.dropped > 50 && injected.duplicated > 50, "{injected:?}");
-    assert_eq!(checksum, guests::io_loop_checksum(500), "right checksum despite the faults");
-    assert!(remote.stats().retransmits > 0);
+    assert_eq!(checksum(&report, 7, 0), guests::io_loop_checksum(250), "right checksum despite the faults");
+    assert_eq!(checksum(&report, 7, 1), guests::io_loop_checksum(250));
+    let client = report.client.unwrap();
+    assert!(client.retransmits > 0, "{client:?}");
     // Every guest access ran exactly once on the device: duplicates were
-    // answered from the server's cache.
+    // answered from the server's cache, never executed twice.
     assert_eq!(served.completions, 2000, "{served}");
     assert!(served.duplicates_answered + served.duplicates_in_flight > 0, "{served}");
 }
 
 #[test]
-fn a_vanished_server_stops_the_vm_with_a_clear_error() {
-    if !netns::privileged_or_skip("a_vanished_server_stops_the_vm", &[Need::Kvm, Need::Root]) {
+fn interrupts_from_remote_device_models_reach_only_their_own_vm() {
+    if !netns::privileged_or_skip("interrupts_reach_only_their_own_vm", &[Need::Kvm, Need::Root]) {
+        return;
+    }
+    let net = TestNet::pair().unwrap();
+    let (stop, server) = start_server(&net);
+    const N: u64 = 40;
+    let irq_vm = |id: u32, device: u32, mode: u64| {
+        let ranges = [
+            (Space::Pio, u64::from(IRQ_TEST_PIO), 8, Target::Remote { server: 1, device }),
+            (Space::Pio, PORT, 0x100, Target::Remote { server: 1, device: 1 }),
+        ];
+        VmSpec::test_guest(id, 1, IRQ_WAIT, vec![[N, u64::from(IRQ_TEST_PIO), mode]], &ranges, Vec::new()).unwrap()
+    };
+    // VM 1: edge interrupts from device 101; VM 2: level from device 102;
+    // VM 3 runs io_loop on the test device and must see no interrupt.
+    let specs = [irq_vm(1, 101, 0), irq_vm(2, 102, 1), io_loop_vm(3, 1, 200, PORT, true)];
+    let (report, _) = run_remote(&net, &specs, None, Retry::default());
+    stop.store(true, Ordering::Relaxed);
+    let served = server.join().unwrap().unwrap();
+    for id in [1, 2] {
+        let v = &report.vm(id).unwrap().vcpus[0];
+        assert!(v.result.is_ok(), "VM {id}: {:?}", v.result);
+        // Counted by the guest's handler, none on other vectors, and the
+        // device's own count agrees.
+        assert_eq!(v.reports, vec![N as u32, 0, N as u32], "VM {id}");
+    }
+    assert_eq!(checksum(&report, 3, 0), guests::io_loop_checksum(200));
+    let (r1, r2, r3) =
+        (report.vm(1).unwrap().remote.unwrap(), report.vm(2).unwrap().remote.unwrap(), report.vm(3).unwrap().remote);
+    assert_eq!(r1.interrupts, N, "one edge per interrupt");
+    assert_eq!(r2.interrupts, 2 * N, "level: raised and lowered, mirrored");
+    assert_eq!(r3.unwrap().interrupts, 0);
+    let client = report.client.unwrap();
+    assert_eq!((client.interrupts, client.other_client, client.unknown_vm), (3 * N, 0, 0), "{client:?}");
+    assert_eq!(served.interrupts, 3 * N, "{served}");
+    assert_eq!(served.interrupt_acks, 3 * N, "every interrupt acknowledged: {served}");
+}
+
+#[test]
+fn interrupts_survive_lost_and_duplicated_frames() {
+    if !netns::privileged_or_skip("interrupts_survive_lost_frames", &[Need::Kvm, Need::Root]) {
+        return;
+    }
+    let net = TestNet::pair().unwrap();
+    let (stop, server) = start_server(&net);
+    const N: u64 = 60;
+    let ranges = [(Space::Pio, u64::from(IRQ_TEST_PIO), 8, Target::Remote { server: 1, device: 102 })];
+    let spec = VmSpec::test_guest(2, 1, IRQ_WAIT, vec![[N, u64::from(IRQ_TEST_PIO), 1]], &ranges, Vec::new()).unwrap();
+    let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.0, seed: 11 };
+    let retry = Retry { timeout: Duration::from_millis(5), retries: 20 };
+    let (report, injected) = run_remote(&net, &[spec], Some(faults), retry);
+    stop.store(true, Ordering::Relaxed);
+    let served = server.join().unwrap().unwrap();
+    let v = &report.vm(2).unwrap().vcpus[0];
+    assert!(v.result.is_ok(), "{:?}", v.result);
+    assert_eq!(v.reports, vec![N as u32, 0, N as u32], "every interrupt once: {injected:?}");
+    // The level ends low, as the device left it: injections alternate, so
+    // their number is even and equals the device's level changes.
+    assert_eq!(report.vm(2).unwrap().remote.unwrap().interrupts, 2 * N);
+    assert_eq!(served.interrupts, 2 * N, "{served}");
+}
+
+#[test]
+fn a_server_that_dies_mid_run_stops_the_vm_with_a_clear_error() {
+    if !netns::privileged_or_skip("a_server_that_dies_mid_run_stops_the_vm", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
     let (stop, server) = start_server(&net);
     let retry = Retry { timeout: Duration::from_millis(20), retries: 4 };
-    let result = net
-        .with_host(0, || {
-            let t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("client AF_XDP");
-            let remote = connect(t, retry);
-            stop.store(true, Ordering::Relaxed);
-            server.join().unwrap().unwrap();
-            let start = Instant::now();
-            (run_io_loop(10, PORT, Some(remote)).map(|r| r.0), start.elapsed())
-        })
-        .unwrap();
-    let (Err(KvmError::Device(msg)), waited) = result else { panic!("the VM must stop: {:?}", result.0) };
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap().unwrap();
+        Instant::now()
+    });
+    // Far more iterations than fit in 300 ms.
+    let (report, _) = run_remote(&net, &[io_loop_vm(7, 1, 10_000_000, PORT, true)], None, retry);
+    let ended = Instant::now();
+    let died = killer.join().unwrap();
+    let msg = report.vm(7).unwrap().error().expect("the VM must stop").to_string();
     assert!(msg.contains("Server 1 did not answer device 1") && msg.contains("after 5 tries"), "{msg}");
+    let waited = ended.saturating_duration_since(died);
     assert!(waited < Duration::from_secs(2), "bounded by the retry limit, took {waited:?}");
 }

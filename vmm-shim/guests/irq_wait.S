@@ -1,0 +1,157 @@
+# irq_wait: counts interrupts a device model raises (64-bit, CPL0, paging on).
+#
+# In:  rdi = interrupts to wait for, rsi = I/O port of an irqtest device,
+#      rdx = mode: 0 edge, 1 level.
+#
+# Installs an IDT (every vector to a counting stub, vector 0x25 = IRQ 5 to
+# the device's handler), programs the in-kernel 8259 PICs (master at vector
+# 0x20, only IRQ 5 unmasked), then per interrupt: asks the device for one
+# (edge: command 1 = pulse; level: command 2 = assert), and waits with
+# `sti; hlt` until the handler has counted it. In level mode the handler
+# lowers the line (command 3) before its EOI, as a driver acks its device.
+#
+# Out (report port 0x4f0, one dword each): interrupts counted by the
+# handler, interrupts on any other vector, the device's own count of
+# interrupts raised (register +4); then exit code 0 on port 0x4f4.
+
+    .intel_syntax noprefix
+    .code64
+    .text
+    .globl _start
+
+    .equ IDT, 0x9000
+    .equ VECTOR, 0x25
+    .equ IRQ_MASK, 0xdf         # all masked but IRQ 5
+
+_start:
+    mov     [rip + target], rdi
+    mov     [rip + port], rsi
+    mov     [rip + mode], rdx
+
+    # IDT: 256 interrupt gates (present, DPL 0, type 0xe, selector 0x8).
+    lea     rax, [rip + other_isr]
+    mov     rdi, IDT
+    mov     ecx, 256
+1:
+    call    write_gate
+    add     rdi, 16
+    dec     ecx
+    jnz     1b
+    lea     rax, [rip + device_isr]
+    mov     rdi, IDT + VECTOR * 16
+    call    write_gate
+    lidt    [rip + idtr]
+
+    # 8259 PICs: ICW1 (edge, cascade, ICW4), ICW2 (vector base), ICW3, ICW4 (8086).
+    mov     al, 0x11
+    out     0x20, al
+    out     0xa0, al
+    mov     al, 0x20
+    out     0x21, al
+    mov     al, 0x28
+    out     0xa1, al
+    mov     al, 0x04
+    out     0x21, al
+    mov     al, 0x02
+    out     0xa1, al
+    mov     al, 0x01
+    out     0x21, al
+    out     0xa1, al
+    mov     al, IRQ_MASK
+    out     0x21, al
+    mov     al, 0xff
+    out     0xa1, al
+
+next:
+    mov     rax, [rip + count]
+    cmp     rax, [rip + target]
+    jae     done
+    mov     r12, rax                # count before asking
+    mov     rdx, [rip + port]
+    mov     eax, 1                  # pulse
+    cmp     qword ptr [rip + mode], 0
+    je      2f
+    mov     eax, 2                  # assert the level
+2:
+    out     dx, eax
+wait:
+    sti
+    hlt
+    cli
+    cmp     [rip + count], r12
+    je      wait
+    jmp     next
+
+done:
+    mov     dx, 0x4f0
+    mov     eax, [rip + count]
+    out     dx, eax
+    mov     eax, [rip + others]
+    out     dx, eax
+    mov     rdx, [rip + port]
+    add     rdx, 4
+    in      eax, dx
+    mov     dx, 0x4f0
+    out     dx, eax
+    mov     dx, 0x4f4
+    xor     eax, eax
+    out     dx, eax
+3:
+    hlt
+    jmp     3b
+
+# rax = handler, rdi = gate address; keeps rax, rcx, rdi.
+write_gate:
+    mov     rdx, rax
+    and     edx, 0xffff
+    mov     rsi, 0x8
+    shl     rsi, 16
+    or      rdx, rsi
+    mov     rsi, 0x8e00
+    shl     rsi, 32
+    or      rdx, rsi
+    mov     rsi, rax
+    shr     rsi, 16
+    and     esi, 0xffff
+    shl     rsi, 48
+    or      rdx, rsi
+    mov     [rdi], rdx
+    mov     rdx, rax
+    shr     rdx, 32
+    mov     [rdi + 8], rdx
+    ret
+
+device_isr:
+    push    rax
+    push    rdx
+    inc     qword ptr [rip + count]
+    cmp     qword ptr [rip + mode], 0
+    je      1f
+    mov     rdx, [rip + port]
+    mov     eax, 3                  # lower the level
+    out     dx, eax
+1:
+    mov     al, 0x20                # EOI
+    out     0x20, al
+    pop     rdx
+    pop     rax
+    iretq
+
+other_isr:
+    push    rax
+    inc     qword ptr [rip + others]
+    mov     al, 0x20
+    out     0x20, al
+    out     0xa0, al
+    pop     rax
+    iretq
+
+    .balign 8
+target: .quad 0
+port:   .quad 0
+mode:   .quad 0
+count:  .quad 0
+others: .quad 0
+idtr:
+    .word 256 * 16 - 1
+    .quad IDT

@@ -1,0 +1,343 @@
+//! Running VMs: several VMs in one client process, each vCPU on its own
+//! thread, remote devices over one shared [`ClientPort`], interrupts
+//! delivered by whoever holds the transport, and a supervisor that stops
+//! everything on a timeout, on request (Ctrl-C) or when a vCPU fails.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dmfabric_dataplane::Transport;
+use dmfabric_dm_workers::device::Device;
+use hdrhistogram::Histogram;
+
+use crate::devmap::{DeviceMap, Target};
+use crate::exits::{DeviceCount, ExitStats, NoRemote, RemoteAccess, Router};
+use crate::kvm::{Exit, Kick, KvmError, RunStats, Vm};
+use crate::remote::{ClientConfig, ClientPort, ClientStats, IrqSink, RemoteError, VcpuRemote, VmEntry, VmRemoteStats};
+
+/// One VM to run.
+pub struct VmSpec {
+    pub id: u32,
+    pub vcpus: u16,
+    pub mem_bytes: usize,
+    /// Flat image loaded at `entry`.
+    pub image: Vec<u8>,
+    pub entry: u64,
+    /// rdi, rsi, rdx of each vCPU (the last entry serves the rest).
+    pub args: Vec<[u64; 3]>,
+    pub map: DeviceMap<Target>,
+    /// Device models kept in the client process, by `Target::Local` index.
+    pub local: Vec<Mutex<Box<dyn Device>>>,
+}
+
+impl std::fmt::Debug for VmSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSpec")
+            .field("id", &self.id)
+            .field("vcpus", &self.vcpus)
+            .field("mem_bytes", &self.mem_bytes)
+            .field("image_bytes", &self.image.len())
+            .finish()
+    }
+}
+
+/// Guest memory of a test-guest VM.
+pub const TEST_VM_MEM: usize = 4 << 20;
+
+impl VmSpec {
+    /// A test-guest VM: `image` loaded at [`crate::guests::LOAD_ADDR`], the
+    /// debug port mapped, `ranges` (space, base, length, target) mapped, and
+    /// `local` the models `Target::Local` indices name.
+    pub fn test_guest(
+        id: u32,
+        vcpus: u16,
+        image: &[u8],
+        args: Vec<[u64; 3]>,
+        ranges: &[(dmfabric_wire::Space, u64, u64, Target)],
+        local: Vec<Box<dyn Device>>,
+    ) -> Result<VmSpec, crate::devmap::MapError> {
+        let mut map = DeviceMap::default();
+        map.add(
+            dmfabric_wire::Space::Pio,
+            u64::from(crate::debugport::DEBUG_PORT),
+            u64::from(crate::debugport::DEBUG_PORT_LEN),
+            Target::Debug,
+        )?;
+        for &(space, base, len, target) in ranges {
+            map.add(space, base, len, target)?;
+        }
+        Ok(VmSpec {
+            id,
+            vcpus,
+            mem_bytes: TEST_VM_MEM,
+            image: image.to_vec(),
+            entry: crate::guests::LOAD_ADDR,
+            args,
+            map,
+            local: local.into_iter().map(Mutex::new).collect(),
+        })
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stop every VM after this long.
+    pub timeout: Duration,
+    /// Record the time between successive exits of each vCPU (the exit
+    /// round trip as the guest sees it).
+    pub time_exits: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { timeout: Duration::from_secs(30), time_exits: false }
+    }
+}
+
+/// What one vCPU did.
+#[derive(Debug)]
+pub struct VcpuReport {
+    pub vcpu: u16,
+    /// How it ended: the run counters (with the guest's exit code) or why it stopped.
+    pub result: Result<RunStats, String>,
+    pub reports: Vec<u32>,
+    pub exits: ExitStats,
+    pub per_device: Vec<DeviceCount>,
+    /// Nanoseconds between successive exits, if asked for.
+    pub exit_times: Option<Histogram<u64>>,
+    pub elapsed: Duration,
+}
+
+/// What one VM did.
+#[derive(Debug)]
+pub struct VmReport {
+    pub id: u32,
+    pub vcpus: Vec<VcpuReport>,
+    pub remote: Option<VmRemoteStats>,
+}
+
+impl VmReport {
+    /// The VM's exit counters, all vCPUs summed.
+    pub fn exits(&self) -> ExitStats {
+        let mut s = ExitStats::default();
+        for v in &self.vcpus {
+            s += v.exits;
+        }
+        s
+    }
+
+    /// Exits per device-map target, all vCPUs summed.
+    pub fn per_device(&self) -> Vec<DeviceCount> {
+        let mut out: Vec<DeviceCount> = Vec::new();
+        for c in self.vcpus.iter().flat_map(|v| &v.per_device) {
+            match out.iter_mut().find(|o| o.target == c.target) {
+                Some(o) => {
+                    o.reads += c.reads;
+                    o.writes += c.writes;
+                }
+                None => out.push(*c),
+            }
+        }
+        out
+    }
+
+    /// The first failure of any vCPU.
+    pub fn error(&self) -> Option<&str> {
+        self.vcpus.iter().find_map(|v| v.result.as_ref().err().map(String::as_str))
+    }
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport {
+    pub vms: Vec<VmReport>,
+    pub client: Option<ClientStats>,
+}
+
+impl RunReport {
+    pub fn vm(&self, id: u32) -> Option<&VmReport> {
+        self.vms.iter().find(|v| v.id == id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("VM ids must be unique: {0} appears twice")]
+    DuplicateVm(u32),
+}
+
+enum Remote<'p, 'a, T> {
+    None,
+    Some(VcpuRemote<'p, 'a, T>),
+}
+
+impl<T: Transport> RemoteAccess for Remote<'_, '_, T> {
+    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, String> {
+        match self {
+            Remote::None => NoRemote.access(server, device, exit),
+            Remote::Some(r) => RemoteAccess::access(r, server, device, exit),
+        }
+    }
+}
+
+/// Run `specs` until every vCPU has exited, `opts.timeout` passed, `stop`
+/// was set, or a vCPU failed (which stops the other vCPUs of its VM).
+/// Remote ranges go over `transport` to the servers of `client`, which is
+/// given back at the end.
+pub fn run<T: Transport>(
+    specs: &[VmSpec],
+    transport: Option<(T, ClientConfig)>,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+) -> Result<(RunReport, Option<T>), MachineError> {
+    let mut ids: Vec<u32> = specs.iter().map(|s| s.id).collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(MachineError::DuplicateVm(w[0]));
+    }
+    let mut vms = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let mut vm = Vm::new(spec.mem_bytes)?;
+        vm.load(spec.entry, &spec.image)?;
+        vms.push(vm);
+    }
+    let kicks: Vec<Vec<Kick>> = specs.iter().map(|s| (0..s.vcpus).map(|_| Kick::new()).collect()).collect();
+    let entries: Vec<VmEntry<'_>> =
+        specs.iter().zip(&vms).map(|(s, vm)| VmEntry { id: s.id, vcpus: s.vcpus, irq: vm as &dyn IrqSink }).collect();
+    let port = match transport {
+        Some((t, cfg)) => Some(ClientPort::connect(t, &cfg, &entries)?),
+        None => None,
+    };
+    let mut vcpus = Vec::new();
+    for (spec, vm) in specs.iter().zip(&vms) {
+        let mut list = Vec::new();
+        for id in 0..spec.vcpus {
+            let args = spec.args.get(usize::from(id)).or(spec.args.last()).copied().unwrap_or_default();
+            list.push(vm.long_mode_vcpu(u64::from(id), spec.entry, args)?);
+        }
+        vcpus.push(list);
+    }
+
+    let poller_stop = AtomicBool::new(false);
+    let running = AtomicUsize::new(vcpus.iter().map(Vec::len).sum());
+    let start = Instant::now();
+    let reports = std::thread::scope(|s| {
+        let poller = port.as_ref().map(|p| s.spawn(|| p.serve(&poller_stop)));
+        let mut handles = Vec::new();
+        for (vi, (spec, list)) in specs.iter().zip(vcpus).enumerate() {
+            for (ci, mut vcpu) in list.into_iter().enumerate() {
+                let (kicks, port, running) = (&kicks, port.as_ref(), &running);
+                handles.push((
+                    vi,
+                    s.spawn(move || {
+                        let kick = &kicks[vi][ci];
+                        let remote = match port {
+                            Some(p) => match p.vcpu(spec.id, ci as u16, Some(kick)) {
+                                Ok(r) => Remote::Some(r),
+                                Err(e) => {
+                                    running.fetch_sub(1, Ordering::AcqRel);
+                                    return failed(ci as u16, e.to_string());
+                                }
+                            },
+                            None => Remote::None,
+                        };
+                        let mut router = Router::new(&spec.map, &spec.local, remote);
+                        let mut times = opts.time_exits.then(|| Histogram::<u64>::new(3).expect("3 sig figs"));
+                        let mut last: Option<Instant> = None;
+                        let t0 = Instant::now();
+                        let result = vcpu.run(kick, &mut |e| {
+                            if let Some(h) = times.as_mut() {
+                                let now = Instant::now();
+                                if let Some(l) = last {
+                                    h.saturating_record((now - l).as_nanos() as u64);
+                                }
+                                last = Some(now);
+                            }
+                            router.handle(e)
+                        });
+                        let result = result.map_err(|e| e.to_string());
+                        if let Err(why) = &result {
+                            // One vCPU failing stops its VM.
+                            for (i, k) in kicks[vi].iter().enumerate() {
+                                if i != ci {
+                                    k.stop(&format!("vCPU {ci} failed: {why}"), Duration::ZERO);
+                                }
+                            }
+                        }
+                        running.fetch_sub(1, Ordering::AcqRel);
+                        VcpuReport {
+                            vcpu: ci as u16,
+                            result,
+                            reports: router.reports().to_vec(),
+                            exits: router.stats(),
+                            per_device: router.per_device().to_vec(),
+                            exit_times: times,
+                            elapsed: t0.elapsed(),
+                        }
+                    }),
+                ));
+            }
+        }
+        // Supervise: kick what is still running on a timeout or a stop
+        // request, and keep kicking until it is out.
+        let mut why: Option<String> = None;
+        while running.load(Ordering::Acquire) > 0 {
+            if why.is_none() {
+                if stop.load(Ordering::Acquire) {
+                    why = Some("stopped on request".into());
+                } else if start.elapsed() >= opts.timeout {
+                    why = Some(format!("the run limit of {:?} was reached", opts.timeout));
+                }
+            }
+            if let Some(why) = &why {
+                for k in kicks.iter().flatten() {
+                    k.stop(why, Duration::ZERO);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        poller_stop.store(true, Ordering::Release);
+        let mut out: Vec<VmReport> =
+            specs.iter().map(|s| VmReport { id: s.id, vcpus: Vec::new(), remote: None }).collect();
+        for (vi, h) in handles {
+            let report = h.join().unwrap_or_else(|_| failed(u16::MAX, "the vCPU thread panicked".into()));
+            out[vi].vcpus.push(report);
+        }
+        if let Some(Ok(Err(e))) = poller.map(|p| p.join()) {
+            for vm in &mut out {
+                for v in &mut vm.vcpus {
+                    if v.result.is_ok() {
+                        v.result = Err(format!("the client's interrupt poller failed: {e}"));
+                    }
+                }
+            }
+        }
+        out
+    });
+    let mut reports = reports;
+    if let Some(p) = &port {
+        for r in &mut reports {
+            r.remote = p.vm_stats(r.id);
+        }
+    }
+    let client = port.as_ref().map(ClientPort::stats);
+    Ok((RunReport { vms: reports, client }, port.map(ClientPort::into_transport)))
+}
+
+fn failed(vcpu: u16, why: String) -> VcpuReport {
+    VcpuReport {
+        vcpu,
+        result: Err(why),
+        reports: Vec::new(),
+        exits: ExitStats::default(),
+        per_device: Vec::new(),
+        exit_times: None,
+        elapsed: Duration::ZERO,
+    }
+}
