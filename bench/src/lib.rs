@@ -6,6 +6,7 @@
 //! ([`harness`]), and the JSON reports ([`report`]). The criterion suites
 //! are under `benches/`.
 
+pub mod exit;
 pub mod harness;
 pub mod loadgen;
 pub mod report;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use dmfabric_bench::exit::{self, ExitMode};
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen::{self, LoadReport, Retry, Target};
 use dmfabric_bench::report::{RttJson, ThroughputJson};
@@ -21,6 +22,40 @@ pub enum BenchCmd {
     Rtt(RttArgs),
     /// Request throughput with many requests in flight (as from many vCPUs).
     Throughput(ThroughputArgs),
+    /// VM exit round trips: a KVM test guest doing port OUT/IN against the
+    /// test device, served in-process (local) or by a server in another
+    /// network namespace (remote).
+    Exit(ExitArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExitModeArg {
+    /// The device model runs in the shim's process, on the vCPU thread.
+    Local,
+    /// A dmfabric server in another network namespace serves it.
+    Remote,
+}
+
+#[derive(Debug, Args)]
+pub struct ExitArgs {
+    /// Where the test device is served; several (comma-separated) run one after the other.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "local,remote")]
+    mode: Vec<ExitModeArg>,
+    /// Transports for remote runs: xdp, packet, udp, mem (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "xdp")]
+    transport: Vec<TransportKind>,
+    /// Where the XDP program runs: auto (native, else generic), native, generic.
+    #[arg(long, default_value = "auto")]
+    xdp_mode: XdpMode,
+    /// How to run the server on the test host.
+    #[arg(long, value_enum, default_value = "process")]
+    server: ServerMode,
+    /// Exits to time (half OUT, half IN).
+    #[arg(long, default_value_t = 20_000)]
+    exits: u64,
+    /// Write the results as JSON here (an object for one run, an array for several).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +147,7 @@ pub struct DemoArgs {
 
 pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     match cmd {
+        BenchCmd::Exit(a) => bench_exit(&a, &stop),
         BenchCmd::Rtt(a) => {
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
@@ -337,4 +373,47 @@ fn fail_on_loss(reports: &[(TransportKind, LoadReport)]) -> anyhow::Result<()> {
         bail!("{lost} requests lost and {wrong} answered with wrong data");
     }
     Ok(())
+}
+
+fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    if !(2..=100_000_000).contains(&a.exits) {
+        bail!("--exits must be between 2 and 100000000, not {}", a.exits);
+    }
+    let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
+    let mut runs: Vec<(ExitMode, TransportKind)> = Vec::new();
+    for mode in &a.mode {
+        match mode {
+            ExitModeArg::Local => runs.push((ExitMode::Local, TransportKind::Mem)),
+            ExitModeArg::Remote => runs.extend(a.transport.iter().map(|&k| (ExitMode::Remote, k))),
+        }
+    }
+    let mut rows = Vec::new();
+    for (mode, kind) in runs {
+        if stop.load(Ordering::Relaxed) {
+            bail!("Interrupted");
+        }
+        let launch = match a.server {
+            ServerMode::Process => ServerLaunch::Process(exe.clone()),
+            ServerMode::Thread => ServerLaunch::Thread,
+        };
+        let mut setup = Setup::new(kind, launch);
+        setup.xdp_mode = a.xdp_mode;
+        let what = match mode {
+            ExitMode::Local => "local".to_string(),
+            ExitMode::Remote => format!("remote over {kind}"),
+        };
+        eprintln!("dmfabric bench exit: {what}: {} exits ...", a.exits);
+        let row = exit::run(mode, &setup, a.exits, stop).with_context(|| format!("{what} run failed"))?;
+        println!(
+            "  {:<6} {:<5} p50 {:>7.2} µs  p99 {:>7.2} µs  mean {:>7.2} µs  {:>9.0} exits/s  retransmits {}",
+            row.mode, row.transport, row.p50_us, row.p99_us, row.mean_us, row.exits_per_s, row.retransmits
+        );
+        rows.push(row);
+    }
+    if let Some(local) = rows.iter().find(|r| r.mode == "local") {
+        for r in rows.iter().filter(|r| r.mode == "remote") {
+            println!("  remote ({}) / local p50: {:.2}x", r.transport, r.p50_us / local.p50_us.max(1e-9));
+        }
+    }
+    write_json(&a.json, &rows)
 }

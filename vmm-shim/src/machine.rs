@@ -248,7 +248,9 @@ pub fn run<T: Transport>(
                             None => Remote::None,
                         };
                         let mut router = Router::new(&spec.map, &spec.local, remote);
-                        let mut times = opts.time_exits.then(|| Histogram::<u64>::new(3).expect("3 sig figs"));
+                        let mut times = opts
+                            .time_exits
+                            .then(|| Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"));
                         let mut last: Option<Instant> = None;
                         let t0 = Instant::now();
                         let result = vcpu.run(kick, &mut |e| {

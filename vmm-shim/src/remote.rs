@@ -190,6 +190,9 @@ pub struct ClientPort<'a, T> {
     /// vCPUs inside [`VcpuRemote::access`]: they deliver what arrives, so
     /// the [`ClientPort::serve`] thread stays out of their way.
     waiters: AtomicUsize,
+    /// Remote accesses started so far: while it moves, the vCPUs deliver
+    /// what arrives within one exit and the serve thread only naps.
+    activity: AtomicU64,
 }
 
 impl<T> std::fmt::Debug for ClientPort<'_, T> {
@@ -236,6 +239,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             retry: cfg.retry,
             link: Mutex::new(link),
             waiters: AtomicUsize::new(0),
+            activity: AtomicU64::new(0),
         })
     }
 
@@ -293,13 +297,22 @@ impl<'a, T: Transport> ClientPort<'a, T> {
     }
 
     /// Deliver what arrives while no vCPU is waiting (interrupts for halted
-    /// guests), until `stop`. Sleeps on the transport's descriptor when
-    /// there is one, in short naps otherwise.
+    /// guests), until `stop`.
+    ///
+    /// While vCPUs are doing remote I/O they deliver everything that
+    /// arrives themselves, so this thread only naps ([`SERVE_NAP`]): waking
+    /// on every completion would put it on the vCPU's core once per exit
+    /// (measured: 18 → 30 µs per remote exit on a 2-core host). Once the
+    /// vCPUs have been quiet for a nap (halted, or computing), it sleeps on
+    /// the transport's descriptor and delivers at once.
     pub fn serve(&self, stop: &AtomicBool) -> Result<(), RemoteError> {
         let fd = self.lock().t.wake_fd();
+        let mut seen = u64::MAX;
         while !stop.load(Ordering::Acquire) {
-            if self.waiters.load(Ordering::Acquire) > 0 {
-                std::thread::sleep(Duration::from_micros(200));
+            let now = self.activity.load(Ordering::Acquire);
+            if self.waiters.load(Ordering::Acquire) > 0 || now != seen {
+                seen = now;
+                std::thread::sleep(SERVE_NAP);
                 continue;
             }
             let got = {
@@ -447,6 +460,9 @@ impl<'a, T: Transport> ClientPort<'a, T> {
     }
 }
 
+/// How long [`ClientPort::serve`] naps while vCPUs are busy with remote I/O.
+pub const SERVE_NAP: Duration = Duration::from_millis(1);
+
 fn nack_code(r: NackReason) -> u8 {
     r as u8
 }
@@ -485,6 +501,7 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
             return Err(RemoteError::NoServer { server, waited: Duration::ZERO });
         };
         port.waiters.fetch_add(1, Ordering::AcqRel);
+        port.activity.fetch_add(1, Ordering::Release);
         let _waiting = Waiting(&port.waiters);
         let slot = &port.vms[self.index].slots[usize::from(self.vcpu)];
         let seq = self.next_seq;

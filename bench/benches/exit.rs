@@ -1,0 +1,75 @@
+//! VM exit round trips: the `pio_loop` KVM test guest doing port OUT/IN
+//! against the test device, served in the shim's process (`local`) or by a
+//! server thread in another network namespace over AF_XDP (`remote_xdp`).
+//! One element = one exit. Needs /dev/kvm (and root for `remote_xdp`);
+//! without them the cases are skipped with one line.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dmfabric_bench::exit;
+use dmfabric_bench::harness::{self, ServerLaunch, Setup};
+use dmfabric_dataplane::reliable::Retry;
+use dmfabric_dataplane::{Transport, TransportKind};
+use dmfabric_dm_workers::server::TEST_DEVICE_ID;
+use dmfabric_vmm_shim::devmap::Target;
+use dmfabric_vmm_shim::machine::{self, RunOptions};
+use dmfabric_vmm_shim::remote::ClientConfig;
+
+/// Time `iters` exits of one guest run (the vCPU's run, not VM set-up).
+fn timed_run(iters: u64, target: Target, remote: Option<(&mut dyn Transport, ClientConfig)>) -> Duration {
+    let never = AtomicBool::new(false);
+    let exits = iters.max(1) * 2;
+    let spec = exit::guest(exits, target);
+    let (report, _) = machine::run(&[spec], remote, &RunOptions::default(), &never).expect("the VM runs");
+    let vcpu = &report.vm(1).expect("VM 1").vcpus[0];
+    assert!(vcpu.result.is_ok(), "{:?}", vcpu.result);
+    // Per exit: the run covers `exits` exits; criterion asked for `iters`.
+    vcpu.elapsed.mul_f64(iters as f64 / exits as f64)
+}
+
+fn exits(c: &mut Criterion) {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("exit: skipped, no /dev/kvm");
+        return;
+    }
+    let mut group = c.benchmark_group("exit");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(4));
+    group.bench_function("local", |b| b.iter_custom(|iters| timed_run(iters, Target::Local(0), None)));
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false);
+    if !root {
+        eprintln!("exit/remote_xdp: skipped, needs root");
+    } else {
+        let setup = Setup::new(TransportKind::Xdp, ServerLaunch::Thread);
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcome = harness::run(&setup, &stop, |t, target| {
+            let remote = Target::Remote { server: target.server_id, device: TEST_DEVICE_ID };
+            group.bench_function("remote_xdp", |b| {
+                b.iter_custom(|iters| {
+                    let cfg = ClientConfig {
+                        client: target.client_id,
+                        hypervisor: 1,
+                        servers: vec![target.server_id],
+                        retry: Retry::default(),
+                        hello_timeout: Duration::from_secs(5),
+                    };
+                    timed_run(iters, remote, Some((&mut *t, cfg)))
+                })
+            });
+            Ok(())
+        });
+        if let Err(e) = outcome {
+            eprintln!("exit/remote_xdp: {e}");
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, exits);
+criterion_main!(benches);
