@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod client;
 mod server;
 
 #[derive(Debug, Parser)]
@@ -24,12 +25,21 @@ struct Cli {
 enum Cmd {
     /// Serve device models to client platforms over the wire.
     Server(server::ServerArgs),
+    /// Run VMs on this client platform, their devices on dmfabric servers.
+    Client(client::ClientArgs),
     /// Measure the data plane between two network namespaces.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
     /// Create two test hosts, start a server in one, drive it from the
     /// other over AF_XDP and UDP, print what was measured, clean up.
     Demo(bench::DemoArgs),
+}
+
+/// Set by SIGUSR1: print the counters now (`kill -USR1 <pid>`).
+pub static DUMP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    DUMP.store(true, Ordering::Relaxed);
 }
 
 /// Set on Ctrl-C / SIGTERM; every long-running loop checks it.
@@ -49,8 +59,12 @@ fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_usr1) {
+        eprintln!("dmfabric: cannot handle SIGUSR1 ({e}); counters print at exit only");
+    }
     let result = install_stop_handler().and_then(|stop| match cli.cmd {
         Cmd::Server(args) => server::run(args, stop),
+        Cmd::Client(args) => client::run(args, stop),
         Cmd::Bench(cmd) => bench::run(cmd, stop),
         Cmd::Demo(args) => bench::demo(args, stop),
     });

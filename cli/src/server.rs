@@ -107,17 +107,22 @@ impl Handler for Reporting {
     }
 
     fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
-        if let Served::Split(s) = &mut self.served {
-            s.on_poll(tx, now);
+        match &mut self.served {
+            Served::Rtc(s) => s.on_poll(tx, now),
+            Served::Split(s) => s.on_poll(tx, now),
         }
-        if let Some(every) = self.every {
-            if now >= self.next {
-                self.next = now + every;
-                let (stats, shards) = self.served.stats();
-                eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
-                for d in &stats.devices {
-                    eprintln!("dmfabric server: {d}");
-                }
+        use std::sync::atomic::Ordering::Relaxed;
+        // SIGUSR1 asks for the counters now; --stats-interval every so often.
+        let asked = crate::DUMP.load(Relaxed) && crate::DUMP.swap(false, Relaxed);
+        let due = self.every.is_some_and(|_| now >= self.next);
+        if due {
+            self.next = now + self.every.unwrap_or_default();
+        }
+        if asked || due {
+            let (stats, shards) = self.served.stats();
+            eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
+            for d in &stats.devices {
+                eprintln!("dmfabric server: {d}");
             }
         }
     }
@@ -212,6 +217,9 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     };
     eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
+    for d in &stats.devices {
+        eprintln!("dmfabric server: {d}");
+    }
     let t = transport.stats();
     eprintln!(
         "dmfabric server: transport {}: rx {} tx {} rx-dropped {} tx-dropped {} io-errors {}",

@@ -272,3 +272,92 @@ fn split_layout_serves_over_xdp_with_every_worker_busy() {
     assert_eq!(executed.iter().sum::<u64>(), counters["server"]["completions"].as_u64().unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The example config with io_loop doing `iterations`.
+fn example_config(dir: &std::path::Path, iterations: u64) -> std::path::PathBuf {
+    let (code, example, _) = run(&["client", "--example-config"]);
+    assert_eq!(code, 0);
+    let path = dir.join("client.toml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&path, example.replace("args = [1000,", &format!("args = [{iterations},"))).unwrap();
+    path
+}
+
+#[test]
+fn client_runs_the_example_config_against_a_server_and_prints_counters() {
+    if !netns::privileged_or_skip("client_runs_the_example_config", &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let net = TestNet::pair().unwrap();
+    let (mut server, rx) = start_server(&net, &[]);
+    wait_for(&rx, "dmfabric server ready").expect("server ready");
+    let dir = std::env::temp_dir().join(format!("dmfabric-client-{}", std::process::id()));
+    let config = example_config(&dir, 300);
+    let json = dir.join("client.json");
+    let mut cmd = net.command(0, BIN);
+    cmd.args(["client", "--iface", &net.host(0).iface, "--seconds", "60", "--config"]).arg(&config).arg("--json");
+    cmd.arg(&json);
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // VM 1: io_loop's checksum; VM 2: 100 interrupts counted, none stray,
+    // and the device's own count.
+    let sum = dmfabric_vmm_shim::guests::io_loop_checksum(300);
+    let want = format!("VM 1 vCPU 0: reported {:#x} {:#x}", sum as u32, (sum >> 32) as u32);
+    assert!(stderr.contains(&want), "{want} in {stderr}");
+    assert!(stderr.contains("VM 2 vCPU 0: reported 0x64 0x0 0x64"), "{stderr}");
+    assert!(stderr.contains("VM 1: server 1 device 1: reads 600 writes 600"), "{stderr}");
+    assert!(stderr.contains("VM 2: remote requests 101 retransmits 0 completions 101 interrupts 100"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["vms"][1]["remote"]["interrupts"], 100);
+    assert_eq!(report["client"]["other_client"], 0);
+    // The server's own per-device counters on exit.
+    assert!(server.interrupt(Duration::from_secs(5)).unwrap().success());
+    let lines = wait_for(&rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("server's last lines: {l:?}"));
+    assert!(lines.iter().any(|l| l.contains("device 1 (regfile): reads 600 writes 600")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("device 102 (irqtest): reads 1 writes 100")), "{lines:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn client_errors_are_one_line() {
+    let dir = std::env::temp_dir().join(format!("dmfabric-client-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "client = 1\n[[vm]]\nid = 1\nguest = \"nope\"\n").unwrap();
+    let (code, _, err) = run(&["client", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("VM 1") && err.contains("neither a built-in guest"), "{err}");
+    let (code, _, err) = run(&["client", "--config", "/nonexistent.toml"]);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert!(err.contains("Cannot read /nonexistent.toml"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_exit_reports_local_and_remote() {
+    if !netns::privileged_or_skip("bench_exit_reports_local_and_remote", &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-exit-{}", std::process::id()));
+    let json = dir.join("exit.json");
+    let out = Command::new(BIN)
+        .args(["bench", "exit", "--mode", "local,remote", "--transport", "xdp", "--exits", "4000", "--json"])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = rows.as_array().expect("two runs");
+    assert_eq!((rows[0]["mode"].as_str(), rows[1]["mode"].as_str()), (Some("local"), Some("remote")));
+    assert_eq!(rows[1]["transport"], "xdp");
+    for row in rows {
+        assert_eq!(row["exits"], 4000);
+        for key in ["p50_us", "p99_us", "exits_per_s"] {
+            assert!(row[key].as_f64().unwrap() > 0.0, "{key} in {row}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -88,11 +88,14 @@ pub struct RunOptions {
     /// Record the time between successive exits of each vCPU (the exit
     /// round trip as the guest sees it).
     pub time_exits: bool,
+    /// When this flag is set (a signal handler, say), print the live
+    /// remote counters to stderr and clear it.
+    pub dump: Option<&'static AtomicBool>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { timeout: Duration::from_secs(30), time_exits: false }
+        RunOptions { timeout: Duration::from_secs(30), time_exits: false, dump: None }
     }
 }
 
@@ -300,6 +303,16 @@ pub fn run<T: Transport>(
             if let Some(why) = &why {
                 for k in kicks.iter().flatten() {
                     k.stop(why, Duration::ZERO);
+                }
+            }
+            if let (Some(flag), Some(p)) = (opts.dump, port.as_ref()) {
+                if flag.swap(false, Ordering::AcqRel) {
+                    eprintln!("live: link {:?}", p.stats());
+                    for spec in specs {
+                        if let Some(s) = p.vm_stats(spec.id) {
+                            eprintln!("live: VM {}: {s:?}", spec.id);
+                        }
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(1));

@@ -1,0 +1,542 @@
+//! `dmfabric client`: run the VMs a config file describes on this client
+//! platform, their remote devices served by `dmfabric server`s on the link.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use dmfabric_dataplane::reliable::Retry;
+use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
+use dmfabric_dataplane::{TransportKind, TransportSpec};
+use dmfabric_dm_workers::device::Device;
+use dmfabric_dm_workers::regfile::RegisterFile;
+use dmfabric_vmm_shim::devmap::Target;
+use dmfabric_vmm_shim::guests;
+use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
+use dmfabric_vmm_shim::remote::ClientConfig;
+use dmfabric_wire::{MacAddr, Space};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The VMs to run and where their devices are (TOML; see --example-config).
+    #[arg(long, short, required_unless_present = "example_config")]
+    config: Option<PathBuf>,
+    /// Print an example config and exit.
+    #[arg(long)]
+    example_config: bool,
+    /// Override the config's interface.
+    #[arg(long)]
+    iface: Option<String>,
+    /// Override the config's run limit, in seconds.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Also write the per-VM and per-device counters as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub const EXAMPLE: &str = r#"# dmfabric client config: the VMs of this client platform.
+client = 3              # client platform id (unique on the link)
+hypervisor = 1          # hypervisor id inside the client platform
+run_seconds = 60        # stop every VM after this long
+timeout_ms = 20         # retransmit a request after this long ...
+retries = 4             # ... this many times, then stop the VM
+
+[link]
+transport = "xdp"       # xdp | packet | udp
+iface = "dmf0"
+xdp_mode = "auto"       # auto | native | generic
+# udp_bind = "169.254.77.1:47000"    # with transport = "udp"
+# udp_peer = "169.254.77.2:47000"
+
+[[vm]]
+id = 1
+vcpus = 1
+memory_mib = 4
+guest = "io_loop"       # built-in test guest (io_loop, pio_loop, irq_wait) or a flat binary's path
+args = [1000, 0x500, 0xd0000000]   # rdi, rsi, rdx; vcpu_args = [[..], [..]] gives each vCPU its own
+
+# Where the VM's port and MMIO ranges go: a device on a server ...
+[[vm.device]]
+space = "pio"
+base = 0x500
+len = 0x100
+server = 1
+device = 1
+
+[[vm.device]]
+space = "mmio"
+base = 0xd0000000
+len = 0x1000
+server = 1
+device = 1
+
+[[vm]]
+id = 2
+guest = "irq_wait"
+args = [100, 0x600, 0]  # wait for 100 edge interrupts from the irqtest device
+
+[[vm.device]]
+space = "pio"
+base = 0x600
+len = 8
+server = 1
+device = 102
+
+# ... or a model kept in this process (the hybrid case):
+# [[vm.device]]
+# space = "pio"
+# base = 0x700
+# len = 0x10
+# local = "regfile"
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    client: u16,
+    #[serde(default = "one")]
+    hypervisor: u16,
+    #[serde(default = "default_run_seconds")]
+    run_seconds: f64,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_retries")]
+    retries: u32,
+    #[serde(default)]
+    link: LinkConfig,
+    #[serde(default)]
+    vm: Vec<VmConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkConfig {
+    #[serde(default = "default_transport")]
+    transport: String,
+    iface: Option<String>,
+    #[serde(default = "default_xdp_mode")]
+    xdp_mode: String,
+    udp_bind: Option<SocketAddr>,
+    udp_peer: Option<SocketAddr>,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            transport: default_transport(),
+            iface: None,
+            xdp_mode: default_xdp_mode(),
+            udp_bind: None,
+            udp_peer: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmConfig {
+    id: u32,
+    #[serde(default = "one")]
+    vcpus: u16,
+    #[serde(default = "default_memory_mib")]
+    memory_mib: usize,
+    guest: String,
+    #[serde(default)]
+    args: [u64; 3],
+    vcpu_args: Option<Vec<[u64; 3]>>,
+    #[serde(default)]
+    device: Vec<RangeConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RangeConfig {
+    space: String,
+    base: u64,
+    len: u64,
+    server: Option<u16>,
+    device: Option<u32>,
+    local: Option<String>,
+}
+
+fn one() -> u16 {
+    1
+}
+fn default_run_seconds() -> f64 {
+    60.0
+}
+fn default_timeout_ms() -> u64 {
+    20
+}
+fn default_retries() -> u32 {
+    4
+}
+fn default_transport() -> String {
+    "xdp".into()
+}
+fn default_xdp_mode() -> String {
+    "auto".into()
+}
+fn default_memory_mib() -> usize {
+    4
+}
+
+/// A config checked and turned into what the shim runs.
+struct Plan {
+    client: ClientConfig,
+    /// None when every device is local.
+    link: Option<(TransportSpec, String)>,
+    vms: Vec<VmSpec>,
+    run: Duration,
+}
+
+fn load(path: &Path, iface: Option<&str>, seconds: Option<f64>) -> anyhow::Result<Plan> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("Cannot read {}", path.display()))?;
+    let cfg: FileConfig = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().lines().collect::<Vec<_>>().join(" ")))?;
+    plan(cfg, iface, seconds).with_context(|| format!("{}", path.display()))
+}
+
+fn plan(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>) -> anyhow::Result<Plan> {
+    if cfg.vm.is_empty() {
+        bail!("no [[vm]]: nothing to run");
+    }
+    let run_seconds = seconds.unwrap_or(cfg.run_seconds);
+    if !(run_seconds > 0.0 && run_seconds <= 86_400.0) {
+        bail!("run_seconds must be between 0 and 86400, not {run_seconds}");
+    }
+    if cfg.timeout_ms == 0 || cfg.timeout_ms > 60_000 {
+        bail!("timeout_ms must be between 1 and 60000, not {}", cfg.timeout_ms);
+    }
+    let mut servers = BTreeSet::new();
+    let mut vms = Vec::new();
+    let mut ids = BTreeSet::new();
+    for vm in &cfg.vm {
+        if !ids.insert(vm.id) {
+            bail!("VM {} is listed twice", vm.id);
+        }
+        vms.push(vm_spec(vm, &mut servers).with_context(|| format!("VM {}", vm.id))?);
+    }
+    let link = if servers.is_empty() { None } else { Some(link_spec(&cfg, iface)?) };
+    Ok(Plan {
+        client: ClientConfig {
+            client: cfg.client,
+            hypervisor: cfg.hypervisor,
+            servers: servers.into_iter().collect(),
+            retry: Retry { timeout: Duration::from_millis(cfg.timeout_ms), retries: cfg.retries },
+            hello_timeout: Duration::from_secs(5),
+        },
+        link,
+        vms,
+        run: Duration::from_secs_f64(run_seconds),
+    })
+}
+
+/// The transport of `cfg.link`, and a description of it.
+fn link_spec(cfg: &FileConfig, iface: Option<&str>) -> anyhow::Result<(TransportSpec, String)> {
+    let kind: TransportKind = cfg.link.transport.parse().map_err(|e| anyhow::anyhow!("link.transport: {e}"))?;
+    let iface = iface.map(str::to_string).or(cfg.link.iface.clone());
+    let link = match kind {
+        TransportKind::Xdp | TransportKind::Packet => {
+            let Some(iface) = iface else { bail!("link.iface (or --iface) is required with transport {kind}") };
+            if kind == TransportKind::Xdp {
+                let mut x = XdpConfig::new(iface);
+                x.mode = cfg.link.xdp_mode.parse::<XdpMode>().map_err(|e| anyhow::anyhow!("link.xdp_mode: {e}"))?;
+                TransportSpec::Xdp(x)
+            } else {
+                TransportSpec::Packet { iface }
+            }
+        }
+        TransportKind::Udp => {
+            let (Some(local), Some(peer)) = (cfg.link.udp_bind, cfg.link.udp_peer) else {
+                bail!("link.udp_bind and link.udp_peer are required with transport udp");
+            };
+            let mac = MacAddr([0x02, 0xdc, 0, 0, (cfg.client >> 8) as u8, cfg.client as u8]);
+            TransportSpec::Udp { local, peer: Some(peer), mac }
+        }
+        TransportKind::Mem => bail!("link.transport: mem exists only inside one process"),
+    };
+    let name = match &link {
+        TransportSpec::Xdp(x) => format!("AF_XDP on {}", x.iface),
+        TransportSpec::Packet { iface } => format!("AF_PACKET on {iface}"),
+        TransportSpec::Udp { local, .. } => format!("UDP {local}"),
+    };
+    Ok((link, name))
+}
+
+fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec> {
+    if !(1..=dmfabric_vmm_shim::kvm::MAX_VCPUS as u16).contains(&vm.vcpus) {
+        bail!("vcpus must be between 1 and {}, not {}", dmfabric_vmm_shim::kvm::MAX_VCPUS, vm.vcpus);
+    }
+    if !(2..=4096).contains(&vm.memory_mib) {
+        bail!("memory_mib must be between 2 and 4096, not {}", vm.memory_mib);
+    }
+    let image = match guests::ALL.iter().find(|(name, _)| *name == vm.guest) {
+        Some((_, bytes)) => bytes.to_vec(),
+        None if Path::new(&vm.guest).exists() => {
+            std::fs::read(&vm.guest).with_context(|| format!("Cannot read the guest image {}", vm.guest))?
+        }
+        None => {
+            let names: Vec<&str> = guests::ALL.iter().map(|(n, _)| *n).collect();
+            bail!("guest {:?} is neither a built-in guest ({}) nor a file", vm.guest, names.join(", "));
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut local: Vec<Box<dyn Device>> = Vec::new();
+    for r in &vm.device {
+        let space = match r.space.as_str() {
+            "pio" => Space::Pio,
+            "mmio" => Space::Mmio,
+            other => bail!("device space {other:?}: expected \"pio\" or \"mmio\""),
+        };
+        let target = match (r.server, r.device, r.local.as_deref()) {
+            (Some(server), Some(device), None) => {
+                servers.insert(server);
+                Target::Remote { server, device }
+            }
+            (None, None, Some("regfile")) => {
+                let model = match space {
+                    Space::Pio => {
+                        let (Ok(base), Ok(len)) = (u16::try_from(r.base), u16::try_from(r.len)) else {
+                            bail!("port range {:#x}+{:#x} does not fit the 64 KiB port space", r.base, r.len);
+                        };
+                        RegisterFile::new(Some((base, len)), None)
+                    }
+                    Space::Mmio => {
+                        let Ok(len) = u32::try_from(r.len).map(|l| l.min(1 << 20)) else {
+                            bail!("a local regfile holds at most 1 MiB of MMIO");
+                        };
+                        RegisterFile::new(None, Some((r.base, len)))
+                    }
+                };
+                local.push(Box::new(model));
+                Target::Local(local.len() - 1)
+            }
+            (None, None, Some(other)) => bail!("local model {other:?}: the client can keep \"regfile\" models"),
+            _ => bail!("device range {:#x}+{:#x}: give either server and device, or local", r.base, r.len),
+        };
+        ranges.push((space, r.base, r.len, target));
+    }
+    let args = vm.vcpu_args.clone().unwrap_or_else(|| vec![vm.args]);
+    let mut spec = VmSpec::test_guest(vm.id, vm.vcpus, &image, args, &ranges, local).map_err(anyhow::Error::msg)?;
+    spec.mem_bytes = vm.memory_mib << 20;
+    if guests::LOAD_ADDR as usize + image.len() > spec.mem_bytes {
+        bail!(
+            "the guest image ({} bytes at {:#x}) does not fit in {} MiB",
+            image.len(),
+            guests::LOAD_ADDR,
+            vm.memory_mib
+        );
+    }
+    Ok(spec)
+}
+
+/// `--json`: one object per VM, plus the client's counters.
+#[derive(Debug, Serialize)]
+struct ReportJson {
+    vms: Vec<VmJson>,
+    client: Option<dmfabric_vmm_shim::remote::ClientStats>,
+}
+
+#[derive(Debug, Serialize)]
+struct VmJson {
+    id: u32,
+    ok: bool,
+    error: Option<String>,
+    exit_codes: Vec<Option<u32>>,
+    reports: Vec<Vec<u32>>,
+    exits: dmfabric_vmm_shim::exits::ExitStats,
+    remote: Option<dmfabric_vmm_shim::remote::VmRemoteStats>,
+    devices: Vec<DeviceJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeviceJson {
+    target: String,
+    reads: u64,
+    writes: u64,
+}
+
+fn target_name(t: Target) -> String {
+    match t {
+        Target::Local(i) => format!("local {i}"),
+        Target::Remote { server, device } => format!("server {server} device {device}"),
+        Target::Debug => "debug port".into(),
+    }
+}
+
+fn to_json(report: &RunReport) -> ReportJson {
+    ReportJson {
+        vms: report
+            .vms
+            .iter()
+            .map(|vm| VmJson {
+                id: vm.id,
+                ok: vm.error().is_none(),
+                error: vm.error().map(str::to_string),
+                exit_codes: vm.vcpus.iter().map(|v| v.result.as_ref().ok().map(|r| r.exit_code)).collect(),
+                reports: vm.vcpus.iter().map(|v| v.reports.clone()).collect(),
+                exits: vm.exits(),
+                remote: vm.remote,
+                devices: vm
+                    .per_device()
+                    .iter()
+                    .map(|d| DeviceJson { target: target_name(d.target), reads: d.reads, writes: d.writes })
+                    .collect(),
+            })
+            .collect(),
+        client: report.client,
+    }
+}
+
+fn print_report(report: &RunReport) {
+    for vm in &report.vms {
+        let e = vm.exits();
+        match vm.error() {
+            None => {
+                let codes: Vec<String> =
+                    vm.vcpus.iter().map(|v| v.result.as_ref().map_or(0, |r| r.exit_code).to_string()).collect();
+                eprintln!("dmfabric client: VM {}: exited (codes {})", vm.id, codes.join(","));
+            }
+            Some(err) => eprintln!("dmfabric client: VM {}: stopped: {err}", vm.id),
+        }
+        for v in vm.vcpus.iter().filter(|v| !v.reports.is_empty()) {
+            let words: Vec<String> = v.reports.iter().map(|w| format!("{w:#x}")).collect();
+            eprintln!("dmfabric client: VM {} vCPU {}: reported {}", vm.id, v.vcpu, words.join(" "));
+        }
+        eprintln!(
+            "dmfabric client: VM {}: exits local {} remote {} unmapped reads {} writes {} reports {}",
+            vm.id, e.local, e.remote, e.unmapped_reads, e.unmapped_writes, e.reports
+        );
+        if let Some(r) = vm.remote {
+            eprintln!(
+                "dmfabric client: VM {}: remote requests {} retransmits {} completions {} interrupts {}",
+                vm.id, r.requests, r.retransmits, r.completions, r.interrupts
+            );
+        }
+        for d in vm.per_device() {
+            eprintln!(
+                "dmfabric client: VM {}: {}: reads {} writes {}",
+                vm.id,
+                target_name(d.target),
+                d.reads,
+                d.writes
+            );
+        }
+    }
+    if let Some(c) = report.client {
+        eprintln!(
+            "dmfabric client: link: requests {} retransmits {} completions {} nacks {} interrupts {} (duplicates {}, stale {}, acks {}) stale completions {} unknown VM {} other client {} malformed {} foreign {}",
+            c.requests,
+            c.retransmits,
+            c.completions,
+            c.nacks,
+            c.interrupts,
+            c.interrupt_duplicates,
+            c.interrupt_stale,
+            c.interrupt_acks,
+            c.stale_completions,
+            c.unknown_vm,
+            c.other_client,
+            c.malformed,
+            c.foreign
+        );
+    }
+}
+
+pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    if args.example_config {
+        print!("{EXAMPLE}");
+        return Ok(());
+    }
+    let Some(path) = args.config.as_deref() else { bail!("--config is required") };
+    let plan = load(path, args.iface.as_deref(), args.seconds)?;
+    let opts = RunOptions { timeout: plan.run, time_exits: false, dump: Some(&crate::DUMP) };
+    let transport = match &plan.link {
+        Some((spec, _)) => Some(dmfabric_dataplane::open(spec)?),
+        None => None,
+    };
+    eprintln!(
+        "dmfabric client: client {} running {} VM(s){}",
+        plan.client.client,
+        plan.vms.len(),
+        match &plan.link {
+            Some((_, name)) => format!(" with servers {:?} over {name}", plan.client.servers),
+            None => ", all devices local".into(),
+        }
+    );
+    let report = match transport {
+        Some(mut t) => machine::run(&plan.vms, Some((t.as_mut(), plan.client.clone())), &opts, &stop).map(|r| r.0),
+        None => machine::run::<&mut dyn dmfabric_dataplane::Transport>(&plan.vms, None, &opts, &stop).map(|r| r.0),
+    }?;
+    print_report(&report);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&to_json(&report))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("Cannot write {}", path.display()))?;
+    }
+    let failed: Vec<String> = report.vms.iter().filter(|v| v.error().is_some()).map(|v| v.id.to_string()).collect();
+    if stop.load(Ordering::Relaxed) {
+        bail!("Interrupted: VMs stopped");
+    }
+    if !failed.is_empty() {
+        bail!("VM(s) {} stopped with an error (above)", failed.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let cfg: FileConfig = toml::from_str(EXAMPLE).unwrap();
+        let plan = plan(cfg, None, None).unwrap();
+        assert_eq!(plan.vms.len(), 2);
+        assert_eq!(plan.client.servers, vec![1]);
+        assert_eq!(plan.vms[0].args, vec![[1000, 0x500, 0xd000_0000]]);
+    }
+
+    fn error_of(text: &str) -> String {
+        let cfg: FileConfig = match toml::from_str(text) {
+            Ok(c) => c,
+            Err(e) => return e.to_string(),
+        };
+        match plan(cfg, None, None) {
+            Ok(_) => "no error".into(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn bad_configs_name_what_is_wrong() {
+        let vm = "client = 1\n[link]\niface = \"x\"\n[[vm]]\nid = 1\nguest = \"io_loop\"\n";
+        assert!(error_of("client = 1\n").contains("nothing to run"));
+        assert!(error_of(&format!("{vm}[[vm]]\nid = 1\nguest = \"io_loop\"\n")).contains("VM 1 is listed twice"));
+        assert!(error_of(&vm.replace("io_loop", "nope")).contains("neither a built-in guest"));
+        assert!(error_of(&format!("{vm}vcpus = 99\n")).contains("vcpus must be between"));
+        assert!(error_of(&format!("{vm}colour = 1\n")).contains("unknown field"));
+        let overlap = format!(
+            "{vm}[[vm.device]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nlocal = \"regfile\"\n[[vm.device]]\nspace = \"pio\"\nbase = 0x508\nlen = 4\nserver = 1\ndevice = 1\n"
+        );
+        assert!(error_of(&overlap).contains("overlaps"), "{}", error_of(&overlap));
+        let both =
+            format!("{vm}[[vm.device]]\nspace = \"pio\"\nbase = 0x500\nlen = 1\nserver = 1\nlocal = \"regfile\"\n");
+        assert!(error_of(&both).contains("either server and device, or local"));
+        let remote = "[[vm.device]]\nspace = \"pio\"\nbase = 0x500\nlen = 1\nserver = 1\ndevice = 1\n";
+        let no_iface = format!("client = 1\n[[vm]]\nid = 1\nguest = \"io_loop\"\n{remote}");
+        assert!(error_of(&no_iface).contains("link.iface"), "{}", error_of(&no_iface));
+        assert_eq!(
+            error_of("client = 1\n[[vm]]\nid = 1\nguest = \"io_loop\"\n"),
+            "no error",
+            "all local: no link needed"
+        );
+    }
+}
