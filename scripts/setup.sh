@@ -11,9 +11,10 @@ need_root() {
   fi
 }
 
-# Build: clang, libelf, m4, libpcap for libxdp/libbpf (xsk-rs); iproute2 for
-# test hosts; util-linux for setpriv (privilege tests).
-packages=(clang libelf-dev m4 libpcap-dev pkg-config zlib1g-dev gcc make iproute2 util-linux)
+# Build: clang, libelf, m4, libpcap for libxdp/libbpf (xsk-rs); binutils
+# assembles the test guests; iproute2 for test hosts; util-linux for setpriv
+# (privilege tests); qemu-system-x86 runs the guests' Multiboot builds.
+packages=(clang libelf-dev m4 libpcap-dev pkg-config zlib1g-dev gcc make binutils iproute2 util-linux qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,7 +23,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   need_root
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then

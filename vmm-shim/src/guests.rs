@@ -19,6 +19,16 @@ pub const PIO_LOOP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pio_loop.b
 /// on other vectors and the device's own count.
 pub const IRQ_WAIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/irq_wait.bin"));
 
+/// The Multiboot builds of the guests (`guests/multiboot.S` in front):
+/// images `qemu-system-x86_64 -kernel` boots, with the default arguments of
+/// build.rs. Their debug port is QEMU's `isa-debugcon` at 0x4f0 (one byte
+/// per report) and their exit port `isa-debug-exit` at 0x4f4.
+pub const MULTIBOOT: &[(&str, &[u8])] = &[
+    ("io_loop", include_bytes!(concat!(env!("OUT_DIR"), "/io_loop.mb.bin"))),
+    ("pio_loop", include_bytes!(concat!(env!("OUT_DIR"), "/pio_loop.mb.bin"))),
+    ("irq_wait", include_bytes!(concat!(env!("OUT_DIR"), "/irq_wait.mb.bin"))),
+];
+
 /// The IRQ line `irq_wait` listens on.
 pub const IRQ_WAIT_LINE: u32 = 5;
 

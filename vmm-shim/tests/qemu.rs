@@ -1,0 +1,69 @@
+//! The test guests' Multiboot builds boot under QEMU with KVM and run to
+//! their exit port, the same code the shim runs (needs qemu-system-x86,
+//! which the set-up installs, and /dev/kvm).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dmfabric_dataplane::netns::{self, Need};
+use dmfabric_vmm_shim::guests::MULTIBOOT;
+
+fn qemu_present() -> bool {
+    Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+#[test]
+fn multiboot_guests_run_to_their_exit_port_under_qemu() {
+    if !netns::privileged_or_skip("multiboot_guests_run_under_qemu", &[Need::Kvm]) {
+        return;
+    }
+    if !qemu_present() {
+        assert!(
+            std::env::var_os("DMFABRIC_REQUIRE_PRIVILEGED").is_none(),
+            "qemu-system-x86_64 is missing: run scripts/setup.sh"
+        );
+        eprintln!("multiboot_guests_run_under_qemu: skipped, qemu-system-x86_64 not installed (scripts/setup.sh)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-qemu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, image) in MULTIBOOT {
+        let kernel = dir.join(format!("{name}.mb.bin"));
+        let debug = dir.join(format!("{name}.debug"));
+        std::fs::write(&kernel, image).unwrap();
+        let start = Instant::now();
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-enable-kvm", "-cpu", "qemu64", "-M", "pc", "-m", "16", "-nodefaults", "-display", "none"])
+            .args(["-no-reboot", "-device", "isa-debug-exit,iobase=0x4f4,iosize=4", "-kernel"])
+            .arg(&kernel)
+            .arg("-chardev")
+            .arg(format!("file,id=dbg,path={}", debug.display()))
+            .args(["-device", "isa-debugcon,iobase=0x4f0,chardev=dbg"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("{name}: QEMU did not exit within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = child.wait_with_output().unwrap();
+        // isa-debug-exit: exit status (code << 1) | 1; the guests exit with 0.
+        assert_eq!(status.code(), Some(1), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let reports = std::fs::read(&debug).unwrap();
+        match *name {
+            // Interrupts counted (none asked for) and stray vectors: both 0.
+            "irq_wait" => assert_eq!(&reports[..2], &[0, 0], "{name}: {reports:?}"),
+            // Two checksum dwords, one byte each through debugcon.
+            _ => assert_eq!(reports.len(), 2, "{name}: {reports:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
