@@ -152,6 +152,21 @@ fn missing_privileges_give_one_line_naming_the_fallback() {
     assert_eq!(code, Some(1));
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.contains("CAP_NET_RAW") && err.contains("--transport udp"), "{err}");
+    // KVM without permission on /dev/kvm (a config readable by anyone),
+    // where /dev/kvm is closed to others as on this machine kind.
+    use std::os::unix::fs::PermissionsExt;
+    let open_to_all = std::fs::metadata("/dev/kvm").map(|m| m.permissions().mode() & 0o006 != 0).unwrap_or(false);
+    if open_to_all {
+        eprintln!("/dev/kvm is open to every user here: its permission error is not tested");
+        return;
+    }
+    let config = std::env::temp_dir().join(format!("dmfabric-nokvm-{}.toml", std::process::id()));
+    std::fs::write(&config, "client = 1\n[[vm]]\nid = 1\nguest = \"io_loop\"\n").unwrap();
+    let (code, err) = drop_privs(&["client", "--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("/dev/kvm") && (err.contains("permission denied") || err.contains("No /dev/kvm")), "{err}");
 }
 
 #[test]

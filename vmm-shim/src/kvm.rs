@@ -173,17 +173,26 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+fn open_kvm() -> Result<Kvm, KvmError> {
+    const ENOENT: i32 = 2;
+    const EPERM: i32 = 1;
+    const EACCES: i32 = 13;
+    Kvm::new().map_err(|e| match e.errno() {
+        ENOENT => KvmError::NoKvm,
+        EPERM | EACCES => KvmError::NoPermission,
+        _ => KvmError::Ioctl { what: "open /dev/kvm", source: e },
+    })
+}
+
+/// Can this process use KVM? (Opens /dev/kvm and closes it again.)
+pub fn probe() -> Result<(), KvmError> {
+    open_kvm().map(drop)
+}
+
 impl Vm {
     /// A VM with `mem_bytes` of guest memory at guest-physical 0.
     pub fn new(mem_bytes: usize) -> Result<Vm, KvmError> {
-        const ENOENT: i32 = 2;
-        const EPERM: i32 = 1;
-        const EACCES: i32 = 13;
-        let kvm = Kvm::new().map_err(|e| match e.errno() {
-            ENOENT => KvmError::NoKvm,
-            EPERM | EACCES => KvmError::NoPermission,
-            _ => KvmError::Ioctl { what: "open /dev/kvm", source: e },
-        })?;
+        let kvm = open_kvm()?;
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         // The in-kernel PIC, IOAPIC and local APICs, and the PIT: interrupts
         // are injected with KVM_IRQ_LINE / KVM_SIGNAL_MSI on the VM fd and
