@@ -34,11 +34,12 @@ fn link_flat(out: &Path, objs: &[&Path], entry: &str, name: &str) {
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     println!("cargo:rerun-if-changed=guests/multiboot.S");
+    println!("cargo:rerun-if-changed=guests/common.inc");
     for (name, args) in GUESTS {
         let src = format!("guests/{name}.S");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.o"));
-        run(Command::new("as").args(["--64", "-o"]).arg(&obj).arg(&src));
+        run(Command::new("as").args(["--64", "-I", "guests", "-o"]).arg(&obj).arg(&src));
         link_flat(&out, &[&obj], "_start", name);
 
         let mb_obj = out.join(format!("{name}.mb.o"));

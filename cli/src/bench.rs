@@ -41,15 +41,8 @@ pub struct ExitArgs {
     /// Where the test device is served; several (comma-separated) run one after the other.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "local,remote")]
     mode: Vec<ExitModeArg>,
-    /// Transports for remote runs: xdp, packet, udp, mem (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "xdp")]
-    transport: Vec<TransportKind>,
-    /// Where the XDP program runs: auto (native, else generic), native, generic.
-    #[arg(long, default_value = "auto")]
-    xdp_mode: XdpMode,
-    /// How to run the server on the test host.
-    #[arg(long, value_enum, default_value = "process")]
-    server: ServerMode,
+    #[command(flatten)]
+    hosts: Hosts,
     /// Exits to time (half OUT, half IN).
     #[arg(long, default_value_t = 20_000)]
     exits: u64,
@@ -66,9 +59,10 @@ pub enum ServerMode {
     Thread,
 }
 
+/// The test hosts of a bench: what links them and how the server runs.
 #[derive(Debug, Args)]
-pub struct Common {
-    /// Transports to measure, in one run: xdp, packet, udp, mem (comma-separated).
+pub struct Hosts {
+    /// Transports to measure, one after the other: xdp, packet, udp, mem (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "xdp")]
     transport: Vec<TransportKind>,
     /// Where the XDP program runs: auto (native, else generic), native, generic.
@@ -77,6 +71,12 @@ pub struct Common {
     /// How to run the server on the test host.
     #[arg(long, value_enum, default_value = "process")]
     server: ServerMode,
+}
+
+#[derive(Debug, Args)]
+pub struct Common {
+    #[command(flatten)]
+    hosts: Hosts,
     /// Write the results as JSON here (an object for one transport, an array for several).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -193,9 +193,7 @@ pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         args.requests, args.seconds
     );
     let common = Common {
-        transport: args.transport.clone(),
-        xdp_mode: XdpMode::Auto,
-        server: ServerMode::Process,
+        hosts: Hosts { transport: args.transport.clone(), xdp_mode: XdpMode::Auto, server: ServerMode::Process },
         json: None,
         iface: None,
         udp_peer: None,
@@ -243,23 +241,18 @@ fn for_each_transport(
         FaultConfig::parse(spec).map_err(|e| anyhow::anyhow!("--faults: {e}"))?;
     }
     if let Some(iface) = &common.iface {
-        let [kind] = common.transport[..] else {
+        let [kind] = common.hosts.transport[..] else {
             bail!("--iface measures one transport at a time");
         };
         return Ok(vec![(kind, on_given_interface(common, kind, iface, stop, load)?)]);
     }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let mut out = Vec::new();
-    for &kind in &common.transport {
+    for &kind in &common.hosts.transport {
         if stop.load(Ordering::Relaxed) {
             bail!("Interrupted");
         }
-        let launch = match common.server {
-            ServerMode::Process => ServerLaunch::Process(exe.clone()),
-            ServerMode::Thread => ServerLaunch::Thread,
-        };
-        let mut setup = Setup::new(kind, launch);
-        setup.xdp_mode = common.xdp_mode;
+        let mut setup = setup_for(kind, &common.hosts, &exe);
         setup.server_layout = common.server_layout.clone();
         setup.test_devices = common.test_devices.max(1);
         eprintln!("dmfabric bench: {kind}: test hosts up, server starting ...");
@@ -284,7 +277,7 @@ fn on_given_interface(
     let spec = match kind {
         TransportKind::Xdp => {
             let mut cfg = XdpConfig::new(iface);
-            cfg.mode = common.xdp_mode;
+            cfg.mode = common.hosts.xdp_mode;
             TransportSpec::Xdp(cfg)
         }
         TransportKind::Packet => TransportSpec::Packet { iface: iface.to_string() },
@@ -384,7 +377,7 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     for mode in &a.mode {
         match mode {
             ExitModeArg::Local => runs.push((ExitMode::Local, TransportKind::Mem)),
-            ExitModeArg::Remote => runs.extend(a.transport.iter().map(|&k| (ExitMode::Remote, k))),
+            ExitModeArg::Remote => runs.extend(a.hosts.transport.iter().map(|&k| (ExitMode::Remote, k))),
         }
     }
     let mut rows = Vec::new();
@@ -392,12 +385,7 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         if stop.load(Ordering::Relaxed) {
             bail!("Interrupted");
         }
-        let launch = match a.server {
-            ServerMode::Process => ServerLaunch::Process(exe.clone()),
-            ServerMode::Thread => ServerLaunch::Thread,
-        };
-        let mut setup = Setup::new(kind, launch);
-        setup.xdp_mode = a.xdp_mode;
+        let setup = setup_for(kind, &a.hosts, &exe);
         let what = match mode {
             ExitMode::Local => "local".to_string(),
             ExitMode::Remote => format!("remote over {kind}"),
@@ -416,4 +404,16 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     }
     write_json(&a.json, &rows)
+}
+
+/// The harness set-up for one transport: the server as `dmfabric server`
+/// (this executable) or a thread.
+fn setup_for(kind: TransportKind, hosts: &Hosts, exe: &std::path::Path) -> Setup {
+    let launch = match hosts.server {
+        ServerMode::Process => ServerLaunch::Process(exe.to_path_buf()),
+        ServerMode::Thread => ServerLaunch::Thread,
+    };
+    let mut setup = Setup::new(kind, launch);
+    setup.xdp_mode = hosts.xdp_mode;
+    setup
 }

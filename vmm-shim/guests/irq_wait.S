@@ -15,6 +15,7 @@
 # interrupts raised (register +4); then exit code 0 on port 0x4f4.
 
     .intel_syntax noprefix
+    .include "common.inc"
     .code64
     .text
     .globl _start
@@ -83,7 +84,7 @@ wait:
     jmp     next
 
 done:
-    mov     dx, 0x4f0
+    mov     dx, REPORT_PORT
     mov     eax, [rip + count]
     out     dx, eax
     mov     eax, [rip + others]
@@ -91,14 +92,9 @@ done:
     mov     rdx, [rip + port]
     add     rdx, 4
     in      eax, dx
-    mov     dx, 0x4f0
+    mov     dx, REPORT_PORT
     out     dx, eax
-    mov     dx, 0x4f4
-    xor     eax, eax
-    out     dx, eax
-3:
-    hlt
-    jmp     3b
+    guest_exit
 
 # rax = handler, rdi = gate address; keeps rax, rcx, rdi.
 write_gate:

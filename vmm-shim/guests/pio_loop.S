@@ -7,6 +7,7 @@
 #      code 0 on the exit port 0x4f4.
 
     .intel_syntax noprefix
+    .include "common.inc"
     .code64
     .text
     .globl _start
@@ -25,15 +26,5 @@ _start:
     cmp     rcx, rdi
     jb      1b
 2:
-    mov     dx, 0x4f0
-    mov     eax, r8d
-    out     dx, eax
-    shr     r8, 32
-    mov     eax, r8d
-    out     dx, eax
-    mov     dx, 0x4f4
-    xor     eax, eax
-    out     dx, eax
-3:
-    hlt
-    jmp     3b
+    report_u64 r8
+    guest_exit
