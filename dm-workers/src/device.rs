@@ -1,5 +1,7 @@
 //! What a device model is to the server.
 
+use std::time::Instant;
+
 use dmfabric_wire::{AccessSize, Space};
 
 /// A device model: register reads and writes in one or both address spaces.
@@ -8,9 +10,18 @@ use dmfabric_wire::{AccessSize, Space};
 /// register of that size at that address returns `None` from `read` and
 /// `false` from `write`; the server then completes the access the way real
 /// hardware would (reads all ones, writes ignored) and counts it.
+///
+/// Time is passed in: the server calls [`Device::tick`] with the current
+/// instant before every access and whenever the deadline it returned has
+/// come, so timers and console input are testable without sleeping.
 pub trait Device: Send {
     /// A short kind name for counters.
     fn kind(&self) -> &'static str;
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64>;
     fn write(&mut self, space: Space, addr: u64, size: AccessSize, data: u64) -> bool;
+    /// Bring the model to `now` (timers fire, input arrives); returns when
+    /// it next wants a tick, if ever.
+    fn tick(&mut self, _now: Instant) -> Option<Instant> {
+        None
+    }
 }

@@ -14,5 +14,7 @@ pub mod device;
 pub mod irq;
 pub mod irqtest;
 pub mod regfile;
+pub mod rtc;
 pub mod server;
 pub mod sharded;
+pub mod uart;
