@@ -11,10 +11,12 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+pub mod i8042;
 pub mod irq;
 pub mod irqtest;
 pub mod regfile;
 pub mod rtc;
 pub mod server;
 pub mod sharded;
+pub mod timer;
 pub mod uart;
