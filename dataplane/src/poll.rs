@@ -18,6 +18,12 @@ pub trait Handler {
 
     /// Called once per loop iteration after the burst: timers, retransmits.
     fn on_poll(&mut self, _tx: &mut FrameBatch, _now: Instant) {}
+
+    /// When `on_poll` next has something to do (a timer): an idle loop
+    /// wakes by then instead of sleeping its whole wait.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// Poll loop settings.
@@ -74,8 +80,14 @@ where
         } else {
             idle = idle.saturating_add(1);
             if idle >= cfg.spin {
-                stats.waits += 1;
-                transport.wait(cfg.wait)?;
+                let wait = match handler.next_deadline() {
+                    Some(d) => cfg.wait.min(d.saturating_duration_since(Instant::now())),
+                    None => cfg.wait,
+                };
+                if !wait.is_zero() {
+                    stats.waits += 1;
+                    transport.wait(wait)?;
+                }
                 idle = 0;
             }
         }

@@ -10,7 +10,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod console;
 pub mod device;
+pub mod devices;
 pub mod i8042;
 pub mod irq;
 pub mod irqtest;

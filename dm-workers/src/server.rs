@@ -7,78 +7,23 @@
 //! from the wire can make this code panic.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dmfabric_dataplane::poll::Handler;
 use dmfabric_dataplane::FrameBatch;
 use dmfabric_wire::{
-    ControlMsg, ControlOp, Direction, EthernetRepr, FrameRepr, Interrupt, IoCompletion, IoRequest, IrqSource, Kind,
-    MacAddr, Message, Nack, NackReason, Route, Status, WireError, ETHERTYPE_DMFABRIC,
+    ControlMsg, ControlOp, EthernetRepr, FrameRepr, Interrupt, IoCompletion, IoRequest, Kind, MacAddr, Message, Nack,
+    NackReason, Route, WireError, ETHERTYPE_DMFABRIC,
 };
 
 use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
 
-use crate::device::Device;
-use crate::irq::{IrqQueue, WireLine};
-use crate::irqtest::{IrqTester, IRQ_TEST_PORTS};
-use crate::regfile::RegisterFile;
-
-/// Which model a device runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    /// The register-file test device.
-    RegFile,
-    /// The interrupt test device ([`crate::irqtest`]) on IRQ line `line`.
-    IrqTest { line: u32 },
-}
-
-/// One device a server hosts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSpec {
-    pub id: u32,
-    /// Ports `(base, len)`.
-    pub pio: Option<(u16, u16)>,
-    /// MMIO `(base, len)`.
-    pub mmio: Option<(u64, u32)>,
-    pub kind: DeviceKind,
-}
-
-impl DeviceSpec {
-    /// The register-file test device every dmfabric server has by default:
-    /// device 1, ports 0x500–0x5ff and MMIO 0xd000_0000–0xd000_0fff.
-    pub fn test_device() -> Self {
-        DeviceSpec {
-            id: TEST_DEVICE_ID,
-            pio: Some((TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN)),
-            mmio: Some((TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN)),
-            kind: DeviceKind::RegFile,
-        }
-    }
-
-    /// An interrupt test device `id` at ports `base`.. raising IRQ `line`.
-    pub fn irq_test(id: u32, base: u16, line: u32) -> Self {
-        DeviceSpec { id, pio: Some((base, IRQ_TEST_PORTS)), mmio: None, kind: DeviceKind::IrqTest { line } }
-    }
-}
-
-/// Port of the interrupt test devices a server has with `--irq-test-devices`.
-pub const IRQ_TEST_PIO: u16 = 0x600;
-/// Their line.
-pub const IRQ_TEST_LINE: u32 = 5;
-/// Device id of the first of them (the next ones count up).
-pub const IRQ_TEST_FIRST_ID: u32 = 101;
-
-/// Device id of the default register-file test device.
-pub const TEST_DEVICE_ID: u32 = 1;
-/// First port of the test device.
-pub const TEST_DEVICE_PIO: u16 = 0x500;
-/// Ports of the test device.
-pub const TEST_DEVICE_PIO_LEN: u16 = 0x100;
-/// First MMIO address of the test device.
-pub const TEST_DEVICE_MMIO: u64 = 0xd000_0000;
-/// MMIO bytes of the test device.
-pub const TEST_DEVICE_MMIO_LEN: u32 = 0x1000;
+pub use crate::devices::{
+    DeviceCounters, DeviceEnv, DeviceKind, DeviceSpec, Devices, Refused, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE,
+    IRQ_TEST_PIO, TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
+};
+use crate::devices::{VmEvent, VmEvents};
+use crate::irq::IrqQueue;
 
 /// Counters of a server. Plain integers: owned by the server's core.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -88,6 +33,12 @@ pub struct ServerStats {
     /// Accesses the device did not claim (completed as real hardware would).
     pub unclaimed: u64,
     pub nack_unknown_device: u64,
+    /// Requests for a device that belongs to another VM.
+    pub nack_other_vm: u64,
+    /// Reset requests (i8042) sent to VMs' clients.
+    pub vm_resets: u64,
+    /// Reset requests for a device no VM has used yet: nobody to tell.
+    pub vm_events_unbound: u64,
     pub nack_wrong_server: u64,
     pub hellos: u64,
     /// Frames of another EtherType (ARP and the like on a shared link).
@@ -126,27 +77,6 @@ pub struct ServerStats {
     pub devices: Vec<DeviceCounters>,
 }
 
-/// What one device did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct DeviceCounters {
-    pub id: u32,
-    pub kind: &'static str,
-    pub reads: u64,
-    pub writes: u64,
-    /// Accesses to no register of the device.
-    pub unclaimed: u64,
-}
-
-impl fmt::Display for DeviceCounters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "device {} ({}): reads {} writes {} unclaimed {}",
-            self.id, self.kind, self.reads, self.writes, self.unclaimed
-        )
-    }
-}
-
 impl ServerStats {
     pub fn malformed_total(&self) -> u64 {
         self.malformed.iter().map(|(_, n)| n).sum()
@@ -157,12 +87,14 @@ impl fmt::Display for ServerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}) duplicates {} (in flight {}) stale {} hellos {} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
+            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}, other VM {}) resets {} duplicates {} (in flight {}) stale {} hellos {} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
             self.requests,
             self.completions,
             self.unclaimed,
             self.nack_unknown_device,
             self.nack_wrong_server,
+            self.nack_other_vm,
+            self.vm_resets,
             self.duplicates_answered,
             self.duplicates_in_flight,
             self.stale,
@@ -182,76 +114,6 @@ impl fmt::Display for ServerStats {
             write!(f, " {name}={n}")?;
         }
         Ok(())
-    }
-}
-
-/// The devices of a server (or of one worker shard), sorted by id.
-pub struct Devices {
-    table: Vec<(u32, Box<dyn Device>)>,
-    counters: Vec<DeviceCounters>,
-    unclaimed: u64,
-}
-
-impl fmt::Debug for Devices {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Devices").field("count", &self.table.len()).finish()
-    }
-}
-
-impl Devices {
-    /// The models of `specs`; their interrupts queue on `irqs`.
-    pub fn new(specs: &[DeviceSpec], irqs: &Arc<IrqQueue>) -> Devices {
-        let model = |d: &DeviceSpec| -> Box<dyn Device> {
-            match d.kind {
-                DeviceKind::RegFile => Box::new(RegisterFile::new(d.pio, d.mmio)),
-                DeviceKind::IrqTest { line } => {
-                    let wire = WireLine::new(d.id, IrqSource::Line(line), irqs.clone());
-                    Box::new(IrqTester::new(d.pio.map_or(IRQ_TEST_PIO, |(base, _)| base), wire))
-                }
-            }
-        };
-        let mut table: Vec<(u32, Box<dyn Device>)> = specs.iter().map(|d| (d.id, model(d))).collect();
-        table.sort_by_key(|(id, _)| *id);
-        table.dedup_by_key(|(id, _)| *id);
-        let counters = table
-            .iter()
-            .map(|(id, d)| DeviceCounters { id: *id, kind: d.kind(), ..DeviceCounters::default() })
-            .collect();
-        Devices { table, counters, unclaimed: 0 }
-    }
-
-    /// Per-device counters, by device id.
-    pub fn counters(&self) -> &[DeviceCounters] {
-        &self.counters
-    }
-
-    /// Accesses no device register claimed so far.
-    pub fn unclaimed(&self) -> u64 {
-        self.unclaimed
-    }
-
-    /// Run one request against its device; `None` if the device is unknown.
-    pub fn execute(&mut self, req: &IoRequest) -> Option<IoCompletion> {
-        let i = self.table.binary_search_by_key(&req.route.device, |(d, _)| *d).ok()?;
-        let dev = self.table[i].1.as_mut();
-        let counters = &mut self.counters[i];
-        match req.dir {
-            Direction::Read => counters.reads += 1,
-            Direction::Write => counters.writes += 1,
-        }
-        let (data, claimed) = match req.dir {
-            Direction::Read => match dev.read(req.space, req.addr, req.size) {
-                Some(v) => (v, true),
-                None => (u64::MAX, false),
-            },
-            Direction::Write => (req.data, dev.write(req.space, req.addr, req.size, req.data)),
-        };
-        if !claimed {
-            self.unclaimed += 1;
-            counters.unclaimed += 1;
-        }
-        let status = if claimed { Status::Ok } else { Status::Unclaimed };
-        Some(IoCompletion::for_request(req, data, status))
     }
 }
 
@@ -394,6 +256,29 @@ impl Frontend {
         }
     }
 
+    /// Tell the clients of VMs what their devices asked for (an i8042 reset).
+    pub fn send_vm_events(&mut self, events: &VmEvents, tx: &mut FrameBatch) {
+        while !tx.is_full() {
+            let Some((device, event)) = events.pop() else { break };
+            let Some(&(_, to, route)) = self.bindings.iter().find(|(d, _, _)| *d == device) else {
+                self.stats.vm_events_unbound += 1;
+                continue;
+            };
+            let payload = match event {
+                VmEvent::Reset => [dmfabric_wire::LIFECYCLE_RESET],
+            };
+            self.stats.vm_resets += 1;
+            let msg =
+                ControlMsg { route: Route { device, ..route }, seq: 0, op: ControlOp::Lifecycle, payload: &payload };
+            self.reply(tx, to, Message::Control(msg));
+        }
+    }
+
+    /// When an interrupt in flight is due for a retransmit.
+    pub fn next_retransmit(&self) -> Option<Instant> {
+        self.irq_streams.iter().filter_map(|st| st.in_flight.map(|p| p.sent + IRQ_RETRY)).min()
+    }
+
     /// Interrupts not acknowledged yet (in flight or queued).
     pub fn interrupts_pending(&self) -> usize {
         self.irq_streams.iter().map(|st| st.queue.len() + usize::from(st.in_flight.is_some())).sum()
@@ -497,6 +382,7 @@ impl Frontend {
         match reason {
             NackReason::UnknownDevice => self.stats.nack_unknown_device += 1,
             NackReason::WrongServer => self.stats.nack_wrong_server += 1,
+            NackReason::NotAuthorised => self.stats.nack_other_vm += 1,
             _ => {}
         }
         let msg = Message::Nack(Nack { route: req.route, seq: req.seq, reason, nacked: Kind::IoRequest });
@@ -516,48 +402,59 @@ impl Frontend {
 pub struct Server {
     frontend: Frontend,
     devices: Devices,
-    irqs: Arc<IrqQueue>,
+    env: DeviceEnv,
 }
 
 impl Server {
     /// A server with id `id` answering from `mac` for `devices`.
     pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server {
-        let irqs = IrqQueue::new();
-        Server { frontend: Frontend::new(id, mac), devices: Devices::new(devices, &irqs), irqs }
+        Server::with_env(id, mac, devices, DeviceEnv::new(devices))
+    }
+
+    /// The same, wired to `env` (whose consoles the caller serves).
+    pub fn with_env(id: u16, mac: MacAddr, devices: &[DeviceSpec], env: DeviceEnv) -> Server {
+        Server { frontend: Frontend::new(id, mac), devices: Devices::new(devices, &env), env }
     }
 
     pub fn id(&self) -> u16 {
         self.frontend.id
     }
 
+    pub fn env(&self) -> &DeviceEnv {
+        &self.env
+    }
+
     pub fn stats(&self) -> ServerStats {
-        ServerStats {
-            unclaimed: self.devices.unclaimed(),
-            devices: self.devices.counters().to_vec(),
-            ..self.frontend.stats()
-        }
+        ServerStats { unclaimed: self.devices.unclaimed(), devices: self.devices.counters(), ..self.frontend.stats() }
     }
 }
 
 impl Handler for Server {
-    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, _now: Instant) {
+    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, now: Instant) {
         if let Some((req, from)) = self.frontend.classify(bytes, tx) {
-            match self.devices.execute(&req) {
-                Some(cmp) => self.frontend.complete(tx, from, cmp),
-                None => self.frontend.nack(tx, from, &req, NackReason::UnknownDevice),
+            match self.devices.execute(&req, now) {
+                Ok(cmp) => self.frontend.complete(tx, from, cmp),
+                Err(Refused::UnknownDevice) => self.frontend.nack(tx, from, &req, NackReason::UnknownDevice),
+                Err(Refused::OtherVm) => self.frontend.nack(tx, from, &req, NackReason::NotAuthorised),
             }
         }
     }
 
     fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
-        self.frontend.send_interrupts(&self.irqs, tx, now);
+        self.devices.tick(now);
+        self.frontend.send_vm_events(&self.env.events, tx);
+        self.frontend.send_interrupts(&self.env.irqs, tx, now);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [self.devices.next_due(), self.frontend.next_retransmit()].into_iter().flatten().min()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dmfabric_wire::{AccessSize, Space};
+    use dmfabric_wire::{AccessSize, Direction, IrqSource, Space, Status};
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
     const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);

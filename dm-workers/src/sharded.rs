@@ -18,9 +18,10 @@ use dmfabric_dataplane::poll::Handler;
 use dmfabric_dataplane::ring::{self, Consumer, Producer};
 use dmfabric_dataplane::FrameBatch;
 use dmfabric_wire::{IoCompletion, IoRequest, MacAddr, NackReason};
+use hdrhistogram::Histogram;
 
-use crate::irq::IrqQueue;
-use crate::server::{DeviceSpec, Devices, Frontend, ServerStats};
+use crate::devices::{DeviceEnv, DeviceSpec, Devices, Refused};
+use crate::server::{Frontend, ServerStats};
 
 /// Slots of each ring between the data-plane core and a worker.
 pub const RING_SLOTS: usize = 512;
@@ -32,13 +33,21 @@ pub const OVERFLOW_LIMIT: usize = 4096;
 struct Job {
     req: IoRequest,
     reply_to: MacAddr,
+    /// When the data-plane core handed it over (for the shard's hand-off latency).
+    queued: Instant,
 }
 
-/// A worker's answer.
+/// A worker's answer: the completion, or why the device refused.
 #[derive(Debug, Clone, Copy)]
 struct Done {
-    cmp: IoCompletion,
+    result: Result<IoCompletion, (IoRequest, Refused)>,
     to: MacAddr,
+}
+
+/// What a worker hands back when it stops.
+struct WorkerEnd {
+    devices: Devices,
+    handoff: Histogram<u64>,
 }
 
 /// Counters of the split layout on top of [`ServerStats`].
@@ -50,6 +59,10 @@ pub struct ShardStats {
     pub ring_full: u64,
     /// Requests dropped because the overflow queue was full too.
     pub overflow_dropped: u64,
+    /// Per worker: time from the data-plane core's hand-off to the worker
+    /// taking the request, p50 and p99 in nanoseconds (after `finish`).
+    pub handoff_p50_ns: Vec<u64>,
+    pub handoff_p99_ns: Vec<u64>,
 }
 
 /// The data-plane side: a poll-loop [`Handler`].
@@ -62,11 +75,12 @@ pub struct ShardedServer {
     /// Per worker: requests waiting for room in its ring, in arrival order.
     overflow: Vec<VecDeque<Job>>,
     stats: ShardStats,
-    workers: Vec<JoinHandle<Devices>>,
+    workers: Vec<JoinHandle<WorkerEnd>>,
     stop_workers: Arc<AtomicBool>,
     pause_workers: Arc<AtomicBool>,
-    /// Interrupts raised on any worker, sent by the data-plane core.
-    irqs: Arc<IrqQueue>,
+    /// Interrupts and VM requests raised on any worker, consoles: sent or
+    /// served from the data-plane side.
+    env: DeviceEnv,
 }
 
 impl std::fmt::Debug for ShardedServer {
@@ -85,7 +99,8 @@ pub struct WorkerIdle {
 
 impl ShardedServer {
     /// Start one worker thread per entry of `worker_cores` (pinned there)
-    /// and assign device `i` of `devices` to worker `i % workers`.
+    /// and give each device to its configured shard (modulo the workers), or
+    /// device `i` of `devices` to worker `i % workers`.
     pub fn start(
         id: u16,
         mac: MacAddr,
@@ -93,33 +108,46 @@ impl ShardedServer {
         worker_cores: &[usize],
         idle: WorkerIdle,
     ) -> Result<ShardedServer, dmfabric_pinning::PinError> {
+        ShardedServer::start_with_env(id, mac, devices, worker_cores, idle, DeviceEnv::new(devices))
+    }
+
+    /// The same, wired to `env` (whose consoles the caller serves).
+    pub fn start_with_env(
+        id: u16,
+        mac: MacAddr,
+        devices: &[DeviceSpec],
+        worker_cores: &[usize],
+        idle: WorkerIdle,
+        env: DeviceEnv,
+    ) -> Result<ShardedServer, dmfabric_pinning::PinError> {
         let n = worker_cores.len().max(1);
         let mut shards: Vec<Vec<DeviceSpec>> = vec![Vec::new(); n];
         let mut shard_of = Vec::new();
         for (i, d) in devices.iter().enumerate() {
-            shards[i % n].push(d.clone());
-            shard_of.push((d.id, i % n));
+            let w = d.shard.unwrap_or(i) % n;
+            shards[w].push(d.clone());
+            shard_of.push((d.id, w));
         }
         shard_of.sort_unstable();
         shard_of.dedup_by_key(|(id, _)| *id);
         let stop_workers = Arc::new(AtomicBool::new(false));
         let pause_workers = Arc::new(AtomicBool::new(false));
         let (mut to_workers, mut from_workers, mut workers) = (Vec::new(), Vec::new(), Vec::new());
-        let irqs = IrqQueue::new();
+
         for (w, specs) in shards.into_iter().enumerate() {
             let (job_p, job_c) = ring::channel::<Job>(RING_SLOTS);
             let (done_p, done_c) = ring::channel::<Done>(RING_SLOTS);
             let core = worker_cores.get(w).copied();
             let stop = stop_workers.clone();
             let pause = pause_workers.clone();
-            let irq_queue = irqs.clone();
+            let worker_env = env.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("dmf-worker-{w}"))
                 .spawn(move || {
                     if let Some(c) = core {
                         let _ = dmfabric_pinning::pin_current(c);
                     }
-                    worker_loop(Devices::new(&specs, &irq_queue), job_c, done_p, &stop, &pause, idle)
+                    worker_loop(Devices::new(&specs, &worker_env), job_c, done_p, &stop, &pause, idle)
                 })
                 .expect("spawning a worker thread");
             to_workers.push(job_p);
@@ -136,7 +164,7 @@ impl ShardedServer {
             workers,
             stop_workers,
             pause_workers,
-            irqs,
+            env,
         })
     }
 
@@ -155,12 +183,17 @@ impl ShardedServer {
         self.stop_workers.store(true, Ordering::Relaxed);
         let mut unclaimed = 0;
         let mut counters = Vec::new();
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for h in self.workers.drain(..) {
-            if let Ok(devices) = h.join() {
-                unclaimed += devices.unclaimed();
-                counters.extend_from_slice(devices.counters());
+            if let Ok(end) = h.join() {
+                unclaimed += end.devices.unclaimed();
+                counters.extend(end.devices.counters());
+                p50.push(end.handoff.value_at_quantile(0.5));
+                p99.push(end.handoff.value_at_quantile(0.99));
             }
         }
+        self.stats.handoff_p50_ns = p50;
+        self.stats.handoff_p99_ns = p99;
         counters.sort_by_key(|c| c.id);
         let mut s = self.frontend.stats();
         s.unclaimed = unclaimed;
@@ -179,7 +212,13 @@ impl ShardedServer {
             while !tx.is_full() {
                 let Ok(done) = ring.pop() else { break };
                 self.stats.executed[w] += 1;
-                self.frontend.complete(tx, done.to, done.cmp);
+                match done.result {
+                    Ok(cmp) => self.frontend.complete(tx, done.to, cmp),
+                    Err((req, Refused::UnknownDevice)) => {
+                        self.frontend.nack(tx, done.to, &req, NackReason::UnknownDevice)
+                    }
+                    Err((req, Refused::OtherVm)) => self.frontend.nack(tx, done.to, &req, NackReason::NotAuthorised),
+                }
             }
         }
     }
@@ -206,13 +245,13 @@ impl Drop for ShardedServer {
 }
 
 impl Handler for ShardedServer {
-    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, _now: Instant) {
+    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, now: Instant) {
         let Some((req, from)) = self.frontend.classify(bytes, tx) else { return };
         let Some(w) = self.shard(req.route.device) else {
             self.frontend.nack(tx, from, &req, NackReason::UnknownDevice);
             return;
         };
-        let job = Job { req, reply_to: from };
+        let job = Job { req, reply_to: from, queued: now };
         // Keep order per worker: once something waits, everything for that
         // worker waits behind it.
         let queue = &mut self.overflow[w];
@@ -229,8 +268,16 @@ impl Handler for ShardedServer {
 
     fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
         self.drain_completions(tx);
-        self.frontend.send_interrupts(&self.irqs, tx, now);
+        self.frontend.send_vm_events(&self.env.events, tx);
+        self.frontend.send_interrupts(&self.env.irqs, tx, now);
         self.retry_overflow();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        // Workers raise interrupts on their own timers: look at least every
+        // millisecond, sooner for a retransmit.
+        let soon = Instant::now() + Duration::from_millis(1);
+        Some(self.frontend.next_retransmit().map_or(soon, |r| r.min(soon)))
     }
 }
 
@@ -241,14 +288,19 @@ fn worker_loop(
     stop: &AtomicBool,
     pause: &AtomicBool,
     idle: WorkerIdle,
-) -> Devices {
+) -> WorkerEnd {
+    let mut handoff = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds");
     let mut empty = 0u32;
     while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        // Timers and console input run on the shard's own loop.
+        devices.tick(now);
         let job = if pause.load(Ordering::Acquire) { None } else { jobs.pop().ok() };
         let Some(job) = job else {
             empty = empty.saturating_add(1);
             if empty >= idle.spin {
-                std::thread::sleep(idle.nap);
+                let nap = devices.next_due().map_or(idle.nap, |d| idle.nap.min(d.saturating_duration_since(now)));
+                std::thread::sleep(nap);
                 empty = 0;
             } else {
                 std::hint::spin_loop();
@@ -256,16 +308,16 @@ fn worker_loop(
             continue;
         };
         empty = 0;
-        // The data-plane core checked that this shard has the device.
-        let Some(cmp) = devices.execute(&job.req) else { continue };
-        let mut item = Done { cmp, to: job.reply_to };
+        handoff.saturating_record(now.saturating_duration_since(job.queued).as_nanos() as u64);
+        let result = devices.execute(&job.req, now).map_err(|why| (job.req, why));
+        let mut item = Done { result, to: job.reply_to };
         // A full completion ring waits for the data-plane core to drain it.
         loop {
             match done.push(item) {
                 Ok(()) => break,
                 Err(ring::PushError::Full(back)) => {
                     if stop.load(Ordering::Relaxed) {
-                        return devices;
+                        return WorkerEnd { devices, handoff };
                     }
                     item = back;
                     std::hint::spin_loop();
@@ -273,7 +325,7 @@ fn worker_loop(
             }
         }
     }
-    devices
+    WorkerEnd { devices, handoff }
 }
 
 #[cfg(test)]

@@ -160,6 +160,11 @@ pub enum ControlOp {
     RoutingUpdate = 6,
 }
 
+/// Payload byte of a `Lifecycle` control message from a server to a
+/// client: a device model asks for a reset of the VM (the i8042's reset
+/// line). Its route names the VM and the device.
+pub const LIFECYCLE_RESET: u8 = 1;
+
 impl ControlOp {
     pub const fn from_u8(v: u8) -> Option<ControlOp> {
         Some(match v {

@@ -27,7 +27,9 @@ mod repr;
 pub use error::WireError;
 pub use ethernet::{EthernetHeader, MacAddr, ETHERNET_HEADER_LEN, ETHERTYPE_DMFABRIC};
 pub use frame::Frame;
-pub use header::{flags, ControlOp, Header, Kind, NackReason, Status, AUTH_TAG_LEN, HEADER_LEN, MAGIC, VERSION};
+pub use header::{
+    flags, ControlOp, Header, Kind, NackReason, Status, AUTH_TAG_LEN, HEADER_LEN, LIFECYCLE_RESET, MAGIC, VERSION,
+};
 pub use repr::{
     AccessSize, ControlMsg, Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoCompletion, IoRequest,
     IrqSource, Message, Nack, Route, Space, Trigger,

@@ -1,0 +1,458 @@
+//! The devices a server hosts: what each is ([`DeviceSpec`]), building the
+//! models with their interrupt lines, consoles and reset requests wired to
+//! the server ([`DeviceEnv`]), and the per-shard table that runs requests
+//! against them, keeps their timers going and counts ([`Devices`]).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_queue::ArrayQueue;
+use dmfabric_wire::{Direction, IoCompletion, IoRequest, IrqSource, Status};
+use hdrhistogram::Histogram;
+
+use crate::console::{ConsoleIn, ConsoleOut, Consoles};
+use crate::device::Device;
+use crate::i8042::{ResetSink, I8042};
+use crate::irq::{IrqQueue, WireLine};
+use crate::irqtest::{IrqTester, IRQ_TEST_PORTS};
+use crate::regfile::RegisterFile;
+use crate::rtc::{Cmos, WallClock};
+use crate::timer::{EventTimer, TIMER_PORTS};
+use crate::uart::{Uart16550, UART_PORTS};
+
+/// Which model a device runs, and its interrupt lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The register-file test device.
+    RegFile,
+    /// The interrupt test device ([`crate::irqtest`]).
+    IrqTest { line: u32 },
+    /// A 16550A UART ([`crate::uart`]) whose console is at the server.
+    Uart { line: u32 },
+    /// The CMOS RTC ([`crate::rtc`]) at the index/data ports.
+    Rtc { line: u32 },
+    /// The i8042 keyboard controller ([`crate::i8042`]): ports 0x60 and 0x64.
+    I8042 { kbd_line: u32, aux_line: u32 },
+    /// The event timer ([`crate::timer`]).
+    Timer { line: u32 },
+}
+
+impl DeviceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceKind::RegFile => "regfile",
+            DeviceKind::IrqTest { .. } => "irqtest",
+            DeviceKind::Uart { .. } => "uart",
+            DeviceKind::Rtc { .. } => "rtc",
+            DeviceKind::I8042 { .. } => "i8042",
+            DeviceKind::Timer { .. } => "timer",
+        }
+    }
+
+    /// Ports the model decodes from its base (the i8042's are fixed).
+    pub fn ports(&self) -> Option<u16> {
+        match self {
+            DeviceKind::RegFile => None,
+            DeviceKind::IrqTest { .. } => Some(IRQ_TEST_PORTS),
+            DeviceKind::Uart { .. } => Some(UART_PORTS),
+            DeviceKind::Rtc { .. } => Some(2),
+            DeviceKind::I8042 { .. } => Some(5),
+            DeviceKind::Timer { .. } => Some(TIMER_PORTS),
+        }
+    }
+}
+
+/// One device a server hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub id: u32,
+    /// Ports `(base, len)`.
+    pub pio: Option<(u16, u16)>,
+    /// MMIO `(base, len)`.
+    pub mmio: Option<(u64, u32)>,
+    pub kind: DeviceKind,
+    /// The VM the device belongs to: requests from other VMs are refused.
+    /// None: any VM may use it (its interrupts go to the last one that did).
+    pub vm: Option<u32>,
+    /// The worker shard that runs it (split layout); None: spread by order.
+    pub shard: Option<usize>,
+}
+
+/// Port of the interrupt test devices a server has with `--irq-test-devices`.
+pub const IRQ_TEST_PIO: u16 = 0x600;
+/// Their line.
+pub const IRQ_TEST_LINE: u32 = 5;
+/// Device id of the first of them (the next ones count up).
+pub const IRQ_TEST_FIRST_ID: u32 = 101;
+
+/// Device id of the default register-file test device.
+pub const TEST_DEVICE_ID: u32 = 1;
+/// First port of the test device.
+pub const TEST_DEVICE_PIO: u16 = 0x500;
+/// Ports of the test device.
+pub const TEST_DEVICE_PIO_LEN: u16 = 0x100;
+/// First MMIO address of the test device.
+pub const TEST_DEVICE_MMIO: u64 = 0xd000_0000;
+/// MMIO bytes of the test device.
+pub const TEST_DEVICE_MMIO_LEN: u32 = 0x1000;
+
+impl DeviceSpec {
+    /// The register-file test device every dmfabric server has by default:
+    /// device 1, ports 0x500–0x5ff and MMIO 0xd000_0000–0xd000_0fff.
+    pub fn test_device() -> Self {
+        DeviceSpec {
+            id: TEST_DEVICE_ID,
+            pio: Some((TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN)),
+            mmio: Some((TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN)),
+            kind: DeviceKind::RegFile,
+            vm: None,
+            shard: None,
+        }
+    }
+
+    /// An interrupt test device `id` at ports `base`.. raising IRQ `line`.
+    pub fn irq_test(id: u32, base: u16, line: u32) -> Self {
+        DeviceSpec::model(id, DeviceKind::IrqTest { line }, base, None)
+    }
+
+    /// A model of `kind` at ports from `base`, for `vm`.
+    pub fn model(id: u32, kind: DeviceKind, base: u16, vm: Option<u32>) -> Self {
+        let len = kind.ports().unwrap_or(1);
+        DeviceSpec { id, pio: Some((base, len)), mmio: None, kind, vm, shard: None }
+    }
+
+    /// The PC devices of a VM at their usual places: COM1 (0x3f8, IRQ 4),
+    /// the RTC (0x70, IRQ 8), the i8042 (0x60/0x64, IRQ 1 and 12) and an
+    /// event timer (0x700, IRQ 5); ids `first..first + 4`.
+    pub fn pc_devices(vm: u32, first: u32) -> Vec<DeviceSpec> {
+        vec![
+            DeviceSpec::model(first, DeviceKind::Uart { line: 4 }, 0x3f8, Some(vm)),
+            DeviceSpec::model(first + 1, DeviceKind::Rtc { line: 8 }, 0x70, Some(vm)),
+            DeviceSpec::model(first + 2, DeviceKind::I8042 { kbd_line: 1, aux_line: 12 }, 0x60, Some(vm)),
+            DeviceSpec::model(first + 3, DeviceKind::Timer { line: 5 }, 0x700, Some(vm)),
+        ]
+    }
+}
+
+/// Something a device model asks of its VM's client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The i8042 pulsed the CPU reset line.
+    Reset,
+}
+
+/// Requests from device models to their VMs, for the data-plane core.
+#[derive(Debug)]
+pub struct VmEvents {
+    queue: ArrayQueue<(u32, VmEvent)>,
+    dropped: AtomicU64,
+}
+
+impl VmEvents {
+    pub fn new() -> Arc<VmEvents> {
+        Arc::new(VmEvents { queue: ArrayQueue::new(1024), dropped: AtomicU64::new(0) })
+    }
+
+    pub fn push(&self, device: u32, e: VmEvent) {
+        if self.queue.push((device, e)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn pop(&self) -> Option<(u32, VmEvent)> {
+        self.queue.pop()
+    }
+}
+
+/// The i8042's reset line on a server.
+#[derive(Debug)]
+pub struct VmReset {
+    device: u32,
+    events: Arc<VmEvents>,
+}
+
+impl ResetSink for VmReset {
+    fn reset(&mut self) {
+        self.events.push(self.device, VmEvent::Reset);
+    }
+}
+
+/// What models are wired to on a server.
+#[derive(Debug, Clone)]
+pub struct DeviceEnv {
+    pub irqs: Arc<IrqQueue>,
+    pub events: Arc<VmEvents>,
+    pub consoles: Arc<Consoles>,
+    pub clock: WallClock,
+}
+
+impl DeviceEnv {
+    /// Queues and consoles for `specs` (one console per UART), the host clock.
+    pub fn new(specs: &[DeviceSpec]) -> DeviceEnv {
+        let mut consoles = Consoles::default();
+        for s in specs {
+            if let DeviceKind::Uart { .. } = s.kind {
+                consoles.add(s.vm.unwrap_or(s.id), s.id);
+            }
+        }
+        DeviceEnv {
+            irqs: IrqQueue::new(),
+            events: VmEvents::new(),
+            consoles: Arc::new(consoles),
+            clock: WallClock::host(),
+        }
+    }
+
+    /// Build the model of `spec`.
+    pub fn build(&self, spec: &DeviceSpec, now: Instant) -> Box<dyn Device> {
+        let line = |n: u32| WireLine::new(spec.id, IrqSource::Line(n), self.irqs.clone());
+        let base = spec.pio.map_or(0, |(b, _)| b);
+        match spec.kind {
+            DeviceKind::RegFile => Box::new(RegisterFile::new(spec.pio, spec.mmio)),
+            DeviceKind::IrqTest { line: n } => Box::new(IrqTester::new(base, line(n))),
+            DeviceKind::Uart { line: n } => {
+                let console = self.consoles.all().iter().find(|c| c.device == spec.id).cloned().unwrap_or_else(|| {
+                    // Built without DeviceEnv::new's console: give it its own.
+                    let mut own = Consoles::default();
+                    own.add(spec.vm.unwrap_or(spec.id), spec.id)
+                });
+                Box::new(Uart16550::new(base, line(n), ConsoleOut(console.clone()), ConsoleIn(console)))
+            }
+            DeviceKind::Rtc { line: n } => Box::new(Cmos::new(base, line(n), self.clock, now)),
+            DeviceKind::I8042 { kbd_line, aux_line } => Box::new(I8042::new(
+                line(kbd_line),
+                line(aux_line),
+                VmReset { device: spec.id, events: self.events.clone() },
+            )),
+            DeviceKind::Timer { line: n } => Box::new(EventTimer::new(base, line(n), now)),
+        }
+    }
+}
+
+/// What one device did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounters {
+    pub id: u32,
+    pub kind: &'static str,
+    pub reads: u64,
+    pub writes: u64,
+    /// Accesses to no register of the device.
+    pub unclaimed: u64,
+    /// Time the model took per access (tick included), nanoseconds.
+    pub service_p50_ns: u64,
+    pub service_p99_ns: u64,
+}
+
+impl fmt::Display for DeviceCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "device {} ({}): reads {} writes {} unclaimed {} service p50 {} ns p99 {} ns",
+            self.id, self.kind, self.reads, self.writes, self.unclaimed, self.service_p50_ns, self.service_p99_ns
+        )
+    }
+}
+
+struct Entry {
+    id: u32,
+    vm: Option<u32>,
+    model: Box<dyn Device>,
+    counters: DeviceCounters,
+    service: Histogram<u64>,
+    /// When the model wants its next tick.
+    due: Option<Instant>,
+}
+
+/// Why a request was not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    UnknownDevice,
+    /// The device belongs to another VM.
+    OtherVm,
+}
+
+/// The devices of a server (or of one worker shard), sorted by id.
+pub struct Devices {
+    table: Vec<Entry>,
+    /// The earliest `due` of the table.
+    next_due: Option<Instant>,
+    unclaimed: u64,
+}
+
+impl fmt::Debug for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Devices").field("count", &self.table.len()).finish()
+    }
+}
+
+impl Devices {
+    /// The models of `specs`, wired to `env`.
+    pub fn new(specs: &[DeviceSpec], env: &DeviceEnv) -> Devices {
+        let now = Instant::now();
+        let mut table: Vec<Entry> = specs
+            .iter()
+            .map(|s| {
+                let model = env.build(s, now);
+                let counters = DeviceCounters { id: s.id, kind: model.kind(), ..DeviceCounters::default() };
+                let service = Histogram::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds");
+                Entry { id: s.id, vm: s.vm, model, counters, service, due: Some(now) }
+            })
+            .collect();
+        table.sort_by_key(|e| e.id);
+        table.dedup_by_key(|e| e.id);
+        Devices { table, next_due: Some(now), unclaimed: 0 }
+    }
+
+    /// Per-device counters, by device id.
+    pub fn counters(&self) -> Vec<DeviceCounters> {
+        self.table
+            .iter()
+            .map(|e| DeviceCounters {
+                service_p50_ns: e.service.value_at_quantile(0.5),
+                service_p99_ns: e.service.value_at_quantile(0.99),
+                ..e.counters.clone()
+            })
+            .collect()
+    }
+
+    /// Accesses no device register claimed so far.
+    pub fn unclaimed(&self) -> u64 {
+        self.unclaimed
+    }
+
+    /// When the next model wants a tick.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.next_due
+    }
+
+    fn recompute_due(&mut self) {
+        self.next_due = self.table.iter().filter_map(|e| e.due).min();
+    }
+
+    /// Tick every model whose time has come.
+    pub fn tick(&mut self, now: Instant) {
+        if self.next_due.is_none_or(|d| d > now) {
+            return;
+        }
+        for e in &mut self.table {
+            if e.due.is_some_and(|d| d <= now) {
+                e.due = e.model.tick(now);
+            }
+        }
+        self.recompute_due();
+    }
+
+    /// Run one request against its device.
+    pub fn execute(&mut self, req: &IoRequest, now: Instant) -> Result<IoCompletion, Refused> {
+        let i = self.table.binary_search_by_key(&req.route.device, |e| e.id).map_err(|_| Refused::UnknownDevice)?;
+        let e = &mut self.table[i];
+        if e.vm.is_some_and(|vm| vm != req.route.vm) {
+            return Err(Refused::OtherVm);
+        }
+        let start = Instant::now();
+        // The model sees the time of the access; the access may reprogram
+        // its timers, so ask again when it wants the next tick.
+        e.model.tick(now);
+        match req.dir {
+            Direction::Read => e.counters.reads += 1,
+            Direction::Write => e.counters.writes += 1,
+        }
+        let (data, claimed) = match req.dir {
+            Direction::Read => match e.model.read(req.space, req.addr, req.size) {
+                Some(v) => (v, true),
+                None => (u64::MAX, false),
+            },
+            Direction::Write => (req.data, e.model.write(req.space, req.addr, req.size, req.data)),
+        };
+        let due = e.model.tick(now);
+        let was = e.due;
+        e.due = due;
+        if !claimed {
+            e.counters.unclaimed += 1;
+        }
+        e.service.saturating_record(start.elapsed().as_nanos() as u64);
+        if !claimed {
+            self.unclaimed += 1;
+        }
+        if due != was {
+            self.recompute_due();
+        }
+        let status = if claimed { Status::Ok } else { Status::Unclaimed };
+        Ok(IoCompletion::for_request(req, data, status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmfabric_wire::{AccessSize, Route, Space};
+    use std::time::Duration;
+
+    fn req(device: u32, vm: u32, dir: Direction, addr: u64, size: AccessSize, data: u64) -> IoRequest {
+        IoRequest {
+            route: Route { server: 1, hypervisor: 1, client: 3, vm, vcpu: 0, device },
+            seq: 0,
+            space: Space::Pio,
+            dir,
+            size,
+            addr,
+            data,
+        }
+    }
+
+    #[test]
+    fn pc_devices_run_and_belong_to_their_vm() {
+        let specs = DeviceSpec::pc_devices(7, 10);
+        let env = DeviceEnv::new(&specs);
+        let mut d = Devices::new(&specs, &env);
+        let now = Instant::now();
+        // The UART's scratch register, the RTC's register D, the i8042 status.
+        let w = d.execute(&req(10, 7, Direction::Write, 0x3ff, AccessSize::B1, 0x5a), now).unwrap();
+        assert_eq!(w.status, Status::Ok);
+        assert_eq!(d.execute(&req(10, 7, Direction::Read, 0x3ff, AccessSize::B1, 0), now).unwrap().data, 0x5a);
+        d.execute(&req(11, 7, Direction::Write, 0x70, AccessSize::B1, 0x0d), now).unwrap();
+        assert_eq!(d.execute(&req(11, 7, Direction::Read, 0x71, AccessSize::B1, 0), now).unwrap().data, 0x80);
+        assert_eq!(d.execute(&req(12, 7, Direction::Read, 0x64, AccessSize::B1, 0), now).unwrap().data & 0x04, 0x04);
+        assert_eq!(d.execute(&req(10, 8, Direction::Read, 0x3ff, AccessSize::B1, 0), now), Err(Refused::OtherVm));
+        assert_eq!(d.execute(&req(99, 7, Direction::Read, 0x3ff, AccessSize::B1, 0), now), Err(Refused::UnknownDevice));
+        // A 4-byte access to the UART is no register: all ones, counted.
+        let c = d.execute(&req(10, 7, Direction::Read, 0x3f8, AccessSize::B4, 0), now).unwrap();
+        assert_eq!((c.status, d.unclaimed()), (Status::Unclaimed, 1));
+        let counters = d.counters();
+        assert_eq!((counters[0].reads, counters[0].writes, counters[0].unclaimed), (2, 1, 1));
+    }
+
+    #[test]
+    fn timers_tick_on_their_deadlines_and_uart_output_reaches_the_console() {
+        let specs = DeviceSpec::pc_devices(7, 10);
+        let env = DeviceEnv::new(&specs);
+        let mut d = Devices::new(&specs, &env);
+        let t0 = Instant::now();
+        d.execute(&req(13, 7, Direction::Write, 0x704, AccessSize::B4, 500), t0).unwrap();
+        d.execute(&req(13, 7, Direction::Write, 0x700, AccessSize::B4, 3), t0).unwrap();
+        assert!(d.next_due().unwrap() <= t0 + Duration::from_micros(500));
+        let mut now = t0;
+        for _ in 0..2000 {
+            now += Duration::from_micros(5);
+            d.tick(now);
+        }
+        // 10 ms of 500 µs periods: 20 interrupts queued for the frontend.
+        let mut edges = 0;
+        while let Some(e) = env.irqs.pop() {
+            assert_eq!((e.device, e.source), (13, IrqSource::Line(5)));
+            edges += 1;
+        }
+        assert_eq!(edges, 20);
+        for b in b"hi\n" {
+            d.execute(&req(10, 7, Direction::Write, 0x3f8, AccessSize::B1, u64::from(*b)), now).unwrap();
+        }
+        let mut out = Vec::new();
+        env.consoles.of_vm(7).unwrap().drain_output(&mut out);
+        assert_eq!(out, b"hi\n");
+        // The i8042's reset pulse becomes a request for VM events.
+        d.execute(&req(12, 7, Direction::Write, 0x64, AccessSize::B1, 0xfe), now).unwrap();
+        assert_eq!(env.events.pop(), Some((12, VmEvent::Reset)));
+    }
+}
