@@ -22,6 +22,14 @@ const GUESTS: &[(&str, [u64; 3])] = &[
     ("pio_loop", [1000, 0x510, 0]),
     // No interrupts to wait for: installs its IDT and PICs, reports, exits.
     ("irq_wait", [0, 0x600, 0]),
+    // COM1.
+    ("uart_hello", [0x3f8, 0, 0]),
+    // 100 interrupts from a 1 ms timer at 0x700 (no such device under QEMU).
+    ("timer_count", [1000, 0x700, 100]),
+    // COM1, IRQ 4.
+    ("uart_echo", [0x3f8, 0x24, 0]),
+    // The i8042 at 0x60/0x64 (QEMU has one).
+    ("kbd_reset", [0, 0, 0]),
 ];
 
 fn link_flat(out: &Path, objs: &[&Path], entry: &str, name: &str) {

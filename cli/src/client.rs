@@ -399,7 +399,9 @@ fn to_json(report: &RunReport) -> ReportJson {
 fn print_report(report: &RunReport) {
     for vm in &report.vms {
         let e = vm.exits();
+        let reset = vm.vcpus.iter().any(|v| v.result.as_ref().is_ok_and(|r| r.reset));
         match vm.error() {
+            None if reset => eprintln!("dmfabric client: VM {}: reset by its i8042: stopped", vm.id),
             None => {
                 let codes: Vec<String> =
                     vm.vcpus.iter().map(|v| v.result.as_ref().map_or(0, |r| r.exit_code).to_string()).collect();

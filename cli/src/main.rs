@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod client;
+mod console;
 mod server;
+mod server_config;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +29,8 @@ enum Cmd {
     Server(server::ServerArgs),
     /// Run VMs on this client platform, their devices on dmfabric servers.
     Client(client::ClientArgs),
+    /// Attach this terminal to a VM's UART at a server (Ctrl-] detaches).
+    Console(console::ConsoleArgs),
     /// Measure the data plane between two network namespaces.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
     let result = install_stop_handler().and_then(|stop| match cli.cmd {
         Cmd::Server(args) => server::run(args, stop),
         Cmd::Client(args) => client::run(args, stop),
+        Cmd::Console(args) => console::run(args, stop),
         Cmd::Bench(cmd) => bench::run(cmd, stop),
         Cmd::Demo(args) => bench::demo(args, stop),
     });

@@ -1,6 +1,7 @@
 //! `dmfabric server`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +12,8 @@ use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
 use dmfabric_dm_workers::server::{
-    DeviceSpec, Server, ServerStats, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE, IRQ_TEST_PIO, TEST_DEVICE_MMIO,
-    TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
+    DeviceEnv, DeviceKind, DeviceSpec, Server, ServerStats, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE, IRQ_TEST_PIO,
+    TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
 };
 use dmfabric_dm_workers::sharded::{ShardStats, ShardedServer, WorkerIdle};
 use dmfabric_pinning::{Layout, LayoutSpec};
@@ -72,6 +73,27 @@ pub struct ServerArgs {
     /// Print the final counters as one `stats-json: {...}` line on stdout.
     #[arg(long)]
     stats_json: bool,
+    /// The devices to host (TOML; see --example-config). Without it: the
+    /// test devices, and the PC devices of each --pc-vm.
+    #[arg(long, conflicts_with_all = ["pc_vm"])]
+    config: Option<PathBuf>,
+    /// Print an example device config and exit.
+    #[arg(long)]
+    example_config: bool,
+    /// Host a PC's devices for VM N (repeatable): COM1 (0x3f8, IRQ 4) as
+    /// device 1000N+1, the RTC (0x70, IRQ 8) 1000N+2, the i8042 (0x60/0x64,
+    /// IRQ 1/12) 1000N+3 and an event timer (0x700, IRQ 5) 1000N+4.
+    #[arg(long, value_name = "VM")]
+    pc_vm: Vec<u32>,
+    /// Where VM console logs (vm-<id>.log) and the console socket live
+    /// [default: /run/dmfabric/server-<id>].
+    #[arg(long)]
+    console_dir: Option<PathBuf>,
+}
+
+/// The console directory of server `id` unless told otherwise.
+pub fn default_console_dir(id: u16) -> PathBuf {
+    PathBuf::from(format!("/run/dmfabric/server-{id}"))
 }
 
 /// Either layout's handler, with periodic reporting.
@@ -139,6 +161,10 @@ fn shard_summary(s: Option<&ShardStats>) -> String {
 }
 
 pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    if args.example_config {
+        print!("{}", crate::server_config::EXAMPLE);
+        return Ok(());
+    }
     let online = dmfabric_pinning::available_cores();
     let cores = match &args.cores {
         Some(list) => {
@@ -168,18 +194,71 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if args.irq_test_devices > 1000 {
         bail!("--irq-test-devices: at most 1000");
     }
-    let mut devices: Vec<DeviceSpec> =
-        (1..=args.test_devices).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
-    devices.extend(
-        (0..args.irq_test_devices).map(|i| DeviceSpec::irq_test(IRQ_TEST_FIRST_ID + i, IRQ_TEST_PIO, IRQ_TEST_LINE)),
-    );
+    let devices = match &args.config {
+        Some(path) => crate::server_config::load(path)?,
+        None => {
+            let mut devices: Vec<DeviceSpec> =
+                (1..=args.test_devices).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
+            devices.extend(
+                (0..args.irq_test_devices)
+                    .map(|i| DeviceSpec::irq_test(IRQ_TEST_FIRST_ID + i, IRQ_TEST_PIO, IRQ_TEST_LINE)),
+            );
+            for &vm in &args.pc_vm {
+                let Some(first) = vm.checked_mul(1000).and_then(|f| f.checked_add(1)).filter(|_| vm > 0) else {
+                    bail!("--pc-vm {vm}: VM ids from 1 to 4000000");
+                };
+                devices.extend(DeviceSpec::pc_devices(vm, first));
+            }
+            crate::server_config::check(&devices)?;
+            devices
+        }
+    };
+    let env = DeviceEnv::new(&devices);
+    let console_dir = args.console_dir.clone().unwrap_or_else(|| default_console_dir(args.server_id));
     let served = match &layout {
-        Layout::RunToCompletion { .. } => Served::Rtc(Server::new(args.server_id, transport.mac(), &devices)),
+        Layout::RunToCompletion { .. } => {
+            Served::Rtc(Server::with_env(args.server_id, transport.mac(), &devices, env.clone()))
+        }
         Layout::Split { workers, .. } => {
             let idle =
                 WorkerIdle { spin: if args.busy_poll { u32::MAX } else { args.spin }, nap: Duration::from_micros(50) };
-            Served::Split(ShardedServer::start(args.server_id, transport.mac(), &devices, workers, idle)?)
+            Served::Split(ShardedServer::start_with_env(
+                args.server_id,
+                transport.mac(),
+                &devices,
+                workers,
+                idle,
+                env.clone(),
+            )?)
         }
+    };
+    // The consoles: logs and `dmfabric console` attachments, on a thread
+    // of their own so that no terminal or disk holds up the data plane.
+    let consoles_stop = Arc::new(AtomicBool::new(false));
+    let consoles = if env.consoles.all().is_empty() {
+        None
+    } else {
+        let (flag, consoles, dir) = (consoles_stop.clone(), env.consoles.clone(), console_dir.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new().name("dmf-consoles".into()).spawn(move || {
+            // Stay off the data-plane core.
+            let _ = dmfabric_pinning::pin_current(dmfabric_pinning::available_cores()[0]);
+            match dmfabric_dm_workers::console::Service::open(&consoles, &dir) {
+                Ok(service) => {
+                    let _ = ready_tx.send(Ok(()));
+                    Ok(service.run(&consoles, &flag))
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let _ = ready_tx.send(Err(msg));
+                    Err(e)
+                }
+            }
+        })?;
+        if let Ok(Err(e)) = ready_rx.recv() {
+            bail!("{e}");
+        }
+        Some(handle)
     };
     let where_ = match &spec {
         TransportSpec::Udp { local, .. } => format!("udp {local}"),
@@ -195,7 +274,23 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         TEST_DEVICE_MMIO,
         TEST_DEVICE_MMIO + u64::from(TEST_DEVICE_MMIO_LEN - 1)
     );
-    if args.irq_test_devices > 0 {
+    for d in devices.iter().filter(|d| !matches!(d.kind, DeviceKind::RegFile | DeviceKind::IrqTest { .. })) {
+        println!(
+            "dmfabric server: device {} {} for {} at port {:#x}",
+            d.id,
+            d.kind.name(),
+            d.vm.map_or("any VM".to_string(), |v| format!("VM {v}")),
+            d.pio.map_or(0, |p| p.0)
+        );
+    }
+    if !env.consoles.all().is_empty() {
+        println!(
+            "dmfabric server: consoles in {} (attach: dmfabric console <vm> --console-dir {})",
+            console_dir.display(),
+            console_dir.display()
+        );
+    }
+    if args.config.is_none() && args.irq_test_devices > 0 {
         println!(
             "dmfabric server: interrupt test devices {}..={}: ports {:#x}-{:#x}, IRQ {}",
             IRQ_TEST_FIRST_ID,
@@ -209,6 +304,17 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut handler = Reporting { served, every, next: Instant::now() + every.unwrap_or_default() };
     let cfg = PollConfig { spin: if args.busy_poll { u32::MAX } else { args.spin }, ..PollConfig::default() };
     let result = poll::run(transport.as_mut(), &mut handler, cfg, &stop);
+    consoles_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = consoles {
+        match h.join() {
+            Ok(Ok(s)) => eprintln!(
+                "dmfabric server: consoles: {} bytes logged, {} typed, {} attaches ({} refused)",
+                s.bytes_logged, s.bytes_typed, s.attaches, s.refused
+            ),
+            Ok(Err(e)) => eprintln!("dmfabric server: consoles stopped: {e}"),
+            Err(_) => eprintln!("dmfabric server: the console thread panicked"),
+        }
+    }
     let (stats, shards) = match handler.served {
         Served::Rtc(s) => (s.stats(), None),
         Served::Split(s) => {

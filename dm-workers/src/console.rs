@@ -8,8 +8,13 @@
 //! disk never holds up a worker: output that finds the queue full is
 //! dropped and counted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
@@ -124,6 +129,184 @@ impl ByteSource for ConsoleIn {
     }
 }
 
+/// Name of the socket `dmfabric console` attaches through, in the console directory.
+pub const SOCKET: &str = "console.sock";
+
+/// The console log of `vm` in `dir`.
+pub fn log_path(dir: &Path, vm: u32) -> PathBuf {
+    dir.join(format!("vm-{vm}.log"))
+}
+
+/// Why the console service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("Cannot create the console directory {0}: {1}")]
+    Dir(PathBuf, #[source] io::Error),
+    #[error("Cannot open the console log {0}: {1}")]
+    Log(PathBuf, #[source] io::Error),
+    #[error("Cannot listen on {0}: {1} (is another server using this console directory?)")]
+    Listen(PathBuf, #[source] io::Error),
+}
+
+struct Attached {
+    stream: UnixStream,
+    /// The console it is attached to (None: still reading its request).
+    console: Option<usize>,
+    request: Vec<u8>,
+}
+
+/// What the console service did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub bytes_logged: u64,
+    pub bytes_typed: u64,
+    pub attaches: u64,
+    pub refused: u64,
+}
+
+/// The console service of a server: its logs and socket, open.
+#[derive(Debug)]
+pub struct Service {
+    logs: Vec<File>,
+    listener: UnixListener,
+    sock: PathBuf,
+}
+
+/// Serve `consoles` until `stop` ([`Service::open`] then [`Service::run`]).
+pub fn serve(consoles: &Consoles, dir: &Path, stop: &AtomicBool) -> Result<ServiceStats, ServiceError> {
+    Ok(Service::open(consoles, dir)?.run(consoles, stop))
+}
+
+impl Service {
+    /// Create `dir`, each VM's log `dir/vm-<vm>.log` (afresh) and the socket
+    /// `dir/console.sock` terminals attach through.
+    pub fn open(consoles: &Consoles, dir: &Path) -> Result<Service, ServiceError> {
+        std::fs::create_dir_all(dir).map_err(|e| ServiceError::Dir(dir.to_path_buf(), e))?;
+        let sock = dir.join(SOCKET);
+        // A socket file left by a server that was killed: nobody listens on it.
+        if sock.exists() && UnixStream::connect(&sock).is_ok() {
+            return Err(ServiceError::Listen(sock, io::ErrorKind::AddrInUse.into()));
+        }
+        let _ = std::fs::remove_file(&sock);
+        let mut logs = Vec::new();
+        for c in consoles.all() {
+            let path = log_path(dir, c.vm);
+            logs.push(File::create(&path).map_err(|e| ServiceError::Log(path, e))?);
+        }
+        let listener = UnixListener::bind(&sock).map_err(|e| ServiceError::Listen(sock.clone(), e))?;
+        listener.set_nonblocking(true).map_err(|e| ServiceError::Listen(sock.clone(), e))?;
+        Ok(Service { logs, listener, sock })
+    }
+
+    /// Append each VM's output to its log and to every attached terminal,
+    /// put what they type into the VM's UART, until `stop`.
+    ///
+    /// A terminal attaches by sending `attach <vm>\n`; it gets `ok <vm>\n`
+    /// (or `error ...\n` and the connection closes), then the raw bytes.
+    pub fn run(mut self, consoles: &Consoles, stop: &AtomicBool) -> ServiceStats {
+        let mut stats = ServiceStats::default();
+        let mut attached: Vec<Attached> = Vec::new();
+        let mut buf = Vec::new();
+        let mut input = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) {
+            let mut busy = false;
+            while let Ok((stream, _)) = self.listener.accept() {
+                if stream.set_nonblocking(true).is_ok() {
+                    attached.push(Attached { stream, console: None, request: Vec::new() });
+                }
+            }
+            for (i, c) in consoles.all().iter().enumerate() {
+                buf.clear();
+                c.drain_output(&mut buf);
+                if buf.is_empty() {
+                    continue;
+                }
+                busy = true;
+                stats.bytes_logged += buf.len() as u64;
+                let _ = self.logs[i].write_all(&buf);
+                for a in attached.iter_mut().filter(|a| a.console == Some(i)) {
+                    let _ = write_all_nonblocking(&mut a.stream, &buf);
+                }
+            }
+            attached.retain_mut(|a| match a.stream.read(&mut input) {
+                Ok(0) => false,
+                Ok(n) => {
+                    busy = true;
+                    match a.console {
+                        Some(i) => {
+                            stats.bytes_typed += consoles.all()[i].type_in(&input[..n]) as u64;
+                            true
+                        }
+                        None => attach(a, &input[..n], consoles, &mut stats),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                Err(_) => false,
+            });
+            if !busy {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let _ = std::fs::remove_file(&self.sock);
+        // What the UARTs sent last.
+        for (i, c) in consoles.all().iter().enumerate() {
+            buf.clear();
+            c.drain_output(&mut buf);
+            stats.bytes_logged += buf.len() as u64;
+            let _ = self.logs[i].write_all(&buf);
+        }
+        stats
+    }
+}
+
+/// Handle the bytes of a terminal that has not attached yet.
+fn attach(a: &mut Attached, bytes: &[u8], consoles: &Consoles, stats: &mut ServiceStats) -> bool {
+    a.request.extend_from_slice(bytes);
+    let Some(end) = a.request.iter().position(|&b| b == b'\n') else {
+        return a.request.len() < 64;
+    };
+    let line = String::from_utf8_lossy(&a.request[..end]).trim().to_string();
+    let rest = a.request[end + 1..].to_vec();
+    let vm = line.strip_prefix("attach ").and_then(|v| v.trim().parse::<u32>().ok());
+    let found = vm.and_then(|vm| consoles.all().iter().position(|c| c.vm == vm));
+    match (vm, found) {
+        (Some(vm), Some(i)) => {
+            a.console = Some(i);
+            stats.attaches += 1;
+            let _ = write_all_nonblocking(&mut a.stream, format!("ok {vm}\n").as_bytes());
+            if !rest.is_empty() {
+                stats.bytes_typed += consoles.all()[i].type_in(&rest) as u64;
+            }
+            true
+        }
+        _ => {
+            stats.refused += 1;
+            let known: Vec<String> = consoles.all().iter().map(|c| c.vm.to_string()).collect();
+            let msg =
+                format!("error no console for {line:?} on this server (VMs with a console: {})\n", known.join(", "));
+            let _ = write_all_nonblocking(&mut a.stream, msg.as_bytes());
+            false
+        }
+    }
+}
+
+/// Write all of `bytes` to a non-blocking stream, waiting briefly when it is
+/// full; a terminal that stays full for a second loses the rest.
+fn write_all_nonblocking(s: &mut UnixStream, mut bytes: &[u8]) -> io::Result<()> {
+    let end = std::time::Instant::now() + Duration::from_secs(1);
+    while !bytes.is_empty() {
+        match s.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < end => {
+                std::thread::sleep(Duration::from_micros(200))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +331,59 @@ mod tests {
         }
         assert_eq!(c.output_dropped(), 5);
         assert!(consoles.of_vm(8).is_none());
+    }
+
+    #[test]
+    fn the_service_logs_output_and_attached_terminals_type_into_the_uart() {
+        use std::io::{BufRead, BufReader};
+        let dir = std::env::temp_dir().join(format!("dmfabric-console-test-{}", std::process::id()));
+        let mut consoles = Consoles::default();
+        let c = consoles.add(4, 10);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let service = s.spawn(|| serve(&consoles, &dir, &stop));
+            let sock = dir.join(SOCKET);
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            let mut stream = loop {
+                match UnixStream::connect(&sock) {
+                    Ok(st) => break st,
+                    Err(e) if std::time::Instant::now() < end => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("no console socket: {e}"),
+                }
+            };
+            // A VM without a console is refused with the ones there are.
+            let mut other = UnixStream::connect(&sock).unwrap();
+            other.write_all(b"attach 9\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(&mut other).read_line(&mut line).unwrap();
+            assert!(line.starts_with("error no console") && line.contains("VMs with a console: 4"), "{line}");
+            stream.write_all(b"attach 4\nls\n").unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            assert_eq!(line, "ok 4\n");
+            let mut out = ConsoleOut(c.clone());
+            for b in b"$ " {
+                out.put(*b);
+            }
+            let mut got = [0u8; 2];
+            reader.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"$ ");
+            let mut typed = Vec::new();
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            while typed.len() < 3 && std::time::Instant::now() < end {
+                ConsoleIn(c.clone()).take(16, &mut |b| typed.push(b));
+            }
+            assert_eq!(typed, b"ls\n");
+            stop.store(true, Ordering::Relaxed);
+            let stats = service.join().unwrap().unwrap();
+            assert_eq!((stats.attaches, stats.refused, stats.bytes_logged, stats.bytes_typed), (1, 1, 2, 3));
+        });
+        assert_eq!(std::fs::read(log_path(&dir, 4)).unwrap(), b"$ ");
+        assert!(!dir.join(SOCKET).exists(), "socket removed");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -18,8 +18,9 @@ use dmfabric_wire::{
 
 use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
 
+use crate::devices::AddressMap;
 pub use crate::devices::{
-    DeviceCounters, DeviceEnv, DeviceKind, DeviceSpec, Devices, Refused, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE,
+    DeviceCounters, DeviceEnv, DeviceKind, DeviceSpec, Devices, Refused, ANY_DEVICE, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE,
     IRQ_TEST_PIO, TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
 };
 use crate::devices::{VmEvent, VmEvents};
@@ -128,6 +129,8 @@ pub struct Frontend {
     stats: ServerStats,
     malformed: [u64; WireError::ALL.len()],
     streams: DupCache<IoCompletion>,
+    /// Resolves requests that name no device (ANY_DEVICE) by address.
+    addresses: AddressMap,
     /// Device → the client and VM that used it last: where its interrupts go.
     bindings: Vec<(u32, MacAddr, Route)>,
     /// One interrupt stream per (client, VM).
@@ -176,10 +179,16 @@ impl Frontend {
             stats: ServerStats::default(),
             malformed: [0; WireError::ALL.len()],
             streams: DupCache::default(),
+            addresses: AddressMap::default(),
             bindings: Vec::new(),
             irq_streams: Vec::new(),
             irq_seq_base: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
         }
+    }
+
+    /// Let requests that name no device be resolved by address among `specs`.
+    pub fn set_devices(&mut self, specs: &[DeviceSpec]) {
+        self.addresses = AddressMap::new(specs);
     }
 
     /// Remember who uses `req`'s device: its interrupts go there.
@@ -315,10 +324,14 @@ impl Frontend {
             return None;
         }
         match repr.msg {
-            Message::IoRequest(req) => {
+            Message::IoRequest(mut req) => {
                 self.stats.requests += 1;
                 if req.route.server != self.id {
                     self.nack(tx, from, &req, NackReason::WrongServer);
+                    return None;
+                }
+                if !self.addresses.fill(&mut req) {
+                    self.nack(tx, from, &req, NackReason::UnknownDevice);
                     return None;
                 }
                 match self.streams.check(stream_of(&req.route), req.seq) {
@@ -413,7 +426,9 @@ impl Server {
 
     /// The same, wired to `env` (whose consoles the caller serves).
     pub fn with_env(id: u16, mac: MacAddr, devices: &[DeviceSpec], env: DeviceEnv) -> Server {
-        Server { frontend: Frontend::new(id, mac), devices: Devices::new(devices, &env), env }
+        let mut frontend = Frontend::new(id, mac);
+        frontend.set_devices(devices);
+        Server { frontend, devices: Devices::new(devices, &env), env }
     }
 
     pub fn id(&self) -> u16 {

@@ -154,8 +154,10 @@ impl ShardedServer {
             from_workers.push(done_c);
             workers.push(handle);
         }
+        let mut frontend = Frontend::new(id, mac);
+        frontend.set_devices(devices);
         Ok(ShardedServer {
-            frontend: Frontend::new(id, mac),
+            frontend,
             shard_of,
             to_workers,
             from_workers,

@@ -20,7 +20,6 @@
     .text
     .globl _start
 
-    .equ IDT, 0x9000
     .equ VECTOR, 0x25
     .equ IRQ_MASK, 0xdf         # all masked but IRQ 5
 
@@ -29,39 +28,8 @@ _start:
     mov     [rip + port], rsi
     mov     [rip + mode], rdx
 
-    # IDT: 256 interrupt gates (present, DPL 0, type 0xe, selector 0x8).
-    lea     rax, [rip + other_isr]
-    mov     rdi, IDT
-    mov     ecx, 256
-1:
-    call    write_gate
-    add     rdi, 16
-    dec     ecx
-    jnz     1b
-    lea     rax, [rip + device_isr]
-    mov     rdi, IDT + VECTOR * 16
-    call    write_gate
-    lidt    [rip + idtr]
-
-    # 8259 PICs: ICW1 (edge, cascade, ICW4), ICW2 (vector base), ICW3, ICW4 (8086).
-    mov     al, 0x11
-    out     0x20, al
-    out     0xa0, al
-    mov     al, 0x20
-    out     0x21, al
-    mov     al, 0x28
-    out     0xa1, al
-    mov     al, 0x04
-    out     0x21, al
-    mov     al, 0x02
-    out     0xa1, al
-    mov     al, 0x01
-    out     0x21, al
-    out     0xa1, al
-    mov     al, IRQ_MASK
-    out     0x21, al
-    mov     al, 0xff
-    out     0xa1, al
+    install_idt device_isr, other_isr, VECTOR
+    init_pics IRQ_MASK, 0xff
 
 next:
     mov     rax, [rip + count]
@@ -96,27 +64,6 @@ done:
     out     dx, eax
     guest_exit
 
-# rax = handler, rdi = gate address; keeps rax, rcx, rdi.
-write_gate:
-    mov     rdx, rax
-    and     edx, 0xffff
-    mov     rsi, 0x8
-    shl     rsi, 16
-    or      rdx, rsi
-    mov     rsi, 0x8e00
-    shl     rsi, 32
-    or      rdx, rsi
-    mov     rsi, rax
-    shr     rsi, 16
-    and     esi, 0xffff
-    shl     rsi, 48
-    or      rdx, rsi
-    mov     [rdi], rdx
-    mov     rdx, rax
-    shr     rdx, 32
-    mov     [rdi + 8], rdx
-    ret
-
 device_isr:
     push    rax
     push    rdx
@@ -133,21 +80,10 @@ device_isr:
     pop     rax
     iretq
 
-other_isr:
-    push    rax
-    inc     qword ptr [rip + others]
-    mov     al, 0x20
-    out     0x20, al
-    out     0xa0, al
-    pop     rax
-    iretq
-
     .balign 8
 target: .quad 0
 port:   .quad 0
 mode:   .quad 0
 count:  .quad 0
-others: .quad 0
-idtr:
-    .word 256 * 16 - 1
-    .quad IDT
+
+    idt_helpers

@@ -27,13 +27,43 @@ pub const MULTIBOOT: &[(&str, &[u8])] = &[
     ("io_loop", include_bytes!(concat!(env!("OUT_DIR"), "/io_loop.mb.bin"))),
     ("pio_loop", include_bytes!(concat!(env!("OUT_DIR"), "/pio_loop.mb.bin"))),
     ("irq_wait", include_bytes!(concat!(env!("OUT_DIR"), "/irq_wait.mb.bin"))),
+    ("uart_hello", include_bytes!(concat!(env!("OUT_DIR"), "/uart_hello.mb.bin"))),
+    ("kbd_reset", include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset.mb.bin"))),
 ];
+
+/// `uart_hello`: sends "hello from a dmfabric guest\n" through the 16550 at
+/// port rdi; reports the bytes sent.
+pub const UART_HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/uart_hello.bin"));
+/// What `uart_hello` sends.
+pub const UART_HELLO_TEXT: &str = "hello from a dmfabric guest\n";
+
+/// `timer_count`: programs the event timer at port rsi periodic every rdi
+/// µs and counts rdx interrupts on IRQ 5; reports the count, stray
+/// interrupts, the timer's NOW_US at the first and last interrupt and its COUNT.
+pub const TIMER_COUNT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/timer_count.bin"));
+
+/// `uart_echo`: sets up the 16550 at port rdi with receive interrupts on
+/// IRQ 4, writes "ready\n", echoes what it receives until a newline;
+/// reports bytes received and stray interrupts.
+pub const UART_ECHO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/uart_echo.bin"));
+
+/// `kbd_reset`: reports the i8042's self-test answer, then pulses the reset
+/// line (command 0xFE): the VM ends by reset.
+pub const KBD_RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset.bin"));
 
 /// The IRQ line `irq_wait` listens on.
 pub const IRQ_WAIT_LINE: u32 = 5;
 
 /// The guests by name, for the client's config.
-pub const ALL: &[(&str, &[u8])] = &[("io_loop", IO_LOOP), ("pio_loop", PIO_LOOP), ("irq_wait", IRQ_WAIT)];
+pub const ALL: &[(&str, &[u8])] = &[
+    ("io_loop", IO_LOOP),
+    ("pio_loop", PIO_LOOP),
+    ("irq_wait", IRQ_WAIT),
+    ("uart_hello", UART_HELLO),
+    ("timer_count", TIMER_COUNT),
+    ("uart_echo", UART_ECHO),
+    ("kbd_reset", KBD_RESET),
+];
 
 /// The checksum `io_loop` reports against a device whose registers read
 /// back what was written (a register file).

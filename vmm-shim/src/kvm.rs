@@ -97,6 +97,8 @@ pub struct RunStats {
     pub interrupted: u64,
     /// The code the guest exited with.
     pub exit_code: u32,
+    /// The VM was reset (its i8042 pulsed the reset line): stopped cleanly.
+    pub reset: bool,
 }
 
 /// Stops a vCPU from another thread, also while its guest is halted inside
@@ -105,6 +107,8 @@ pub struct RunStats {
 #[derive(Debug, Default)]
 pub struct Kick {
     stop: AtomicBool,
+    /// The stop ends the run cleanly (a reset the guest asked for).
+    clean: AtomicBool,
     /// pthread_t of the thread inside [`Vcpu::run`], 0 outside it.
     thread: AtomicU64,
     reason: Mutex<Option<String>>,
@@ -129,6 +133,12 @@ impl Kick {
     /// Why the vCPU was asked to stop.
     pub fn reason(&self) -> Option<String> {
         self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stop the vCPU because its VM was reset: the run ends without an error.
+    pub fn reset(&self, within: Duration) {
+        self.clean.store(true, Ordering::Release);
+        self.stop("the VM was reset", within);
     }
 
     /// Ask the vCPU to stop (the first reason is kept) and kick it out of
@@ -381,6 +391,10 @@ impl Vcpu<'_> {
         let stopped = |kick: &Kick| KvmError::Stopped(kick.reason().unwrap_or_else(|| "asked to stop".into()));
         loop {
             if kick.stopped() {
+                if kick.clean.load(Ordering::Acquire) {
+                    stats.reset = true;
+                    return Ok(stats);
+                }
                 return Err(stopped(kick));
             }
             let exit = match self.fd.run() {

@@ -305,6 +305,20 @@ pub fn run<T: Transport>(
                     k.stop(why, Duration::ZERO);
                 }
             }
+            // Kick again whatever was told to stop and is still inside
+            // KVM_RUN (its signal may have come just before it went in).
+            for k in kicks.iter().flatten().filter(|k| k.stopped()) {
+                k.stop("", Duration::ZERO);
+            }
+            if let Some(p) = port.as_ref() {
+                for (spec, ks) in specs.iter().zip(&kicks) {
+                    if p.take_reset(spec.id) {
+                        for k in ks {
+                            k.reset(Duration::ZERO);
+                        }
+                    }
+                }
+            }
             if let (Some(flag), Some(p)) = (opts.dump, port.as_ref()) {
                 if flag.swap(false, Ordering::AcqRel) {
                     eprintln!("live: link {:?}", p.stats());

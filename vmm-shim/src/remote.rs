@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
 use dmfabric_wire::{
-    Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoRequest, IrqSource, MacAddr, Message, NackReason,
-    Route, Trigger,
+    ControlOp, Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoRequest, IrqSource, MacAddr, Message,
+    NackReason, Route, Trigger, LIFECYCLE_RESET,
 };
 
 use crate::kvm::{Exit, Kick, Vm};
@@ -100,6 +100,8 @@ pub struct ClientStats {
     pub unexpected_kind: u64,
     /// Frames that did not fit a TX burst.
     pub tx_full: u64,
+    /// Resets of a VM its devices asked for (an i8042's reset pulse).
+    pub resets: u64,
 }
 
 /// Counters of one VM's remote traffic.
@@ -140,6 +142,8 @@ struct VmPort<'a> {
     id: u32,
     irq: &'a dyn IrqSink,
     slots: Box<[Slot]>,
+    /// A device model asked for a reset of this VM.
+    reset: AtomicBool,
 }
 
 /// Everything that changes per frame, behind the link lock.
@@ -220,7 +224,12 @@ impl<'a, T: Transport> ClientPort<'a, T> {
         }
         let mut ports: Vec<VmPort<'a>> = vms
             .iter()
-            .map(|v| VmPort { id: v.id, irq: v.irq, slots: (0..v.vcpus.max(1)).map(|_| Slot::new()).collect() })
+            .map(|v| VmPort {
+                id: v.id,
+                irq: v.irq,
+                slots: (0..v.vcpus.max(1)).map(|_| Slot::new()).collect(),
+                reset: AtomicBool::new(false),
+            })
             .collect();
         ports.sort_by_key(|v| v.id);
         let link = Link {
@@ -272,6 +281,11 @@ impl<'a, T: Transport> ClientPort<'a, T> {
     /// Run `f` on the transport (for its counters and the like).
     pub fn with_transport<R>(&self, f: impl FnOnce(&T) -> R) -> R {
         f(&self.lock().t)
+    }
+
+    /// Whether a device model asked for a reset of `vm` since the last call.
+    pub fn take_reset(&self, vm: u32) -> bool {
+        self.vm_index(vm).is_some_and(|i| self.vms[i].reset.swap(false, Ordering::AcqRel))
     }
 
     /// Receive and deliver one burst now (what [`ClientPort::serve`] does in
@@ -361,7 +375,8 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             return;
         };
         let route = *frame.msg.route();
-        if !matches!(frame.msg, Message::IoCompletion(_) | Message::Nack(_) | Message::Interrupt(_)) {
+        let lifecycle = matches!(frame.msg, Message::Control(c) if c.op == ControlOp::Lifecycle);
+        if !lifecycle && !matches!(frame.msg, Message::IoCompletion(_) | Message::Nack(_) | Message::Interrupt(_)) {
             stats.unexpected_kind += 1;
             return;
         }
@@ -405,6 +420,11 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             Message::Interrupt(irq) => {
                 self.interrupt(index, &irq, frame.eth.src, tx, stats, vm_stats, irq_last);
             }
+            Message::Control(c) if c.payload.first() == Some(&LIFECYCLE_RESET) => {
+                vm.reset.store(true, Ordering::Release);
+                stats.resets += 1;
+            }
+            Message::Control(_) => stats.unexpected_kind += 1,
             _ => {}
         }
     }

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::netns::{self, Need};
-use dmfabric_vmm_shim::guests::MULTIBOOT;
+use dmfabric_vmm_shim::guests::{MULTIBOOT, UART_HELLO_TEXT};
 
 fn qemu_present() -> bool {
     Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
@@ -30,6 +30,7 @@ fn multiboot_guests_run_to_their_exit_port_under_qemu() {
     for (name, image) in MULTIBOOT {
         let kernel = dir.join(format!("{name}.mb.bin"));
         let debug = dir.join(format!("{name}.debug"));
+        let serial = dir.join(format!("{name}.serial"));
         std::fs::write(&kernel, image).unwrap();
         let start = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
@@ -39,6 +40,8 @@ fn multiboot_guests_run_to_their_exit_port_under_qemu() {
             .arg("-chardev")
             .arg(format!("file,id=dbg,path={}", debug.display()))
             .args(["-device", "isa-debugcon,iobase=0x4f0,chardev=dbg"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -55,12 +58,21 @@ fn multiboot_guests_run_to_their_exit_port_under_qemu() {
             std::thread::sleep(Duration::from_millis(20));
         };
         let out = child.wait_with_output().unwrap();
-        // isa-debug-exit: exit status (code << 1) | 1; the guests exit with 0.
-        assert_eq!(status.code(), Some(1), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        // isa-debug-exit: exit status (code << 1) | 1; the guests exit with
+        // 0. A reset ends QEMU (-no-reboot) with 0.
+        let want = if *name == "kbd_reset" { 0 } else { 1 };
+        assert_eq!(status.code(), Some(want), "{name}: {}", String::from_utf8_lossy(&out.stderr));
         let reports = std::fs::read(&debug).unwrap();
         match *name {
             // Interrupts counted (none asked for) and stray vectors: both 0.
             "irq_wait" => assert_eq!(&reports[..2], &[0, 0], "{name}: {reports:?}"),
+            // The text went out of QEMU's own 16550; the byte count reported.
+            "uart_hello" => {
+                assert_eq!(std::fs::read_to_string(&serial).unwrap(), UART_HELLO_TEXT);
+                assert_eq!(reports, [UART_HELLO_TEXT.len() as u8]);
+            }
+            // QEMU's i8042 passed its self-test, then reset the machine.
+            "kbd_reset" => assert_eq!(reports, [0x55]),
             // Two checksum dwords, one byte each through debugcon.
             _ => assert_eq!(reports.len(), 2, "{name}: {reports:?}"),
         }

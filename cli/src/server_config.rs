@@ -1,0 +1,220 @@
+//! The server's device config (`dmfabric server --config FILE`): which
+//! devices exist, their kind, id, VM, ports or MMIO, IRQ lines and shard.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use dmfabric_dm_workers::server::{DeviceKind, DeviceSpec};
+use serde::Deserialize;
+
+pub const EXAMPLE: &str = r#"# dmfabric server devices. Ports and IRQs default to a PC's.
+[[device]]
+id = 11
+kind = "uart"        # uart | rtc | i8042 | timer | regfile | irqtest
+vm = 1               # the VM it belongs to (requests from other VMs are refused)
+pio = 0x3f8          # first port (the model's size follows), or [base, len]
+irq = 4
+shard = 0            # worker shard in the split layout
+
+[[device]]
+id = 12
+kind = "rtc"
+vm = 1               # pio 0x70, irq 8
+
+[[device]]
+id = 13
+kind = "i8042"
+vm = 1               # pio 0x60/0x64, irq [1, 12]
+
+[[device]]
+id = 14
+kind = "timer"
+vm = 1
+pio = 0x700
+irq = 5
+
+[[device]]
+id = 1
+kind = "regfile"     # the test device: any VM
+pio = [0x500, 0x100]
+mmio = [0xd0000000, 0x1000]
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    device: Vec<Device>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Range {
+    Base(u64),
+    BaseLen([u64; 2]),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Irq {
+    One(u32),
+    Two([u32; 2]),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Device {
+    id: u32,
+    kind: String,
+    vm: Option<u32>,
+    pio: Option<Range>,
+    mmio: Option<Range>,
+    irq: Option<Irq>,
+    shard: Option<usize>,
+}
+
+/// Read and check the devices of `path`.
+pub fn load(path: &Path) -> anyhow::Result<Vec<DeviceSpec>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("Cannot read {}", path.display()))?;
+    parse(&text).with_context(|| path.display().to_string())
+}
+
+pub fn parse(text: &str) -> anyhow::Result<Vec<DeviceSpec>> {
+    let file: File = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().replace('\n', " ")))?;
+    let mut specs: Vec<DeviceSpec> = Vec::new();
+    for d in &file.device {
+        specs.push(spec(d).with_context(|| format!("device {}", d.id))?);
+    }
+    check(&specs)?;
+    Ok(specs)
+}
+
+fn line(d: &Device, default: u32) -> anyhow::Result<u32> {
+    match d.irq {
+        None => Ok(default),
+        Some(Irq::One(n)) if n < 24 => Ok(n),
+        Some(Irq::One(n)) => bail!("irq {n}: lines are 0 to 23"),
+        Some(Irq::Two(_)) => bail!("irq: one line for a {}", d.kind),
+    }
+}
+
+fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
+    if d.id == dmfabric_dm_workers::server::ANY_DEVICE {
+        bail!("id 0 is reserved (it means \"any device at this address\")");
+    }
+    let (kind, default_base) = match d.kind.as_str() {
+        "uart" => (DeviceKind::Uart { line: line(d, 4)? }, 0x3f8),
+        "rtc" => (DeviceKind::Rtc { line: line(d, 8)? }, 0x70),
+        "timer" => (DeviceKind::Timer { line: line(d, 5)? }, 0x700),
+        "irqtest" => (DeviceKind::IrqTest { line: line(d, 5)? }, 0x600),
+        "i8042" => {
+            let (kbd_line, aux_line) = match d.irq {
+                None => (1, 12),
+                Some(Irq::Two([a, b])) if a < 24 && b < 24 => (a, b),
+                _ => bail!("irq: an i8042 takes two lines, [keyboard, aux], each 0 to 23"),
+            };
+            if d.pio.is_some() {
+                bail!("an i8042 sits at ports 0x60 and 0x64: no pio");
+            }
+            (DeviceKind::I8042 { kbd_line, aux_line }, 0x60)
+        }
+        "regfile" => {
+            if d.irq.is_some() {
+                bail!("a regfile raises no interrupts: no irq");
+            }
+            let pio = match d.pio {
+                None => None,
+                Some(Range::BaseLen([b, l])) if b + l <= 0x1_0000 && l > 0 => Some((b as u16, l as u16)),
+                _ => bail!("pio: [base, len] within the 64 KiB port space"),
+            };
+            let mmio = match d.mmio {
+                None => None,
+                Some(Range::BaseLen([b, l])) if l > 0 && l <= 1 << 20 => Some((b, l as u32)),
+                _ => bail!("mmio: [base, len], at most 1 MiB"),
+            };
+            if pio.is_none() && mmio.is_none() {
+                bail!("a regfile needs pio = [base, len] or mmio = [base, len]");
+            }
+            return Ok(DeviceSpec { id: d.id, pio, mmio, kind: DeviceKind::RegFile, vm: d.vm, shard: d.shard });
+        }
+        other => bail!("unknown kind {other:?}: uart, rtc, i8042, timer, regfile or irqtest"),
+    };
+    if d.mmio.is_some() {
+        bail!("a {} sits in port space: no mmio", d.kind);
+    }
+    let size = kind.ports().unwrap_or(1);
+    let base = match d.pio {
+        None => default_base,
+        Some(Range::Base(b)) => b,
+        Some(Range::BaseLen([b, l])) if l == u64::from(size) => b,
+        Some(Range::BaseLen([_, l])) => bail!("pio: a {} takes {size} ports, not {l}", d.kind),
+    };
+    if base + u64::from(size) > 0x1_0000 {
+        bail!("pio {base:#x}: past the 64 KiB port space");
+    }
+    Ok(DeviceSpec { shard: d.shard, ..DeviceSpec::model(d.id, kind, base as u16, d.vm) })
+}
+
+/// Unique ids; no two devices of one VM on the same ports or MMIO.
+pub fn check(specs: &[DeviceSpec]) -> anyhow::Result<()> {
+    let mut ids = BTreeSet::new();
+    for s in specs {
+        if !ids.insert(s.id) {
+            bail!("device id {} is used twice", s.id);
+        }
+    }
+    for (i, a) in specs.iter().enumerate() {
+        for b in &specs[i + 1..] {
+            let same_vm = a.vm.is_none() || b.vm.is_none() || a.vm == b.vm;
+            let overlap = |x: Option<(u64, u64)>, y: Option<(u64, u64)>| match (x, y) {
+                (Some((xb, xl)), Some((yb, yl))) => xb < yb + yl && yb < xb + xl,
+                _ => false,
+            };
+            let pio = |s: &DeviceSpec| s.pio.map(|(b, l)| (u64::from(b), u64::from(l)));
+            let mmio = |s: &DeviceSpec| s.mmio.map(|(b, l)| (b, u64::from(l)));
+            if same_vm && (overlap(pio(a), pio(b)) || overlap(mmio(a), mmio(b))) {
+                let vm = a.vm.or(b.vm).map_or("any VM".to_string(), |v| format!("VM {v}"));
+                bail!("devices {} and {} overlap in the address space of {vm}", a.id, b.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_is_valid() {
+        let specs = parse(EXAMPLE).unwrap();
+        assert_eq!(specs.len(), 5);
+        assert_eq!(
+            specs[0],
+            DeviceSpec { shard: Some(0), ..DeviceSpec::model(11, DeviceKind::Uart { line: 4 }, 0x3f8, Some(1)) }
+        );
+        assert_eq!(specs[2].kind, DeviceKind::I8042 { kbd_line: 1, aux_line: 12 });
+        assert_eq!(specs[4].mmio, Some((0xd000_0000, 0x1000)));
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        assert!(err("[[device]]\nid = 1\nkind = \"gpu\"\n").contains("unknown kind \"gpu\""));
+        assert!(err("[[device]]\nid = 1\nkind = \"uart\"\n[[device]]\nid = 1\nkind = \"rtc\"\n").contains("used twice"));
+        let overlap =
+            "[[device]]\nid = 1\nkind = \"uart\"\nvm = 1\n[[device]]\nid = 2\nkind = \"timer\"\nvm = 1\npio = 0x3fc\n";
+        assert!(err(overlap).contains("devices 1 and 2 overlap in the address space of VM 1"), "{}", err(overlap));
+        let other_vm = overlap.replace("vm = 1\npio", "vm = 2\npio");
+        assert!(parse(&other_vm).is_ok(), "different VMs may use the same ports");
+        assert!(err("[[device]]\nid = 1\nkind = \"uart\"\nirq = 99\n").contains("lines are 0 to 23"));
+        assert!(err("[[device]]\nid = 1\nkind = \"uart\"\npio = [0x3f8, 4]\n").contains("takes 8 ports"));
+        assert!(err("[[device]]\nid = 0\nkind = \"uart\"\n").contains("reserved"));
+        assert!(err("[[device]]\nid = 1\nkind = \"regfile\"\n").contains("needs pio"));
+        assert!(err("[[device]]\nid = 1\nkind = \"uart\"\ncolour = 1\n").contains("colour"));
+    }
+}
