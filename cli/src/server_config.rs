@@ -156,7 +156,8 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
     Ok(DeviceSpec { shard: d.shard, ..DeviceSpec::model(d.id, kind, base as u16, d.vm) })
 }
 
-/// Unique ids; no two devices of one VM on the same ports or MMIO.
+/// Unique ids; no two devices of one VM on the same ports or MMIO (devices
+/// for any VM may share addresses: each VM maps the one it uses by id).
 pub fn check(specs: &[DeviceSpec]) -> anyhow::Result<()> {
     let mut ids = BTreeSet::new();
     for s in specs {
@@ -166,7 +167,7 @@ pub fn check(specs: &[DeviceSpec]) -> anyhow::Result<()> {
     }
     for (i, a) in specs.iter().enumerate() {
         for b in &specs[i + 1..] {
-            let same_vm = a.vm.is_none() || b.vm.is_none() || a.vm == b.vm;
+            let same_vm = a.vm.is_some() && a.vm == b.vm;
             let overlap = |x: Option<(u64, u64)>, y: Option<(u64, u64)>| match (x, y) {
                 (Some((xb, xl)), Some((yb, yl))) => xb < yb + yl && yb < xb + xl,
                 _ => false,
@@ -174,8 +175,8 @@ pub fn check(specs: &[DeviceSpec]) -> anyhow::Result<()> {
             let pio = |s: &DeviceSpec| s.pio.map(|(b, l)| (u64::from(b), u64::from(l)));
             let mmio = |s: &DeviceSpec| s.mmio.map(|(b, l)| (b, u64::from(l)));
             if same_vm && (overlap(pio(a), pio(b)) || overlap(mmio(a), mmio(b))) {
-                let vm = a.vm.or(b.vm).map_or("any VM".to_string(), |v| format!("VM {v}"));
-                bail!("devices {} and {} overlap in the address space of {vm}", a.id, b.id);
+                let vm = a.vm.unwrap_or_default();
+                bail!("devices {} and {} overlap in the address space of VM {vm}", a.id, b.id);
             }
         }
     }
