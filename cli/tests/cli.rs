@@ -376,3 +376,57 @@ fn bench_exit_reports_local_and_remote() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn text_typed_at_dmfabric_console_reaches_the_guest_through_the_remote_uart() {
+    if !netns::privileged_or_skip("console_typing_reaches_the_guest", &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let net = TestNet::pair().unwrap();
+    let (mut server, rx) = start_server(&net, &["--pc-vm", "1", "--console-dir", dir.to_str().unwrap()]);
+    wait_for(&rx, "dmfabric server ready").expect("server ready");
+    let config = dir.join("echo.toml");
+    std::fs::write(
+        &config,
+        "client = 3\n[link]\niface = \"dmf0\"\n[[vm]]\nid = 1\nguest = \"uart_echo\"\nargs = [0x3f8, 0x24, 0]\n\
+         [[vm.device]]\nspace = \"pio\"\nbase = 0x3f8\nlen = 8\nserver = 1\ndevice = 1001\n",
+    )
+    .unwrap();
+    let mut cmd = net.command(0, BIN);
+    cmd.args(["client", "--seconds", "60", "--config"]).arg(&config);
+    let client = net.spawn(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped())).unwrap();
+    // (If an assertion below fails, dropping the guard kills the client.)
+    // The guest says it is ready on its UART: the server's console log has it.
+    let log = dir.join("vm-1.log");
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&log).unwrap_or_default() != "ready\n" {
+        assert!(std::time::Instant::now() < end, "no ready line: {:?}", std::fs::read_to_string(&log));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut console = Command::new(BIN)
+        .args(["console", "1", "--linger-ms", "1000", "--console-dir"])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    console.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let typed = console.wait_with_output().unwrap();
+    assert!(typed.status.success(), "{}", String::from_utf8_lossy(&typed.stderr));
+    assert_eq!(String::from_utf8_lossy(&typed.stdout), "hello\n", "the guest's echo, seen at the console");
+    let out = client.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("VM 1 vCPU 0: reported 0x6 0x0"), "6 bytes received, no stray interrupt: {stderr}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ready\nhello\n");
+    // Attaching to a VM without a console is one clear line.
+    let (code, _, err) = run(&["console", "7", "--console-dir", dir.to_str().unwrap()]);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert!(err.contains("no console for \"attach 7\"") && err.contains("VMs with a console: 1"), "{err}");
+    assert!(server.interrupt(Duration::from_secs(5)).unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

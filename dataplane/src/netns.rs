@@ -361,6 +361,11 @@ impl ChildGuard {
         self.0.as_mut().expect("child present until drop")
     }
 
+    /// Wait for the child to end on its own and collect its output.
+    pub fn wait_with_output(mut self) -> io::Result<std::process::Output> {
+        self.0.take().expect("child present until drop").wait_with_output()
+    }
+
     /// Send SIGINT and wait up to `timeout` for a clean exit; kill otherwise.
     pub fn interrupt(&mut self, timeout: Duration) -> io::Result<std::process::ExitStatus> {
         let child = self.child();
