@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod console;
+mod io;
 mod server;
 mod server_config;
 
@@ -31,6 +32,9 @@ enum Cmd {
     Client(client::ClientArgs),
     /// Attach this terminal to a VM's UART at a server (Ctrl-] detaches).
     Console(console::ConsoleArgs),
+    /// Read or write device registers at a server as a given VM, over the
+    /// wire (one access, or a script of them); prints interrupts that arrive.
+    Io(io::IoArgs),
     /// Measure the data plane between two network namespaces.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Cmd::Server(args) => server::run(args, stop),
         Cmd::Client(args) => client::run(args, stop),
         Cmd::Console(args) => console::run(args, stop),
+        Cmd::Io(args) => io::run(args, stop),
         Cmd::Bench(cmd) => bench::run(cmd, stop),
         Cmd::Demo(args) => bench::demo(args, stop),
     });

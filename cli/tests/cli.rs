@@ -430,3 +430,54 @@ fn text_typed_at_dmfabric_console_reaches_the_guest_through_the_remote_uart() {
     assert!(server.interrupt(Duration::from_secs(5)).unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn dmfabric_io_replays_register_scripts_and_prints_interrupts() {
+    if !netns::privileged_or_skip("dmfabric_io_scripts", &[Need::Root]) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-io-{}", std::process::id()));
+    let net = TestNet::pair().unwrap();
+    let (mut server, rx) = start_server(&net, &["--pc-vm", "1", "--console-dir", dir.to_str().unwrap()]);
+    wait_for(&rx, "dmfabric server ready").expect("server ready");
+    let script = "w pio 0x3ff 1 0x5a   # UART scratch\n\
+                  r pio 0x3ff 1\n\
+                  r pio 0x3f8 4        # no 32-bit register\n\
+                  \n\
+                  w pio 0x70 1 0x0d\n\
+                  r pio 0x71 1         # RTC register D\n\
+                  w pio 0x704 4 1000\n\
+                  w pio 0x700 4 1      # event timer: one-shot, edge\n";
+    let mut cmd = net.command(0, BIN);
+    cmd.args(["io", "--iface", &net.host(0).iface, "--vm", "1", "--script", "-", "--linger-ms", "300"]);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("interrupt")).collect();
+    assert_eq!(
+        lines,
+        [
+            "write pio 0x3ff 1 0x5a ok",
+            "read pio 0x3ff 1 = 0x5a",
+            "read pio 0x3f8 4 = 0xffffffff (no such register: unclaimed)",
+            "write pio 0x70 1 0xd ok",
+            "read pio 0x71 1 = 0x80",
+            "write pio 0x704 4 0x3e8 ok",
+            "write pio 0x700 4 0x1 ok",
+        ]
+    );
+    assert_eq!(stdout.lines().filter(|l| *l == "interrupt line 5 edge").count(), 1, "{stdout}");
+    // Another VM's devices are not this VM's: Nacked, one line each.
+    let mut cmd = net.command(0, BIN);
+    cmd.args(["io", "--iface", &net.host(0).iface, "--vm", "2", "read", "pio", "0x3ff", "1"]);
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("refused device 0: UnknownDevice"));
+    assert!(server.interrupt(Duration::from_secs(5)).unwrap().success());
+    let lines = wait_for(&rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("{l:?}"));
+    assert!(lines.iter().any(|l| l.contains("device 1001 (uart16550): reads 2 writes 1 unclaimed 1")), "{lines:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,7 +31,7 @@ use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
 use dmfabric_wire::{
     ControlOp, Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoRequest, IrqSource, MacAddr, Message,
-    NackReason, Route, Trigger, LIFECYCLE_RESET,
+    NackReason, Route, Status, Trigger, LIFECYCLE_RESET,
 };
 
 use crate::kvm::{Exit, Kick, Vm};
@@ -125,6 +125,8 @@ struct Slot {
     state: AtomicU8,
     data: AtomicU64,
     nack: AtomicU8,
+    /// The completion's Status (as u8).
+    status: AtomicU8,
 }
 
 impl Slot {
@@ -134,6 +136,7 @@ impl Slot {
             state: AtomicU8::new(EMPTY),
             data: AtomicU64::new(0),
             nack: AtomicU8::new(0),
+            status: AtomicU8::new(0),
         }
     }
 }
@@ -397,6 +400,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
                 };
                 if slot.expect.load(Ordering::Acquire) == c.seq && slot.state.load(Ordering::Acquire) == EMPTY {
                     slot.data.store(c.data, Ordering::Relaxed);
+                    slot.status.store(c.status as u8, Ordering::Relaxed);
                     slot.state.store(DONE, Ordering::Release);
                     stats.completions += 1;
                     vm_stats[index].completions += 1;
@@ -516,6 +520,12 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
     /// Serve one exit by `device` on `server`; returns the data of a read
     /// (zero for a write, once the server has finished it).
     pub fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, RemoteError> {
+        self.access_status(server, device, exit).map(|(data, _)| data)
+    }
+
+    /// [`VcpuRemote::access`], with the completion's status (whether the
+    /// device had such a register).
+    pub fn access_status(&mut self, server: u16, device: u32, exit: &Exit) -> Result<(u64, Status), RemoteError> {
         let port = self.port;
         let Some(&(_, mac)) = port.servers.iter().find(|(s, _)| *s == server) else {
             return Err(RemoteError::NoServer { server, waited: Duration::ZERO });
@@ -566,7 +576,10 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
             let deadline = Instant::now() + port.retry.timeout;
             loop {
                 match slot.state.load(Ordering::Acquire) {
-                    DONE => return Ok(slot.data.load(Ordering::Relaxed)),
+                    DONE => {
+                        let status = Status::from_u8(slot.status.load(Ordering::Relaxed)).unwrap_or(Status::Ok);
+                        return Ok((slot.data.load(Ordering::Relaxed), status));
+                    }
                     NACKED => {
                         let reason =
                             NackReason::from_u8(slot.nack.load(Ordering::Relaxed)).unwrap_or(NackReason::UnknownDevice);
