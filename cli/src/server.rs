@@ -154,8 +154,8 @@ fn shard_summary(s: Option<&ShardStats>) -> String {
     match s {
         None => String::new(),
         Some(s) => format!(
-            " | workers executed {:?} ring-full {} overflow-dropped {}",
-            s.executed, s.ring_full, s.overflow_dropped
+            " | workers executed {:?} ring-full {} overflow-dropped {} hand-off p50 {:?} ns p99 {:?} ns",
+            s.executed, s.ring_full, s.overflow_dropped, s.handoff_p50_ns, s.handoff_p99_ns
         ),
     }
 }
