@@ -30,6 +30,8 @@ const GUESTS: &[(&str, [u64; 3])] = &[
     ("uart_echo", [0x3f8, 0x24, 0]),
     // The i8042 at 0x60/0x64 (QEMU has one).
     ("kbd_reset", [0, 0, 0]),
+    // 5 ticks of 100 ms, no waiting for input (no event timer under QEMU: it would wait forever).
+    ("demo", [5, 100_000, 0]),
 ];
 
 fn link_flat(out: &Path, objs: &[&Path], entry: &str, name: &str) {

@@ -132,19 +132,6 @@ pub struct ThroughputArgs {
     inflight: u16,
 }
 
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Transports to compare.
-    #[arg(long, value_delimiter = ',', default_value = "xdp,udp")]
-    transport: Vec<TransportKind>,
-    /// Round trips per transport.
-    #[arg(long, default_value_t = 20_000)]
-    requests: u64,
-    /// Seconds of throughput load per transport.
-    #[arg(long, default_value_t = 2.0)]
-    seconds: f64,
-}
-
 pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Exit(a) => bench_exit(&a, &stop),
@@ -184,49 +171,6 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-pub fn demo(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    println!("dmfabric demo: a server in one network namespace answers I/O requests from a client in another,");
-    println!(
-        "over raw Ethernet on a veth pair. Each transport: {} round trips, then {} s of load.",
-        args.requests, args.seconds
-    );
-    let common = Common {
-        hosts: Hosts { transport: args.transport.clone(), xdp_mode: XdpMode::Auto, server: ServerMode::Process },
-        json: None,
-        iface: None,
-        udp_peer: None,
-        udp_bind: "0.0.0.0:47000".parse().expect("valid address"),
-        timeout_ms: 20,
-        retries: 4,
-        faults: None,
-        server_layout: None,
-        test_devices: 1,
-    };
-    let rtts = for_each_transport(&common, &stop, |t, target, stop| {
-        loadgen::rtt(t, &target, args.requests, 20_000, Retry::default(), stop)
-    })?;
-    let rows: Vec<RttJson> = rtts.iter().map(|(k, r)| RttJson::new(k.name(), r)).collect();
-    println!("\nround trips (one request outstanding):");
-    for row in &rows {
-        print_rtt(row);
-    }
-    print_ratio(&rows, |r| r.p50_us, "p50 latency");
-    if stop.load(Ordering::Relaxed) {
-        bail!("Interrupted");
-    }
-    let tputs = for_each_transport(&common, &stop, |t, target, stop| {
-        loadgen::throughput(t, &target, Duration::from_secs_f64(args.seconds), 64, Retry::default(), stop)
-    })?;
-    let trows: Vec<ThroughputJson> = tputs.iter().map(|(k, r)| ThroughputJson::new(k.name(), 64, r)).collect();
-    println!("\nthroughput (64 requests in flight):");
-    for row in &trows {
-        print_throughput(row);
-    }
-    print_ratio(&trows, |r| r.mreq_per_s, "throughput");
-    println!("\nnamespaces, links and XDP programs removed.");
-    fail_on_loss(&rtts)
 }
 
 type LoadFn<'a> = dyn FnMut(&mut dyn Transport, Target, &AtomicBool) -> Result<LoadReport, loadgen::LoadError> + 'a;

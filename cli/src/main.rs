@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod console;
+mod demo;
 mod io;
 mod server;
 mod server_config;
@@ -38,9 +39,10 @@ enum Cmd {
     /// Measure the data plane between two network namespaces.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
-    /// Create two test hosts, start a server in one, drive it from the
-    /// other over AF_XDP and UDP, print what was measured, clean up.
-    Demo(bench::DemoArgs),
+    /// Boot a KVM guest whose UART, RTC, event timer and i8042 are served by
+    /// a dmfabric server in another network namespace; stream its console,
+    /// type at it, print the counters, remove everything.
+    Demo(demo::DemoArgs),
 }
 
 /// Set by SIGUSR1: print the counters now (`kill -USR1 <pid>`).
@@ -76,7 +78,7 @@ fn main() -> ExitCode {
         Cmd::Console(args) => console::run(args, stop),
         Cmd::Io(args) => io::run(args, stop),
         Cmd::Bench(cmd) => bench::run(cmd, stop),
-        Cmd::Demo(args) => bench::demo(args, stop),
+        Cmd::Demo(args) => demo::run(args, stop),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

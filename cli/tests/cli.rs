@@ -481,3 +481,77 @@ fn dmfabric_io_replays_register_scripts_and_prints_interrupts() {
     assert!(lines.iter().any(|l| l.contains("device 1001 (uart16550): reads 2 writes 1 unclaimed 1")), "{lines:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Namespaces this test process's child `pid` made and left.
+fn leftover_namespaces(pid: u32) -> Vec<String> {
+    let prefix = format!("{}{pid}-", netns::NS_PREFIX);
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn demo_boots_the_guest_shows_banner_and_clock_and_leaves_nothing() {
+    if !netns::privileged_or_skip("demo_boots_the_guest", &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let child = Command::new(BIN)
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("│ dmfabric demo guest:"), "{stdout}");
+    // The clock came from the remote RTC, from the host's clock.
+    let year = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d").output().unwrap();
+    let today = String::from_utf8_lossy(&year.stdout).trim().to_string();
+    assert!(stdout.contains(&format!("time from the remote RTC: {today} ")), "{today} in {stdout}");
+    assert!(stdout.contains("event timer tick 5"), "{stdout}");
+    assert!(stdout.contains("echo> hello from the server's console"), "{stdout}");
+    assert!(stdout.contains("reset itself through the remote i8042"), "{stdout}");
+    assert!(stdout.contains("COM1 (16550 UART)"), "{stdout}");
+    assert!(leftover_namespaces(pid).is_empty());
+    assert!(!std::env::temp_dir().join(format!("dmfabric-demo-{pid}")).exists(), "console directory removed");
+}
+
+#[test]
+fn ctrl_c_during_the_demo_leaves_nothing_behind() {
+    if !netns::privileged_or_skip("ctrl_c_during_the_demo", &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    // --interactive: the guest waits for a line nobody types.
+    let mut child = Command::new(BIN)
+        .args(["demo", "--interactive"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // After the ticks the guest prompts (no newline) and waits for a line.
+    wait_for(&rx, "event timer tick 5").expect("the guest ran");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "interrupted is an error exit");
+    assert!(leftover_namespaces(pid).is_empty(), "{:?}", leftover_namespaces(pid));
+    assert!(!std::env::temp_dir().join(format!("dmfabric-demo-{pid}")).exists());
+}

@@ -3,6 +3,9 @@
 //! and tested without KVM; [`Router`] applies the decision for one vCPU.
 
 use std::sync::Mutex;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
 
 use dmfabric_dataplane::Transport;
 use dmfabric_dm_workers::device::Device;
@@ -96,6 +99,14 @@ pub struct DeviceCount {
     pub writes: u64,
 }
 
+/// Nanoseconds the router took per access of a target (the model's work
+/// for a local device, the round trip for a remote one).
+pub type AccessTimes = Histogram<u64>;
+
+fn new_times() -> AccessTimes {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
 /// One vCPU's exits to its VM's devices.
 pub struct Router<'r, R> {
     map: &'r DeviceMap<Target>,
@@ -104,6 +115,8 @@ pub struct Router<'r, R> {
     reports: Vec<u32>,
     stats: ExitStats,
     per_device: Vec<DeviceCount>,
+    /// Parallel to `per_device`.
+    times: Vec<AccessTimes>,
 }
 
 impl<R> std::fmt::Debug for Router<'_, R> {
@@ -114,7 +127,15 @@ impl<R> std::fmt::Debug for Router<'_, R> {
 
 impl<'r, R: RemoteAccess> Router<'r, R> {
     pub fn new(map: &'r DeviceMap<Target>, local: &'r LocalDevices, remote: R) -> Self {
-        Router { map, local, remote, reports: Vec::new(), stats: ExitStats::default(), per_device: Vec::new() }
+        Router {
+            map,
+            local,
+            remote,
+            reports: Vec::new(),
+            stats: ExitStats::default(),
+            per_device: Vec::new(),
+            times: Vec::new(),
+        }
     }
 
     pub fn stats(&self) -> ExitStats {
@@ -131,11 +152,17 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
         &self.per_device
     }
 
-    fn count(&mut self, target: Target, dir: Direction) {
+    /// Access times per target, in the order of [`Router::per_device`].
+    pub fn times(&self) -> &[AccessTimes] {
+        &self.times
+    }
+
+    fn count(&mut self, target: Target, dir: Direction) -> usize {
         let i = match self.per_device.iter().position(|c| c.target == target) {
             Some(i) => i,
             None => {
                 self.per_device.push(DeviceCount { target, reads: 0, writes: 0 });
+                self.times.push(new_times());
                 self.per_device.len() - 1
             }
         };
@@ -143,6 +170,7 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
             Direction::Read => self.per_device[i].reads += 1,
             Direction::Write => self.per_device[i].writes += 1,
         }
+        i
     }
 
     /// Serve one exit: the data of a read, the guest's exit, or an error
@@ -151,24 +179,32 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
         match decide(self.map, exit) {
             Decision::Local(i) => {
                 self.stats.local += 1;
-                self.count(Target::Local(i), exit.dir);
+                let start = Instant::now();
+                let slot = self.count(Target::Local(i), exit.dir);
                 let dev = self
                     .local
                     .get(i)
                     .ok_or_else(|| format!("the device map names local device {i}, which does not exist"))?;
                 let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(Flow::Continue(match exit.dir {
+                dev.tick(start);
+                let value = match exit.dir {
                     Direction::Read => dev.read(exit.space, exit.addr, exit.size).unwrap_or(exit.size.mask()),
                     Direction::Write => {
                         dev.write(exit.space, exit.addr, exit.size, exit.data);
                         0
                     }
-                }))
+                };
+                drop(dev);
+                self.times[slot].saturating_record(start.elapsed().as_nanos() as u64);
+                Ok(Flow::Continue(value))
             }
             Decision::Remote { server, device } => {
                 self.stats.remote += 1;
-                self.count(Target::Remote { server, device }, exit.dir);
-                self.remote.access(server, device, exit).map(Flow::Continue)
+                let start = Instant::now();
+                let slot = self.count(Target::Remote { server, device }, exit.dir);
+                let value = self.remote.access(server, device, exit)?;
+                self.times[slot].saturating_record(start.elapsed().as_nanos() as u64);
+                Ok(Flow::Continue(value))
             }
             Decision::Report(v) => {
                 self.stats.reports += 1;

@@ -51,6 +51,12 @@ pub const UART_ECHO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/uart_echo
 /// line (command 0xFE): the VM ends by reset.
 pub const KBD_RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset.bin"));
 
+/// `demo`: the guest of `dmfabric demo`. Banner on COM1, the date and time
+/// from the RTC, rdi event-timer ticks of rsi µs, then echoes a line typed
+/// at the console (waiting at most rdx ticks), then resets through the
+/// i8042. Reports ticks seen and bytes echoed.
+pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bin"));
+
 /// The IRQ line `irq_wait` listens on.
 pub const IRQ_WAIT_LINE: u32 = 5;
 
@@ -63,6 +69,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("timer_count", TIMER_COUNT),
     ("uart_echo", UART_ECHO),
     ("kbd_reset", KBD_RESET),
+    ("demo", DEMO),
 ];
 
 /// The checksum `io_loop` reports against a device whose registers read

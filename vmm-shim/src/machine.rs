@@ -12,7 +12,7 @@ use dmfabric_dm_workers::device::Device;
 use hdrhistogram::Histogram;
 
 use crate::devmap::{DeviceMap, Target};
-use crate::exits::{DeviceCount, ExitStats, NoRemote, RemoteAccess, Router};
+use crate::exits::{AccessTimes, DeviceCount, ExitStats, NoRemote, RemoteAccess, Router};
 use crate::kvm::{Exit, Kick, KvmError, RunStats, Vm};
 use crate::remote::{ClientConfig, ClientPort, ClientStats, IrqSink, RemoteError, VcpuRemote, VmEntry, VmRemoteStats};
 
@@ -108,6 +108,8 @@ pub struct VcpuReport {
     pub reports: Vec<u32>,
     pub exits: ExitStats,
     pub per_device: Vec<DeviceCount>,
+    /// Access times per target, parallel to `per_device`.
+    pub device_times: Vec<AccessTimes>,
     /// Nanoseconds between successive exits, if asked for.
     pub exit_times: Option<Histogram<u64>>,
     pub elapsed: Duration,
@@ -141,6 +143,22 @@ impl VmReport {
                     o.writes += c.writes;
                 }
                 None => out.push(*c),
+            }
+        }
+        out
+    }
+
+    /// Access times per target, all vCPUs merged, in the order of [`VmReport::per_device`].
+    pub fn device_times(&self) -> Vec<(Target, AccessTimes)> {
+        let mut out: Vec<(Target, AccessTimes)> = Vec::new();
+        for v in &self.vcpus {
+            for (c, h) in v.per_device.iter().zip(&v.device_times) {
+                match out.iter_mut().find(|(t, _)| *t == c.target) {
+                    Some((_, acc)) => {
+                        let _ = acc.add(h);
+                    }
+                    None => out.push((c.target, h.clone())),
+                }
             }
         }
         out
@@ -282,6 +300,7 @@ pub fn run<T: Transport>(
                             reports: router.reports().to_vec(),
                             exits: router.stats(),
                             per_device: router.per_device().to_vec(),
+                            device_times: router.times().to_vec(),
                             exit_times: times,
                             elapsed: t0.elapsed(),
                         }
@@ -366,6 +385,7 @@ fn failed(vcpu: u16, why: String) -> VcpuReport {
         reports: Vec::new(),
         exits: ExitStats::default(),
         per_device: Vec::new(),
+        device_times: Vec::new(),
         exit_times: None,
         elapsed: Duration::ZERO,
     }

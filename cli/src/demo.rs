@@ -1,0 +1,293 @@
+//! `dmfabric demo`: two test hosts, a `dmfabric server` with a PC's devices
+//! for VM 1 in one, a KVM guest in the other whose UART, RTC, event timer
+//! and i8042 are all on that server, over AF_XDP. The guest's console is
+//! streamed from the server; a line is typed at it; the guest resets itself
+//! through the i8042; then the counters, and everything is removed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use dmfabric_dataplane::netns::TestNet;
+use dmfabric_dataplane::reliable::Retry;
+use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
+use dmfabric_vmm_shim::devmap::Target;
+use dmfabric_vmm_shim::guests::DEMO;
+use dmfabric_vmm_shim::machine::{self, RunOptions, VmSpec};
+use dmfabric_vmm_shim::remote::ClientConfig;
+use dmfabric_wire::Space;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Event-timer ticks the guest shows.
+    #[arg(long, default_value_t = 5)]
+    ticks: u32,
+    /// The timer's period, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    tick_ms: u32,
+    /// The line the demo types at the server's console for the guest to echo.
+    #[arg(long, default_value = "hello from the server's console")]
+    type_text: String,
+    /// Type nothing: wait up to 60 s for you to type a line at the
+    /// `dmfabric console` command the demo prints.
+    #[arg(long)]
+    interactive: bool,
+    /// Stop everything after this long.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+}
+
+const VM: u32 = 1;
+/// Device ids `dmfabric server --pc-vm 1` gives the PC devices.
+const DEVICES: [(u32, &str); 4] =
+    [(1001, "COM1 (16550 UART)"), (1002, "CMOS RTC"), (1003, "i8042"), (1004, "event timer")];
+
+fn name_of(t: Target) -> String {
+    match t {
+        Target::Remote { device, .. } => {
+            DEVICES.iter().find(|(d, _)| *d == device).map_or(format!("device {device}"), |(_, n)| n.to_string())
+        }
+        Target::Local(i) => format!("local device {i}"),
+        Target::Debug => "debug port".into(),
+    }
+}
+
+/// Stream the VM's console from the server's socket to stdout, indented;
+/// when the guest prompts, type `line` (if any). Returns what was seen.
+fn console(sock: std::path::PathBuf, line: Option<String>, done: Arc<AtomicBool>, seen: Arc<Mutex<String>>) {
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < end && !done.load(Ordering::Relaxed) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => {
+                eprintln!("dmfabric demo: cannot attach to the console at {}: {e}", sock.display());
+                return;
+            }
+        }
+    };
+    if stream.write_all(format!("attach {VM}\n").as_bytes()).is_err() {
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut reader = BufReader::new(stream.try_clone().expect("a unix stream clones"));
+    let mut hello = String::new();
+    if reader.read_line(&mut hello).is_err() || !hello.starts_with("ok") {
+        eprintln!("dmfabric demo: the console refused: {}", hello.trim());
+        return;
+    }
+    let mut typed = line.is_none();
+    let mut at_line_start = true;
+    let mut buf = [0u8; 1024];
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                quiet_since = None;
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let mut out = String::new();
+                for ch in text.chars() {
+                    if at_line_start {
+                        out.push_str("  │ ");
+                    }
+                    out.push(ch);
+                    at_line_start = ch == '\n';
+                }
+                print!("{out}");
+                let _ = std::io::stdout().flush();
+                let mut all = seen.lock().unwrap_or_else(|e| e.into_inner());
+                all.push_str(&text);
+                if !typed && all.ends_with("echo> ") {
+                    typed = true;
+                    if let Some(l) = &line {
+                        let _ = stream.write_all(format!("{l}\n").as_bytes());
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                // Once the VM is done, stop after the output has been quiet a while.
+                if done.load(Ordering::Relaxed) {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_millis(200) {
+                        break;
+                    }
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if !at_line_start {
+        println!();
+    }
+}
+
+pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    if args.ticks == 0 || args.ticks > 9 {
+        bail!("--ticks must be between 1 and 9 (the guest prints one digit)");
+    }
+    if args.tick_ms == 0 || args.tick_ms > 10_000 {
+        bail!("--tick-ms must be between 1 and 10000");
+    }
+    dmfabric_vmm_shim::kvm::probe()?;
+    let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
+    let net = TestNet::pair()?;
+    let dir = std::env::temp_dir().join(format!("dmfabric-demo-{}", std::process::id()));
+    let _cleanup = RemoveDir(dir.clone());
+    let cores = dmfabric_pinning::available_cores();
+    let (client_core, server_core) = (cores[0], cores[cores.len() - 1]);
+
+    // The server, in host 1.
+    let mut cmd = net.command(1, &exe);
+    cmd.args(["server", "--transport", "xdp", "--iface", &net.host(1).iface, "--pc-vm", &VM.to_string()]);
+    cmd.args(["--irq-test-devices", "0", "--busy-poll", "--cores", &server_core.to_string(), "--console-dir"]);
+    cmd.arg(&dir);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut server = net.spawn(&mut cmd).context("Cannot start the server")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(server.child().stdout.take().expect("piped")) as Box<dyn Read + Send>,
+        Box::new(server.child().stderr.take().expect("piped")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let mut server_lines = Vec::new();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            bail!("Interrupted");
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.starts_with("dmfabric server ready") => break,
+            Ok(l) => server_lines.push(l),
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < end => {}
+            Err(_) => bail!("The server did not start: {}", server_lines.join(" | ")),
+        }
+    }
+    println!("dmfabric demo: VM {VM} runs on KVM in network namespace {} (core {client_core});", net.host(0).ns);
+    println!(
+        "its UART, RTC, event timer and i8042 are served by `dmfabric server` in {} (core {server_core}), over AF_XDP.",
+        net.host(1).ns
+    );
+    if args.interactive {
+        println!(
+            "Type a line at the VM's console from another terminal: {} console {VM} --console-dir {}",
+            exe.display(),
+            dir.display()
+        );
+    }
+    println!("── VM {VM}'s console, streamed from the server ──");
+
+    // The console, attached like `dmfabric console`.
+    let done = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(String::new()));
+    let line = (!args.interactive && !args.type_text.is_empty()).then(|| args.type_text.clone());
+    let printer = {
+        let (sock, done, seen) = (dir.join(dmfabric_dm_workers::console::SOCKET), done.clone(), seen.clone());
+        std::thread::spawn(move || console(sock, line, done, seen))
+    };
+
+    // The client, in host 0.
+    let tick_us = u64::from(args.tick_ms) * 1000;
+    let wait_ticks = if args.interactive { 60_000 / u64::from(args.tick_ms) } else { 3000 / u64::from(args.tick_ms) };
+    let remote = |device: u32| Target::Remote { server: 1, device };
+    let ranges = [
+        (Space::Pio, 0x3f8, 8, remote(1001)),
+        (Space::Pio, 0x70, 2, remote(1002)),
+        (Space::Pio, 0x60, 1, remote(1003)),
+        (Space::Pio, 0x64, 1, remote(1003)),
+        (Space::Pio, 0x700, 0x14, remote(1004)),
+    ];
+    let spec =
+        VmSpec::test_guest(VM, 1, DEMO, vec![[u64::from(args.ticks), tick_us, wait_ticks.max(1)]], &ranges, vec![])
+            .map_err(anyhow::Error::msg)?;
+    let opts = RunOptions { timeout: Duration::from_secs(args.timeout_s), ..RunOptions::default() };
+    let started = Instant::now();
+    let iface = net.host(0).iface.clone();
+    let outcome = net.with_host(0, || -> anyhow::Result<_> {
+        dmfabric_pinning::pin_current(client_core)?;
+        let t = XdpTransport::open(&XdpConfig::new(&iface))?;
+        let cfg = ClientConfig {
+            client: 3,
+            hypervisor: 1,
+            servers: vec![1],
+            retry: Retry::default(),
+            hello_timeout: Duration::from_secs(5),
+        };
+        Ok(machine::run(&[spec], Some((t, cfg)), &opts, &stop)?.0)
+    })?;
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let _ = printer.join();
+    let report = outcome?;
+
+    let vm = report.vm(VM).context("VM 1 did not run")?;
+    let reset = vm.vcpus.iter().any(|v| v.result.as_ref().is_ok_and(|r| r.reset));
+    match vm.error() {
+        Some(e) => println!("── VM {VM} stopped: {e} ──"),
+        None if reset => {
+            println!("── VM {VM} reset itself through the remote i8042 after {:.2} s ──", elapsed.as_secs_f64())
+        }
+        None => println!("── VM {VM} exited after {:.2} s ──", elapsed.as_secs_f64()),
+    }
+    println!("\nexits per device (time from the exit to the answer, at the client):");
+    for (c, (_, h)) in vm.per_device().iter().zip(vm.device_times()) {
+        if c.target == Target::Debug {
+            continue;
+        }
+        println!(
+            "  {:<20} {:>5} exits ({:>4} reads, {:>4} writes)   p50 {:>6.1} µs   p99 {:>6.1} µs",
+            name_of(c.target),
+            c.reads + c.writes,
+            c.reads,
+            c.writes,
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0
+        );
+    }
+    if let (Some(c), Some(r)) = (report.client, vm.remote) {
+        println!(
+            "  interrupts injected {}, requests {}, retransmits {}, frames for others dropped {}",
+            r.interrupts,
+            r.requests,
+            c.retransmits,
+            c.other_client + c.unknown_vm
+        );
+    }
+    let _ = server.interrupt(Duration::from_secs(5));
+    drop(server);
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    drop(net);
+    println!("namespaces, links, the XDP programs and the console directory removed.");
+    if stop.load(Ordering::Relaxed) {
+        bail!("Interrupted");
+    }
+    if let Some(e) = vm.error() {
+        bail!("The VM stopped with an error: {e}");
+    }
+    if !seen.contains("dmfabric demo guest") || !seen.contains("time from the remote RTC") {
+        bail!("The guest's console never showed its banner and clock (seen: {seen:?})");
+    }
+    Ok(())
+}
+
+/// Removes the demo's console directory, also on errors.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
