@@ -32,6 +32,8 @@ const GUESTS: &[(&str, [u64; 3])] = &[
     ("kbd_reset", [0, 0, 0]),
     // 5 ticks of 100 ms, no waiting for input (no event timer under QEMU: it would wait forever).
     ("demo", [5, 100_000, 0]),
+    // 1000 round trips to COM1's scratch register, samples at 2 MiB (the bench patches these).
+    ("scratch_loop", [1000, 0x3ff, 0x20_0000]),
 ];
 
 fn link_flat(out: &Path, objs: &[&Path], entry: &str, name: &str) {
@@ -41,8 +43,21 @@ fn link_flat(out: &Path, objs: &[&Path], entry: &str, name: &str) {
     run(Command::new("objcopy").args(["-O", "binary", "-j", ".text"]).arg(&elf).arg(&bin));
 }
 
+/// Where `mb_args` sits in a Multiboot image, from its ELF's symbol table.
+fn mb_args_offset(elf: &Path) -> usize {
+    let out = Command::new("nm").arg(elf).output().unwrap_or_else(|e| panic!("cannot run nm: {e} (install binutils)"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addr = text
+        .lines()
+        .find_map(|l| l.strip_suffix(" mb_args").and_then(|l| l.split_whitespace().next()))
+        .and_then(|a| usize::from_str_radix(a, 16).ok())
+        .unwrap_or_else(|| panic!("no mb_args in {}", elf.display()));
+    addr - 0x10_0000
+}
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let mut offsets = String::from("/// Offset of the three argument words in each Multiboot image.\npub const MB_ARGS_OFFSET: &[(&str, usize)] = &[\n");
     println!("cargo:rerun-if-changed=guests/multiboot.S");
     println!("cargo:rerun-if-changed=guests/common.inc");
     for (name, args) in GUESTS {
@@ -60,6 +75,10 @@ fn main() {
         }
         run(asm.arg("-o").arg(&mb_obj).arg("guests/multiboot.S"));
         link_flat(&out, &[&mb_obj, &obj], "mb_start", &format!("{name}.mb"));
+        let off = mb_args_offset(&out.join(format!("{name}.mb.elf")));
+        offsets.push_str(&format!("    ({name:?}, {off:#x}),\n"));
     }
+    offsets.push_str("];\n");
+    std::fs::write(out.join("mb_args.rs"), offsets).expect("write mb_args.rs");
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -116,7 +116,7 @@ pub fn run(mode: ExitMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>) ->
     if exits < 2 {
         return Err(ExitBenchError::TooFew);
     }
-    let opts = RunOptions { timeout: Duration::from_secs(600), time_exits: true, dump: None };
+    let opts = RunOptions { timeout: Duration::from_secs(600), time_exits: true, ..RunOptions::default() };
     match mode {
         ExitMode::Local => {
             // On the core a remote run's client gets, in a thread so the

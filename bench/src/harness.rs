@@ -45,6 +45,8 @@ pub struct Setup {
     pub server_layout: Option<String>,
     /// Test devices on the server; the load spreads its vCPUs over them.
     pub test_devices: u32,
+    /// Also host a PC's devices for this VM (`dmfabric server --pc-vm`).
+    pub pc_vm: Option<u32>,
 }
 
 impl Setup {
@@ -61,6 +63,7 @@ impl Setup {
             server_core: server,
             server_layout: None,
             test_devices: 1,
+            pc_vm: None,
         }
     }
 }
@@ -123,6 +126,10 @@ where
             let spec = spec_for(setup.transport, &net, 1, 0, setup.xdp_mode);
             let ns = net.host(1).ns.clone();
             let core = setup.server_core;
+            let mut devices = vec![DeviceSpec::test_device()];
+            if let Some(vm) = setup.pc_vm {
+                devices.extend(DeviceSpec::pc_devices(vm, vm * 1000 + 1));
+            }
             let flag = server_stop.clone();
             let server = std::thread::spawn(move || -> Option<ServerStats> {
                 let started = (|| -> Result<(Box<dyn Transport>, Server), String> {
@@ -131,7 +138,7 @@ where
                         dmfabric_pinning::pin_current(c).map_err(|e| e.to_string())?;
                     }
                     let t = dmfabric_dataplane::open(&spec).map_err(|e| e.to_string())?;
-                    let s = Server::new(SERVER_ID, t.mac(), &[DeviceSpec::test_device()]);
+                    let s = Server::new(SERVER_ID, t.mac(), &devices);
                     Ok((t, s))
                 })();
                 let (mut t, mut s) = match started {
@@ -199,6 +206,11 @@ where
                 }
             }
             cmd.args(["--test-devices", &setup.test_devices.to_string()]);
+            // A PC's devices come with a console directory: one for this run.
+            let console_dir = std::env::temp_dir().join(format!("dmfabric-bench-{}", net.host(1).ns));
+            if let Some(vm) = setup.pc_vm {
+                cmd.args(["--pc-vm", &vm.to_string(), "--console-dir"]).arg(&console_dir);
+            }
             cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
             let mut child = net.spawn(&mut cmd).map_err(HarnessError::Spawn)?;
             let stdout = child.child().stdout.take().ok_or_else(|| HarnessError::ServerStart("no stdout".into()))?;
@@ -215,6 +227,7 @@ where
             let _ = child.interrupt(Duration::from_secs(5));
             drop(child);
             let _ = reader.join();
+            let _ = std::fs::remove_dir_all(&console_dir);
             let server_json =
                 line_rx.try_iter().filter_map(|l| l.strip_prefix("stats-json: ").map(str::to_string)).last();
             Ok(Outcome { result: result?, server: None, server_json })

@@ -10,3 +10,4 @@ pub mod exit;
 pub mod harness;
 pub mod loadgen;
 pub mod report;
+pub mod scratch;

@@ -12,6 +12,7 @@ use dmfabric_bench::exit::{self, ExitMode};
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen::{self, LoadReport, Retry, Target};
 use dmfabric_bench::report::{RttJson, ThroughputJson};
+use dmfabric_bench::scratch::{self, ScratchMode};
 use dmfabric_dataplane::fault::{FaultConfig, FaultInjector};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{Transport, TransportKind, TransportSpec};
@@ -34,6 +35,16 @@ pub enum ExitModeArg {
     Local,
     /// A dmfabric server in another network namespace serves it.
     Remote,
+    /// QEMU's own device (with --device uart-scratch): the same guest under qemu-system-x86_64 -enable-kvm.
+    Qemu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExitDevice {
+    /// The register-file test device (ports 0x500..), timed from the exits.
+    Test,
+    /// COM1's scratch register (0x3ff) of a 16550, timed with the guest's TSC.
+    UartScratch,
 }
 
 #[derive(Debug, Args)]
@@ -43,6 +54,9 @@ pub struct ExitArgs {
     mode: Vec<ExitModeArg>,
     #[command(flatten)]
     hosts: Hosts,
+    /// The device the guest talks to.
+    #[arg(long, value_enum, default_value = "test")]
+    device: ExitDevice,
     /// Exits to time (half OUT, half IN).
     #[arg(long, default_value_t = 20_000)]
     exits: u64,
@@ -316,12 +330,18 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     if !(2..=100_000_000).contains(&a.exits) {
         bail!("--exits must be between 2 and 100000000, not {}", a.exits);
     }
+    if a.device == ExitDevice::UartScratch && a.exits > 2_000_000 {
+        bail!("--device uart-scratch keeps a sample per exit in guest memory: at most 2000000 exits");
+    }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
-    let mut runs: Vec<(ExitMode, TransportKind)> = Vec::new();
-    for mode in &a.mode {
+    let mut runs: Vec<(ExitModeArg, TransportKind)> = Vec::new();
+    for &mode in &a.mode {
         match mode {
-            ExitModeArg::Local => runs.push((ExitMode::Local, TransportKind::Mem)),
-            ExitModeArg::Remote => runs.extend(a.hosts.transport.iter().map(|&k| (ExitMode::Remote, k))),
+            ExitModeArg::Remote => runs.extend(a.hosts.transport.iter().map(|&k| (mode, k))),
+            ExitModeArg::Qemu if a.device == ExitDevice::Test => {
+                bail!("--mode qemu times QEMU's own 16550: use it with --device uart-scratch")
+            }
+            _ => runs.push((mode, TransportKind::Mem)),
         }
     }
     let mut rows = Vec::new();
@@ -331,20 +351,30 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         let setup = setup_for(kind, &a.hosts, &exe);
         let what = match mode {
-            ExitMode::Local => "local".to_string(),
-            ExitMode::Remote => format!("remote over {kind}"),
+            ExitModeArg::Local => "local".to_string(),
+            ExitModeArg::Remote => format!("remote over {kind}"),
+            ExitModeArg::Qemu => "QEMU".to_string(),
         };
         eprintln!("dmfabric bench exit: {what}: {} exits ...", a.exits);
-        let row = exit::run(mode, &setup, a.exits, stop).with_context(|| format!("{what} run failed"))?;
+        let row = match (a.device, mode) {
+            (ExitDevice::Test, ExitModeArg::Local) => exit::run(ExitMode::Local, &setup, a.exits, stop),
+            (ExitDevice::Test, _) => exit::run(ExitMode::Remote, &setup, a.exits, stop),
+            (ExitDevice::UartScratch, ExitModeArg::Local) => scratch::run(ScratchMode::Local, &setup, a.exits, stop),
+            (ExitDevice::UartScratch, ExitModeArg::Remote) => scratch::run(ScratchMode::Remote, &setup, a.exits, stop),
+            (ExitDevice::UartScratch, ExitModeArg::Qemu) => scratch::run(ScratchMode::Qemu, &setup, a.exits, stop),
+        }
+        .with_context(|| format!("{what} run failed"))?;
         println!(
-            "  {:<6} {:<5} p50 {:>7.2} µs  p99 {:>7.2} µs  mean {:>7.2} µs  {:>9.0} exits/s  retransmits {}",
+            "  {:<6} {:<6} p50 {:>7.2} µs  p99 {:>7.2} µs  mean {:>7.2} µs  {:>9.0} exits/s  retransmits {}",
             row.mode, row.transport, row.p50_us, row.p99_us, row.mean_us, row.exits_per_s, row.retransmits
         );
         rows.push(row);
     }
-    if let Some(local) = rows.iter().find(|r| r.mode == "local") {
-        for r in rows.iter().filter(|r| r.mode == "remote") {
-            println!("  remote ({}) / local p50: {:.2}x", r.transport, r.p50_us / local.p50_us.max(1e-9));
+    for base in ["local", "qemu"] {
+        if let Some(b) = rows.iter().find(|r| r.mode == base) {
+            for r in rows.iter().filter(|r| r.mode == "remote") {
+                println!("  remote ({}) / {base} p50: {:.2}x", r.transport, r.p50_us / b.p50_us.max(1e-9));
+            }
         }
     }
     write_json(&a.json, &rows)

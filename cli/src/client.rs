@@ -461,7 +461,7 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let Some(path) = args.config.as_deref() else { bail!("--config is required") };
     let plan = load(path, args.iface.as_deref(), args.seconds)?;
     dmfabric_vmm_shim::kvm::probe()?;
-    let opts = RunOptions { timeout: plan.run, time_exits: false, dump: Some(&crate::DUMP) };
+    let opts = RunOptions { timeout: plan.run, dump: Some(&crate::DUMP), ..RunOptions::default() };
     let transport = match &plan.link {
         Some((spec, _)) => Some(dmfabric_dataplane::open(spec)?),
         None => None,

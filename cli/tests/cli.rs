@@ -555,3 +555,37 @@ fn ctrl_c_during_the_demo_leaves_nothing_behind() {
     assert!(leftover_namespaces(pid).is_empty(), "{:?}", leftover_namespaces(pid));
     assert!(!std::env::temp_dir().join(format!("dmfabric-demo-{pid}")).exists());
 }
+
+#[test]
+fn bench_exit_uart_scratch_compares_local_remote_and_qemu() {
+    if !netns::privileged_or_skip("bench_exit_uart_scratch", &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-scratch-{}", std::process::id()));
+    let json = dir.join("scratch.json");
+    let out = Command::new(BIN)
+        .args(["bench", "exit", "--device", "uart-scratch", "--mode", "local,remote,qemu", "--exits", "4000"])
+        .arg("--json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = rows.as_array().expect("three runs");
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["local", "remote", "qemu"]);
+    for row in rows {
+        assert_eq!(row["exits"], 4000, "{row}");
+        for key in ["p50_us", "p99_us", "exits_per_s"] {
+            assert!(row[key].as_f64().unwrap() > 0.0, "{key} in {row}");
+        }
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("remote (xdp) / qemu p50:"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+    // QEMU has no test device.
+    let (code, _, err) = run(&["bench", "exit", "--mode", "qemu"]);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert!(err.contains("--device uart-scratch"), "{err}");
+}

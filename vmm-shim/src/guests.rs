@@ -29,6 +29,7 @@ pub const MULTIBOOT: &[(&str, &[u8])] = &[
     ("irq_wait", include_bytes!(concat!(env!("OUT_DIR"), "/irq_wait.mb.bin"))),
     ("uart_hello", include_bytes!(concat!(env!("OUT_DIR"), "/uart_hello.mb.bin"))),
     ("kbd_reset", include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset.mb.bin"))),
+    ("scratch_loop", include_bytes!(concat!(env!("OUT_DIR"), "/scratch_loop.mb.bin"))),
 ];
 
 /// `uart_hello`: sends "hello from a dmfabric guest\n" through the 16550 at
@@ -57,6 +58,25 @@ pub const KBD_RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset
 /// i8042. Reports ticks seen and bytes echoed.
 pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bin"));
 
+/// `scratch_loop`: rdi round trips of OUT then IN on port rsi (COM1's
+/// scratch register), each exit timed with the guest's TSC into two u32
+/// samples per round trip at guest address rdx; reports round trips and a
+/// checksum, exits (under QEMU: halts, for its memory to be read).
+pub const SCRATCH_LOOP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/scratch_loop.bin"));
+
+include!(concat!(env!("OUT_DIR"), "/mb_args.rs"));
+
+/// The Multiboot image of `name` with its arguments set to `args`.
+pub fn multiboot_with_args(name: &str, args: [u64; 3]) -> Option<Vec<u8>> {
+    let image = MULTIBOOT.iter().find(|(n, _)| *n == name)?.1;
+    let off = MB_ARGS_OFFSET.iter().find(|(n, _)| *n == name)?.1;
+    let mut out = image.to_vec();
+    for (i, a) in args.iter().enumerate() {
+        out.get_mut(off + 8 * i..off + 8 * i + 8)?.copy_from_slice(&a.to_le_bytes());
+    }
+    Some(out)
+}
+
 /// The IRQ line `irq_wait` listens on.
 pub const IRQ_WAIT_LINE: u32 = 5;
 
@@ -70,6 +90,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("uart_echo", UART_ECHO),
     ("kbd_reset", KBD_RESET),
     ("demo", DEMO),
+    ("scratch_loop", SCRATCH_LOOP),
 ];
 
 /// The checksum `io_loop` reports against a device whose registers read

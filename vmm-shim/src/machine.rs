@@ -91,11 +91,14 @@ pub struct RunOptions {
     /// When this flag is set (a signal handler, say), print the live
     /// remote counters to stderr and clear it.
     pub dump: Option<&'static AtomicBool>,
+    /// Copy this guest-physical range `(addr, len)` of every VM into its
+    /// report when the run ends (what a guest left in memory).
+    pub keep_memory: Option<(u64, usize)>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { timeout: Duration::from_secs(30), time_exits: false, dump: None }
+        RunOptions { timeout: Duration::from_secs(30), time_exits: false, dump: None, keep_memory: None }
     }
 }
 
@@ -121,6 +124,8 @@ pub struct VmReport {
     pub id: u32,
     pub vcpus: Vec<VcpuReport>,
     pub remote: Option<VmRemoteStats>,
+    /// The range of `RunOptions::keep_memory`, if asked for (and in range).
+    pub memory: Option<Vec<u8>>,
 }
 
 impl VmReport {
@@ -352,7 +357,7 @@ pub fn run<T: Transport>(
         }
         poller_stop.store(true, Ordering::Release);
         let mut out: Vec<VmReport> =
-            specs.iter().map(|s| VmReport { id: s.id, vcpus: Vec::new(), remote: None }).collect();
+            specs.iter().map(|s| VmReport { id: s.id, vcpus: Vec::new(), remote: None, memory: None }).collect();
         for (vi, h) in handles {
             let report = h.join().unwrap_or_else(|_| failed(u16::MAX, "the vCPU thread panicked".into()));
             out[vi].vcpus.push(report);
@@ -369,6 +374,11 @@ pub fn run<T: Transport>(
         out
     });
     let mut reports = reports;
+    if let Some((addr, len)) = opts.keep_memory {
+        for (r, vm) in reports.iter_mut().zip(&vms) {
+            r.memory = vm.memory(addr, len).map(<[u8]>::to_vec);
+        }
+    }
     if let Some(p) = &port {
         for r in &mut reports {
             r.remote = p.vm_stats(r.id);
