@@ -81,6 +81,12 @@ pub trait ByteSink: Send {
     fn put(&mut self, byte: u8);
 }
 
+impl ByteSink for Box<dyn ByteSink> {
+    fn put(&mut self, byte: u8) {
+        (**self).put(byte)
+    }
+}
+
 /// Collects transmitted bytes (tests).
 impl ByteSink for Vec<u8> {
     fn put(&mut self, byte: u8) {

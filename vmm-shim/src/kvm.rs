@@ -18,7 +18,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use dmfabric_wire::{AccessSize, Direction, Space};
@@ -173,7 +173,7 @@ impl Kick {
 /// A VM with its guest memory.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     mem: MmapMut,
 }
 
@@ -223,7 +223,7 @@ impl Vm {
         // (field order), and every `Vcpu` borrows the `Vm`, so no vCPU can
         // run after the memory is gone.
         unsafe { fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vm = Vm { kvm, fd, mem };
+        let mut vm = Vm { kvm, fd: Arc::new(fd), mem };
         vm.write_page_tables_and_gdt();
         Ok(vm)
     }
@@ -245,8 +245,10 @@ impl Vm {
     }
 
     fn write_page_tables_and_gdt(&mut self) {
-        // GDT: null, 64-bit code (selector 0x8), data (selector 0x10).
-        for (i, entry) in [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff].into_iter().enumerate() {
+        // GDT: null, 64-bit code (selector 0x8, test guests), 64-bit code
+        // (0x10) and data (0x18): Linux's __BOOT_CS and __BOOT_DS.
+        let code = 0x00af_9b00_0000_ffff;
+        for (i, entry) in [0u64, code, code, 0x00cf_9300_0000_ffff].into_iter().enumerate() {
             self.write_u64(GDT_ADDR + 8 * i as u64, entry);
         }
         const PRESENT_RW: u64 = 0b11;
@@ -260,6 +262,12 @@ impl Vm {
                 self.write_u64(pd + i * 8, phys | PRESENT_RW | HUGE);
             }
         }
+    }
+
+    /// A handle that raises this VM's interrupt lines from any thread (for
+    /// device models kept in the client process).
+    pub fn irq_handle(&self) -> IrqHandle {
+        IrqHandle(self.fd.clone())
     }
 
     /// Set interrupt line (GSI) `gsi` to `level` (PIC and IOAPIC).
@@ -284,6 +292,19 @@ impl Vm {
     /// own stack below [`STACK_TOP`] and `args` in rdi, rsi, rdx. vCPUs
     /// other than 0 start running too (no INIT/SIPI dance for test guests).
     pub fn long_mode_vcpu(&self, id: u64, entry: u64, args: [u64; 3]) -> Result<Vcpu<'_>, KvmError> {
+        self.vcpu(id, VcpuStart { entry, args, code_selector: 0x8, hide_xsave_cx16: false })
+    }
+
+    /// vCPU `id` entering a Linux kernel's 64-bit entry point with the boot
+    /// parameters at `zero_page` (rsi), as the x86 boot protocol asks:
+    /// paging on, __BOOT_CS/__BOOT_DS loaded, interrupts off. CPUID hides
+    /// XSAVE and CMPXCHG16B, which this host's nested hypervisor cannot
+    /// emulate in guest kernel mode (MACHINE-FACTS.md).
+    pub fn linux_vcpu(&self, id: u64, entry: u64, zero_page: u64) -> Result<Vcpu<'_>, KvmError> {
+        self.vcpu(id, VcpuStart { entry, args: [0, zero_page, 0], code_selector: 0x10, hide_xsave_cx16: true })
+    }
+
+    fn vcpu(&self, id: u64, start: VcpuStart) -> Result<Vcpu<'_>, KvmError> {
         if id >= MAX_VCPUS {
             return Err(KvmError::TooManyVcpus(id));
         }
@@ -293,14 +314,32 @@ impl Vm {
             let runnable = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
             fd.set_mp_state(runnable).map_err(ioctl("KVM_SET_MP_STATE"))?;
         }
-        let cpuid = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid =
+            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => {
+                    // This vCPU's initial APIC id.
+                    e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+                    if start.hide_xsave_cx16 {
+                        const CX16: u32 = 1 << 13;
+                        const XSAVE: u32 = 1 << 26;
+                        const OSXSAVE: u32 = 1 << 27;
+                        const AVX: u32 = 1 << 28;
+                        e.ecx &= !(CX16 | XSAVE | OSXSAVE | AVX);
+                    }
+                }
+                0xb | 0x1f => e.edx = id as u32,
+                _ => {}
+            }
+        }
         fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
 
         let mut sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         let code = kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
-            selector: 0x8,
+            selector: start.code_selector,
             type_: 0xb,
             present: 1,
             dpl: 0,
@@ -312,7 +351,7 @@ impl Vm {
             unusable: 0,
             padding: 0,
         };
-        let data = kvm_segment { selector: 0x10, type_: 0x3, l: 0, db: 1, ..code };
+        let data = kvm_segment { selector: 0x18, type_: 0x3, l: 0, db: 1, ..code };
         sregs.cs = code;
         sregs.ds = data;
         sregs.es = data;
@@ -320,7 +359,7 @@ impl Vm {
         sregs.gs = data;
         sregs.ss = data;
         sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.gdt.limit = 4 * 8 - 1;
         sregs.cr3 = PML4_ADDR;
         sregs.cr4 = 1 << 5; // PAE
         sregs.cr0 = (1 << 0) | (1 << 4) | (1 << 5) | (1 << 31); // PE, ET, NE, PG
@@ -328,22 +367,75 @@ impl Vm {
         fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
 
         let mut regs = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
-        regs.rip = entry;
+        regs.rip = start.entry;
         regs.rsp = STACK_TOP - id * STACK_BYTES;
         regs.rflags = 0x2;
-        regs.rdi = args[0];
-        regs.rsi = args[1];
-        regs.rdx = args[2];
+        regs.rdi = start.args[0];
+        regs.rsi = start.args[1];
+        regs.rdx = start.args[2];
         fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
-        Ok(Vcpu { fd, _vm: std::marker::PhantomData })
+        Ok(Vcpu { fd, vm: self })
     }
+
+    /// An application processor of a Linux VM: it waits, as on hardware,
+    /// for the boot processor's INIT and SIPI.
+    pub fn linux_ap(&self, id: u64) -> Result<Vcpu<'_>, KvmError> {
+        if id == 0 || id >= MAX_VCPUS {
+            return Err(KvmError::TooManyVcpus(id));
+        }
+        let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let mut cpuid =
+            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => {
+                    e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+                    e.ecx &= !((1 << 13) | (1 << 26) | (1 << 27) | (1 << 28));
+                }
+                0xb | 0x1f => e.edx = id as u32,
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        Ok(Vcpu { fd, vm: self })
+    }
+
+    /// Guest memory, for loaders.
+    pub fn memory_mut(&mut self) -> &mut [u8] {
+        &mut self.mem
+    }
+}
+
+/// Raises a VM's interrupt lines (KVM_IRQ_LINE on its VM fd).
+#[derive(Clone)]
+pub struct IrqHandle(Arc<VmFd>);
+
+impl std::fmt::Debug for IrqHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IrqHandle")
+    }
+}
+
+impl IrqHandle {
+    pub fn set_line(&self, gsi: u32, level: bool) -> Result<(), KvmError> {
+        self.0.set_irq_line(gsi, level).map_err(ioctl("KVM_IRQ_LINE"))
+    }
+}
+
+/// How a vCPU starts.
+#[derive(Debug, Clone, Copy)]
+struct VcpuStart {
+    entry: u64,
+    args: [u64; 3],
+    code_selector: u16,
+    hide_xsave_cx16: bool,
 }
 
 /// One vCPU of a [`Vm`] (which it borrows: the guest memory outlives it);
 /// runs on the thread that calls [`Vcpu::run_until_halt`].
 pub struct Vcpu<'vm> {
     fd: VcpuFd,
-    _vm: std::marker::PhantomData<&'vm Vm>,
+    vm: &'vm Vm,
 }
 
 impl std::fmt::Debug for Vcpu<'_> {
@@ -440,16 +532,41 @@ impl Vcpu<'_> {
                     stats.interrupted += 1;
                     continue;
                 }
+                VcpuExit::InternalError => {
+                    return Err(KvmError::Stopped(
+                        self.describe("KVM_EXIT_INTERNAL_ERROR (the host could not emulate an instruction)"),
+                    ))
+                }
+                VcpuExit::Shutdown => {
+                    return Err(KvmError::Stopped(self.describe("KVM_EXIT_SHUTDOWN (a triple fault)")))
+                }
                 other => {
-                    let what = format!("{other:?}");
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(KvmError::Stopped(format!("exit {what} at rip {rip:#x}")));
+                    let what = format!("exit {other:?}");
+                    return Err(KvmError::Stopped(self.describe(&what)));
                 }
             };
             if let Flow::Exit(code) = flow {
                 stats.exit_code = code;
                 return Ok(stats);
             }
+        }
+    }
+}
+
+impl Vcpu<'_> {
+    /// `what` happened: where (RIP) and the instruction bytes there.
+    fn describe(&self, what: &str) -> String {
+        let Ok(regs) = self.fd.get_regs() else { return format!("{what}; registers unreadable") };
+        let bytes = self
+            .fd
+            .translate_gva(regs.rip)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .and_then(|t| self.vm.memory(t.physical_address, 16))
+            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "));
+        match bytes {
+            Some(b) => format!("{what} at rip {:#x}, instruction bytes {b}", regs.rip),
+            None => format!("{what} at rip {:#x}", regs.rip),
         }
     }
 }

@@ -16,5 +16,7 @@ pub mod devmap;
 pub mod exits;
 pub mod guests;
 pub mod kvm;
+pub mod linux;
+pub mod local;
 pub mod machine;
 pub mod remote;

@@ -4,7 +4,7 @@
 //! everything on a timeout, on request (Ctrl-C) or when a vCPU fails.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::Transport;
@@ -14,6 +14,8 @@ use hdrhistogram::Histogram;
 use crate::devmap::{DeviceMap, Target};
 use crate::exits::{AccessTimes, DeviceCount, ExitStats, NoRemote, RemoteAccess, Router};
 use crate::kvm::{Exit, Kick, KvmError, RunStats, Vm};
+use crate::linux::{self, LinuxError, LinuxImage};
+use crate::local::IrqTarget;
 use crate::remote::{ClientConfig, ClientPort, ClientStats, IrqSink, RemoteError, VcpuRemote, VmEntry, VmRemoteStats};
 
 /// One VM to run.
@@ -29,6 +31,13 @@ pub struct VmSpec {
     pub map: DeviceMap<Target>,
     /// Device models kept in the client process, by `Target::Local` index.
     pub local: Vec<Mutex<Box<dyn Device>>>,
+    /// Boot this Linux kernel instead of `image` (vCPU 0 enters it, the
+    /// others wait for its INIT/SIPI).
+    pub linux: Option<LinuxImage>,
+    /// Where local models' interrupt lines go (set when the VM exists).
+    pub irq_target: IrqTarget,
+    /// Set by a local i8042's reset pulse: the VM stops, reset.
+    pub reset: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for VmSpec {
@@ -76,7 +85,26 @@ impl VmSpec {
             args,
             map,
             local: local.into_iter().map(Mutex::new).collect(),
+            linux: None,
+            irq_target: IrqTarget::default(),
+            reset: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// A Linux VM: `image` booted with `mem_bytes` of memory, `ranges`
+    /// mapped; every other port and MMIO address reads as absent hardware.
+    pub fn linux(
+        id: u32,
+        vcpus: u16,
+        mem_bytes: usize,
+        image: LinuxImage,
+        ranges: &[(dmfabric_wire::Space, u64, u64, Target)],
+        local: Vec<Box<dyn Device>>,
+    ) -> Result<VmSpec, crate::devmap::MapError> {
+        let mut spec = VmSpec::test_guest(id, vcpus, &[], Vec::new(), ranges, local)?;
+        spec.mem_bytes = mem_bytes;
+        spec.linux = Some(image);
+        Ok(spec)
     }
 }
 
@@ -196,6 +224,12 @@ pub enum MachineError {
     Remote(#[from] RemoteError),
     #[error("VM ids must be unique: {0} appears twice")]
     DuplicateVm(u32),
+    #[error("VM {vm}: {source}")]
+    Linux {
+        vm: u32,
+        #[source]
+        source: LinuxError,
+    },
 }
 
 enum Remote<'p, 'a, T> {
@@ -228,9 +262,18 @@ pub fn run<T: Transport>(
         return Err(MachineError::DuplicateVm(w[0]));
     }
     let mut vms = Vec::with_capacity(specs.len());
+    let mut boots = Vec::with_capacity(specs.len());
     for spec in specs {
         let mut vm = Vm::new(spec.mem_bytes)?;
-        vm.load(spec.entry, &spec.image)?;
+        match &spec.linux {
+            Some(image) => boots
+                .push(Some(linux::load(&mut vm, image).map_err(|source| MachineError::Linux { vm: spec.id, source })?)),
+            None => {
+                vm.load(spec.entry, &spec.image)?;
+                boots.push(None);
+            }
+        }
+        let _ = spec.irq_target.set(vm.irq_handle());
         vms.push(vm);
     }
     let kicks: Vec<Vec<Kick>> = specs.iter().map(|s| (0..s.vcpus).map(|_| Kick::new()).collect()).collect();
@@ -241,11 +284,17 @@ pub fn run<T: Transport>(
         None => None,
     };
     let mut vcpus = Vec::new();
-    for (spec, vm) in specs.iter().zip(&vms) {
+    for ((spec, vm), boot) in specs.iter().zip(&vms).zip(&boots) {
         let mut list = Vec::new();
         for id in 0..spec.vcpus {
-            let args = spec.args.get(usize::from(id)).or(spec.args.last()).copied().unwrap_or_default();
-            list.push(vm.long_mode_vcpu(u64::from(id), spec.entry, args)?);
+            list.push(match boot {
+                Some(b) if id == 0 => vm.linux_vcpu(0, b.entry, b.zero_page)?,
+                Some(_) => vm.linux_ap(u64::from(id))?,
+                None => {
+                    let args = spec.args.get(usize::from(id)).or(spec.args.last()).copied().unwrap_or_default();
+                    vm.long_mode_vcpu(u64::from(id), spec.entry, args)?
+                }
+            });
         }
         vcpus.push(list);
     }
@@ -255,6 +304,21 @@ pub fn run<T: Transport>(
     let start = Instant::now();
     let reports = std::thread::scope(|s| {
         let poller = port.as_ref().map(|p| s.spawn(|| p.serve(&poller_stop)));
+        // Local models' timers and receive timeouts run while the vCPUs are
+        // in their guests: tick them every millisecond.
+        let ticker = specs.iter().any(|s| !s.local.is_empty()).then(|| {
+            s.spawn(|| {
+                while !poller_stop.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    for spec in specs {
+                        for d in &spec.local {
+                            d.lock().unwrap_or_else(|e| e.into_inner()).tick(now);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        });
         let mut handles = Vec::new();
         for (vi, (spec, list)) in specs.iter().zip(vcpus).enumerate() {
             for (ci, mut vcpu) in list.into_iter().enumerate() {
@@ -334,6 +398,13 @@ pub fn run<T: Transport>(
             for k in kicks.iter().flatten().filter(|k| k.stopped()) {
                 k.stop("", Duration::ZERO);
             }
+            for (spec, ks) in specs.iter().zip(&kicks) {
+                if spec.reset.swap(false, Ordering::AcqRel) {
+                    for k in ks {
+                        k.reset(Duration::ZERO);
+                    }
+                }
+            }
             if let Some(p) = port.as_ref() {
                 for (spec, ks) in specs.iter().zip(&kicks) {
                     if p.take_reset(spec.id) {
@@ -356,6 +427,9 @@ pub fn run<T: Transport>(
             std::thread::sleep(Duration::from_millis(1));
         }
         poller_stop.store(true, Ordering::Release);
+        if let Some(t) = ticker {
+            let _ = t.join();
+        }
         let mut out: Vec<VmReport> =
             specs.iter().map(|s| VmReport { id: s.id, vcpus: Vec::new(), remote: None, memory: None }).collect();
         for (vi, h) in handles {

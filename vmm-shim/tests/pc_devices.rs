@@ -138,9 +138,10 @@ fn event_timer_interrupts_arrive_at_the_programmed_rate() {
     let r = reports(&report);
     assert_eq!((r[0], r[1]), (N as u32, 0), "counted, none stray");
     // Measured on the device's own clock, between the first and the last
-    // interrupt the guest handled: one period each.
+    // interrupt the guest handled: one period each (within 20 %: on a busy
+    // 2-core host a delivery late by more than a period merges two).
     let per = f64::from(r[3].wrapping_sub(r[2])) / (N - 1) as f64;
-    assert!((per - PERIOD_US as f64).abs() < PERIOD_US as f64 * 0.1, "{per} µs per interrupt");
+    assert!((per - PERIOD_US as f64).abs() < PERIOD_US as f64 * 0.2, "{per} µs per interrupt");
     assert!(r[4] >= N as u32, "the timer counted {} expirations", r[4]);
     assert!(wall >= Duration::from_micros(PERIOD_US * (N - 1)), "{wall:?}");
     // Every interrupt the server sent was injected once (a few more than N
