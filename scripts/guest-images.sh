@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Fetches and builds the Linux guest images: Debian's cloud kernel and an
 # initramfs of busybox-static plus our init script. Cached and idempotent:
-# a second run does nothing. The versions are pinned here and overridable:
-#   DMFABRIC_LINUX_VERSION   (default below)   kernel package version
+# a second run does nothing. The kernel version is pinned in
+# guests/linux/VERSION and overridable:
+#   DMFABRIC_LINUX_VERSION   kernel package version (linux-image-<it>-cloud-amd64)
 #   DMFABRIC_GUEST_CACHE     (default /var/cache/dmfabric)
 # Prints the directory holding vmlinuz and initramfs.cpio.gz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LINUX_VERSION=${DMFABRIC_LINUX_VERSION:-6.1.0-47}
+LINUX_VERSION=${DMFABRIC_LINUX_VERSION:-$(cat guests/linux/VERSION)}
 CACHE=${DMFABRIC_GUEST_CACHE:-/var/cache/dmfabric}
 out="$CACHE/linux-$LINUX_VERSION"
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] && [ "$out/initramfs.cpio.gz" -nt guests/linux/init ]; then

@@ -34,3 +34,7 @@ fi
 echo "setup: building dmfabric (release)"
 cargo build --release --locked -p dmfabric 2>&1 | grep -vE '^\s*(Compiling|Downloaded|Downloading)' || true
 test -x target/release/dmfabric || { echo "setup: build failed" >&2; exit 1; }
+
+# The Linux guest images (Debian's cloud kernel, a busybox initramfs):
+# cached, so only the first run downloads.
+echo "setup: Linux guest images in $(scripts/guest-images.sh)"

@@ -17,6 +17,7 @@ use dmfabric_dm_workers::device::Device;
 use dmfabric_dm_workers::regfile::RegisterFile;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests;
+use dmfabric_vmm_shim::linux::LinuxImage;
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
 use dmfabric_vmm_shim::remote::ClientConfig;
 use dmfabric_wire::{MacAddr, Space};
@@ -89,6 +90,14 @@ len = 8
 server = 1
 device = 102
 
+# A Linux VM (scripts/guest-images.sh fetches Debian's kernel and builds the initramfs):
+# [[vm]]
+# id = 3
+# memory_mib = 512
+# kernel = "/var/cache/dmfabric/linux-6.1.0-47/vmlinuz"
+# initrd = "/var/cache/dmfabric/linux-6.1.0-47/initramfs.cpio.gz"
+# pc = "remote"         # COM1, RTC, i8042 on server 1 (dmfabric server --pc-vm 3); "local": in this process
+
 # ... or a model kept in this process (the hybrid case):
 # [[vm.device]]
 # space = "pio"
@@ -147,7 +156,20 @@ struct VmConfig {
     vcpus: u16,
     #[serde(default = "default_memory_mib")]
     memory_mib: usize,
-    guest: String,
+    /// A built-in test guest or a flat binary (or give `kernel`).
+    guest: Option<String>,
+    /// A Linux bzImage to boot instead of a guest, with its initramfs and
+    /// command line.
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: Option<String>,
+    /// A PC's COM1, RTC and i8042: "remote" (on `pc_server`, devices
+    /// 1000·id+1..3 as `dmfabric server --pc-vm <id>` has them) or "local".
+    pc: Option<String>,
+    #[serde(default = "one")]
+    pc_server: u16,
+    /// With pc = "local": where the UART's output goes (default: stdout).
+    console_log: Option<String>,
     #[serde(default)]
     args: [u64; 3],
     vcpu_args: Option<Vec<[u64; 3]>>,
@@ -278,18 +300,49 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
     if !(2..=4096).contains(&vm.memory_mib) {
         bail!("memory_mib must be between 2 and 4096, not {}", vm.memory_mib);
     }
-    let image = match guests::ALL.iter().find(|(name, _)| *name == vm.guest) {
-        Some((_, bytes)) => bytes.to_vec(),
-        None if Path::new(&vm.guest).exists() => {
-            std::fs::read(&vm.guest).with_context(|| format!("Cannot read the guest image {}", vm.guest))?
-        }
-        None => {
-            let names: Vec<&str> = guests::ALL.iter().map(|(n, _)| *n).collect();
-            bail!("guest {:?} is neither a built-in guest ({}) nor a file", vm.guest, names.join(", "));
-        }
+    let image = match (&vm.guest, &vm.kernel) {
+        (Some(_), Some(_)) => bail!("give either guest or kernel, not both"),
+        (None, None) => bail!("give a guest (a built-in test guest or a flat binary) or a kernel (a bzImage)"),
+        (None, Some(_)) => Vec::new(),
+        (Some(guest), None) => match guests::ALL.iter().find(|(name, _)| name == guest) {
+            Some((_, bytes)) => bytes.to_vec(),
+            None if Path::new(guest).exists() => {
+                std::fs::read(guest).with_context(|| format!("Cannot read the guest image {guest}"))?
+            }
+            None => {
+                let names: Vec<&str> = guests::ALL.iter().map(|(n, _)| *n).collect();
+                bail!("guest {guest:?} is neither a built-in guest ({}) nor a file", names.join(", "));
+            }
+        },
     };
     let mut ranges = Vec::new();
     let mut local: Vec<Box<dyn Device>> = Vec::new();
+    let irq_target = dmfabric_vmm_shim::local::IrqTarget::default();
+    let reset = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    match vm.pc.as_deref() {
+        None => {}
+        Some("remote") => {
+            servers.insert(vm.pc_server);
+            let first = vm.id.checked_mul(1000).context("pc: VM ids up to 4000000")? + 1;
+            let remote = |d: u32| Target::Remote { server: vm.pc_server, device: d };
+            ranges.push((Space::Pio, 0x3f8, 8, remote(first)));
+            ranges.push((Space::Pio, 0x70, 2, remote(first + 1)));
+            ranges.push((Space::Pio, 0x60, 1, remote(first + 2)));
+            ranges.push((Space::Pio, 0x64, 1, remote(first + 2)));
+        }
+        Some("local") => {
+            let sink: Box<dyn dmfabric_dm_workers::uart::ByteSink> = match &vm.console_log {
+                Some(path) => Box::new(FileSink(
+                    std::fs::File::create(path).with_context(|| format!("Cannot create the console log {path}"))?,
+                )),
+                None => Box::new(FileSink(std::io::stdout())),
+            };
+            let (models, pc_ranges) = dmfabric_vmm_shim::local::pc_devices(0, &irq_target, &reset, sink);
+            local.extend(models);
+            ranges.extend(pc_ranges);
+        }
+        Some(other) => bail!("pc = {other:?}: \"remote\" or \"local\""),
+    }
     for r in &vm.device {
         let space = match r.space.as_str() {
             "pio" => Space::Pio,
@@ -324,9 +377,24 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         };
         ranges.push((space, r.base, r.len, target));
     }
+    if let Some(kernel) = &vm.kernel {
+        let read = |what: &str, p: &str| std::fs::read(p).with_context(|| format!("Cannot read the {what} {p}"));
+        let image = LinuxImage {
+            kernel: read("kernel", kernel)?,
+            initrd: vm.initrd.as_deref().map(|p| read("initramfs", p)).transpose()?,
+            cmdline: vm.cmdline.clone().unwrap_or_else(|| dmfabric_vmm_shim::linux::DEFAULT_CMDLINE.to_string()),
+        };
+        let mut spec =
+            VmSpec::linux(vm.id, vm.vcpus, vm.memory_mib << 20, image, &ranges, local).map_err(anyhow::Error::msg)?;
+        spec.irq_target = irq_target;
+        spec.reset = reset;
+        return Ok(spec);
+    }
     let args = vm.vcpu_args.clone().unwrap_or_else(|| vec![vm.args]);
     let mut spec = VmSpec::test_guest(vm.id, vm.vcpus, &image, args, &ranges, local).map_err(anyhow::Error::msg)?;
     spec.mem_bytes = vm.memory_mib << 20;
+    spec.irq_target = irq_target;
+    spec.reset = reset;
     if guests::LOAD_ADDR as usize + image.len() > spec.mem_bytes {
         bail!(
             "the guest image ({} bytes at {:#x}) does not fit in {} MiB",
@@ -336,6 +404,18 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         );
     }
     Ok(spec)
+}
+
+/// A local UART's output into a file or stdout.
+struct FileSink<W>(W);
+
+impl<W: std::io::Write + Send> dmfabric_dm_workers::uart::ByteSink for FileSink<W> {
+    fn put(&mut self, b: u8) {
+        let _ = self.0.write_all(&[b]);
+        if b == b'\n' {
+            let _ = self.0.flush();
+        }
+    }
 }
 
 /// `--json`: one object per VM, plus the client's counters.

@@ -107,6 +107,48 @@ fn new_times() -> AccessTimes {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
 
+/// Keeps the last bytes a guest sent to a 16550 at `base`, from the exits
+/// it makes anyway (THR writes while LCR.DLAB is clear), so that a VM that
+/// stops can be reported with the end of its console wherever the UART is.
+#[derive(Debug, Clone)]
+pub struct ConsoleTap {
+    base: u64,
+    dlab: bool,
+    tail: std::collections::VecDeque<u8>,
+}
+
+/// Bytes of console a tap keeps.
+pub const CONSOLE_TAIL: usize = 2048;
+
+impl ConsoleTap {
+    pub fn new(base: u64) -> ConsoleTap {
+        ConsoleTap { base, dlab: false, tail: std::collections::VecDeque::with_capacity(CONSOLE_TAIL) }
+    }
+
+    fn see(&mut self, exit: &Exit) {
+        if exit.dir != Direction::Write || exit.space != dmfabric_wire::Space::Pio {
+            return;
+        }
+        match exit.addr.wrapping_sub(self.base) {
+            3 => self.dlab = exit.data & 0x80 != 0,
+            0 if !self.dlab => {
+                if self.tail.len() == CONSOLE_TAIL {
+                    self.tail.pop_front();
+                }
+                self.tail.push_back(exit.data as u8);
+            }
+            _ => {}
+        }
+    }
+
+    /// The last `lines` lines seen.
+    pub fn last_lines(&self, lines: usize) -> String {
+        let text: String = String::from_utf8_lossy(&self.tail.iter().copied().collect::<Vec<u8>>()).replace('\r', "");
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
 /// One vCPU's exits to its VM's devices.
 pub struct Router<'r, R> {
     map: &'r DeviceMap<Target>,
@@ -117,6 +159,7 @@ pub struct Router<'r, R> {
     per_device: Vec<DeviceCount>,
     /// Parallel to `per_device`.
     times: Vec<AccessTimes>,
+    console: Option<ConsoleTap>,
 }
 
 impl<R> std::fmt::Debug for Router<'_, R> {
@@ -135,6 +178,7 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
             stats: ExitStats::default(),
             per_device: Vec::new(),
             times: Vec::new(),
+            console: None,
         }
     }
 
@@ -150,6 +194,16 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
     /// Exits per device-map target, in first-seen order.
     pub fn per_device(&self) -> &[DeviceCount] {
         &self.per_device
+    }
+
+    /// Keep the tail of what the guest sends to the 16550 at `base`.
+    pub fn tap_console(&mut self, base: u64) {
+        self.console = Some(ConsoleTap::new(base));
+    }
+
+    /// The console tap, if any.
+    pub fn console(&self) -> Option<&ConsoleTap> {
+        self.console.as_ref()
     }
 
     /// Access times per target, in the order of [`Router::per_device`].
@@ -176,6 +230,9 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
     /// Serve one exit: the data of a read, the guest's exit, or an error
     /// that stops the VM.
     pub fn handle(&mut self, exit: &Exit) -> Result<Flow, String> {
+        if let Some(tap) = self.console.as_mut() {
+            tap.see(exit);
+        }
         match decide(self.map, exit) {
             Decision::Local(i) => {
                 self.stats.local += 1;

@@ -21,6 +21,23 @@
 
 use crate::kvm::Vm;
 
+/// The Debian kernel version the project's guest images use (pinned in
+/// guests/linux/VERSION, fetched by scripts/guest-images.sh).
+pub const PINNED_VERSION: &str = include_str!("../../guests/linux/VERSION");
+
+/// Where scripts/guest-images.sh leaves the images of `version`
+/// (`DMFABRIC_GUEST_CACHE` overrides the cache directory).
+pub fn image_dir(version: &str) -> std::path::PathBuf {
+    let cache = std::env::var_os("DMFABRIC_GUEST_CACHE").unwrap_or_else(|| "/var/cache/dmfabric".into());
+    std::path::PathBuf::from(cache).join(format!("linux-{}", version.trim()))
+}
+
+/// The command line dmfabric boots Linux with: the console on COM1 (early
+/// and normal), no XSAVE and no CMPXCHG16B (this host cannot emulate them
+/// in guest kernel mode), reboot through the keyboard controller, and no
+/// waiting after a panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 clearcpuid=154,141 reboot=k panic=-1";
+
 /// Where the boot parameters go.
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Where the command line goes.

@@ -72,12 +72,7 @@ pub type LocalSet = (Vec<Box<dyn Device>>, Vec<(Space, u64, u64, Target)>);
 
 /// COM1 (0x3f8, IRQ 4), the RTC (0x70, IRQ 8) and the i8042 (0x60/0x64,
 /// IRQ 1/12) as local models, their ranges as `Target::Local(first..)`.
-pub fn pc_devices(
-    first: usize,
-    target: &IrqTarget,
-    reset: &Arc<AtomicBool>,
-    console: Box<dyn ByteSink>,
-) -> LocalSet {
+pub fn pc_devices(first: usize, target: &IrqTarget, reset: &Arc<AtomicBool>, console: Box<dyn ByteSink>) -> LocalSet {
     let line = |gsi| LocalLine::new(gsi, target.clone());
     let now = std::time::Instant::now();
     let devices: Vec<Box<dyn Device>> = vec![

@@ -38,6 +38,9 @@ pub struct VmSpec {
     pub irq_target: IrqTarget,
     /// Set by a local i8042's reset pulse: the VM stops, reset.
     pub reset: Arc<AtomicBool>,
+    /// A 16550's base port whose output to keep the end of, for reports
+    /// of a VM that stops (Linux VMs: COM1).
+    pub console_port: Option<u64>,
 }
 
 impl std::fmt::Debug for VmSpec {
@@ -88,6 +91,7 @@ impl VmSpec {
             linux: None,
             irq_target: IrqTarget::default(),
             reset: Arc::new(AtomicBool::new(false)),
+            console_port: None,
         })
     }
 
@@ -104,6 +108,7 @@ impl VmSpec {
         let mut spec = VmSpec::test_guest(id, vcpus, &[], Vec::new(), ranges, local)?;
         spec.mem_bytes = mem_bytes;
         spec.linux = Some(image);
+        spec.console_port = Some(0x3f8);
         Ok(spec)
     }
 }
@@ -338,6 +343,9 @@ pub fn run<T: Transport>(
                             None => Remote::None,
                         };
                         let mut router = Router::new(&spec.map, &spec.local, remote);
+                        if let Some(port) = spec.console_port {
+                            router.tap_console(port);
+                        }
                         let mut times = opts
                             .time_exits
                             .then(|| Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"));
@@ -353,7 +361,10 @@ pub fn run<T: Transport>(
                             }
                             router.handle(e)
                         });
-                        let result = result.map_err(|e| e.to_string());
+                        let result = result.map_err(|e| match router.console().map(|t| t.last_lines(8)) {
+                            Some(tail) if !tail.is_empty() => format!("{e}; the console's last lines:\n{tail}"),
+                            _ => e.to_string(),
+                        });
                         if let Err(why) = &result {
                             // One vCPU failing stops its VM.
                             for (i, k) in kicks[vi].iter().enumerate() {
