@@ -384,6 +384,7 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
             initrd: vm.initrd.as_deref().map(|p| read("initramfs", p)).transpose()?,
             cmdline: vm.cmdline.clone().unwrap_or_else(|| dmfabric_vmm_shim::linux::DEFAULT_CMDLINE.to_string()),
         };
+        dmfabric_vmm_shim::linux::check(&image, vm.memory_mib << 20)?;
         let mut spec =
             VmSpec::linux(vm.id, vm.vcpus, vm.memory_mib << 20, image, &ranges, local).map_err(anyhow::Error::msg)?;
         spec.irq_target = irq_target;

@@ -589,3 +589,31 @@ fn bench_exit_uart_scratch_compares_local_remote_and_qemu() {
     assert_eq!((code, err.lines().count()), (1, 1), "{err}");
     assert!(err.contains("--device uart-scratch"), "{err}");
 }
+
+#[test]
+fn a_bad_kernel_or_too_little_memory_is_one_line() {
+    if !netns::privileged_or_skip("bad_kernel_one_line", &[Need::Kvm]) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dmfabric-badkernel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("vm.toml");
+    // Not a bzImage at all.
+    std::fs::write(&config, "client = 1\n[[vm]]\nid = 1\nkernel = \"/bin/true\"\npc = \"local\"\n").unwrap();
+    let (code, _, err) = run(&["client", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.contains("VM 1: The kernel image is not a bzImage"), "{err}");
+    // A kernel that does not fit.
+    let kernel = dmfabric_vmm_shim::linux::image_dir(dmfabric_vmm_shim::linux::PINNED_VERSION).join("vmlinuz");
+    if kernel.exists() {
+        let text = format!("client = 1\n[[vm]]\nid = 1\nmemory_mib = 16\nkernel = {:?}\npc = \"local\"\n", kernel);
+        std::fs::write(&config, text).unwrap();
+        let (code, _, err) = run(&["client", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 1);
+        assert!(err.lines().last().unwrap_or("").contains("needs") && err.contains("give it more memory"), "{err}");
+    }
+    let (code, _, err) = run(&["client", "--config", "/nonexistent"]);
+    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

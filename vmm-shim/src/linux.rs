@@ -135,25 +135,40 @@ fn header(k: &[u8]) -> Result<Header, LinuxError> {
     })
 }
 
-/// Load `img` into `vm` (whose memory is `mem_bytes` from 0) and return
-/// where its vCPU 0 starts.
-pub fn load(vm: &mut Vm, img: &LinuxImage) -> Result<LinuxBoot, LinuxError> {
+fn mib(b: u64) -> u64 {
+    b.div_ceil(1 << 20)
+}
+
+/// Check `img` against a VM of `mem` bytes without loading it: a bzImage
+/// with a 64-bit entry, a command line that fits, enough memory for the
+/// kernel and its initramfs. Returns the header and where the kernel ends.
+fn check_fits(img: &LinuxImage, mem: u64) -> Result<(Header, u64), LinuxError> {
     let k = &img.kernel;
     let h = header(k)?;
-    let mem = vm.memory_mut().len() as u64;
-    let mib = |b: u64| b.div_ceil(1 << 20);
     let kernel_end = KERNEL + h.init_size.max((k.len() - (h.setup_sects + 1) * 512) as u64);
-    if kernel_end + (16 << 20) > mem {
-        return Err(LinuxError::TooLittleMemory {
-            what: "The kernel",
-            need: mib(kernel_end + (16 << 20)),
-            have: mib(mem),
-        });
+    let initrd = img.initrd.as_ref().map_or(0, |i| i.len() as u64);
+    if kernel_end + initrd + (16 << 20) > mem {
+        let what = if initrd > 0 { "The kernel and its initramfs" } else { "The kernel" };
+        return Err(LinuxError::TooLittleMemory { what, need: mib(kernel_end + initrd + (16 << 20)), have: mib(mem) });
     }
     let cmdline = img.cmdline.as_bytes();
     if cmdline.len() + 1 > h.cmdline_size.max(256) {
         return Err(LinuxError::CmdlineTooLong { len: cmdline.len(), max: h.cmdline_size.max(256) - 1 });
     }
+    Ok((h, kernel_end))
+}
+
+/// Check `img` for a VM of `mem_bytes` before creating it.
+pub fn check(img: &LinuxImage, mem_bytes: usize) -> Result<(), LinuxError> {
+    check_fits(img, mem_bytes as u64).map(drop)
+}
+
+/// Load `img` into `vm` and return where its vCPU 0 starts.
+pub fn load(vm: &mut Vm, img: &LinuxImage) -> Result<LinuxBoot, LinuxError> {
+    let k = &img.kernel;
+    let mem = vm.memory_mut().len() as u64;
+    let (h, kernel_end) = check_fits(img, mem)?;
+    let cmdline = img.cmdline.as_bytes();
     let m = vm.memory_mut();
     let pm = &k[(h.setup_sects + 1) * 512..];
     m[KERNEL as usize..KERNEL as usize + pm.len()].copy_from_slice(pm);

@@ -229,12 +229,8 @@ pub enum MachineError {
     Remote(#[from] RemoteError),
     #[error("VM ids must be unique: {0} appears twice")]
     DuplicateVm(u32),
-    #[error("VM {vm}: {source}")]
-    Linux {
-        vm: u32,
-        #[source]
-        source: LinuxError,
-    },
+    #[error("VM {vm}: {error}")]
+    Linux { vm: u32, error: LinuxError },
 }
 
 enum Remote<'p, 'a, T> {
@@ -272,7 +268,7 @@ pub fn run<T: Transport>(
         let mut vm = Vm::new(spec.mem_bytes)?;
         match &spec.linux {
             Some(image) => boots
-                .push(Some(linux::load(&mut vm, image).map_err(|source| MachineError::Linux { vm: spec.id, source })?)),
+                .push(Some(linux::load(&mut vm, image).map_err(|error| MachineError::Linux { vm: spec.id, error })?)),
             None => {
                 vm.load(spec.entry, &spec.image)?;
                 boots.push(None);
