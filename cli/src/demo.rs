@@ -45,6 +45,16 @@ pub struct DemoArgs {
     /// built-in guest, its console, RTC and i8042 on the server.
     #[arg(long)]
     linux: bool,
+    /// Where the device models run: remote (a server in another network
+    /// namespace) or local (in this process, for comparison; nothing is typed).
+    #[arg(long, value_enum, default_value = "remote")]
+    devices: Devices,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Devices {
+    Remote,
+    Local,
 }
 
 const VM: u32 = 1;
@@ -57,7 +67,10 @@ fn name_of(t: Target) -> String {
         Target::Remote { device, .. } => {
             DEVICES.iter().find(|(d, _)| *d == device).map_or(format!("device {device}"), |(_, n)| n.to_string())
         }
-        Target::Local(i) => format!("local device {i}"),
+        // The order of local::pc_devices, then the timer.
+        Target::Local(i) => ["COM1 (16550 UART)", "CMOS RTC", "i8042", "event timer"]
+            .get(i)
+            .map_or(format!("local device {i}"), |n| format!("{n}, local")),
         Target::Debug => "debug port".into(),
     }
 }
@@ -142,6 +155,9 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         bail!("--tick-ms must be between 1 and 10000");
     }
     dmfabric_vmm_shim::kvm::probe()?;
+    if args.devices == Devices::Local {
+        return run_local(&args, &stop);
+    }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let net = TestNet::pair()?;
     let dir = std::env::temp_dir().join(format!("dmfabric-demo-{}", std::process::id()));
@@ -216,22 +232,7 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         (Space::Pio, 0x700, 0x14, remote(1004)),
     ];
     let spec = if args.linux {
-        let dir = linux::image_dir(linux::PINNED_VERSION);
-        let read = |name: &str| {
-            std::fs::read(dir.join(name))
-                .with_context(|| format!("No {name} in {}: run scripts/guest-images.sh", dir.display()))
-        };
-        let image = LinuxImage {
-            kernel: read("vmlinuz")?,
-            initrd: Some(read("initramfs.cpio.gz")?),
-            cmdline: linux::DEFAULT_CMDLINE.to_string(),
-        };
-        println!(
-            "(Linux {} from {}; on this host its boot takes minutes)",
-            linux::PINNED_VERSION.trim(),
-            dir.display()
-        );
-        VmSpec::linux(VM, 1, 512 << 20, image, &ranges[..4], vec![]).map_err(anyhow::Error::msg)?
+        VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges[..4], vec![]).map_err(anyhow::Error::msg)?
     } else {
         VmSpec::test_guest(VM, 1, DEMO, vec![[u64::from(args.ticks), tick_us, wait_ticks.max(1)]], &ranges, vec![])
             .map_err(anyhow::Error::msg)?
@@ -266,21 +267,7 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         None => println!("── VM {VM} exited after {:.2} s ──", elapsed.as_secs_f64()),
     }
-    println!("\nexits per device (time from the exit to the answer, at the client):");
-    for (c, (_, h)) in vm.per_device().iter().zip(vm.device_times()) {
-        if c.target == Target::Debug {
-            continue;
-        }
-        println!(
-            "  {:<20} {:>5} exits ({:>4} reads, {:>4} writes)   p50 {:>6.1} µs   p99 {:>6.1} µs",
-            name_of(c.target),
-            c.reads + c.writes,
-            c.reads,
-            c.writes,
-            h.value_at_quantile(0.5) as f64 / 1000.0,
-            h.value_at_quantile(0.99) as f64 / 1000.0
-        );
-    }
+    print_devices(vm);
     if let (Some(c), Some(r)) = (report.client, vm.remote) {
         println!(
             "  interrupts injected {}, requests {}, retransmits {}, frames for others dropped {}",
@@ -295,6 +282,105 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
     drop(net);
     println!("namespaces, links, the XDP programs and the console directory removed.");
+    finish(&args, vm, &seen, &stop)
+}
+
+/// A local UART's output to stdout, indented like the remote console, and kept.
+struct Indented {
+    at_line_start: bool,
+    seen: Arc<Mutex<String>>,
+}
+
+impl dmfabric_dm_workers::uart::ByteSink for Indented {
+    fn put(&mut self, b: u8) {
+        let mut out = std::io::stdout();
+        if self.at_line_start {
+            let _ = out.write_all("  │ ".as_bytes());
+        }
+        let _ = out.write_all(&[b]);
+        self.at_line_start = b == b'\n';
+        if self.at_line_start {
+            let _ = out.flush();
+        }
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).push(char::from(b));
+    }
+}
+
+/// The demo with every model in this process: no namespaces, no server.
+fn run_local(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
+    let seen = Arc::new(Mutex::new(String::new()));
+    let target = dmfabric_vmm_shim::local::IrqTarget::default();
+    let reset = Arc::new(AtomicBool::new(false));
+    let sink = Box::new(Indented { at_line_start: true, seen: seen.clone() });
+    let (mut devices, mut ranges) = dmfabric_vmm_shim::local::pc_devices(0, &target, &reset, sink);
+    let (timer, timer_range) = dmfabric_vmm_shim::local::event_timer(devices.len(), &target);
+    devices.push(timer);
+    ranges.push(timer_range);
+    let mut spec = if args.linux {
+        ranges.pop();
+        devices.pop();
+        VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges, devices).map_err(anyhow::Error::msg)?
+    } else {
+        let tick_us = u64::from(args.tick_ms) * 1000;
+        VmSpec::test_guest(VM, 1, DEMO, vec![[u64::from(args.ticks), tick_us, 1]], &ranges, devices)
+            .map_err(anyhow::Error::msg)?
+    };
+    spec.irq_target = target;
+    spec.reset = reset;
+    println!("dmfabric demo: VM {VM} runs on KVM with its UART, RTC, event timer and i8042 in this process.");
+    println!("── VM {VM}'s console ──");
+    let timeout = args.timeout_s.unwrap_or(if args.linux { 900 } else { 60 });
+    let opts = RunOptions { timeout: Duration::from_secs(timeout), ..RunOptions::default() };
+    let started = Instant::now();
+    let (report, _) = machine::run::<&mut dyn dmfabric_dataplane::Transport>(&[spec], None, &opts, stop)?;
+    let vm = report.vm(VM).context("VM 1 did not run")?;
+    let reset = vm.vcpus.iter().any(|v| v.result.as_ref().is_ok_and(|r| r.reset));
+    match vm.error() {
+        Some(e) => println!("── VM {VM} stopped: {e} ──"),
+        None if reset => {
+            println!("── VM {VM} reset itself through its i8042 after {:.2} s ──", started.elapsed().as_secs_f64())
+        }
+        None => println!("── VM {VM} exited ──"),
+    }
+    print_devices(vm);
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    finish(args, vm, &seen, stop)
+}
+
+fn linux_image() -> anyhow::Result<LinuxImage> {
+    let dir = linux::image_dir(linux::PINNED_VERSION);
+    let read = |name: &str| {
+        std::fs::read(dir.join(name))
+            .with_context(|| format!("No {name} in {}: run scripts/guest-images.sh", dir.display()))
+    };
+    println!("(Linux {} from {}; on this host its boot takes minutes)", linux::PINNED_VERSION.trim(), dir.display());
+    Ok(LinuxImage {
+        kernel: read("vmlinuz")?,
+        initrd: Some(read("initramfs.cpio.gz")?),
+        cmdline: linux::DEFAULT_CMDLINE.to_string(),
+    })
+}
+
+fn print_devices(vm: &machine::VmReport) {
+    println!("\nexits per device (time from the exit to the answer, at the client):");
+    for (c, (_, h)) in vm.per_device().iter().zip(vm.device_times()) {
+        if c.target == Target::Debug {
+            continue;
+        }
+        println!(
+            "  {:<26} {:>5} exits ({:>4} reads, {:>4} writes)   p50 {:>6.1} µs   p99 {:>6.1} µs",
+            name_of(c.target),
+            c.reads + c.writes,
+            c.reads,
+            c.writes,
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0
+        );
+    }
+}
+
+/// The demo's verdict from what the console showed.
+fn finish(args: &DemoArgs, vm: &machine::VmReport, seen: &str, stop: &AtomicBool) -> anyhow::Result<()> {
     if stop.load(Ordering::Relaxed) {
         bail!("Interrupted");
     }
@@ -310,7 +396,8 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if let Some(e) = vm.error() {
         bail!("The VM stopped with an error: {e}");
     }
-    if !seen.contains("dmfabric demo guest") || !seen.contains("time from the remote RTC") {
+    if !seen.contains("dmfabric demo guest") || !seen.contains("from the remote RTC") && !seen.contains("from the RTC")
+    {
         bail!("The guest's console never showed its banner and clock (seen: {seen:?})");
     }
     Ok(())

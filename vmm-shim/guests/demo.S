@@ -243,8 +243,8 @@ echo_wait:    .quad 0
 ticks:        .quad 0
 echoed:       .quad 0
 line_done:    .quad 0
-banner:       .asciz "dmfabric demo guest: my UART, clock, timer and keyboard controller are on a server in another network namespace\n"
-time_msg:     .asciz "time from the remote RTC: "
+banner:       .asciz "dmfabric demo guest: my UART, clock, timer and keyboard controller are dmfabric device models\n"
+time_msg:     .asciz "time from the RTC: "
 utc_msg:      .asciz " UTC\n"
 tick_msg:     .asciz "event timer tick "
 echo_msg:     .asciz "echo> "

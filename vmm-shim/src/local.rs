@@ -11,6 +11,7 @@ use dmfabric_dm_workers::device::Device;
 use dmfabric_dm_workers::i8042::{ResetSink, I8042};
 use dmfabric_dm_workers::irq::IrqLine;
 use dmfabric_dm_workers::rtc::{Cmos, WallClock};
+use dmfabric_dm_workers::timer::{EventTimer, TIMER_PORTS};
 use dmfabric_dm_workers::uart::{ByteSink, Uart16550};
 use dmfabric_wire::Space;
 
@@ -69,6 +70,12 @@ pub type NoInput = VecDeque<u8>;
 
 /// Local models and the ranges that reach them.
 pub type LocalSet = (Vec<Box<dyn Device>>, Vec<(Space, u64, u64, Target)>);
+
+/// An event timer at 0x700 (IRQ 5) as local model `index`.
+pub fn event_timer(index: usize, target: &IrqTarget) -> (Box<dyn Device>, (Space, u64, u64, Target)) {
+    let timer = EventTimer::new(0x700, LocalLine::new(5, target.clone()), std::time::Instant::now());
+    (Box::new(timer), (Space::Pio, 0x700, u64::from(TIMER_PORTS), Target::Local(index)))
+}
 
 /// COM1 (0x3f8, IRQ 4), the RTC (0x70, IRQ 8) and the i8042 (0x60/0x64,
 /// IRQ 1/12) as local models, their ranges as `Target::Local(first..)`.

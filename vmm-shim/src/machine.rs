@@ -357,10 +357,17 @@ pub fn run<T: Transport>(
                             }
                             router.handle(e)
                         });
-                        let result = result.map_err(|e| match router.console().map(|t| t.last_lines(8)) {
-                            Some(tail) if !tail.is_empty() => format!("{e}; the console's last lines:\n{tail}"),
-                            _ => e.to_string(),
-                        });
+                        let tail = router.console().map(|t| t.last_lines(8)).filter(|t| !t.is_empty());
+                        let result = match (result, tail) {
+                            (Err(e), Some(tail)) => Err(format!("{e}; the console's last lines:\n{tail}")),
+                            (Err(e), None) => Err(e.to_string()),
+                            // A kernel that panics (panic=-1) resets at once:
+                            // that is a failure, not a clean end.
+                            (Ok(r), Some(tail)) if r.reset && tail.contains("Kernel panic") => {
+                                Err(format!("the kernel panicked and reset the VM; the console's last lines:\n{tail}"))
+                            }
+                            (Ok(r), _) => Ok(r),
+                        };
                         if let Err(why) = &result {
                             // One vCPU failing stops its VM.
                             for (i, k) in kicks[vi].iter().enumerate() {
