@@ -215,7 +215,9 @@ fn qmp(sock: &Path, commands: &[String]) -> Result<(), ExitBenchError> {
     s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| err("timeout", e))?;
     let mut r = BufReader::new(s.try_clone().map_err(|e| err("clone", e))?);
     let mut line = String::new();
-    r.read_line(&mut line).map_err(|e| err("greeting", e))?;
+    if r.read_line(&mut line).map_err(|e| err("greeting", e))? == 0 || !line.contains("QMP") {
+        return Err(ExitBenchError::Guest(format!("QEMU's QMP socket: no greeting ({:?})", line.trim())));
+    }
     for c in commands {
         s.write_all(c.as_bytes()).and_then(|()| s.write_all(b"\n")).map_err(|e| err("send", e))?;
         loop {
@@ -276,17 +278,24 @@ fn qemu(round_trips: u64, core: Option<usize>) -> Result<Vec<u8>, ExitBenchError
         std::thread::sleep(Duration::from_millis(10));
     }
     let len = samples_len(round_trips);
-    qmp(
-        &sock,
-        &[
-            r#"{"execute":"qmp_capabilities"}"#.to_string(),
-            format!(
-                r#"{{"execute":"pmemsave","arguments":{{"val":{SAMPLES_AT},"size":{len},"filename":"{}"}}}}"#,
-                dump.display()
-            ),
-            r#"{"execute":"quit"}"#.to_string(),
-        ],
-    )?;
+    let commands = [
+        r#"{"execute":"qmp_capabilities"}"#.to_string(),
+        format!(
+            r#"{{"execute":"pmemsave","arguments":{{"val":{SAMPLES_AT},"size":{len},"filename":"{}"}}}}"#,
+            dump.display()
+        ),
+        r#"{"execute":"quit"}"#.to_string(),
+    ];
+    // Once more on a fresh connection if the first one broke before the
+    // dump was written (seen once in CI: the socket closed under us).
+    let mut outcome = qmp(&sock, &commands);
+    if outcome.is_err() && std::fs::metadata(&dump).map_or(0, |m| m.len()) != len as u64 {
+        std::thread::sleep(Duration::from_millis(200));
+        outcome = qmp(&sock, &commands);
+    }
+    if std::fs::metadata(&dump).map_or(0, |m| m.len()) != len as u64 {
+        outcome?;
+    }
     let _ = q.0.wait();
     let samples = std::fs::read(&dump).map_err(|e| ExitBenchError::Guest(format!("QEMU's memory dump: {e}")))?;
     if samples.len() != len {

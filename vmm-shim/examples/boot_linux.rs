@@ -1,5 +1,5 @@
 //! Boot a bzImage with every PC device local (UART output to stdout):
-//! `cargo run --release --example boot_linux -- VMLINUZ [INITRD] [SECONDS]`.
+//! `cargo run --release --example boot_linux -- VMLINUZ [INITRD] [SECONDS] [VCPUS]`.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -29,11 +29,12 @@ fn main() {
     let kernel = std::fs::read(&args[1]).expect("kernel");
     let initrd = args.get(2).map(|p| std::fs::read(p).expect("initrd"));
     let secs: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(120);
+    let vcpus: u16 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 clearcpuid=154,141 reboot=k panic=-1".to_string();
     let uart = Uart16550::new(0x3f8, CountingLine::default(), Stdout, VecDeque::new());
     let spec = VmSpec::linux(
         1,
-        1,
+        vcpus,
         512 << 20,
         LinuxImage { kernel, initrd, cmdline },
         &[(Space::Pio, 0x3f8, 8, Target::Local(0))],

@@ -19,4 +19,5 @@ pub mod kvm;
 pub mod linux;
 pub mod local;
 pub mod machine;
+pub mod mptable;
 pub mod remote;

@@ -163,8 +163,9 @@ pub fn check(img: &LinuxImage, mem_bytes: usize) -> Result<(), LinuxError> {
     check_fits(img, mem_bytes as u64).map(drop)
 }
 
-/// Load `img` into `vm` and return where its vCPU 0 starts.
-pub fn load(vm: &mut Vm, img: &LinuxImage) -> Result<LinuxBoot, LinuxError> {
+/// Load `img` into `vm` and return where its vCPU 0 starts. With more
+/// than one vCPU an MP table tells the kernel about the others.
+pub fn load(vm: &mut Vm, img: &LinuxImage, vcpus: u8) -> Result<LinuxBoot, LinuxError> {
     let k = &img.kernel;
     let mem = vm.memory_mut().len() as u64;
     let (h, kernel_end) = check_fits(img, mem)?;
@@ -216,6 +217,11 @@ pub fn load(vm: &mut Vm, img: &LinuxImage) -> Result<LinuxBoot, LinuxError> {
         m[at + 16..at + 20].copy_from_slice(&kind.to_le_bytes());
     }
     m[zp + 0x1e8] = map.len() as u8;
+    if vcpus > 1 {
+        let table = crate::mptable::build(vcpus);
+        let at = crate::mptable::MPTABLE_START as usize;
+        m[at..at + table.len()].copy_from_slice(&table);
+    }
     Ok(LinuxBoot { entry: KERNEL + ENTRY_64, zero_page: ZERO_PAGE })
 }
 

@@ -267,8 +267,10 @@ pub fn run<T: Transport>(
     for spec in specs {
         let mut vm = Vm::new(spec.mem_bytes)?;
         match &spec.linux {
-            Some(image) => boots
-                .push(Some(linux::load(&mut vm, image).map_err(|error| MachineError::Linux { vm: spec.id, error })?)),
+            Some(image) => boots.push(Some(
+                linux::load(&mut vm, image, spec.vcpus.min(255) as u8)
+                    .map_err(|error| MachineError::Linux { vm: spec.id, error })?,
+            )),
             None => {
                 vm.load(spec.entry, &spec.image)?;
                 boots.push(None);
