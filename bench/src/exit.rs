@@ -110,6 +110,27 @@ fn summarise(mode: ExitMode, transport: &str, exits: u64, report: &RunReport) ->
     })
 }
 
+/// Run `specs` with no remote devices on `core` (where a remote run's
+/// client goes), in a thread of its own so the caller's affinity is left alone.
+pub fn run_pinned(
+    core: Option<usize>,
+    specs: &[VmSpec],
+    opts: &RunOptions,
+    stop: &AtomicBool,
+) -> Result<machine::RunReport, ExitBenchError> {
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(c) = core {
+                let _ = dmfabric_pinning::pin_current(c);
+            }
+            machine::run::<&mut dyn Transport>(specs, None, opts, stop)
+        })
+        .join()
+        .expect("the bench thread")
+    })?;
+    Ok(report.0)
+}
+
 /// Run the exit benchmark once. `setup` says where the client runs (its
 /// core) and, for `Remote`, how the server is started and over what.
 pub fn run(mode: ExitMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>) -> Result<ExitJson, ExitBenchError> {
@@ -119,20 +140,8 @@ pub fn run(mode: ExitMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>) ->
     let opts = RunOptions { timeout: Duration::from_secs(600), time_exits: true, ..RunOptions::default() };
     match mode {
         ExitMode::Local => {
-            // On the core a remote run's client gets, in a thread so the
-            // caller's affinity is left alone.
-            let core = setup.client_core;
-            let report = std::thread::scope(|s| {
-                s.spawn(|| {
-                    if let Some(c) = core {
-                        let _ = dmfabric_pinning::pin_current(c);
-                    }
-                    machine::run::<&mut dyn Transport>(&[guest(exits, Target::Local(0))], None, &opts, stop)
-                })
-                .join()
-                .expect("the bench thread")
-            })?;
-            summarise(mode, "none", exits, &report.0)
+            let report = run_pinned(setup.client_core, &[guest(exits, Target::Local(0))], &opts, stop)?;
+            summarise(mode, "none", exits, &report)
         }
         ExitMode::Remote => {
             let outcome = harness::run(setup, stop, |t, target| {

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::reliable::Retry;
-use dmfabric_dataplane::Transport;
 use dmfabric_dm_workers::device::Device;
 use dmfabric_dm_workers::irq::CountingLine;
 use dmfabric_dm_workers::uart::Uart16550;
@@ -152,18 +151,9 @@ pub fn run(mode: ScratchMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>)
     };
     match mode {
         ScratchMode::Local => {
-            let core = setup.client_core;
-            let report = std::thread::scope(|s| {
-                s.spawn(|| {
-                    if let Some(c) = core {
-                        let _ = dmfabric_pinning::pin_current(c);
-                    }
-                    machine::run::<&mut dyn Transport>(&[spec(round_trips, Target::Local(0))], None, &opts, stop)
-                })
-                .join()
-                .expect("the bench thread")
-            })?;
-            Ok(summarise(mode, "none", &samples_of(&report.0, round_trips)?, rate, 0))
+            let report =
+                crate::exit::run_pinned(setup.client_core, &[spec(round_trips, Target::Local(0))], &opts, stop)?;
+            Ok(summarise(mode, "none", &samples_of(&report, round_trips)?, rate, 0))
         }
         ScratchMode::Remote => {
             let mut setup = setup.clone();

@@ -324,11 +324,7 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         Some("remote") => {
             servers.insert(vm.pc_server);
             let first = vm.id.checked_mul(1000).context("pc: VM ids up to 4000000")? + 1;
-            let remote = |d: u32| Target::Remote { server: vm.pc_server, device: d };
-            ranges.push((Space::Pio, 0x3f8, 8, remote(first)));
-            ranges.push((Space::Pio, 0x70, 2, remote(first + 1)));
-            ranges.push((Space::Pio, 0x60, 1, remote(first + 2)));
-            ranges.push((Space::Pio, 0x64, 1, remote(first + 2)));
+            ranges.extend(dmfabric_vmm_shim::devmap::pc_remote_ranges(vm.pc_server, first, false));
         }
         Some("local") => {
             let sink: Box<dyn dmfabric_dm_workers::uart::ByteSink> = match &vm.console_log {

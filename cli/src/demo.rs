@@ -21,7 +21,6 @@ use dmfabric_vmm_shim::guests::DEMO;
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
 use dmfabric_vmm_shim::machine::{self, RunOptions, VmSpec};
 use dmfabric_vmm_shim::remote::ClientConfig;
-use dmfabric_wire::Space;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -223,16 +222,9 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // The client, in host 0.
     let tick_us = u64::from(args.tick_ms) * 1000;
     let wait_ticks = if args.interactive { 60_000 / u64::from(args.tick_ms) } else { 3000 / u64::from(args.tick_ms) };
-    let remote = |device: u32| Target::Remote { server: 1, device };
-    let ranges = [
-        (Space::Pio, 0x3f8, 8, remote(1001)),
-        (Space::Pio, 0x70, 2, remote(1002)),
-        (Space::Pio, 0x60, 1, remote(1003)),
-        (Space::Pio, 0x64, 1, remote(1003)),
-        (Space::Pio, 0x700, 0x14, remote(1004)),
-    ];
+    let ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, VM * 1000 + 1, !args.linux);
     let spec = if args.linux {
-        VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges[..4], vec![]).map_err(anyhow::Error::msg)?
+        VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges, vec![]).map_err(anyhow::Error::msg)?
     } else {
         VmSpec::test_guest(VM, 1, DEMO, vec![[u64::from(args.ticks), tick_us, wait_ticks.max(1)]], &ranges, vec![])
             .map_err(anyhow::Error::msg)?

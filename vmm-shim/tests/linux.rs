@@ -27,12 +27,10 @@ use dmfabric_dataplane::Transport;
 use dmfabric_dm_workers::console;
 use dmfabric_dm_workers::server::{DeviceEnv, DeviceSpec, Server};
 use dmfabric_dm_workers::uart::ByteSink;
-use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
 use dmfabric_vmm_shim::local;
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
 use dmfabric_vmm_shim::remote::ClientConfig;
-use dmfabric_wire::Space;
 
 const VM: u32 = 1;
 /// Long enough for decompression and early boot under this host's emulation.
@@ -97,13 +95,7 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
         s.stats()
     });
     ready_rx.recv_timeout(Duration::from_secs(10)).expect("server ready");
-    let remote = |device: u32| Target::Remote { server: 1, device };
-    let ranges = [
-        (Space::Pio, 0x3f8, 8, remote(1001)),
-        (Space::Pio, 0x70, 2, remote(1002)),
-        (Space::Pio, 0x60, 1, remote(1003)),
-        (Space::Pio, 0x64, 1, remote(1003)),
-    ];
+    let ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, 1001, false);
     let spec = VmSpec::linux(VM, 1, MEM, image, &ranges, vec![]).unwrap();
     let report = net
         .with_host(0, || {
