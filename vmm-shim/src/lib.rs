@@ -11,6 +11,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod acpi;
 pub mod debugport;
 pub mod devmap;
 pub mod exits;

@@ -204,10 +204,12 @@ pub fn load(vm: &mut Vm, img: &LinuxImage, vcpus: u8) -> Result<LinuxBoot, Linux
     }
 
     // The e820 map: low RAM, the EBDA and BIOS area reserved, RAM from 1 MiB.
+    // With several vCPUs the ACPI tables sit at 0xe0000: reserve from there.
+    let bios = if vcpus > 1 { crate::acpi::ACPI_START } else { 0xf_0000 };
     let map = [
         (0u64, 0x9_fc00u64, E820_RAM),
         (0x9_fc00, 0x400, E820_RESERVED),
-        (0xf_0000, 0x1_0000, E820_RESERVED),
+        (bios, KERNEL - bios, E820_RESERVED),
         (KERNEL, mem - KERNEL, E820_RAM),
     ];
     for (i, (addr, size, kind)) in map.iter().enumerate() {
@@ -218,9 +220,16 @@ pub fn load(vm: &mut Vm, img: &LinuxImage, vcpus: u8) -> Result<LinuxBoot, Linux
     }
     m[zp + 0x1e8] = map.len() as u8;
     if vcpus > 1 {
+        // The other CPUs: an MP table for kernels that parse one, ACPI for
+        // those that only read the MADT.
         let table = crate::mptable::build(vcpus);
         let at = crate::mptable::MPTABLE_START as usize;
         m[at..at + table.len()].copy_from_slice(&table);
+        let tables = crate::acpi::build(vcpus);
+        let at = crate::acpi::ACPI_START as usize;
+        m[at..at + tables.len()].copy_from_slice(&tables);
+        m[zp + 0x70..zp + 0x78].copy_from_slice(&crate::acpi::ACPI_START.to_le_bytes());
+        // acpi_rsdp_addr
     }
     Ok(LinuxBoot { entry: KERNEL + ENTRY_64, zero_page: ZERO_PAGE })
 }
