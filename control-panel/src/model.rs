@@ -1,0 +1,434 @@
+//! The control panel's data: client platforms, servers, VMs and devices,
+//! and the changes that edit them — each checked before it is applied, so
+//! the database is never left with a duplicate, a dangling reference or
+//! two devices of a VM on the same addresses.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A client platform: a host running VMs through the KVM shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientPlatform {
+    pub id: u16,
+    /// MAC of its data-plane interface, e.g. "02:00:00:00:00:01".
+    pub mac: String,
+    pub hypervisor: u16,
+    /// "kvm" for the shim.
+    pub hypervisor_kind: String,
+}
+
+/// What a server does for the placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerRole {
+    /// Clients send to it; it forwards what it does not hold.
+    Owner,
+    /// Holds device models; answers clients directly.
+    Io,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    pub id: u16,
+    pub mac: String,
+    pub role: ServerRole,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Defined,
+    Running,
+    Suspended,
+    Stopped,
+    Migrating,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: u32,
+    /// The client platform it runs on.
+    pub client: u16,
+    pub vcpus: u16,
+    pub memory_mib: u32,
+    /// A test guest's name or a kernel's path.
+    pub image: String,
+    pub state: VmState,
+}
+
+/// An address range of a device: port or MMIO, base and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Range {
+    pub mmio: bool,
+    pub base: u64,
+    pub len: u64,
+}
+
+impl Range {
+    fn overlaps(&self, o: &Range) -> bool {
+        self.mmio == o.mmio && self.base < o.base.saturating_add(o.len) && o.base < self.base.saturating_add(self.len)
+    }
+}
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let space = if self.mmio { "mmio" } else { "pio" };
+        write!(f, "{space} {:#x}+{:#x}", self.base, self.len)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: u32,
+    /// A model kind: uart, rtc, i8042, timer, regfile, irqtest.
+    pub kind: String,
+    /// The server holding the model.
+    pub server: u16,
+    pub shard: u32,
+    /// The VM it belongs to.
+    pub vm: u32,
+    pub ranges: Vec<Range>,
+    pub irqs: Vec<u32>,
+}
+
+/// One edit of the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    AddClient(ClientPlatform),
+    AddServer(Server),
+    AddVm(Vm),
+    AddDevice(Device),
+    /// Replace a record that exists (same id).
+    UpdateVm(Vm),
+    UpdateDevice(Device),
+    RemoveClient(u16),
+    RemoveServer(u16),
+    RemoveVm(u32),
+    RemoveDevice(u32),
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::AddClient(c) => write!(f, "added client platform {} ({})", c.id, c.mac),
+            Change::AddServer(s) => write!(f, "added server {} ({:?}, {})", s.id, s.role, s.mac),
+            Change::AddVm(v) => write!(f, "added VM {} on client platform {}", v.id, v.client),
+            Change::AddDevice(d) => {
+                write!(f, "added device {} ({}) of VM {} on server {}", d.id, d.kind, d.vm, d.server)
+            }
+            Change::UpdateVm(v) => write!(f, "updated VM {} (client platform {}, {:?})", v.id, v.client, v.state),
+            Change::UpdateDevice(d) => write!(f, "updated device {} (server {}, shard {})", d.id, d.server, d.shard),
+            Change::RemoveClient(id) => write!(f, "removed client platform {id}"),
+            Change::RemoveServer(id) => write!(f, "removed server {id}"),
+            Change::RemoveVm(id) => write!(f, "removed VM {id}"),
+            Change::RemoveDevice(id) => write!(f, "removed device {id}"),
+        }
+    }
+}
+
+/// Why a change was refused: names the conflict.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    #[error("{what} {id} already exists")]
+    Exists { what: &'static str, id: u64 },
+    #[error("{what} {id} does not exist")]
+    Missing { what: &'static str, id: u64 },
+    #[error("{what} {id} refers to {target} {target_id}, which does not exist")]
+    Dangling { what: &'static str, id: u64, target: &'static str, target_id: u64 },
+    #[error("{what} {id} is still used by {user} {user_id}: move or remove that first")]
+    InUse { what: &'static str, id: u64, user: &'static str, user_id: u64 },
+    #[error("device {id}'s {range} overlaps device {other}'s {other_range} in VM {vm}")]
+    Overlap { id: u32, range: Range, other: u32, other_range: Range, vm: u32 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Db {
+    pub clients: BTreeMap<u16, ClientPlatform>,
+    pub servers: BTreeMap<u16, Server>,
+    pub vms: BTreeMap<u32, Vm>,
+    pub devices: BTreeMap<u32, Device>,
+}
+
+fn check_mac(mac: &str) -> Result<(), Conflict> {
+    let ok = mac.split(':').count() == 6 && mac.split(':').all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(Conflict::Invalid(format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")))
+    }
+}
+
+const KINDS: [&str; 6] = ["uart", "rtc", "i8042", "timer", "regfile", "irqtest"];
+
+impl Db {
+    /// Check `change` against the database as it is.
+    pub fn check(&self, change: &Change) -> Result<(), Conflict> {
+        match change {
+            Change::AddClient(c) => {
+                if self.clients.contains_key(&c.id) {
+                    return Err(Conflict::Exists { what: "client platform", id: c.id.into() });
+                }
+                check_mac(&c.mac)
+            }
+            Change::AddServer(s) => {
+                if self.servers.contains_key(&s.id) {
+                    return Err(Conflict::Exists { what: "server", id: s.id.into() });
+                }
+                check_mac(&s.mac)
+            }
+            Change::AddVm(v) | Change::UpdateVm(v) => {
+                let exists = self.vms.contains_key(&v.id);
+                if matches!(change, Change::AddVm(_)) && exists {
+                    return Err(Conflict::Exists { what: "VM", id: v.id.into() });
+                }
+                if matches!(change, Change::UpdateVm(_)) && !exists {
+                    return Err(Conflict::Missing { what: "VM", id: v.id.into() });
+                }
+                if !self.clients.contains_key(&v.client) {
+                    return Err(Conflict::Dangling {
+                        what: "VM",
+                        id: v.id.into(),
+                        target: "client platform",
+                        target_id: v.client.into(),
+                    });
+                }
+                if v.vcpus == 0 || v.memory_mib == 0 {
+                    return Err(Conflict::Invalid(format!("VM {}: vcpus and memory_mib must be at least 1", v.id)));
+                }
+                Ok(())
+            }
+            Change::AddDevice(d) | Change::UpdateDevice(d) => {
+                let exists = self.devices.contains_key(&d.id);
+                if matches!(change, Change::AddDevice(_)) && exists {
+                    return Err(Conflict::Exists { what: "device", id: d.id.into() });
+                }
+                if matches!(change, Change::UpdateDevice(_)) && !exists {
+                    return Err(Conflict::Missing { what: "device", id: d.id.into() });
+                }
+                if d.id == 0 {
+                    return Err(Conflict::Invalid("device id 0 is reserved (any device at an address)".into()));
+                }
+                if !KINDS.contains(&d.kind.as_str()) {
+                    return Err(Conflict::Invalid(format!(
+                        "device {}: unknown kind {:?} ({})",
+                        d.id,
+                        d.kind,
+                        KINDS.join(", ")
+                    )));
+                }
+                if !self.servers.contains_key(&d.server) {
+                    return Err(Conflict::Dangling {
+                        what: "device",
+                        id: d.id.into(),
+                        target: "server",
+                        target_id: d.server.into(),
+                    });
+                }
+                if !self.vms.contains_key(&d.vm) {
+                    return Err(Conflict::Dangling {
+                        what: "device",
+                        id: d.id.into(),
+                        target: "VM",
+                        target_id: d.vm.into(),
+                    });
+                }
+                for r in &d.ranges {
+                    if r.len == 0 || (!r.mmio && r.base + r.len > 0x1_0000) {
+                        return Err(Conflict::Invalid(format!("device {}: bad range {r}", d.id)));
+                    }
+                }
+                for other in self.devices.values().filter(|o| o.vm == d.vm && o.id != d.id) {
+                    for r in &d.ranges {
+                        if let Some(o) = other.ranges.iter().find(|o| r.overlaps(o)) {
+                            return Err(Conflict::Overlap {
+                                id: d.id,
+                                range: *r,
+                                other: other.id,
+                                other_range: *o,
+                                vm: d.vm,
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Change::RemoveClient(id) => {
+                if !self.clients.contains_key(id) {
+                    return Err(Conflict::Missing { what: "client platform", id: (*id).into() });
+                }
+                match self.vms.values().find(|v| v.client == *id) {
+                    Some(v) => Err(Conflict::InUse {
+                        what: "client platform",
+                        id: (*id).into(),
+                        user: "VM",
+                        user_id: v.id.into(),
+                    }),
+                    None => Ok(()),
+                }
+            }
+            Change::RemoveServer(id) => {
+                if !self.servers.contains_key(id) {
+                    return Err(Conflict::Missing { what: "server", id: (*id).into() });
+                }
+                match self.devices.values().find(|d| d.server == *id) {
+                    Some(d) => {
+                        Err(Conflict::InUse { what: "server", id: (*id).into(), user: "device", user_id: d.id.into() })
+                    }
+                    None => Ok(()),
+                }
+            }
+            Change::RemoveVm(id) => {
+                if !self.vms.contains_key(id) {
+                    return Err(Conflict::Missing { what: "VM", id: (*id).into() });
+                }
+                match self.devices.values().find(|d| d.vm == *id) {
+                    Some(d) => {
+                        Err(Conflict::InUse { what: "VM", id: (*id).into(), user: "device", user_id: d.id.into() })
+                    }
+                    None => Ok(()),
+                }
+            }
+            Change::RemoveDevice(id) => {
+                if self.devices.contains_key(id) {
+                    Ok(())
+                } else {
+                    Err(Conflict::Missing { what: "device", id: (*id).into() })
+                }
+            }
+        }
+    }
+
+    /// Apply a checked change.
+    fn apply_one(&mut self, change: Change) {
+        match change {
+            Change::AddClient(c) => {
+                self.clients.insert(c.id, c);
+            }
+            Change::AddServer(s) => {
+                self.servers.insert(s.id, s);
+            }
+            Change::AddVm(v) | Change::UpdateVm(v) => {
+                self.vms.insert(v.id, v);
+            }
+            Change::AddDevice(d) | Change::UpdateDevice(d) => {
+                self.devices.insert(d.id, d);
+            }
+            Change::RemoveClient(id) => {
+                self.clients.remove(&id);
+            }
+            Change::RemoveServer(id) => {
+                self.servers.remove(&id);
+            }
+            Change::RemoveVm(id) => {
+                self.vms.remove(&id);
+            }
+            Change::RemoveDevice(id) => {
+                self.devices.remove(&id);
+            }
+        }
+    }
+
+    /// Apply `changes` all or nothing: each is checked against the database
+    /// as the ones before it left it. Returns what changed, a line each.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<Vec<String>, Conflict> {
+        let mut next = self.clone();
+        let mut said = Vec::new();
+        for c in changes {
+            next.check(c)?;
+            said.push(c.to_string());
+            next.apply_one(c.clone());
+        }
+        *self = next;
+        Ok(said)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Db {
+        let mut db = Db::default();
+        db.apply(&[
+            Change::AddClient(ClientPlatform {
+                id: 1,
+                mac: "02:00:00:00:00:01".into(),
+                hypervisor: 1,
+                hypervisor_kind: "kvm".into(),
+            }),
+            Change::AddServer(Server { id: 10, mac: "02:00:00:00:00:0a".into(), role: ServerRole::Owner }),
+            Change::AddVm(Vm {
+                id: 100,
+                client: 1,
+                vcpus: 1,
+                memory_mib: 4,
+                image: "io_loop".into(),
+                state: VmState::Defined,
+            }),
+        ])
+        .unwrap();
+        db
+    }
+
+    fn uart(id: u32, base: u64) -> Device {
+        Device {
+            id,
+            kind: "uart".into(),
+            server: 10,
+            shard: 0,
+            vm: 100,
+            ranges: vec![Range { mmio: false, base, len: 8 }],
+            irqs: vec![4],
+        }
+    }
+
+    #[test]
+    fn changes_are_checked_and_say_what_they_did() {
+        let mut db = base();
+        let said = db.apply(&[Change::AddDevice(uart(1, 0x3f8))]).unwrap();
+        assert_eq!(said, vec!["added device 1 (uart) of VM 100 on server 10"]);
+        let err = db.apply(&[Change::AddDevice(uart(2, 0x3fc))]).unwrap_err();
+        assert_eq!(err.to_string(), "device 2's pio 0x3fc+0x8 overlaps device 1's pio 0x3f8+0x8 in VM 100");
+        let err = db.apply(&[Change::AddDevice(uart(1, 0x2f8))]).unwrap_err();
+        assert_eq!(err.to_string(), "device 1 already exists");
+        let err = db.apply(&[Change::AddDevice(Device { server: 11, ..uart(3, 0x2f8) })]).unwrap_err();
+        assert_eq!(err.to_string(), "device 3 refers to server 11, which does not exist");
+        let err = db.apply(&[Change::RemoveServer(10)]).unwrap_err();
+        assert_eq!(err.to_string(), "server 10 is still used by device 1: move or remove that first");
+        let err = db.apply(&[Change::RemoveVm(100)]).unwrap_err();
+        assert!(err.to_string().contains("still used by device 1"));
+        assert!(db.apply(&[Change::AddDevice(Device { kind: "gpu".into(), ..uart(4, 0x2f8) })]).is_err());
+        assert!(db.apply(&[Change::AddServer(Server { id: 12, mac: "zz".into(), role: ServerRole::Io })]).is_err());
+    }
+
+    #[test]
+    fn a_batch_is_all_or_nothing() {
+        let mut db = base();
+        let before = db.clone();
+        // The second change conflicts with the first: nothing is applied.
+        let err = db.apply(&[Change::AddDevice(uart(1, 0x3f8)), Change::AddDevice(uart(2, 0x3f8))]).unwrap_err();
+        assert!(matches!(err, Conflict::Overlap { .. }));
+        assert_eq!(db, before);
+        // A move in one batch: remove then re-add elsewhere.
+        db.apply(&[Change::AddDevice(uart(1, 0x3f8))]).unwrap();
+        db.apply(&[Change::AddServer(Server { id: 11, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io })])
+            .unwrap();
+        let said = db.apply(&[Change::UpdateDevice(Device { server: 11, ..uart(1, 0x3f8) })]).unwrap();
+        assert_eq!(said, vec!["updated device 1 (server 11, shard 0)"]);
+        assert_eq!(db.devices[&1].server, 11);
+    }
+
+    #[test]
+    fn the_database_round_trips_through_json() {
+        let mut db = base();
+        db.apply(&[Change::AddDevice(uart(1, 0x3f8))]).unwrap();
+        let text = serde_json::to_string(&db).unwrap();
+        assert_eq!(serde_json::from_str::<Db>(&text).unwrap(), db);
+    }
+}
