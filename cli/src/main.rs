@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod console;
+mod ctl;
 mod demo;
 mod io;
 mod server;
@@ -33,6 +34,8 @@ enum Cmd {
     Client(client::ClientArgs),
     /// Attach this terminal to a VM's UART at a server (Ctrl-] detaches).
     Console(console::ConsoleArgs),
+    /// List, show and edit the control panel's database (checked before written).
+    Ctl(ctl::CtlArgs),
     /// Read or write device registers at a server as a given VM, over the
     /// wire (one access, or a script of them); prints interrupts that arrive.
     Io(io::IoArgs),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Cmd::Server(args) => server::run(args, stop),
         Cmd::Client(args) => client::run(args, stop),
         Cmd::Console(args) => console::run(args, stop),
+        Cmd::Ctl(args) => ctl::run(args),
         Cmd::Io(args) => io::run(args, stop),
         Cmd::Bench(cmd) => bench::run(cmd, stop),
         Cmd::Demo(args) => demo::run(args, stop),

@@ -617,3 +617,43 @@ fn a_bad_kernel_or_too_little_memory_is_one_line() {
     assert_eq!((code, err.lines().count()), (1, 1), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn ctl_edits_the_store_checks_every_change_and_lists_as_table_or_json() {
+    let store = std::env::temp_dir().join(format!("dmfabric-ctl-{}.redb", std::process::id()));
+    let _ = std::fs::remove_file(&store);
+    let s = store.to_str().unwrap();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--store", s];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    assert_eq!(ctl(&["add", "client", "--id", "1", "--mac", "02:00:00:00:00:01"]).0, 0);
+    assert_eq!(ctl(&["add", "server", "--id", "10", "--mac", "02:00:00:00:00:0a"]).0, 0);
+    assert_eq!(ctl(&["add", "vm", "--id", "100", "--client", "1"]).0, 0);
+    let (code, out, _) =
+        ctl(&["add", "device", "--id", "1", "--kind", "uart", "--server", "10", "--vm", "100", "--pio", "0x3f8:8"]);
+    assert_eq!((code, out.lines().next()), (0, Some("added device 1 (uart) of VM 100 on server 10")));
+    // Conflicts: one line naming them, nothing written.
+    let (code, _, err) =
+        ctl(&["add", "device", "--id", "2", "--kind", "timer", "--server", "10", "--vm", "100", "--pio", "0x3fc:0x14"]);
+    assert_eq!(
+        (code, err.trim()),
+        (1, "dmfabric: device 2's pio 0x3fc+0x14 overlaps device 1's pio 0x3f8+0x8 in VM 100")
+    );
+    let (code, _, err) = ctl(&["rm", "server", "10"]);
+    assert_eq!((code, err.trim()), (1, "dmfabric: server 10 is still used by device 1: move or remove that first"));
+    let (code, _, err) = ctl(&["add", "vm", "--id", "101", "--client", "9"]);
+    assert_eq!((code, err.trim()), (1, "dmfabric: VM 101 refers to client platform 9, which does not exist"));
+    // Placement edits say what they changed.
+    assert_eq!(ctl(&["add", "server", "--id", "11", "--mac", "02:00:00:00:00:0b", "--role", "io"]).0, 0);
+    let (code, out, _) = ctl(&["device", "move", "1", "--to", "11", "--shard", "2"]);
+    assert_eq!((code, out.lines().next()), (0, Some("updated device 1 (server 11, shard 2)")));
+    let (_, out, _) = ctl(&["ls", "devices", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((rows[0]["server"].as_u64(), rows[0]["shard"].as_u64()), (Some(11), Some(2)));
+    assert_eq!(rows.as_array().unwrap().len(), 1, "the refused device was not written");
+    let (_, out, _) = ctl(&["ls", "vms"]);
+    assert!(out.contains("100      1        1      4        Defined    io_loop"), "{out}");
+    let _ = std::fs::remove_file(&store);
+}
