@@ -1,0 +1,222 @@
+//! Routing tables: what a data plane needs from the database, in the shape
+//! its per-frame path wants, and the swap that replaces one table with the
+//! next without stopping the loop that reads it.
+//!
+//! A client asks "which device and server hold this VM's address?"; a
+//! server asks "which server and shard hold this device?". Both are answered
+//! from a [`RoutingTable`] built once per database revision; [`LiveRoutes`]
+//! holds the current one behind an `ArcSwap`, so readers load it with a few
+//! atomic operations and never wait for a writer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::model::Db;
+
+/// One range of a VM's address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    base: u64,
+    end: u64,
+    device: u32,
+}
+
+/// A VM's routes, sorted by base, per space.
+#[derive(Debug, Clone, Default)]
+struct VmRoutes {
+    client: u16,
+    pio: Vec<Route>,
+    mmio: Vec<Route>,
+}
+
+/// Where a device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub server: u16,
+    pub shard: u32,
+}
+
+/// The answer to a client's lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub device: u32,
+    pub server: u16,
+}
+
+/// Everything the data planes route by, for one database revision.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingTable {
+    pub revision: u64,
+    vms: HashMap<u32, VmRoutes>,
+    devices: HashMap<u32, Placement>,
+}
+
+impl RoutingTable {
+    /// The table of `db` at `revision`.
+    pub fn build(db: &Db, revision: u64) -> RoutingTable {
+        let mut vms: HashMap<u32, VmRoutes> = HashMap::with_capacity(db.vms.len());
+        for v in db.vms.values() {
+            vms.insert(v.id, VmRoutes { client: v.client, ..VmRoutes::default() });
+        }
+        let mut devices = HashMap::with_capacity(db.devices.len());
+        for d in db.devices.values() {
+            devices.insert(d.id, Placement { server: d.server, shard: d.shard });
+            if let Some(routes) = vms.get_mut(&d.vm) {
+                for r in &d.ranges {
+                    let route = Route { base: r.base, end: r.base.saturating_add(r.len), device: d.id };
+                    if r.mmio {
+                        routes.mmio.push(route);
+                    } else {
+                        routes.pio.push(route);
+                    }
+                }
+            }
+        }
+        for r in vms.values_mut() {
+            r.pio.sort_unstable_by_key(|x| x.base);
+            r.mmio.sort_unstable_by_key(|x| x.base);
+            r.pio.shrink_to_fit();
+            r.mmio.shrink_to_fit();
+        }
+        RoutingTable { revision, vms, devices }
+    }
+
+    /// The device (and its server) holding `addr` in `vm`'s port or MMIO space.
+    pub fn route(&self, vm: u32, mmio: bool, addr: u64) -> Option<Hit> {
+        let routes = self.vms.get(&vm)?;
+        let list = if mmio { &routes.mmio } else { &routes.pio };
+        let at = list.partition_point(|r| r.base <= addr).checked_sub(1)?;
+        let r = list[at];
+        if addr >= r.end {
+            return None;
+        }
+        let p = self.devices.get(&r.device)?;
+        Some(Hit { device: r.device, server: p.server })
+    }
+
+    /// Where `device` is.
+    pub fn placement(&self, device: u32) -> Option<Placement> {
+        self.devices.get(&device).copied()
+    }
+
+    /// The client platform `vm` runs on.
+    pub fn client_of(&self, vm: u32) -> Option<u16> {
+        self.vms.get(&vm).map(|r| r.client)
+    }
+
+    pub fn vm_count(&self) -> usize {
+        self.vms.len()
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Heap bytes the table holds (its maps' capacities and the route lists).
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        // hashbrown: one control byte per bucket beside each (key, value).
+        let map = |cap: usize, entry: usize| cap * (entry + 1);
+        let routes: usize =
+            self.vms.values().map(|r| (r.pio.capacity() + r.mmio.capacity()) * size_of::<Route>()).sum();
+        map(self.vms.capacity(), size_of::<(u32, VmRoutes)>())
+            + map(self.devices.capacity(), size_of::<(u32, Placement)>())
+            + routes
+    }
+}
+
+/// The table a data plane routes by now; replaced whole when the database
+/// moves on, while readers keep going.
+#[derive(Debug)]
+pub struct LiveRoutes {
+    current: ArcSwap<RoutingTable>,
+}
+
+impl LiveRoutes {
+    pub fn new(table: RoutingTable) -> LiveRoutes {
+        LiveRoutes { current: ArcSwap::from_pointee(table) }
+    }
+
+    /// The current table (cheap: a reader's per-burst call).
+    pub fn load(&self) -> Arc<RoutingTable> {
+        self.current.load_full()
+    }
+
+    /// Put `table` in place; readers see it from their next load.
+    pub fn swap(&self, table: RoutingTable) -> Arc<RoutingTable> {
+        self.current.swap(Arc::new(table))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Change, ClientPlatform, Device, Range, Server, ServerRole, Vm, VmState};
+
+    fn db() -> Db {
+        let mut db = Db::default();
+        db.apply(&[
+            Change::AddClient(ClientPlatform {
+                id: 1,
+                mac: "02:00:00:00:00:01".into(),
+                hypervisor: 1,
+                hypervisor_kind: "kvm".into(),
+            }),
+            Change::AddServer(Server { id: 10, mac: "02:00:00:00:00:0a".into(), role: ServerRole::Owner }),
+            Change::AddServer(Server { id: 11, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io }),
+            Change::AddVm(Vm { id: 7, client: 1, vcpus: 1, memory_mib: 4, image: "x".into(), state: VmState::Running }),
+            Change::AddDevice(Device {
+                id: 1,
+                kind: "uart".into(),
+                server: 10,
+                shard: 0,
+                vm: 7,
+                ranges: vec![Range { mmio: false, base: 0x3f8, len: 8 }],
+                irqs: vec![4],
+            }),
+            Change::AddDevice(Device {
+                id: 2,
+                kind: "regfile".into(),
+                server: 11,
+                shard: 3,
+                vm: 7,
+                ranges: vec![
+                    Range { mmio: true, base: 0xd000_0000, len: 0x1000 },
+                    Range { mmio: false, base: 0x500, len: 0x100 },
+                ],
+                irqs: vec![],
+            }),
+        ])
+        .unwrap();
+        db
+    }
+
+    #[test]
+    fn lookups_follow_the_database() {
+        let t = RoutingTable::build(&db(), 5);
+        assert_eq!(t.route(7, false, 0x3fd), Some(Hit { device: 1, server: 10 }));
+        assert_eq!(t.route(7, false, 0x400), None);
+        assert_eq!(t.route(7, false, 0x5ff), Some(Hit { device: 2, server: 11 }));
+        assert_eq!(t.route(7, true, 0xd000_0ff8), Some(Hit { device: 2, server: 11 }));
+        assert_eq!(t.route(7, true, 0x3f8), None, "spaces apart");
+        assert_eq!(t.route(8, false, 0x3f8), None, "unknown VM");
+        assert_eq!(t.placement(2), Some(Placement { server: 11, shard: 3 }));
+        assert_eq!(t.client_of(7), Some(1));
+        assert!(t.heap_bytes() > 0);
+    }
+
+    #[test]
+    fn a_swap_reaches_readers_that_still_hold_the_old_table_unharmed() {
+        let mut d = db();
+        let live = LiveRoutes::new(RoutingTable::build(&d, 1));
+        let held = live.load();
+        let moved = d.devices[&1].clone();
+        d.apply(&[Change::UpdateDevice(Device { server: 11, ..moved })]).unwrap();
+        live.swap(RoutingTable::build(&d, 2));
+        assert_eq!(held.route(7, false, 0x3f8).unwrap().server, 10, "the old table is intact");
+        let now = live.load();
+        assert_eq!((now.revision, now.route(7, false, 0x3f8).unwrap().server), (2, 11));
+    }
+}
