@@ -255,10 +255,15 @@ fn interrupts_survive_lost_and_duplicated_frames() {
     let v = &report.vm(2).unwrap().vcpus[0];
     assert!(v.result.is_ok(), "{:?}", v.result);
     assert_eq!(v.reports, vec![N as u32, 0, N as u32], "every interrupt once: {injected:?}");
-    // The level ends low, as the device left it: injections alternate, so
-    // their number is even and equals the device's level changes.
-    assert_eq!(report.vm(2).unwrap().remote.unwrap().interrupts, 2 * N);
-    assert_eq!(served.interrupts, 2 * N, "{served}");
+    // The level changes went out in order (raise, lower, raise, ...) and each
+    // was injected at most once. The very last lowering may not have made it
+    // before the guest exited: if the fault injector dropped it (or the ack
+    // of the raise before it, which holds it back), its retransmit comes
+    // 20 ms later.
+    let injected_irqs = report.vm(2).unwrap().remote.unwrap().interrupts;
+    assert!(served.interrupts == 2 * N || served.interrupts == 2 * N - 1, "{served}");
+    assert!(injected_irqs == served.interrupts || injected_irqs == served.interrupts - 1, "{injected_irqs} injected");
+    assert!(injected_irqs >= 2 * N - 1, "{injected_irqs} injected");
 }
 
 #[test]
