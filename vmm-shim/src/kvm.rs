@@ -151,22 +151,25 @@ impl Kick {
         }
         self.stop.store(true, Ordering::Release);
         let deadline = Instant::now() + within;
-        loop {
-            let thread = self.thread.load(Ordering::Acquire);
-            if thread == 0 {
-                return;
-            }
-            // SAFETY: `thread` was stored by the vCPU thread from
-            // pthread_self() on entering `Vcpu::run` and is cleared before it
-            // leaves, so while it is non-zero it names a live thread (a
-            // signal racing with the clear reaches a thread that ignores it:
-            // the handler does nothing). The signal has a no-op handler.
-            unsafe { libc::pthread_kill(thread as libc::pthread_t, kick_signal()) };
-            if Instant::now() >= deadline {
-                return;
-            }
+        while self.poke() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(500));
         }
+    }
+
+    /// Signal the vCPU's thread if it is inside [`Vcpu::run`] (for a stop
+    /// whose first signal may have come just before it entered the guest);
+    /// false when it is not there.
+    pub fn poke(&self) -> bool {
+        let thread = self.thread.load(Ordering::Acquire);
+        if thread == 0 {
+            return false;
+        }
+        // SAFETY: `thread` was stored by the vCPU thread from pthread_self()
+        // on entering `Vcpu::run` and is cleared before it leaves, so while
+        // it is non-zero it names a live thread (a signal racing with the
+        // clear reaches a thread that ignores it: the handler does nothing).
+        unsafe { libc::pthread_kill(thread as libc::pthread_t, kick_signal()) };
+        true
     }
 }
 
@@ -314,26 +317,7 @@ impl Vm {
             let runnable = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
             fd.set_mp_state(runnable).map_err(ioctl("KVM_SET_MP_STATE"))?;
         }
-        let mut cpuid =
-            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-        for e in cpuid.as_mut_slice() {
-            match e.function {
-                1 => {
-                    // This vCPU's initial APIC id.
-                    e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
-                    if start.hide_xsave_cx16 {
-                        const CX16: u32 = 1 << 13;
-                        const XSAVE: u32 = 1 << 26;
-                        const OSXSAVE: u32 = 1 << 27;
-                        const AVX: u32 = 1 << 28;
-                        e.ecx &= !(CX16 | XSAVE | OSXSAVE | AVX);
-                    }
-                }
-                0xb | 0x1f => e.edx = id as u32,
-                _ => {}
-            }
-        }
-        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        self.set_cpuid(&fd, id, start.hide_xsave_cx16)?;
 
         let mut sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         let code = kvm_segment {
@@ -384,20 +368,33 @@ impl Vm {
             return Err(KvmError::TooManyVcpus(id));
         }
         let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        self.set_cpuid(&fd, id, true)?;
+        Ok(Vcpu { fd, vm: self })
+    }
+
+    /// KVM's supported CPUID with this vCPU's APIC id, and without XSAVE
+    /// (and what needs it) and CMPXCHG16B if `hide_xsave_cx16`.
+    fn set_cpuid(&self, fd: &VcpuFd, id: u64, hide_xsave_cx16: bool) -> Result<(), KvmError> {
         let mut cpuid =
             self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         for e in cpuid.as_mut_slice() {
             match e.function {
                 1 => {
+                    // This vCPU's initial APIC id.
                     e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
-                    e.ecx &= !((1 << 13) | (1 << 26) | (1 << 27) | (1 << 28));
+                    if hide_xsave_cx16 {
+                        const CX16: u32 = 1 << 13;
+                        const XSAVE: u32 = 1 << 26;
+                        const OSXSAVE: u32 = 1 << 27;
+                        const AVX: u32 = 1 << 28;
+                        e.ecx &= !(CX16 | XSAVE | OSXSAVE | AVX);
+                    }
                 }
                 0xb | 0x1f => e.edx = id as u32,
                 _ => {}
             }
         }
-        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
-        Ok(Vcpu { fd, vm: self })
+        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
     }
 
     /// Guest memory, for loaders.
@@ -432,7 +429,7 @@ struct VcpuStart {
 }
 
 /// One vCPU of a [`Vm`] (which it borrows: the guest memory outlives it);
-/// runs on the thread that calls [`Vcpu::run_until_halt`].
+/// runs on the thread that calls [`Vcpu::run`].
 pub struct Vcpu<'vm> {
     fd: VcpuFd,
     vm: &'vm Vm,

@@ -412,7 +412,7 @@ pub fn run<T: Transport>(
             // Kick again whatever was told to stop and is still inside
             // KVM_RUN (its signal may have come just before it went in).
             for k in kicks.iter().flatten().filter(|k| k.stopped()) {
-                k.stop("", Duration::ZERO);
+                k.poke();
             }
             for (spec, ks) in specs.iter().zip(&kicks) {
                 if spec.reset.swap(false, Ordering::AcqRel) {

@@ -414,7 +414,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
                     return;
                 };
                 if slot.expect.load(Ordering::Acquire) == n.seq && slot.state.load(Ordering::Acquire) == EMPTY {
-                    slot.nack.store(nack_code(n.reason), Ordering::Relaxed);
+                    slot.nack.store(n.reason as u8, Ordering::Relaxed);
                     slot.state.store(NACKED, Ordering::Release);
                     stats.nacks += 1;
                 } else {
@@ -486,10 +486,6 @@ impl<'a, T: Transport> ClientPort<'a, T> {
 
 /// How long [`ClientPort::serve`] naps while vCPUs are busy with remote I/O.
 pub const SERVE_NAP: Duration = Duration::from_millis(1);
-
-fn nack_code(r: NackReason) -> u8 {
-    r as u8
-}
 
 /// One vCPU's stream to the servers.
 pub struct VcpuRemote<'p, 'a, T> {
