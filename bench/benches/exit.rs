@@ -11,7 +11,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dmfabric_bench::exit;
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
-use dmfabric_dataplane::reliable::Retry;
+use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::{Transport, TransportKind};
 use dmfabric_dm_workers::server::TEST_DEVICE_ID;
 use dmfabric_vmm_shim::devmap::Target;
@@ -31,36 +31,20 @@ fn timed_run(iters: u64, target: Target, remote: Option<(&mut dyn Transport, Cli
 }
 
 fn exits(c: &mut Criterion) {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("exit: skipped, no /dev/kvm");
+    if !netns::privileged_or_skip("exit", &[Need::Kvm]) {
         return;
     }
     let mut group = c.benchmark_group("exit");
     group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(4));
     group.bench_function("local", |b| b.iter_custom(|iters| timed_run(iters, Target::Local(0), None)));
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false);
-    if !root {
-        eprintln!("exit/remote_xdp: skipped, needs root");
-    } else {
+    if netns::privileged_or_skip("exit/remote_xdp", &[Need::Root]) {
         let setup = Setup::new(TransportKind::Xdp, ServerLaunch::Thread);
         let stop = Arc::new(AtomicBool::new(false));
         let outcome = harness::run(&setup, &stop, |t, target| {
             let remote = Target::Remote { server: target.server_id, device: TEST_DEVICE_ID };
             group.bench_function("remote_xdp", |b| {
-                b.iter_custom(|iters| {
-                    let cfg = ClientConfig {
-                        client: target.client_id,
-                        hypervisor: 1,
-                        servers: vec![target.server_id],
-                        retry: Retry::default(),
-                        hello_timeout: Duration::from_secs(5),
-                    };
-                    timed_run(iters, remote, Some((&mut *t, cfg)))
-                })
+                b.iter_custom(|iters| timed_run(iters, remote, Some((&mut *t, exit::client_config(&target)))))
             });
             Ok(())
         });

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen;
+use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::TransportKind;
 
 fn round_trip(c: &mut Criterion) {
-    let root = unsafe_free_is_root();
+    let root = netns::privileged_or_skip("round_trip over veth", &[Need::Root]);
     let stop = Arc::new(AtomicBool::new(false));
     for kind in [TransportKind::Xdp, TransportKind::Packet, TransportKind::Udp, TransportKind::Mem] {
         if kind != TransportKind::Mem && !root {
-            eprintln!("round_trip/{kind}: skipped, needs root");
             continue;
         }
         let setup = Setup::new(kind, ServerLaunch::Thread);
@@ -44,13 +44,6 @@ fn round_trip(c: &mut Criterion) {
             eprintln!("round_trip/{kind}: {e}");
         }
     }
-}
-
-fn unsafe_free_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
 }
 
 criterion_group!(benches, round_trip);

@@ -110,6 +110,18 @@ fn summarise(mode: ExitMode, transport: &str, exits: u64, report: &RunReport) ->
     })
 }
 
+/// How a bench's client speaks to the harness's server: as the load
+/// generator's client platform, with the default retransmits.
+pub fn client_config(target: &loadgen::Target) -> ClientConfig {
+    ClientConfig {
+        client: target.client_id,
+        hypervisor: 1,
+        servers: vec![target.server_id],
+        retry: Retry::default(),
+        hello_timeout: Duration::from_secs(5),
+    }
+}
+
 /// Run `specs` with no remote devices on `core` (where a remote run's
 /// client goes), in a thread of its own so the caller's affinity is left alone.
 pub fn run_pinned(
@@ -145,15 +157,8 @@ pub fn run(mode: ExitMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>) ->
         }
         ExitMode::Remote => {
             let outcome = harness::run(setup, stop, |t, target| {
-                let cfg = ClientConfig {
-                    client: loadgen::CLIENT_ID,
-                    hypervisor: 1,
-                    servers: vec![target.server_id],
-                    retry: Retry::default(),
-                    hello_timeout: Duration::from_secs(5),
-                };
                 let spec = guest(exits, Target::Remote { server: target.server_id, device: TEST_DEVICE_ID });
-                Ok(machine::run(&[spec], Some((t, cfg)), &opts, stop).map(|(r, _)| r))
+                Ok(machine::run(&[spec], Some((t, client_config(&target))), &opts, stop).map(|(r, _)| r))
             })?;
             summarise(mode, setup.transport.name(), exits, &outcome.result?)
         }

@@ -20,20 +20,17 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dm_workers::device::Device;
 use dmfabric_dm_workers::irq::CountingLine;
 use dmfabric_dm_workers::uart::Uart16550;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{self, SCRATCH_LOOP};
 use dmfabric_vmm_shim::machine::{self, RunOptions, VmSpec};
-use dmfabric_vmm_shim::remote::ClientConfig;
 use dmfabric_wire::Space;
 use hdrhistogram::Histogram;
 
 use crate::exit::{ExitBenchError, ExitJson};
 use crate::harness::{self, Setup};
-use crate::loadgen;
 
 /// Where the scratch register is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,14 +156,8 @@ pub fn run(mode: ScratchMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>)
             let mut setup = setup.clone();
             setup.pc_vm = Some(VM);
             let outcome = harness::run(&setup, stop, |t, target| {
-                let cfg = ClientConfig {
-                    client: loadgen::CLIENT_ID,
-                    hypervisor: 1,
-                    servers: vec![target.server_id],
-                    retry: Retry::default(),
-                    hello_timeout: Duration::from_secs(5),
-                };
                 let vm = spec(round_trips, Target::Remote { server: target.server_id, device: REMOTE_UART });
+                let cfg = crate::exit::client_config(&target);
                 Ok(machine::run(&[vm], Some((t, cfg)), &opts, stop).map(|(r, _)| r))
             })?;
             let report = outcome.result?;
