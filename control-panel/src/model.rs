@@ -349,13 +349,14 @@ impl Db {
     }
 }
 
+/// Records the tests of this crate start from.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn base() -> Db {
-        let mut db = Db::default();
-        db.apply(&[
+    /// Client platform 1, server 10 (owner) and VM 100 on the client.
+    pub(crate) fn platform() -> Vec<Change> {
+        vec![
             Change::AddClient(ClientPlatform {
                 id: 1,
                 mac: "02:00:00:00:00:01".into(),
@@ -371,12 +372,11 @@ mod tests {
                 image: "io_loop".into(),
                 state: VmState::Defined,
             }),
-        ])
-        .unwrap();
-        db
+        ]
     }
 
-    fn uart(id: u32, base: u64) -> Device {
+    /// A UART `id` of VM 100 on server 10 at ports `base`.
+    pub(crate) fn uart(id: u32, base: u64) -> Device {
         Device {
             id,
             kind: "uart".into(),
@@ -386,6 +386,18 @@ mod tests {
             ranges: vec![Range { mmio: false, base, len: 8 }],
             irqs: vec![4],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{platform, uart};
+    use super::*;
+
+    fn base() -> Db {
+        let mut db = Db::default();
+        db.apply(&platform()).unwrap();
+        db
     }
 
     #[test]

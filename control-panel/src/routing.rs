@@ -153,57 +153,45 @@ impl LiveRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Change, ClientPlatform, Device, Range, Server, ServerRole, Vm, VmState};
+    use crate::model::fixtures::{platform, uart};
+    use crate::model::{Change, Device, Range, Server, ServerRole};
 
+    /// The fixtures' VM 100 with a UART on server 10 and a register file
+    /// on server 11, shard 3.
     fn db() -> Db {
-        let mut db = Db::default();
-        db.apply(&[
-            Change::AddClient(ClientPlatform {
-                id: 1,
-                mac: "02:00:00:00:00:01".into(),
-                hypervisor: 1,
-                hypervisor_kind: "kvm".into(),
-            }),
-            Change::AddServer(Server { id: 10, mac: "02:00:00:00:00:0a".into(), role: ServerRole::Owner }),
+        let mut changes = platform();
+        changes.extend([
             Change::AddServer(Server { id: 11, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io }),
-            Change::AddVm(Vm { id: 7, client: 1, vcpus: 1, memory_mib: 4, image: "x".into(), state: VmState::Running }),
-            Change::AddDevice(Device {
-                id: 1,
-                kind: "uart".into(),
-                server: 10,
-                shard: 0,
-                vm: 7,
-                ranges: vec![Range { mmio: false, base: 0x3f8, len: 8 }],
-                irqs: vec![4],
-            }),
+            Change::AddDevice(uart(1, 0x3f8)),
             Change::AddDevice(Device {
                 id: 2,
                 kind: "regfile".into(),
                 server: 11,
                 shard: 3,
-                vm: 7,
+                vm: 100,
                 ranges: vec![
                     Range { mmio: true, base: 0xd000_0000, len: 0x1000 },
                     Range { mmio: false, base: 0x500, len: 0x100 },
                 ],
                 irqs: vec![],
             }),
-        ])
-        .unwrap();
+        ]);
+        let mut db = Db::default();
+        db.apply(&changes).unwrap();
         db
     }
 
     #[test]
     fn lookups_follow_the_database() {
         let t = RoutingTable::build(&db(), 5);
-        assert_eq!(t.route(7, false, 0x3fd), Some(Hit { device: 1, server: 10 }));
-        assert_eq!(t.route(7, false, 0x400), None);
-        assert_eq!(t.route(7, false, 0x5ff), Some(Hit { device: 2, server: 11 }));
-        assert_eq!(t.route(7, true, 0xd000_0ff8), Some(Hit { device: 2, server: 11 }));
-        assert_eq!(t.route(7, true, 0x3f8), None, "spaces apart");
-        assert_eq!(t.route(8, false, 0x3f8), None, "unknown VM");
+        assert_eq!(t.route(100, false, 0x3fd), Some(Hit { device: 1, server: 10 }));
+        assert_eq!(t.route(100, false, 0x400), None);
+        assert_eq!(t.route(100, false, 0x5ff), Some(Hit { device: 2, server: 11 }));
+        assert_eq!(t.route(100, true, 0xd000_0ff8), Some(Hit { device: 2, server: 11 }));
+        assert_eq!(t.route(100, true, 0x3f8), None, "spaces apart");
+        assert_eq!(t.route(101, false, 0x3f8), None, "unknown VM");
         assert_eq!(t.placement(2), Some(Placement { server: 11, shard: 3 }));
-        assert_eq!(t.client_of(7), Some(1));
+        assert_eq!(t.client_of(100), Some(1));
         assert!(t.heap_bytes() > 0);
     }
 
@@ -215,8 +203,8 @@ mod tests {
         let moved = d.devices[&1].clone();
         d.apply(&[Change::UpdateDevice(Device { server: 11, ..moved })]).unwrap();
         live.swap(RoutingTable::build(&d, 2));
-        assert_eq!(held.route(7, false, 0x3f8).unwrap().server, 10, "the old table is intact");
+        assert_eq!(held.route(100, false, 0x3f8).unwrap().server, 10, "the old table is intact");
         let now = live.load();
-        assert_eq!((now.revision, now.route(7, false, 0x3f8).unwrap().server), (2, 11));
+        assert_eq!((now.revision, now.route(100, false, 0x3f8).unwrap().server), (2, 11));
     }
 }

@@ -165,39 +165,16 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClientPlatform, Device, Range, Server, ServerRole, Vm, VmState};
+    use crate::model::fixtures::{platform, uart};
 
     fn path(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("dmfabric-store-{name}-{}.redb", std::process::id()))
     }
 
     fn setup() -> Vec<Change> {
-        vec![
-            Change::AddClient(ClientPlatform {
-                id: 1,
-                mac: "02:00:00:00:00:01".into(),
-                hypervisor: 1,
-                hypervisor_kind: "kvm".into(),
-            }),
-            Change::AddServer(Server { id: 10, mac: "02:00:00:00:00:0a".into(), role: ServerRole::Owner }),
-            Change::AddVm(Vm {
-                id: 100,
-                client: 1,
-                vcpus: 1,
-                memory_mib: 4,
-                image: "io_loop".into(),
-                state: VmState::Defined,
-            }),
-            Change::AddDevice(Device {
-                id: 1,
-                kind: "uart".into(),
-                server: 10,
-                shard: 0,
-                vm: 100,
-                ranges: vec![Range { mmio: false, base: 0x3f8, len: 8 }],
-                irqs: vec![4],
-            }),
-        ]
+        let mut changes = platform();
+        changes.push(Change::AddDevice(uart(1, 0x3f8)));
+        changes
     }
 
     #[test]
