@@ -9,6 +9,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Server, ServerRole, Vm, VmState};
 use dmfabric_control::store::{RedbStore, Store};
 
+use crate::io::number;
+
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// The embedded store (one file).
@@ -130,14 +132,6 @@ pub enum DeviceCmd {
         #[arg(long)]
         shard: Option<u32>,
     },
-}
-
-fn number(s: &str) -> anyhow::Result<u64> {
-    let r = match s.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    };
-    r.map_err(|_| anyhow::anyhow!("{s:?} is not a number"))
 }
 
 fn range(s: &str, mmio: bool) -> anyhow::Result<Range> {

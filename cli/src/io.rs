@@ -74,7 +74,8 @@ pub struct Access {
     pub value: u64,
 }
 
-fn number(s: &str) -> anyhow::Result<u64> {
+/// A decimal or 0x-hex number, as registers and addresses are written.
+pub fn number(s: &str) -> anyhow::Result<u64> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => s.parse(),

@@ -215,15 +215,7 @@ fn bench_rtt_writes_json_and_leaves_nothing_behind() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     // The bench made its namespaces (named after its pid) and removed them.
-    let prefix = format!("{}{pid}-", netns::NS_PREFIX);
-    let left: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default();
+    let left = leftover_namespaces(pid);
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }
 
