@@ -6,6 +6,7 @@
 //! Every frame that is not answered is counted by reason; nothing received
 //! from the wire can make this code panic.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -132,7 +133,7 @@ pub struct Frontend {
     /// Resolves requests that name no device (ANY_DEVICE) by address.
     addresses: AddressMap,
     /// Device → the client and VM that used it last: where its interrupts go.
-    bindings: Vec<(u32, MacAddr, Route)>,
+    bindings: HashMap<u32, (MacAddr, Route)>,
     /// One interrupt stream per (client, VM).
     irq_streams: Vec<IrqStream>,
     /// First sequence number of a stream: the start time in nanoseconds, so
@@ -180,7 +181,7 @@ impl Frontend {
             malformed: [0; WireError::ALL.len()],
             streams: DupCache::default(),
             addresses: AddressMap::default(),
-            bindings: Vec::new(),
+            bindings: HashMap::new(),
             irq_streams: Vec::new(),
             irq_seq_base: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
         }
@@ -194,13 +195,7 @@ impl Frontend {
     /// Remember who uses `req`'s device: its interrupts go there.
     fn bind(&mut self, req: &IoRequest, from: MacAddr) {
         let route = Route { server: self.id, vcpu: 0, ..req.route };
-        match self.bindings.iter_mut().find(|(d, _, _)| *d == req.route.device) {
-            Some(b) => {
-                b.1 = from;
-                b.2 = route;
-            }
-            None => self.bindings.push((req.route.device, from, route)),
-        }
+        self.bindings.insert(req.route.device, (from, route));
     }
 
     /// Send the interrupts the device models queued (each stream's next
@@ -209,7 +204,7 @@ impl Frontend {
     pub fn send_interrupts(&mut self, irqs: &IrqQueue, tx: &mut FrameBatch, now: Instant) {
         self.stats.interrupts_queue_full = irqs.dropped();
         while let Some(e) = irqs.pop() {
-            let Some(&(_, to, route)) = self.bindings.iter().find(|(d, _, _)| *d == e.device) else {
+            let Some(&(to, route)) = self.bindings.get(&e.device) else {
                 self.stats.interrupts_unbound += 1;
                 continue;
             };
@@ -269,7 +264,7 @@ impl Frontend {
     pub fn send_vm_events(&mut self, events: &VmEvents, tx: &mut FrameBatch) {
         while !tx.is_full() {
             let Some((device, event)) = events.pop() else { break };
-            let Some(&(_, to, route)) = self.bindings.iter().find(|(d, _, _)| *d == device) else {
+            let Some(&(to, route)) = self.bindings.get(&device) else {
                 self.stats.vm_events_unbound += 1;
                 continue;
             };
