@@ -2,20 +2,18 @@
 //! edit is checked against the stored database before it is written and
 //! says what it changed; a conflict is one line naming it.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Server, ServerRole, Vm, VmState};
-use dmfabric_control::store::{RedbStore, Store};
+use dmfabric_control::store::DEFAULT_STORE;
 
 use crate::io::number;
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The embedded store (one file).
-    #[arg(long, default_value = "/var/lib/dmfabric/control.redb")]
-    store: PathBuf,
+    /// The store: a redb file (created if missing) or etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "DMFABRIC_STORE", default_value = DEFAULT_STORE)]
+    store: String,
     #[command(subcommand)]
     cmd: CtlCmd,
 }
@@ -207,10 +205,7 @@ fn print_table(db: &Db, what: Option<What>) {
 }
 
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
-    if let Some(dir) = args.store.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
-    }
-    let store = RedbStore::open(&args.store)?;
+    let store = dmfabric_control::store::open(&args.store)?;
     let commit = |changes: &[Change]| -> anyhow::Result<()> {
         let (revision, said) = store.commit(changes)?;
         for line in said {

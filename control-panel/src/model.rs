@@ -349,13 +349,13 @@ impl Db {
     }
 }
 
-/// Records the tests of this crate start from.
-#[cfg(test)]
-pub(crate) mod fixtures {
+/// Records the tests start from (this crate's and the store suite's).
+#[doc(hidden)]
+pub mod fixtures {
     use super::*;
 
     /// Client platform 1, server 10 (owner) and VM 100 on the client.
-    pub(crate) fn platform() -> Vec<Change> {
+    pub fn platform() -> Vec<Change> {
         vec![
             Change::AddClient(ClientPlatform {
                 id: 1,
@@ -376,7 +376,7 @@ pub(crate) mod fixtures {
     }
 
     /// A UART `id` of VM 100 on server 10 at ports `base`.
-    pub(crate) fn uart(id: u32, base: u64) -> Device {
+    pub fn uart(id: u32, base: u64) -> Device {
         Device {
             id,
             kind: "uart".into(),

@@ -7,6 +7,7 @@
 //! change in; each commit bumps the revision that watchers poll.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -17,8 +18,8 @@ use crate::model::{Change, Conflict, Db};
 pub enum StoreError {
     #[error(transparent)]
     Conflict(#[from] Conflict),
-    #[error("The store {path}: {what}")]
-    Backend { path: PathBuf, what: String },
+    #[error("The store {store}: {what}")]
+    Backend { store: String, what: String },
 }
 
 /// A database of client platforms, servers, VMs and devices.
@@ -30,23 +31,13 @@ pub trait Store: Send + Sync {
     fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError>;
     /// Bumped by every commit: watchers reload when it moves.
     fn revision(&self) -> Result<u64, StoreError>;
+    /// Where it is, for messages ("redb file /var/lib/...", "etcd at ...").
+    fn describe(&self) -> String;
 }
 
-/// Records by key: "client/<id>", "server/<id>", "vm/<id>", "device/<id>"; JSON values.
+/// Records by key (the same keys in every store): "client/<id>", "server/<id>", "vm/<id>", "device/<id>"; JSON values.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-
-/// The embedded store: one redb file.
-pub struct RedbStore {
-    db: Database,
-    path: PathBuf,
-}
-
-impl std::fmt::Debug for RedbStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").field("path", &self.path).finish()
-    }
-}
 
 fn key(change: &Change) -> String {
     match change {
@@ -60,7 +51,6 @@ fn key(change: &Change) -> String {
         Change::RemoveDevice(id) => format!("device/{id}"),
     }
 }
-
 /// The record a change writes (None: it removes one).
 fn value(change: &Change) -> Option<Vec<u8>> {
     let json = match change {
@@ -73,43 +63,86 @@ fn value(change: &Change) -> Option<Vec<u8>> {
     Some(json.expect("records serialise"))
 }
 
+/// Add the record stored at `k` to `db`; `Err` names what is wrong with it.
+pub(crate) fn read_record(db: &mut Db, k: &str, v: &[u8]) -> Result<(), String> {
+    let bad = |e: serde_json::Error| format!("record {k} is corrupt: {e}");
+    match k.split_once('/') {
+        Some(("client", _)) => {
+            let c: crate::model::ClientPlatform = serde_json::from_slice(v).map_err(bad)?;
+            db.clients.insert(c.id, c);
+        }
+        Some(("server", _)) => {
+            let s: crate::model::Server = serde_json::from_slice(v).map_err(bad)?;
+            db.servers.insert(s.id, s);
+        }
+        Some(("vm", _)) => {
+            let m: crate::model::Vm = serde_json::from_slice(v).map_err(bad)?;
+            db.vms.insert(m.id, m);
+        }
+        Some(("device", _)) => {
+            let d: crate::model::Device = serde_json::from_slice(v).map_err(bad)?;
+            db.devices.insert(d.id, d);
+        }
+        _ => return Err(format!("unknown record {k}")),
+    }
+    Ok(())
+}
+
+/// The writes of a checked batch: (key, Some(record)) to put, (key, None) to delete.
+pub(crate) fn writes(changes: &[Change]) -> Vec<(String, Option<Vec<u8>>)> {
+    changes.iter().map(|c| (key(c), value(c))).collect()
+}
+
+/// How long an operation waits for another process holding the redb file.
+const REDB_BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// The embedded store: one redb file.
+///
+/// redb lets one process open a file at a time, and the servers, clients
+/// and `dmfabric ctl` of a host share it, so every operation opens the file,
+/// does its work and closes it (an open is a header read: tens of µs),
+/// waiting up to [`REDB_BUSY_WAIT`] while another process has it.
+pub struct RedbStore {
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").field("path", &self.path).finish()
+    }
+}
+
 impl RedbStore {
-    /// Open the store at `path`, creating it if needed.
+    /// The store at `path`, created if needed (checked now: a file that is
+    /// not a store is an error here, not at the first watch).
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path)
-            .map_err(|e| StoreError::Backend { path: path.to_path_buf(), what: format!("cannot open it: {e}") })?;
-        Ok(RedbStore { db, path: path.to_path_buf() })
+        let s = RedbStore { path: path.to_path_buf() };
+        drop(s.db()?);
+        Ok(s)
     }
 
     fn err(&self, what: impl std::fmt::Display) -> StoreError {
-        StoreError::Backend { path: self.path.clone(), what: what.to_string() }
+        StoreError::Backend { store: self.path.display().to_string(), what: what.to_string() }
+    }
+
+    fn db(&self) -> Result<Database, StoreError> {
+        let start = Instant::now();
+        loop {
+            match Database::create(&self.path) {
+                Ok(db) => return Ok(db),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < REDB_BUSY_WAIT => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(self.err(format!("cannot open it: {e}"))),
+            }
+        }
     }
 
     fn read_db(&self, table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Db, StoreError> {
         let mut db = Db::default();
         for row in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let (k, v) = (k.value(), v.value());
-            let bad = |e: serde_json::Error| self.err(format!("record {k} is corrupt: {e}"));
-            match k.split_once('/') {
-                Some(("client", _)) => {
-                    let c: crate::model::ClientPlatform = serde_json::from_slice(v).map_err(bad)?;
-                    db.clients.insert(c.id, c);
-                }
-                Some(("server", _)) => {
-                    let s: crate::model::Server = serde_json::from_slice(v).map_err(bad)?;
-                    db.servers.insert(s.id, s);
-                }
-                Some(("vm", _)) => {
-                    let m: crate::model::Vm = serde_json::from_slice(v).map_err(bad)?;
-                    db.vms.insert(m.id, m);
-                }
-                Some(("device", _)) => {
-                    let d: crate::model::Device = serde_json::from_slice(v).map_err(bad)?;
-                    db.devices.insert(d.id, d);
-                }
-                _ => return Err(self.err(format!("unknown record {k}"))),
-            }
+            read_record(&mut db, k.value(), v.value()).map_err(|e| self.err(e))?;
         }
         Ok(db)
     }
@@ -117,7 +150,8 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Db, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         match tx.open_table(RECORDS) {
             Ok(t) => self.read_db(&t),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(Db::default()),
@@ -126,16 +160,16 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(|e| self.err(e))?;
         let revision;
         let said;
         {
             let mut records = tx.open_table(RECORDS).map_err(|e| self.err(e))?;
             let mut db = self.read_db(&records)?;
             said = db.apply(changes)?;
-            for c in changes {
-                let k = key(c);
-                match value(c) {
+            for (k, v) in writes(changes) {
+                match v {
                     Some(v) => {
                         records.insert(k.as_str(), v.as_slice()).map_err(|e| self.err(e))?;
                     }
@@ -153,11 +187,37 @@ impl Store for RedbStore {
     }
 
     fn revision(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         match tx.open_table(META) {
             Ok(t) => Ok(t.get("revision").map_err(|e| self.err(e))?.map_or(0, |v| v.value())),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
             Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("redb file {}", self.path.display())
+    }
+}
+
+/// Where `dmfabric ctl`, servers and clients look by default.
+pub const DEFAULT_STORE: &str = "/var/lib/dmfabric/control.redb";
+
+/// Open the store named by `spec`: `etcd://HOST:PORT[,HOST:PORT...]` for
+/// etcd, anything else is the path of a redb file.
+pub fn open(spec: &str) -> Result<Box<dyn Store>, StoreError> {
+    match spec.strip_prefix("etcd://") {
+        Some(endpoints) => Ok(Box::new(crate::etcd::EtcdStore::connect(endpoints)?)),
+        None => {
+            let path = Path::new(spec);
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend {
+                    store: path.display().to_string(),
+                    what: format!("cannot create {}: {e}", dir.display()),
+                })?;
+            }
+            Ok(Box::new(RedbStore::open(path)?))
         }
     }
 }
@@ -165,45 +225,10 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fixtures::{platform, uart};
-
-    fn path(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("dmfabric-store-{name}-{}.redb", std::process::id()))
-    }
-
-    fn setup() -> Vec<Change> {
-        let mut changes = platform();
-        changes.push(Change::AddDevice(uart(1, 0x3f8)));
-        changes
-    }
-
-    #[test]
-    fn commits_survive_reopening_and_conflicts_change_nothing() {
-        let p = path("reopen");
-        let _ = std::fs::remove_file(&p);
-        {
-            let s = RedbStore::open(&p).unwrap();
-            assert_eq!((s.revision().unwrap(), s.load().unwrap()), (0, Db::default()));
-            let (rev, said) = s.commit(&setup()).unwrap();
-            assert_eq!((rev, said.len()), (1, 4));
-            let err = s.commit(&[Change::RemoveServer(10)]).unwrap_err();
-            assert!(err.to_string().contains("still used by device 1"), "{err}");
-            assert_eq!(s.revision().unwrap(), 1, "a refused commit bumps nothing");
-        }
-        let s = RedbStore::open(&p).unwrap();
-        let db = s.load().unwrap();
-        assert_eq!((db.clients.len(), db.servers.len(), db.vms.len(), db.devices.len()), (1, 1, 1, 1));
-        assert_eq!(db.devices[&1].ranges[0].base, 0x3f8);
-        let (rev, _) = s.commit(&[Change::RemoveDevice(1), Change::RemoveServer(10)]).unwrap();
-        assert_eq!(rev, 2);
-        assert!(s.load().unwrap().devices.is_empty());
-        drop(s);
-        let _ = std::fs::remove_file(&p);
-    }
 
     #[test]
     fn a_file_that_is_not_a_store_is_a_clear_error() {
-        let p = path("garbage");
+        let p = std::env::temp_dir().join(format!("dmfabric-store-garbage-{}.redb", std::process::id()));
         std::fs::write(&p, b"not a database").unwrap();
         let err = RedbStore::open(&p).unwrap_err().to_string();
         assert!(err.starts_with(&format!("The store {}: cannot open it", p.display())), "{err}");

@@ -1,0 +1,223 @@
+//! The cluster store: the same records as the embedded store, kept in etcd
+//! (v3 API, through the etcd-client crate) under `/dmfabric/`.
+//!
+//! A commit reads the records and the revision key, checks the batch
+//! against them, and writes it in one etcd transaction guarded by the
+//! revision key's `mod_revision`: if another writer got in between, the
+//! transaction fails and the commit starts over from a fresh read, so two
+//! writers can never both get a conflicting change in.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+
+use crate::model::{Change, Db};
+use crate::store::{read_record, writes, Store, StoreError};
+
+const PREFIX: &str = "/dmfabric/records/";
+const REVISION: &str = "/dmfabric/revision";
+/// Each etcd call's limit: past it the store is reported unreachable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Commits that lose the race to another writer before giving up.
+const COMMIT_TRIES: u32 = 16;
+
+/// The etcd store; one connection (a gRPC channel that reconnects by
+/// itself) shared by the threads of a process.
+pub struct EtcdStore {
+    endpoints: String,
+    rt: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("endpoints", &self.endpoints).finish()
+    }
+}
+
+impl EtcdStore {
+    /// Connect to etcd at `endpoints` ("127.0.0.1:2379[,host:port...]").
+    pub fn connect(endpoints: &str) -> Result<EtcdStore, StoreError> {
+        let err = |what: String| StoreError::Backend { store: format!("etcd at {endpoints}"), what };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| err(format!("cannot start its runtime: {e}")))?;
+        let list: Vec<String> = endpoints.split(',').map(|e| format!("http://{e}")).collect();
+        let opts = ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT).with_timeout(CALL_TIMEOUT);
+        let client = rt
+            .block_on(Client::connect(list, Some(opts)))
+            .map_err(|e| err(format!("cannot reach it ({e}): is etcd running there?")))?;
+        let s = EtcdStore { endpoints: endpoints.to_string(), rt, client };
+        s.revision()?;
+        Ok(s)
+    }
+
+    fn err(&self, what: impl std::fmt::Display) -> StoreError {
+        StoreError::Backend { store: format!("etcd at {}", self.endpoints), what: what.to_string() }
+    }
+
+    fn call<T, F>(&self, f: impl FnOnce(Client) -> F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let client = self.client.clone();
+        self.rt.block_on(async {
+            match tokio::time::timeout(CALL_TIMEOUT, f(client)).await {
+                Ok(r) => r.map_err(|e| self.err(format!("unreachable or refusing: {e}"))),
+                Err(_) => Err(self.err(format!("no answer within {CALL_TIMEOUT:?}"))),
+            }
+        })
+    }
+
+    /// The records and the revision key's (value, mod_revision), from one read.
+    fn read(&self) -> Result<(Db, u64, i64), StoreError> {
+        let resp =
+            self.call(|mut c| async move { c.get("/dmfabric/", Some(GetOptions::new().with_prefix())).await })?;
+        let mut db = Db::default();
+        let (mut revision, mut mod_revision) = (0, 0);
+        for kv in resp.kvs() {
+            let k = kv.key_str().map_err(|e| self.err(e))?;
+            if k == REVISION {
+                let v = kv.value_str().map_err(|e| self.err(e))?;
+                revision = v.parse().map_err(|_| self.err(format!("{REVISION} is not a number: {v:?}")))?;
+                mod_revision = kv.mod_revision();
+            } else if let Some(k) = k.strip_prefix(PREFIX) {
+                read_record(&mut db, k, kv.value()).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok((db, revision, mod_revision))
+    }
+}
+
+impl Store for EtcdStore {
+    fn load(&self) -> Result<Db, StoreError> {
+        Ok(self.read()?.0)
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError> {
+        for _ in 0..COMMIT_TRIES {
+            let (mut db, revision, mod_revision) = self.read()?;
+            let said = db.apply(changes)?;
+            let mut ops: Vec<TxnOp> = writes(changes)
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Some(v) => TxnOp::put(format!("{PREFIX}{k}"), v, None),
+                    None => TxnOp::delete(format!("{PREFIX}{k}"), None),
+                })
+                .collect();
+            ops.push(TxnOp::put(REVISION, (revision + 1).to_string(), None));
+            // mod_revision 0 = the key does not exist yet (a fresh store).
+            let txn = Txn::new().when([Compare::mod_revision(REVISION, CompareOp::Equal, mod_revision)]).and_then(ops);
+            if self.call(|mut c| async move { c.txn(txn).await })?.succeeded() {
+                return Ok((revision + 1, said));
+            }
+        }
+        Err(self.err(format!("{COMMIT_TRIES} commits in a row lost to other writers: try again")))
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        let resp = self.call(|mut c| async move { c.get(REVISION, None).await })?;
+        match resp.kvs().first() {
+            None => Ok(0),
+            Some(kv) => {
+                let v = kv.value_str().map_err(|e| self.err(e))?;
+                v.parse().map_err(|_| self.err(format!("{REVISION} is not a number: {v:?}")))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd at {}", self.endpoints)
+    }
+}
+
+/// An etcd server of a test's own: its own data directory and free ports,
+/// stopped and removed on drop (also when the test fails).
+#[derive(Debug)]
+pub struct EtcdProcess {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// "IP:PORT" clients connect to.
+    pub endpoint: String,
+}
+
+/// Why a test etcd did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdStartError {
+    #[error("etcd is not installed (Debian: apt-get install etcd-server; scripts/setup.sh does it)")]
+    NotInstalled,
+    #[error("etcd did not start: {0}")]
+    Failed(String),
+}
+
+impl EtcdProcess {
+    /// Start etcd on the loopback and wait until it answers.
+    pub fn start() -> Result<EtcdProcess, EtcdStartError> {
+        use std::process::{Command, Stdio};
+        if Command::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+            return Err(EtcdStartError::NotInstalled);
+        }
+        let free_port = || -> Result<u16, EtcdStartError> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| EtcdStartError::Failed(e.to_string()))?;
+            Ok(l.local_addr().map_err(|e| EtcdStartError::Failed(e.to_string()))?.port())
+        };
+        let (client_port, peer_port) = (free_port()?, free_port()?);
+        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ip = "127.0.0.1";
+        let dir = std::env::temp_dir().join(format!("dmfabric-etcd-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let endpoint = format!("{ip}:{client_port}");
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name")
+            .arg(format!("dmfabric-test-{n}"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--listen-client-urls")
+            .arg(format!("http://{endpoint}"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://{endpoint}"))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://{ip}:{peer_port}"))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://{ip}:{peer_port}"))
+            .arg("--initial-cluster")
+            .arg(format!("dmfabric-test-{n}=http://{ip}:{peer_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|e| EtcdStartError::Failed(e.to_string()))?;
+        let mut p = EtcdProcess { child, dir, endpoint };
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = p.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                let tail: Vec<&str> = err.lines().rev().take(3).collect();
+                return Err(EtcdStartError::Failed(format!("exited with {status}: {}", tail.join(" | "))));
+            }
+            if std::net::TcpStream::connect(&p.endpoint).is_ok() && EtcdStore::connect(&p.endpoint).is_ok() {
+                return Ok(p);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(EtcdStartError::Failed(format!("no answer on {} within 20 s", p.endpoint)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop it now (a store that became unreachable).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
