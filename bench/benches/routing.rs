@@ -34,6 +34,7 @@ fn database() -> Db {
             memory_mib: 64,
             image: "io_loop".into(),
             state: VmState::Running,
+            owner: None,
         }));
     }
     let mut db = Db::default();

@@ -89,6 +89,10 @@ pub enum AddCmd {
         memory_mib: u32,
         #[arg(long, default_value = "io_loop")]
         image: String,
+        /// The owner server its requests go to (it forwards each to the
+        /// device's server); without it, straight to each device's server.
+        #[arg(long)]
+        owner: Option<u16>,
     },
     Device {
         #[arg(long)]
@@ -147,8 +151,8 @@ fn change(cmd: AddCmd) -> anyhow::Result<Change> {
             mac,
             role: if role == Role::Owner { ServerRole::Owner } else { ServerRole::Io },
         }),
-        AddCmd::Vm { id, client, vcpus, memory_mib, image } => {
-            Change::AddVm(Vm { id, client, vcpus, memory_mib, image, state: VmState::Defined })
+        AddCmd::Vm { id, client, vcpus, memory_mib, image, owner } => {
+            Change::AddVm(Vm { id, client, vcpus, memory_mib, image, state: VmState::Defined, owner })
         }
         AddCmd::Device { id, kind, server, vm, shard, pio, mmio, irq } => {
             let mut ranges = Vec::new();

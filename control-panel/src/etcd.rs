@@ -9,13 +9,15 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp};
 
 use crate::model::{Change, Db};
 use crate::store::{read_record, writes, Store, StoreError};
 
 const PREFIX: &str = "/dmfabric/records/";
 const REVISION: &str = "/dmfabric/revision";
+/// Saved device-model states in transit: `/dmfabric/state/<device>`.
+const STATES: &str = "/dmfabric/state/";
 /// Each etcd call's limit: past it the store is reported unreachable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commits that lose the race to another writer before giving up.
@@ -129,6 +131,19 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd at {}", self.endpoints)
+    }
+
+    fn put_state(&self, device: u32, state: &[u8]) -> Result<(), StoreError> {
+        let (k, v) = (format!("{STATES}{device}"), state.to_vec());
+        self.call(|mut c| async move { c.put(k, v, None).await })?;
+        Ok(())
+    }
+
+    fn take_state(&self, device: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = format!("{STATES}{device}");
+        // A delete that returns what it deleted: read and delete in one step.
+        let resp = self.call(|mut c| async move { c.delete(k, Some(DeleteOptions::new().with_prev_key())).await })?;
+        Ok(resp.prev_kvs().first().map(|kv| kv.value().to_vec()))
     }
 }
 

@@ -10,3 +10,4 @@ pub mod etcd;
 pub mod model;
 pub mod routing;
 pub mod store;
+pub mod watch;

@@ -57,6 +57,10 @@ pub struct Vm {
     /// A test guest's name or a kernel's path.
     pub image: String,
     pub state: VmState,
+    /// The owner server its requests go to, which forwards each to the
+    /// server holding the device; None: straight to each device's server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u16>,
 }
 
 /// An address range of a device: port or MMIO, base and length.
@@ -198,6 +202,14 @@ impl Db {
                         target_id: v.client.into(),
                     });
                 }
+                if let Some(owner) = v.owner.filter(|o| !self.servers.contains_key(o)) {
+                    return Err(Conflict::Dangling {
+                        what: "VM",
+                        id: v.id.into(),
+                        target: "server",
+                        target_id: owner.into(),
+                    });
+                }
                 if v.vcpus == 0 || v.memory_mib == 0 {
                     return Err(Conflict::Invalid(format!("VM {}: vcpus and memory_mib must be at least 1", v.id)));
                 }
@@ -276,9 +288,17 @@ impl Db {
                 if !self.servers.contains_key(id) {
                     return Err(Conflict::Missing { what: "server", id: (*id).into() });
                 }
-                match self.devices.values().find(|d| d.server == *id) {
-                    Some(d) => {
-                        Err(Conflict::InUse { what: "server", id: (*id).into(), user: "device", user_id: d.id.into() })
+                if let Some(d) = self.devices.values().find(|d| d.server == *id) {
+                    return Err(Conflict::InUse {
+                        what: "server",
+                        id: (*id).into(),
+                        user: "device",
+                        user_id: d.id.into(),
+                    });
+                }
+                match self.vms.values().find(|v| v.owner == Some(*id)) {
+                    Some(v) => {
+                        Err(Conflict::InUse { what: "server", id: (*id).into(), user: "VM", user_id: v.id.into() })
                     }
                     None => Ok(()),
                 }
@@ -371,6 +391,7 @@ pub mod fixtures {
                 memory_mib: 4,
                 image: "io_loop".into(),
                 state: VmState::Defined,
+                owner: None,
             }),
         ]
     }

@@ -9,6 +9,7 @@
 //! atomic operations and never wait for a writer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -27,6 +28,8 @@ struct Route {
 #[derive(Debug, Clone, Default)]
 struct VmRoutes {
     client: u16,
+    /// The server its requests go to first (None: each device's own).
+    owner: Option<u16>,
     pio: Vec<Route>,
     mmio: Vec<Route>,
 }
@@ -42,7 +45,22 @@ pub struct Placement {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hit {
     pub device: u32,
+    /// Where to send the request: the VM's owner server if it has one,
+    /// else the server holding the device.
     pub server: u16,
+}
+
+/// A MAC address as the data planes use it.
+pub type Mac = [u8; 6];
+
+/// Parse "aa:bb:cc:dd:ee:ff" (the model checked it on the way in).
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 /// Everything the data planes route by, for one database revision.
@@ -51,6 +69,11 @@ pub struct RoutingTable {
     pub revision: u64,
     vms: HashMap<u32, VmRoutes>,
     devices: HashMap<u32, Placement>,
+    servers: HashMap<u16, Mac>,
+    clients: HashMap<u16, Mac>,
+    /// The database the table was built from: what a data plane derives
+    /// its own state from when the table changes (not per frame).
+    pub db: Arc<Db>,
 }
 
 impl RoutingTable {
@@ -58,7 +81,7 @@ impl RoutingTable {
     pub fn build(db: &Db, revision: u64) -> RoutingTable {
         let mut vms: HashMap<u32, VmRoutes> = HashMap::with_capacity(db.vms.len());
         for v in db.vms.values() {
-            vms.insert(v.id, VmRoutes { client: v.client, ..VmRoutes::default() });
+            vms.insert(v.id, VmRoutes { client: v.client, owner: v.owner, ..VmRoutes::default() });
         }
         let mut devices = HashMap::with_capacity(db.devices.len());
         for d in db.devices.values() {
@@ -80,7 +103,9 @@ impl RoutingTable {
             r.pio.shrink_to_fit();
             r.mmio.shrink_to_fit();
         }
-        RoutingTable { revision, vms, devices }
+        let servers = db.servers.values().filter_map(|s| Some((s.id, parse_mac(&s.mac)?))).collect();
+        let clients = db.clients.values().filter_map(|c| Some((c.id, parse_mac(&c.mac)?))).collect();
+        RoutingTable { revision, vms, devices, servers, clients, db: Arc::new(db.clone()) }
     }
 
     /// The device (and its server) holding `addr` in `vm`'s port or MMIO space.
@@ -93,7 +118,7 @@ impl RoutingTable {
             return None;
         }
         let p = self.devices.get(&r.device)?;
-        Some(Hit { device: r.device, server: p.server })
+        Some(Hit { device: r.device, server: routes.owner.unwrap_or(p.server) })
     }
 
     /// Where `device` is.
@@ -104,6 +129,16 @@ impl RoutingTable {
     /// The client platform `vm` runs on.
     pub fn client_of(&self, vm: u32) -> Option<u16> {
         self.vms.get(&vm).map(|r| r.client)
+    }
+
+    /// The MAC of server `id`.
+    pub fn server_mac(&self, id: u16) -> Option<Mac> {
+        self.servers.get(&id).copied()
+    }
+
+    /// The MAC of client platform `id`.
+    pub fn client_mac(&self, id: u16) -> Option<Mac> {
+        self.clients.get(&id).copied()
     }
 
     pub fn vm_count(&self) -> usize {
@@ -123,6 +158,7 @@ impl RoutingTable {
             self.vms.values().map(|r| (r.pio.capacity() + r.mmio.capacity()) * size_of::<Route>()).sum();
         map(self.vms.capacity(), size_of::<(u32, VmRoutes)>())
             + map(self.devices.capacity(), size_of::<(u32, Placement)>())
+            + map(self.servers.capacity() + self.clients.capacity(), size_of::<(u16, Mac)>())
             + routes
     }
 }
@@ -132,11 +168,19 @@ impl RoutingTable {
 #[derive(Debug)]
 pub struct LiveRoutes {
     current: ArcSwap<RoutingTable>,
+    /// The current table's revision: a loop checks it (one atomic load)
+    /// and loads the table only when it moved.
+    revision: AtomicU64,
 }
 
 impl LiveRoutes {
     pub fn new(table: RoutingTable) -> LiveRoutes {
-        LiveRoutes { current: ArcSwap::from_pointee(table) }
+        LiveRoutes { revision: AtomicU64::new(table.revision), current: ArcSwap::from_pointee(table) }
+    }
+
+    /// The revision of the current table.
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
     }
 
     /// The current table (cheap: a reader's per-burst call).
@@ -146,7 +190,10 @@ impl LiveRoutes {
 
     /// Put `table` in place; readers see it from their next load.
     pub fn swap(&self, table: RoutingTable) -> Arc<RoutingTable> {
-        self.current.swap(Arc::new(table))
+        let revision = table.revision;
+        let old = self.current.swap(Arc::new(table));
+        self.revision.store(revision, Ordering::Release);
+        old
     }
 }
 

@@ -4,11 +4,13 @@
 //! DMFABRIC_REQUIRE_PRIVILEGED=1, as CI runs them).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dmfabric_control::etcd::{EtcdProcess, EtcdStartError, EtcdStore};
 use dmfabric_control::model::fixtures::{platform, uart};
 use dmfabric_control::model::{Change, Db, Device, Range};
 use dmfabric_control::store::{self, RedbStore, Store};
+use dmfabric_control::watch::Watch;
 
 /// A store kind under test: opens (and reopens) its store.
 trait Kind {
@@ -124,6 +126,38 @@ fn racing_writers_never_both_get_a_conflicting_change_in(kind: &dyn Kind) {
     assert_eq!(s.load().unwrap().devices.len(), ports as usize);
 }
 
+/// Saved states in transit: taken once, then gone; the revision stays.
+fn device_states_are_taken_once(kind: &dyn Kind) {
+    let s = kind.open();
+    s.commit(&setup()).unwrap();
+    assert_eq!(s.take_state(1).unwrap(), None);
+    let blob: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+    s.put_state(1, &blob).unwrap();
+    assert_eq!(s.revision().unwrap(), 1);
+    let again = kind.open();
+    assert_eq!(again.take_state(1).unwrap().as_deref(), Some(&blob[..]));
+    assert_eq!(s.take_state(1).unwrap(), None, "taken once");
+}
+
+/// A watch swaps in the table of every commit, while a reader holds on to
+/// the table it loaded before.
+fn a_watch_swaps_in_each_commit(kind: &dyn Kind) {
+    let s = kind.open();
+    s.commit(&platform()).unwrap();
+    let w = Watch::start(kind.open(), "test".into(), Duration::from_millis(10), None).unwrap();
+    let routes = w.routes();
+    let before = routes.load();
+    assert_eq!(before.route(100, false, 0x3f8), None);
+    s.commit(&[Change::AddDevice(uart(1, 0x3f8))]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while routes.revision() != 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(routes.load().route(100, false, 0x3f8).map(|h| (h.device, h.server)), Some((1, 10)));
+    assert_eq!(before.route(100, false, 0x3f8), None, "the held table is untouched");
+    assert_eq!(w.health().swaps.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod redb {
@@ -148,7 +182,30 @@ macro_rules! suite {
     };
 }
 
-suite!(commits_survive_reopening_and_conflicts_change_nothing, racing_writers_never_both_get_a_conflicting_change_in);
+suite!(
+    commits_survive_reopening_and_conflicts_change_nothing,
+    racing_writers_never_both_get_a_conflicting_change_in,
+    device_states_are_taken_once,
+    a_watch_swaps_in_each_commit,
+);
+
+#[test]
+fn a_watch_keeps_its_tables_while_etcd_is_down() {
+    let Some(mut etcd) = Etcd::new("a_watch_keeps_its_tables_while_etcd_is_down") else {
+        return;
+    };
+    let s = etcd.open();
+    s.commit(&setup()).unwrap();
+    let w = Watch::start(etcd.open(), "test".into(), Duration::from_millis(10), None).unwrap();
+    etcd.0.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.health().errors.load(std::sync::atomic::Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(w.health().unreachable.load(std::sync::atomic::Ordering::Relaxed), "the watch noticed");
+    let t = w.routes().load();
+    assert_eq!((t.revision, t.route(100, false, 0x3f8).map(|h| h.device)), (1, Some(1)), "the last table stays");
+}
 
 #[test]
 fn an_unreachable_etcd_is_a_clear_error_within_the_call_limit() {

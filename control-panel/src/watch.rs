@@ -1,0 +1,127 @@
+//! The watch that keeps a data plane's routing tables current: a thread
+//! that polls the store's revision and, when it moves, builds the new
+//! table and swaps it into a [`LiveRoutes`] — the data plane's loop never
+//! stops or waits for it. A store that becomes unreachable leaves the last
+//! table in place; the watch says so once, counts, and says when the store
+//! is back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::routing::{LiveRoutes, RoutingTable};
+use crate::store::{Store, StoreError};
+
+/// How often a watch asks the store for its revision by default.
+pub const WATCH_PERIOD: Duration = Duration::from_millis(50);
+
+/// What a watch has seen, for counters.
+#[derive(Debug, Default)]
+pub struct WatchHealth {
+    /// False from a failed call until the next good one.
+    pub unreachable: AtomicBool,
+    /// Failed store calls.
+    pub errors: AtomicU64,
+    /// Tables swapped in after the first.
+    pub swaps: AtomicU64,
+}
+
+/// Work a data plane has for the store each period (a server writing and
+/// reading device states in transit); runs on the watch thread.
+pub type Chores = Box<dyn FnMut(&dyn Store) -> Result<(), StoreError> + Send>;
+
+/// A running watch; stopped on drop.
+#[derive(Debug)]
+pub struct Watch {
+    routes: Arc<LiveRoutes>,
+    health: Arc<WatchHealth>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watch {
+    /// Load the first table now (an error here is the caller's to report:
+    /// there is nothing to route by yet), then watch every `period`.
+    /// `who` prefixes the watch's lines ("server 2").
+    pub fn start(
+        store: Box<dyn Store>,
+        who: String,
+        period: Duration,
+        chores: Option<Chores>,
+    ) -> Result<Watch, StoreError> {
+        let revision = store.revision()?;
+        let table = RoutingTable::build(&store.load()?, revision);
+        let routes = Arc::new(LiveRoutes::new(table));
+        let health = Arc::new(WatchHealth::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let desc = store.describe();
+        let thread = {
+            let (routes, health, stop) = (routes.clone(), health.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("store-watch".into())
+                .spawn(move || watch(store, &who, period, chores, &routes, &health, &stop))
+                .map_err(|e| StoreError::Backend { store: desc, what: format!("cannot start its watch: {e}") })?
+        };
+        Ok(Watch { routes, health, stop, thread: Some(thread) })
+    }
+
+    /// The tables, for the data plane.
+    pub fn routes(&self) -> Arc<LiveRoutes> {
+        self.routes.clone()
+    }
+
+    pub fn health(&self) -> &WatchHealth {
+        &self.health
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn watch(
+    store: Box<dyn Store>,
+    who: &str,
+    period: Duration,
+    mut chores: Option<Chores>,
+    routes: &LiveRoutes,
+    health: &WatchHealth,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(period);
+        let result = (|| -> Result<(), StoreError> {
+            let revision = store.revision()?;
+            if revision != routes.revision() {
+                let table = RoutingTable::build(&store.load()?, revision);
+                let (vms, devices) = (table.vm_count(), table.device_count());
+                routes.swap(table);
+                health.swaps.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{who}: routing tables now at revision {revision} ({vms} VMs, {devices} devices)");
+            }
+            if let Some(chores) = chores.as_mut() {
+                chores(&*store)?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                if health.unreachable.swap(false, Ordering::AcqRel) {
+                    eprintln!("{who}: the store ({}) answers again", store.describe());
+                }
+            }
+            Err(e) => {
+                health.errors.fetch_add(1, Ordering::Relaxed);
+                if !health.unreachable.swap(true, Ordering::AcqRel) {
+                    eprintln!("{who}: {e}; routing on the tables of revision {} until it answers", routes.revision());
+                }
+            }
+        }
+    }
+}
