@@ -37,6 +37,15 @@ impl StreamKey {
     pub fn client(self) -> u16 {
         (self.0 >> 48) as u16
     }
+
+    /// The key as one number (to carry it elsewhere) and back.
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_raw(raw: u64) -> StreamKey {
+        StreamKey(raw)
+    }
 }
 
 /// What the cache says about an arriving sequence number.
@@ -132,6 +141,20 @@ impl<T> DupCache<T> {
 
     pub fn len(&self) -> usize {
         self.streams.len()
+    }
+
+    /// Every stream's latest sequence number and answer.
+    pub fn entries(&self) -> impl Iterator<Item = (StreamKey, u64, Option<&T>)> {
+        self.streams.iter().map(|(k, e)| (*k, e.last, e.answer.as_ref()))
+    }
+
+    /// Take over a stream's latest from another cache (a device moving in
+    /// from another server), unless this cache has seen newer.
+    pub fn adopt(&mut self, key: StreamKey, last: u64, answer: Option<T>) {
+        let e = self.streams.entry(key).or_insert(Entry { last, answer: None });
+        if last > e.last || (last == e.last && e.answer.is_none()) {
+            *e = Entry { last, answer };
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -24,4 +24,7 @@ pub trait Device: Send {
     fn tick(&mut self, _now: Instant) -> Option<Instant> {
         None
     }
+    /// The model's state, to move it to another server
+    /// ([`crate::devices::DeviceEnv::restore`] builds it again there).
+    fn save(&self) -> serde_json::Value;
 }

@@ -80,6 +80,38 @@ pub struct DeviceSpec {
     pub shard: Option<usize>,
 }
 
+impl DeviceSpec {
+    /// The device of a control-panel record: its kind, first port and
+    /// MMIO ranges, and its lines (each kind's usual ones where it names none).
+    pub fn from_record(d: &dmfabric_control::model::Device) -> Result<DeviceSpec, String> {
+        let irq = |i: usize, default: u32| d.irqs.get(i).copied().unwrap_or(default);
+        let kind = match d.kind.as_str() {
+            "regfile" => DeviceKind::RegFile,
+            "irqtest" => DeviceKind::IrqTest { line: irq(0, IRQ_TEST_LINE) },
+            "uart" => DeviceKind::Uart { line: irq(0, 4) },
+            "rtc" => DeviceKind::Rtc { line: irq(0, 8) },
+            "i8042" => DeviceKind::I8042 { kbd_line: irq(0, 1), aux_line: irq(1, 12) },
+            "timer" => DeviceKind::Timer { line: irq(0, 5) },
+            other => return Err(format!("device {}: no model of kind {other:?}", d.id)),
+        };
+        let pio = match d.ranges.iter().find(|r| !r.mmio) {
+            Some(r) => Some((
+                u16::try_from(r.base).map_err(|_| format!("device {}: port {:#x} is past 0xffff", d.id, r.base))?,
+                u16::try_from(r.len).map_err(|_| format!("device {}: {} ports is too many", d.id, r.len))?,
+            )),
+            None => None,
+        };
+        let mmio = match d.ranges.iter().find(|r| r.mmio) {
+            Some(r) => {
+                Some((r.base, u32::try_from(r.len).map_err(|_| format!("device {}: MMIO range too long", d.id))?))
+            }
+            None => None,
+        };
+        let shard = usize::try_from(d.shard).ok();
+        Ok(DeviceSpec { id: d.id, pio, mmio, kind, vm: Some(d.vm), shard })
+    }
+}
+
 /// Port of the interrupt test devices a server has with `--irq-test-devices`.
 pub const IRQ_TEST_PIO: u16 = 0x600;
 /// Their line.
@@ -261,11 +293,7 @@ impl DeviceEnv {
             DeviceKind::RegFile => Box::new(RegisterFile::new(spec.pio, spec.mmio)),
             DeviceKind::IrqTest { line: n } => Box::new(IrqTester::new(base, line(n))),
             DeviceKind::Uart { line: n } => {
-                let console = self.consoles.all().iter().find(|c| c.device == spec.id).cloned().unwrap_or_else(|| {
-                    // Built without DeviceEnv::new's console: give it its own.
-                    let mut own = Consoles::default();
-                    own.add(spec.vm.unwrap_or(spec.id), spec.id)
-                });
+                let console = self.console_of(spec);
                 Box::new(Uart16550::new(base, line(n), ConsoleOut(console.clone()), ConsoleIn(console)))
             }
             DeviceKind::Rtc { line: n } => Box::new(Cmos::new(base, line(n), self.clock, now)),
@@ -276,6 +304,53 @@ impl DeviceEnv {
             )),
             DeviceKind::Timer { line: n } => Box::new(EventTimer::new(base, line(n), now)),
         }
+    }
+}
+
+impl DeviceEnv {
+    /// Build the model of `spec` from `saved` (what [`Device::save`] gave
+    /// on the server it comes from).
+    pub fn restore(
+        &self,
+        spec: &DeviceSpec,
+        saved: serde_json::Value,
+        now: Instant,
+    ) -> Result<Box<dyn Device>, String> {
+        fn state<T: serde::de::DeserializeOwned>(v: serde_json::Value, kind: &str) -> Result<T, String> {
+            serde_json::from_value(v).map_err(|e| format!("the saved state is not a {kind}'s: {e}"))
+        }
+        let line = |n: u32| WireLine::new(spec.id, IrqSource::Line(n), self.irqs.clone());
+        let base = spec.pio.map_or(0, |(b, _)| b);
+        Ok(match spec.kind {
+            DeviceKind::RegFile => Box::new(RegisterFile::from_state(spec.pio, spec.mmio, &state(saved, "regfile")?)),
+            DeviceKind::IrqTest { line: n } => Box::new(IrqTester::from_state(base, line(n), state(saved, "irqtest")?)),
+            DeviceKind::Uart { line: n } => {
+                let console = self.console_of(spec);
+                let s = state(saved, "uart")?;
+                Box::new(Uart16550::from_state(base, s, line(n), ConsoleOut(console.clone()), ConsoleIn(console)))
+            }
+            DeviceKind::Rtc { line: n } => {
+                Box::new(Cmos::from_state(base, state(saved, "rtc")?, line(n), self.clock, now))
+            }
+            DeviceKind::I8042 { kbd_line, aux_line } => Box::new(I8042::from_state(
+                state(saved, "i8042")?,
+                line(kbd_line),
+                line(aux_line),
+                VmReset { device: spec.id, events: self.events.clone() },
+            )),
+            DeviceKind::Timer { line: n } => {
+                Box::new(EventTimer::from_state(base, state(saved, "timer")?, line(n), now))
+            }
+        })
+    }
+
+    /// The console of UART `spec`: the one made for it by
+    /// [`DeviceEnv::new`], else one of its own.
+    fn console_of(&self, spec: &DeviceSpec) -> Arc<crate::console::Console> {
+        self.consoles.all().iter().find(|c| c.device == spec.id).cloned().unwrap_or_else(|| {
+            let mut own = Consoles::default();
+            own.add(spec.vm.unwrap_or(spec.id), spec.id)
+        })
     }
 }
 
@@ -335,22 +410,51 @@ impl fmt::Debug for Devices {
     }
 }
 
+impl Entry {
+    fn new(spec: &DeviceSpec, model: Box<dyn Device>, now: Instant) -> Entry {
+        let counters = DeviceCounters { id: spec.id, kind: model.kind(), ..DeviceCounters::default() };
+        let service = Histogram::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds");
+        Entry { id: spec.id, vm: spec.vm, model, counters, service, due: Some(now) }
+    }
+}
+
 impl Devices {
     /// The models of `specs`, wired to `env`.
     pub fn new(specs: &[DeviceSpec], env: &DeviceEnv) -> Devices {
         let now = Instant::now();
-        let mut table: Vec<Entry> = specs
-            .iter()
-            .map(|s| {
-                let model = env.build(s, now);
-                let counters = DeviceCounters { id: s.id, kind: model.kind(), ..DeviceCounters::default() };
-                let service = Histogram::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds");
-                Entry { id: s.id, vm: s.vm, model, counters, service, due: Some(now) }
-            })
-            .collect();
+        let mut table: Vec<Entry> = specs.iter().map(|s| Entry::new(s, env.build(s, now), now)).collect();
         table.sort_by_key(|e| e.id);
         table.dedup_by_key(|e| e.id);
         Devices { table, next_due: Some(now), unclaimed: 0 }
+    }
+
+    /// Whether device `id` is here.
+    pub fn contains(&self, id: u32) -> bool {
+        self.table.binary_search_by_key(&id, |e| e.id).is_ok()
+    }
+
+    /// Ids of the devices here.
+    pub fn ids(&self) -> Vec<u32> {
+        self.table.iter().map(|e| e.id).collect()
+    }
+
+    /// Add `model` as device `spec` (replacing one with its id).
+    pub fn insert(&mut self, spec: &DeviceSpec, model: Box<dyn Device>, now: Instant) {
+        let entry = Entry::new(spec, model, now);
+        match self.table.binary_search_by_key(&spec.id, |e| e.id) {
+            Ok(i) => self.table[i] = entry,
+            Err(i) => self.table.insert(i, entry),
+        }
+        self.next_due = Some(now);
+    }
+
+    /// Take device `id` out; returns its saved state, brought to `now`.
+    pub fn remove(&mut self, id: u32, now: Instant) -> Option<serde_json::Value> {
+        let i = self.table.binary_search_by_key(&id, |e| e.id).ok()?;
+        let mut e = self.table.remove(i);
+        e.model.tick(now);
+        self.recompute_due();
+        Some(e.model.save())
     }
 
     /// Per-device counters, by device id.

@@ -251,6 +251,10 @@ impl<L: IrqLine, R: ResetSink> Device for I8042<L, R> {
         "i8042"
     }
 
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).expect("model states serialise")
+    }
+
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
         if space != Space::Pio || size != AccessSize::B1 {
             return None;

@@ -20,7 +20,7 @@ use crate::irq::IrqLine;
 pub const IRQ_TEST_PORTS: u16 = 8;
 
 /// Saved state of an [`IrqTester`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IrqTesterState {
     pub level: bool,
     pub raised: u32,
@@ -59,6 +59,10 @@ impl<L: IrqLine> IrqTester<L> {
 impl<L: IrqLine> Device for IrqTester<L> {
     fn kind(&self) -> &'static str {
         "irqtest"
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).expect("model states serialise")
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {

@@ -16,6 +16,7 @@ pub mod devices;
 pub mod i8042;
 pub mod irq;
 pub mod irqtest;
+pub mod placed;
 pub mod regfile;
 pub mod rtc;
 pub mod server;

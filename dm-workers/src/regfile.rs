@@ -21,6 +21,13 @@ impl Window {
     }
 }
 
+/// What a register file holds: the bytes of its windows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegisterFileState {
+    pub pio: Vec<u8>,
+    pub mmio: Vec<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RegisterFile {
     pio: Option<Window>,
@@ -36,6 +43,24 @@ impl RegisterFile {
         }
     }
 
+    pub fn state(&self) -> RegisterFileState {
+        let bytes = |w: &Option<Window>| w.as_ref().map_or_else(Vec::new, |w| w.bytes.clone());
+        RegisterFileState { pio: bytes(&self.pio), mmio: bytes(&self.mmio) }
+    }
+
+    /// A device with the windows of [`RegisterFile::new`] holding `state`'s
+    /// bytes (as many as fit; the rest zero).
+    pub fn from_state(pio: Option<(u16, u16)>, mmio: Option<(u64, u32)>, state: &RegisterFileState) -> Self {
+        let mut d = RegisterFile::new(pio, mmio);
+        for (w, saved) in [(&mut d.pio, &state.pio), (&mut d.mmio, &state.mmio)] {
+            if let Some(w) = w {
+                let n = w.bytes.len().min(saved.len());
+                w.bytes[..n].copy_from_slice(&saved[..n]);
+            }
+        }
+        d
+    }
+
     fn window(&mut self, space: Space) -> Option<&mut Window> {
         match space {
             Space::Pio => self.pio.as_mut(),
@@ -47,6 +72,10 @@ impl RegisterFile {
 impl Device for RegisterFile {
     fn kind(&self) -> &'static str {
         "regfile"
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).expect("model states serialise")
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {

@@ -381,6 +381,10 @@ impl<L: IrqLine> Device for Cmos<L> {
         "cmos-rtc"
     }
 
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).expect("model states serialise")
+    }
+
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
         match self.offset(space, addr, size)? {
             1 => Some(u64::from(self.read_data())),

@@ -6,8 +6,9 @@
 //! Every frame that is not answered is counted by reason; nothing received
 //! from the wire can make this code panic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dmfabric_dataplane::poll::Handler;
@@ -26,6 +27,8 @@ pub use crate::devices::{
 };
 use crate::devices::{VmEvent, VmEvents};
 use crate::irq::IrqQueue;
+use crate::placed::{Handoff, Transit, HELD_MAX, STATE_WAIT};
+use dmfabric_control::routing::{LiveRoutes, RoutingTable};
 
 /// Counters of a server. Plain integers: owned by the server's core.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -42,6 +45,21 @@ pub struct ServerStats {
     /// Reset requests for a device no VM has used yet: nobody to tell.
     pub vm_events_unbound: u64,
     pub nack_wrong_server: u64,
+    /// Requests naming a VM the control panel does not know (or not on
+    /// that client platform).
+    pub nack_unknown_vm: u64,
+    /// Requests from a client platform the control panel does not know.
+    pub nack_unknown_client: u64,
+    /// Requests for devices placed on another server, sent there.
+    pub forwarded: u64,
+    /// Requests that waited for their device's state to arrive.
+    pub held: u64,
+    /// Requests dropped because too many waited already (the client retransmits).
+    pub held_dropped: u64,
+    /// Devices taken over from another server with their saved state.
+    pub devices_arrived: u64,
+    /// Devices that moved away, their state saved for the next server.
+    pub devices_left: u64,
     pub hellos: u64,
     /// Frames of another EtherType (ARP and the like on a shared link).
     pub foreign: u64,
@@ -139,6 +157,43 @@ pub struct Frontend {
     /// First sequence number of a stream: the start time in nanoseconds, so
     /// a restarted server's interrupts are never older than its last life's.
     irq_seq_base: u64,
+    /// Placed by the control panel: the routing table in force, and the
+    /// devices served here (those waiting for their state included).
+    table: Option<Arc<RoutingTable>>,
+    here: HashSet<u32>,
+}
+
+/// What a placed server does with a request.
+enum Verdict {
+    /// Serve it here and answer the client at this MAC.
+    Here(MacAddr),
+    /// Send it on to server `.1` at MAC `.0`.
+    Forward(MacAddr, u16),
+    Refuse(NackReason),
+}
+
+/// Where `req` goes by table `t`; fills in the device of a request that
+/// names none ([`ANY_DEVICE`]).
+fn place(t: &RoutingTable, addresses: &AddressMap, here: &HashSet<u32>, req: &mut IoRequest) -> Verdict {
+    let Some(client) = t.client_mac(req.route.client) else {
+        return Verdict::Refuse(NackReason::NotAuthorised);
+    };
+    if t.client_of(req.route.vm) != Some(req.route.client) {
+        return Verdict::Refuse(NackReason::UnknownVm);
+    }
+    if !addresses.fill(req) {
+        match t.route(req.route.vm, req.space == dmfabric_wire::Space::Mmio, req.addr) {
+            Some(hit) => req.route.device = hit.device,
+            None => return Verdict::Refuse(NackReason::UnknownDevice),
+        }
+    }
+    if here.contains(&req.route.device) {
+        return Verdict::Here(MacAddr(client));
+    }
+    match t.placement(req.route.device).and_then(|p| Some((t.server_mac(p.server)?, p.server))) {
+        Some((mac, server)) if server != req.route.server => Verdict::Forward(MacAddr(mac), server),
+        _ => Verdict::Refuse(NackReason::UnknownDevice),
+    }
 }
 
 /// The interrupts of one (client, VM), delivered in order, stop-and-wait:
@@ -184,6 +239,79 @@ impl Frontend {
             bindings: HashMap::new(),
             irq_streams: Vec::new(),
             irq_seq_base: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+            table: None,
+            here: HashSet::new(),
+        }
+    }
+
+    /// Route by `table` from now on, serving `here` (and resolving
+    /// requests that name no device among `specs`).
+    pub fn set_table(&mut self, table: Arc<RoutingTable>, here: HashSet<u32>, specs: &[DeviceSpec]) {
+        self.table = Some(table);
+        self.here = here;
+        self.set_devices(specs);
+    }
+
+    /// The revision of the table in force (0 when not placed).
+    pub fn table_revision(&self) -> u64 {
+        self.table.as_ref().map_or(0, |t| t.revision)
+    }
+
+    /// The stream entries whose latest answer came from `device`: what a
+    /// server taking the device over needs to answer retransmissions of
+    /// requests this one ran. (key, latest seq, the completion's frame)
+    pub fn streams_of_device(&self, device: u32) -> Vec<(u64, u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (key, last, answer) in self.streams.entries() {
+            if let Some(c) = answer.filter(|c| c.route.device == device) {
+                let repr = FrameRepr::new(EthernetRepr { dst: self.mac, src: self.mac }, Message::IoCompletion(*c));
+                let mut buf = vec![0u8; repr.buffer_len()];
+                if repr.emit(&mut buf).is_ok() {
+                    out.push((key.raw(), last, buf));
+                }
+            }
+        }
+        out
+    }
+
+    /// Take over stream entries from [`Frontend::streams_of_device`] of another server.
+    pub fn adopt_streams(&mut self, streams: &[(u64, u64, Vec<u8>)]) {
+        for (key, last, frame) in streams {
+            if let Ok(FrameRepr { msg: Message::IoCompletion(c), .. }) = FrameRepr::parse_bytes(frame) {
+                self.streams.adopt(StreamKey::from_raw(*key), *last, Some(c));
+            }
+        }
+    }
+
+    /// Answer `req` from its stream's cache if the answer is there (a
+    /// request held while its device moved in, which the server it came
+    /// from had run already); true if it was.
+    pub fn answer_if_cached(&mut self, req: &IoRequest, to: MacAddr, tx: &mut FrameBatch) -> bool {
+        match self.streams.check(stream_of(&req.route), req.seq) {
+            Seen::Duplicate(Some(&answer)) => {
+                self.stats.duplicates_answered += 1;
+                self.reply(tx, to, Message::IoCompletion(answer));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Count a request held for its device's state (or dropped when full).
+    pub fn count_held(&mut self, held: bool) {
+        if held {
+            self.stats.held += 1;
+        } else {
+            self.stats.held_dropped += 1;
+        }
+    }
+
+    /// Count a device that arrived with its state or left with it.
+    pub fn count_move(&mut self, arrived: bool) {
+        if arrived {
+            self.stats.devices_arrived += 1;
+        } else {
+            self.stats.devices_left += 1;
         }
     }
 
@@ -325,18 +453,38 @@ impl Frontend {
                     self.nack(tx, from, &req, NackReason::WrongServer);
                     return None;
                 }
-                if !self.addresses.fill(&mut req) {
-                    self.nack(tx, from, &req, NackReason::UnknownDevice);
-                    return None;
+                let mut to = from;
+                let verdict = self.table.as_ref().map(|t| place(t, &self.addresses, &self.here, &mut req));
+                match verdict {
+                    None if !self.addresses.fill(&mut req) => {
+                        self.nack(tx, from, &req, NackReason::UnknownDevice);
+                        return None;
+                    }
+                    None => {}
+                    Some(Verdict::Here(client)) => to = client,
+                    Some(Verdict::Forward(mac, server)) => {
+                        self.stats.forwarded += 1;
+                        let req = IoRequest { route: Route { server, ..req.route }, ..req };
+                        let mut fwd = FrameRepr::new(EthernetRepr { dst: mac, src: self.mac }, Message::IoRequest(req));
+                        fwd.retransmit = repr.retransmit;
+                        if !tx.push_with(|buf| fwd.emit(buf).ok()) {
+                            self.stats.tx_full += 1;
+                        }
+                        return None;
+                    }
+                    Some(Verdict::Refuse(reason)) => {
+                        self.nack(tx, from, &req, reason);
+                        return None;
+                    }
                 }
                 match self.streams.check(stream_of(&req.route), req.seq) {
                     Seen::New => {
-                        self.bind(&req, from);
-                        Some((req, from))
+                        self.bind(&req, to);
+                        Some((req, to))
                     }
                     Seen::Duplicate(Some(&answer)) => {
                         self.stats.duplicates_answered += 1;
-                        self.reply(tx, from, Message::IoCompletion(answer));
+                        self.reply(tx, to, Message::IoCompletion(answer));
                         None
                     }
                     Seen::Duplicate(None) => {
@@ -390,8 +538,14 @@ impl Frontend {
         match reason {
             NackReason::UnknownDevice => self.stats.nack_unknown_device += 1,
             NackReason::WrongServer => self.stats.nack_wrong_server += 1,
+            NackReason::NotAuthorised
+                if self.table.as_ref().is_some_and(|t| t.client_mac(req.route.client).is_none()) =>
+            {
+                self.stats.nack_unknown_client += 1
+            }
             NackReason::NotAuthorised => self.stats.nack_other_vm += 1,
-            _ => {}
+            NackReason::UnknownVm => self.stats.nack_unknown_vm += 1,
+            NackReason::BadVersion => {}
         }
         let msg = Message::Nack(Nack { route: req.route, seq: req.seq, reason, nacked: Kind::IoRequest });
         self.reply(tx, to, msg);
@@ -411,6 +565,18 @@ pub struct Server {
     frontend: Frontend,
     devices: Devices,
     env: DeviceEnv,
+    placed: Option<Placed>,
+}
+
+/// What a server placed by the control panel keeps (see [`crate::placed`]).
+#[derive(Debug)]
+struct Placed {
+    routes: Arc<LiveRoutes>,
+    transit: Arc<Transit>,
+    /// Specs of the devices served here, arriving ones included.
+    specs: HashMap<u32, DeviceSpec>,
+    /// Devices waiting for their state: since when, and the requests held meanwhile.
+    arriving: HashMap<u32, (Instant, Vec<(IoRequest, MacAddr)>)>,
 }
 
 impl Server {
@@ -423,7 +589,154 @@ impl Server {
     pub fn with_env(id: u16, mac: MacAddr, devices: &[DeviceSpec], env: DeviceEnv) -> Server {
         let mut frontend = Frontend::new(id, mac);
         frontend.set_devices(devices);
-        Server { frontend, devices: Devices::new(devices, &env), env }
+        Server { frontend, devices: Devices::new(devices, &env), env, placed: None }
+    }
+
+    /// A server whose devices, forwarding and answers follow the tables of
+    /// `routes` (swapped in by a store watch running `transit`'s chores).
+    pub fn placed(id: u16, mac: MacAddr, env: DeviceEnv, routes: Arc<LiveRoutes>, transit: Arc<Transit>) -> Server {
+        let mut s = Server {
+            frontend: Frontend::new(id, mac),
+            devices: Devices::new(&[], &env),
+            env,
+            placed: Some(Placed { routes, transit, specs: HashMap::new(), arriving: HashMap::new() }),
+        };
+        s.follow_table(Instant::now());
+        s
+    }
+
+    /// The devices of the control panel's records for this server, as specs.
+    pub fn specs_in(db: &dmfabric_control::model::Db, server: u16) -> Vec<Result<DeviceSpec, String>> {
+        db.devices.values().filter(|d| d.server == server).map(DeviceSpec::from_record).collect()
+    }
+
+    /// Pick up a new table if the watch swapped one in: add, remove and
+    /// hand over devices, and route by it.
+    fn follow_table(&mut self, now: Instant) {
+        let Some(p) = self.placed.as_mut() else { return };
+        if p.routes.revision() == self.frontend.table_revision() && self.frontend.table.is_some() {
+            return;
+        }
+        let table = p.routes.load();
+        let old = self.frontend.table.clone();
+        let id = self.frontend.id;
+        let db = &table.db;
+        let mine: HashMap<u32, DeviceSpec> = Server::specs_in(db, id)
+            .into_iter()
+            .filter_map(|r| r.map_err(|e| eprintln!("server {id}: {e}: not served")).ok())
+            .map(|s| (s.id, s))
+            .collect();
+        // Leaving: removed, or moved away with their state.
+        for dev in self.devices.ids() {
+            if mine.contains_key(&dev) {
+                continue;
+            }
+            let Some(state) = self.devices.remove(dev, now) else { continue };
+            p.specs.remove(&dev);
+            match db.devices.get(&dev) {
+                Some(d) => {
+                    let handoff =
+                        Handoff { device: dev, from: id, state, streams: self.frontend.streams_of_device(dev) };
+                    let blob = serde_json::to_vec(&handoff).expect("handoffs serialise");
+                    eprintln!(
+                        "server {id}: device {dev} moves to server {}: {} bytes of state go with it",
+                        d.server,
+                        blob.len()
+                    );
+                    p.transit.send(dev, blob);
+                    self.frontend.count_move(false);
+                }
+                None => eprintln!("server {id}: device {dev} removed"),
+            }
+        }
+        for dev in p.arriving.keys().copied().collect::<Vec<_>>() {
+            if !mine.contains_key(&dev) {
+                // Moved on again before its state came: its held requests are retransmitted by their clients.
+                p.arriving.remove(&dev);
+                p.specs.remove(&dev);
+                p.transit.unwant(dev);
+            }
+        }
+        // Arriving: new ones start fresh, moved ones wait for their state.
+        for (dev, spec) in &mine {
+            if self.devices.contains(*dev) || p.arriving.contains_key(dev) {
+                continue;
+            }
+            let from = old.as_ref().and_then(|t| t.placement(*dev)).map(|pl| pl.server).filter(|s| *s != id);
+            match from {
+                Some(from) => {
+                    eprintln!("server {id}: device {dev} moves here from server {from}: waiting for its state");
+                    p.arriving.insert(*dev, (now, Vec::new()));
+                    p.transit.want(*dev);
+                }
+                None => {
+                    eprintln!("server {id}: device {dev} ({}) of VM {:?} added", spec.kind.name(), spec.vm);
+                    self.devices.insert(spec, self.env.build(spec, now), now);
+                }
+            }
+            p.specs.insert(*dev, spec.clone());
+        }
+        let specs: Vec<DeviceSpec> = p.specs.values().cloned().collect();
+        let here = p.specs.keys().copied().collect();
+        self.frontend.set_table(table, here, &specs);
+    }
+
+    /// Build the devices whose state arrived (or that waited too long for
+    /// it) and run the requests they held.
+    fn take_arrivals(&mut self, tx: &mut FrameBatch, now: Instant) {
+        let Some(p) = self.placed.as_mut() else { return };
+        let id = self.frontend.id;
+        let mut ready = Vec::new();
+        for (dev, blob) in p.transit.take_arrived() {
+            let Some((_, held)) = p.arriving.remove(&dev) else { continue };
+            let Some(spec) = p.specs.get(&dev).cloned() else { continue };
+            let model = serde_json::from_slice::<Handoff>(&blob).map_err(|e| e.to_string()).and_then(|h| {
+                self.frontend.adopt_streams(&h.streams);
+                self.env.restore(&spec, h.state, now).map(|m| (m, h.from))
+            });
+            match model {
+                Ok((model, from)) => {
+                    eprintln!(
+                        "server {id}: device {dev} arrived from server {from} with its state; {} requests waited",
+                        held.len()
+                    );
+                    self.devices.insert(&spec, model, now);
+                    self.frontend.count_move(true);
+                }
+                Err(e) => {
+                    eprintln!("server {id}: device {dev}'s saved state is unusable ({e}): starting it fresh");
+                    self.devices.insert(&spec, self.env.build(&spec, now), now);
+                }
+            }
+            ready.push(held);
+        }
+        let late: Vec<u32> = p
+            .arriving
+            .iter()
+            .filter(|(_, (since, _))| now.duration_since(*since) > STATE_WAIT)
+            .map(|(d, _)| *d)
+            .collect();
+        for dev in late {
+            let Some((_, held)) = p.arriving.remove(&dev) else { continue };
+            p.transit.unwant(dev);
+            let Some(spec) = p.specs.get(&dev).cloned() else { continue };
+            eprintln!("server {id}: no saved state for device {dev} within {STATE_WAIT:?}: starting it fresh");
+            self.devices.insert(&spec, self.env.build(&spec, now), now);
+            ready.push(held);
+        }
+        for (req, to) in ready.into_iter().flatten() {
+            if !self.frontend.answer_if_cached(&req, to, tx) {
+                self.run(&req, to, tx, now);
+            }
+        }
+    }
+
+    fn run(&mut self, req: &IoRequest, to: MacAddr, tx: &mut FrameBatch, now: Instant) {
+        match self.devices.execute(req, now) {
+            Ok(cmp) => self.frontend.complete(tx, to, cmp),
+            Err(Refused::UnknownDevice) => self.frontend.nack(tx, to, req, NackReason::UnknownDevice),
+            Err(Refused::OtherVm) => self.frontend.nack(tx, to, req, NackReason::NotAuthorised),
+        }
     }
 
     pub fn id(&self) -> u16 {
@@ -441,23 +754,33 @@ impl Server {
 
 impl Handler for Server {
     fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, now: Instant) {
-        if let Some((req, from)) = self.frontend.classify(bytes, tx) {
-            match self.devices.execute(&req, now) {
-                Ok(cmp) => self.frontend.complete(tx, from, cmp),
-                Err(Refused::UnknownDevice) => self.frontend.nack(tx, from, &req, NackReason::UnknownDevice),
-                Err(Refused::OtherVm) => self.frontend.nack(tx, from, &req, NackReason::NotAuthorised),
+        if let Some((req, to)) = self.frontend.classify(bytes, tx) {
+            if let Some((_, held)) = self.placed.as_mut().and_then(|p| p.arriving.get_mut(&req.route.device)) {
+                let room = held.len() < HELD_MAX;
+                if room {
+                    held.push((req, to));
+                }
+                self.frontend.count_held(room);
+                return;
             }
+            self.run(&req, to, tx, now);
         }
     }
 
     fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
+        if self.placed.is_some() {
+            self.follow_table(now);
+            self.take_arrivals(tx, now);
+        }
         self.devices.tick(now);
         self.frontend.send_vm_events(&self.env.events, tx);
         self.frontend.send_interrupts(&self.env.irqs, tx, now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        [self.devices.next_due(), self.frontend.next_retransmit()].into_iter().flatten().min()
+        // A placed server looks at its table and arrivals every few ms even when idle.
+        let watch = self.placed.as_ref().map(|_| Instant::now() + Duration::from_millis(5));
+        [self.devices.next_due(), self.frontend.next_retransmit(), watch].into_iter().flatten().min()
     }
 }
 

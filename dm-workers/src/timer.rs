@@ -135,6 +135,10 @@ impl<L: IrqLine> Device for EventTimer<L> {
         "event-timer"
     }
 
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).expect("model states serialise")
+    }
+
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
         let v = match self.offset(space, addr, size)? {
             0x00 => self.ctrl,

@@ -421,6 +421,10 @@ impl<L: IrqLine, O: ByteSink, I: ByteSource> Device for Uart16550<L, O, I> {
         "uart16550"
     }
 
+    fn save(&self) -> serde_json::Value {
+        serde_json::to_value(self.state()).expect("model states serialise")
+    }
+
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
         let off = self.offset(space, addr, size)?;
         Some(u64::from(self.read_reg(off)))

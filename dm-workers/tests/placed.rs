@@ -1,0 +1,208 @@
+//! A server placed by the control panel, driven frame by frame: it
+//! forwards what another server holds, answers clients at the MACs the
+//! control panel gave, refuses ids it does not know, and hands a device
+//! over to another server with its state and its latest answers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dmfabric_control::model::{
+    Change, ClientPlatform, Db, Device, Range, Server as ServerRec, ServerRole, Vm, VmState,
+};
+use dmfabric_control::routing::{LiveRoutes, RoutingTable};
+use dmfabric_control::store::RedbStore;
+use dmfabric_dataplane::poll::Handler;
+use dmfabric_dataplane::FrameBatch;
+use dmfabric_dm_workers::placed::Transit;
+use dmfabric_dm_workers::server::{DeviceEnv, Server};
+use dmfabric_wire::{
+    AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, NackReason, Route, Space,
+};
+
+const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x03]);
+const S10: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x0a]);
+const S11: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x0b]);
+
+fn regfile(id: u32, server: u16, base: u64) -> Device {
+    Device {
+        id,
+        kind: "regfile".into(),
+        server,
+        shard: 0,
+        vm: 7,
+        ranges: vec![Range { mmio: false, base, len: 0x10 }],
+        irqs: vec![],
+    }
+}
+
+fn db() -> Db {
+    let mut db = Db::default();
+    db.apply(&[
+        Change::AddClient(ClientPlatform {
+            id: 3,
+            mac: "02:00:00:00:00:03".into(),
+            hypervisor: 1,
+            hypervisor_kind: "kvm".into(),
+        }),
+        Change::AddServer(ServerRec { id: 10, mac: "02:00:00:00:00:0a".into(), role: ServerRole::Owner }),
+        Change::AddServer(ServerRec { id: 11, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io }),
+        Change::AddVm(Vm {
+            id: 7,
+            client: 3,
+            vcpus: 1,
+            memory_mib: 4,
+            image: "io_loop".into(),
+            state: VmState::Running,
+            owner: Some(10),
+        }),
+        Change::AddDevice(regfile(1, 10, 0x500)),
+        Change::AddDevice(regfile(2, 11, 0x600)),
+    ])
+    .unwrap();
+    db
+}
+
+struct Req {
+    to: MacAddr,
+    client: u16,
+    vm: u32,
+    device: u32,
+    seq: u64,
+    dir: Direction,
+    addr: u64,
+    data: u64,
+}
+
+impl Req {
+    fn frame(&self) -> Vec<u8> {
+        let req = IoRequest {
+            route: Route { server: 10, hypervisor: 1, client: self.client, vm: self.vm, vcpu: 0, device: self.device },
+            seq: self.seq,
+            space: Space::Pio,
+            dir: self.dir,
+            size: AccessSize::B2,
+            addr: self.addr,
+            data: self.data,
+        };
+        let repr = FrameRepr::new(EthernetRepr { dst: self.to, src: CLIENT }, Message::IoRequest(req));
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        buf
+    }
+}
+
+/// A read by client 3's VM 7 of `device` at `addr`, sent to `to`.
+fn read(to: MacAddr, device: u32, seq: u64, addr: u64) -> Req {
+    Req { to, client: 3, vm: 7, device, seq, dir: Direction::Read, addr, data: 0 }
+}
+
+fn write(to: MacAddr, device: u32, seq: u64, addr: u64, data: u64) -> Req {
+    Req { dir: Direction::Write, data, ..read(to, device, seq, addr) }
+}
+
+fn feed(s: &mut Server, f: &[u8]) -> Vec<Vec<u8>> {
+    let mut tx = FrameBatch::new();
+    s.on_frame(f, &mut tx, Instant::now());
+    tx.iter().map(<[u8]>::to_vec).collect()
+}
+
+fn poll(s: &mut Server) -> Vec<Vec<u8>> {
+    let mut tx = FrameBatch::new();
+    s.on_poll(&mut tx, Instant::now());
+    tx.iter().map(<[u8]>::to_vec).collect()
+}
+
+fn one(frames: &[Vec<u8>]) -> FrameRepr<'_> {
+    assert_eq!(frames.len(), 1, "one frame out");
+    FrameRepr::parse_bytes(&frames[0]).unwrap()
+}
+
+struct Pair {
+    s10: Server,
+    s11: Server,
+    routes: [Arc<LiveRoutes>; 2],
+    transit: [Arc<Transit>; 2],
+}
+
+fn pair(db: &Db) -> Pair {
+    let routes = [0, 1].map(|_| Arc::new(LiveRoutes::new(RoutingTable::build(db, 1))));
+    let transit = [0, 1].map(|_| Transit::new());
+    let env = || DeviceEnv::new(&[]);
+    let s10 = Server::placed(10, S10, env(), routes[0].clone(), transit[0].clone());
+    let s11 = Server::placed(11, S11, env(), routes[1].clone(), transit[1].clone());
+    Pair { s10, s11, routes, transit }
+}
+
+#[test]
+fn the_owner_forwards_and_the_io_server_answers_the_client_directly() {
+    let mut p = pair(&db());
+    // Device 2 is on server 11: the owner sends it on, with server 11's id.
+    let out = feed(&mut p.s10, &write(S10, 2, 1, 0x602, 0x1234).frame());
+    let fwd = one(&out);
+    assert_eq!(fwd.eth, EthernetRepr { dst: S11, src: S10 });
+    let Message::IoRequest(req) = fwd.msg else { panic!("{:?}", fwd.msg) };
+    assert_eq!((req.route.server, req.route.client, req.route.device, req.seq), (11, 3, 2, 1));
+    // The I/O server answers the client itself.
+    let out = feed(&mut p.s11, &out[0]);
+    let cmp = one(&out);
+    assert_eq!(cmp.eth, EthernetRepr { dst: CLIENT, src: S11 });
+    assert!(matches!(cmp.msg, Message::IoCompletion(c) if c.seq == 1 && c.route.device == 2));
+    // Device 0 = "whatever is at this address": resolved by the table, then forwarded.
+    let out = feed(&mut p.s10, &read(S10, 0, 2, 0x602).frame());
+    assert!(matches!(one(&out).msg, Message::IoRequest(r) if r.route.device == 2));
+    // Ids the control panel does not know are refused and counted.
+    let unknown = [
+        (Req { vm: 8, ..read(S10, 1, 3, 0x500) }, NackReason::UnknownVm),
+        (Req { client: 4, ..read(S10, 1, 3, 0x500) }, NackReason::NotAuthorised),
+        (read(S10, 9, 3, 0x500), NackReason::UnknownDevice),
+    ];
+    for (req, reason) in unknown {
+        let out = feed(&mut p.s10, &req.frame());
+        assert!(matches!(one(&out).msg, Message::Nack(n) if n.reason == reason), "{reason:?}");
+    }
+    let st = p.s10.stats();
+    assert_eq!((st.forwarded, st.nack_unknown_vm, st.nack_unknown_client, st.nack_unknown_device), (2, 1, 1, 1));
+    assert_eq!(st.completions, 0, "the owner ran nothing");
+}
+
+#[test]
+fn a_device_moves_with_its_state_and_its_latest_answer() {
+    let path = std::env::temp_dir().join(format!("dmfabric-placed-{}.redb", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let store = RedbStore::open(&path).unwrap();
+    let mut d = db();
+    let mut p = pair(&d);
+    let mut chores = p.transit.clone().map(|t| t.chores());
+    // Device 1 on server 10 gets a value.
+    assert!(matches!(one(&feed(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame())).msg,
+        Message::IoCompletion(c) if c.seq == 5));
+    // The control panel moves it to server 11; server 11 sees the table first.
+    d.apply(&[Change::UpdateDevice(regfile(1, 11, 0x500))]).unwrap();
+    for r in &p.routes {
+        r.swap(RoutingTable::build(&d, 2));
+    }
+    assert!(poll(&mut p.s11).is_empty());
+    // Server 10 lets go (its watch will write the state) and forwards from now on.
+    poll(&mut p.s10);
+    // The write's completion was lost: its retransmission goes to server 11 and waits there.
+    let out = feed(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame());
+    assert!(matches!(one(&out).msg, Message::IoRequest(r) if r.route.server == 11 && r.seq == 5));
+    assert!(feed(&mut p.s11, &out[0]).is_empty(), "held until the state is there");
+    chores[0](&store).unwrap();
+    chores[1](&store).unwrap();
+    // The held retransmission is answered from the cache that came along: not run again.
+    let out = poll(&mut p.s11);
+    let cmp = one(&out);
+    assert_eq!(cmp.eth.dst, CLIENT);
+    assert!(matches!(cmp.msg, Message::IoCompletion(c) if c.seq == 5 && c.data == 0xbeef));
+    // What server 10 wrote is there; server 10 now forwards.
+    let out = feed(&mut p.s10, &read(S10, 1, 6, 0x504).frame());
+    let out = feed(&mut p.s11, &out[0]);
+    assert!(matches!(one(&out).msg, Message::IoCompletion(c) if c.seq == 6 && c.data == 0xbeef));
+    let (st10, st11) = (p.s10.stats(), p.s11.stats());
+    assert_eq!((st10.devices_left, st11.devices_arrived, st11.held, st11.duplicates_answered), (1, 1, 1, 1));
+    let dev1 = st11.devices.iter().find(|c| c.id == 1).unwrap();
+    assert_eq!((dev1.writes, dev1.reads), (0, 1), "the write ran once, on server 10");
+    drop(store);
+    let _ = std::fs::remove_file(&path);
+}
