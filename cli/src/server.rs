@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use dmfabric_control::watch::Watch;
 use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
+use dmfabric_dm_workers::placed::Transit;
 use dmfabric_dm_workers::server::{
     DeviceEnv, DeviceKind, DeviceSpec, Server, ServerStats, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE, IRQ_TEST_PIO,
     TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
@@ -77,6 +79,15 @@ pub struct ServerArgs {
     /// test devices, and the PC devices of each --pc-vm.
     #[arg(long, conflicts_with_all = ["pc_vm"])]
     config: Option<PathBuf>,
+    /// Take the devices from the control panel's store (a redb file or
+    /// etcd://HOST:PORT) and follow its changes while running: devices
+    /// placed on --server-id run here, requests for other servers' devices
+    /// are forwarded there, device models move with their state.
+    #[arg(long, conflicts_with_all = ["config", "pc_vm"])]
+    store: Option<String>,
+    /// How often the store is asked for changes, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    watch_ms: u64,
     /// Print an example device config and exit.
     #[arg(long)]
     example_config: bool,
@@ -175,6 +186,11 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         None => online,
     };
     let layout = dmfabric_pinning::choose_shared(args.layout, &cores)?;
+    if args.store.is_some() && !matches!(layout, Layout::RunToCompletion { .. }) {
+        bail!(
+            "--store: a server placed by the control panel runs the run-to-completion layout for now: add --layout rtc"
+        );
+    }
     if let Layout::Split { dataplane, .. } = &layout {
         if dataplane.len() > 1 {
             bail!("This server drives one AF_XDP queue, so the split layout takes one data-plane core: use split:1:<workers>");
@@ -184,19 +200,26 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         Layout::RunToCompletion { core } => *core,
         Layout::Split { dataplane, .. } => dataplane[0],
     };
-    dmfabric_pinning::pin_current(dp_core)?;
     if args.test_devices == 0 {
         bail!("--test-devices must be at least 1");
     }
 
     let spec = transport_spec(&args)?;
     let (mut transport, description) = open_transport(&spec)?;
+    // The store's watch thread starts before this thread is pinned: it
+    // must not share the data-plane core.
+    let placed = match &args.store {
+        Some(store) => Some(placement(store, args.server_id, transport.mac(), Duration::from_millis(args.watch_ms))?),
+        None => None,
+    };
+    dmfabric_pinning::pin_current(dp_core)?;
     if args.irq_test_devices > 1000 {
         bail!("--irq-test-devices: at most 1000");
     }
-    let devices = match &args.config {
-        Some(path) => crate::server_config::load(path)?,
-        None => {
+    let devices = match (&args.config, &placed) {
+        (_, Some(p)) => p.devices.clone(),
+        (Some(path), None) => crate::server_config::load(path)?,
+        (None, None) => {
             let mut devices: Vec<DeviceSpec> =
                 (1..=args.test_devices).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
             devices.extend(
@@ -216,9 +239,16 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let env = DeviceEnv::new(&devices);
     let console_dir = args.console_dir.clone().unwrap_or_else(|| default_console_dir(args.server_id));
     let served = match &layout {
-        Layout::RunToCompletion { .. } => {
-            Served::Rtc(Server::with_env(args.server_id, transport.mac(), &devices, env.clone()))
-        }
+        Layout::RunToCompletion { .. } => match &placed {
+            Some(p) => Served::Rtc(Server::placed(
+                args.server_id,
+                transport.mac(),
+                env.clone(),
+                p.watch.routes(),
+                p.transit.clone(),
+            )),
+            None => Served::Rtc(Server::with_env(args.server_id, transport.mac(), &devices, env.clone())),
+        },
         Layout::Split { workers, .. } => {
             let idle =
                 WorkerIdle { spin: if args.busy_poll { u32::MAX } else { args.spin }, nap: Duration::from_micros(50) };
@@ -264,7 +294,16 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         TransportSpec::Udp { local, .. } => format!("udp {local}"),
         _ => format!("{description} on {}", args.iface.as_deref().unwrap_or("?")),
     };
-    println!(
+    if let (Some(p), Some(store)) = (&placed, &args.store) {
+        println!(
+            "dmfabric server ready: server {} ({where_}, mac {}), {layout}; placed by the control panel ({store}, revision {}): {} devices here",
+            args.server_id,
+            transport.mac(),
+            p.watch.routes().revision(),
+            devices.len()
+        );
+    } else {
+        println!(
         "dmfabric server ready: server {} ({where_}, mac {}), {layout}; test devices 1..={}: ports {:#x}-{:#x}, mmio {:#x}-{:#x}",
         args.server_id,
         transport.mac(),
@@ -274,6 +313,7 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         TEST_DEVICE_MMIO,
         TEST_DEVICE_MMIO + u64::from(TEST_DEVICE_MMIO_LEN - 1)
     );
+    }
     for d in devices.iter().filter(|d| !matches!(d.kind, DeviceKind::RegFile | DeviceKind::IrqTest { .. })) {
         println!(
             "dmfabric server: device {} {} for {} at port {:#x}",
@@ -290,7 +330,7 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             console_dir.display()
         );
     }
-    if args.config.is_none() && args.irq_test_devices > 0 {
+    if args.config.is_none() && placed.is_none() && args.irq_test_devices > 0 {
         println!(
             "dmfabric server: interrupt test devices {}..={}: ports {:#x}-{:#x}, IRQ {}",
             IRQ_TEST_FIRST_ID,
@@ -326,6 +366,16 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     for d in &stats.devices {
         eprintln!("dmfabric server: {d}");
     }
+    if let Some(p) = &placed {
+        use std::sync::atomic::Ordering::Relaxed;
+        let h = p.watch.health();
+        eprintln!(
+            "dmfabric server: store: tables swapped {} times, {} failed calls, last revision {}",
+            h.swaps.load(Relaxed),
+            h.errors.load(Relaxed),
+            p.watch.routes().revision()
+        );
+    }
     let t = transport.stats();
     eprintln!(
         "dmfabric server: transport {}: rx {} tx {} rx-dropped {} tx-dropped {} io-errors {}",
@@ -344,6 +394,38 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     result.context("The data plane stopped")?;
     Ok(())
+}
+
+/// A server placed by the control panel: its watch, the device states in
+/// transit, and the devices placed on it when it started.
+struct Placement {
+    watch: Watch,
+    transit: Arc<Transit>,
+    devices: Vec<DeviceSpec>,
+}
+
+fn placement(store: &str, id: u16, mac: MacAddr, period: Duration) -> anyhow::Result<Placement> {
+    let opened = dmfabric_control::store::open(store)?;
+    let db = opened.load()?;
+    let Some(me) = db.servers.get(&id) else {
+        bail!(
+            "server {id} is not in the store ({store}): add it with `dmfabric ctl --store {store} add server --id {id} --mac {mac}`"
+        );
+    };
+    if dmfabric_control::routing::parse_mac(&me.mac) != Some(mac.0) {
+        bail!(
+            "the store has server {id} at MAC {}, but this interface's is {mac}: clients would send elsewhere (fix the record, or run on the right interface)",
+            me.mac
+        );
+    }
+    let mut devices = Vec::new();
+    for spec in Server::specs_in(&db, id) {
+        devices.push(spec.map_err(anyhow::Error::msg)?);
+    }
+    crate::server_config::check(&devices)?;
+    let transit = Transit::new();
+    let watch = Watch::start(opened, format!("dmfabric server {id}"), period, Some(transit.clone().chores()))?;
+    Ok(Placement { watch, transit, devices })
 }
 
 fn transport_spec(args: &ServerArgs) -> anyhow::Result<TransportSpec> {
