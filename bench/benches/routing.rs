@@ -35,6 +35,8 @@ fn database() -> Db {
             image: "io_loop".into(),
             state: VmState::Running,
             owner: None,
+            args: Vec::new(),
+            migrate_to: None,
         }));
     }
     let mut db = Db::default();

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Server, ServerRole, Vm, VmState};
+use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Lifecycle, Range, Server, ServerRole, Vm, VmState};
 use dmfabric_control::store::DEFAULT_STORE;
 
 use crate::io::number;
@@ -58,6 +58,29 @@ pub enum CtlCmd {
     /// Edit a device's placement.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// A VM's life: launch, suspend, resume, shut down, migrate. The client
+    /// platform running it carries the change out.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Start a defined (or stopped) VM on its client platform.
+    Launch { id: u32 },
+    /// Pause its vCPUs (memory and devices stay).
+    Suspend { id: u32 },
+    /// Let a suspended VM run again.
+    Resume { id: u32 },
+    /// Stop it.
+    Shutdown { id: u32 },
+    /// Move it, memory and vCPU state, to another client platform; its
+    /// completions and interrupts follow it.
+    Migrate {
+        id: u32,
+        #[arg(long)]
+        to: u16,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +116,9 @@ pub enum AddCmd {
         /// device's server); without it, straight to each device's server.
         #[arg(long)]
         owner: Option<u16>,
+        /// The test guest's arguments (rdi, rsi, rdx), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        args: Vec<String>,
     },
     Device {
         #[arg(long)]
@@ -151,8 +177,22 @@ fn change(cmd: AddCmd) -> anyhow::Result<Change> {
             mac,
             role: if role == Role::Owner { ServerRole::Owner } else { ServerRole::Io },
         }),
-        AddCmd::Vm { id, client, vcpus, memory_mib, image, owner } => {
-            Change::AddVm(Vm { id, client, vcpus, memory_mib, image, state: VmState::Defined, owner })
+        AddCmd::Vm { id, client, vcpus, memory_mib, image, owner, args } => {
+            let args = args.iter().map(|a| number(a)).collect::<anyhow::Result<Vec<u64>>>()?;
+            if args.len() > 3 {
+                bail!("--args: at most three (rdi, rsi, rdx)");
+            }
+            Change::AddVm(Vm {
+                id,
+                client,
+                vcpus,
+                memory_mib,
+                image,
+                state: VmState::Defined,
+                owner,
+                args,
+                migrate_to: None,
+            })
         }
         AddCmd::Device { id, kind, server, vm, shard, pio, mmio, irq } => {
             let mut ranges = Vec::new();
@@ -261,6 +301,18 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 One::Device => Change::RemoveDevice(id),
             };
             commit(&[c])?;
+        }
+        CtlCmd::Vm(cmd) => {
+            let (id, action) = match cmd {
+                VmCmd::Launch { id } => (id, Lifecycle::Launch),
+                VmCmd::Suspend { id } => (id, Lifecycle::Suspend),
+                VmCmd::Resume { id } => (id, Lifecycle::Resume),
+                VmCmd::Shutdown { id } => (id, Lifecycle::Shutdown),
+                VmCmd::Migrate { id, to } => (id, Lifecycle::Migrate(to)),
+            };
+            let db = store.load()?;
+            let Some(vm) = db.vms.get(&id) else { bail!("no VM {id}") };
+            commit(&[Change::UpdateVm(vm.after(action)?)])?;
         }
         CtlCmd::Device(DeviceCmd::Move { id, to, shard }) => {
             let db = store.load()?;

@@ -18,6 +18,8 @@ const PREFIX: &str = "/dmfabric/records/";
 const REVISION: &str = "/dmfabric/revision";
 /// Saved device-model states in transit: `/dmfabric/state/<device>`.
 const STATES: &str = "/dmfabric/state/";
+/// The largest part of a state in transit (etcd's request limit is 1.5 MiB).
+const STATE_PART: usize = 1 << 20;
 /// Each etcd call's limit: past it the store is reported unreachable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commits that lose the race to another writer before giving up.
@@ -133,17 +135,42 @@ impl Store for EtcdStore {
         format!("etcd at {}", self.endpoints)
     }
 
-    fn put_state(&self, device: u32, state: &[u8]) -> Result<(), StoreError> {
-        let (k, v) = (format!("{STATES}{device}"), state.to_vec());
+    /// etcd takes at most 1.5 MiB per request: a state goes in parts of
+    /// [`STATE_PART`] (`<key>/part/<n>`), then the count (`<key>/parts`),
+    /// which is what a reader waits for.
+    fn put_state(&self, key: &str, state: &[u8]) -> Result<(), StoreError> {
+        let base = format!("{STATES}{key}");
+        let parts: Vec<&[u8]> = if state.is_empty() { vec![state] } else { state.chunks(STATE_PART).collect() };
+        for (n, part) in parts.iter().enumerate() {
+            let (k, v) = (format!("{base}/part/{n}"), part.to_vec());
+            self.call(|mut c| async move { c.put(k, v, None).await })?;
+        }
+        let (k, v) = (format!("{base}/parts"), parts.len().to_string());
         self.call(|mut c| async move { c.put(k, v, None).await })?;
         Ok(())
     }
 
-    fn take_state(&self, device: u32) -> Result<Option<Vec<u8>>, StoreError> {
-        let k = format!("{STATES}{device}");
-        // A delete that returns what it deleted: read and delete in one step.
+    fn take_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let base = format!("{STATES}{key}");
+        // Taking the count is the claim: a delete that returns what it deleted.
+        let k = format!("{base}/parts");
         let resp = self.call(|mut c| async move { c.delete(k, Some(DeleteOptions::new().with_prev_key())).await })?;
-        Ok(resp.prev_kvs().first().map(|kv| kv.value().to_vec()))
+        let Some(count) = resp.prev_kvs().first() else { return Ok(None) };
+        let count: usize = count
+            .value_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| self.err(format!("{base}/parts is not a number")))?;
+        let mut state = Vec::new();
+        for n in 0..count {
+            let k = format!("{base}/part/{n}");
+            let resp =
+                self.call(|mut c| async move { c.delete(k, Some(DeleteOptions::new().with_prev_key())).await })?;
+            let part =
+                resp.prev_kvs().first().ok_or_else(|| self.err(format!("{base}: part {n} of {count} is missing")))?;
+            state.extend_from_slice(part.value());
+        }
+        Ok(Some(state))
     }
 }
 

@@ -61,6 +61,50 @@ pub struct Vm {
     /// server holding the device; None: straight to each device's server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<u16>,
+    /// A test guest's rdi, rsi, rdx.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<u64>,
+    /// While migrating: the client platform it is moving to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_to: Option<u16>,
+}
+
+/// What `dmfabric ctl vm ...` asks of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Launch,
+    Suspend,
+    Resume,
+    Shutdown,
+    /// Move it to this client platform.
+    Migrate(u16),
+}
+
+impl Vm {
+    /// The VM after `action`, or why it cannot be done in its state.
+    pub fn after(&self, action: Lifecycle) -> Result<Vm, Conflict> {
+        use VmState::*;
+        let refuse =
+            |what: &str| Err(Conflict::Invalid(format!("VM {} is {:?}: cannot {what} it", self.id, self.state)));
+        let state = |state| Ok(Vm { state, ..self.clone() });
+        match (action, self.state) {
+            (Lifecycle::Launch, Defined | Stopped) => state(Running),
+            (Lifecycle::Launch, _) => refuse("launch"),
+            (Lifecycle::Suspend, Running) => state(Suspended),
+            (Lifecycle::Suspend, _) => refuse("suspend"),
+            (Lifecycle::Resume, Suspended) => state(Running),
+            (Lifecycle::Resume, _) => refuse("resume"),
+            (Lifecycle::Shutdown, Defined | Running | Suspended) => state(Stopped),
+            (Lifecycle::Shutdown, _) => refuse("shut down"),
+            (Lifecycle::Migrate(to), _) if to == self.client => {
+                Err(Conflict::Invalid(format!("VM {} already runs on client platform {to}", self.id)))
+            }
+            (Lifecycle::Migrate(to), Running | Suspended) => {
+                Ok(Vm { state: Migrating, migrate_to: Some(to), ..self.clone() })
+            }
+            (Lifecycle::Migrate(_), _) => refuse("migrate"),
+        }
+    }
 }
 
 /// An address range of a device: port or MMIO, base and length.
@@ -202,6 +246,20 @@ impl Db {
                         target_id: v.client.into(),
                     });
                 }
+                if let Some(to) = v.migrate_to.filter(|c| !self.clients.contains_key(c)) {
+                    return Err(Conflict::Dangling {
+                        what: "VM",
+                        id: v.id.into(),
+                        target: "client platform",
+                        target_id: to.into(),
+                    });
+                }
+                if (v.state == VmState::Migrating) != v.migrate_to.is_some() {
+                    return Err(Conflict::Invalid(format!(
+                        "VM {}: a migrating VM names the client platform it moves to, and only it",
+                        v.id
+                    )));
+                }
                 if let Some(owner) = v.owner.filter(|o| !self.servers.contains_key(o)) {
                     return Err(Conflict::Dangling {
                         what: "VM",
@@ -274,7 +332,7 @@ impl Db {
                 if !self.clients.contains_key(id) {
                     return Err(Conflict::Missing { what: "client platform", id: (*id).into() });
                 }
-                match self.vms.values().find(|v| v.client == *id) {
+                match self.vms.values().find(|v| v.client == *id || v.migrate_to == Some(*id)) {
                     Some(v) => Err(Conflict::InUse {
                         what: "client platform",
                         id: (*id).into(),
@@ -392,6 +450,8 @@ pub mod fixtures {
                 image: "io_loop".into(),
                 state: VmState::Defined,
                 owner: None,
+                args: Vec::new(),
+                migrate_to: None,
             }),
         ]
     }
@@ -455,6 +515,30 @@ mod tests {
         let said = db.apply(&[Change::UpdateDevice(Device { server: 11, ..uart(1, 0x3f8) })]).unwrap();
         assert_eq!(said, vec!["updated device 1 (server 11, shard 0)"]);
         assert_eq!(db.devices[&1].server, 11);
+    }
+
+    #[test]
+    fn lifecycle_steps_follow_the_state_and_name_what_they_refuse() {
+        let mut db = base();
+        let vm = db.vms[&100].clone();
+        assert_eq!(vm.after(Lifecycle::Launch).unwrap().state, VmState::Running);
+        assert_eq!(vm.after(Lifecycle::Resume).unwrap_err().to_string(), "VM 100 is Defined: cannot resume it");
+        let running = vm.after(Lifecycle::Launch).unwrap();
+        let suspended = running.after(Lifecycle::Suspend).unwrap();
+        assert_eq!(suspended.after(Lifecycle::Resume).unwrap(), running);
+        assert_eq!(suspended.after(Lifecycle::Shutdown).unwrap().state, VmState::Stopped);
+        assert!(running.after(Lifecycle::Migrate(1)).unwrap_err().to_string().contains("already runs on"));
+        let moving = running.after(Lifecycle::Migrate(2)).unwrap();
+        assert_eq!((moving.state, moving.migrate_to), (VmState::Migrating, Some(2)));
+        // The target must exist, and stays in use while the VM moves there.
+        let err = db.apply(&[Change::UpdateVm(moving.clone())]).unwrap_err();
+        assert_eq!(err.to_string(), "VM 100 refers to client platform 2, which does not exist");
+        let two =
+            ClientPlatform { id: 2, mac: "02:00:00:00:00:02".into(), hypervisor: 1, hypervisor_kind: "kvm".into() };
+        db.apply(&[Change::AddClient(two), Change::UpdateVm(moving)]).unwrap();
+        assert!(db.apply(&[Change::RemoveClient(2)]).unwrap_err().to_string().contains("still used by VM 100"));
+        let half = Vm { migrate_to: None, ..db.vms[&100].clone() };
+        assert!(db.apply(&[Change::UpdateVm(half)]).is_err(), "Migrating without a target");
     }
 
     #[test]

@@ -30,6 +30,8 @@ struct VmRoutes {
     client: u16,
     /// The server its requests go to first (None: each device's own).
     owner: Option<u16>,
+    /// The client platform it is migrating to (which may already send).
+    moving_to: Option<u16>,
     pio: Vec<Route>,
     mmio: Vec<Route>,
 }
@@ -81,7 +83,10 @@ impl RoutingTable {
     pub fn build(db: &Db, revision: u64) -> RoutingTable {
         let mut vms: HashMap<u32, VmRoutes> = HashMap::with_capacity(db.vms.len());
         for v in db.vms.values() {
-            vms.insert(v.id, VmRoutes { client: v.client, owner: v.owner, ..VmRoutes::default() });
+            vms.insert(
+                v.id,
+                VmRoutes { client: v.client, owner: v.owner, moving_to: v.migrate_to, ..VmRoutes::default() },
+            );
         }
         let mut devices = HashMap::with_capacity(db.devices.len());
         for d in db.devices.values() {
@@ -129,6 +134,12 @@ impl RoutingTable {
     /// The client platform `vm` runs on.
     pub fn client_of(&self, vm: u32) -> Option<u16> {
         self.vms.get(&vm).map(|r| r.client)
+    }
+
+    /// Whether client platform `client` may send for `vm`: it runs there,
+    /// or is migrating there.
+    pub fn may_send(&self, vm: u32, client: u16) -> bool {
+        self.vms.get(&vm).is_some_and(|r| r.client == client || r.moving_to == Some(client))
     }
 
     /// The MAC of server `id`.

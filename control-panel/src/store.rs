@@ -33,18 +33,20 @@ pub trait Store: Send + Sync {
     fn revision(&self) -> Result<u64, StoreError>;
     /// Where it is, for messages ("redb file /var/lib/...", "etcd at ...").
     fn describe(&self) -> String;
-    /// Keep the saved state of device model `device` while it moves from
-    /// one server to another (not a record: the revision stays).
-    fn put_state(&self, device: u32, state: &[u8]) -> Result<(), StoreError>;
-    /// Read and delete the saved state of `device`, if there is one.
-    fn take_state(&self, device: u32) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Keep a saved state in transit — a device model moving to another
+    /// server ("device/<id>"), a VM moving to another client platform
+    /// ("vm/<id>") — until the receiver takes it (not a record: the
+    /// revision stays).
+    fn put_state(&self, key: &str, state: &[u8]) -> Result<(), StoreError>;
+    /// Read and delete the saved state under `key`, if there is one.
+    fn take_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// Records by key (the same keys in every store): "client/<id>", "server/<id>", "vm/<id>", "device/<id>"; JSON values.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Saved device-model states in transit, by device id.
-const STATES: TableDefinition<u32, &[u8]> = TableDefinition::new("states");
+const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
 
 fn key(change: &Change) -> String {
     match change {
@@ -207,19 +209,19 @@ impl Store for RedbStore {
         format!("redb file {}", self.path.display())
     }
 
-    fn put_state(&self, device: u32, state: &[u8]) -> Result<(), StoreError> {
+    fn put_state(&self, key: &str, state: &[u8]) -> Result<(), StoreError> {
         let db = self.db()?;
         let tx = db.begin_write().map_err(|e| self.err(e))?;
-        tx.open_table(STATES).map_err(|e| self.err(e))?.insert(device, state).map_err(|e| self.err(e))?;
+        tx.open_table(STATES).map_err(|e| self.err(e))?.insert(key, state).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
 
-    fn take_state(&self, device: u32) -> Result<Option<Vec<u8>>, StoreError> {
+    fn take_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
         let tx = db.begin_write().map_err(|e| self.err(e))?;
         let state = {
             let mut t = tx.open_table(STATES).map_err(|e| self.err(e))?;
-            let v = t.remove(device).map_err(|e| self.err(e))?;
+            let v = t.remove(key).map_err(|e| self.err(e))?;
             v.map(|v| v.value().to_vec())
         };
         tx.commit().map_err(|e| self.err(e))?;

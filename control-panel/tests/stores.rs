@@ -130,13 +130,18 @@ fn racing_writers_never_both_get_a_conflicting_change_in(kind: &dyn Kind) {
 fn device_states_are_taken_once(kind: &dyn Kind) {
     let s = kind.open();
     s.commit(&setup()).unwrap();
-    assert_eq!(s.take_state(1).unwrap(), None);
+    assert_eq!(s.take_state("device/1").unwrap(), None);
     let blob: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
-    s.put_state(1, &blob).unwrap();
+    s.put_state("device/1", &blob).unwrap();
+    // Larger than one etcd request may be.
+    let big: Vec<u8> = (0..=250u8).cycle().take(3 << 20).collect();
+    s.put_state("vm/100", &big).unwrap();
     assert_eq!(s.revision().unwrap(), 1);
     let again = kind.open();
-    assert_eq!(again.take_state(1).unwrap().as_deref(), Some(&blob[..]));
-    assert_eq!(s.take_state(1).unwrap(), None, "taken once");
+    assert_eq!(again.take_state("device/1").unwrap().as_deref(), Some(&blob[..]));
+    assert_eq!(s.take_state("device/1").unwrap(), None, "taken once");
+    assert!(again.take_state("vm/100").unwrap().as_deref() == Some(&big[..]), "a 3 MiB state in one piece");
+    assert_eq!(s.take_state("vm/100").unwrap(), None);
 }
 
 /// A watch swaps in the table of every commit, while a reader holds on to

@@ -97,12 +97,12 @@ impl Transit {
         Box::new(move |store: &dyn Store| {
             loop {
                 let Some((device, blob)) = lock(&self.outgoing).first().cloned() else { break };
-                store.put_state(device, &blob)?;
+                store.put_state(&format!("device/{device}"), &blob)?;
                 lock(&self.outgoing).remove(0);
             }
             let wanted = lock(&self.wanted).clone();
             for device in wanted {
-                if let Some(blob) = store.take_state(device)? {
+                if let Some(blob) = store.take_state(&format!("device/{device}"))? {
                     self.unwant(device);
                     lock(&self.arrived).push((device, blob));
                     self.pending.fetch_add(1, Ordering::AcqRel);

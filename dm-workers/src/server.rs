@@ -178,7 +178,7 @@ fn place(t: &RoutingTable, addresses: &AddressMap, here: &HashSet<u32>, req: &mu
     let Some(client) = t.client_mac(req.route.client) else {
         return Verdict::Refuse(NackReason::NotAuthorised);
     };
-    if t.client_of(req.route.vm) != Some(req.route.client) {
+    if !t.may_send(req.route.vm, req.route.client) {
         return Verdict::Refuse(NackReason::UnknownVm);
     }
     if !addresses.fill(req) {

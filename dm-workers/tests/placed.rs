@@ -54,6 +54,8 @@ fn db() -> Db {
             image: "io_loop".into(),
             state: VmState::Running,
             owner: Some(10),
+            args: Vec::new(),
+            migrate_to: None,
         }),
         Change::AddDevice(regfile(1, 10, 0x500)),
         Change::AddDevice(regfile(2, 11, 0x600)),
