@@ -26,8 +26,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// The VMs to run and where their devices are (TOML; see --example-config).
-    #[arg(long, short, required_unless_present = "example_config")]
+    #[arg(long, short, required_unless_present_any = ["example_config", "store"])]
     config: Option<PathBuf>,
+    /// Take the VMs of this client platform (--client-id) from the control
+    /// panel's store (a redb file or etcd://HOST:PORT) and follow it: VMs
+    /// start when launched, suspend, resume, shut down and migrate as
+    /// `dmfabric ctl vm ...` says; VMs migrating here when it starts arrive
+    /// with their state. Needs --iface.
+    #[arg(long, conflicts_with = "config")]
+    store: Option<String>,
+    /// This client platform's id in the store.
+    #[arg(long, requires = "store")]
+    client_id: Option<u16>,
+    /// With --store: retransmit a request after this long ...
+    #[arg(long, default_value_t = 20)]
+    timeout_ms: u64,
+    /// ... this many times before the VM stops (room for device moves,
+    /// which hold requests until the device's state has arrived).
+    #[arg(long, default_value_t = 250)]
+    retries: u32,
+    /// With --store: how long to wait for the state of a VM migrating here.
+    #[arg(long, default_value_t = 30.0)]
+    arrival_s: f64,
     /// Print an example config and exit.
     #[arg(long)]
     example_config: bool,
@@ -478,6 +498,9 @@ fn print_report(report: &RunReport) {
         let e = vm.exits();
         let reset = vm.vcpus.iter().any(|v| v.result.as_ref().is_ok_and(|r| r.reset));
         match vm.error() {
+            None if vm.ended.is_some() => {
+                eprintln!("dmfabric client: VM {}: {}", vm.id, vm.ended.as_deref().unwrap_or_default())
+            }
             None if reset => eprintln!("dmfabric client: VM {}: reset by its i8042: stopped", vm.id),
             None => {
                 let codes: Vec<String> =
@@ -535,10 +558,21 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         print!("{EXAMPLE}");
         return Ok(());
     }
-    let Some(path) = args.config.as_deref() else { bail!("--config is required") };
-    let plan = load(path, args.iface.as_deref(), args.seconds)?;
     dmfabric_vmm_shim::kvm::probe()?;
-    let opts = RunOptions { timeout: plan.run, dump: Some(&crate::DUMP), ..RunOptions::default() };
+    let (plan, control) = match (&args.store, args.config.as_deref()) {
+        (Some(store), _) => {
+            let (plan, control) = store_plan(store, &args, &stop)?;
+            (plan, Some(control))
+        }
+        (None, Some(path)) => (load(path, args.iface.as_deref(), args.seconds)?, None),
+        (None, None) => bail!("--config (or --store) is required"),
+    };
+    let opts = RunOptions {
+        timeout: plan.run,
+        dump: Some(&crate::DUMP),
+        control: control.map(|c| machine::Control(c as Arc<dyn machine::VmControl>)),
+        ..RunOptions::default()
+    };
     let transport = match &plan.link {
         Some((spec, _)) => Some(dmfabric_dataplane::open(spec)?),
         None => None,
@@ -569,6 +603,169 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         bail!("VM(s) {} stopped with an error (above)", failed.join(", "));
     }
     Ok(())
+}
+
+/// The run of a client platform placed by the control panel: its VMs from
+/// the store (those migrating here with their state), and the control that
+/// follows the store while they run.
+fn store_plan(spec: &str, args: &ClientArgs, stop: &AtomicBool) -> anyhow::Result<(Plan, Arc<StoreControl>)> {
+    let Some(me) = args.client_id else { bail!("--store needs --client-id (this client platform's id in the store)") };
+    let Some(iface) = args.iface.clone() else { bail!("--store needs --iface (the data-plane interface)") };
+    let store = dmfabric_control::store::open(spec)?;
+    let db = store.load()?;
+    let Some(record) = db.clients.get(&me) else {
+        bail!("client platform {me} is not in the store ({spec}): add it with `dmfabric ctl --store {spec} add client --id {me} --mac <its MAC>`");
+    };
+    let mac = dmfabric_dataplane::if_mac(&iface).with_context(|| format!("Cannot read the MAC of {iface}"))?;
+    if dmfabric_control::routing::parse_mac(&record.mac) != Some(mac.0) {
+        bail!(
+            "the store has client platform {me} at MAC {}, but {iface}'s is {mac}: servers would answer elsewhere",
+            record.mac
+        );
+    }
+    use dmfabric_control::model::VmState;
+    let mine: Vec<&dmfabric_control::model::Vm> = db
+        .vms
+        .values()
+        .filter(|v| match v.state {
+            VmState::Migrating => v.migrate_to == Some(me),
+            VmState::Stopped => false,
+            _ => v.client == me,
+        })
+        .collect();
+    if mine.is_empty() {
+        bail!("the store has no VM for client platform {me} (add one: dmfabric ctl add vm --client {me} ...)");
+    }
+    let mut file = FileConfig {
+        client: me,
+        hypervisor: record.hypervisor,
+        run_seconds: args.seconds.unwrap_or(86_400.0),
+        timeout_ms: args.timeout_ms,
+        retries: args.retries,
+        link: LinkConfig { iface: Some(iface), ..LinkConfig::default() },
+        vm: Vec::new(),
+    };
+    for v in &mine {
+        let mut a = [0u64; 3];
+        for (slot, arg) in a.iter_mut().zip(&v.args) {
+            *slot = *arg;
+        }
+        let mut device = Vec::new();
+        for d in db.devices.values().filter(|d| d.vm == v.id) {
+            for r in &d.ranges {
+                device.push(RangeConfig {
+                    space: if r.mmio { "mmio".into() } else { "pio".into() },
+                    base: r.base,
+                    len: r.len,
+                    server: Some(v.owner.unwrap_or(d.server)),
+                    device: Some(d.id),
+                    local: None,
+                });
+            }
+        }
+        file.vm.push(VmConfig {
+            id: v.id,
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib as usize,
+            guest: Some(v.image.clone()),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            pc: None,
+            pc_server: 1,
+            console_log: None,
+            args: a,
+            vcpu_args: None,
+            device,
+        });
+    }
+    let mut plan = plan(file, None, args.seconds.or(Some(86_400.0)))?;
+    // Hello to every server holding one of these VMs' devices too: a
+    // restarted client's sequence numbers start over there as well.
+    let mut servers: BTreeSet<u16> = plan.client.servers.iter().copied().collect();
+    servers.extend(db.devices.values().filter(|d| mine.iter().any(|v| v.id == d.vm)).map(|d| d.server));
+    plan.client.servers = servers.into_iter().collect();
+    // VMs migrating here: wait for their state, then take them over.
+    for (spec, v) in plan.vms.iter_mut().zip(&mine) {
+        if v.state != VmState::Migrating {
+            continue;
+        }
+        eprintln!(
+            "dmfabric client: VM {} migrates here from client platform {}: waiting for its state",
+            v.id, v.client
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(args.arrival_s);
+        let bytes = loop {
+            if let Some(b) = store.take_state(&format!("vm/{}", v.id))? {
+                break b;
+            }
+            if stop.load(Ordering::Relaxed) {
+                bail!("Interrupted while waiting for VM {}'s state", v.id);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "VM {}'s state did not arrive within {} s: is client platform {} running it?",
+                    v.id,
+                    args.arrival_s,
+                    v.client
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let snap = dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes).map_err(anyhow::Error::msg)?;
+        eprintln!("dmfabric client: VM {}: state arrived ({} KiB)", v.id, bytes.len() / 1024);
+        spec.restore = Some(snap);
+        let here =
+            dmfabric_control::model::Vm { client: me, state: VmState::Running, migrate_to: None, ..(*v).clone() };
+        store.commit(&[dmfabric_control::model::Change::UpdateVm(here)])?;
+    }
+    let watch = dmfabric_control::watch::Watch::start(
+        dmfabric_control::store::open(spec)?,
+        format!("dmfabric client {me}"),
+        Duration::from_millis(50),
+        None,
+    )?;
+    Ok((plan, Arc::new(StoreControl { me, watch, store })))
+}
+
+/// The control panel's wishes for the VMs of a client platform, read from
+/// its store watch's tables.
+struct StoreControl {
+    me: u16,
+    watch: dmfabric_control::watch::Watch,
+    /// For the states of VMs migrating away.
+    store: Box<dyn dmfabric_control::store::Store>,
+}
+
+impl machine::VmControl for StoreControl {
+    fn desired(&self, vm: u32) -> machine::Desired {
+        use dmfabric_control::model::VmState;
+        use machine::Desired;
+        let t = self.watch.routes().load();
+        let Some(v) = t.db.vms.get(&vm) else { return Desired::End("removed from the control panel".into()) };
+        if v.state == VmState::Migrating {
+            return match v.migrate_to {
+                Some(to) if to == self.me => Desired::Run,
+                Some(_) if v.client == self.me => Desired::MigrateOut,
+                _ => Desired::End(format!("taken over by client platform {}", v.client)),
+            };
+        }
+        if v.client != self.me {
+            return Desired::End(format!("now runs on client platform {}", v.client));
+        }
+        match v.state {
+            VmState::Running | VmState::Migrating => Desired::Run,
+            VmState::Defined | VmState::Suspended => Desired::Hold,
+            VmState::Stopped => Desired::End("shut down by the control panel".into()),
+        }
+    }
+
+    fn migrated_out(&self, vm: u32, snapshot: &[u8]) -> Result<String, String> {
+        let t = self.watch.routes().load();
+        let to = t.db.vms.get(&vm).and_then(|v| v.migrate_to).ok_or("the migration was called off")?;
+        self.store.put_state(&format!("vm/{vm}"), snapshot).map_err(|e| e.to_string())?;
+        Ok(format!("client platform {to}"))
+    }
 }
 
 #[cfg(test)]

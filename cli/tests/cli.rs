@@ -10,7 +10,8 @@ use dmfabric_bench::loadgen::{self, Target};
 use dmfabric_dataplane::netns::{self, ChildGuard, Need, TestNet};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 
-const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
+mod common;
+use common::{spawn_logged, wait_for, BIN};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run dmfabric");
@@ -21,46 +22,12 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Start `dmfabric server` on host 1; returns the guard and all its
-/// stderr so far once it printed its ready line (or panics with its output).
+/// Start `dmfabric server` on host 1; read its output with [`wait_for`].
 fn start_server(net: &TestNet, extra: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
-    let mut cmd = net.command(1, BIN);
-    cmd.args(["server", "--transport", "xdp", "--iface", &net.host(1).iface]).args(extra);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = net.spawn(&mut cmd).expect("spawn server");
-    let (tx, rx) = mpsc::channel();
-    for stream in [
-        Box::new(child.child().stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.child().stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    (child, rx)
-}
-
-/// Lines until one contains `what` (within 20 s); all lines seen.
-fn wait_for(rx: &mpsc::Receiver<String>, what: &str) -> Result<Vec<String>, Vec<String>> {
-    let mut seen = Vec::new();
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < end {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                let hit = line.contains(what);
-                seen.push(line);
-                if hit {
-                    return Ok(seen);
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    Err(seen)
+    let iface = net.host(1).iface.clone();
+    let mut args = vec!["server", "--transport", "xdp", "--iface", &iface];
+    args.extend_from_slice(extra);
+    spawn_logged(net, 1, &args)
 }
 
 fn xdp_attached(net: &TestNet, host: usize) -> bool {

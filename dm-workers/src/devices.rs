@@ -366,13 +366,16 @@ pub struct DeviceCounters {
     /// Time the model took per access (tick included), nanoseconds.
     pub service_p50_ns: u64,
     pub service_p99_ns: u64,
+    /// The device has left this server (moved or removed): what it did while here.
+    pub gone: bool,
 }
 
 impl fmt::Display for DeviceCounters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gone = if self.gone { ", gone" } else { "" };
         write!(
             f,
-            "device {} ({}): reads {} writes {} unclaimed {} service p50 {} ns p99 {} ns",
+            "device {} ({}{gone}): reads {} writes {} unclaimed {} service p50 {} ns p99 {} ns",
             self.id, self.kind, self.reads, self.writes, self.unclaimed, self.service_p50_ns, self.service_p99_ns
         )
     }
@@ -399,6 +402,8 @@ pub enum Refused {
 /// The devices of a server (or of one worker shard), sorted by id.
 pub struct Devices {
     table: Vec<Entry>,
+    /// Counters of devices that left.
+    gone: Vec<DeviceCounters>,
     /// The earliest `due` of the table.
     next_due: Option<Instant>,
     unclaimed: u64,
@@ -425,7 +430,7 @@ impl Devices {
         let mut table: Vec<Entry> = specs.iter().map(|s| Entry::new(s, env.build(s, now), now)).collect();
         table.sort_by_key(|e| e.id);
         table.dedup_by_key(|e| e.id);
-        Devices { table, next_due: Some(now), unclaimed: 0 }
+        Devices { table, gone: Vec::new(), next_due: Some(now), unclaimed: 0 }
     }
 
     /// Whether device `id` is here.
@@ -454,19 +459,21 @@ impl Devices {
         let mut e = self.table.remove(i);
         e.model.tick(now);
         self.recompute_due();
+        self.gone.push(DeviceCounters { gone: true, ..Devices::counters_of(&e) });
         Some(e.model.save())
     }
 
     /// Per-device counters, by device id.
     pub fn counters(&self) -> Vec<DeviceCounters> {
-        self.table
-            .iter()
-            .map(|e| DeviceCounters {
-                service_p50_ns: e.service.value_at_quantile(0.5),
-                service_p99_ns: e.service.value_at_quantile(0.99),
-                ..e.counters.clone()
-            })
-            .collect()
+        self.table.iter().map(Devices::counters_of).chain(self.gone.iter().cloned()).collect()
+    }
+
+    fn counters_of(e: &Entry) -> DeviceCounters {
+        DeviceCounters {
+            service_p50_ns: e.service.value_at_quantile(0.5),
+            service_p99_ns: e.service.value_at_quantile(0.99),
+            ..e.counters.clone()
+        }
     }
 
     /// Accesses no device register claimed so far.

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use dmfabric_wire::{AccessSize, Direction, Space};
 use kvm_bindings::{
-    kvm_mp_state, kvm_msi, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msr_entry,
+    kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+    kvm_xcrs, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
     KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -109,6 +111,13 @@ pub struct Kick {
     stop: AtomicBool,
     /// The stop ends the run cleanly (a reset the guest asked for).
     clean: AtomicBool,
+    /// Hold the vCPU outside the guest (suspended, or about to move).
+    pause: AtomicBool,
+    /// The vCPU is held: no access of its is in flight, its state is still.
+    paused: AtomicBool,
+    /// Save the vCPU's state while held ([`Kick::take_saved`] gives it).
+    save: AtomicBool,
+    saved: Mutex<Option<Result<VcpuState, String>>>,
     /// pthread_t of the thread inside [`Vcpu::run`], 0 outside it.
     thread: AtomicU64,
     reason: Mutex<Option<String>>,
@@ -135,6 +144,12 @@ impl Kick {
         self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// End the run cleanly for `reason` (shut down, migrated away).
+    pub fn end(&self, reason: &str) {
+        self.clean.store(true, Ordering::Release);
+        self.stop(reason, Duration::ZERO);
+    }
+
     /// Stop the vCPU because its VM was reset: the run ends without an error.
     pub fn reset(&self, within: Duration) {
         self.clean.store(true, Ordering::Release);
@@ -154,6 +169,37 @@ impl Kick {
         while self.poke() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(500));
         }
+    }
+
+    /// Hold the vCPU outside its guest once its current exit is served
+    /// (an access in flight completes first), saving its state if `save`.
+    /// [`Kick::paused`] says when it is held.
+    pub fn pause(&self, save: bool) {
+        if save {
+            self.save.store(true, Ordering::Release);
+        }
+        self.pause.store(true, Ordering::Release);
+        self.poke();
+    }
+
+    /// Let a held vCPU run again.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+    }
+
+    /// Whether the vCPU is held (and its state saved, if that was asked).
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Whether a pause was asked for (held or on its way there).
+    pub fn pausing(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+
+    /// The state saved by a [`Kick::pause`] with `save`.
+    pub fn take_saved(&self) -> Option<Result<VcpuState, String>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Signal the vCPU's thread if it is inside [`Vcpu::run`] (for a stop
@@ -401,6 +447,39 @@ impl Vm {
     pub fn memory_mut(&mut self) -> &mut [u8] {
         &mut self.mem
     }
+
+    /// Guest memory as a whole (to move the VM: read while its vCPUs are held).
+    pub fn all_memory(&self) -> &[u8] {
+        &self.mem
+    }
+
+    /// The VM-wide device state KVM keeps: both PICs, the I/O APIC, the
+    /// PIT and the guest clock.
+    pub fn save_state(&self) -> Result<VmDeviceState, KvmError> {
+        let chip = |id: u32| -> Result<kvm_irqchip, KvmError> {
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.fd.get_irqchip(&mut c).map_err(ioctl("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(VmDeviceState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Put [`Vm::save_state`]'s state (from another host) into this VM.
+    pub fn restore_state(&self, s: &VmDeviceState) -> Result<(), KvmError> {
+        for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.fd.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd.set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
+        // Only the clock value: the flags of the source host do not apply here.
+        let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
+        self.fd.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
+    }
 }
 
 /// Raises a VM's interrupt lines (KVM_IRQ_LINE on its VM fd).
@@ -417,6 +496,51 @@ impl IrqHandle {
     pub fn set_line(&self, gsi: u32, level: bool) -> Result<(), KvmError> {
         self.0.set_irq_line(gsi, level).map_err(ioctl("KVM_IRQ_LINE"))
     }
+}
+
+/// A vCPU's architectural state, to move it to another host.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: FpuState,
+    xcrs: Option<kvm_xcrs>,
+    lapic: kvm_lapic_state,
+    msrs: Vec<kvm_msr_entry>,
+    events: kvm_vcpu_events,
+    mp_state: kvm_mp_state,
+    debugregs: kvm_debugregs,
+}
+
+impl VcpuState {
+    /// Where the vCPU was (for messages and tests).
+    pub fn rip(&self) -> u64 {
+        self.regs.rip
+    }
+}
+
+/// kvm_fpu's fields (kvm-bindings gives it no serde).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct FpuState {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+}
+
+/// The device state KVM keeps per VM (in-kernel irqchip, PIT, clock).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmDeviceState {
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
 }
 
 /// How a vCPU starts.
@@ -479,6 +603,10 @@ impl Vcpu<'_> {
         let mut stats = RunStats::default();
         let stopped = |kick: &Kick| KvmError::Stopped(kick.reason().unwrap_or_else(|| "asked to stop".into()));
         loop {
+            if kick.pause.load(Ordering::Acquire) && !kick.stopped() {
+                self.hold(kick);
+                continue;
+            }
             if kick.stopped() {
                 if kick.clean.load(Ordering::Acquire) {
                     stats.reset = true;
@@ -551,6 +679,121 @@ impl Vcpu<'_> {
 }
 
 impl Vcpu<'_> {
+    /// Stay out of the guest while `kick` pauses the vCPU, saving its state
+    /// first if asked.
+    fn hold(&mut self, kick: &Kick) {
+        // An I/O exit just served is finished by the next KVM_RUN; with
+        // immediate_exit that run completes it and returns at once, so the
+        // state read below is the one after the instruction.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        if kick.save.swap(false, Ordering::AcqRel) {
+            let state = self.save().map_err(|e| e.to_string());
+            *kick.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+        }
+        kick.paused.store(true, Ordering::Release);
+        while kick.pause.load(Ordering::Acquire) && !kick.stopped() {
+            if kick.save.swap(false, Ordering::AcqRel) {
+                let state = self.save().map_err(|e| e.to_string());
+                *kick.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        kick.paused.store(false, Ordering::Release);
+    }
+
+    /// The vCPU's architectural state (call while it is out of the guest,
+    /// with no I/O pending).
+    pub fn save(&self) -> Result<VcpuState, KvmError> {
+        let fd = &self.fd;
+        let fpu = fd.get_fpu().map_err(ioctl("KVM_GET_FPU"))?;
+        Ok(VcpuState {
+            regs: fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
+            fpu: FpuState {
+                fpr: fpu.fpr,
+                fcw: fpu.fcw,
+                fsw: fpu.fsw,
+                ftwx: fpu.ftwx,
+                last_opcode: fpu.last_opcode,
+                last_ip: fpu.last_ip,
+                last_dp: fpu.last_dp,
+                xmm: fpu.xmm,
+                mxcsr: fpu.mxcsr,
+            },
+            xcrs: fd.get_xcrs().ok(),
+            lapic: fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?,
+            msrs: self.save_msrs()?,
+            events: fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+            debugregs: fd.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?,
+        })
+    }
+
+    /// Every MSR KVM lists that this vCPU can read.
+    fn save_msrs(&self) -> Result<Vec<kvm_msr_entry>, KvmError> {
+        let list = self.vm.kvm.get_msr_index_list().map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+        let mut out = Vec::new();
+        for chunk in list.as_slice().chunks(64) {
+            let entries: Vec<kvm_msr_entry> =
+                chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|e| KvmError::Stopped(format!("MSR list: {e:?}")))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+            if n == entries.len() {
+                out.extend_from_slice(msrs.as_slice());
+                continue;
+            }
+            // KVM stops at the first MSR it cannot read: take them one by one.
+            for e in &entries {
+                let mut one = Msrs::from_entries(std::slice::from_ref(e))
+                    .map_err(|e| KvmError::Stopped(format!("MSR list: {e:?}")))?;
+                if self.fd.get_msrs(&mut one).map_err(ioctl("KVM_GET_MSRS"))? == 1 {
+                    out.extend_from_slice(one.as_slice());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Put `state` (from [`Vcpu::save`] on another host) into this vCPU
+    /// before it first runs.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), KvmError> {
+        let fd = &self.fd;
+        fd.set_mp_state(state.mp_state).map_err(ioctl("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+        let f = &state.fpu;
+        let fpu = kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))?;
+        if let Some(xcrs) = &state.xcrs {
+            fd.set_xcrs(xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
+        }
+        fd.set_lapic(&state.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+        for chunk in state.msrs.chunks(64) {
+            let msrs = Msrs::from_entries(chunk).map_err(|e| KvmError::Stopped(format!("MSR list: {e:?}")))?;
+            let n = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+            if n != chunk.len() {
+                let index = chunk[n].index;
+                return Err(KvmError::Stopped(format!("KVM_SET_MSRS refused MSR {index:#x} of the saved state")));
+            }
+        }
+        fd.set_vcpu_events(&state.events).map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        fd.set_debug_regs(&state.debugregs).map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+        Ok(())
+    }
+
     /// `what` happened: where (RIP) and the instruction bytes there.
     fn describe(&self, what: &str) -> String {
         let Ok(regs) = self.fd.get_regs() else { return format!("{what}; registers unreadable") };

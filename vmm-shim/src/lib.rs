@@ -20,5 +20,6 @@ pub mod kvm;
 pub mod linux;
 pub mod local;
 pub mod machine;
+pub mod migrate;
 pub mod mptable;
 pub mod remote;

@@ -16,6 +16,7 @@ use crate::exits::{AccessTimes, DeviceCount, ExitStats, NoRemote, RemoteAccess, 
 use crate::kvm::{Exit, Kick, KvmError, RunStats, Vm};
 use crate::linux::{self, LinuxError, LinuxImage};
 use crate::local::IrqTarget;
+use crate::migrate::VmSnapshot;
 use crate::remote::{ClientConfig, ClientPort, ClientStats, IrqSink, RemoteError, VcpuRemote, VmEntry, VmRemoteStats};
 
 /// One VM to run.
@@ -41,6 +42,8 @@ pub struct VmSpec {
     /// A 16550's base port whose output to keep the end of, for reports
     /// of a VM that stops (Linux VMs: COM1).
     pub console_port: Option<u64>,
+    /// Start from this state (a VM migrated here) instead of the image.
+    pub restore: Option<VmSnapshot>,
 }
 
 impl std::fmt::Debug for VmSpec {
@@ -92,6 +95,7 @@ impl VmSpec {
             irq_target: IrqTarget::default(),
             reset: Arc::new(AtomicBool::new(false)),
             console_port: None,
+            restore: None,
         })
     }
 
@@ -127,12 +131,57 @@ pub struct RunOptions {
     /// Copy this guest-physical range `(addr, len)` of every VM into its
     /// report when the run ends (what a guest left in memory).
     pub keep_memory: Option<(u64, usize)>,
+    /// What the control panel wants of each VM while it runs.
+    pub control: Option<Control>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { timeout: Duration::from_secs(30), time_exits: false, dump: None, keep_memory: None }
+        RunOptions { timeout: Duration::from_secs(30), time_exits: false, dump: None, keep_memory: None, control: None }
     }
+}
+
+/// What the control panel wants of a VM now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Desired {
+    /// Run (launched, or resumed).
+    Run,
+    /// Stay out of the guest: not launched yet, or suspended.
+    Hold,
+    /// End it cleanly, for this reason.
+    End(String),
+    /// Save it and hand it to [`VmControl::migrated_out`].
+    MigrateOut,
+}
+
+/// The control panel as the supervisor of a run sees it (asked every
+/// millisecond: an answer must be cheap).
+pub trait VmControl: Send + Sync {
+    fn desired(&self, vm: u32) -> Desired;
+    /// `vm` was saved for its move: deliver the snapshot to where it goes;
+    /// returns where that is (for the VM's report), or why it failed (the
+    /// VM stays held and it is tried again).
+    fn migrated_out(&self, vm: u32, snapshot: &[u8]) -> Result<String, String>;
+}
+
+/// A [`VmControl`] in [`RunOptions`].
+#[derive(Clone)]
+pub struct Control(pub Arc<dyn VmControl>);
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Control")
+    }
+}
+
+/// Where the supervisor has a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    Held,
+    /// Held with its state being saved, since.
+    Saving(Instant),
+    Ended,
 }
 
 /// What one vCPU did.
@@ -159,6 +208,8 @@ pub struct VmReport {
     pub remote: Option<VmRemoteStats>,
     /// The range of `RunOptions::keep_memory`, if asked for (and in range).
     pub memory: Option<Vec<u8>>,
+    /// Ended by the control panel: shut down, or migrated away (and where).
+    pub ended: Option<String>,
 }
 
 impl VmReport {
@@ -231,6 +282,8 @@ pub enum MachineError {
     DuplicateVm(u32),
     #[error("VM {vm}: {error}")]
     Linux { vm: u32, error: LinuxError },
+    #[error("VM {vm}: its migrated state cannot be used: {why}")]
+    Snapshot { vm: u32, why: String },
 }
 
 enum Remote<'p, 'a, T> {
@@ -266,6 +319,15 @@ pub fn run<T: Transport>(
     let mut boots = Vec::with_capacity(specs.len());
     for spec in specs {
         let mut vm = Vm::new(spec.mem_bytes)?;
+        if let Some(snap) = &spec.restore {
+            let n = snap.memory.len().min(spec.mem_bytes);
+            vm.memory_mut()[..n].copy_from_slice(&snap.memory[..n]);
+            vm.restore_state(&snap.device)?;
+            boots.push(None);
+            let _ = spec.irq_target.set(vm.irq_handle());
+            vms.push(vm);
+            continue;
+        }
         match &spec.linux {
             Some(image) => boots.push(Some(
                 linux::load(&mut vm, image, spec.vcpus.min(255) as u8)
@@ -298,9 +360,27 @@ pub fn run<T: Transport>(
                     vm.long_mode_vcpu(u64::from(id), spec.entry, args)?
                 }
             });
+            if let Some(snap) = &spec.restore {
+                let Some(state) = snap.vcpus.get(usize::from(id)) else {
+                    return Err(MachineError::Snapshot { vm: spec.id, why: format!("it has no state for vCPU {id}") });
+                };
+                list.last().expect("just pushed").restore(state)?;
+            }
         }
         vcpus.push(list);
     }
+    // VMs the control panel holds (not launched, suspended) start held.
+    let control = opts.control.as_ref().map(|c| c.0.clone());
+    let mut modes: Vec<Mode> = specs.iter().map(|_| Mode::Running).collect();
+    if let Some(c) = &control {
+        for ((spec, ks), mode) in specs.iter().zip(&kicks).zip(&mut modes) {
+            if c.desired(spec.id) != Desired::Run {
+                ks.iter().for_each(|k| k.pause(false));
+                *mode = Mode::Held;
+            }
+        }
+    }
+    let mut ended: Vec<Option<String>> = specs.iter().map(|_| None).collect();
 
     let poller_stop = AtomicBool::new(false);
     let running = AtomicUsize::new(vcpus.iter().map(Vec::len).sum());
@@ -430,6 +510,11 @@ pub fn run<T: Transport>(
                     }
                 }
             }
+            if let Some(c) = &control {
+                for (vi, spec) in specs.iter().enumerate() {
+                    supervise(c.as_ref(), spec.id, &vms[vi], &kicks[vi], &mut modes[vi], &mut ended[vi]);
+                }
+            }
             if let (Some(flag), Some(p)) = (opts.dump, port.as_ref()) {
                 if flag.swap(false, Ordering::AcqRel) {
                     eprintln!("live: link {:?}", p.stats());
@@ -446,8 +531,11 @@ pub fn run<T: Transport>(
         if let Some(t) = ticker {
             let _ = t.join();
         }
-        let mut out: Vec<VmReport> =
-            specs.iter().map(|s| VmReport { id: s.id, vcpus: Vec::new(), remote: None, memory: None }).collect();
+        let mut out: Vec<VmReport> = specs
+            .iter()
+            .zip(ended)
+            .map(|(s, ended)| VmReport { id: s.id, vcpus: Vec::new(), remote: None, memory: None, ended })
+            .collect();
         for (vi, h) in handles {
             let report = h.join().unwrap_or_else(|_| failed(u16::MAX, "the vCPU thread panicked".into()));
             out[vi].vcpus.push(report);
@@ -476,6 +564,82 @@ pub fn run<T: Transport>(
     }
     let client = port.as_ref().map(ClientPort::stats);
     Ok((RunReport { vms: reports, client }, port.map(ClientPort::into_transport)))
+}
+
+/// Carry out what the control panel wants of one VM.
+fn supervise(c: &dyn VmControl, id: u32, vm: &Vm, kicks: &[Kick], mode: &mut Mode, ended: &mut Option<String>) {
+    if *mode == Mode::Ended {
+        return;
+    }
+    let end = |why: &str, mode: &mut Mode, ended: &mut Option<String>| {
+        kicks.iter().for_each(|k| k.end(why));
+        *ended = Some(why.to_string());
+        *mode = Mode::Ended;
+    };
+    match (c.desired(id), *mode) {
+        (Desired::End(why), _) => end(&why, mode, ended),
+        (Desired::Run, Mode::Held) => {
+            eprintln!("VM {id}: running");
+            kicks.iter().for_each(Kick::resume);
+            *mode = Mode::Running;
+        }
+        (Desired::Hold, Mode::Running) => {
+            eprintln!("VM {id}: suspended");
+            kicks.iter().for_each(|k| k.pause(false));
+            *mode = Mode::Held;
+        }
+        (Desired::MigrateOut, Mode::Running | Mode::Held) => {
+            eprintln!("VM {id}: holding its vCPUs to migrate it");
+            kicks.iter().for_each(|k| k.pause(true));
+            *mode = Mode::Saving(Instant::now());
+        }
+        (Desired::MigrateOut, Mode::Saving(since)) => {
+            if !kicks.iter().all(Kick::paused) {
+                // Re-kick a vCPU the first signal missed (it was just entering the guest).
+                kicks.iter().filter(|k| !k.paused()).for_each(|k| {
+                    k.poke();
+                });
+                return;
+            }
+            let mut vcpus = Vec::new();
+            for (i, k) in kicks.iter().enumerate() {
+                match k.take_saved() {
+                    Some(Ok(s)) => vcpus.push(s),
+                    Some(Err(e)) => return end(&format!("cannot save vCPU {i} to migrate it: {e}"), mode, ended),
+                    // Asked again after a failed delivery: saved anew.
+                    None => {
+                        kicks.iter().for_each(|k| k.pause(true));
+                        return;
+                    }
+                }
+            }
+            let device = match vm.save_state() {
+                Ok(d) => d,
+                Err(e) => return end(&format!("cannot save the VM's device state to migrate it: {e}"), mode, ended),
+            };
+            let snap = VmSnapshot { vm: id, device, vcpus, memory: vm.all_memory().to_vec() };
+            let bytes = snap.encode();
+            match c.migrated_out(id, &bytes) {
+                Ok(to) => end(
+                    &format!("migrated to {to} ({} KiB, held {:?})", bytes.len() / 1024, since.elapsed()),
+                    mode,
+                    ended,
+                ),
+                Err(e) => {
+                    eprintln!("VM {id}: the migration could not be delivered ({e}); trying again");
+                    std::thread::sleep(Duration::from_millis(100));
+                    kicks.iter().for_each(|k| k.pause(true));
+                }
+            }
+        }
+        (Desired::Run | Desired::Hold, Mode::Saving(_)) => {
+            // The migration was called off before it was delivered.
+            let _ = kicks.iter().map(Kick::take_saved).count();
+            kicks.iter().for_each(Kick::resume);
+            *mode = Mode::Running;
+        }
+        _ => {}
+    }
 }
 
 fn failed(vcpu: u16, why: String) -> VcpuReport {

@@ -1,0 +1,59 @@
+//! What the binary's integration tests share: processes on test hosts
+//! whose output is read line by line.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dmfabric_dataplane::netns::{ChildGuard, TestNet};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
+
+/// Run `dmfabric args` on host `host`, its stdout and stderr read line by line.
+pub fn spawn_logged(net: &TestNet, host: usize, args: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
+    let mut cmd = net.command(host, BIN);
+    cmd.args(args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = net.spawn(&mut cmd).expect("spawn dmfabric");
+    let (tx, rx) = mpsc::channel();
+    for stream in [
+        Box::new(child.child().stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.child().stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    (child, rx)
+}
+
+/// Lines until one contains `what` (within `within`); all lines seen.
+pub fn wait_for_within(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> Result<Vec<String>, Vec<String>> {
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + within;
+    while std::time::Instant::now() < end {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let hit = line.contains(what);
+                seen.push(line);
+                if hit {
+                    return Ok(seen);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Err(seen)
+}
+
+/// [`wait_for_within`] 20 s.
+pub fn wait_for(rx: &mpsc::Receiver<String>, what: &str) -> Result<Vec<String>, Vec<String>> {
+    wait_for_within(rx, what, Duration::from_secs(20))
+}

@@ -1,0 +1,229 @@
+//! The control panel end to end, as a user drives it: `dmfabric ctl`
+//! edits the store, `dmfabric server --store` and `dmfabric client --store`
+//! in their own network namespaces (hosts on a bridge, AF_XDP) follow it.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use dmfabric_dataplane::netns::{self, Need, TestNet, TestNetConfig};
+
+mod common;
+use common::{spawn_logged, wait_for, wait_for_within, BIN};
+
+/// A store file of this test's own, removed on drop.
+struct StoreFile(std::path::PathBuf);
+
+impl StoreFile {
+    fn new(name: &str) -> StoreFile {
+        let p = std::env::temp_dir().join(format!("dmfabric-{name}-{}.redb", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        StoreFile(p)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+
+    /// `dmfabric ctl --store <this> args`; panics with its output unless it succeeds.
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(BIN)
+            .args(["ctl", "--store", self.path()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "ctl {args:?}: {stdout}{stderr}");
+        stdout.into_owned()
+    }
+}
+
+impl Drop for StoreFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+const ITERATIONS: u64 = 20_000;
+
+/// Client platforms `clients` and servers `servers` (id, host, role) on
+/// `net`; VM 1 (io_loop over [`ITERATIONS`]) on the first client with
+/// owner server `owner`, its register file (device 1) on server `device_on`.
+fn populate(
+    store: &StoreFile,
+    net: &TestNet,
+    clients: &[(u16, usize)],
+    servers: &[(u16, usize, &str)],
+    owner: u16,
+    device_on: u16,
+) {
+    for &(id, host) in clients {
+        store.ctl(&["add", "client", "--id", &id.to_string(), "--mac", &net.host(host).mac.to_string()]);
+    }
+    for &(id, host, role) in servers {
+        store.ctl(&[
+            "add",
+            "server",
+            "--id",
+            &id.to_string(),
+            "--mac",
+            &net.host(host).mac.to_string(),
+            "--role",
+            role,
+        ]);
+    }
+    let args = format!("{ITERATIONS},0x500,0xd0000000");
+    let (client, owner) = (clients[0].0.to_string(), owner.to_string());
+    store.ctl(&[
+        "add", "vm", "--id", "1", "--client", &client, "--owner", &owner, "--image", "io_loop", "--args", &args,
+    ]);
+    let on = device_on.to_string();
+    store.ctl(&[
+        "add",
+        "device",
+        "--id",
+        "1",
+        "--kind",
+        "regfile",
+        "--server",
+        &on,
+        "--vm",
+        "1",
+        "--pio",
+        "0x500:0x100",
+        "--mmio",
+        "0xd0000000:0x1000",
+    ]);
+}
+
+/// `dmfabric server --store` for server `id` on `host`, once it is ready.
+fn server(
+    net: &TestNet,
+    store: &StoreFile,
+    host: usize,
+    id: u16,
+) -> (netns::ChildGuard, std::sync::mpsc::Receiver<String>) {
+    let iface = net.host(host).iface.clone();
+    let id = id.to_string();
+    // Two servers and a client on two cores: servers sleep on their socket when idle.
+    let args =
+        ["server", "--iface", &iface, "--store", store.path(), "--server-id", &id, "--layout", "rtc", "--spin", "0"];
+    let (child, rx) = spawn_logged(net, host, &args);
+    wait_for(&rx, "dmfabric server ready").unwrap_or_else(|l| panic!("server {id} did not start: {l:?}"));
+    (child, rx)
+}
+
+/// `dmfabric client --store` for client platform `id` on `host`.
+fn client(
+    net: &TestNet,
+    store: &StoreFile,
+    host: usize,
+    id: u16,
+) -> (netns::ChildGuard, std::sync::mpsc::Receiver<String>) {
+    let iface = net.host(host).iface.clone();
+    let id = id.to_string();
+    spawn_logged(
+        net,
+        host,
+        &["client", "--iface", &iface, "--store", store.path(), "--client-id", &id, "--seconds", "120"],
+    )
+}
+
+/// Stop a server with Ctrl-C and return its reads and writes of device 1
+/// (while it was there, if it has left).
+fn device_counts(mut s: netns::ChildGuard, rx: &std::sync::mpsc::Receiver<String>) -> (u64, u64, Vec<String>) {
+    assert!(s.interrupt(Duration::from_secs(5)).unwrap().success());
+    let lines = wait_for(rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("server's last lines: {l:?}"));
+    let mut counts = (0, 0);
+    for l in &lines {
+        if let Some(rest) = l.split("device 1 (regfile").nth(1).and_then(|r| r.split("reads ").nth(1)) {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            counts = (words[0].parse().unwrap(), words[2].parse().unwrap());
+        }
+    }
+    (counts.0, counts.1, lines)
+}
+
+fn checksum_line() -> String {
+    let sum = dmfabric_vmm_shim::guests::io_loop_checksum(ITERATIONS);
+    format!("VM 1 vCPU 0: reported {:#x} {:#x}", sum as u32, (sum >> 32) as u32)
+}
+
+#[test]
+fn a_guest_reaches_a_device_on_the_io_server_through_the_owner() {
+    if !netns::privileged_or_skip(
+        "a_guest_reaches_a_device_on_the_io_server_through_the_owner",
+        &[Need::Root, Need::Kvm],
+    ) {
+        return;
+    }
+    let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
+    let store = StoreFile::new("three-hosts");
+    // Host 0: client platform 1; host 1: owner server 2; host 2: I/O server 3.
+    populate(&store, &net, &[(1, 0)], &[(2, 1, "owner"), (3, 2, "io")], 2, 3);
+    let said = store.ctl(&["vm", "launch", "1"]);
+    assert!(said.starts_with("updated VM 1 (client platform 1, Running)"), "{said}");
+    let (owner, owner_rx) = server(&net, &store, 1, 2);
+    let (io, io_rx) = server(&net, &store, 2, 3);
+    let (c, c_rx) = client(&net, &store, 0, 1);
+    let out = c.wait_with_output().unwrap();
+    let lines: Vec<String> = c_rx.try_iter().collect();
+    assert!(out.status.success(), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains(&checksum_line())), "{lines:#?}");
+    // Every access went to the owner, which ran none and sent each on; the
+    // I/O server ran each once and answered the client itself.
+    let accesses = 2 * ITERATIONS;
+    let (reads, writes, lines) = device_counts(io, &io_rx);
+    assert_eq!((reads, writes), (accesses, accesses), "{lines:#?}");
+    let (_, _, lines) = device_counts(owner, &owner_rx);
+    let stats = lines.iter().find(|l| l.contains("forwarded")).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(stats.contains(&format!("forwarded {}", 2 * accesses)), "{stats}");
+    assert!(stats.contains("completions 0 "), "{stats}");
+}
+
+#[test]
+fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
+    let name = "a_running_guest_migrates_and_its_device_moves_without_losing_a_request";
+    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let net = TestNet::new(TestNetConfig { hosts: 4, ..TestNetConfig::default() }).unwrap();
+    let store = StoreFile::new("migrate");
+    // Client platforms 1 (host 0) and 2 (host 1); owner server 10 (host 2), I/O server 11 (host 3).
+    populate(&store, &net, &[(1, 0), (2, 1)], &[(10, 2, "owner"), (11, 3, "io")], 10, 11);
+    store.ctl(&["vm", "launch", "1"]);
+    let (s10, rx10) = server(&net, &store, 2, 10);
+    let (s11, rx11) = server(&net, &store, 3, 11);
+    let (c1, c1_rx) = client(&net, &store, 0, 1);
+    wait_for(&c1_rx, "running 1 VM").unwrap_or_else(|l| panic!("client 1: {l:?}"));
+    std::thread::sleep(Duration::from_millis(400));
+    // Mid-run: the register file moves from server 11 to server 10 ...
+    let said = store.ctl(&["device", "move", "1", "--to", "10"]);
+    assert!(said.starts_with("updated device 1 (server 10, shard 0)"), "{said}");
+    wait_for(&rx10, "device 1 arrived from server 11 with its state").unwrap_or_else(|l| panic!("server 10: {l:?}"));
+    std::thread::sleep(Duration::from_millis(200));
+    // ... and the VM to client platform 2.
+    let start = Instant::now();
+    store.ctl(&["vm", "migrate", "1", "--to", "2"]);
+    let out1 = c1.wait_with_output().unwrap();
+    let lines1: Vec<String> = c1_rx.try_iter().collect();
+    assert!(out1.status.success(), "{lines1:#?}");
+    assert!(lines1.iter().any(|l| l.contains("VM 1: migrated to client platform 2")), "{lines1:#?}");
+    assert!(!lines1.iter().any(|l| l.contains("reported")), "it had not finished: {lines1:#?}");
+    let (c2, c2_rx) = client(&net, &store, 1, 2);
+    wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
+        .unwrap_or_else(|l| panic!("client 2: {l:?}"));
+    eprintln!("migration: the VM resumed on client platform 2 {:?} after the command", start.elapsed());
+    let out2 = c2.wait_with_output().unwrap();
+    let lines2: Vec<String> = c2_rx.try_iter().collect();
+    assert!(out2.status.success(), "{lines2:#?}");
+    assert!(lines2.iter().any(|l| l.contains(&checksum_line())), "{lines2:#?}");
+    // Every access ran exactly once, on one server or the other.
+    let (r11, w11, l11) = device_counts(s11, &rx11);
+    let (r10, w10, l10) = device_counts(s10, &rx10);
+    assert!(r11 > 0 && r10 > 0, "both servers served: {r11} / {r10}");
+    assert_eq!((r10 + r11, w10 + w11), (2 * ITERATIONS, 2 * ITERATIONS), "{l10:#?}\n{l11:#?}");
+    let show = store.ctl(&["show", "vm", "1", "--json"]);
+    let vm: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!((vm["client"].as_u64(), vm["state"].as_str()), (Some(2), Some("running")));
+}
