@@ -289,3 +289,60 @@ fn a_server_that_dies_mid_run_stops_the_vm_with_a_clear_error() {
     let waited = ended.saturating_duration_since(died);
     assert!(waited < Duration::from_secs(2), "bounded by the retry limit, took {waited:?}");
 }
+
+/// A control panel that lets a VM run for `after`, then migrates it out
+/// (the snapshot is kept here).
+struct MigrateAfter {
+    start: Instant,
+    after: Duration,
+    snapshot: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl machine::VmControl for MigrateAfter {
+    fn desired(&self, _vm: u32) -> machine::Desired {
+        if self.start.elapsed() < self.after {
+            machine::Desired::Run
+        } else {
+            machine::Desired::MigrateOut
+        }
+    }
+
+    fn migrated_out(&self, _vm: u32, snapshot: &[u8]) -> Result<String, String> {
+        *self.snapshot.lock().unwrap() = Some(snapshot.to_vec());
+        Ok("the test".into())
+    }
+}
+
+#[test]
+fn a_guest_saved_mid_run_finishes_in_a_new_vm_with_the_right_checksum() {
+    if !netns::privileged_or_skip("a_guest_saved_mid_run_finishes_in_a_new_vm", &[Need::Kvm]) {
+        return;
+    }
+    let iterations = 20_000;
+    let control = Arc::new(MigrateAfter {
+        start: Instant::now(),
+        after: Duration::from_millis(300),
+        snapshot: std::sync::Mutex::new(None),
+    });
+    let specs = [io_loop_vm(1, 2, iterations, PORT, false)];
+    let opts = RunOptions { control: Some(machine::Control(control.clone())), ..RunOptions::default() };
+    let report = machine::run::<XdpTransport>(&specs, None, &opts, &AtomicBool::new(false)).unwrap().0;
+    let vm = report.vm(1).unwrap();
+    assert_eq!(vm.ended.as_deref().map(|e| e.starts_with("migrated to the test")), Some(true), "{:?}", vm.ended);
+    assert!(vm.vcpus.iter().all(|v| v.reports.is_empty()), "stopped before it finished");
+    let bytes = control.snapshot.lock().unwrap().take().expect("a snapshot");
+    let snap = dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes).unwrap();
+    assert_eq!((snap.vm, snap.vcpus.len(), snap.memory.len()), (1, 2, machine::TEST_VM_MEM));
+    assert!(bytes.len() < 256 << 10, "zero pages stay behind: {} bytes", bytes.len());
+    // The local register file goes along by hand (local models are the client's own).
+    let saved = specs[0].local[0].lock().unwrap().save();
+    let state: dmfabric_dm_workers::regfile::RegisterFileState = serde_json::from_value(saved).unwrap();
+    let moved: Box<dyn Device> =
+        Box::new(RegisterFile::from_state(Some((PORT as u16, 0x100)), Some((MMIO, 0x1000)), &state));
+    let mut spec = io_loop_vm(1, 2, iterations, PORT, false);
+    spec.local = vec![std::sync::Mutex::new(moved)];
+    spec.restore = Some(snap);
+    let report = run_local(&[spec]);
+    assert_eq!(checksum(&report, 1, 0), guests::io_loop_checksum(iterations));
+    assert_eq!(checksum(&report, 1, 1), guests::io_loop_checksum(iterations));
+}
