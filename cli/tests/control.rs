@@ -48,13 +48,14 @@ const ITERATIONS: u64 = 20_000;
 
 /// Client platforms `clients` and servers `servers` (id, host, role) on
 /// `net`; VM 1 (io_loop over [`ITERATIONS`]) on the first client with
-/// owner server `owner`, its register file (device 1) on server `device_on`.
+/// owner server `owner` (if any), its register file (device 1) on server
+/// `device_on`.
 fn populate(
     store: &StoreFile,
     net: &TestNet,
     clients: &[(u16, usize)],
     servers: &[(u16, usize, &str)],
-    owner: u16,
+    owner: Option<u16>,
     device_on: u16,
 ) {
     for &(id, host) in clients {
@@ -73,10 +74,13 @@ fn populate(
         ]);
     }
     let args = format!("{ITERATIONS},0x500,0xd0000000");
-    let (client, owner) = (clients[0].0.to_string(), owner.to_string());
-    store.ctl(&[
-        "add", "vm", "--id", "1", "--client", &client, "--owner", &owner, "--image", "io_loop", "--args", &args,
-    ]);
+    let client = clients[0].0.to_string();
+    let mut vm = vec!["add", "vm", "--id", "1", "--client", &client, "--image", "io_loop", "--args", &args];
+    let owner = owner.map(|o| o.to_string());
+    if let Some(o) = &owner {
+        vm.extend(["--owner", o.as_str()]);
+    }
+    store.ctl(&vm);
     let on = device_on.to_string();
     store.ctl(&[
         "add",
@@ -160,7 +164,7 @@ fn a_guest_reaches_a_device_on_the_io_server_through_the_owner() {
     let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
     let store = StoreFile::new("three-hosts");
     // Host 0: client platform 1; host 1: owner server 2; host 2: I/O server 3.
-    populate(&store, &net, &[(1, 0)], &[(2, 1, "owner"), (3, 2, "io")], 2, 3);
+    populate(&store, &net, &[(1, 0)], &[(2, 1, "owner"), (3, 2, "io")], Some(2), 3);
     let said = store.ctl(&["vm", "launch", "1"]);
     assert!(said.starts_with("updated VM 1 (client platform 1, Running)"), "{said}");
     let (owner, owner_rx) = server(&net, &store, 1, 2);
@@ -190,7 +194,7 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     let net = TestNet::new(TestNetConfig { hosts: 4, ..TestNetConfig::default() }).unwrap();
     let store = StoreFile::new("migrate");
     // Client platforms 1 (host 0) and 2 (host 1); owner server 10 (host 2), I/O server 11 (host 3).
-    populate(&store, &net, &[(1, 0), (2, 1)], &[(10, 2, "owner"), (11, 3, "io")], 10, 11);
+    populate(&store, &net, &[(1, 0), (2, 1)], &[(10, 2, "owner"), (11, 3, "io")], Some(10), 11);
     store.ctl(&["vm", "launch", "1"]);
     let (s10, rx10) = server(&net, &store, 2, 10);
     let (s11, rx11) = server(&net, &store, 3, 11);
@@ -226,4 +230,55 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     let show = store.ctl(&["show", "vm", "1", "--json"]);
     let vm: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!((vm["client"].as_u64(), vm["state"].as_str()), (Some(2), Some("running")));
+}
+
+/// The live request count of VM 1 as the client prints it on SIGUSR1.
+fn live_requests(c: &mut netns::ChildGuard, rx: &std::sync::mpsc::Receiver<String>) -> u64 {
+    // SAFETY: kill(2) on the pid of a child not reaped yet.
+    unsafe { libc::kill(c.child().id() as i32, libc::SIGUSR1) };
+    let lines = wait_for(rx, "live: VM 1:").unwrap_or_else(|l| panic!("no live counters: {l:?}"));
+    let line = lines.last().unwrap();
+    let n = line.split("requests: ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("{line}"))
+}
+
+#[test]
+fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
+    let name = "launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client";
+    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let net = TestNet::pair().unwrap();
+    let store = StoreFile::new("lifecycle");
+    // VM 1 (io_loop) and VM 2 on client platform 1 (host 0), their devices on server 2 (host 1), no owner.
+    populate(&store, &net, &[(1, 0)], &[(2, 1, "io")], None, 2);
+    store.ctl(&["add", "vm", "--id", "2", "--client", "1", "--image", "io_loop", "--args", "10,0x500,0xd0000000"]);
+    let (s, s_rx) = server(&net, &store, 1, 2);
+    let (mut c, c_rx) = client(&net, &store, 0, 1);
+    wait_for(&c_rx, "running 2 VM(s)").unwrap_or_else(|l| panic!("client: {l:?}"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(live_requests(&mut c, &c_rx), 0, "defined, not launched: held");
+    let said = store.ctl(&["vm", "launch", "1"]);
+    assert!(said.starts_with("updated VM 1 (client platform 1, Running)"), "{said}");
+    wait_for(&c_rx, "VM 1: running").unwrap_or_else(|l| panic!("client: {l:?}"));
+    std::thread::sleep(Duration::from_millis(300));
+    store.ctl(&["vm", "suspend", "1"]);
+    wait_for(&c_rx, "VM 1: suspended").unwrap_or_else(|l| panic!("client: {l:?}"));
+    let before = live_requests(&mut c, &c_rx);
+    std::thread::sleep(Duration::from_millis(400));
+    let after = live_requests(&mut c, &c_rx);
+    assert!(before > 0 && before == after, "suspended: no progress ({before} → {after})");
+    // Refused steps name the state; nothing changes.
+    let out =
+        std::process::Command::new(BIN).args(["ctl", "--store", store.path(), "vm", "launch", "1"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "dmfabric: VM 1 is Suspended: cannot launch it");
+    store.ctl(&["vm", "resume", "1"]);
+    store.ctl(&["vm", "shutdown", "2"]);
+    let out = c.wait_with_output().unwrap();
+    let lines: Vec<String> = c_rx.try_iter().collect();
+    assert!(out.status.success(), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains(&checksum_line())), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("VM 2: shut down by the control panel")), "{lines:#?}");
+    let (reads, writes, lines) = device_counts(s, &s_rx);
+    assert_eq!((reads, writes), (2 * ITERATIONS, 2 * ITERATIONS), "{lines:#?}");
 }
