@@ -5,33 +5,61 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use dmfabric_control::etcd::{EtcdProcess, EtcdStartError, EtcdStore};
 use dmfabric_dataplane::netns::{self, Need, TestNet, TestNetConfig};
 
 mod common;
 use common::{spawn_logged, wait_for, wait_for_within, BIN};
 
-/// A store file of this test's own, removed on drop.
-struct StoreFile(std::path::PathBuf);
+/// A store of this test's own: a redb file (removed on drop), or etcd
+/// running in one of the test's namespaces (stopped on drop).
+struct StoreFile {
+    spec: String,
+    file: Option<std::path::PathBuf>,
+    /// etcd, and the namespace `dmfabric ctl` runs in to reach it.
+    etcd: Option<(EtcdProcess, String)>,
+}
 
 impl StoreFile {
     fn new(name: &str) -> StoreFile {
         let p = std::env::temp_dir().join(format!("dmfabric-{name}-{}.redb", std::process::id()));
         let _ = std::fs::remove_file(&p);
-        StoreFile(p)
+        StoreFile { spec: p.to_str().unwrap().to_string(), file: Some(p), etcd: None }
+    }
+
+    /// etcd on host `host` of `net`, on its management link (None:
+    /// skipped, etcd is not installed).
+    fn etcd(test: &str, net: &TestNet, host: usize) -> Option<StoreFile> {
+        let ns = net.host(host).ns.clone();
+        let ip = net.host(host).mgmt_ipv4.expect("a net with a management link").to_string();
+        let ready = |endpoint: &str| net.with_host(host, || EtcdStore::connect(endpoint).is_ok()).unwrap_or(false);
+        match EtcdProcess::start_in(&ns, &ip, &ready) {
+            Ok(p) => Some(StoreFile { spec: format!("etcd://{}", p.endpoint), file: None, etcd: Some((p, ns)) }),
+            Err(e @ EtcdStartError::NotInstalled) => {
+                let msg = format!("{test}: skipped, {e}");
+                assert!(std::env::var("DMFABRIC_REQUIRE_PRIVILEGED").as_deref() != Ok("1"), "{msg}");
+                eprintln!("{msg}");
+                None
+            }
+            Err(e) => panic!("{test}: {e}"),
+        }
     }
 
     fn path(&self) -> &str {
-        self.0.to_str().unwrap()
+        &self.spec
     }
 
     /// `dmfabric ctl --store <this> args`; panics with its output unless it succeeds.
     fn ctl(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(BIN)
-            .args(["ctl", "--store", self.path()])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let mut cmd = match &self.etcd {
+            Some((_, ns)) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => std::process::Command::new(BIN),
+        };
+        let out = cmd.args(["ctl", "--store", self.path()]).args(args).stdin(Stdio::null()).output().unwrap();
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "ctl {args:?}: {stdout}{stderr}");
         stdout.into_owned()
@@ -40,7 +68,9 @@ impl StoreFile {
 
 impl Drop for StoreFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(f) = &self.file {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -162,14 +192,31 @@ fn a_guest_reaches_a_device_on_the_io_server_through_the_owner() {
         return;
     }
     let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
-    let store = StoreFile::new("three-hosts");
-    // Host 0: client platform 1; host 1: owner server 2; host 2: I/O server 3.
-    populate(&store, &net, &[(1, 0)], &[(2, 1, "owner"), (3, 2, "io")], Some(2), 3);
+    three_hosts(&net, &StoreFile::new("three-hosts"));
+}
+
+#[test]
+fn the_same_through_etcd_running_on_the_owners_host() {
+    let name = "the_same_through_etcd_running_on_the_owners_host";
+    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    // etcd's TCP goes over a management link: the AF_XDP data plane
+    // takes every frame of the interface it serves.
+    let net = TestNet::new(TestNetConfig { hosts: 3, management: true, ..TestNetConfig::default() }).unwrap();
+    if let Some(store) = StoreFile::etcd(name, &net, 1) {
+        three_hosts(&net, &store);
+    }
+}
+
+/// Host 0: client platform 1; host 1: owner server 2; host 2: I/O server 3.
+fn three_hosts(net: &TestNet, store: &StoreFile) {
+    populate(store, net, &[(1, 0)], &[(2, 1, "owner"), (3, 2, "io")], Some(2), 3);
     let said = store.ctl(&["vm", "launch", "1"]);
     assert!(said.starts_with("updated VM 1 (client platform 1, Running)"), "{said}");
-    let (owner, owner_rx) = server(&net, &store, 1, 2);
-    let (io, io_rx) = server(&net, &store, 2, 3);
-    let (c, c_rx) = client(&net, &store, 0, 1);
+    let (owner, owner_rx) = server(net, store, 1, 2);
+    let (io, io_rx) = server(net, store, 2, 3);
+    let (c, c_rx) = client(net, store, 0, 1);
     let out = c.wait_with_output().unwrap();
     let lines: Vec<String> = c_rx.try_iter().collect();
     assert!(out.status.success(), "{lines:#?}");

@@ -57,18 +57,28 @@ pub struct Host {
     pub mac: MacAddr,
     /// Link-local IPv4 address on `iface`.
     pub ipv4: Ipv4Addr,
+    /// With [`TestNetConfig::management`]: the address on its management
+    /// link ([`MGMT_IFACE`]), for control traffic such as etcd's.
+    pub mgmt_ipv4: Option<Ipv4Addr>,
 }
+
+/// The management interface of each host, with [`TestNetConfig::management`].
+pub const MGMT_IFACE: &str = "mgmt0";
 
 /// Options for [`TestNet::new`].
 #[derive(Debug, Clone, Copy)]
 pub struct TestNetConfig {
     pub hosts: usize,
     pub mtu: u32,
+    /// Also join the hosts on a second, IP-only bridge: an AF_XDP data
+    /// plane takes every frame of the interface it serves, so control
+    /// traffic (TCP to etcd) needs a link of its own, as on real hosts.
+    pub management: bool,
 }
 
 impl Default for TestNetConfig {
     fn default() -> Self {
-        TestNetConfig { hosts: 2, mtu: 1500 }
+        TestNetConfig { hosts: 2, mtu: 1500, management: false }
     }
 }
 
@@ -126,6 +136,7 @@ impl TestNet {
                 iface: HOST_IFACE.to_string(),
                 mac: MacAddr::default(),
                 ipv4: Ipv4Addr::new(169, 254, 77, (i + 1) as u8),
+                mgmt_ipv4: cfg.management.then(|| Ipv4Addr::new(169, 254, 78, (i + 1) as u8)),
             });
         }
         let mtu = cfg.mtu.to_string();
@@ -171,7 +182,35 @@ impl TestNet {
             ip(&["-n", &ns, "link", "set", HOST_IFACE, "up"])?;
             net.hosts[i].mac = read_mac(&ns)?;
         }
+        if cfg.management {
+            net.add_management(pid, id)?;
+        }
         Ok(net)
+    }
+
+    /// A second bridge joining every host's [`MGMT_IFACE`] (addresses 169.254.78.x).
+    fn add_management(&mut self, pid: u32, id: u32) -> Result<(), NetnsError> {
+        let sw = match &self.switch {
+            Some(sw) => sw.clone(),
+            None => {
+                let sw = format!("{NS_PREFIX}{pid}-{id}-sw");
+                self.add_ns(&sw)?;
+                self.switch = Some(sw.clone());
+                sw
+            }
+        };
+        ip(&["-n", &sw, "link", "add", "br1", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+        ip(&["-n", &sw, "link", "set", "br1", "up"])?;
+        for (i, host) in self.hosts.iter().enumerate() {
+            let port = format!("m{i}");
+            ip(&["link", "add", MGMT_IFACE, "netns", &host.ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br1"])?;
+            ip(&["-n", &sw, "link", "set", &port, "up"])?;
+            let addr = format!("{}/24", host.mgmt_ipv4.expect("management addresses set"));
+            ip(&["-n", &host.ns, "addr", "add", &addr, "dev", MGMT_IFACE])?;
+            ip(&["-n", &host.ns, "link", "set", MGMT_IFACE, "up"])?;
+        }
+        Ok(())
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<(), NetnsError> {
