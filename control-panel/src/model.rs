@@ -412,6 +412,29 @@ impl Db {
         }
     }
 
+    /// Heap bytes the records hold, roughly (B-tree nodes counted as their
+    /// entries plus a third).
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let tree = |n: usize, entry: usize| n * entry * 4 / 3;
+        let devices: usize = self
+            .devices
+            .values()
+            .map(|d| d.kind.capacity() + d.ranges.capacity() * size_of::<Range>() + d.irqs.capacity() * 4)
+            .sum();
+        let vms: usize = self.vms.values().map(|v| v.image.capacity() + v.args.capacity() * 8).sum();
+        let named: usize =
+            self.clients.values().map(|c| c.mac.capacity() + c.hypervisor_kind.capacity()).sum::<usize>()
+                + self.servers.values().map(|s| s.mac.capacity()).sum::<usize>();
+        tree(self.devices.len(), size_of::<(u32, Device)>())
+            + tree(self.vms.len(), size_of::<(u32, Vm)>())
+            + tree(self.clients.len(), size_of::<(u16, ClientPlatform)>())
+            + tree(self.servers.len(), size_of::<(u16, Server)>())
+            + devices
+            + vms
+            + named
+    }
+
     /// Apply `changes` all or nothing: each is checked against the database
     /// as the ones before it left it. Returns what changed, a line each.
     pub fn apply(&mut self, changes: &[Change]) -> Result<Vec<String>, Conflict> {

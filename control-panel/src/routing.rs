@@ -79,8 +79,13 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
-    /// The table of `db` at `revision`.
+    /// The table of `db` at `revision` (keeps a copy of `db`).
     pub fn build(db: &Db, revision: u64) -> RoutingTable {
+        RoutingTable::from_db(Arc::new(db.clone()), revision)
+    }
+
+    /// The table of `db` at `revision`, keeping `db` itself.
+    pub fn from_db(db: Arc<Db>, revision: u64) -> RoutingTable {
         let mut vms: HashMap<u32, VmRoutes> = HashMap::with_capacity(db.vms.len());
         for v in db.vms.values() {
             vms.insert(
@@ -110,7 +115,7 @@ impl RoutingTable {
         }
         let servers = db.servers.values().filter_map(|s| Some((s.id, parse_mac(&s.mac)?))).collect();
         let clients = db.clients.values().filter_map(|c| Some((c.id, parse_mac(&c.mac)?))).collect();
-        RoutingTable { revision, vms, devices, servers, clients, db: Arc::new(db.clone()) }
+        RoutingTable { revision, vms, devices, servers, clients, db }
     }
 
     /// The device (and its server) holding `addr` in `vm`'s port or MMIO space.

@@ -51,7 +51,7 @@ impl Watch {
         chores: Option<Chores>,
     ) -> Result<Watch, StoreError> {
         let revision = store.revision()?;
-        let table = RoutingTable::build(&store.load()?, revision);
+        let table = RoutingTable::from_db(Arc::new(store.load()?), revision);
         let routes = Arc::new(LiveRoutes::new(table));
         let health = Arc::new(WatchHealth::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -99,7 +99,7 @@ fn watch(
         let result = (|| -> Result<(), StoreError> {
             let revision = store.revision()?;
             if revision != routes.revision() {
-                let table = RoutingTable::build(&store.load()?, revision);
+                let table = RoutingTable::from_db(Arc::new(store.load()?), revision);
                 let (vms, devices) = (table.vm_count(), table.device_count());
                 routes.swap(table);
                 health.swaps.fetch_add(1, Ordering::Relaxed);
