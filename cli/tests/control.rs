@@ -216,11 +216,19 @@ fn three_hosts(net: &TestNet, store: &StoreFile) {
     assert!(said.starts_with("updated VM 1 (client platform 1, Running)"), "{said}");
     let (owner, owner_rx) = server(net, store, 1, 2);
     let (io, io_rx) = server(net, store, 2, 3);
+    let start = Instant::now();
     let (c, c_rx) = client(net, store, 0, 1);
     let out = c.wait_with_output().unwrap();
     let lines: Vec<String> = c_rx.try_iter().collect();
     assert!(out.status.success(), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains(&checksum_line())), "{lines:#?}");
+    let took = start.elapsed();
+    eprintln!(
+        "through the owner ({}): {} accesses in {took:.2?} with the client's start, {:.1} µs each",
+        store.path(),
+        4 * ITERATIONS,
+        took.as_secs_f64() * 1e6 / (4 * ITERATIONS) as f64
+    );
     // Every access went to the owner, which ran none and sent each on; the
     // I/O server ran each once and answered the client itself.
     let accesses = 2 * ITERATIONS;
