@@ -68,7 +68,7 @@ impl EtcdStore {
         let client = self.client.clone();
         self.rt.block_on(async {
             match tokio::time::timeout(CALL_TIMEOUT, f(client)).await {
-                Ok(r) => r.map_err(|e| self.err(format!("unreachable or refusing: {e}"))),
+                Ok(r) => r.map_err(|e| self.err(format!("{}: is etcd running there?", cause(&e)))),
                 Err(_) => Err(self.err(format!("no answer within {CALL_TIMEOUT:?}"))),
             }
         })
@@ -172,6 +172,19 @@ impl Store for EtcdStore {
         }
         Ok(Some(state))
     }
+}
+
+/// What went wrong, in one line: the gRPC status ("Unavailable: tcp
+/// connect error") or the innermost cause.
+fn cause(e: &etcd_client::Error) -> String {
+    if let etcd_client::Error::GRpcStatus(s) = e {
+        return format!("{:?}: {}", s.code(), s.message());
+    }
+    let mut last: &dyn std::error::Error = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
 }
 
 /// An etcd server of a test's own: its own data directory and free ports,
