@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -16,6 +16,7 @@ use dmfabric_dataplane::{TransportKind, TransportSpec};
 use dmfabric_dm_workers::device::Device;
 use dmfabric_dm_workers::regfile::RegisterFile;
 use dmfabric_vmm_shim::devmap::Target;
+use dmfabric_vmm_shim::exits::LiveMap;
 use dmfabric_vmm_shim::guests;
 use dmfabric_vmm_shim::linux::LinuxImage;
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -650,19 +651,17 @@ fn store_plan(spec: &str, args: &ClientArgs, stop: &AtomicBool) -> anyhow::Resul
         for (slot, arg) in a.iter_mut().zip(&v.args) {
             *slot = *arg;
         }
-        let mut device = Vec::new();
-        for d in db.devices.values().filter(|d| d.vm == v.id) {
-            for r in &d.ranges {
-                device.push(RangeConfig {
-                    space: if r.mmio { "mmio".into() } else { "pio".into() },
-                    base: r.base,
-                    len: r.len,
-                    server: Some(v.owner.unwrap_or(d.server)),
-                    device: Some(d.id),
-                    local: None,
-                });
-            }
-        }
+        let device = vm_ranges(&db, v)
+            .into_iter()
+            .map(|(space, base, len, server, device)| RangeConfig {
+                space: if space == Space::Mmio { "mmio".into() } else { "pio".into() },
+                base,
+                len,
+                server: Some(server),
+                device: Some(device),
+                local: None,
+            })
+            .collect();
         file.vm.push(VmConfig {
             id: v.id,
             vcpus: v.vcpus,
@@ -719,13 +718,42 @@ fn store_plan(spec: &str, args: &ClientArgs, stop: &AtomicBool) -> anyhow::Resul
             dmfabric_control::model::Vm { client: me, state: VmState::Running, migrate_to: None, ..(*v).clone() };
         store.commit(&[dmfabric_control::model::Change::UpdateVm(here)])?;
     }
+    // Each VM routes by a map the control panel's changes replace.
+    let mut maps = Vec::new();
+    for (s, v) in plan.vms.iter_mut().zip(&mine) {
+        let live = Arc::new(LiveMap::from_pointee(s.map.clone()));
+        s.live_map = Some(live.clone());
+        maps.push(VmMap { vm: s.id, live, ranges: Mutex::new(vm_ranges(&db, v)) });
+    }
     let watch = dmfabric_control::watch::Watch::start(
         dmfabric_control::store::open(spec)?,
         format!("dmfabric client {me}"),
         Duration::from_millis(50),
         None,
     )?;
-    Ok((plan, Arc::new(StoreControl { me, watch, store })))
+    let seen = Mutex::new(watch.routes().revision());
+    let known = plan.client.servers.iter().copied().collect();
+    Ok((plan, Arc::new(StoreControl { me, watch, store, maps, known, seen })))
+}
+
+/// The remote ranges of VM `v` in `db`: (space, base, length, the server
+/// its requests go to — its owner, or the device's own — and the device).
+fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> Vec<(Space, u64, u64, u16, u32)> {
+    let mut out = Vec::new();
+    for d in db.devices.values().filter(|d| d.vm == v.id) {
+        for r in &d.ranges {
+            let space = if r.mmio { Space::Mmio } else { Space::Pio };
+            out.push((space, r.base, r.len, v.owner.unwrap_or(d.server), d.id));
+        }
+    }
+    out
+}
+
+/// A VM's live device map, and the ranges it was last built from.
+struct VmMap {
+    vm: u32,
+    live: Arc<LiveMap>,
+    ranges: Mutex<Vec<(Space, u64, u64, u16, u32)>>,
 }
 
 /// The control panel's wishes for the VMs of a client platform, read from
@@ -735,6 +763,58 @@ struct StoreControl {
     watch: dmfabric_control::watch::Watch,
     /// For the states of VMs migrating away.
     store: Box<dyn dmfabric_control::store::Store>,
+    maps: Vec<VmMap>,
+    /// Servers found on the link at start: the only ones a map can name.
+    known: BTreeSet<u16>,
+    /// The table revision the maps were last built from.
+    seen: Mutex<u64>,
+}
+
+impl StoreControl {
+    /// Rebuild the VMs' device maps when the table moved on (devices
+    /// added, removed or moved reach the running guests).
+    fn refresh_maps(&self, t: &dmfabric_control::routing::RoutingTable) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == t.revision {
+            return;
+        }
+        *seen = t.revision;
+        for m in &self.maps {
+            let Some(v) = t.db.vms.get(&m.vm) else { continue };
+            let mut ranges = vm_ranges(&t.db, v);
+            ranges.retain(|&(_, base, _, server, device)| {
+                let ok = self.known.contains(&server);
+                if !ok {
+                    eprintln!(
+                        "dmfabric client: VM {}: device {device} at {base:#x} is on server {server}, not found on the link at start: restart the client to reach it",
+                        m.vm
+                    );
+                }
+                ok
+            });
+            let mut last = m.ranges.lock().unwrap_or_else(|e| e.into_inner());
+            if *last == ranges {
+                continue;
+            }
+            let targets: Vec<(Space, u64, u64, Target)> =
+                ranges.iter().map(|&(s, b, l, server, device)| (s, b, l, Target::Remote { server, device })).collect();
+            match machine::test_guest_map(&targets) {
+                Ok(map) => {
+                    eprintln!(
+                        "dmfabric client: VM {}: device map of revision {} ({} ranges)",
+                        m.vm,
+                        t.revision,
+                        ranges.len()
+                    );
+                    m.live.store(Arc::new(map));
+                    *last = ranges;
+                }
+                Err(e) => {
+                    eprintln!("dmfabric client: VM {}: revision {}'s device map is unusable: {e}", m.vm, t.revision)
+                }
+            }
+        }
+    }
 }
 
 impl machine::VmControl for StoreControl {
@@ -742,6 +822,7 @@ impl machine::VmControl for StoreControl {
         use dmfabric_control::model::VmState;
         use machine::Desired;
         let t = self.watch.routes().load();
+        self.refresh_maps(&t);
         let Some(v) = t.db.vms.get(&vm) else { return Desired::End("removed from the control panel".into()) };
         if v.state == VmState::Migrating {
             return match v.migrate_to {

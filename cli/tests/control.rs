@@ -305,12 +305,15 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
     }
     let net = TestNet::pair().unwrap();
     let store = StoreFile::new("lifecycle");
-    // VM 1 (io_loop) and VM 2 on client platform 1 (host 0), their devices on server 2 (host 1), no owner.
+    // VMs 1 to 3 (io_loop) on client platform 1 (host 0), device 1 of VM 1 on server 2 (host 1),
+    // no owner; VM 2 gets its device while the client runs.
     populate(&store, &net, &[(1, 0)], &[(2, 1, "io")], None, 2);
-    store.ctl(&["add", "vm", "--id", "2", "--client", "1", "--image", "io_loop", "--args", "10,0x500,0xd0000000"]);
+    for vm in ["2", "3"] {
+        store.ctl(&["add", "vm", "--id", vm, "--client", "1", "--image", "io_loop", "--args", "10,0x500,0xd0000000"]);
+    }
     let (s, s_rx) = server(&net, &store, 1, 2);
     let (mut c, c_rx) = client(&net, &store, 0, 1);
-    wait_for(&c_rx, "running 2 VM(s)").unwrap_or_else(|l| panic!("client: {l:?}"));
+    wait_for(&c_rx, "running 3 VM(s)").unwrap_or_else(|l| panic!("client: {l:?}"));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(live_requests(&mut c, &c_rx), 0, "defined, not launched: held");
     let said = store.ctl(&["vm", "launch", "1"]);
@@ -328,12 +331,34 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
         std::process::Command::new(BIN).args(["ctl", "--store", store.path(), "vm", "launch", "1"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "dmfabric: VM 1 is Suspended: cannot launch it");
     store.ctl(&["vm", "resume", "1"]);
-    store.ctl(&["vm", "shutdown", "2"]);
+    // A device added to a VM reaches the running client's map; then the VM is launched.
+    store.ctl(&[
+        "add",
+        "device",
+        "--id",
+        "2",
+        "--kind",
+        "regfile",
+        "--server",
+        "2",
+        "--vm",
+        "2",
+        "--pio",
+        "0x500:0x100",
+        "--mmio",
+        "0xd0000000:0x1000",
+    ]);
+    wait_for(&c_rx, "VM 2: device map of revision").unwrap_or_else(|l| panic!("client: {l:?}"));
+    store.ctl(&["vm", "launch", "2"]);
+    store.ctl(&["vm", "shutdown", "3"]);
     let out = c.wait_with_output().unwrap();
     let lines: Vec<String> = c_rx.try_iter().collect();
     assert!(out.status.success(), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains(&checksum_line())), "{lines:#?}");
-    assert!(lines.iter().any(|l| l.contains("VM 2: shut down by the control panel")), "{lines:#?}");
+    let sum = dmfabric_vmm_shim::guests::io_loop_checksum(10);
+    let vm2 = format!("VM 2 vCPU 0: reported {:#x} {:#x}", sum as u32, (sum >> 32) as u32);
+    assert!(lines.iter().any(|l| l.contains(&vm2)), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("VM 3: shut down by the control panel")), "{lines:#?}");
     let (reads, writes, lines) = device_counts(s, &s_rx);
     assert_eq!((reads, writes), (2 * ITERATIONS, 2 * ITERATIONS), "{lines:#?}");
 }

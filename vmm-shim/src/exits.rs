@@ -149,9 +149,15 @@ impl ConsoleTap {
     }
 }
 
+/// A VM's device map that the control panel may replace while the VM
+/// runs: each exit reads the current one (an atomic load, no lock).
+pub type LiveMap = arc_swap::ArcSwap<DeviceMap<Target>>;
+
 /// One vCPU's exits to its VM's devices.
 pub struct Router<'r, R> {
     map: &'r DeviceMap<Target>,
+    /// Followed instead of `map` when set.
+    live: Option<&'r LiveMap>,
     local: &'r LocalDevices,
     remote: R,
     reports: Vec<u32>,
@@ -172,6 +178,7 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
     pub fn new(map: &'r DeviceMap<Target>, local: &'r LocalDevices, remote: R) -> Self {
         Router {
             map,
+            live: None,
             local,
             remote,
             reports: Vec::new(),
@@ -180,6 +187,11 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
             times: Vec::new(),
             console: None,
         }
+    }
+
+    /// Route by `live` from now on (it may change while the VM runs).
+    pub fn follow(&mut self, live: &'r LiveMap) {
+        self.live = Some(live);
     }
 
     pub fn stats(&self) -> ExitStats {
@@ -233,7 +245,11 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
         if let Some(tap) = self.console.as_mut() {
             tap.see(exit);
         }
-        match decide(self.map, exit) {
+        let decision = match self.live {
+            Some(live) => decide(&live.load(), exit),
+            None => decide(self.map, exit),
+        };
+        match decision {
             Decision::Local(i) => {
                 self.stats.local += 1;
                 let start = Instant::now();

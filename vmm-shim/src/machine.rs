@@ -12,7 +12,7 @@ use dmfabric_dm_workers::device::Device;
 use hdrhistogram::Histogram;
 
 use crate::devmap::{DeviceMap, Target};
-use crate::exits::{AccessTimes, DeviceCount, ExitStats, NoRemote, RemoteAccess, Router};
+use crate::exits::{AccessTimes, DeviceCount, ExitStats, LiveMap, NoRemote, RemoteAccess, Router};
 use crate::kvm::{Exit, Kick, KvmError, RunStats, Vm};
 use crate::linux::{self, LinuxError, LinuxImage};
 use crate::local::IrqTarget;
@@ -44,6 +44,9 @@ pub struct VmSpec {
     pub console_port: Option<u64>,
     /// Start from this state (a VM migrated here) instead of the image.
     pub restore: Option<VmSnapshot>,
+    /// Route by this map instead of `map`: the control panel replaces it
+    /// while the VM runs.
+    pub live_map: Option<Arc<LiveMap>>,
 }
 
 impl std::fmt::Debug for VmSpec {
@@ -55,6 +58,24 @@ impl std::fmt::Debug for VmSpec {
             .field("image_bytes", &self.image.len())
             .finish()
     }
+}
+
+/// A test guest's device map: the debug port and `ranges` (space, base,
+/// length, target).
+pub fn test_guest_map(
+    ranges: &[(dmfabric_wire::Space, u64, u64, Target)],
+) -> Result<DeviceMap<Target>, crate::devmap::MapError> {
+    let mut map = DeviceMap::default();
+    map.add(
+        dmfabric_wire::Space::Pio,
+        u64::from(crate::debugport::DEBUG_PORT),
+        u64::from(crate::debugport::DEBUG_PORT_LEN),
+        Target::Debug,
+    )?;
+    for &(space, base, len, target) in ranges {
+        map.add(space, base, len, target)?;
+    }
+    Ok(map)
 }
 
 /// Guest memory of a test-guest VM.
@@ -72,16 +93,7 @@ impl VmSpec {
         ranges: &[(dmfabric_wire::Space, u64, u64, Target)],
         local: Vec<Box<dyn Device>>,
     ) -> Result<VmSpec, crate::devmap::MapError> {
-        let mut map = DeviceMap::default();
-        map.add(
-            dmfabric_wire::Space::Pio,
-            u64::from(crate::debugport::DEBUG_PORT),
-            u64::from(crate::debugport::DEBUG_PORT_LEN),
-            Target::Debug,
-        )?;
-        for &(space, base, len, target) in ranges {
-            map.add(space, base, len, target)?;
-        }
+        let map = test_guest_map(ranges)?;
         Ok(VmSpec {
             id,
             vcpus,
@@ -96,6 +108,7 @@ impl VmSpec {
             reset: Arc::new(AtomicBool::new(false)),
             console_port: None,
             restore: None,
+            live_map: None,
         })
     }
 
@@ -421,6 +434,9 @@ pub fn run<T: Transport>(
                             None => Remote::None,
                         };
                         let mut router = Router::new(&spec.map, &spec.local, remote);
+                        if let Some(live) = &spec.live_map {
+                            router.follow(live);
+                        }
                         if let Some(port) = spec.console_port {
                             router.tap_console(port);
                         }
