@@ -736,9 +736,12 @@ fn store_plan(spec: &str, args: &ClientArgs, stop: &AtomicBool) -> anyhow::Resul
     Ok((plan, Arc::new(StoreControl { me, watch, store, maps, known, seen })))
 }
 
-/// The remote ranges of VM `v` in `db`: (space, base, length, the server
-/// its requests go to — its owner, or the device's own — and the device).
-fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> Vec<(Space, u64, u64, u16, u32)> {
+/// A VM's remote ranges: (space, base, length, the server its requests go
+/// to — its owner, or the device's own — and the device).
+type RemoteRanges = Vec<(Space, u64, u64, u16, u32)>;
+
+/// The remote ranges of VM `v` in `db`.
+fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> RemoteRanges {
     let mut out = Vec::new();
     for d in db.devices.values().filter(|d| d.vm == v.id) {
         for r in &d.ranges {
@@ -753,7 +756,7 @@ fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
 struct VmMap {
     vm: u32,
     live: Arc<LiveMap>,
-    ranges: Mutex<Vec<(Space, u64, u64, u16, u32)>>,
+    ranges: Mutex<RemoteRanges>,
 }
 
 /// The control panel's wishes for the VMs of a client platform, read from

@@ -9,7 +9,7 @@ use dmfabric_control::etcd::{EtcdProcess, EtcdStartError, EtcdStore};
 use dmfabric_dataplane::netns::{self, Need, TestNet, TestNetConfig};
 
 mod common;
-use common::{spawn_logged, wait_for, wait_for_within, BIN};
+use common::{spawn_logged, wait_for, wait_for_within, Logged, BIN};
 
 /// A store of this test's own: a redb file (removed on drop), or etcd
 /// running in one of the test's namespaces (stopped on drop).
@@ -131,12 +131,7 @@ fn populate(
 }
 
 /// `dmfabric server --store` for server `id` on `host`, once it is ready.
-fn server(
-    net: &TestNet,
-    store: &StoreFile,
-    host: usize,
-    id: u16,
-) -> (netns::ChildGuard, std::sync::mpsc::Receiver<String>) {
+fn server(net: &TestNet, store: &StoreFile, host: usize, id: u16) -> Logged {
     let iface = net.host(host).iface.clone();
     let id = id.to_string();
     // Two servers and a client on two cores: servers sleep on their socket when idle.
@@ -148,12 +143,7 @@ fn server(
 }
 
 /// `dmfabric client --store` for client platform `id` on `host`.
-fn client(
-    net: &TestNet,
-    store: &StoreFile,
-    host: usize,
-    id: u16,
-) -> (netns::ChildGuard, std::sync::mpsc::Receiver<String>) {
+fn client(net: &TestNet, store: &StoreFile, host: usize, id: u16) -> Logged {
     let iface = net.host(host).iface.clone();
     let id = id.to_string();
     spawn_logged(

@@ -169,9 +169,16 @@ fn the_owner_forwards_and_the_io_server_answers_the_client_directly() {
 
 #[test]
 fn a_device_moves_with_its_state_and_its_latest_answer() {
-    let path = std::env::temp_dir().join(format!("dmfabric-placed-{}.redb", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let store = RedbStore::open(&path).unwrap();
+    /// Removes the store file, also when the test fails.
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let path = Remove(std::env::temp_dir().join(format!("dmfabric-placed-{}.redb", std::process::id())));
+    let _ = std::fs::remove_file(&path.0);
+    let store = RedbStore::open(&path.0).unwrap();
     let mut d = db();
     let mut p = pair(&d);
     let mut chores = p.transit.clone().map(|t| t.chores());
@@ -205,6 +212,4 @@ fn a_device_moves_with_its_state_and_its_latest_answer() {
     assert_eq!((st10.devices_left, st11.devices_arrived, st11.held, st11.duplicates_answered), (1, 1, 1, 1));
     let dev1 = st11.devices.iter().find(|c| c.id == 1).unwrap();
     assert_eq!((dev1.writes, dev1.reads), (0, 1), "the write ran once, on server 10");
-    drop(store);
-    let _ = std::fs::remove_file(&path);
 }

@@ -12,8 +12,11 @@ use dmfabric_dataplane::netns::{ChildGuard, TestNet};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
 
+/// A process and its output, a line at a time.
+pub type Logged = (ChildGuard, mpsc::Receiver<String>);
+
 /// Run `dmfabric args` on host `host`, its stdout and stderr read line by line.
-pub fn spawn_logged(net: &TestNet, host: usize, args: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
+pub fn spawn_logged(net: &TestNet, host: usize, args: &[&str]) -> Logged {
     let mut cmd = net.command(host, BIN);
     cmd.args(args);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
