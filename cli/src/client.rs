@@ -248,7 +248,12 @@ fn load(path: &Path, iface: Option<&str>, seconds: Option<f64>) -> anyhow::Resul
 }
 
 fn plan(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>) -> anyhow::Result<Plan> {
-    if cfg.vm.is_empty() {
+    plan_vms(cfg, iface, seconds, false)
+}
+
+/// [`plan`]; `may_be_empty`: VMs may come later (placed by the control panel).
+fn plan_vms(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>, may_be_empty: bool) -> anyhow::Result<Plan> {
+    if cfg.vm.is_empty() && !may_be_empty {
         bail!("no [[vm]]: nothing to run");
     }
     let run_seconds = seconds.unwrap_or(cfg.run_seconds);
@@ -267,7 +272,7 @@ fn plan(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>) -> anyhow::R
         }
         vms.push(vm_spec(vm, &mut servers).with_context(|| format!("VM {}", vm.id))?);
     }
-    let link = if servers.is_empty() { None } else { Some(link_spec(&cfg, iface)?) };
+    let link = if servers.is_empty() && !may_be_empty { None } else { Some(link_spec(&cfg, iface)?) };
     Ok(Plan {
         client: ClientConfig {
             client: cfg.client,
@@ -562,7 +567,7 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     dmfabric_vmm_shim::kvm::probe()?;
     let (plan, control) = match (&args.store, args.config.as_deref()) {
         (Some(store), _) => {
-            let (plan, control) = store_plan(store, &args, &stop)?;
+            let (plan, control) = store_plan(store, &args)?;
             (plan, Some(control))
         }
         (None, Some(path)) => (load(path, args.iface.as_deref(), args.seconds)?, None),
@@ -571,7 +576,7 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let opts = RunOptions {
         timeout: plan.run,
         dump: Some(&crate::DUMP),
-        control: control.map(|c| machine::Control(c as Arc<dyn machine::VmControl>)),
+        control: control.clone().map(|c| machine::Control(c as Arc<dyn machine::VmControl>)),
         ..RunOptions::default()
     };
     let transport = match &plan.link {
@@ -603,13 +608,19 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if !failed.is_empty() {
         bail!("VM(s) {} stopped with an error (above)", failed.join(", "));
     }
+    if let Some(c) = &control {
+        if let Some(first) = lock(&c.failed).first() {
+            bail!("{first}");
+        }
+    }
     Ok(())
 }
 
-/// The run of a client platform placed by the control panel: its VMs from
-/// the store (those migrating here with their state), and the control that
-/// follows the store while they run.
-fn store_plan(spec: &str, args: &ClientArgs, stop: &AtomicBool) -> anyhow::Result<(Plan, Arc<StoreControl>)> {
+/// The run of a client platform placed by the control panel: the VMs the
+/// store gives it now (those defined, running or suspended there), and
+/// the control that follows the store while they run — and starts the VMs
+/// launched or migrated here later.
+fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan, Arc<StoreControl>)> {
     let Some(me) = args.client_id else { bail!("--store needs --client-id (this client platform's id in the store)") };
     let Some(iface) = args.iface.clone() else { bail!("--store needs --iface (the data-plane interface)") };
     let store = dmfabric_control::store::open(spec)?;
@@ -624,116 +635,85 @@ fn store_plan(spec: &str, args: &ClientArgs, stop: &AtomicBool) -> anyhow::Resul
             record.mac
         );
     }
-    use dmfabric_control::model::VmState;
-    let mine: Vec<&dmfabric_control::model::Vm> = db
-        .vms
-        .values()
-        .filter(|v| match v.state {
-            VmState::Migrating => v.migrate_to == Some(me),
-            VmState::Stopped => false,
-            _ => v.client == me,
-        })
-        .collect();
-    if mine.is_empty() {
+    let mine: Vec<&dmfabric_control::model::Vm> =
+        db.vms.values().filter(|v| v.client == me && StoreControl::runs_here(v)).collect();
+    let incoming = db.vms.values().any(|v| v.migrate_to == Some(me));
+    if mine.is_empty() && !incoming {
         bail!("the store has no VM for client platform {me} (add one: dmfabric ctl add vm --client {me} ...)");
     }
-    let mut file = FileConfig {
+    let file = FileConfig {
         client: me,
         hypervisor: record.hypervisor,
         run_seconds: args.seconds.unwrap_or(86_400.0),
         timeout_ms: args.timeout_ms,
         retries: args.retries,
         link: LinkConfig { iface: Some(iface), ..LinkConfig::default() },
-        vm: Vec::new(),
+        vm: mine.iter().map(|v| vm_config(&db, v)).collect(),
     };
-    for v in &mine {
-        let mut a = [0u64; 3];
-        for (slot, arg) in a.iter_mut().zip(&v.args) {
-            *slot = *arg;
-        }
-        let device = vm_ranges(&db, v)
-            .into_iter()
-            .map(|(space, base, len, server, device)| RangeConfig {
-                space: if space == Space::Mmio { "mmio".into() } else { "pio".into() },
-                base,
-                len,
-                server: Some(server),
-                device: Some(device),
-                local: None,
-            })
-            .collect();
-        file.vm.push(VmConfig {
-            id: v.id,
-            vcpus: v.vcpus,
-            memory_mib: v.memory_mib as usize,
-            guest: Some(v.image.clone()),
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            pc: None,
-            pc_server: 1,
-            console_log: None,
-            args: a,
-            vcpu_args: None,
-            device,
-        });
+    let mut plan = plan_vms(file, None, args.seconds.or(Some(86_400.0)), true)?;
+    // Every server of the store: VMs that come later reach them too, and
+    // each forgets this client's earlier streams (its numbers start over).
+    plan.client.servers = db.servers.keys().copied().collect();
+    if plan.client.servers.is_empty() {
+        bail!("the store has no server: add one (dmfabric ctl add server ...) first");
     }
-    let mut plan = plan(file, None, args.seconds.or(Some(86_400.0)))?;
-    // Hello to every server holding one of these VMs' devices too: a
-    // restarted client's sequence numbers start over there as well.
-    let mut servers: BTreeSet<u16> = plan.client.servers.iter().copied().collect();
-    servers.extend(db.devices.values().filter(|d| mine.iter().any(|v| v.id == d.vm)).map(|d| d.server));
-    plan.client.servers = servers.into_iter().collect();
-    // VMs migrating here: wait for their state, then take them over.
-    for (spec, v) in plan.vms.iter_mut().zip(&mine) {
-        if v.state != VmState::Migrating {
-            continue;
-        }
-        eprintln!(
-            "dmfabric client: VM {} migrates here from client platform {}: waiting for its state",
-            v.id, v.client
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs_f64(args.arrival_s);
-        let bytes = loop {
-            if let Some(b) = store.take_state(&format!("vm/{}", v.id))? {
-                break b;
-            }
-            if stop.load(Ordering::Relaxed) {
-                bail!("Interrupted while waiting for VM {}'s state", v.id);
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "VM {}'s state did not arrive within {} s: is client platform {} running it?",
-                    v.id,
-                    args.arrival_s,
-                    v.client
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let snap = dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes).map_err(anyhow::Error::msg)?;
-        eprintln!("dmfabric client: VM {}: state arrived ({} KiB)", v.id, bytes.len() / 1024);
-        spec.restore = Some(snap);
-        let here =
-            dmfabric_control::model::Vm { client: me, state: VmState::Running, migrate_to: None, ..(*v).clone() };
-        store.commit(&[dmfabric_control::model::Change::UpdateVm(here)])?;
-    }
-    // Each VM routes by a map the control panel's changes replace.
-    let mut maps = Vec::new();
+    let control = StoreControl {
+        me,
+        watch: dmfabric_control::watch::Watch::start(
+            dmfabric_control::store::open(spec)?,
+            format!("dmfabric client {me}"),
+            Duration::from_millis(50),
+            None,
+        )?,
+        store,
+        maps: Mutex::new(Vec::new()),
+        known: plan.client.servers.iter().copied().collect(),
+        seen: Mutex::new(0),
+        started: Mutex::new(mine.iter().map(|v| v.id).collect()),
+        arrivals: Mutex::new(Arrivals::default()),
+        arrival_wait: Duration::from_secs_f64(args.arrival_s),
+        failed: Mutex::new(Vec::new()),
+    };
+    *control.seen.lock().unwrap_or_else(|e| e.into_inner()) = control.watch.routes().revision();
     for (s, v) in plan.vms.iter_mut().zip(&mine) {
-        let live = Arc::new(LiveMap::from_pointee(s.map.clone()));
-        s.live_map = Some(live.clone());
-        maps.push(VmMap { vm: s.id, live, ranges: Mutex::new(vm_ranges(&db, v)) });
+        control.follow(s, vm_ranges(&db, v));
     }
-    let watch = dmfabric_control::watch::Watch::start(
-        dmfabric_control::store::open(spec)?,
-        format!("dmfabric client {me}"),
-        Duration::from_millis(50),
-        None,
-    )?;
-    let seen = Mutex::new(watch.routes().revision());
-    let known = plan.client.servers.iter().copied().collect();
-    Ok((plan, Arc::new(StoreControl { me, watch, store, maps, known, seen })))
+    Ok((plan, Arc::new(control)))
+}
+
+/// VM `v` of `db` as a client config entry: its test guest and arguments,
+/// its devices' ranges mapped to its owner server (or each device's own).
+fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> VmConfig {
+    let mut a = [0u64; 3];
+    for (slot, arg) in a.iter_mut().zip(&v.args) {
+        *slot = *arg;
+    }
+    let device = vm_ranges(db, v)
+        .into_iter()
+        .map(|(space, base, len, server, device)| RangeConfig {
+            space: if space == Space::Mmio { "mmio".into() } else { "pio".into() },
+            base,
+            len,
+            server: Some(server),
+            device: Some(device),
+            local: None,
+        })
+        .collect();
+    VmConfig {
+        id: v.id,
+        vcpus: v.vcpus,
+        memory_mib: v.memory_mib as usize,
+        guest: Some(v.image.clone()),
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        pc: None,
+        pc_server: 1,
+        console_log: None,
+        args: a,
+        vcpu_args: None,
+        device,
+    }
 }
 
 /// A VM's remote ranges: (space, base, length, the server its requests go
@@ -756,33 +736,66 @@ fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
 struct VmMap {
     vm: u32,
     live: Arc<LiveMap>,
-    ranges: Mutex<RemoteRanges>,
+    ranges: RemoteRanges,
 }
 
+/// VMs migrating here whose state is awaited: since when.
+#[derive(Default)]
+struct Arrivals {
+    waiting: std::collections::BTreeMap<u32, std::time::Instant>,
+    /// When the store was last asked for their states.
+    asked: Option<std::time::Instant>,
+    /// The table revision last scanned for launches and migrations.
+    scanned: u64,
+}
 /// The control panel's wishes for the VMs of a client platform, read from
 /// its store watch's tables.
 struct StoreControl {
     me: u16,
     watch: dmfabric_control::watch::Watch,
-    /// For the states of VMs migrating away.
+    /// For VM states in transit (migrations out and in) and recording arrivals.
     store: Box<dyn dmfabric_control::store::Store>,
-    maps: Vec<VmMap>,
+    maps: Mutex<Vec<VmMap>>,
     /// Servers found on the link at start: the only ones a map can name.
     known: BTreeSet<u16>,
     /// The table revision the maps were last built from.
     seen: Mutex<u64>,
+    /// VMs started here (at the start or since), and not migrated away.
+    started: Mutex<BTreeSet<u32>>,
+    arrivals: Mutex<Arrivals>,
+    /// How long a migrating VM's state may take to arrive.
+    arrival_wait: Duration,
+    /// VMs that could not start here, and why.
+    failed: Mutex<Vec<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl StoreControl {
+    /// Whether a VM of this platform in this state has a place in its run.
+    fn runs_here(v: &dmfabric_control::model::Vm) -> bool {
+        use dmfabric_control::model::VmState;
+        matches!(v.state, VmState::Defined | VmState::Running | VmState::Suspended)
+    }
+
+    /// Route `spec` by a live map the control panel's changes replace.
+    fn follow(&self, spec: &mut VmSpec, ranges: RemoteRanges) {
+        let live = Arc::new(LiveMap::from_pointee(spec.map.clone()));
+        spec.live_map = Some(live.clone());
+        lock(&self.maps).push(VmMap { vm: spec.id, live, ranges });
+    }
+
     /// Rebuild the VMs' device maps when the table moved on (devices
     /// added, removed or moved reach the running guests).
     fn refresh_maps(&self, t: &dmfabric_control::routing::RoutingTable) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = lock(&self.seen);
         if *seen == t.revision {
             return;
         }
         *seen = t.revision;
-        for m in &self.maps {
+        for m in lock(&self.maps).iter_mut() {
             let Some(v) = t.db.vms.get(&m.vm) else { continue };
             let mut ranges = vm_ranges(&t.db, v);
             ranges.retain(|&(_, base, _, server, device)| {
@@ -795,8 +808,7 @@ impl StoreControl {
                 }
                 ok
             });
-            let mut last = m.ranges.lock().unwrap_or_else(|e| e.into_inner());
-            if *last == ranges {
+            if m.ranges == ranges {
                 continue;
             }
             let targets: Vec<(Space, u64, u64, Target)> =
@@ -810,13 +822,90 @@ impl StoreControl {
                         ranges.len()
                     );
                     m.live.store(Arc::new(map));
-                    *last = ranges;
+                    m.ranges = ranges;
                 }
                 Err(e) => {
                     eprintln!("dmfabric client: VM {}: revision {}'s device map is unusable: {e}", m.vm, t.revision)
                 }
             }
         }
+    }
+
+    /// The spec of VM `v` of `db` joining this run.
+    fn spec_for(&self, db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> anyhow::Result<VmSpec> {
+        let mut servers = BTreeSet::new();
+        let mut spec = vm_spec(&vm_config(db, v), &mut servers)?;
+        if let Some(s) = servers.iter().find(|s| !self.known.contains(s)) {
+            bail!("its devices are on server {s}, not found on the link when this client started: restart the client");
+        }
+        self.follow(&mut spec, vm_ranges(db, v));
+        Ok(spec)
+    }
+
+    fn fail(&self, vm: u32, why: String) {
+        let line = format!("VM {vm} could not start here: {why}");
+        eprintln!("dmfabric client: {line}");
+        lock(&self.failed).push(line);
+    }
+
+    /// VMs migrating to this platform, whose state arrived: their specs,
+    /// restored, recorded as running here.
+    fn migrated_in(&self, t: &dmfabric_control::routing::RoutingTable, arr: &mut Arrivals) -> Vec<VmSpec> {
+        let now = std::time::Instant::now();
+        if arr.waiting.is_empty() || arr.asked.is_some_and(|a| now.duration_since(a) < Duration::from_millis(20)) {
+            return Vec::new();
+        }
+        arr.asked = Some(now);
+        let mut out = Vec::new();
+        for (vm, since) in arr.waiting.clone() {
+            let Some(v) = t.db.vms.get(&vm).filter(|v| v.migrate_to == Some(self.me)) else {
+                arr.waiting.remove(&vm);
+                continue;
+            };
+            let bytes = match self.store.take_state(&format!("vm/{vm}")) {
+                Ok(Some(b)) => b,
+                Ok(None) if now.duration_since(since) > self.arrival_wait => {
+                    arr.waiting.remove(&vm);
+                    let why = format!(
+                        "its state did not arrive within {:?}: is client platform {} running it?",
+                        self.arrival_wait, v.client
+                    );
+                    self.fail(vm, why);
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    eprintln!("dmfabric client: VM {vm}: {e}; asking again");
+                    continue;
+                }
+            };
+            arr.waiting.remove(&vm);
+            let snap = match dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail(vm, e);
+                    continue;
+                }
+            };
+            eprintln!("dmfabric client: VM {vm}: state arrived ({} KiB)", bytes.len() / 1024);
+            let mut spec = match self.spec_for(&t.db, v) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail(vm, format!("{e:#}"));
+                    continue;
+                }
+            };
+            spec.restore = Some(snap);
+            use dmfabric_control::model::{Change, Vm, VmState};
+            let here = Vm { client: self.me, state: VmState::Running, migrate_to: None, ..v.clone() };
+            if let Err(e) = self.store.commit(&[Change::UpdateVm(here)]) {
+                self.fail(vm, format!("cannot record it as running here: {e}"));
+                continue;
+            }
+            lock(&self.started).insert(vm);
+            out.push(spec);
+        }
+        out
     }
 }
 
@@ -826,7 +915,10 @@ impl machine::VmControl for StoreControl {
         use machine::Desired;
         let t = self.watch.routes().load();
         self.refresh_maps(&t);
-        let Some(v) = t.db.vms.get(&vm) else { return Desired::End("removed from the control panel".into()) };
+        let Some(v) = t.db.vms.get(&vm) else {
+            lock(&self.started).remove(&vm);
+            return Desired::End("removed from the control panel".into());
+        };
         if v.state == VmState::Migrating {
             return match v.migrate_to {
                 Some(to) if to == self.me => Desired::Run,
@@ -840,7 +932,11 @@ impl machine::VmControl for StoreControl {
         match v.state {
             VmState::Running | VmState::Migrating => Desired::Run,
             VmState::Defined | VmState::Suspended => Desired::Hold,
-            VmState::Stopped => Desired::End("shut down by the control panel".into()),
+            VmState::Stopped => {
+                // Launched again later, it starts afresh.
+                lock(&self.started).remove(&vm);
+                Desired::End("shut down by the control panel".into())
+            }
         }
     }
 
@@ -848,7 +944,53 @@ impl machine::VmControl for StoreControl {
         let t = self.watch.routes().load();
         let to = t.db.vms.get(&vm).and_then(|v| v.migrate_to).ok_or("the migration was called off")?;
         self.store.put_state(&format!("vm/{vm}"), snapshot).map_err(|e| e.to_string())?;
+        lock(&self.started).remove(&vm);
         Ok(format!("client platform {to}"))
+    }
+
+    /// Launched VMs not started here yet, and migrated ones whose state
+    /// arrived. The table is scanned when it changes; states in transit
+    /// are asked for every 20 ms while some are awaited.
+    fn arrivals(&self) -> Vec<VmSpec> {
+        use dmfabric_control::model::VmState;
+        let t = self.watch.routes().load();
+        let mut arr = lock(&self.arrivals);
+        let mut out = Vec::new();
+        if arr.scanned != t.revision {
+            arr.scanned = t.revision;
+            let now = std::time::Instant::now();
+            for v in t.db.vms.values() {
+                if lock(&self.started).contains(&v.id) {
+                    continue;
+                }
+                if v.state == VmState::Migrating && v.migrate_to == Some(self.me) {
+                    arr.waiting.entry(v.id).or_insert_with(|| {
+                        eprintln!(
+                            "dmfabric client: VM {} migrates here from client platform {}: waiting for its state",
+                            v.id, v.client
+                        );
+                        now
+                    });
+                } else if v.client == self.me && v.state == VmState::Running {
+                    match self.spec_for(&t.db, v) {
+                        Ok(spec) => {
+                            lock(&self.started).insert(v.id);
+                            out.push(spec);
+                        }
+                        Err(e) => {
+                            lock(&self.started).insert(v.id);
+                            self.fail(v.id, format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+        out.extend(self.migrated_in(&t, &mut arr));
+        out
+    }
+
+    fn pending(&self) -> bool {
+        !lock(&self.arrivals).waiting.is_empty()
     }
 }
 

@@ -241,9 +241,12 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     // Client platforms 1 (host 0) and 2 (host 1); owner server 10 (host 2), I/O server 11 (host 3).
     populate(&store, &net, &[(1, 0), (2, 1)], &[(10, 2, "owner"), (11, 3, "io")], Some(10), 11);
     store.ctl(&["vm", "launch", "1"]);
+    // Client platform 2 runs already, with a VM of its own (held: never launched).
+    store.ctl(&["add", "vm", "--id", "2", "--client", "2", "--image", "io_loop", "--args", "1,0x500,0xd0000000"]);
     let (s10, rx10) = server(&net, &store, 2, 10);
     let (s11, rx11) = server(&net, &store, 3, 11);
     let (c1, c1_rx) = client(&net, &store, 0, 1);
+    let (c2, c2_rx) = client(&net, &store, 1, 2);
     wait_for(&c1_rx, "running 1 VM").unwrap_or_else(|l| panic!("client 1: {l:?}"));
     std::thread::sleep(Duration::from_millis(400));
     // Mid-run: the register file moves from server 11 to server 10 ...
@@ -259,14 +262,15 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     assert!(out1.status.success(), "{lines1:#?}");
     assert!(lines1.iter().any(|l| l.contains("VM 1: migrated to client platform 2")), "{lines1:#?}");
     assert!(!lines1.iter().any(|l| l.contains("reported")), "it had not finished: {lines1:#?}");
-    let (c2, c2_rx) = client(&net, &store, 1, 2);
     wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
         .unwrap_or_else(|l| panic!("client 2: {l:?}"));
     eprintln!("migration: the VM resumed on client platform 2 {:?} after the command", start.elapsed());
+    store.ctl(&["vm", "shutdown", "2"]);
     let out2 = c2.wait_with_output().unwrap();
     let lines2: Vec<String> = c2_rx.try_iter().collect();
     assert!(out2.status.success(), "{lines2:#?}");
     assert!(lines2.iter().any(|l| l.contains(&checksum_line())), "{lines2:#?}");
+    assert!(lines2.iter().any(|l| l.contains("VM 2: shut down by the control panel")), "{lines2:#?}");
     // Every access ran exactly once, on one server or the other.
     let (r11, w11, l11) = device_counts(s11, &rx11);
     let (r10, w10, l10) = device_counts(s10, &rx10);
@@ -341,13 +345,35 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
     wait_for(&c_rx, "VM 2: device map of revision").unwrap_or_else(|l| panic!("client: {l:?}"));
     store.ctl(&["vm", "launch", "2"]);
     store.ctl(&["vm", "shutdown", "3"]);
+    // A VM added while the client runs starts when it is launched.
+    store.ctl(&["add", "vm", "--id", "4", "--client", "1", "--image", "io_loop", "--args", "10,0x500,0xd0000000"]);
+    store.ctl(&[
+        "add",
+        "device",
+        "--id",
+        "4",
+        "--kind",
+        "regfile",
+        "--server",
+        "2",
+        "--vm",
+        "4",
+        "--pio",
+        "0x500:0x100",
+        "--mmio",
+        "0xd0000000:0x1000",
+    ]);
+    store.ctl(&["vm", "launch", "4"]);
     let out = c.wait_with_output().unwrap();
     let lines: Vec<String> = c_rx.try_iter().collect();
     assert!(out.status.success(), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains(&checksum_line())), "{lines:#?}");
     let sum = dmfabric_vmm_shim::guests::io_loop_checksum(10);
-    let vm2 = format!("VM 2 vCPU 0: reported {:#x} {:#x}", sum as u32, (sum >> 32) as u32);
-    assert!(lines.iter().any(|l| l.contains(&vm2)), "{lines:#?}");
+    for vm in [2, 4] {
+        let want = format!("VM {vm} vCPU 0: reported {:#x} {:#x}", sum as u32, (sum >> 32) as u32);
+        assert!(lines.iter().any(|l| l.contains(&want)), "{want}: {lines:#?}");
+    }
+    assert!(lines.iter().any(|l| l.contains("VM 4: joins this client platform")), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains("VM 3: shut down by the control panel")), "{lines:#?}");
     let (reads, writes, lines) = device_counts(s, &s_rx);
     assert_eq!((reads, writes), (2 * ITERATIONS, 2 * ITERATIONS), "{lines:#?}");

@@ -496,6 +496,13 @@ impl IrqHandle {
     pub fn set_line(&self, gsi: u32, level: bool) -> Result<(), KvmError> {
         self.0.set_irq_line(gsi, level).map_err(ioctl("KVM_IRQ_LINE"))
     }
+
+    /// Deliver a message-signalled interrupt.
+    pub fn signal_msi(&self, address: u64, data: u32) -> Result<(), KvmError> {
+        let msi =
+            kvm_msi { address_lo: address as u32, address_hi: (address >> 32) as u32, data, ..Default::default() };
+        self.0.signal_msi(msi).map(|_| ()).map_err(ioctl("KVM_SIGNAL_MSI"))
+    }
 }
 
 /// A vCPU's architectural state, to move it to another host.

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 
 use crate::devmap::{DeviceMap, Target};
 use crate::exits::{AccessTimes, DeviceCount, ExitStats, LiveMap, NoRemote, RemoteAccess, Router};
-use crate::kvm::{Exit, Kick, KvmError, RunStats, Vm};
+use crate::kvm::{Exit, Kick, KvmError, RunStats, Vcpu, Vm};
 use crate::linux::{self, LinuxError, LinuxImage};
 use crate::local::IrqTarget;
 use crate::migrate::VmSnapshot;
@@ -175,6 +175,14 @@ pub trait VmControl: Send + Sync {
     /// returns where that is (for the VM's report), or why it failed (the
     /// VM stays held and it is tried again).
     fn migrated_out(&self, vm: u32, snapshot: &[u8]) -> Result<String, String>;
+    /// VMs to start now (launched, or migrated here) while the run goes on.
+    fn arrivals(&self) -> Vec<VmSpec> {
+        Vec::new()
+    }
+    /// Whether VMs may still arrive: the run does not end while they may.
+    fn pending(&self) -> bool {
+        false
+    }
 }
 
 /// A [`VmControl`] in [`RunOptions`].
@@ -316,7 +324,9 @@ impl<T: Transport> RemoteAccess for Remote<'_, '_, T> {
 /// Run `specs` until every vCPU has exited, `opts.timeout` passed, `stop`
 /// was set, or a vCPU failed (which stops the other vCPUs of its VM).
 /// Remote ranges go over `transport` to the servers of `client`, which is
-/// given back at the end.
+/// given back at the end. With a control ([`RunOptions::control`]) VMs may
+/// also join while it runs ([`VmControl::arrivals`]); the run then lasts
+/// while the control says more may come ([`VmControl::pending`]).
 pub fn run<T: Transport>(
     specs: &[VmSpec],
     transport: Option<(T, ClientConfig)>,
@@ -328,72 +338,32 @@ pub fn run<T: Transport>(
     if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
         return Err(MachineError::DuplicateVm(w[0]));
     }
-    let mut vms = Vec::with_capacity(specs.len());
+    let mut lives = Vec::with_capacity(specs.len());
     let mut boots = Vec::with_capacity(specs.len());
     for spec in specs {
-        let mut vm = Vm::new(spec.mem_bytes)?;
-        if let Some(snap) = &spec.restore {
-            let n = snap.memory.len().min(spec.mem_bytes);
-            vm.memory_mut()[..n].copy_from_slice(&snap.memory[..n]);
-            vm.restore_state(&snap.device)?;
-            boots.push(None);
-            let _ = spec.irq_target.set(vm.irq_handle());
-            vms.push(vm);
-            continue;
-        }
-        match &spec.linux {
-            Some(image) => boots.push(Some(
-                linux::load(&mut vm, image, spec.vcpus.min(255) as u8)
-                    .map_err(|error| MachineError::Linux { vm: spec.id, error })?,
-            )),
-            None => {
-                vm.load(spec.entry, &spec.image)?;
-                boots.push(None);
-            }
-        }
-        let _ = spec.irq_target.set(vm.irq_handle());
-        vms.push(vm);
+        let (vm, boot) = create_vm(spec)?;
+        lives.push(Arc::new(VmLive::new(spec, vm)));
+        boots.push(boot);
     }
-    let kicks: Vec<Vec<Kick>> = specs.iter().map(|s| (0..s.vcpus).map(|_| Kick::new()).collect()).collect();
-    let entries: Vec<VmEntry<'_>> =
-        specs.iter().zip(&vms).map(|(s, vm)| VmEntry { id: s.id, vcpus: s.vcpus, irq: vm as &dyn IrqSink }).collect();
+    let entries: Vec<VmEntry<'_>> = specs
+        .iter()
+        .zip(&lives)
+        .map(|(s, l)| VmEntry { id: s.id, vcpus: s.vcpus, irq: &l.vm as &dyn IrqSink })
+        .collect();
     let port = match transport {
         Some((t, cfg)) => Some(ClientPort::connect(t, &cfg, &entries)?),
         None => None,
     };
     let mut vcpus = Vec::new();
-    for ((spec, vm), boot) in specs.iter().zip(&vms).zip(&boots) {
-        let mut list = Vec::new();
-        for id in 0..spec.vcpus {
-            list.push(match boot {
-                Some(b) if id == 0 => vm.linux_vcpu(0, b.entry, b.zero_page)?,
-                Some(_) => vm.linux_ap(u64::from(id))?,
-                None => {
-                    let args = spec.args.get(usize::from(id)).or(spec.args.last()).copied().unwrap_or_default();
-                    vm.long_mode_vcpu(u64::from(id), spec.entry, args)?
-                }
-            });
-            if let Some(snap) = &spec.restore {
-                let Some(state) = snap.vcpus.get(usize::from(id)) else {
-                    return Err(MachineError::Snapshot { vm: spec.id, why: format!("it has no state for vCPU {id}") });
-                };
-                list.last().expect("just pushed").restore(state)?;
-            }
-        }
-        vcpus.push(list);
+    for ((spec, live), boot) in specs.iter().zip(&lives).zip(&boots) {
+        vcpus.push(create_vcpus(spec, &live.vm, boot.as_ref())?);
     }
-    // VMs the control panel holds (not launched, suspended) start held.
     let control = opts.control.as_ref().map(|c| c.0.clone());
-    let mut modes: Vec<Mode> = specs.iter().map(|_| Mode::Running).collect();
     if let Some(c) = &control {
-        for ((spec, ks), mode) in specs.iter().zip(&kicks).zip(&mut modes) {
-            if c.desired(spec.id) != Desired::Run {
-                ks.iter().for_each(|k| k.pause(false));
-                *mode = Mode::Held;
-            }
+        for (spec, live) in specs.iter().zip(&lives) {
+            live.hold_unless_running(c.as_ref(), spec.id);
         }
     }
-    let mut ended: Vec<Option<String>> = specs.iter().map(|_| None).collect();
 
     let poller_stop = AtomicBool::new(false);
     let running = AtomicUsize::new(vcpus.iter().map(Vec::len).sum());
@@ -417,82 +387,19 @@ pub fn run<T: Transport>(
         });
         let mut handles = Vec::new();
         for (vi, (spec, list)) in specs.iter().zip(vcpus).enumerate() {
-            for (ci, mut vcpu) in list.into_iter().enumerate() {
-                let (kicks, port, running) = (&kicks, port.as_ref(), &running);
-                handles.push((
-                    vi,
-                    s.spawn(move || {
-                        let kick = &kicks[vi][ci];
-                        let remote = match port {
-                            Some(p) => match p.vcpu(spec.id, ci as u16, Some(kick)) {
-                                Ok(r) => Remote::Some(r),
-                                Err(e) => {
-                                    running.fetch_sub(1, Ordering::AcqRel);
-                                    return failed(ci as u16, e.to_string());
-                                }
-                            },
-                            None => Remote::None,
-                        };
-                        let mut router = Router::new(&spec.map, &spec.local, remote);
-                        if let Some(live) = &spec.live_map {
-                            router.follow(live);
-                        }
-                        if let Some(port) = spec.console_port {
-                            router.tap_console(port);
-                        }
-                        let mut times = opts
-                            .time_exits
-                            .then(|| Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"));
-                        let mut last: Option<Instant> = None;
-                        let t0 = Instant::now();
-                        let result = vcpu.run(kick, &mut |e| {
-                            if let Some(h) = times.as_mut() {
-                                let now = Instant::now();
-                                if let Some(l) = last {
-                                    h.saturating_record((now - l).as_nanos() as u64);
-                                }
-                                last = Some(now);
-                            }
-                            router.handle(e)
-                        });
-                        let tail = router.console().map(|t| t.last_lines(8)).filter(|t| !t.is_empty());
-                        let result = match (result, tail) {
-                            (Err(e), Some(tail)) => Err(format!("{e}; the console's last lines:\n{tail}")),
-                            (Err(e), None) => Err(e.to_string()),
-                            // A kernel that panics (panic=-1) resets at once:
-                            // that is a failure, not a clean end.
-                            (Ok(r), Some(tail)) if r.reset && tail.contains("Kernel panic") => {
-                                Err(format!("the kernel panicked and reset the VM; the console's last lines:\n{tail}"))
-                            }
-                            (Ok(r), _) => Ok(r),
-                        };
-                        if let Err(why) = &result {
-                            // One vCPU failing stops its VM.
-                            for (i, k) in kicks[vi].iter().enumerate() {
-                                if i != ci {
-                                    k.stop(&format!("vCPU {ci} failed: {why}"), Duration::ZERO);
-                                }
-                            }
-                        }
-                        running.fetch_sub(1, Ordering::AcqRel);
-                        VcpuReport {
-                            vcpu: ci as u16,
-                            result,
-                            reports: router.reports().to_vec(),
-                            exits: router.stats(),
-                            per_device: router.per_device().to_vec(),
-                            device_times: router.times().to_vec(),
-                            exit_times: times,
-                            elapsed: t0.elapsed(),
-                        }
-                    }),
-                ));
+            for (ci, vcpu) in list.into_iter().enumerate() {
+                let (live, port, running) = (&lives[vi], port.as_ref(), &running);
+                handles.push((vi, s.spawn(move || vcpu_thread(spec, ci, vcpu, &live.kicks, port, running, opts))));
             }
         }
+        // VMs that join while the run goes on: each on a thread of its own
+        // that owns it, its vCPUs on threads of that thread's scope.
+        let mut late: Vec<(Arc<VmLive>, std::thread::ScopedJoinHandle<'_, VmReport>)> = Vec::new();
+        let mut modes: Vec<Mode> = lives.iter().map(|l| l.initial_mode()).collect();
         // Supervise: kick what is still running on a timeout or a stop
         // request, and keep kicking until it is out.
         let mut why: Option<String> = None;
-        while running.load(Ordering::Acquire) > 0 {
+        loop {
             if why.is_none() {
                 if stop.load(Ordering::Acquire) {
                     why = Some("stopped on request".into());
@@ -500,46 +407,57 @@ pub fn run<T: Transport>(
                     why = Some(format!("the run limit of {:?} was reached", opts.timeout));
                 }
             }
+            let all: Vec<Arc<VmLive>> = lives.iter().chain(late.iter().map(|(l, _)| l)).cloned().collect();
             if let Some(why) = &why {
-                for k in kicks.iter().flatten() {
+                for k in all.iter().flat_map(|l| &l.kicks) {
                     k.stop(why, Duration::ZERO);
                 }
             }
             // Kick again whatever was told to stop and is still inside
             // KVM_RUN (its signal may have come just before it went in).
-            for k in kicks.iter().flatten().filter(|k| k.stopped()) {
+            for k in all.iter().flat_map(|l| &l.kicks).filter(|k| k.stopped()) {
                 k.poke();
             }
-            for (spec, ks) in specs.iter().zip(&kicks) {
-                if spec.reset.swap(false, Ordering::AcqRel) {
-                    for k in ks {
+            for l in &all {
+                let asked = l.reset.swap(false, Ordering::AcqRel) || port.as_ref().is_some_and(|p| p.take_reset(l.id));
+                if asked {
+                    for k in &l.kicks {
                         k.reset(Duration::ZERO);
                     }
                 }
             }
-            if let Some(p) = port.as_ref() {
-                for (spec, ks) in specs.iter().zip(&kicks) {
-                    if p.take_reset(spec.id) {
-                        for k in ks {
-                            k.reset(Duration::ZERO);
+            if let Some(c) = &control {
+                for (l, mode) in all.iter().zip(&mut modes) {
+                    supervise(c.as_ref(), l, mode);
+                }
+                if why.is_none() {
+                    for spec in c.arrivals() {
+                        match join_vm(spec, port.as_ref(), c.as_ref()) {
+                            Ok((live, spec, vm_vcpus)) => {
+                                running.fetch_add(vm_vcpus, Ordering::AcqRel);
+                                let (l, port, running) = (live.clone(), port.as_ref(), &running);
+                                modes.push(live.initial_mode());
+                                late.push((live, s.spawn(move || run_joined(spec, &l, port, running, opts))));
+                            }
+                            Err(e) => eprintln!("{e}"),
                         }
                     }
-                }
-            }
-            if let Some(c) = &control {
-                for (vi, spec) in specs.iter().enumerate() {
-                    supervise(c.as_ref(), spec.id, &vms[vi], &kicks[vi], &mut modes[vi], &mut ended[vi]);
                 }
             }
             if let (Some(flag), Some(p)) = (opts.dump, port.as_ref()) {
                 if flag.swap(false, Ordering::AcqRel) {
                     eprintln!("live: link {:?}", p.stats());
-                    for spec in specs {
-                        if let Some(s) = p.vm_stats(spec.id) {
-                            eprintln!("live: VM {}: {s:?}", spec.id);
+                    for l in &all {
+                        if let Some(s) = p.vm_stats(l.id) {
+                            eprintln!("live: VM {}: {s:?}", l.id);
                         }
                     }
                 }
+            }
+            // Done when nothing runs and (unless stopping) nothing more may come.
+            let more = why.is_none() && control.as_ref().is_some_and(|c| c.pending());
+            if running.load(Ordering::Acquire) == 0 && !more {
+                break;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -547,14 +465,24 @@ pub fn run<T: Transport>(
         if let Some(t) = ticker {
             let _ = t.join();
         }
-        let mut out: Vec<VmReport> = specs
-            .iter()
-            .zip(ended)
-            .map(|(s, ended)| VmReport { id: s.id, vcpus: Vec::new(), remote: None, memory: None, ended })
-            .collect();
+        let mut out: Vec<VmReport> = lives.iter().map(|l| l.report()).collect();
         for (vi, h) in handles {
             let report = h.join().unwrap_or_else(|_| failed(u16::MAX, "the vCPU thread panicked".into()));
             out[vi].vcpus.push(report);
+        }
+        if let Some(p) = port.as_ref() {
+            for r in &mut out {
+                r.remote = p.vm_stats(r.id);
+            }
+        }
+        for (l, h) in late {
+            let mut r = h.join().unwrap_or_else(|_| VmReport {
+                vcpus: vec![failed(u16::MAX, "the VM's thread panicked".into())],
+                ..l.report()
+            });
+            r.ended = l.ended();
+            r.remote = port.as_ref().and_then(|p| p.vm_stats(r.id));
+            out.push(r);
         }
         if let Some(Ok(Err(e))) = poller.map(|p| p.join()) {
             for vm in &mut out {
@@ -568,25 +496,246 @@ pub fn run<T: Transport>(
         out
     });
     let mut reports = reports;
-    if let Some((addr, len)) = opts.keep_memory {
-        for (r, vm) in reports.iter_mut().zip(&vms) {
-            r.memory = vm.memory(addr, len).map(<[u8]>::to_vec);
-        }
-    }
-    if let Some(p) = &port {
-        for r in &mut reports {
-            r.remote = p.vm_stats(r.id);
+    for (r, l) in reports.iter_mut().zip(&lives) {
+        r.ended = l.ended();
+        if let Some((addr, len)) = opts.keep_memory {
+            r.memory = l.vm.memory(addr, len).map(<[u8]>::to_vec);
         }
     }
     let client = port.as_ref().map(ClientPort::stats);
     Ok((RunReport { vms: reports, client }, port.map(ClientPort::into_transport)))
 }
 
+/// A VM's memory and KVM state, loaded (or restored) and ready for vCPUs.
+fn create_vm(spec: &VmSpec) -> Result<(Vm, Option<linux::LinuxBoot>), MachineError> {
+    let mut vm = Vm::new(spec.mem_bytes)?;
+    let boot = if let Some(snap) = &spec.restore {
+        let n = snap.memory.len().min(spec.mem_bytes);
+        vm.memory_mut()[..n].copy_from_slice(&snap.memory[..n]);
+        vm.restore_state(&snap.device)?;
+        None
+    } else {
+        match &spec.linux {
+            Some(image) => Some(
+                linux::load(&mut vm, image, spec.vcpus.min(255) as u8)
+                    .map_err(|error| MachineError::Linux { vm: spec.id, error })?,
+            ),
+            None => {
+                vm.load(spec.entry, &spec.image)?;
+                None
+            }
+        }
+    };
+    let _ = spec.irq_target.set(vm.irq_handle());
+    Ok((vm, boot))
+}
+
+/// The vCPUs of `spec` on `vm`, started (or restored) where they belong.
+fn create_vcpus<'v>(spec: &VmSpec, vm: &'v Vm, boot: Option<&linux::LinuxBoot>) -> Result<Vec<Vcpu<'v>>, MachineError> {
+    let mut list = Vec::new();
+    for id in 0..spec.vcpus {
+        list.push(match boot {
+            Some(b) if id == 0 => vm.linux_vcpu(0, b.entry, b.zero_page)?,
+            Some(_) => vm.linux_ap(u64::from(id))?,
+            None => {
+                let args = spec.args.get(usize::from(id)).or(spec.args.last()).copied().unwrap_or_default();
+                vm.long_mode_vcpu(u64::from(id), spec.entry, args)?
+            }
+        });
+        if let Some(snap) = &spec.restore {
+            let Some(state) = snap.vcpus.get(usize::from(id)) else {
+                return Err(MachineError::Snapshot { vm: spec.id, why: format!("it has no state for vCPU {id}") });
+            };
+            list.last().expect("just pushed").restore(state)?;
+        }
+    }
+    Ok(list)
+}
+
+/// What the supervisor and a VM's vCPU threads share.
+struct VmLive {
+    id: u32,
+    vm: Vm,
+    kicks: Vec<Kick>,
+    /// Set by a local i8042's reset pulse.
+    reset: Arc<AtomicBool>,
+    /// Ended by the control panel, and why.
+    ended: Mutex<Option<String>>,
+}
+
+impl VmLive {
+    fn new(spec: &VmSpec, vm: Vm) -> VmLive {
+        VmLive {
+            id: spec.id,
+            vm,
+            kicks: (0..spec.vcpus).map(|_| Kick::new()).collect(),
+            reset: spec.reset.clone(),
+            ended: Mutex::new(None),
+        }
+    }
+
+    /// A VM the control panel does not want running yet starts held.
+    fn hold_unless_running(&self, c: &dyn VmControl, id: u32) {
+        if c.desired(id) != Desired::Run {
+            self.kicks.iter().for_each(|k| k.pause(false));
+        }
+    }
+
+    fn initial_mode(&self) -> Mode {
+        if self.kicks.iter().any(Kick::pausing) {
+            Mode::Held
+        } else {
+            Mode::Running
+        }
+    }
+
+    fn ended(&self) -> Option<String> {
+        self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn report(&self) -> VmReport {
+        VmReport { id: self.id, vcpus: Vec::new(), remote: None, memory: None, ended: None }
+    }
+}
+
+/// Make a VM that joins a running run: its memory and KVM state, and its
+/// place on the client port.
+fn join_vm<T: Transport>(
+    spec: VmSpec,
+    port: Option<&ClientPort<'_, T>>,
+    c: &dyn VmControl,
+) -> Result<(Arc<VmLive>, VmSpec, usize), String> {
+    let id = spec.id;
+    let (vm, boot) = create_vm(&spec).map_err(|e| format!("VM {id} cannot start here: {e}"))?;
+    if boot.is_some() {
+        return Err(format!("VM {id}: Linux VMs join only when the client starts"));
+    }
+    let live = Arc::new(VmLive::new(&spec, vm));
+    if let Some(p) = port {
+        p.add_vm(id, spec.vcpus, Arc::new(live.vm.irq_handle()));
+    }
+    live.hold_unless_running(c, id);
+    eprintln!("VM {id}: joins this client platform");
+    let n = usize::from(spec.vcpus);
+    Ok((live, spec, n))
+}
+
+/// Run a VM that joined: its vCPUs on threads of their own, until they end.
+fn run_joined<T: Transport>(
+    spec: VmSpec,
+    live: &VmLive,
+    port: Option<&ClientPort<'_, T>>,
+    running: &AtomicUsize,
+    opts: &RunOptions,
+) -> VmReport {
+    let mut report = live.report();
+    let vcpus = match create_vcpus(&spec, &live.vm, None) {
+        Ok(v) => v,
+        Err(e) => {
+            running.fetch_sub(usize::from(spec.vcpus), Ordering::AcqRel);
+            report.vcpus.push(failed(0, e.to_string()));
+            return report;
+        }
+    };
+    report.vcpus = std::thread::scope(|s| {
+        let handles: Vec<_> = vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(ci, vcpu)| {
+                let spec = &spec;
+                s.spawn(move || vcpu_thread(spec, ci, vcpu, &live.kicks, port, running, opts))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| failed(u16::MAX, "the vCPU thread panicked".into())))
+            .collect()
+    });
+    report
+}
+
+/// One vCPU's thread: run it, route its exits, report how it ended.
+fn vcpu_thread<T: Transport>(
+    spec: &VmSpec,
+    ci: usize,
+    mut vcpu: Vcpu<'_>,
+    kicks: &[Kick],
+    port: Option<&ClientPort<'_, T>>,
+    running: &AtomicUsize,
+    opts: &RunOptions,
+) -> VcpuReport {
+    let kick = &kicks[ci];
+    let remote = match port {
+        Some(p) => match p.vcpu(spec.id, ci as u16, Some(kick)) {
+            Ok(r) => Remote::Some(r),
+            Err(e) => {
+                running.fetch_sub(1, Ordering::AcqRel);
+                return failed(ci as u16, e.to_string());
+            }
+        },
+        None => Remote::None,
+    };
+    let mut router = Router::new(&spec.map, &spec.local, remote);
+    if let Some(live) = &spec.live_map {
+        router.follow(live);
+    }
+    if let Some(port) = spec.console_port {
+        router.tap_console(port);
+    }
+    let mut times =
+        opts.time_exits.then(|| Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"));
+    let mut last: Option<Instant> = None;
+    let t0 = Instant::now();
+    let result = vcpu.run(kick, &mut |e| {
+        if let Some(h) = times.as_mut() {
+            let now = Instant::now();
+            if let Some(l) = last {
+                h.saturating_record((now - l).as_nanos() as u64);
+            }
+            last = Some(now);
+        }
+        router.handle(e)
+    });
+    let tail = router.console().map(|t| t.last_lines(8)).filter(|t| !t.is_empty());
+    let result = match (result, tail) {
+        (Err(e), Some(tail)) => Err(format!("{e}; the console's last lines:\n{tail}")),
+        (Err(e), None) => Err(e.to_string()),
+        // A kernel that panics (panic=-1) resets at once:
+        // that is a failure, not a clean end.
+        (Ok(r), Some(tail)) if r.reset && tail.contains("Kernel panic") => {
+            Err(format!("the kernel panicked and reset the VM; the console's last lines:\n{tail}"))
+        }
+        (Ok(r), _) => Ok(r),
+    };
+    if let Err(why) = &result {
+        // One vCPU failing stops its VM.
+        for (i, k) in kicks.iter().enumerate() {
+            if i != ci {
+                k.stop(&format!("vCPU {ci} failed: {why}"), Duration::ZERO);
+            }
+        }
+    }
+    running.fetch_sub(1, Ordering::AcqRel);
+    VcpuReport {
+        vcpu: ci as u16,
+        result,
+        reports: router.reports().to_vec(),
+        exits: router.stats(),
+        per_device: router.per_device().to_vec(),
+        device_times: router.times().to_vec(),
+        exit_times: times,
+        elapsed: t0.elapsed(),
+    }
+}
+
 /// Carry out what the control panel wants of one VM.
-fn supervise(c: &dyn VmControl, id: u32, vm: &Vm, kicks: &[Kick], mode: &mut Mode, ended: &mut Option<String>) {
+fn supervise(c: &dyn VmControl, live: &VmLive, mode: &mut Mode) {
     if *mode == Mode::Ended {
         return;
     }
+    let (id, vm, kicks) = (live.id, &live.vm, &live.kicks[..]);
+    let mut ended = live.ended.lock().unwrap_or_else(|e| e.into_inner());
+    let ended = &mut *ended;
     let end = |why: &str, mode: &mut Mode, ended: &mut Option<String>| {
         kicks.iter().for_each(|k| k.end(why));
         *ended = Some(why.to_string());

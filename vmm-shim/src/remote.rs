@@ -24,7 +24,7 @@
 //! it taken spins on its own slot instead.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::reliable::Retry;
@@ -61,11 +61,15 @@ pub trait IrqSink: Sync {
 
 impl IrqSink for Vm {
     fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
+        self.irq_handle().inject(source, trigger)
+    }
+}
+
+impl IrqSink for crate::kvm::IrqHandle {
+    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
         let r = match (source, trigger) {
-            (IrqSource::Line(gsi), Trigger::Level { asserted }) => self.set_irq_line(gsi, asserted),
-            (IrqSource::Line(gsi), Trigger::Edge) => {
-                self.set_irq_line(gsi, true).and_then(|()| self.set_irq_line(gsi, false))
-            }
+            (IrqSource::Line(gsi), Trigger::Level { asserted }) => self.set_line(gsi, asserted),
+            (IrqSource::Line(gsi), Trigger::Edge) => self.set_line(gsi, true).and_then(|()| self.set_line(gsi, false)),
             (IrqSource::Msi { address, data }, _) => self.signal_msi(address, data),
         };
         r.map_err(|e| e.to_string())
@@ -141,12 +145,47 @@ impl Slot {
     }
 }
 
+/// Where a VM's interrupts go: borrowed for the VMs a port starts with,
+/// shared for those that join it later.
+enum IrqRef<'a> {
+    Borrowed(&'a dyn IrqSink),
+    Shared(Arc<dyn IrqSink + Send>),
+}
+
+impl IrqRef<'_> {
+    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
+        match self {
+            IrqRef::Borrowed(s) => s.inject(source, trigger),
+            IrqRef::Shared(s) => s.inject(source, trigger),
+        }
+    }
+}
+
 struct VmPort<'a> {
-    id: u32,
-    irq: &'a dyn IrqSink,
+    irq: IrqRef<'a>,
     slots: Box<[Slot]>,
     /// A device model asked for a reset of this VM.
     reset: AtomicBool,
+}
+
+impl<'a> VmPort<'a> {
+    fn new(vcpus: u16, irq: IrqRef<'a>) -> VmPort<'a> {
+        VmPort { irq, slots: (0..vcpus.max(1)).map(|_| Slot::new()).collect(), reset: AtomicBool::new(false) }
+    }
+}
+
+/// The VMs of a port: indices never change (a VM that joins again gets
+/// its old index), so counters and vCPUs can keep them.
+struct VmTable<'a> {
+    ports: Vec<Arc<VmPort<'a>>>,
+    by_id: std::collections::HashMap<u32, usize>,
+}
+
+impl<'a> VmTable<'a> {
+    fn find(&self, vm: u32) -> Option<(usize, &Arc<VmPort<'a>>)> {
+        let &i = self.by_id.get(&vm)?;
+        Some((i, &self.ports[i]))
+    }
 }
 
 /// Everything that changes per frame, behind the link lock.
@@ -191,7 +230,7 @@ pub struct ClientPort<'a, T> {
     hypervisor: u16,
     mac: MacAddr,
     servers: Vec<(u16, MacAddr)>,
-    vms: Vec<VmPort<'a>>,
+    vms: RwLock<VmTable<'a>>,
     retry: Retry,
     link: Mutex<Link<T>>,
     /// vCPUs inside [`VcpuRemote::access`]: they deliver what arrives, so
@@ -207,7 +246,7 @@ impl<T> std::fmt::Debug for ClientPort<'_, T> {
         f.debug_struct("ClientPort")
             .field("client", &self.client)
             .field("servers", &self.servers)
-            .field("vms", &self.vms.len())
+            .field("vms", &self.vms.read().map_or(0, |t| t.ports.len()))
             .finish()
     }
 }
@@ -225,16 +264,12 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             };
             servers.push((server, mac));
         }
-        let mut ports: Vec<VmPort<'a>> = vms
-            .iter()
-            .map(|v| VmPort {
-                id: v.id,
-                irq: v.irq,
-                slots: (0..v.vcpus.max(1)).map(|_| Slot::new()).collect(),
-                reset: AtomicBool::new(false),
-            })
-            .collect();
-        ports.sort_by_key(|v| v.id);
+        let mut table = VmTable { ports: Vec::new(), by_id: std::collections::HashMap::new() };
+        for v in vms {
+            table.by_id.insert(v.id, table.ports.len());
+            table.ports.push(Arc::new(VmPort::new(v.vcpus, IrqRef::Borrowed(v.irq))));
+        }
+        let ports = &table.ports;
         let link = Link {
             tx: FrameBatch::new(),
             stats: ClientStats::default(),
@@ -247,12 +282,34 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             hypervisor: cfg.hypervisor,
             mac: link.t.mac(),
             servers,
-            vms: ports,
+            vms: RwLock::new(table),
             retry: cfg.retry,
             link: Mutex::new(link),
             waiters: AtomicUsize::new(0),
             activity: AtomicU64::new(0),
         })
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, VmTable<'a>> {
+        self.vms.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serve VM `vm` too from now on (a VM launched or migrated here while
+    /// the port runs); its interrupts go to `irq`. A VM that was here
+    /// before starts afresh (new vCPU slots, same counters).
+    pub fn add_vm(&self, vm: u32, vcpus: u16, irq: Arc<dyn IrqSink + Send>) {
+        let port = Arc::new(VmPort::new(vcpus, IrqRef::Shared(irq)));
+        let mut link = self.lock();
+        let mut table = self.vms.write().unwrap_or_else(|e| e.into_inner());
+        match table.by_id.get(&vm) {
+            Some(&i) => table.ports[i] = port,
+            None => {
+                let i = table.ports.len();
+                table.by_id.insert(vm, i);
+                table.ports.push(port);
+                link.vm_stats.push(VmRemoteStats::default());
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Link<T>> {
@@ -288,7 +345,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
 
     /// Whether a device model asked for a reset of `vm` since the last call.
     pub fn take_reset(&self, vm: u32) -> bool {
-        self.vm_index(vm).is_some_and(|i| self.vms[i].reset.swap(false, Ordering::AcqRel))
+        self.table().find(vm).is_some_and(|(_, p)| p.reset.swap(false, Ordering::AcqRel))
     }
 
     /// Receive and deliver one burst now (what [`ClientPort::serve`] does in
@@ -299,18 +356,27 @@ impl<'a, T: Transport> ClientPort<'a, T> {
     }
 
     fn vm_index(&self, vm: u32) -> Option<usize> {
-        self.vms.binary_search_by_key(&vm, |v| v.id).ok()
+        self.table().find(vm).map(|(i, _)| i)
     }
 
     /// The remote path of vCPU `vcpu` of VM `vm`; `kick` (if any) aborts a
     /// wait when the VM is being stopped.
-    pub fn vcpu(&self, vm: u32, vcpu: u16, kick: Option<&'a Kick>) -> Result<VcpuRemote<'_, 'a, T>, RemoteError> {
-        let index = self.vm_index(vm).ok_or(RemoteError::UnknownVm(vm))?;
-        let vcpus = self.vms[index].slots.len();
+    pub fn vcpu<'p>(
+        &'p self,
+        vm: u32,
+        vcpu: u16,
+        kick: Option<&'p Kick>,
+    ) -> Result<VcpuRemote<'p, 'a, T>, RemoteError> {
+        let (index, vm_port) = {
+            let table = self.table();
+            let (i, p) = table.find(vm).ok_or(RemoteError::UnknownVm(vm))?;
+            (i, p.clone())
+        };
+        let vcpus = vm_port.slots.len();
         if usize::from(vcpu) >= vcpus {
             return Err(RemoteError::UnknownVcpu { vm, vcpu, vcpus });
         }
-        Ok(VcpuRemote { port: self, index, vm, vcpu, next_seq: 0, kick })
+        Ok(VcpuRemote { port: self, index, vm_port, vm, vcpu, next_seq: 0, kick })
     }
 
     /// Deliver what arrives while no vCPU is waiting (interrupts for halted
@@ -387,11 +453,11 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             stats.other_client += 1;
             return;
         }
-        let Some(index) = self.vm_index(route.vm) else {
+        let table = self.table();
+        let Some((index, vm)) = table.find(route.vm) else {
             stats.unknown_vm += 1;
             return;
         };
-        let vm = &self.vms[index];
         match frame.msg {
             Message::IoCompletion(c) => {
                 let Some(slot) = vm.slots.get(usize::from(route.vcpu)) else {
@@ -422,7 +488,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
                 }
             }
             Message::Interrupt(irq) => {
-                self.interrupt(index, &irq, frame.eth.src, tx, stats, vm_stats, irq_last);
+                self.interrupt(index, vm, &irq, frame.eth.src, tx, stats, vm_stats, irq_last);
             }
             Message::Control(c) if c.payload.first() == Some(&LIFECYCLE_RESET) => {
                 vm.reset.store(true, Ordering::Release);
@@ -437,6 +503,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
     fn interrupt(
         &self,
         index: usize,
+        port: &VmPort<'_>,
         irq: &Interrupt,
         from: MacAddr,
         tx: &mut FrameBatch,
@@ -465,7 +532,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             }
         };
         if fresh {
-            match self.vms[index].irq.inject(irq.source, irq.trigger) {
+            match port.irq.inject(irq.source, irq.trigger) {
                 Ok(()) => {
                     stats.interrupts += 1;
                     vm_stats[index].interrupts += 1;
@@ -491,10 +558,11 @@ pub const SERVE_NAP: Duration = Duration::from_millis(1);
 pub struct VcpuRemote<'p, 'a, T> {
     port: &'p ClientPort<'a, T>,
     index: usize,
+    vm_port: Arc<VmPort<'a>>,
     vm: u32,
     vcpu: u16,
     next_seq: u64,
-    kick: Option<&'a Kick>,
+    kick: Option<&'p Kick>,
 }
 
 impl<T> std::fmt::Debug for VcpuRemote<'_, '_, T> {
@@ -529,7 +597,7 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
         port.waiters.fetch_add(1, Ordering::AcqRel);
         port.activity.fetch_add(1, Ordering::Release);
         let _waiting = Waiting(&port.waiters);
-        let slot = &port.vms[self.index].slots[usize::from(self.vcpu)];
+        let slot = &self.vm_port.slots[usize::from(self.vcpu)];
         let seq = self.next_seq;
         self.next_seq += 1;
         let req = IoRequest {
