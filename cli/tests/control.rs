@@ -260,7 +260,8 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     let out1 = c1.wait_with_output().unwrap();
     let lines1: Vec<String> = c1_rx.try_iter().collect();
     assert!(out1.status.success(), "{lines1:#?}");
-    assert!(lines1.iter().any(|l| l.contains("VM 1: migrated to client platform 2")), "{lines1:#?}");
+    let moved = lines1.iter().find(|l| l.contains("VM 1: migrated to client platform 2"));
+    eprintln!("migration: {}", moved.unwrap_or_else(|| panic!("{lines1:#?}")));
     assert!(!lines1.iter().any(|l| l.contains("reported")), "it had not finished: {lines1:#?}");
     wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
         .unwrap_or_else(|l| panic!("client 2: {l:?}"));
