@@ -254,9 +254,52 @@ impl Frontend {
     /// Route by `table` from now on, serving `here` (and resolving
     /// requests that name no device among `specs`).
     pub fn set_table(&mut self, table: Arc<RoutingTable>, here: HashSet<u32>, specs: &[DeviceSpec]) {
+        self.follow_migrations(&table);
         self.table = Some(table);
         self.here = here;
         self.set_devices(specs);
+    }
+
+    /// VMs that moved to another client platform: their devices'
+    /// interrupts go there from now on, those still queued included (the
+    /// one in flight stays with the old platform: it may have been
+    /// delivered before the VM left).
+    fn follow_migrations(&mut self, t: &RoutingTable) {
+        let mut moved: Vec<((u16, u32), MacAddr, Route)> = Vec::new();
+        for (mac, route) in self.bindings.values_mut() {
+            let Some(client) = t.client_of(route.vm).filter(|c| *c != route.client) else { continue };
+            let (Some(new_mac), Some(rec)) = (t.client_mac(client), t.db.clients.get(&client)) else { continue };
+            let old = (route.client, route.vm);
+            *route = Route { client, hypervisor: rec.hypervisor, ..*route };
+            *mac = MacAddr(new_mac);
+            moved.push((old, *mac, *route));
+        }
+        for (old, to, route) in moved {
+            let Some(i) = self.irq_streams.iter().position(|st| st.key == old) else { continue };
+            let queued: Vec<(Interrupt, MacAddr)> = self.irq_streams[i].queue.drain(..).collect();
+            if queued.is_empty() {
+                continue;
+            }
+            let key = (route.client, route.vm);
+            let at = match self.irq_streams.iter().position(|st| st.key == key) {
+                Some(j) => j,
+                None => {
+                    let next_seq = self.irq_seq_base;
+                    self.irq_streams.push(IrqStream { key, next_seq, in_flight: None, queue: Default::default() });
+                    self.irq_streams.len() - 1
+                }
+            };
+            let stream = &mut self.irq_streams[at];
+            for (irq, _) in queued {
+                let irq = Interrupt {
+                    route: Route { client: route.client, hypervisor: route.hypervisor, ..irq.route },
+                    seq: stream.next_seq,
+                    ..irq
+                };
+                stream.next_seq += 1;
+                stream.queue.push_back((irq, to));
+            }
+        }
     }
 
     /// The revision of the table in force (0 when not placed).

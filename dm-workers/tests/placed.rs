@@ -65,6 +65,7 @@ fn db() -> Db {
 }
 
 struct Req {
+    size: AccessSize,
     to: MacAddr,
     client: u16,
     vm: u32,
@@ -82,7 +83,7 @@ impl Req {
             seq: self.seq,
             space: Space::Pio,
             dir: self.dir,
-            size: AccessSize::B2,
+            size: self.size,
             addr: self.addr,
             data: self.data,
         };
@@ -95,7 +96,7 @@ impl Req {
 
 /// A read by client 3's VM 7 of `device` at `addr`, sent to `to`.
 fn read(to: MacAddr, device: u32, seq: u64, addr: u64) -> Req {
-    Req { to, client: 3, vm: 7, device, seq, dir: Direction::Read, addr, data: 0 }
+    Req { size: AccessSize::B2, to, client: 3, vm: 7, device, seq, dir: Direction::Read, addr, data: 0 }
 }
 
 fn write(to: MacAddr, device: u32, seq: u64, addr: u64, data: u64) -> Req {
@@ -212,4 +213,50 @@ fn a_device_moves_with_its_state_and_its_latest_answer() {
     assert_eq!((st10.devices_left, st11.devices_arrived, st11.held, st11.duplicates_answered), (1, 1, 1, 1));
     let dev1 = st11.devices.iter().find(|c| c.id == 1).unwrap();
     assert_eq!((dev1.writes, dev1.reads), (0, 1), "the write ran once, on server 10");
+}
+
+#[test]
+fn interrupts_follow_a_vm_to_its_new_client_platform() {
+    const CLIENT4: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x04]);
+    let mut d = db();
+    d.apply(&[
+        Change::AddClient(ClientPlatform {
+            id: 4,
+            mac: "02:00:00:00:00:04".into(),
+            hypervisor: 1,
+            hypervisor_kind: "kvm".into(),
+        }),
+        Change::AddDevice(Device {
+            id: 3,
+            kind: "irqtest".into(),
+            ranges: vec![Range { mmio: false, base: 0x700, len: 8 }],
+            irqs: vec![5],
+            ..regfile(3, 10, 0)
+        }),
+    ])
+    .unwrap();
+    let mut p = pair(&d);
+    let pulse = |seq, to, client| Req { size: AccessSize::B4, client, ..write(to, 3, seq, 0x700, 1) }.frame();
+    let interrupts = |frames: &[Vec<u8>]| -> Vec<(MacAddr, u16)> {
+        frames
+            .iter()
+            .filter_map(|f| match FrameRepr::parse_bytes(f).unwrap() {
+                FrameRepr { eth, msg: Message::Interrupt(i), .. } => Some((eth.dst, i.route.client)),
+                _ => None,
+            })
+            .collect()
+    };
+    // Two pulses from client platform 3: the first goes out, the second waits for its ack.
+    assert!(matches!(one(&feed(&mut p.s10, &pulse(1, S10, 3))).msg, Message::IoCompletion(_)));
+    assert_eq!(interrupts(&poll(&mut p.s10)), vec![(CLIENT, 3)]);
+    feed(&mut p.s10, &pulse(2, S10, 3));
+    assert_eq!(interrupts(&poll(&mut p.s10)), vec![], "stop-and-wait");
+    // VM 7 moves to client platform 4: the waiting interrupt goes there.
+    let moved = Vm { client: 4, ..d.vms[&7].clone() };
+    d.apply(&[Change::UpdateVm(moved)]).unwrap();
+    p.routes[0].swap(RoutingTable::build(&d, 2));
+    assert_eq!(interrupts(&poll(&mut p.s10)), vec![(CLIENT4, 4)]);
+    // And the VM's requests from there are answered there.
+    let out = feed(&mut p.s10, &pulse(1, S10, 4));
+    assert_eq!(one(&out).eth.dst, CLIENT4);
 }
