@@ -379,3 +379,48 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
     let (reads, writes, lines) = device_counts(s, &s_rx);
     assert_eq!((reads, writes), (2 * ITERATIONS, 2 * ITERATIONS), "{lines:#?}");
 }
+
+#[test]
+fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
+    let name = "a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once";
+    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
+    let store = StoreFile::new("irq-migrate");
+    // Client platforms 1 (host 0) and 2 (host 1), server 10 (host 2) with VM 1's interrupt test device.
+    for (id, host) in [(1, 0), (2, 1)] {
+        store.ctl(&["add", "client", "--id", &id.to_string(), "--mac", &net.host(host).mac.to_string()]);
+    }
+    store.ctl(&["add", "server", "--id", "10", "--mac", &net.host(2).mac.to_string(), "--role", "io"]);
+    let interrupts = 20_000u32;
+    let args = format!("{interrupts},0x600,0");
+    store.ctl(&["add", "vm", "--id", "1", "--client", "1", "--image", "irq_wait", "--args", &args]);
+    store.ctl(&["add", "vm", "--id", "2", "--client", "2", "--image", "io_loop", "--args", "1,0x500,0xd0000000"]);
+    store.ctl(&["add", "device", "--id", "1", "--kind", "irqtest", "--server", "10", "--vm", "1", "--pio", "0x600:8"]);
+    store.ctl(&["vm", "launch", "1"]);
+    let (s10, rx10) = server(&net, &store, 2, 10);
+    let (c1, c1_rx) = client(&net, &store, 0, 1);
+    let (c2, c2_rx) = client(&net, &store, 1, 2);
+    wait_for(&c1_rx, "running 1 VM").unwrap_or_else(|l| panic!("client 1: {l:?}"));
+    std::thread::sleep(Duration::from_millis(500));
+    store.ctl(&["vm", "migrate", "1", "--to", "2"]);
+    let out1 = c1.wait_with_output().unwrap();
+    let lines1: Vec<String> = c1_rx.try_iter().collect();
+    assert!(out1.status.success(), "{lines1:#?}");
+    assert!(lines1.iter().any(|l| l.contains("VM 1: migrated to client platform 2")), "{lines1:#?}");
+    wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
+        .unwrap_or_else(|l| panic!("client 2: {l:?}"));
+    store.ctl(&["vm", "shutdown", "2"]);
+    let out2 = c2.wait_with_output().unwrap();
+    let lines2: Vec<String> = c2_rx.try_iter().collect();
+    assert!(out2.status.success(), "{lines2:#?}");
+    // Every interrupt counted once by the guest, none on another vector,
+    // and the device raised exactly that many.
+    let want = format!("VM 1 vCPU 0: reported {interrupts:#x} 0x0 {interrupts:#x}");
+    assert!(lines2.iter().any(|l| l.contains(&want)), "{want}: {lines2:#?}\n{lines1:#?}");
+    let (_, _, lines) = device_counts(s10, &rx10);
+    let stats = lines.iter().find(|l| l.contains("interrupts")).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(stats.contains("given up 0"), "{stats}");
+    eprintln!("interrupts across the migration: {stats}");
+}

@@ -261,9 +261,9 @@ impl Frontend {
     }
 
     /// VMs that moved to another client platform: their devices'
-    /// interrupts go there from now on, those still queued included (the
-    /// one in flight stays with the old platform: it may have been
-    /// delivered before the VM left).
+    /// interrupts go there from now on, those not yet acknowledged included
+    /// (the old platform refuses interrupts from the moment it holds a VM
+    /// to save it, so an unacknowledged one is not in the saved state).
     fn follow_migrations(&mut self, t: &RoutingTable) {
         let mut moved: Vec<((u16, u32), MacAddr, Route)> = Vec::new();
         for (mac, route) in self.bindings.values_mut() {
@@ -276,7 +276,9 @@ impl Frontend {
         }
         for (old, to, route) in moved {
             let Some(i) = self.irq_streams.iter().position(|st| st.key == old) else { continue };
-            let queued: Vec<(Interrupt, MacAddr)> = self.irq_streams[i].queue.drain(..).collect();
+            let old_stream = &mut self.irq_streams[i];
+            let in_flight = old_stream.in_flight.take().map(|p| (p.irq, p.to));
+            let queued: Vec<(Interrupt, MacAddr)> = in_flight.into_iter().chain(old_stream.queue.drain(..)).collect();
             if queued.is_empty() {
                 continue;
             }

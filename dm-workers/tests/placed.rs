@@ -237,25 +237,44 @@ fn interrupts_follow_a_vm_to_its_new_client_platform() {
     .unwrap();
     let mut p = pair(&d);
     let pulse = |seq, to, client| Req { size: AccessSize::B4, client, ..write(to, 3, seq, 0x700, 1) }.frame();
-    let interrupts = |frames: &[Vec<u8>]| -> Vec<(MacAddr, u16)> {
+    // (destination, client platform, sequence number) of the interrupts sent.
+    let interrupts = |frames: &[Vec<u8>]| -> Vec<(MacAddr, u16, u64)> {
         frames
             .iter()
             .filter_map(|f| match FrameRepr::parse_bytes(f).unwrap() {
-                FrameRepr { eth, msg: Message::Interrupt(i), .. } => Some((eth.dst, i.route.client)),
+                FrameRepr { eth, msg: Message::Interrupt(i), .. } => Some((eth.dst, i.route.client, i.seq)),
                 _ => None,
             })
             .collect()
     };
-    // Two pulses from client platform 3: the first goes out, the second waits for its ack.
+    let ack = |route: Route, seq: u64, from: MacAddr| {
+        let repr = FrameRepr::new(
+            EthernetRepr { dst: S10, src: from },
+            Message::InterruptAck(dmfabric_wire::InterruptAck { route, seq }),
+        );
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        buf
+    };
+    // Two pulses from client platform 3: the first goes out (and is not
+    // acknowledged: platform 3 holds the VM to save it), the second waits.
     assert!(matches!(one(&feed(&mut p.s10, &pulse(1, S10, 3))).msg, Message::IoCompletion(_)));
-    assert_eq!(interrupts(&poll(&mut p.s10)), vec![(CLIENT, 3)]);
+    let sent = interrupts(&poll(&mut p.s10));
+    assert_eq!(sent.iter().map(|i| (i.0, i.1)).collect::<Vec<_>>(), vec![(CLIENT, 3)]);
     feed(&mut p.s10, &pulse(2, S10, 3));
     assert_eq!(interrupts(&poll(&mut p.s10)), vec![], "stop-and-wait");
-    // VM 7 moves to client platform 4: the waiting interrupt goes there.
+    // VM 7 moves to client platform 4: both go there, in order.
     let moved = Vm { client: 4, ..d.vms[&7].clone() };
     d.apply(&[Change::UpdateVm(moved)]).unwrap();
     p.routes[0].swap(RoutingTable::build(&d, 2));
-    assert_eq!(interrupts(&poll(&mut p.s10)), vec![(CLIENT4, 4)]);
+    let first = interrupts(&poll(&mut p.s10));
+    assert_eq!(first.iter().map(|i| (i.0, i.1)).collect::<Vec<_>>(), vec![(CLIENT4, 4)]);
+    let route = Route { server: 10, hypervisor: 1, client: 4, vm: 7, vcpu: 0, device: 3 };
+    feed(&mut p.s10, &ack(route, first[0].2, CLIENT4));
+    let second = interrupts(&poll(&mut p.s10));
+    assert_eq!(second.iter().map(|i| (i.0, i.1)).collect::<Vec<_>>(), vec![(CLIENT4, 4)]);
+    assert_eq!(second[0].2, first[0].2 + 1, "the next in order");
+    assert_eq!(p.s10.stats().interrupt_acks, 1);
     // And the VM's requests from there are answered there.
     let out = feed(&mut p.s10, &pulse(1, S10, 4));
     assert_eq!(one(&out).eth.dst, CLIENT4);

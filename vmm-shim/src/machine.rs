@@ -427,8 +427,13 @@ pub fn run<T: Transport>(
                 }
             }
             if let Some(c) = &control {
+                let freeze = |vm: u32, on: bool| {
+                    if let Some(p) = port.as_ref() {
+                        p.freeze(vm, on);
+                    }
+                };
                 for (l, mode) in all.iter().zip(&mut modes) {
-                    supervise(c.as_ref(), l, mode);
+                    supervise(c.as_ref(), l, mode, &freeze);
                 }
                 if why.is_none() {
                     for spec in c.arrivals() {
@@ -729,7 +734,9 @@ fn vcpu_thread<T: Transport>(
 }
 
 /// Carry out what the control panel wants of one VM.
-fn supervise(c: &dyn VmControl, live: &VmLive, mode: &mut Mode) {
+/// `freeze(vm, on)` stops (and restarts) the VM's interrupts being taken
+/// while it is saved for a migration.
+fn supervise(c: &dyn VmControl, live: &VmLive, mode: &mut Mode, freeze: &dyn Fn(u32, bool)) {
     if *mode == Mode::Ended {
         return;
     }
@@ -755,6 +762,7 @@ fn supervise(c: &dyn VmControl, live: &VmLive, mode: &mut Mode) {
         }
         (Desired::MigrateOut, Mode::Running | Mode::Held) => {
             eprintln!("VM {id}: holding its vCPUs to migrate it");
+            freeze(id, true);
             kicks.iter().for_each(|k| k.pause(true));
             *mode = Mode::Saving(Instant::now());
         }
@@ -799,6 +807,7 @@ fn supervise(c: &dyn VmControl, live: &VmLive, mode: &mut Mode) {
         }
         (Desired::Run | Desired::Hold, Mode::Saving(_)) => {
             // The migration was called off before it was delivered.
+            freeze(id, false);
             let _ = kicks.iter().map(Kick::take_saved).count();
             kicks.iter().for_each(Kick::resume);
             *mode = Mode::Running;

@@ -106,6 +106,9 @@ pub struct ClientStats {
     pub tx_full: u64,
     /// Resets of a VM its devices asked for (an i8042's reset pulse).
     pub resets: u64,
+    /// Interrupts for a VM being saved to migrate: neither injected nor
+    /// acknowledged, so the server sends them on to where the VM goes.
+    pub interrupts_refused: u64,
 }
 
 /// Counters of one VM's remote traffic.
@@ -166,11 +169,18 @@ struct VmPort<'a> {
     slots: Box<[Slot]>,
     /// A device model asked for a reset of this VM.
     reset: AtomicBool,
+    /// Being saved to migrate: its interrupts are refused.
+    frozen: AtomicBool,
 }
 
 impl<'a> VmPort<'a> {
     fn new(vcpus: u16, irq: IrqRef<'a>) -> VmPort<'a> {
-        VmPort { irq, slots: (0..vcpus.max(1)).map(|_| Slot::new()).collect(), reset: AtomicBool::new(false) }
+        VmPort {
+            irq,
+            slots: (0..vcpus.max(1)).map(|_| Slot::new()).collect(),
+            reset: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
+        }
     }
 }
 
@@ -343,6 +353,18 @@ impl<'a, T: Transport> ClientPort<'a, T> {
         f(&self.lock().t)
     }
 
+    /// Refuse (`true`) or take again (`false`) `vm`'s interrupts: from the
+    /// moment a VM is held to be saved for a migration, an interrupt it
+    /// took would be in neither the saved state nor the server's queue.
+    /// Refused ones stay unacknowledged, and the server sends them to the
+    /// VM's new platform once the control panel records the move.
+    pub fn freeze(&self, vm: u32, frozen: bool) {
+        let _link = self.lock();
+        if let Some((_, p)) = self.table().find(vm) {
+            p.frozen.store(frozen, Ordering::Release);
+        }
+    }
+
     /// Whether a device model asked for a reset of `vm` since the last call.
     pub fn take_reset(&self, vm: u32) -> bool {
         self.table().find(vm).is_some_and(|(_, p)| p.reset.swap(false, Ordering::AcqRel))
@@ -487,6 +509,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
                     stats.stale_completions += 1;
                 }
             }
+            Message::Interrupt(_) if vm.frozen.load(Ordering::Acquire) => stats.interrupts_refused += 1,
             Message::Interrupt(irq) => {
                 self.interrupt(index, vm, &irq, frame.eth.src, tx, stats, vm_stats, irq_last);
             }
