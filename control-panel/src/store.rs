@@ -218,6 +218,15 @@ impl Store for RedbStore {
 
     fn take_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
+        // Receivers ask often: look first, write (and fsync) only to take.
+        {
+            let rx = db.begin_read().map_err(|e| self.err(e))?;
+            match rx.open_table(STATES) {
+                Ok(t) if t.get(key).map_err(|e| self.err(e))?.is_some() => {}
+                Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(self.err(e)),
+            }
+        }
         let tx = db.begin_write().map_err(|e| self.err(e))?;
         let state = {
             let mut t = tx.open_table(STATES).map_err(|e| self.err(e))?;

@@ -283,14 +283,7 @@ impl Frontend {
                 continue;
             }
             let key = (route.client, route.vm);
-            let at = match self.irq_streams.iter().position(|st| st.key == key) {
-                Some(j) => j,
-                None => {
-                    let next_seq = self.irq_seq_base;
-                    self.irq_streams.push(IrqStream { key, next_seq, in_flight: None, queue: Default::default() });
-                    self.irq_streams.len() - 1
-                }
-            };
+            let at = self.irq_stream(key);
             let stream = &mut self.irq_streams[at];
             for (irq, _) in queued {
                 let irq = Interrupt {
@@ -378,6 +371,18 @@ impl Frontend {
         self.bindings.insert(req.route.device, (from, route));
     }
 
+    /// The index of (client, VM) `key`'s interrupt stream, made if new.
+    fn irq_stream(&mut self, key: (u16, u32)) -> usize {
+        match self.irq_streams.iter().position(|st| st.key == key) {
+            Some(i) => i,
+            None => {
+                let next_seq = self.irq_seq_base;
+                self.irq_streams.push(IrqStream { key, next_seq, in_flight: None, queue: Default::default() });
+                self.irq_streams.len() - 1
+            }
+        }
+    }
+
     /// Send the interrupts the device models queued (each stream's next
     /// one once the previous is acknowledged), and again those whose ack is
     /// overdue.
@@ -389,14 +394,7 @@ impl Frontend {
                 continue;
             };
             let key = (route.client, route.vm);
-            let at = match self.irq_streams.iter().position(|st| st.key == key) {
-                Some(i) => i,
-                None => {
-                    let next_seq = self.irq_seq_base;
-                    self.irq_streams.push(IrqStream { key, next_seq, in_flight: None, queue: Default::default() });
-                    self.irq_streams.len() - 1
-                }
-            };
+            let at = self.irq_stream(key);
             let stream = &mut self.irq_streams[at];
             if stream.queue.len() >= IRQ_STREAM_QUEUE {
                 self.stats.interrupts_queue_full += 1;

@@ -642,6 +642,10 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
         let mut repr = FrameRepr::new(EthernetRepr { dst: mac, src: port.mac }, Message::IoRequest(req));
         let start = Instant::now();
         let mut tries = 0u32;
+        // A refusal the server may take back once its routing tables catch
+        // up with the control panel (a VM just migrated here, a device just
+        // added): asked again, like a timeout, until the retries run out.
+        let mut refused: Option<NackReason> = None;
         loop {
             {
                 let mut link = port.lock();
@@ -652,6 +656,8 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
                     link.stats.requests += 1;
                     link.vm_stats[self.index].requests += 1;
                 } else {
+                    // After a refusal, listen for this request's answer again.
+                    slot.state.store(EMPTY, Ordering::Release);
                     link.stats.retransmits += 1;
                     link.vm_stats[self.index].retransmits += 1;
                 }
@@ -667,10 +673,18 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
                         let status = Status::from_u8(slot.status.load(Ordering::Relaxed)).unwrap_or(Status::Ok);
                         return Ok((slot.data.load(Ordering::Relaxed), status));
                     }
-                    NACKED => {
+                    NACKED if refused.is_none() => {
                         let reason =
                             NackReason::from_u8(slot.nack.load(Ordering::Relaxed)).unwrap_or(NackReason::UnknownDevice);
-                        return Err(RemoteError::Nacked { server, device, reason });
+                        let may_pass = matches!(
+                            reason,
+                            NackReason::UnknownVm | NackReason::UnknownDevice | NackReason::NotAuthorised
+                        );
+                        if !may_pass || tries >= port.retry.retries {
+                            return Err(RemoteError::Nacked { server, device, reason });
+                        }
+                        // Wait out the timeout, then ask again.
+                        refused = Some(reason);
                     }
                     _ => {}
                 }
@@ -691,6 +705,9 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
                     Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
                 }
             }
+            if let Some(reason) = refused.take().filter(|_| tries >= port.retry.retries) {
+                return Err(RemoteError::Nacked { server, device, reason });
+            }
             if tries >= port.retry.retries {
                 return Err(RemoteError::Unreachable {
                     server,
@@ -709,7 +726,7 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
 mod tests {
     use super::*;
     use dmfabric_dataplane::mem::{self, MemTransport};
-    use dmfabric_wire::{AccessSize, ControlMsg, ControlOp, IoCompletion, Space, Status};
+    use dmfabric_wire::{AccessSize, ControlMsg, ControlOp, IoCompletion, Kind, Nack, Space, Status};
 
     const CLIENT_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
     const SERVER_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
@@ -819,6 +836,85 @@ mod tests {
             .collect();
         assert_eq!(acks, vec![(7, 10), (7, 10), (7, 9), (7, 11), (8, 4)]);
         assert_eq!(port.vm_stats(7).unwrap().interrupts, 2);
+    }
+
+    /// A server that answers the Hello, then refuses each request with
+    /// `refusals` in turn and completes the next one with 0x1234.
+    fn refusing_server(mut t: MemTransport, refusals: Vec<NackReason>) -> usize {
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut refusals = refusals.into_iter();
+        let mut requests = 0;
+        while Instant::now() < end {
+            let mut frames = Vec::new();
+            if t.recv(64, &mut |f| frames.push(f.to_vec())).is_err() {
+                return requests; // the client is gone
+            }
+            for f in frames {
+                match FrameRepr::parse_bytes(&f).unwrap().msg {
+                    Message::Control(c) if c.op == ControlOp::Hello => {
+                        let reply = ControlMsg { route: c.route, seq: c.seq, op: ControlOp::HelloReply, payload: &[] };
+                        send(&mut t, Message::Control(reply));
+                    }
+                    Message::IoRequest(req) => {
+                        requests += 1;
+                        match refusals.next() {
+                            Some(reason) => {
+                                let n = Nack { route: req.route, seq: req.seq, reason, nacked: Kind::IoRequest };
+                                send(&mut t, Message::Nack(n));
+                            }
+                            None => {
+                                send(&mut t, completion(req.route, req.seq, 0x1234));
+                                return requests;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        requests
+    }
+
+    #[test]
+    fn refusals_a_lagging_server_may_take_back_are_asked_again_others_are_final() {
+        let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
+        let rec = Recorder::default();
+        // A VM the server's tables do not know yet, twice: the third try is answered.
+        let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+        std::thread::scope(|s| {
+            let server =
+                s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownVm, NackReason::NotAuthorised]));
+            let port =
+                ClientPort::connect(client_t, &config(vec![1]), &[VmEntry { id: 7, vcpus: 1, irq: &rec }]).unwrap();
+            assert_eq!(port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap(), 0x1234);
+            assert_eq!(server.join().unwrap(), 3);
+            let st = port.stats();
+            assert_eq!((st.nacks, st.retransmits, st.completions), (2, 2, 1), "{st:?}");
+        });
+        // A refusal no table change undoes (the request named another server): at once.
+        let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+        std::thread::scope(|s| {
+            let server = s.spawn(move || refusing_server(server_t, vec![NackReason::WrongServer]));
+            let port =
+                ClientPort::connect(client_t, &config(vec![1]), &[VmEntry { id: 7, vcpus: 1, irq: &rec }]).unwrap();
+            let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
+            assert!(matches!(err, RemoteError::Nacked { reason: NackReason::WrongServer, .. }), "{err}");
+            assert_eq!(port.stats().retransmits, 0);
+            drop(port);
+            server.join().unwrap();
+        });
+        // Refused past the retries: the refusal, not "unreachable".
+        let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+        std::thread::scope(|s| {
+            let server = s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownDevice; 10]));
+            let port =
+                ClientPort::connect(client_t, &config(vec![1]), &[VmEntry { id: 7, vcpus: 1, irq: &rec }]).unwrap();
+            let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
+            assert!(matches!(err, RemoteError::Nacked { reason: NackReason::UnknownDevice, .. }), "{err}");
+            assert_eq!(port.stats().requests + port.stats().retransmits, 4, "the first try and 3 retries");
+            drop(port);
+            server.join().unwrap();
+        });
     }
 
     #[test]
