@@ -17,7 +17,7 @@ struct StoreFile {
     spec: String,
     file: Option<std::path::PathBuf>,
     /// etcd, and the namespace `dmfabric ctl` runs in to reach it.
-    etcd: Option<(EtcdProcess, String)>,
+    etcd: Option<(std::sync::Mutex<EtcdProcess>, String)>,
 }
 
 impl StoreFile {
@@ -34,7 +34,11 @@ impl StoreFile {
         let ip = net.host(host).mgmt_ipv4.expect("a net with a management link").to_string();
         let ready = |endpoint: &str| net.with_host(host, || EtcdStore::connect(endpoint).is_ok()).unwrap_or(false);
         match EtcdProcess::start_in(&ns, &ip, &ready) {
-            Ok(p) => Some(StoreFile { spec: format!("etcd://{}", p.endpoint), file: None, etcd: Some((p, ns)) }),
+            Ok(p) => Some(StoreFile {
+                spec: format!("etcd://{}", p.endpoint),
+                file: None,
+                etcd: Some((std::sync::Mutex::new(p), ns)),
+            }),
             Err(e @ EtcdStartError::NotInstalled) => {
                 let msg = format!("{test}: skipped, {e}");
                 assert!(std::env::var("DMFABRIC_REQUIRE_PRIVILEGED").as_deref() != Ok("1"), "{msg}");
@@ -182,7 +186,7 @@ fn a_guest_reaches_a_device_on_the_io_server_through_the_owner() {
         return;
     }
     let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
-    three_hosts(&net, &StoreFile::new("three-hosts"));
+    three_hosts(&net, &StoreFile::new("three-hosts"), &|| {});
 }
 
 #[test]
@@ -195,12 +199,17 @@ fn the_same_through_etcd_running_on_the_owners_host() {
     // takes every frame of the interface it serves.
     let net = TestNet::new(TestNetConfig { hosts: 3, management: true, ..TestNetConfig::default() }).unwrap();
     if let Some(store) = StoreFile::etcd(name, &net, 1) {
-        three_hosts(&net, &store);
+        // etcd goes away while the guest runs: the data planes keep their tables.
+        three_hosts(&net, &store, &|| {
+            std::thread::sleep(Duration::from_millis(500));
+            store.etcd.as_ref().unwrap().0.lock().unwrap().stop();
+        });
     }
 }
 
 /// Host 0: client platform 1; host 1: owner server 2; host 2: I/O server 3.
-fn three_hosts(net: &TestNet, store: &StoreFile) {
+/// `meanwhile` runs while the guest does.
+fn three_hosts(net: &TestNet, store: &StoreFile, meanwhile: &dyn Fn()) {
     populate(store, net, &[(1, 0)], &[(2, 1, "owner"), (3, 2, "io")], Some(2), 3);
     let said = store.ctl(&["vm", "launch", "1"]);
     assert!(said.starts_with("updated VM 1 (client platform 1, Running)"), "{said}");
@@ -208,6 +217,7 @@ fn three_hosts(net: &TestNet, store: &StoreFile) {
     let (io, io_rx) = server(net, store, 2, 3);
     let start = Instant::now();
     let (c, c_rx) = client(net, store, 0, 1);
+    meanwhile();
     let out = c.wait_with_output().unwrap();
     let lines: Vec<String> = c_rx.try_iter().collect();
     assert!(out.status.success(), "{lines:#?}");
@@ -224,10 +234,17 @@ fn three_hosts(net: &TestNet, store: &StoreFile) {
     let accesses = 2 * ITERATIONS;
     let (reads, writes, lines) = device_counts(io, &io_rx);
     assert_eq!((reads, writes), (accesses, accesses), "{lines:#?}");
-    let (_, _, lines) = device_counts(owner, &owner_rx);
-    let stats = lines.iter().find(|l| l.contains("forwarded")).unwrap_or_else(|| panic!("{lines:#?}"));
+    let (_, _, owner_lines) = device_counts(owner, &owner_rx);
+    let stats = owner_lines.iter().find(|l| l.contains("forwarded")).unwrap_or_else(|| panic!("{owner_lines:#?}"));
     assert!(stats.contains(&format!("forwarded {}", 2 * accesses)), "{stats}");
     assert!(stats.contains("completions 0 "), "{stats}");
+    if store.etcd.is_some() {
+        // Both servers said the store was gone, once, and kept routing.
+        for l in [&lines, &owner_lines] {
+            let said = l.iter().filter(|l| l.contains("until it answers")).count();
+            assert_eq!(said, 1, "{l:#?}");
+        }
+    }
 }
 
 #[test]
