@@ -1,0 +1,389 @@
+//! `dmfabric client --store`: a client platform placed by the control
+//! panel — its VMs come from the store, and a control follows the store
+//! while they run (launch, suspend, resume, shutdown, migration, device
+//! maps), starting the VMs launched or migrated here later.
+
+use super::*;
+
+/// The run of a client platform placed by the control panel: the VMs the
+/// store gives it now (those defined, running or suspended there), and
+/// the control that follows the store while they run — and starts the VMs
+/// launched or migrated here later.
+pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan, Arc<StoreControl>)> {
+    let Some(me) = args.client_id else { bail!("--store needs --client-id (this client platform's id in the store)") };
+    let Some(iface) = args.iface.clone() else { bail!("--store needs --iface (the data-plane interface)") };
+    let store = dmfabric_control::store::open(spec)?;
+    let db = store.load()?;
+    let Some(record) = db.clients.get(&me) else {
+        bail!("client platform {me} is not in the store ({spec}): add it with `dmfabric ctl --store {spec} add client --id {me} --mac <its MAC>`");
+    };
+    let mac = dmfabric_dataplane::if_mac(&iface).with_context(|| format!("Cannot read the MAC of {iface}"))?;
+    if dmfabric_control::routing::parse_mac(&record.mac) != Some(mac.0) {
+        bail!(
+            "the store has client platform {me} at MAC {}, but {iface}'s is {mac}: servers would answer elsewhere",
+            record.mac
+        );
+    }
+    let mine: Vec<&dmfabric_control::model::Vm> =
+        db.vms.values().filter(|v| v.client == me && StoreControl::runs_here(v)).collect();
+    let incoming = db.vms.values().any(|v| v.migrate_to == Some(me));
+    if mine.is_empty() && !incoming {
+        bail!("the store has no VM for client platform {me} (add one: dmfabric ctl add vm --client {me} ...)");
+    }
+    let file = FileConfig {
+        client: me,
+        hypervisor: record.hypervisor,
+        run_seconds: args.seconds.unwrap_or(86_400.0),
+        timeout_ms: args.timeout_ms,
+        retries: args.retries,
+        link: LinkConfig { iface: Some(iface), ..LinkConfig::default() },
+        vm: mine.iter().map(|v| vm_config(&db, v)).collect(),
+    };
+    let mut plan = plan_vms(file, None, args.seconds.or(Some(86_400.0)), true)?;
+    // Every server of the store: VMs that come later reach them too, and
+    // each forgets this client's earlier streams (its numbers start over).
+    plan.client.servers = db.servers.keys().copied().collect();
+    if plan.client.servers.is_empty() {
+        bail!("the store has no server: add one (dmfabric ctl add server ...) first");
+    }
+    let control = StoreControl {
+        me,
+        watch: dmfabric_control::watch::Watch::start(
+            dmfabric_control::store::open(spec)?,
+            format!("dmfabric client {me}"),
+            Duration::from_millis(50),
+            None,
+        )?,
+        store,
+        maps: Mutex::new(Vec::new()),
+        known: plan.client.servers.iter().copied().collect(),
+        seen: Mutex::new(0),
+        started: Mutex::new(mine.iter().map(|v| v.id).collect()),
+        arrivals: Mutex::new(Arrivals::default()),
+        arrival_wait: Duration::from_secs_f64(args.arrival_s),
+        failed: Mutex::new(Vec::new()),
+    };
+    *control.seen.lock().unwrap_or_else(|e| e.into_inner()) = control.watch.routes().revision();
+    for (s, v) in plan.vms.iter_mut().zip(&mine) {
+        control.follow(s, vm_ranges(&db, v));
+    }
+    Ok((plan, Arc::new(control)))
+}
+
+/// VM `v` of `db` as a client config entry: its test guest and arguments,
+/// its devices' ranges mapped to its owner server (or each device's own).
+fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> VmConfig {
+    let mut a = [0u64; 3];
+    for (slot, arg) in a.iter_mut().zip(&v.args) {
+        *slot = *arg;
+    }
+    let device = vm_ranges(db, v)
+        .into_iter()
+        .map(|(space, base, len, server, device)| RangeConfig {
+            space: if space == Space::Mmio { "mmio".into() } else { "pio".into() },
+            base,
+            len,
+            server: Some(server),
+            device: Some(device),
+            local: None,
+        })
+        .collect();
+    VmConfig {
+        id: v.id,
+        vcpus: v.vcpus,
+        memory_mib: v.memory_mib as usize,
+        guest: Some(v.image.clone()),
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        pc: None,
+        pc_server: 1,
+        console_log: None,
+        args: a,
+        vcpu_args: None,
+        device,
+    }
+}
+
+/// A VM's remote ranges: (space, base, length, the server its requests go
+/// to — its owner, or the device's own — and the device).
+type RemoteRanges = Vec<(Space, u64, u64, u16, u32)>;
+
+/// The remote ranges of VM `v` in `db`.
+fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> RemoteRanges {
+    let mut out = Vec::new();
+    for d in db.devices.values().filter(|d| d.vm == v.id) {
+        for r in &d.ranges {
+            let space = if r.mmio { Space::Mmio } else { Space::Pio };
+            out.push((space, r.base, r.len, v.owner.unwrap_or(d.server), d.id));
+        }
+    }
+    out
+}
+
+/// A VM's live device map, and the ranges it was last built from.
+struct VmMap {
+    vm: u32,
+    live: Arc<LiveMap>,
+    ranges: RemoteRanges,
+}
+
+/// VMs migrating here whose state is awaited: since when.
+#[derive(Default)]
+struct Arrivals {
+    waiting: std::collections::BTreeMap<u32, std::time::Instant>,
+    /// When the store was last asked for their states.
+    asked: Option<std::time::Instant>,
+    /// The table revision last scanned for launches and migrations.
+    scanned: u64,
+}
+/// The control panel's wishes for the VMs of a client platform, read from
+/// its store watch's tables.
+pub(super) struct StoreControl {
+    me: u16,
+    watch: dmfabric_control::watch::Watch,
+    /// For VM states in transit (migrations out and in) and recording arrivals.
+    store: Box<dyn dmfabric_control::store::Store>,
+    maps: Mutex<Vec<VmMap>>,
+    /// Servers found on the link at start: the only ones a map can name.
+    known: BTreeSet<u16>,
+    /// The table revision the maps were last built from.
+    seen: Mutex<u64>,
+    /// VMs started here (at the start or since), and not migrated away.
+    started: Mutex<BTreeSet<u32>>,
+    arrivals: Mutex<Arrivals>,
+    /// How long a migrating VM's state may take to arrive.
+    arrival_wait: Duration,
+    /// VMs that could not start here, and why.
+    failed: Mutex<Vec<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl StoreControl {
+    /// Whether a VM of this platform in this state has a place in its run.
+    fn runs_here(v: &dmfabric_control::model::Vm) -> bool {
+        use dmfabric_control::model::VmState;
+        matches!(v.state, VmState::Defined | VmState::Running | VmState::Suspended)
+    }
+
+    /// Route `spec` by a live map the control panel's changes replace.
+    fn follow(&self, spec: &mut VmSpec, ranges: RemoteRanges) {
+        let live = Arc::new(LiveMap::from_pointee(spec.map.clone()));
+        spec.live_map = Some(live.clone());
+        lock(&self.maps).push(VmMap { vm: spec.id, live, ranges });
+    }
+
+    /// Rebuild the VMs' device maps when the table moved on (devices
+    /// added, removed or moved reach the running guests).
+    fn refresh_maps(&self, t: &dmfabric_control::routing::RoutingTable) {
+        let mut seen = lock(&self.seen);
+        if *seen == t.revision {
+            return;
+        }
+        *seen = t.revision;
+        for m in lock(&self.maps).iter_mut() {
+            let Some(v) = t.db.vms.get(&m.vm) else { continue };
+            let mut ranges = vm_ranges(&t.db, v);
+            ranges.retain(|&(_, base, _, server, device)| {
+                let ok = self.known.contains(&server);
+                if !ok {
+                    eprintln!(
+                        "dmfabric client: VM {}: device {device} at {base:#x} is on server {server}, not found on the link at start: restart the client to reach it",
+                        m.vm
+                    );
+                }
+                ok
+            });
+            if m.ranges == ranges {
+                continue;
+            }
+            let targets: Vec<(Space, u64, u64, Target)> =
+                ranges.iter().map(|&(s, b, l, server, device)| (s, b, l, Target::Remote { server, device })).collect();
+            match machine::test_guest_map(&targets) {
+                Ok(map) => {
+                    eprintln!(
+                        "dmfabric client: VM {}: device map of revision {} ({} ranges)",
+                        m.vm,
+                        t.revision,
+                        ranges.len()
+                    );
+                    m.live.store(Arc::new(map));
+                    m.ranges = ranges;
+                }
+                Err(e) => {
+                    eprintln!("dmfabric client: VM {}: revision {}'s device map is unusable: {e}", m.vm, t.revision)
+                }
+            }
+        }
+    }
+
+    /// The spec of VM `v` of `db` joining this run.
+    fn spec_for(&self, db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> anyhow::Result<VmSpec> {
+        let mut servers = BTreeSet::new();
+        let mut spec = vm_spec(&vm_config(db, v), &mut servers)?;
+        if let Some(s) = servers.iter().find(|s| !self.known.contains(s)) {
+            bail!("its devices are on server {s}, not found on the link when this client started: restart the client");
+        }
+        self.follow(&mut spec, vm_ranges(db, v));
+        Ok(spec)
+    }
+
+    /// VMs that could not start here, a line each.
+    pub(super) fn failures(&self) -> Vec<String> {
+        lock(&self.failed).clone()
+    }
+
+    fn fail(&self, vm: u32, why: String) {
+        let line = format!("VM {vm} could not start here: {why}");
+        eprintln!("dmfabric client: {line}");
+        lock(&self.failed).push(line);
+    }
+
+    /// VMs migrating to this platform, whose state arrived: their specs,
+    /// restored, recorded as running here.
+    fn migrated_in(&self, t: &dmfabric_control::routing::RoutingTable, arr: &mut Arrivals) -> Vec<VmSpec> {
+        let now = std::time::Instant::now();
+        if arr.waiting.is_empty() || arr.asked.is_some_and(|a| now.duration_since(a) < Duration::from_millis(20)) {
+            return Vec::new();
+        }
+        arr.asked = Some(now);
+        let mut out = Vec::new();
+        for (vm, since) in arr.waiting.clone() {
+            let Some(v) = t.db.vms.get(&vm).filter(|v| v.migrate_to == Some(self.me)) else {
+                arr.waiting.remove(&vm);
+                continue;
+            };
+            let bytes = match self.store.take_state(&format!("vm/{vm}")) {
+                Ok(Some(b)) => b,
+                Ok(None) if now.duration_since(since) > self.arrival_wait => {
+                    arr.waiting.remove(&vm);
+                    let why = format!(
+                        "its state did not arrive within {:?}: is client platform {} running it?",
+                        self.arrival_wait, v.client
+                    );
+                    self.fail(vm, why);
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    eprintln!("dmfabric client: VM {vm}: {e}; asking again");
+                    continue;
+                }
+            };
+            arr.waiting.remove(&vm);
+            let snap = match dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail(vm, e);
+                    continue;
+                }
+            };
+            eprintln!("dmfabric client: VM {vm}: state arrived ({} KiB)", bytes.len() / 1024);
+            let mut spec = match self.spec_for(&t.db, v) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail(vm, format!("{e:#}"));
+                    continue;
+                }
+            };
+            spec.restore = Some(snap);
+            use dmfabric_control::model::{Change, Vm, VmState};
+            let here = Vm { client: self.me, state: VmState::Running, migrate_to: None, ..v.clone() };
+            if let Err(e) = self.store.commit(&[Change::UpdateVm(here)]) {
+                self.fail(vm, format!("cannot record it as running here: {e}"));
+                continue;
+            }
+            lock(&self.started).insert(vm);
+            out.push(spec);
+        }
+        out
+    }
+}
+
+impl machine::VmControl for StoreControl {
+    fn desired(&self, vm: u32) -> machine::Desired {
+        use dmfabric_control::model::VmState;
+        use machine::Desired;
+        let t = self.watch.routes().load();
+        self.refresh_maps(&t);
+        let Some(v) = t.db.vms.get(&vm) else {
+            lock(&self.started).remove(&vm);
+            return Desired::End("removed from the control panel".into());
+        };
+        if v.state == VmState::Migrating {
+            return match v.migrate_to {
+                Some(to) if to == self.me => Desired::Run,
+                Some(_) if v.client == self.me => Desired::MigrateOut,
+                _ => Desired::End(format!("taken over by client platform {}", v.client)),
+            };
+        }
+        if v.client != self.me {
+            return Desired::End(format!("now runs on client platform {}", v.client));
+        }
+        match v.state {
+            VmState::Running | VmState::Migrating => Desired::Run,
+            VmState::Defined | VmState::Suspended => Desired::Hold,
+            VmState::Stopped => {
+                // Launched again later, it starts afresh.
+                lock(&self.started).remove(&vm);
+                Desired::End("shut down by the control panel".into())
+            }
+        }
+    }
+
+    fn migrated_out(&self, vm: u32, snapshot: &[u8]) -> Result<String, String> {
+        let t = self.watch.routes().load();
+        let to = t.db.vms.get(&vm).and_then(|v| v.migrate_to).ok_or("the migration was called off")?;
+        self.store.put_state(&format!("vm/{vm}"), snapshot).map_err(|e| e.to_string())?;
+        lock(&self.started).remove(&vm);
+        Ok(format!("client platform {to}"))
+    }
+
+    /// Launched VMs not started here yet, and migrated ones whose state
+    /// arrived. The table is scanned when it changes; states in transit
+    /// are asked for every 20 ms while some are awaited.
+    fn arrivals(&self) -> Vec<VmSpec> {
+        use dmfabric_control::model::VmState;
+        let t = self.watch.routes().load();
+        let mut arr = lock(&self.arrivals);
+        let mut out = Vec::new();
+        if arr.scanned != t.revision {
+            arr.scanned = t.revision;
+            let now = std::time::Instant::now();
+            for v in t.db.vms.values() {
+                if lock(&self.started).contains(&v.id) {
+                    continue;
+                }
+                if v.state == VmState::Migrating && v.migrate_to == Some(self.me) {
+                    arr.waiting.entry(v.id).or_insert_with(|| {
+                        eprintln!(
+                            "dmfabric client: VM {} migrates here from client platform {}: waiting for its state",
+                            v.id, v.client
+                        );
+                        now
+                    });
+                } else if v.client == self.me && v.state == VmState::Running {
+                    match self.spec_for(&t.db, v) {
+                        Ok(spec) => {
+                            lock(&self.started).insert(v.id);
+                            out.push(spec);
+                        }
+                        Err(e) => {
+                            lock(&self.started).insert(v.id);
+                            self.fail(v.id, format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+        out.extend(self.migrated_in(&t, &mut arr));
+        out
+    }
+
+    fn pending(&self) -> bool {
+        !lock(&self.arrivals).waiting.is_empty()
+    }
+}
