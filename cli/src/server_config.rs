@@ -90,10 +90,11 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<DeviceSpec>> {
     Ok(specs)
 }
 
-fn line(d: &Device, default: u32) -> anyhow::Result<u32> {
+/// The one line `d` names, if any (its kind's usual one otherwise).
+fn line(d: &Device) -> anyhow::Result<Vec<u32>> {
     match d.irq {
-        None => Ok(default),
-        Some(Irq::One(n)) if n < 24 => Ok(n),
+        None => Ok(Vec::new()),
+        Some(Irq::One(n)) if n < 24 => Ok(vec![n]),
         Some(Irq::One(n)) => bail!("irq {n}: lines are 0 to 23"),
         Some(Irq::Two(_)) => bail!("irq: one line for a {}", d.kind),
     }
@@ -104,20 +105,26 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
         bail!("id 0 is reserved (it means \"any device at this address\")");
     }
     let (kind, default_base) = match d.kind.as_str() {
-        "uart" => (DeviceKind::Uart { line: line(d, 4)? }, 0x3f8),
-        "rtc" => (DeviceKind::Rtc { line: line(d, 8)? }, 0x70),
-        "timer" => (DeviceKind::Timer { line: line(d, 5)? }, 0x700),
-        "irqtest" => (DeviceKind::IrqTest { line: line(d, 5)? }, 0x600),
+        name @ ("uart" | "rtc" | "timer" | "irqtest") => {
+            let kind = DeviceKind::from_name(name, &line(d)?).expect("a model's name");
+            let base = match kind {
+                DeviceKind::Uart { .. } => 0x3f8,
+                DeviceKind::Rtc { .. } => 0x70,
+                DeviceKind::Timer { .. } => 0x700,
+                _ => u64::from(dmfabric_dm_workers::server::IRQ_TEST_PIO),
+            };
+            (kind, base)
+        }
         "i8042" => {
-            let (kbd_line, aux_line) = match d.irq {
-                None => (1, 12),
-                Some(Irq::Two([a, b])) if a < 24 && b < 24 => (a, b),
+            let lines = match d.irq {
+                None => Vec::new(),
+                Some(Irq::Two([a, b])) if a < 24 && b < 24 => vec![a, b],
                 _ => bail!("irq: an i8042 takes two lines, [keyboard, aux], each 0 to 23"),
             };
             if d.pio.is_some() {
                 bail!("an i8042 sits at ports 0x60 and 0x64: no pio");
             }
-            (DeviceKind::I8042 { kbd_line, aux_line }, 0x60)
+            (DeviceKind::from_name("i8042", &lines).expect("a model's name"), 0x60)
         }
         "regfile" => {
             if d.irq.is_some() {

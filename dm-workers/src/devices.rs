@@ -40,6 +40,21 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// The model called `name` (in configs and the control panel's records)
+    /// raising `lines`, each kind's usual ones where none are given.
+    pub fn from_name(name: &str, lines: &[u32]) -> Option<DeviceKind> {
+        let line = |i: usize, usual: u32| lines.get(i).copied().unwrap_or(usual);
+        Some(match name {
+            "regfile" => DeviceKind::RegFile,
+            "irqtest" => DeviceKind::IrqTest { line: line(0, IRQ_TEST_LINE) },
+            "uart" => DeviceKind::Uart { line: line(0, 4) },
+            "rtc" => DeviceKind::Rtc { line: line(0, 8) },
+            "i8042" => DeviceKind::I8042 { kbd_line: line(0, 1), aux_line: line(1, 12) },
+            "timer" => DeviceKind::Timer { line: line(0, 5) },
+            _ => return None,
+        })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             DeviceKind::RegFile => "regfile",
@@ -84,15 +99,8 @@ impl DeviceSpec {
     /// The device of a control-panel record: its kind, first port and
     /// MMIO ranges, and its lines (each kind's usual ones where it names none).
     pub fn from_record(d: &dmfabric_control::model::Device) -> Result<DeviceSpec, String> {
-        let irq = |i: usize, default: u32| d.irqs.get(i).copied().unwrap_or(default);
-        let kind = match d.kind.as_str() {
-            "regfile" => DeviceKind::RegFile,
-            "irqtest" => DeviceKind::IrqTest { line: irq(0, IRQ_TEST_LINE) },
-            "uart" => DeviceKind::Uart { line: irq(0, 4) },
-            "rtc" => DeviceKind::Rtc { line: irq(0, 8) },
-            "i8042" => DeviceKind::I8042 { kbd_line: irq(0, 1), aux_line: irq(1, 12) },
-            "timer" => DeviceKind::Timer { line: irq(0, 5) },
-            other => return Err(format!("device {}: no model of kind {other:?}", d.id)),
+        let Some(kind) = DeviceKind::from_name(&d.kind, &d.irqs) else {
+            return Err(format!("device {}: no model of kind {:?}", d.id, d.kind));
         };
         let pio = match d.ranges.iter().find(|r| !r.mmio) {
             Some(r) => Some((

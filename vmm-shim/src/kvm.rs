@@ -519,13 +519,6 @@ pub struct VcpuState {
     debugregs: kvm_debugregs,
 }
 
-impl VcpuState {
-    /// Where the vCPU was (for messages and tests).
-    pub fn rip(&self) -> u64 {
-        self.regs.rip
-    }
-}
-
 /// kvm_fpu's fields (kvm-bindings gives it no serde).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct FpuState {
