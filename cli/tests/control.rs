@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use dmfabric_control::etcd::{EtcdProcess, EtcdStartError, EtcdStore};
+use dmfabric_control::etcd::{self, EtcdProcess, EtcdStore};
 use dmfabric_dataplane::netns::{self, Need, TestNet, TestNetConfig};
 
 mod common;
@@ -33,20 +33,12 @@ impl StoreFile {
         let ns = net.host(host).ns.clone();
         let ip = net.host(host).mgmt_ipv4.expect("a net with a management link").to_string();
         let ready = |endpoint: &str| net.with_host(host, || EtcdStore::connect(endpoint).is_ok()).unwrap_or(false);
-        match EtcdProcess::start_in(&ns, &ip, &ready) {
-            Ok(p) => Some(StoreFile {
-                spec: format!("etcd://{}", p.endpoint),
-                file: None,
-                etcd: Some((std::sync::Mutex::new(p), ns)),
-            }),
-            Err(e @ EtcdStartError::NotInstalled) => {
-                let msg = format!("{test}: skipped, {e}");
-                assert!(std::env::var("DMFABRIC_REQUIRE_PRIVILEGED").as_deref() != Ok("1"), "{msg}");
-                eprintln!("{msg}");
-                None
-            }
-            Err(e) => panic!("{test}: {e}"),
-        }
+        let p = etcd::start_or_skip(test, || EtcdProcess::start_in(&ns, &ip, &ready))?;
+        Some(StoreFile {
+            spec: format!("etcd://{}", p.endpoint),
+            file: None,
+            etcd: Some((std::sync::Mutex::new(p), ns)),
+        })
     }
 
     fn path(&self) -> &str {
@@ -92,21 +84,7 @@ fn populate(
     owner: Option<u16>,
     device_on: u16,
 ) {
-    for &(id, host) in clients {
-        store.ctl(&["add", "client", "--id", &id.to_string(), "--mac", &net.host(host).mac.to_string()]);
-    }
-    for &(id, host, role) in servers {
-        store.ctl(&[
-            "add",
-            "server",
-            "--id",
-            &id.to_string(),
-            "--mac",
-            &net.host(host).mac.to_string(),
-            "--role",
-            role,
-        ]);
-    }
+    add_hosts(store, net, clients, servers);
     let args = format!("{ITERATIONS},0x500,0xd0000000");
     let client = clients[0].0.to_string();
     let mut vm = vec!["add", "vm", "--id", "1", "--client", &client, "--image", "io_loop", "--args", &args];
@@ -132,6 +110,17 @@ fn populate(
         "--mmio",
         "0xd0000000:0x1000",
     ]);
+}
+
+/// Client platforms and servers (id, host, role) at their hosts' MACs.
+fn add_hosts(store: &StoreFile, net: &TestNet, clients: &[(u16, usize)], servers: &[(u16, usize, &str)]) {
+    for &(id, host) in clients {
+        store.ctl(&["add", "client", "--id", &id.to_string(), "--mac", &net.host(host).mac.to_string()]);
+    }
+    for &(id, host, role) in servers {
+        let (id, mac) = (id.to_string(), net.host(host).mac.to_string());
+        store.ctl(&["add", "server", "--id", &id, "--mac", &mac, "--role", role]);
+    }
 }
 
 /// `dmfabric server --store` for server `id` on `host`, once it is ready.
@@ -406,10 +395,7 @@ fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
     let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
     let store = StoreFile::new("irq-migrate");
     // Client platforms 1 (host 0) and 2 (host 1), server 10 (host 2) with VM 1's interrupt test device.
-    for (id, host) in [(1, 0), (2, 1)] {
-        store.ctl(&["add", "client", "--id", &id.to_string(), "--mac", &net.host(host).mac.to_string()]);
-    }
-    store.ctl(&["add", "server", "--id", "10", "--mac", &net.host(2).mac.to_string(), "--role", "io"]);
+    add_hosts(&store, &net, &[(1, 0), (2, 1)], &[(10, 2, "io")]);
     let interrupts = 20_000u32;
     let args = format!("{interrupts},0x600,0");
     store.ctl(&["add", "vm", "--id", "1", "--client", "1", "--image", "irq_wait", "--args", &args]);

@@ -206,6 +206,24 @@ pub enum EtcdStartError {
     Failed(String),
 }
 
+/// For tests: the etcd `start` gave, or — where etcd is not installed —
+/// None after one "skipped" line (a failure under
+/// DMFABRIC_REQUIRE_PRIVILEGED=1, as CI runs them). Other failures panic.
+pub fn start_or_skip(test: &str, start: impl FnOnce() -> Result<EtcdProcess, EtcdStartError>) -> Option<EtcdProcess> {
+    match start() {
+        Ok(p) => Some(p),
+        Err(e @ EtcdStartError::NotInstalled) => {
+            let msg = format!("{test}: skipped, {e}");
+            if std::env::var("DMFABRIC_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+                panic!("{msg} (DMFABRIC_REQUIRE_PRIVILEGED=1 makes this a failure)");
+            }
+            eprintln!("{msg}");
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
 impl EtcdProcess {
     /// Start etcd on the loopback and wait until it answers.
     pub fn start() -> Result<EtcdProcess, EtcdStartError> {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_control::etcd::{EtcdProcess, EtcdStartError, EtcdStore};
+use dmfabric_control::etcd::{start_or_skip, EtcdProcess, EtcdStore};
 use dmfabric_control::model::fixtures::{platform, uart};
 use dmfabric_control::model::{Change, Db, Device, Range};
 use dmfabric_control::store::{self, RedbStore, Store};
@@ -43,18 +43,7 @@ struct Etcd(EtcdProcess);
 
 impl Etcd {
     fn new(test: &str) -> Option<Etcd> {
-        match EtcdProcess::start() {
-            Ok(p) => Some(Etcd(p)),
-            Err(e @ EtcdStartError::NotInstalled) => {
-                let msg = format!("{test}: skipped, {e}");
-                if std::env::var("DMFABRIC_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-                    panic!("{msg} (DMFABRIC_REQUIRE_PRIVILEGED=1 makes this a failure)");
-                }
-                eprintln!("{msg}");
-                None
-            }
-            Err(e) => panic!("{test}: {e}"),
-        }
+        start_or_skip(test, EtcdProcess::start).map(Etcd)
     }
 }
 
