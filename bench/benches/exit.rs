@@ -13,7 +13,7 @@ use dmfabric_bench::exit;
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::{Transport, TransportKind};
-use dmfabric_dm_workers::server::TEST_DEVICE_ID;
+use dmfabric_devices::platform::pc::TEST_DEVICE_ID;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::machine::{self, RunOptions};
 use dmfabric_vmm_shim::remote::ClientConfig;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::Transport;
-use dmfabric_dm_workers::regfile::RegisterFile;
-use dmfabric_dm_workers::server::{TEST_DEVICE_ID, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN};
+use dmfabric_devices::platform::pc::{TEST_DEVICE_ID, TEST_DEVICE_PIO};
+use dmfabric_devices::regfile::RegisterFile;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{self, PIO_LOOP};
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -73,10 +73,10 @@ pub enum ExitBenchError {
 /// The benchmark's VM: `pio_loop` doing `exits / 2` round trips on the test
 /// device's first port, which `target` serves.
 pub fn guest(exits: u64, target: Target) -> VmSpec {
-    let port = u64::from(TEST_DEVICE_PIO);
-    let ranges = [(Space::Pio, port, u64::from(TEST_DEVICE_PIO_LEN), target)];
-    let local: Vec<Box<dyn dmfabric_dm_workers::device::Device>> = match target {
-        Target::Local(_) => vec![Box::new(RegisterFile::new(Some((TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN)), None))],
+    let port = u64::from(TEST_DEVICE_PIO.base);
+    let ranges = [(Space::Pio, port, u64::from(TEST_DEVICE_PIO.len), target)];
+    let local: Vec<Box<dyn dmfabric_devices::Device>> = match target {
+        Target::Local(_) => vec![Box::new(RegisterFile::new(Some((TEST_DEVICE_PIO.base, TEST_DEVICE_PIO.len)), None))],
         _ => Vec::new(),
     };
     VmSpec::test_guest(1, 1, PIO_LOOP, vec![[exits / 2, port, 0]], &ranges, local).expect("a valid test map")

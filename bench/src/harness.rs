@@ -14,7 +14,8 @@ use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{mem, Transport, TransportKind, TransportSpec};
-use dmfabric_dm_workers::server::{DeviceSpec, Server, ServerStats};
+use dmfabric_devices::platform::pc::{self, PcLayout};
+use dmfabric_dm_workers::server::{Server, ServerStats};
 use dmfabric_wire::MacAddr;
 
 use crate::loadgen::{self, LoadError, Target};
@@ -80,6 +81,8 @@ pub enum HarnessError {
     Spawn(#[source] std::io::Error),
     #[error(transparent)]
     Pin(#[from] dmfabric_pinning::PinError),
+    #[error(transparent)]
+    PcLayout(#[from] dmfabric_devices::platform::pc::VmOutOfRange),
 }
 
 /// The transport spec for host `me` talking to host `peer` of `net`.
@@ -126,9 +129,9 @@ where
             let spec = spec_for(setup.transport, &net, 1, 0, setup.xdp_mode);
             let ns = net.host(1).ns.clone();
             let core = setup.server_core;
-            let mut devices = vec![DeviceSpec::test_device()];
+            let mut devices = vec![pc::test_device(pc::TEST_DEVICE_ID)];
             if let Some(vm) = setup.pc_vm {
-                devices.extend(DeviceSpec::pc_devices(vm, vm * 1000 + 1));
+                devices.extend(PcLayout::new(vm)?.specs());
             }
             let flag = server_stop.clone();
             let server = std::thread::spawn(move || -> Option<ServerStats> {
@@ -281,7 +284,7 @@ where
         if let Some(c) = core {
             let _ = dmfabric_pinning::pin_current(c);
         }
-        let mut s = Server::new(SERVER_ID, server_mac, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(SERVER_ID, server_mac, &[pc::test_device(pc::TEST_DEVICE_ID)]);
         let cfg = PollConfig { spin: u32::MAX, ..PollConfig::default() };
         let _ = poll::run(&mut server_t, &mut s, cfg, &flag);
         s.stats()

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
-use dmfabric_dm_workers::server::{TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_PIO};
+use dmfabric_devices::platform::pc::{TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_PIO};
 use dmfabric_wire::{
     AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space, Status,
 };
@@ -67,7 +67,7 @@ const PIO_SLOTS: u16 = 64;
 /// slot has registers of its own, so slots never disturb each other.
 fn pattern(i: u64, slot: u16) -> (Space, Direction, AccessSize, u64, u64) {
     let value = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(slot);
-    let pio = u64::from(TEST_DEVICE_PIO) + u64::from(slot) * 4;
+    let pio = u64::from(TEST_DEVICE_PIO.base) + u64::from(slot) * 4;
     let mmio = TEST_DEVICE_MMIO + u64::from(slot % MAX_INFLIGHT) * 8;
     match (i % 4, slot < PIO_SLOTS) {
         (0, true) => (Space::Pio, Direction::Write, AccessSize::B4, pio, value & 0xffff_ffff),

@@ -20,11 +20,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_dm_workers::device::Device;
-use dmfabric_dm_workers::irq::CountingLine;
-use dmfabric_dm_workers::uart::Uart16550;
+use dmfabric_devices::platform::pc::{Role, COM1};
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{self, SCRATCH_LOOP};
+use dmfabric_vmm_shim::local::{self, LocalWiring};
 use dmfabric_vmm_shim::machine::{self, RunOptions, VmSpec};
 use dmfabric_wire::Space;
 use hdrhistogram::Histogram;
@@ -51,7 +50,7 @@ impl ScratchMode {
 }
 
 /// COM1's scratch register.
-pub const SCRATCH_PORT: u64 = 0x3ff;
+pub const SCRATCH_PORT: u64 = COM1.base as u64 + 7;
 /// Where the guest keeps its samples.
 const SAMPLES_AT: u64 = 0x20_0000;
 /// The VM (and the server's PC devices) of the bench.
@@ -102,20 +101,17 @@ fn summarise(mode: ScratchMode, transport: &str, samples: &[u8], tsc_per_ns: f64
 }
 
 fn spec(round_trips: u64, target: Target) -> VmSpec {
-    let local: Vec<Box<dyn Device>> = match target {
-        Target::Local(_) => {
-            vec![Box::new(Uart16550::new(
-                0x3f8,
-                CountingLine::default(),
-                Vec::new(),
-                std::collections::VecDeque::new(),
-            ))]
-        }
+    // dmfabric's 16550 in this process, wired to the VM like any local model.
+    let wiring = LocalWiring::new(Default::default(), Default::default(), Box::new(Vec::new()));
+    let local = match target {
+        Target::Local(_) => local::pc_devices(&[Role::Com1], 0, &wiring).0,
         _ => Vec::new(),
     };
     let args = vec![[round_trips, SCRATCH_PORT, SAMPLES_AT]];
-    let mut s = VmSpec::test_guest(VM, 1, SCRATCH_LOOP, args, &[(Space::Pio, 0x3f8, 8, target)], local)
-        .expect("a valid test map");
+    let com1 = (Space::Pio, u64::from(COM1.base), u64::from(COM1.len), target);
+    let mut s = VmSpec::test_guest(VM, 1, SCRATCH_LOOP, args, &[com1], local).expect("a valid test map");
+    s.irq_target = wiring.target.clone();
+    s.reset = wiring.reset.clone();
     s.mem_bytes =
         (SAMPLES_AT as usize + samples_len(round_trips) + (1 << 20)).max(s.mem_bytes).next_multiple_of(1 << 21);
     s

@@ -9,7 +9,9 @@ use std::time::Duration;
 use dmfabric_bench::loadgen::{self, Retry, Target, MAX_INFLIGHT};
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::{mem, Transport};
-use dmfabric_dm_workers::server::{DeviceSpec, Server};
+use dmfabric_devices::platform::pc;
+use dmfabric_devices::DeviceSpec;
+use dmfabric_dm_workers::server::Server;
 use dmfabric_wire::MacAddr;
 
 fn with_server<R>(device: DeviceSpec, f: impl FnOnce(&mut dyn Transport, Target) -> R) -> R {
@@ -35,7 +37,7 @@ fn with_server<R>(device: DeviceSpec, f: impl FnOnce(&mut dyn Transport, Target)
 #[test]
 fn throughput_at_full_depth_gets_every_answer_right() {
     let never = AtomicBool::new(false);
-    let r = with_server(DeviceSpec::test_device(), |t, target| {
+    let r = with_server(pc::test_device(1), |t, target| {
         loadgen::throughput(
             t,
             &target,
@@ -54,7 +56,7 @@ fn throughput_at_full_depth_gets_every_answer_right() {
 #[test]
 fn rtt_gets_every_answer_right_and_records_each() {
     let never = AtomicBool::new(false);
-    let r = with_server(DeviceSpec::test_device(), |t, target| {
+    let r = with_server(pc::test_device(1), |t, target| {
         loadgen::rtt(t, &target, 2000, 100, Retry { timeout: Duration::from_millis(500), retries: 0 }, &never).unwrap()
     });
     assert_eq!((r.sent, r.completed, r.lost, r.wrong), (2000, 2000, 0, 0));
@@ -66,7 +68,7 @@ fn rtt_gets_every_answer_right_and_records_each() {
 #[test]
 fn a_device_that_loses_registers_is_caught() {
     let never = AtomicBool::new(false);
-    let small = DeviceSpec { pio: Some((0x500, 16)), ..DeviceSpec::test_device() };
+    let small = DeviceSpec { pio: Some((0x500, 16)), ..pc::test_device(1) };
     let r = with_server(small, |t, target| {
         loadgen::throughput(
             t,
@@ -102,7 +104,7 @@ fn lossy_link_loses_nothing_and_applies_no_write_twice() {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let server = std::thread::spawn(move || {
-        let mut s = Server::new(1, server_mac, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(1, server_mac, &[pc::test_device(1)]);
         let cfg = PollConfig { spin: 1000, wait: Duration::from_millis(1), ..PollConfig::default() };
         poll::run(&mut server_t, &mut s, cfg, &flag).unwrap();
         s.stats()

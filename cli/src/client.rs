@@ -13,8 +13,9 @@ use clap::Args;
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{TransportKind, TransportSpec};
-use dmfabric_dm_workers::device::Device;
-use dmfabric_dm_workers::regfile::RegisterFile;
+use dmfabric_devices::platform::pc::{PcLayout, Role};
+use dmfabric_devices::regfile::RegisterFile;
+use dmfabric_devices::{ByteSink, Device};
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::exits::LiveMap;
 use dmfabric_vmm_shim::guests;
@@ -347,21 +348,23 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
     let mut local: Vec<Box<dyn Device>> = Vec::new();
     let irq_target = dmfabric_vmm_shim::local::IrqTarget::default();
     let reset = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    const PC: [Role; 3] = [Role::Com1, Role::Rtc, Role::I8042];
     match vm.pc.as_deref() {
         None => {}
         Some("remote") => {
             servers.insert(vm.pc_server);
-            let first = vm.id.checked_mul(1000).context("pc: VM ids up to 4000000")? + 1;
-            ranges.extend(dmfabric_vmm_shim::devmap::pc_remote_ranges(vm.pc_server, first, false));
+            let layout = PcLayout::new(vm.id).context("pc")?;
+            ranges.extend(dmfabric_vmm_shim::devmap::pc_remote_ranges(vm.pc_server, &layout, &PC));
         }
         Some("local") => {
-            let sink: Box<dyn dmfabric_dm_workers::uart::ByteSink> = match &vm.console_log {
+            let sink: Box<dyn ByteSink> = match &vm.console_log {
                 Some(path) => Box::new(FileSink(
                     std::fs::File::create(path).with_context(|| format!("Cannot create the console log {path}"))?,
                 )),
                 None => Box::new(FileSink(std::io::stdout())),
             };
-            let (models, pc_ranges) = dmfabric_vmm_shim::local::pc_devices(0, &irq_target, &reset, sink);
+            let wiring = dmfabric_vmm_shim::local::LocalWiring::new(irq_target.clone(), reset.clone(), sink);
+            let (models, pc_ranges) = dmfabric_vmm_shim::local::pc_devices(&PC, 0, &wiring);
             local.extend(models);
             ranges.extend(pc_ranges);
         }
@@ -434,7 +437,7 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
 /// A local UART's output into a file or stdout.
 struct FileSink<W>(W);
 
-impl<W: std::io::Write + Send> dmfabric_dm_workers::uart::ByteSink for FileSink<W> {
+impl<W: std::io::Write + Send> ByteSink for FileSink<W> {
     fn put(&mut self, b: u8) {
         let _ = self.0.write_all(&[b]);
         if b == b'\n' {

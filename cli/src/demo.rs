@@ -16,6 +16,8 @@ use clap::Args;
 use dmfabric_dataplane::netns::TestNet;
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
+use dmfabric_devices::platform::pc::{PcLayout, Role};
+use dmfabric_devices::ByteSink;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::DEMO;
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
@@ -57,19 +59,24 @@ pub enum Devices {
 }
 
 const VM: u32 = 1;
-/// Device ids `dmfabric server --pc-vm 1` gives the PC devices.
-const DEVICES: [(u32, &str); 4] =
-    [(1001, "COM1 (16550 UART)"), (1002, "CMOS RTC"), (1003, "i8042"), (1004, "event timer")];
+
+/// The PC devices the demo's guest uses (the Linux guest: all but the timer).
+fn roles(linux: bool) -> &'static [Role] {
+    if linux {
+        &Role::ALL[..3]
+    } else {
+        &Role::ALL
+    }
+}
 
 fn name_of(t: Target) -> String {
+    let layout = PcLayout::new(VM).expect("VM 1 has PC devices");
     match t {
         Target::Remote { device, .. } => {
-            DEVICES.iter().find(|(d, _)| *d == device).map_or(format!("device {device}"), |(_, n)| n.to_string())
+            layout.device(device).map_or(format!("device {device}"), |d| d.role.label().into())
         }
-        // The order of local::pc_devices, then the timer.
-        Target::Local(i) => ["COM1 (16550 UART)", "CMOS RTC", "i8042", "event timer"]
-            .get(i)
-            .map_or(format!("local device {i}"), |n| format!("{n}, local")),
+        // The order of `roles`.
+        Target::Local(i) => Role::ALL.get(i).map_or(format!("local device {i}"), |r| format!("{}, local", r.label())),
         Target::Debug => "debug port".into(),
     }
 }
@@ -222,7 +229,8 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // The client, in host 0.
     let tick_us = u64::from(args.tick_ms) * 1000;
     let wait_ticks = if args.interactive { 60_000 / u64::from(args.tick_ms) } else { 3000 / u64::from(args.tick_ms) };
-    let ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, VM * 1000 + 1, !args.linux);
+    let layout = PcLayout::new(VM)?;
+    let ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, &layout, roles(args.linux));
     let spec = if args.linux {
         VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges, vec![]).map_err(anyhow::Error::msg)?
     } else {
@@ -283,7 +291,7 @@ struct Indented {
     seen: Arc<Mutex<String>>,
 }
 
-impl dmfabric_dm_workers::uart::ByteSink for Indented {
+impl ByteSink for Indented {
     fn put(&mut self, b: u8) {
         let mut out = std::io::stdout();
         if self.at_line_start {
@@ -301,16 +309,11 @@ impl dmfabric_dm_workers::uart::ByteSink for Indented {
 /// The demo with every model in this process: no namespaces, no server.
 fn run_local(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let seen = Arc::new(Mutex::new(String::new()));
-    let target = dmfabric_vmm_shim::local::IrqTarget::default();
-    let reset = Arc::new(AtomicBool::new(false));
     let sink = Box::new(Indented { at_line_start: true, seen: seen.clone() });
-    let (mut devices, mut ranges) = dmfabric_vmm_shim::local::pc_devices(0, &target, &reset, sink);
-    let (timer, timer_range) = dmfabric_vmm_shim::local::event_timer(devices.len(), &target);
-    devices.push(timer);
-    ranges.push(timer_range);
+    let wiring = dmfabric_vmm_shim::local::LocalWiring::new(Default::default(), Default::default(), sink);
+    let (devices, ranges) = dmfabric_vmm_shim::local::pc_devices(roles(args.linux), 0, &wiring);
+    let (target, reset) = (wiring.target.clone(), wiring.reset.clone());
     let mut spec = if args.linux {
-        ranges.pop();
-        devices.pop();
         VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges, devices).map_err(anyhow::Error::msg)?
     } else {
         let tick_us = u64::from(args.tick_ms) * 1000;

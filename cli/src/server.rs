@@ -12,11 +12,10 @@ use dmfabric_control::watch::Watch;
 use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
+use dmfabric_devices::platform::pc::{self, PcLayout};
+use dmfabric_devices::{DeviceKind, DeviceSpec};
 use dmfabric_dm_workers::placed::Transit;
-use dmfabric_dm_workers::server::{
-    DeviceEnv, DeviceKind, DeviceSpec, Server, ServerStats, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE, IRQ_TEST_PIO,
-    TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
-};
+use dmfabric_dm_workers::server::{DeviceEnv, Server, ServerStats};
 use dmfabric_dm_workers::sharded::{ShardStats, ShardedServer, WorkerIdle};
 use dmfabric_pinning::{Layout, LayoutSpec};
 use dmfabric_wire::MacAddr;
@@ -220,17 +219,10 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         (_, Some(p)) => p.devices.clone(),
         (Some(path), None) => crate::server_config::load(path)?,
         (None, None) => {
-            let mut devices: Vec<DeviceSpec> =
-                (1..=args.test_devices).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
-            devices.extend(
-                (0..args.irq_test_devices)
-                    .map(|i| DeviceSpec::irq_test(IRQ_TEST_FIRST_ID + i, IRQ_TEST_PIO, IRQ_TEST_LINE)),
-            );
+            let mut devices: Vec<DeviceSpec> = (1..=args.test_devices).map(pc::test_device).collect();
+            devices.extend((0..args.irq_test_devices).map(pc::irq_test_device));
             for &vm in &args.pc_vm {
-                let Some(first) = vm.checked_mul(1000).and_then(|f| f.checked_add(1)).filter(|_| vm > 0) else {
-                    bail!("--pc-vm {vm}: VM ids from 1 to 4000000");
-                };
-                devices.extend(DeviceSpec::pc_devices(vm, first));
+                devices.extend(PcLayout::new(vm).context("--pc-vm")?.specs());
             }
             crate::server_config::check(&devices)?;
             devices
@@ -308,10 +300,10 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         args.server_id,
         transport.mac(),
         args.test_devices,
-        TEST_DEVICE_PIO,
-        TEST_DEVICE_PIO + (TEST_DEVICE_PIO_LEN - 1),
-        TEST_DEVICE_MMIO,
-        TEST_DEVICE_MMIO + u64::from(TEST_DEVICE_MMIO_LEN - 1)
+        pc::TEST_DEVICE_PIO.base,
+        pc::TEST_DEVICE_PIO.base + (pc::TEST_DEVICE_PIO.len - 1),
+        pc::TEST_DEVICE_MMIO,
+        pc::TEST_DEVICE_MMIO + u64::from(pc::TEST_DEVICE_MMIO_LEN - 1)
     );
     }
     for d in devices.iter().filter(|d| !matches!(d.kind, DeviceKind::RegFile | DeviceKind::IrqTest { .. })) {
@@ -333,11 +325,11 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if args.config.is_none() && placed.is_none() && args.irq_test_devices > 0 {
         println!(
             "dmfabric server: interrupt test devices {}..={}: ports {:#x}-{:#x}, IRQ {}",
-            IRQ_TEST_FIRST_ID,
-            IRQ_TEST_FIRST_ID + args.irq_test_devices - 1,
-            IRQ_TEST_PIO,
-            IRQ_TEST_PIO + 7,
-            IRQ_TEST_LINE
+            pc::IRQ_TEST_FIRST_ID,
+            pc::IRQ_TEST_FIRST_ID + args.irq_test_devices - 1,
+            pc::IRQ_TEST.base,
+            pc::IRQ_TEST.base + (pc::IRQ_TEST.len - 1),
+            pc::IRQ_TEST_IRQ
         );
     }
     let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
@@ -419,7 +411,7 @@ fn placement(store: &str, id: u16, mac: MacAddr, period: Duration) -> anyhow::Re
         );
     }
     let mut devices = Vec::new();
-    for spec in Server::specs_in(&db, id) {
+    for spec in dmfabric_dm_workers::placed::specs_in(&db, id) {
         devices.push(spec.map_err(anyhow::Error::msg)?);
     }
     crate::server_config::check(&devices)?;

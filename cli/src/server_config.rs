@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use dmfabric_dm_workers::server::{DeviceKind, DeviceSpec};
+use dmfabric_devices::{DeviceKind, DeviceSpec};
 use serde::Deserialize;
 
 pub const EXAMPLE: &str = r#"# dmfabric server devices. Ports and IRQs default to a PC's.
@@ -106,14 +106,8 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
     }
     let (kind, default_base) = match d.kind.as_str() {
         name @ ("uart" | "rtc" | "timer" | "irqtest") => {
-            let kind = DeviceKind::from_name(name, &line(d)?).expect("a model's name");
-            let base = match kind {
-                DeviceKind::Uart { .. } => 0x3f8,
-                DeviceKind::Rtc { .. } => 0x70,
-                DeviceKind::Timer { .. } => 0x700,
-                _ => u64::from(dmfabric_dm_workers::server::IRQ_TEST_PIO),
-            };
-            (kind, base)
+            let kind = DeviceKind::parse(name, &line(d)?)?;
+            (kind, kind.usual_base().map_or(0, u64::from))
         }
         "i8042" => {
             let lines = match d.irq {
@@ -121,10 +115,12 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
                 Some(Irq::Two([a, b])) if a < 24 && b < 24 => vec![a, b],
                 _ => bail!("irq: an i8042 takes two lines, [keyboard, aux], each 0 to 23"),
             };
+            let kind = DeviceKind::parse("i8042", &lines)?;
+            let base = kind.fixed_base().map_or(0, u64::from);
             if d.pio.is_some() {
-                bail!("an i8042 sits at ports 0x60 and 0x64: no pio");
+                bail!("an i8042 sits at the PC's keyboard ports ({base:#x}): no pio");
             }
-            (DeviceKind::from_name("i8042", &lines).expect("a model's name"), 0x60)
+            (kind, base)
         }
         "regfile" => {
             if d.irq.is_some() {
@@ -160,7 +156,7 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
     if base + u64::from(size) > 0x1_0000 {
         bail!("pio {base:#x}: past the 64 KiB port space");
     }
-    Ok(DeviceSpec { shard: d.shard, ..DeviceSpec::model(d.id, kind, base as u16, d.vm) })
+    Ok(DeviceSpec { shard: d.shard, ..DeviceSpec::at(d.id, kind, base as u16, d.vm) })
 }
 
 /// Unique ids; no two devices of one VM on the same ports or MMIO (devices
@@ -200,7 +196,7 @@ mod tests {
         assert_eq!(specs.len(), 5);
         assert_eq!(
             specs[0],
-            DeviceSpec { shard: Some(0), ..DeviceSpec::model(11, DeviceKind::Uart { line: 4 }, 0x3f8, Some(1)) }
+            DeviceSpec { shard: Some(0), ..DeviceSpec::at(11, DeviceKind::Uart { line: 4 }, 0x3f8, Some(1)) }
         );
         assert_eq!(specs[2].kind, DeviceKind::I8042 { kbd_line: 1, aux_line: 12 });
         assert_eq!(specs[4].mmio, Some((0xd000_0000, 0x1000)));

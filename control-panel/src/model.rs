@@ -212,8 +212,6 @@ fn check_mac(mac: &str) -> Result<(), Conflict> {
     }
 }
 
-const KINDS: [&str; 6] = ["uart", "rtc", "i8042", "timer", "regfile", "irqtest"];
-
 impl Db {
     /// Check `change` against the database as it is.
     pub fn check(&self, change: &Change) -> Result<(), Conflict> {
@@ -284,12 +282,12 @@ impl Db {
                 if d.id == 0 {
                     return Err(Conflict::Invalid("device id 0 is reserved (any device at an address)".into()));
                 }
-                if !KINDS.contains(&d.kind.as_str()) {
+                if !dmfabric_devices::DeviceKind::NAMES.contains(&d.kind.as_str()) {
                     return Err(Conflict::Invalid(format!(
                         "device {}: unknown kind {:?} ({})",
                         d.id,
                         d.kind,
-                        KINDS.join(", ")
+                        dmfabric_devices::DeviceKind::NAMES.join(", ")
                     )));
                 }
                 if !self.servers.contains_key(&d.server) {

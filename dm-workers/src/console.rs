@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
-use crate::uart::{ByteSink, ByteSource};
+use dmfabric_devices::{ByteSink, ByteSource};
 
 /// Bytes of output a console holds for the service.
 pub const OUTPUT_QUEUE: usize = 1 << 16;

@@ -9,172 +9,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_queue::ArrayQueue;
+use dmfabric_devices::{
+    ByteSink, ByteSource, Device, DeviceKind, DeviceSpec, DeviceState, ResetSink, RestoreError, WallClock, Wiring,
+};
 use dmfabric_wire::{Direction, IoCompletion, IoRequest, IrqSource, Status};
 use hdrhistogram::Histogram;
 
 use crate::console::{ConsoleIn, ConsoleOut, Consoles};
-use crate::device::Device;
-use crate::i8042::{ResetSink, I8042};
 use crate::irq::{IrqQueue, WireLine};
-use crate::irqtest::{IrqTester, IRQ_TEST_PORTS};
-use crate::regfile::RegisterFile;
-use crate::rtc::{Cmos, WallClock};
-use crate::timer::{EventTimer, TIMER_PORTS};
-use crate::uart::{Uart16550, UART_PORTS};
-
-/// Which model a device runs, and its interrupt lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    /// The register-file test device.
-    RegFile,
-    /// The interrupt test device ([`crate::irqtest`]).
-    IrqTest { line: u32 },
-    /// A 16550A UART ([`crate::uart`]) whose console is at the server.
-    Uart { line: u32 },
-    /// The CMOS RTC ([`crate::rtc`]) at the index/data ports.
-    Rtc { line: u32 },
-    /// The i8042 keyboard controller ([`crate::i8042`]): ports 0x60 and 0x64.
-    I8042 { kbd_line: u32, aux_line: u32 },
-    /// The event timer ([`crate::timer`]).
-    Timer { line: u32 },
-}
-
-impl DeviceKind {
-    /// The model called `name` (in configs and the control panel's records)
-    /// raising `lines`, each kind's usual ones where none are given.
-    pub fn from_name(name: &str, lines: &[u32]) -> Option<DeviceKind> {
-        let line = |i: usize, usual: u32| lines.get(i).copied().unwrap_or(usual);
-        Some(match name {
-            "regfile" => DeviceKind::RegFile,
-            "irqtest" => DeviceKind::IrqTest { line: line(0, IRQ_TEST_LINE) },
-            "uart" => DeviceKind::Uart { line: line(0, 4) },
-            "rtc" => DeviceKind::Rtc { line: line(0, 8) },
-            "i8042" => DeviceKind::I8042 { kbd_line: line(0, 1), aux_line: line(1, 12) },
-            "timer" => DeviceKind::Timer { line: line(0, 5) },
-            _ => return None,
-        })
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            DeviceKind::RegFile => "regfile",
-            DeviceKind::IrqTest { .. } => "irqtest",
-            DeviceKind::Uart { .. } => "uart",
-            DeviceKind::Rtc { .. } => "rtc",
-            DeviceKind::I8042 { .. } => "i8042",
-            DeviceKind::Timer { .. } => "timer",
-        }
-    }
-
-    /// Ports the model decodes from its base (the i8042's are fixed).
-    pub fn ports(&self) -> Option<u16> {
-        match self {
-            DeviceKind::RegFile => None,
-            DeviceKind::IrqTest { .. } => Some(IRQ_TEST_PORTS),
-            DeviceKind::Uart { .. } => Some(UART_PORTS),
-            DeviceKind::Rtc { .. } => Some(2),
-            DeviceKind::I8042 { .. } => Some(5),
-            DeviceKind::Timer { .. } => Some(TIMER_PORTS),
-        }
-    }
-}
-
-/// One device a server hosts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSpec {
-    pub id: u32,
-    /// Ports `(base, len)`.
-    pub pio: Option<(u16, u16)>,
-    /// MMIO `(base, len)`.
-    pub mmio: Option<(u64, u32)>,
-    pub kind: DeviceKind,
-    /// The VM the device belongs to: requests from other VMs are refused.
-    /// None: any VM may use it (its interrupts go to the last one that did).
-    pub vm: Option<u32>,
-    /// The worker shard that runs it (split layout); None: spread by order.
-    pub shard: Option<usize>,
-}
-
-impl DeviceSpec {
-    /// The device of a control-panel record: its kind, first port and
-    /// MMIO ranges, and its lines (each kind's usual ones where it names none).
-    pub fn from_record(d: &dmfabric_control::model::Device) -> Result<DeviceSpec, String> {
-        let Some(kind) = DeviceKind::from_name(&d.kind, &d.irqs) else {
-            return Err(format!("device {}: no model of kind {:?}", d.id, d.kind));
-        };
-        let pio = match d.ranges.iter().find(|r| !r.mmio) {
-            Some(r) => Some((
-                u16::try_from(r.base).map_err(|_| format!("device {}: port {:#x} is past 0xffff", d.id, r.base))?,
-                u16::try_from(r.len).map_err(|_| format!("device {}: {} ports is too many", d.id, r.len))?,
-            )),
-            None => None,
-        };
-        let mmio = match d.ranges.iter().find(|r| r.mmio) {
-            Some(r) => {
-                Some((r.base, u32::try_from(r.len).map_err(|_| format!("device {}: MMIO range too long", d.id))?))
-            }
-            None => None,
-        };
-        let shard = usize::try_from(d.shard).ok();
-        Ok(DeviceSpec { id: d.id, pio, mmio, kind, vm: Some(d.vm), shard })
-    }
-}
-
-/// Port of the interrupt test devices a server has with `--irq-test-devices`.
-pub const IRQ_TEST_PIO: u16 = 0x600;
-/// Their line.
-pub const IRQ_TEST_LINE: u32 = 5;
-/// Device id of the first of them (the next ones count up).
-pub const IRQ_TEST_FIRST_ID: u32 = 101;
-
-/// Device id of the default register-file test device.
-pub const TEST_DEVICE_ID: u32 = 1;
-/// First port of the test device.
-pub const TEST_DEVICE_PIO: u16 = 0x500;
-/// Ports of the test device.
-pub const TEST_DEVICE_PIO_LEN: u16 = 0x100;
-/// First MMIO address of the test device.
-pub const TEST_DEVICE_MMIO: u64 = 0xd000_0000;
-/// MMIO bytes of the test device.
-pub const TEST_DEVICE_MMIO_LEN: u32 = 0x1000;
-
-impl DeviceSpec {
-    /// The register-file test device every dmfabric server has by default:
-    /// device 1, ports 0x500–0x5ff and MMIO 0xd000_0000–0xd000_0fff.
-    pub fn test_device() -> Self {
-        DeviceSpec {
-            id: TEST_DEVICE_ID,
-            pio: Some((TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN)),
-            mmio: Some((TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN)),
-            kind: DeviceKind::RegFile,
-            vm: None,
-            shard: None,
-        }
-    }
-
-    /// An interrupt test device `id` at ports `base`.. raising IRQ `line`.
-    pub fn irq_test(id: u32, base: u16, line: u32) -> Self {
-        DeviceSpec::model(id, DeviceKind::IrqTest { line }, base, None)
-    }
-
-    /// A model of `kind` at ports from `base`, for `vm`.
-    pub fn model(id: u32, kind: DeviceKind, base: u16, vm: Option<u32>) -> Self {
-        let len = kind.ports().unwrap_or(1);
-        DeviceSpec { id, pio: Some((base, len)), mmio: None, kind, vm, shard: None }
-    }
-
-    /// The PC devices of a VM at their usual places: COM1 (0x3f8, IRQ 4),
-    /// the RTC (0x70, IRQ 8), the i8042 (0x60/0x64, IRQ 1 and 12) and an
-    /// event timer (0x700, IRQ 5); ids `first..first + 4`.
-    pub fn pc_devices(vm: u32, first: u32) -> Vec<DeviceSpec> {
-        vec![
-            DeviceSpec::model(first, DeviceKind::Uart { line: 4 }, 0x3f8, Some(vm)),
-            DeviceSpec::model(first + 1, DeviceKind::Rtc { line: 8 }, 0x70, Some(vm)),
-            DeviceSpec::model(first + 2, DeviceKind::I8042 { kbd_line: 1, aux_line: 12 }, 0x60, Some(vm)),
-            DeviceSpec::model(first + 3, DeviceKind::Timer { line: 5 }, 0x700, Some(vm)),
-        ]
-    }
-}
 
 /// The device id a request may carry to mean "whichever device of my VM
 /// holds this address" (debugging clients such as `dmfabric io`).
@@ -293,72 +135,50 @@ impl DeviceEnv {
         }
     }
 
-    /// Build the model of `spec`.
+    /// The model of `spec`, fresh.
     pub fn build(&self, spec: &DeviceSpec, now: Instant) -> Box<dyn Device> {
-        let line = |n: u32| WireLine::new(spec.id, IrqSource::Line(n), self.irqs.clone());
-        let base = spec.pio.map_or(0, |(b, _)| b);
-        match spec.kind {
-            DeviceKind::RegFile => Box::new(RegisterFile::new(spec.pio, spec.mmio)),
-            DeviceKind::IrqTest { line: n } => Box::new(IrqTester::new(base, line(n))),
-            DeviceKind::Uart { line: n } => {
-                let console = self.console_of(spec);
-                Box::new(Uart16550::new(base, line(n), ConsoleOut(console.clone()), ConsoleIn(console)))
-            }
-            DeviceKind::Rtc { line: n } => Box::new(Cmos::new(base, line(n), self.clock, now)),
-            DeviceKind::I8042 { kbd_line, aux_line } => Box::new(I8042::new(
-                line(kbd_line),
-                line(aux_line),
-                VmReset { device: spec.id, events: self.events.clone() },
-            )),
-            DeviceKind::Timer { line: n } => Box::new(EventTimer::new(base, line(n), now)),
-        }
+        dmfabric_devices::fresh(spec, self, now)
     }
-}
 
-impl DeviceEnv {
-    /// Build the model of `spec` from `saved` (what [`Device::save`] gave
-    /// on the server it comes from).
+    /// The model of `spec` from `saved` (what [`Device::save`] gave on the
+    /// server it comes from), checked.
     pub fn restore(
         &self,
         spec: &DeviceSpec,
-        saved: serde_json::Value,
+        saved: DeviceState,
         now: Instant,
-    ) -> Result<Box<dyn Device>, String> {
-        fn state<T: serde::de::DeserializeOwned>(v: serde_json::Value, kind: &str) -> Result<T, String> {
-            serde_json::from_value(v).map_err(|e| format!("the saved state is not a {kind}'s: {e}"))
-        }
-        let line = |n: u32| WireLine::new(spec.id, IrqSource::Line(n), self.irqs.clone());
-        let base = spec.pio.map_or(0, |(b, _)| b);
-        Ok(match spec.kind {
-            DeviceKind::RegFile => Box::new(RegisterFile::from_state(spec.pio, spec.mmio, &state(saved, "regfile")?)),
-            DeviceKind::IrqTest { line: n } => Box::new(IrqTester::from_state(base, line(n), state(saved, "irqtest")?)),
-            DeviceKind::Uart { line: n } => {
-                let console = self.console_of(spec);
-                let s = state(saved, "uart")?;
-                Box::new(Uart16550::from_state(base, s, line(n), ConsoleOut(console.clone()), ConsoleIn(console)))
-            }
-            DeviceKind::Rtc { line: n } => {
-                Box::new(Cmos::from_state(base, state(saved, "rtc")?, line(n), self.clock, now))
-            }
-            DeviceKind::I8042 { kbd_line, aux_line } => Box::new(I8042::from_state(
-                state(saved, "i8042")?,
-                line(kbd_line),
-                line(aux_line),
-                VmReset { device: spec.id, events: self.events.clone() },
-            )),
-            DeviceKind::Timer { line: n } => {
-                Box::new(EventTimer::from_state(base, state(saved, "timer")?, line(n), now))
-            }
-        })
+    ) -> Result<Box<dyn Device>, RestoreError> {
+        dmfabric_devices::build(spec, self, Some(saved), now)
     }
 
-    /// The console of UART `spec`: the one made for it by
+    /// The console of UART `device`: the one made for it by
     /// [`DeviceEnv::new`], else one of its own.
-    fn console_of(&self, spec: &DeviceSpec) -> Arc<crate::console::Console> {
-        self.consoles.all().iter().find(|c| c.device == spec.id).cloned().unwrap_or_else(|| {
+    fn console_of(&self, vm: Option<u32>, device: u32) -> Arc<crate::console::Console> {
+        self.consoles.all().iter().find(|c| c.device == device).cloned().unwrap_or_else(|| {
             let mut own = Consoles::default();
-            own.add(spec.vm.unwrap_or(spec.id), spec.id)
+            own.add(vm.unwrap_or(device), device)
         })
+    }
+}
+
+impl Wiring for DeviceEnv {
+    type Line = WireLine;
+
+    fn line(&self, device: u32, gsi: u32) -> WireLine {
+        WireLine::new(device, IrqSource::Line(gsi), self.irqs.clone())
+    }
+
+    fn console(&self, vm: Option<u32>, device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>) {
+        let console = self.console_of(vm, device);
+        (Box::new(ConsoleOut(console.clone())), Box::new(ConsoleIn(console)))
+    }
+
+    fn reset(&self, device: u32) -> Box<dyn ResetSink> {
+        Box::new(VmReset { device, events: self.events.clone() })
+    }
+
+    fn clock(&self) -> WallClock {
+        self.clock
     }
 }
 
@@ -462,7 +282,7 @@ impl Devices {
     }
 
     /// Take device `id` out; returns its saved state, brought to `now`.
-    pub fn remove(&mut self, id: u32, now: Instant) -> Option<serde_json::Value> {
+    pub fn remove(&mut self, id: u32, now: Instant) -> Option<DeviceState> {
         let i = self.table.binary_search_by_key(&id, |e| e.id).ok()?;
         let mut e = self.table.remove(i);
         e.model.tick(now);
@@ -569,9 +389,18 @@ mod tests {
         }
     }
 
+    /// VM `vm`'s PC devices numbered from `first` (the layout's models and ports).
+    fn pc_devices(vm: u32, first: u32) -> Vec<DeviceSpec> {
+        dmfabric_devices::platform::pc::Role::ALL
+            .iter()
+            .zip(first..)
+            .map(|(r, id)| DeviceSpec::at(id, r.kind(), r.window().base, Some(vm)))
+            .collect()
+    }
+
     #[test]
     fn pc_devices_run_and_belong_to_their_vm() {
-        let specs = DeviceSpec::pc_devices(7, 10);
+        let specs = pc_devices(7, 10);
         let env = DeviceEnv::new(&specs);
         let mut d = Devices::new(&specs, &env);
         let now = Instant::now();
@@ -593,7 +422,7 @@ mod tests {
 
     #[test]
     fn timers_tick_on_their_deadlines_and_uart_output_reaches_the_console() {
-        let specs = DeviceSpec::pc_devices(7, 10);
+        let specs = pc_devices(7, 10);
         let env = DeviceEnv::new(&specs);
         let mut d = Devices::new(&specs, &env);
         let t0 = Instant::now();

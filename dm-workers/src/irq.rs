@@ -1,21 +1,13 @@
-//! How device models raise interrupts. A model is generic over an
-//! [`IrqLine`] (vm-superio's `Trigger` is the model): on a server the line
-//! is a [`WireLine`], which queues an [`IrqEvent`] for the data-plane core
-//! to send as an Interrupt frame; in a unit test it is a [`CountingLine`].
+//! A server's interrupt lines: a model's [`IrqLine`] is a [`WireLine`],
+//! which queues an [`IrqEvent`] for the data-plane core to send as an
+//! Interrupt frame to the VM's client.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
+use dmfabric_devices::IrqLine;
 use dmfabric_wire::{IrqSource, Trigger};
-
-/// An interrupt output of a device model.
-pub trait IrqLine: Send {
-    /// An edge: one interrupt.
-    fn pulse(&mut self);
-    /// Drive a level-triggered line; repeating the current level is a no-op.
-    fn set_level(&mut self, asserted: bool);
-}
 
 /// An interrupt a device raised, on its way to the frontend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,27 +77,6 @@ impl IrqLine for WireLine {
                 source: self.source,
                 trigger: Trigger::Level { asserted },
             });
-        }
-    }
-}
-
-/// A test's interrupt line: counts edges and level changes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CountingLine {
-    pub pulses: u64,
-    pub level: bool,
-    pub level_changes: u64,
-}
-
-impl IrqLine for CountingLine {
-    fn pulse(&mut self) {
-        self.pulses += 1;
-    }
-
-    fn set_level(&mut self, asserted: bool) {
-        if asserted != self.level {
-            self.level = asserted;
-            self.level_changes += 1;
         }
     }
 }

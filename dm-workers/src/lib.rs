@@ -11,15 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod console;
-pub mod device;
 pub mod devices;
-pub mod i8042;
 pub mod irq;
-pub mod irqtest;
 pub mod placed;
-pub mod regfile;
-pub mod rtc;
 pub mod server;
 pub mod sharded;
-pub mod timer;
-pub mod uart;

@@ -20,8 +20,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dmfabric_control::model::{Db, Device as DeviceRecord};
 use dmfabric_control::store::Store;
 use dmfabric_control::watch::Chores;
+use dmfabric_devices::{DeviceKind, DeviceSpec, DeviceState};
 
 /// How long an arriving device waits for its state before it starts fresh.
 pub const STATE_WAIT: Duration = Duration::from_secs(5);
@@ -35,11 +37,35 @@ pub struct Handoff {
     pub device: u32,
     /// The server it left.
     pub from: u16,
-    /// The model's saved state ([`crate::device::Device::save`]).
-    pub state: serde_json::Value,
+    /// The model's saved state.
+    pub state: DeviceState,
     /// (stream key, latest seq, that request's completion frame) for the
     /// streams whose latest request this device served.
     pub streams: Vec<(u64, u64, Vec<u8>)>,
+}
+
+/// The device of a control-panel record: its kind, first port and MMIO
+/// ranges, and its lines (each kind's usual ones where it names none).
+pub fn spec_of(d: &DeviceRecord) -> Result<DeviceSpec, String> {
+    let kind = DeviceKind::parse(&d.kind, &d.irqs).map_err(|e| format!("device {}: {e}", d.id))?;
+    let pio = match d.ranges.iter().find(|r| !r.mmio) {
+        Some(r) => Some((
+            u16::try_from(r.base).map_err(|_| format!("device {}: port {:#x} is past 0xffff", d.id, r.base))?,
+            u16::try_from(r.len).map_err(|_| format!("device {}: {} ports is too many", d.id, r.len))?,
+        )),
+        None => None,
+    };
+    let mmio = match d.ranges.iter().find(|r| r.mmio) {
+        Some(r) => Some((r.base, u32::try_from(r.len).map_err(|_| format!("device {}: MMIO range too long", d.id))?)),
+        None => None,
+    };
+    let shard = usize::try_from(d.shard).ok();
+    Ok(DeviceSpec { id: d.id, pio, mmio, kind, vm: Some(d.vm), shard })
+}
+
+/// The devices of the control panel's records for server `server`, as specs.
+pub fn specs_in(db: &Db, server: u16) -> Vec<Result<DeviceSpec, String>> {
+    db.devices.values().filter(|d| d.server == server).map(spec_of).collect()
 }
 
 /// Device states between a server's loop and its store watch.

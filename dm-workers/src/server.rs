@@ -21,14 +21,12 @@ use dmfabric_wire::{
 use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
 
 use crate::devices::AddressMap;
-pub use crate::devices::{
-    DeviceCounters, DeviceEnv, DeviceKind, DeviceSpec, Devices, Refused, ANY_DEVICE, IRQ_TEST_FIRST_ID, IRQ_TEST_LINE,
-    IRQ_TEST_PIO, TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_MMIO_LEN, TEST_DEVICE_PIO, TEST_DEVICE_PIO_LEN,
-};
+pub use crate::devices::{DeviceCounters, DeviceEnv, Devices, Refused, ANY_DEVICE};
 use crate::devices::{VmEvent, VmEvents};
 use crate::irq::IrqQueue;
 use crate::placed::{Handoff, Transit, HELD_MAX, STATE_WAIT};
 use dmfabric_control::routing::{LiveRoutes, RoutingTable};
+use dmfabric_devices::DeviceSpec;
 
 /// Counters of a server. Plain integers: owned by the server's core.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -655,11 +653,6 @@ impl Server {
         s
     }
 
-    /// The devices of the control panel's records for this server, as specs.
-    pub fn specs_in(db: &dmfabric_control::model::Db, server: u16) -> Vec<Result<DeviceSpec, String>> {
-        db.devices.values().filter(|d| d.server == server).map(DeviceSpec::from_record).collect()
-    }
-
     /// Pick up a new table if the watch swapped one in: add, remove and
     /// hand over devices, and route by it.
     fn follow_table(&mut self, now: Instant) {
@@ -671,7 +664,7 @@ impl Server {
         let old = self.frontend.table.clone();
         let id = self.frontend.id;
         let db = &table.db;
-        let mine: HashMap<u32, DeviceSpec> = Server::specs_in(db, id)
+        let mine: HashMap<u32, DeviceSpec> = crate::placed::specs_in(db, id)
             .into_iter()
             .filter_map(|r| r.map_err(|e| eprintln!("server {id}: {e}: not served")).ok())
             .map(|s| (s.id, s))
@@ -742,7 +735,7 @@ impl Server {
             let Some(spec) = p.specs.get(&dev).cloned() else { continue };
             let model = serde_json::from_slice::<Handoff>(&blob).map_err(|e| e.to_string()).and_then(|h| {
                 self.frontend.adopt_streams(&h.streams);
-                self.env.restore(&spec, h.state, now).map(|m| (m, h.from))
+                self.env.restore(&spec, h.state, now).map(|m| (m, h.from)).map_err(|e| e.to_string())
             });
             match model {
                 Ok((model, from)) => {
@@ -837,6 +830,7 @@ impl Handler for Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dmfabric_devices::platform::pc;
     use dmfabric_wire::{AccessSize, Direction, IrqSource, Space, Status};
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
@@ -880,7 +874,7 @@ mod tests {
 
     #[test]
     fn write_then_read_back() {
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
         let out = answer(&mut s, &request(1, 1, Direction::Write, 0x502, 0xbeef));
         let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
         assert_eq!((c.status, c.dir), (Status::Ok, Direction::Write));
@@ -892,7 +886,7 @@ mod tests {
 
     #[test]
     fn unclaimed_reads_are_all_ones() {
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
         let out = answer(&mut s, &request(1, 1, Direction::Read, 0x600, 0));
         let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
         assert_eq!((c.data, c.status), (0xffff, Status::Unclaimed));
@@ -901,7 +895,7 @@ mod tests {
 
     #[test]
     fn unknown_device_and_wrong_server_are_nacked() {
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
         let out = answer(&mut s, &request(99, 1, Direction::Read, 0x500, 0));
         assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::UnknownDevice, .. })));
         let out = answer(&mut s, &request(1, 2, Direction::Read, 0x500, 0));
@@ -912,7 +906,7 @@ mod tests {
 
     #[test]
     fn bad_frames_are_counted_by_reason_and_not_answered() {
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
         let good = request(1, 1, Direction::Read, 0x500, 0);
         let mut bad_magic = good.clone();
         bad_magic[14] = 0;
@@ -934,7 +928,7 @@ mod tests {
 
     #[test]
     fn a_retransmitted_write_is_answered_from_the_cache_not_run_twice() {
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
         let first = request_seq(10, 1, 1, Direction::Write, 0x500, 0xaa);
         let first_answer = answer(&mut s, &first);
         // The same frame again (the client did not see the answer): same answer.
@@ -951,7 +945,7 @@ mod tests {
 
     #[test]
     fn hello_resets_the_clients_streams() {
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::test_device()]);
+        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
         answer(&mut s, &request_seq(1000, 1, 1, Direction::Write, 0x500, 1));
         assert!(answer(&mut s, &request_seq(5, 1, 1, Direction::Write, 0x500, 2)).is_empty(), "stale");
         let hello = FrameRepr::new(
@@ -991,7 +985,7 @@ mod tests {
             space: Space::Pio,
             dir: Direction::Write,
             size: AccessSize::B4,
-            addr: u64::from(IRQ_TEST_PIO),
+            addr: u64::from(pc::IRQ_TEST.base),
             data: command,
         };
         let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::IoRequest(req));
@@ -1020,7 +1014,7 @@ mod tests {
                 let repr = FrameRepr::parse_bytes(f).unwrap();
                 assert_eq!(repr.eth.dst, CLIENT, "to the client that used the device");
                 let Message::Interrupt(i) = repr.msg else { panic!("not an interrupt") };
-                assert_eq!((i.route.client, i.route.vm, i.source), (3, 7, IrqSource::Line(IRQ_TEST_LINE)));
+                assert_eq!((i.route.client, i.route.vm, i.source), (3, 7, IrqSource::Line(pc::IRQ_TEST_IRQ)));
                 (i.seq, i.trigger, repr.retransmit)
             })
             .collect()
@@ -1029,7 +1023,7 @@ mod tests {
     #[test]
     fn interrupts_go_one_at_a_time_until_acked_and_are_retransmitted() {
         use dmfabric_wire::Trigger;
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::irq_test(101, IRQ_TEST_PIO, IRQ_TEST_LINE)]);
+        let mut s = Server::new(1, SERVER, &[pc::irq_test_device(0)]);
         let t0 = Instant::now();
         // Nobody has used the device yet: nothing to send.
         assert!(poll_irqs(&mut s, t0).is_empty());
@@ -1058,7 +1052,7 @@ mod tests {
 
     #[test]
     fn an_interrupt_nobody_acks_is_given_up_after_the_retry_limit() {
-        let mut s = Server::new(1, SERVER, &[DeviceSpec::irq_test(101, IRQ_TEST_PIO, IRQ_TEST_LINE)]);
+        let mut s = Server::new(1, SERVER, &[pc::irq_test_device(0)]);
         answer(&mut s, &irq_command(0, 1));
         let mut now = Instant::now();
         let mut sent = 0;

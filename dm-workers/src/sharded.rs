@@ -20,8 +20,9 @@ use dmfabric_dataplane::FrameBatch;
 use dmfabric_wire::{IoCompletion, IoRequest, MacAddr, NackReason};
 use hdrhistogram::Histogram;
 
-use crate::devices::{DeviceEnv, DeviceSpec, Devices, Refused};
+use crate::devices::{DeviceEnv, Devices, Refused};
 use crate::server::{Frontend, ServerStats};
+use dmfabric_devices::DeviceSpec;
 
 /// Slots of each ring between the data-plane core and a worker.
 pub const RING_SLOTS: usize = 512;
@@ -333,6 +334,7 @@ fn worker_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dmfabric_devices::platform::pc;
     use dmfabric_wire::{AccessSize, Direction, EthernetRepr, FrameRepr, Message, Route, Space, Status};
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
@@ -375,7 +377,7 @@ mod tests {
 
     #[test]
     fn requests_reach_the_owning_worker_and_come_back() {
-        let devices: Vec<DeviceSpec> = (1..=4).map(|id| DeviceSpec { id, ..DeviceSpec::test_device() }).collect();
+        let devices: Vec<DeviceSpec> = (1..=4).map(|id| DeviceSpec { id, ..pc::test_device(1) }).collect();
         let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
         let mut s = ShardedServer::start(1, SERVER, &devices, &[0, 0], idle).unwrap();
         let writes: Vec<Vec<u8>> =
@@ -404,7 +406,7 @@ mod tests {
 
     #[test]
     fn a_full_ring_waits_in_order_and_loses_nothing() {
-        let devices = [DeviceSpec::test_device()];
+        let devices = [pc::test_device(1)];
         let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
         let mut s = ShardedServer::start(1, SERVER, &devices, &[0], idle).unwrap();
         // A held worker takes nothing, so its ring fills and the rest waits.
@@ -434,7 +436,7 @@ mod tests {
 
     #[test]
     fn a_timer_on_a_worker_shard_interrupts_through_the_data_plane_core() {
-        let devices = DeviceSpec::pc_devices(7, 10);
+        let devices = pc::PcLayout::new(7).unwrap().specs();
         let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
         let mut s = ShardedServer::start(1, SERVER, &devices, &[0, 0], idle).unwrap();
         let pio = |seq: u64, addr: u64, data: u64| {
@@ -458,7 +460,7 @@ mod tests {
         assert_eq!(completions.len(), 2, "{done:?}");
         assert!(completions
             .iter()
-            .all(|m| matches!(m, Message::IoCompletion(c) if c.status == Status::Ok && c.route.device == 13)));
+            .all(|m| matches!(m, Message::IoCompletion(c) if c.status == Status::Ok && c.route.device == 7004)));
         // (An interrupt may already have come with them: unacknowledged, it is sent again.)
         // Interrupts go one at a time until acknowledged: ack each.
         let mut tx = FrameBatch::new();
@@ -470,7 +472,7 @@ mod tests {
                 .iter()
                 .filter_map(|f| match FrameRepr::parse_bytes(f).ok()?.msg {
                     Message::Interrupt(i) => {
-                        assert_eq!((i.route.vm, i.route.device), (7, 13));
+                        assert_eq!((i.route.vm, i.route.device), (7, 7004));
                         let ack = dmfabric_wire::InterruptAck { route: i.route, seq: i.seq };
                         let repr =
                             FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::InterruptAck(ack));

@@ -6,8 +6,9 @@ use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use dmfabric_dm_workers::irq::CountingLine;
-use dmfabric_dm_workers::uart::{ByteSink, Uart16550};
+use dmfabric_devices::testing::CountingLine;
+use dmfabric_devices::uart::Uart16550;
+use dmfabric_devices::ByteSink;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::linux::LinuxImage;
 use dmfabric_vmm_shim::machine::{self, RunOptions, VmSpec};

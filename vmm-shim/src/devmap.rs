@@ -2,6 +2,7 @@
 //! MMIO ranges, each pointing at a target, built once, overlaps rejected at
 //! registration, looked up per exit by binary search.
 
+use dmfabric_devices::platform::pc::{PcLayout, Role};
 use dmfabric_wire::Space;
 
 /// Where a range of a VM goes: a device model in this process (the hybrid
@@ -18,22 +19,10 @@ pub enum Target {
     Debug,
 }
 
-/// The ranges of a PC's COM1 (0x3f8), RTC (0x70/0x71) and i8042 (0x60 and
-/// 0x64) on `server`, as `DeviceSpec::pc_devices(vm, first)` numbers them
-/// (`dmfabric server --pc-vm N`: first = 1000·N + 1); with `timer`, the
-/// event timer at 0x700 too.
-pub fn pc_remote_ranges(server: u16, first: u32, timer: bool) -> Vec<(Space, u64, u64, Target)> {
-    let remote = |device: u32| Target::Remote { server, device };
-    let mut r = vec![
-        (Space::Pio, 0x3f8, 8, remote(first)),
-        (Space::Pio, 0x70, 2, remote(first + 1)),
-        (Space::Pio, 0x60, 1, remote(first + 2)),
-        (Space::Pio, 0x64, 1, remote(first + 2)),
-    ];
-    if timer {
-        r.push((Space::Pio, 0x700, 0x14, remote(first + 3)));
-    }
-    r
+/// The ranges of `roles` of VM `layout`'s PC devices on `server`, as
+/// [`PcLayout`] numbers them (`dmfabric server --pc-vm N` hosts them).
+pub fn pc_remote_ranges(server: u16, layout: &PcLayout, roles: &[Role]) -> Vec<(Space, u64, u64, Target)> {
+    layout.vm_ranges(roles).into_iter().map(|(s, b, l, device)| (s, b, l, Target::Remote { server, device })).collect()
 }
 
 /// Why a range could not be added.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 
 use dmfabric_dataplane::Transport;
-use dmfabric_dm_workers::device::Device;
+use dmfabric_devices::Device;
 use dmfabric_wire::Direction;
 
 use crate::debugport::{self, DebugOp, DEBUG_PORT};
@@ -300,7 +300,7 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dmfabric_dm_workers::regfile::RegisterFile;
+    use dmfabric_devices::regfile::RegisterFile;
     use dmfabric_wire::{AccessSize, Space};
 
     fn exit(space: Space, addr: u64, size: AccessSize, dir: Direction, data: u64) -> Exit {

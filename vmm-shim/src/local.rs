@@ -1,18 +1,16 @@
 //! Device models kept in the client process (the hybrid case, and
-//! `--devices local` for comparison with remote ones): their interrupt
-//! lines drive the VM directly (KVM_IRQ_LINE) and an i8042 reset stops the
-//! VM as a remote one's request does.
+//! `--devices local` for comparison with remote ones): built by the same
+//! builder as a server's ([`dmfabric_devices::build`]), wired to the VM
+//! itself — their interrupt lines drive KVM's irqchip and an i8042 reset
+//! stops the VM as a remote one's request does.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use dmfabric_dm_workers::device::Device;
-use dmfabric_dm_workers::i8042::{ResetSink, I8042};
-use dmfabric_dm_workers::irq::IrqLine;
-use dmfabric_dm_workers::rtc::{Cmos, WallClock};
-use dmfabric_dm_workers::timer::{EventTimer, TIMER_PORTS};
-use dmfabric_dm_workers::uart::{ByteSink, Uart16550};
+use dmfabric_devices::platform::pc::Role;
+use dmfabric_devices::{ByteSink, ByteSource, Device, DeviceSpec, IrqLine, ResetSink, WallClock, Wiring};
 use dmfabric_wire::Space;
 
 use crate::devmap::Target;
@@ -65,33 +63,70 @@ impl ResetSink for LocalReset {
     }
 }
 
-/// No console input for a local UART.
-pub type NoInput = VecDeque<u8>;
+/// What a VM's local models are wired to: its irqchip, its reset flag,
+/// and (for the first UART built) a console sink; there is no console input.
+pub struct LocalWiring {
+    pub target: IrqTarget,
+    pub reset: Arc<AtomicBool>,
+    console: RefCell<Option<Box<dyn ByteSink>>>,
+}
+
+impl std::fmt::Debug for LocalWiring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalWiring").finish_non_exhaustive()
+    }
+}
+
+impl LocalWiring {
+    /// Wiring into `target` and `reset`; the first UART writes to `console`.
+    pub fn new(target: IrqTarget, reset: Arc<AtomicBool>, console: Box<dyn ByteSink>) -> LocalWiring {
+        LocalWiring { target, reset, console: RefCell::new(Some(console)) }
+    }
+}
+
+/// Output nobody reads (a second local UART).
+struct Discard;
+
+impl ByteSink for Discard {
+    fn put(&mut self, _byte: u8) {}
+}
+
+impl Wiring for LocalWiring {
+    type Line = LocalLine;
+
+    fn line(&self, _device: u32, gsi: u32) -> LocalLine {
+        LocalLine::new(gsi, self.target.clone())
+    }
+
+    fn console(&self, _vm: Option<u32>, _device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>) {
+        let out = self.console.borrow_mut().take().unwrap_or_else(|| Box::new(Discard));
+        (out, Box::new(VecDeque::<u8>::new()))
+    }
+
+    fn reset(&self, _device: u32) -> Box<dyn ResetSink> {
+        Box::new(LocalReset(self.reset.clone()))
+    }
+
+    fn clock(&self) -> WallClock {
+        WallClock::host()
+    }
+}
 
 /// Local models and the ranges that reach them.
 pub type LocalSet = (Vec<Box<dyn Device>>, Vec<(Space, u64, u64, Target)>);
 
-/// An event timer at 0x700 (IRQ 5) as local model `index`.
-pub fn event_timer(index: usize, target: &IrqTarget) -> (Box<dyn Device>, (Space, u64, u64, Target)) {
-    let timer = EventTimer::new(0x700, LocalLine::new(5, target.clone()), std::time::Instant::now());
-    (Box::new(timer), (Space::Pio, 0x700, u64::from(TIMER_PORTS), Target::Local(index)))
-}
-
-/// COM1 (0x3f8, IRQ 4), the RTC (0x70, IRQ 8) and the i8042 (0x60/0x64,
-/// IRQ 1/12) as local models, their ranges as `Target::Local(first..)`.
-pub fn pc_devices(first: usize, target: &IrqTarget, reset: &Arc<AtomicBool>, console: Box<dyn ByteSink>) -> LocalSet {
-    let line = |gsi| LocalLine::new(gsi, target.clone());
+/// The PC devices `roles` as models in this process, at the PC's ports;
+/// their ranges point at `Target::Local(first..)` in the order of `roles`.
+pub fn pc_devices(roles: &[Role], first: usize, wiring: &LocalWiring) -> LocalSet {
     let now = std::time::Instant::now();
-    let devices: Vec<Box<dyn Device>> = vec![
-        Box::new(Uart16550::new(0x3f8, line(4), console, NoInput::new())),
-        Box::new(Cmos::new(0x70, line(8), WallClock::host(), now)),
-        Box::new(I8042::new(line(1), line(12), LocalReset(reset.clone()))),
-    ];
-    let ranges = vec![
-        (Space::Pio, 0x3f8, 8, Target::Local(first)),
-        (Space::Pio, 0x70, 2, Target::Local(first + 1)),
-        (Space::Pio, 0x60, 1, Target::Local(first + 2)),
-        (Space::Pio, 0x64, 1, Target::Local(first + 2)),
-    ];
+    let mut devices = Vec::new();
+    let mut ranges = Vec::new();
+    for (i, &role) in roles.iter().enumerate() {
+        let spec = DeviceSpec::at(i as u32, role.kind(), role.window().base, None);
+        devices.push(dmfabric_devices::fresh(&spec, wiring, now));
+        for p in role.vm_ranges() {
+            ranges.push((Space::Pio, u64::from(p.base), u64::from(p.len), Target::Local(first + i)));
+        }
+    }
     (devices, ranges)
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::Transport;
-use dmfabric_dm_workers::device::Device;
+use dmfabric_devices::Device;
 use hdrhistogram::Histogram;
 
 use crate::devmap::{DeviceMap, Target};

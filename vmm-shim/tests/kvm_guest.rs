@@ -14,9 +14,10 @@ use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_dataplane::Transport;
-use dmfabric_dm_workers::device::Device;
-use dmfabric_dm_workers::regfile::RegisterFile;
-use dmfabric_dm_workers::server::{DeviceSpec, Server, ServerStats, IRQ_TEST_LINE, IRQ_TEST_PIO};
+use dmfabric_devices::platform::pc;
+use dmfabric_devices::regfile::RegisterFile;
+use dmfabric_devices::{Device, DeviceState, Persist};
+use dmfabric_dm_workers::server::{Server, ServerStats};
 use dmfabric_vmm_shim::debugport::u64_at;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::exits::ExitStats;
@@ -83,7 +84,7 @@ fn a_guest_waiting_for_an_interrupt_that_never_comes_is_stopped_at_the_run_limit
     }
     // The irqtest port is unmapped: no interrupt will ever come and the
     // guest sits in `hlt` inside KVM_RUN.
-    let spec = VmSpec::test_guest(1, 1, IRQ_WAIT, vec![[1, IRQ_TEST_PIO.into(), 0]], &[], Vec::new()).unwrap();
+    let spec = VmSpec::test_guest(1, 1, IRQ_WAIT, vec![[1, u64::from(pc::IRQ_TEST.base), 0]], &[], Vec::new()).unwrap();
     let stop = AtomicBool::new(false);
     let opts = RunOptions { timeout: Duration::from_millis(300), ..RunOptions::default() };
     let start = Instant::now();
@@ -111,11 +112,7 @@ fn start_server(net: &TestNet) -> (Arc<AtomicBool>, std::thread::JoinHandle<Resu
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = net.spawn_in(1, "server", move || {
         let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
-        let devices = [
-            DeviceSpec::test_device(),
-            DeviceSpec::irq_test(101, IRQ_TEST_PIO, IRQ_TEST_LINE),
-            DeviceSpec::irq_test(102, IRQ_TEST_PIO, IRQ_TEST_LINE),
-        ];
+        let devices = [pc::test_device(1), pc::irq_test_device(0), pc::irq_test_device(1)];
         let mut s = Server::new(1, t.mac(), &devices);
         ready_tx.send(()).unwrap();
         let cfg = PollConfig { spin: 10_000, wait: Duration::from_millis(1), ..PollConfig::default() };
@@ -207,10 +204,10 @@ fn interrupts_from_remote_device_models_reach_only_their_own_vm() {
     const N: u64 = 40;
     let irq_vm = |id: u32, device: u32, mode: u64| {
         let ranges = [
-            (Space::Pio, u64::from(IRQ_TEST_PIO), 8, Target::Remote { server: 1, device }),
+            (Space::Pio, u64::from(pc::IRQ_TEST.base), 8, Target::Remote { server: 1, device }),
             (Space::Pio, PORT, 0x100, Target::Remote { server: 1, device: 1 }),
         ];
-        VmSpec::test_guest(id, 1, IRQ_WAIT, vec![[N, u64::from(IRQ_TEST_PIO), mode]], &ranges, Vec::new()).unwrap()
+        VmSpec::test_guest(id, 1, IRQ_WAIT, vec![[N, u64::from(pc::IRQ_TEST.base), mode]], &ranges, Vec::new()).unwrap()
     };
     // VM 1: edge interrupts from device 101; VM 2: level from device 102;
     // VM 3 runs io_loop on the test device and must see no interrupt.
@@ -245,8 +242,9 @@ fn interrupts_survive_lost_and_duplicated_frames() {
     let net = TestNet::pair().unwrap();
     let (stop, server) = start_server(&net);
     const N: u64 = 60;
-    let ranges = [(Space::Pio, u64::from(IRQ_TEST_PIO), 8, Target::Remote { server: 1, device: 102 })];
-    let spec = VmSpec::test_guest(2, 1, IRQ_WAIT, vec![[N, u64::from(IRQ_TEST_PIO), 1]], &ranges, Vec::new()).unwrap();
+    let ranges = [(Space::Pio, u64::from(pc::IRQ_TEST.base), 8, Target::Remote { server: 1, device: 102 })];
+    let spec =
+        VmSpec::test_guest(2, 1, IRQ_WAIT, vec![[N, u64::from(pc::IRQ_TEST.base), 1]], &ranges, Vec::new()).unwrap();
     let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.0, seed: 11 };
     let retry = Retry { timeout: Duration::from_millis(5), retries: 20 };
     let (report, injected) = run_remote(&net, &[spec], Some(faults), retry);
@@ -336,9 +334,9 @@ fn a_guest_saved_mid_run_finishes_in_a_new_vm_with_the_right_checksum() {
     assert!(bytes.len() < 256 << 10, "zero pages stay behind: {} bytes", bytes.len());
     // The local register file goes along by hand (local models are the client's own).
     let saved = specs[0].local[0].lock().unwrap().save();
-    let state: dmfabric_dm_workers::regfile::RegisterFileState = serde_json::from_value(saved).unwrap();
+    let DeviceState::RegFile(state) = saved else { panic!("not a register file's state: {saved:?}") };
     let moved: Box<dyn Device> =
-        Box::new(RegisterFile::from_state(Some((PORT as u16, 0x100)), Some((MMIO, 0x1000)), &state));
+        Box::new(RegisterFile::restore((Some((PORT as u16, 0x100)), Some((MMIO, 0x1000))), state).unwrap());
     let mut spec = io_loop_vm(1, 2, iterations, PORT, false);
     spec.local = vec![std::sync::Mutex::new(moved)];
     spec.restore = Some(snap);

@@ -24,9 +24,10 @@ use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_dataplane::Transport;
+use dmfabric_devices::platform::pc::{PcLayout, Role};
+use dmfabric_devices::ByteSink;
 use dmfabric_dm_workers::console;
-use dmfabric_dm_workers::server::{DeviceEnv, DeviceSpec, Server};
-use dmfabric_dm_workers::uart::ByteSink;
+use dmfabric_dm_workers::server::{DeviceEnv, Server};
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
 use dmfabric_vmm_shim::local;
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -78,7 +79,7 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = net.spawn_in(1, "server", move || {
         let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
-        let devices = DeviceSpec::pc_devices(VM, 1001);
+        let devices = PcLayout::new(VM).unwrap().specs();
         let env = DeviceEnv::new(&devices);
         let consoles = env.consoles.clone();
         let mut s = Server::with_env(1, t.mac(), &devices, env);
@@ -95,7 +96,8 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
         s.stats()
     });
     ready_rx.recv_timeout(Duration::from_secs(10)).expect("server ready");
-    let ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, 1001, false);
+    let pc = PcLayout::new(VM).unwrap();
+    let ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, &pc, &[Role::Com1, Role::Rtc, Role::I8042]);
     let spec = VmSpec::linux(VM, 1, MEM, image, &ranges, vec![]).unwrap();
     let report = net
         .with_host(0, || {
@@ -120,12 +122,11 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
 
 fn boot_local(image: LinuxImage) -> (RunReport, String) {
     let out = Collect::default();
-    let target = local::IrqTarget::default();
-    let reset = Arc::new(AtomicBool::new(false));
-    let (devices, ranges) = local::pc_devices(0, &target, &reset, Box::new(out.clone()));
+    let wiring = local::LocalWiring::new(Default::default(), Default::default(), Box::new(out.clone()));
+    let (devices, ranges) = local::pc_devices(&[Role::Com1, Role::Rtc, Role::I8042], 0, &wiring);
     let mut spec = VmSpec::linux(VM, 1, MEM, image, &ranges, devices).unwrap();
-    spec.irq_target = target;
-    spec.reset = reset;
+    spec.irq_target = wiring.target.clone();
+    spec.reset = wiring.reset.clone();
     let opts = RunOptions { timeout: BOOT_LIMIT, ..RunOptions::default() };
     let report = machine::run::<XdpTransport>(&[spec], None, &opts, &AtomicBool::new(false)).expect("VM runs").0;
     let log = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();

@@ -12,8 +12,9 @@ use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_dataplane::Transport;
+use dmfabric_devices::platform::pc::PcLayout;
 use dmfabric_dm_workers::console;
-use dmfabric_dm_workers::server::{DeviceEnv, DeviceSpec, Server, ServerStats};
+use dmfabric_dm_workers::server::{DeviceEnv, Server, ServerStats};
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{KBD_RESET, TIMER_COUNT, UART_HELLO, UART_HELLO_TEXT};
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -21,11 +22,12 @@ use dmfabric_vmm_shim::remote::ClientConfig;
 use dmfabric_wire::Space;
 
 const VM: u32 = 1;
-const UART: u32 = 11;
-const KBC: u32 = 13;
-const TIMER: u32 = 14;
+// As `PcLayout::new(VM)` numbers them.
+const UART: u32 = 1001;
+const KBC: u32 = 1003;
+const TIMER: u32 = 1004;
 
-/// A server thread in host 1 with the PC devices of VM 1 (ids 11..14) and
+/// A server thread in host 1 with the PC devices of VM 1 (ids 1001..1004) and
 /// their console service writing to `dir`.
 struct PcServer {
     stop: Arc<AtomicBool>,
@@ -41,7 +43,7 @@ impl PcServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = net.spawn_in(1, "server", move || {
             let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
-            let devices = DeviceSpec::pc_devices(VM, UART);
+            let devices = PcLayout::new(VM).unwrap().specs();
             let env = DeviceEnv::new(&devices);
             let consoles = env.consoles.clone();
             let mut s = Server::with_env(1, t.mac(), &devices, env);

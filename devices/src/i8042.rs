@@ -27,11 +27,11 @@ use std::collections::VecDeque;
 
 use dmfabric_wire::{AccessSize, Space};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceState, Persist, RestoreError};
 use crate::irq::IrqLine;
 
-pub const DATA_PORT: u64 = 0x60;
-pub const COMMAND_PORT: u64 = 0x64;
+const DATA_PORT: u64 = crate::platform::pc::I8042_DATA as u64;
+const COMMAND_PORT: u64 = crate::platform::pc::I8042_COMMAND as u64;
 
 const ST_OBF: u8 = 0x01;
 const ST_SYS: u8 = 0x04;
@@ -45,6 +45,9 @@ const CB_SYS: u8 = 0x04;
 const CB_KBD_OFF: u8 = 0x10;
 const CB_AUX_OFF: u8 = 0x20;
 
+/// Output bytes the controller keeps waiting for the guest to read.
+pub const OUT_QUEUE: usize = 16;
+
 /// Output-port bit 0: the CPU runs while it is 1.
 const OUT_RESET: u8 = 0x01;
 
@@ -54,6 +57,12 @@ pub trait ResetSink: Send {
 }
 
 /// Counts reset requests (tests).
+impl ResetSink for Box<dyn ResetSink> {
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+}
+
 impl ResetSink for u64 {
     fn reset(&mut self) {
         *self += 1;
@@ -112,17 +121,13 @@ pub struct I8042<L, R> {
 
 impl<L: IrqLine, R: ResetSink> I8042<L, R> {
     pub fn new(kbd_irq: L, aux_irq: L, reset: R) -> Self {
-        Self::from_state(I8042State::default(), kbd_irq, aux_irq, reset)
+        Self::with_state(I8042State::default(), kbd_irq, aux_irq, reset)
     }
 
-    pub fn from_state(state: I8042State, kbd_irq: L, aux_irq: L, reset: R) -> Self {
+    fn with_state(state: I8042State, kbd_irq: L, aux_irq: L, reset: R) -> Self {
         let mut c = I8042 { state, kbd_irq, aux_irq, reset };
         c.update_irq();
         c
-    }
-
-    pub fn state(&self) -> I8042State {
-        self.state.clone()
     }
 
     pub fn lines(&self) -> (&L, &L) {
@@ -133,8 +138,12 @@ impl<L: IrqLine, R: ResetSink> I8042<L, R> {
         &self.reset
     }
 
+    /// Queue an output byte; a guest that never reads loses the newest
+    /// (the hardware has one byte of buffer; a few are kept for replies).
     fn push(&mut self, byte: u8, aux: bool) {
-        self.state.out.push_back(OutByte { byte, aux });
+        if self.state.out.len() < OUT_QUEUE {
+            self.state.out.push_back(OutByte { byte, aux });
+        }
     }
 
     fn status(&self) -> u8 {
@@ -246,13 +255,40 @@ impl<L: IrqLine, R: ResetSink> I8042<L, R> {
     }
 }
 
+impl<L: IrqLine, R: ResetSink> Persist for I8042<L, R> {
+    type State = I8042State;
+    /// The keyboard and aux lines and the reset line.
+    type ConstructorArgs = (L, L, R);
+
+    fn save(&self) -> I8042State {
+        self.state.clone()
+    }
+
+    fn restore((kbd_irq, aux_irq, reset): Self::ConstructorArgs, state: I8042State) -> Result<Self, RestoreError> {
+        let invalid = |what: String| Err(RestoreError::invalid("i8042", what));
+        if state.out.len() > OUT_QUEUE {
+            return invalid(format!("{} output bytes waiting, at most {OUT_QUEUE}", state.out.len()));
+        }
+        if !(1..=3).contains(&state.scan_set) {
+            return invalid(format!("scan code set {}", state.scan_set));
+        }
+        if state.pending_controller.is_some_and(|c| !matches!(c, 0x60..=0x7f | 0xd1..=0xd4)) {
+            return invalid(format!("controller command {:#x?} takes no data byte", state.pending_controller));
+        }
+        if state.pending_keyboard.is_some_and(|c| !matches!(c, 0xed | 0xf0 | 0xf3)) {
+            return invalid(format!("keyboard command {:#x?} takes no data byte", state.pending_keyboard));
+        }
+        Ok(Self::with_state(state, kbd_irq, aux_irq, reset))
+    }
+}
+
 impl<L: IrqLine, R: ResetSink> Device for I8042<L, R> {
     fn kind(&self) -> &'static str {
         "i8042"
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).expect("model states serialise")
+    fn save(&self) -> DeviceState {
+        DeviceState::I8042(Persist::save(self))
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
@@ -405,8 +441,23 @@ mod tests {
         assert_eq!(c.read(Space::Pio, DATA_PORT, AccessSize::B2), None);
         assert!(!c.write(Space::Mmio, DATA_PORT, AccessSize::B1, 0));
         command(&mut c, 0xaa);
-        let mut d = I8042::from_state(c.state(), CountingLine::default(), CountingLine::default(), 0u64);
+        let saved = Persist::save(&c);
+        let mut d = I8042::restore((CountingLine::default(), CountingLine::default(), 0u64), saved.clone()).unwrap();
         assert!(d.lines().0.level, "restored with a byte waiting: IRQ 1 up");
         assert_eq!(data(&mut d), 0x55);
+        let bad = |s: I8042State| I8042::restore((CountingLine::default(), CountingLine::default(), 0u64), s).is_err();
+        assert!(bad(I8042State { scan_set: 9, ..saved.clone() }));
+        assert!(bad(I8042State { pending_controller: Some(0xaa), ..saved.clone() }));
+        assert!(bad(I8042State { out: (0..100).map(|byte| OutByte { byte, aux: false }).collect(), ..saved }));
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_cannot_grow_the_output_queue() {
+        let mut c = kbc();
+        for _ in 0..1000 {
+            command(&mut c, 0xd2);
+            send(&mut c, 0x42);
+        }
+        assert_eq!(Persist::save(&c).out.len(), OUT_QUEUE);
     }
 }

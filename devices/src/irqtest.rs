@@ -13,7 +13,7 @@
 
 use dmfabric_wire::{AccessSize, Space};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceState, Persist, RestoreError};
 use crate::irq::IrqLine;
 
 /// Ports the device takes.
@@ -38,14 +38,6 @@ impl<L: IrqLine> IrqTester<L> {
         IrqTester { base, line, state: IrqTesterState::default() }
     }
 
-    pub fn state(&self) -> IrqTesterState {
-        self.state
-    }
-
-    pub fn from_state(base: u16, line: L, state: IrqTesterState) -> Self {
-        IrqTester { base, line, state }
-    }
-
     pub fn line(&self) -> &L {
         &self.line
     }
@@ -56,13 +48,29 @@ impl<L: IrqLine> IrqTester<L> {
     }
 }
 
+impl<L: IrqLine> Persist for IrqTester<L> {
+    type State = IrqTesterState;
+    /// The base port and the line.
+    type ConstructorArgs = (u16, L);
+
+    fn save(&self) -> IrqTesterState {
+        self.state
+    }
+
+    /// Any state is valid; the line is driven to the saved level.
+    fn restore((base, mut line): (u16, L), state: IrqTesterState) -> Result<Self, RestoreError> {
+        line.set_level(state.level);
+        Ok(IrqTester { base, line, state })
+    }
+}
+
 impl<L: IrqLine> Device for IrqTester<L> {
     fn kind(&self) -> &'static str {
         "irqtest"
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).expect("model states serialise")
+    fn save(&self) -> DeviceState {
+        DeviceState::IrqTest(Persist::save(self))
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {

@@ -4,7 +4,7 @@
 
 use dmfabric_wire::{AccessSize, Space};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceState, Persist, RestoreError};
 
 /// An address window `[base, base + len)` with its bytes.
 #[derive(Debug, Clone)]
@@ -43,24 +43,6 @@ impl RegisterFile {
         }
     }
 
-    pub fn state(&self) -> RegisterFileState {
-        let bytes = |w: &Option<Window>| w.as_ref().map_or_else(Vec::new, |w| w.bytes.clone());
-        RegisterFileState { pio: bytes(&self.pio), mmio: bytes(&self.mmio) }
-    }
-
-    /// A device with the windows of [`RegisterFile::new`] holding `state`'s
-    /// bytes (as many as fit; the rest zero).
-    pub fn from_state(pio: Option<(u16, u16)>, mmio: Option<(u64, u32)>, state: &RegisterFileState) -> Self {
-        let mut d = RegisterFile::new(pio, mmio);
-        for (w, saved) in [(&mut d.pio, &state.pio), (&mut d.mmio, &state.mmio)] {
-            if let Some(w) = w {
-                let n = w.bytes.len().min(saved.len());
-                w.bytes[..n].copy_from_slice(&saved[..n]);
-            }
-        }
-        d
-    }
-
     fn window(&mut self, space: Space) -> Option<&mut Window> {
         match space {
             Space::Pio => self.pio.as_mut(),
@@ -69,13 +51,41 @@ impl RegisterFile {
     }
 }
 
+impl Persist for RegisterFile {
+    type State = RegisterFileState;
+    /// The port and MMIO windows, as for [`RegisterFile::new`].
+    type ConstructorArgs = (Option<(u16, u16)>, Option<(u64, u32)>);
+
+    fn save(&self) -> RegisterFileState {
+        let bytes = |w: &Option<Window>| w.as_ref().map_or_else(Vec::new, |w| w.bytes.clone());
+        RegisterFileState { pio: bytes(&self.pio), mmio: bytes(&self.mmio) }
+    }
+
+    /// The windows hold the saved bytes; a window longer than its state is
+    /// zero past it, a state longer than its window is refused.
+    fn restore((pio, mmio): Self::ConstructorArgs, state: RegisterFileState) -> Result<Self, RestoreError> {
+        let mut d = RegisterFile::new(pio, mmio);
+        for (name, w, saved) in [("port", &mut d.pio, &state.pio), ("MMIO", &mut d.mmio, &state.mmio)] {
+            let room = w.as_ref().map_or(0, |w| w.bytes.len());
+            if saved.len() > room {
+                let what = format!("{} {name} bytes for a window of {room}", saved.len());
+                return Err(RestoreError::invalid("regfile", what));
+            }
+            if let Some(w) = w {
+                w.bytes[..saved.len()].copy_from_slice(saved);
+            }
+        }
+        Ok(d)
+    }
+}
+
 impl Device for RegisterFile {
     fn kind(&self) -> &'static str {
         "regfile"
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).expect("model states serialise")
+    fn save(&self) -> DeviceState {
+        DeviceState::RegFile(Persist::save(self))
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
@@ -113,6 +123,17 @@ mod tests {
         assert!(d.write(Space::Mmio, 0xd000_0ff8, AccessSize::B8, u64::MAX - 1));
         assert_eq!(d.read(Space::Mmio, 0xd000_0ff8, AccessSize::B8), Some(u64::MAX - 1));
         assert_eq!(d.read(Space::Mmio, 0xd000_0ffc, AccessSize::B2), Some(0xffff));
+    }
+
+    #[test]
+    fn a_state_too_big_for_its_windows_is_refused() {
+        let mut d = RegisterFile::new(Some((0x500, 16)), None);
+        d.write(Space::Pio, 0x502, AccessSize::B1, 7);
+        let saved = Persist::save(&d);
+        let back = RegisterFile::restore((Some((0x500, 32)), None), saved.clone()).unwrap();
+        assert_eq!(back.clone().read(Space::Pio, 0x502, AccessSize::B1), Some(7));
+        assert!(RegisterFile::restore((Some((0x500, 8)), None), saved.clone()).is_err());
+        assert!(RegisterFile::restore((None, None), saved).is_err());
     }
 
     #[test]

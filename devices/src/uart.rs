@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use dmfabric_wire::{AccessSize, Space};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceState, Persist, RestoreError};
 use crate::irq::IrqLine;
 
 /// Ports the UART takes.
@@ -64,6 +64,10 @@ const LSR_BI: u8 = 0x10;
 const LSR_THRE: u8 = 0x20;
 const LSR_TEMT: u8 = 0x40;
 const LSR_ERRORS: u8 = LSR_OE | LSR_PE | LSR_FE | LSR_BI;
+/// Bit 7 in FIFO mode: "at least one parity error, framing error or break
+/// indication in the FIFO" (PC16550D). An overrun alone leaves it clear.
+const LSR_FIFO_ERROR: u8 = 0x80;
+const LSR_FIFO_ERRORS: u8 = LSR_PE | LSR_FE | LSR_BI;
 
 const MSR_DCTS: u8 = 0x01;
 const MSR_DDSR: u8 = 0x02;
@@ -79,6 +83,12 @@ const MSR_CONNECTED: u8 = MSR_CTS | MSR_DSR | MSR_DCD;
 /// Where transmitted bytes go (the server's console).
 pub trait ByteSink: Send {
     fn put(&mut self, byte: u8);
+}
+
+impl ByteSource for Box<dyn ByteSource> {
+    fn take(&mut self, max: usize, into: &mut dyn FnMut(u8)) {
+        (**self).take(max, into)
+    }
 }
 
 impl ByteSink for Box<dyn ByteSink> {
@@ -168,17 +178,14 @@ pub struct Uart16550<L, O, I> {
 
 impl<L: IrqLine, O: ByteSink, I: ByteSource> Uart16550<L, O, I> {
     pub fn new(base: u16, line: L, out: O, input: I) -> Self {
-        Self::from_state(base, UartState::default(), line, out, input)
+        Self::with_state(base, UartState::default(), line, out, input)
     }
 
-    pub fn from_state(base: u16, state: UartState, line: L, out: O, input: I) -> Self {
+    /// A UART in a state already checked.
+    fn with_state(base: u16, state: UartState, line: L, out: O, input: I) -> Self {
         let mut u = Uart16550 { base, state, line, out, input, rx_activity: None, now: None, overruns: 0 };
         u.update_irq();
         u
-    }
-
-    pub fn state(&self) -> UartState {
-        self.state.clone()
     }
 
     pub fn line(&self) -> &L {
@@ -351,8 +358,8 @@ impl<L: IrqLine, O: ByteSink, I: ByteSource> Uart16550<L, O, I> {
             3 => self.state.lcr,
             4 => self.state.mcr,
             5 => {
-                let lsr =
-                    self.state.lsr | if self.state.lsr & LSR_ERRORS != 0 && self.fifo_enabled() { 0x80 } else { 0 };
+                let fifo_error = self.state.lsr & LSR_FIFO_ERRORS != 0 && self.fifo_enabled();
+                let lsr = self.state.lsr | if fifo_error { LSR_FIFO_ERROR } else { 0 };
                 self.state.lsr &= !LSR_ERRORS;
                 lsr
             }
@@ -416,13 +423,40 @@ impl<L: IrqLine, O: ByteSink, I: ByteSource> Uart16550<L, O, I> {
     }
 }
 
+impl<L: IrqLine, O: ByteSink, I: ByteSource> Persist for Uart16550<L, O, I> {
+    type State = UartState;
+    /// The base port, the line, where output goes and input comes from.
+    type ConstructorArgs = (u16, L, O, I);
+
+    fn save(&self) -> UartState {
+        self.state.clone()
+    }
+
+    fn restore((base, line, out, input): Self::ConstructorArgs, state: UartState) -> Result<Self, RestoreError> {
+        let invalid = |what: String| Err(RestoreError::invalid("uart", what));
+        if state.rx.len() > RX_FIFO {
+            return invalid(format!("{} bytes in a {RX_FIFO}-byte receive FIFO", state.rx.len()));
+        }
+        if state.fcr & FCR_ENABLE == 0 && state.rx.len() > 1 {
+            return invalid(format!("{} bytes received with the FIFO off", state.rx.len()));
+        }
+        if state.ier & 0xf0 != 0 || state.mcr & 0xe0 != 0 || state.fcr & !0xc1 != 0 {
+            return invalid(format!(
+                "IER {:#x}, MCR {:#x} or FCR {:#x} has bits no register keeps",
+                state.ier, state.mcr, state.fcr
+            ));
+        }
+        Ok(Self::with_state(base, state, line, out, input))
+    }
+}
+
 impl<L: IrqLine, O: ByteSink, I: ByteSource> Device for Uart16550<L, O, I> {
     fn kind(&self) -> &'static str {
         "uart16550"
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).expect("model states serialise")
+    fn save(&self) -> DeviceState {
+        DeviceState::Uart(Persist::save(self))
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
@@ -607,15 +641,40 @@ mod tests {
     }
 
     #[test]
+    fn an_overrun_alone_leaves_lsr_bit_7_clear_in_fifo_mode() {
+        let mut u = uart();
+        wr(&mut u, 2, 0x01); // FIFO on
+        wr(&mut u, 4, MCR_LOOP);
+        for b in 0..=RX_FIFO as u8 {
+            wr(&mut u, 0, b); // the 17th byte overruns the 16-byte FIFO
+        }
+        let lsr = rd(&mut u, 5);
+        assert_eq!(lsr & LSR_OE, LSR_OE, "overrun");
+        assert_eq!(lsr & 0x80, 0, "no parity, framing or break error in the FIFO: bit 7 clear");
+    }
+
+    #[test]
+    fn bad_states_are_refused() {
+        let restore =
+            |s: UartState| Uart16550::restore((0x3f8, CountingLine::default(), Vec::new(), VecDeque::new()), s);
+        let fifo = UartState { fcr: FCR_ENABLE, ..UartState::default() };
+        assert!(restore(UartState { rx: (0..16).collect(), ..fifo.clone() }).is_ok());
+        assert!(restore(UartState { rx: (0..17).collect(), ..fifo.clone() }).is_err(), "more than the FIFO holds");
+        assert!(restore(UartState { rx: (0..2).collect(), ..UartState::default() }).is_err(), "FIFO off: one byte");
+        assert!(restore(UartState { ier: 0xff, ..UartState::default() }).is_err());
+    }
+
+    #[test]
     fn state_round_trips() {
         let mut u = uart();
         wr(&mut u, 3, 0x03);
         wr(&mut u, 7, 9);
         wr(&mut u, 4, MCR_LOOP);
         wr(&mut u, 0, 7);
-        let s = u.state();
-        let mut v = Uart16550::from_state(0x3f8, s.clone(), CountingLine::default(), Vec::new(), VecDeque::new());
-        assert_eq!(v.state(), s);
+        let s = Persist::save(&u);
+        let mut v =
+            Uart16550::restore((0x3f8, CountingLine::default(), Vec::new(), VecDeque::new()), s.clone()).unwrap();
+        assert_eq!(Persist::save(&v), s);
         assert_eq!((rd(&mut v, 7), rd(&mut v, 0)), (9, 7));
     }
 }

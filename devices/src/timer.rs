@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use dmfabric_wire::{AccessSize, Space};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceState, Persist, RestoreError};
 use crate::irq::IrqLine;
 
 /// Ports the timer takes.
@@ -58,29 +58,6 @@ pub struct EventTimer<L> {
 impl<L: IrqLine> EventTimer<L> {
     pub fn new(base: u16, line: L, now: Instant) -> Self {
         EventTimer { base, ctrl: 0, period_us: 0, status: 0, count: 0, due: None, created: now, now, line }
-    }
-
-    pub fn from_state(base: u16, s: TimerState, line: L, now: Instant) -> Self {
-        let mut t = EventTimer::new(base, line, now);
-        t.ctrl = s.ctrl;
-        t.period_us = s.period_us;
-        t.status = s.status;
-        t.count = s.count;
-        t.due = s.remaining_us.map(|us| now + Duration::from_micros(us));
-        if s.ctrl & CTRL_LEVEL != 0 {
-            t.line.set_level(s.status & 1 != 0);
-        }
-        t
-    }
-
-    pub fn state(&self) -> TimerState {
-        TimerState {
-            ctrl: self.ctrl,
-            period_us: self.period_us,
-            status: self.status,
-            count: self.count,
-            remaining_us: self.due.map(|d| d.saturating_duration_since(self.now).as_micros() as u64),
-        }
     }
 
     pub fn line(&self) -> &L {
@@ -130,13 +107,53 @@ impl<L: IrqLine> EventTimer<L> {
     }
 }
 
+impl<L: IrqLine> Persist for EventTimer<L> {
+    type State = TimerState;
+    /// The base port, the line, and the time the state is restored at.
+    type ConstructorArgs = (u16, L, Instant);
+
+    fn save(&self) -> TimerState {
+        TimerState {
+            ctrl: self.ctrl,
+            period_us: self.period_us,
+            status: self.status,
+            count: self.count,
+            remaining_us: self.due.map(|d| d.saturating_duration_since(self.now).as_micros() as u64),
+        }
+    }
+
+    fn restore((base, line, now): Self::ConstructorArgs, s: TimerState) -> Result<Self, RestoreError> {
+        let invalid = |what: String| Err(RestoreError::invalid("timer", what));
+        if s.ctrl & !(CTRL_ENABLE | CTRL_PERIODIC | CTRL_LEVEL) != 0 {
+            return invalid(format!("CTRL {:#x} has undefined bits", s.ctrl));
+        }
+        if s.status > 1 {
+            return invalid(format!("STATUS {:#x} has undefined bits", s.status));
+        }
+        // A countdown is at most one period: PERIOD_US is 32 bits.
+        if s.remaining_us.is_some_and(|us| us > u64::from(u32::MAX)) {
+            return invalid(format!("a countdown of {:?} µs is longer than any period", s.remaining_us));
+        }
+        let mut t = EventTimer::new(base, line, now);
+        t.ctrl = s.ctrl;
+        t.period_us = s.period_us;
+        t.status = s.status;
+        t.count = s.count;
+        t.due = s.remaining_us.map(|us| now + Duration::from_micros(us));
+        if s.ctrl & CTRL_LEVEL != 0 {
+            t.line.set_level(s.status & 1 != 0);
+        }
+        Ok(t)
+    }
+}
+
 impl<L: IrqLine> Device for EventTimer<L> {
     fn kind(&self) -> &'static str {
         "event-timer"
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).expect("model states serialise")
+    fn save(&self) -> DeviceState {
+        DeviceState::Timer(Persist::save(self))
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
@@ -271,10 +288,24 @@ mod tests {
         w(&mut t, 4, 1000);
         w(&mut t, 0, CTRL_ENABLE | CTRL_PERIODIC);
         t.tick(t0 + Duration::from_micros(400));
-        let s = t.state();
+        let s = Persist::save(&t);
         assert_eq!(s.remaining_us, Some(600));
         let t1 = t0 + Duration::from_secs(7);
-        let mut u = EventTimer::from_state(0x700, s, CountingLine::default(), t1);
+        let mut u = EventTimer::restore((0x700, CountingLine::default(), t1), s).unwrap();
         assert_eq!(u.tick(t1), Some(t1 + Duration::from_micros(600)));
+    }
+
+    #[test]
+    fn bad_states_are_refused_not_run() {
+        let t0 = Instant::now();
+        let good = TimerState { ctrl: CTRL_ENABLE, period_us: 10, remaining_us: Some(10), ..TimerState::default() };
+        assert!(EventTimer::restore((0x700, CountingLine::default(), t0), good).is_ok());
+        for bad in [
+            TimerState { remaining_us: Some(u64::MAX), ..good },
+            TimerState { ctrl: 0x80, ..good },
+            TimerState { status: 2, ..good },
+        ] {
+            assert!(EventTimer::restore((0x700, CountingLine::default(), t0), bad).is_err(), "{bad:?}");
+        }
     }
 }

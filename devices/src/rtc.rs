@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dmfabric_wire::{AccessSize, Space};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceState, Persist, RestoreError};
 use crate::irq::IrqLine;
 
 const REG_SEC: usize = 0x00;
@@ -162,10 +162,11 @@ fn periodic(rs: u8) -> Option<Duration> {
 
 impl<L: IrqLine> Cmos<L> {
     pub fn new(base: u16, line: L, clock: WallClock, now: Instant) -> Self {
-        Self::from_state(base, RtcState::default(), line, clock, now)
+        Self::with_state(base, RtcState::default(), line, clock, now)
     }
 
-    pub fn from_state(base: u16, state: RtcState, line: L, clock: WallClock, now: Instant) -> Self {
+    /// An RTC in a state already checked: 128 bytes, an index below 128.
+    fn with_state(base: u16, state: RtcState, line: L, clock: WallClock, now: Instant) -> Self {
         let mut c = Cmos { base, state, line, clock, now, last_second: None, next_periodic: None };
         c.latch();
         c.schedule_periodic();
@@ -173,8 +174,9 @@ impl<L: IrqLine> Cmos<L> {
         c
     }
 
-    pub fn state(&self) -> RtcState {
-        self.state.clone()
+    /// The state as [`Persist::save`] gives it (the index and NMI bit, say).
+    pub fn state(&self) -> &RtcState {
+        &self.state
     }
 
     pub fn line(&self) -> &L {
@@ -376,13 +378,42 @@ impl<L: IrqLine> Cmos<L> {
     }
 }
 
+/// Bytes of CMOS: time, registers A–D, NVRAM.
+pub const CMOS_BYTES: usize = 128;
+/// Largest guest-time offset a saved state may carry (about 3,000 years).
+const MAX_OFFSET_NS: i128 = 100_000_000_000_000_000_000;
+
+impl<L: IrqLine> Persist for Cmos<L> {
+    type State = RtcState;
+    /// The base port, the line, the wall clock and the time the state is restored at.
+    type ConstructorArgs = (u16, L, WallClock, Instant);
+
+    fn save(&self) -> RtcState {
+        self.state.clone()
+    }
+
+    fn restore((base, line, clock, now): Self::ConstructorArgs, state: RtcState) -> Result<Self, RestoreError> {
+        let invalid = |what: String| Err(RestoreError::invalid("rtc", what));
+        if state.cmos.len() != CMOS_BYTES {
+            return invalid(format!("{} bytes of CMOS, not {CMOS_BYTES}", state.cmos.len()));
+        }
+        if usize::from(state.index) >= CMOS_BYTES {
+            return invalid(format!("index {:#x} is past the CMOS", state.index));
+        }
+        if !(-MAX_OFFSET_NS..=MAX_OFFSET_NS).contains(&state.offset_ns) {
+            return invalid(format!("a guest clock {} ns away from the host's", state.offset_ns));
+        }
+        Ok(Self::with_state(base, state, line, clock, now))
+    }
+}
+
 impl<L: IrqLine> Device for Cmos<L> {
     fn kind(&self) -> &'static str {
         "cmos-rtc"
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::to_value(self.state()).expect("model states serialise")
+    fn save(&self) -> DeviceState {
+        DeviceState::Rtc(Persist::save(self))
     }
 
     fn read(&mut self, space: Space, addr: u64, size: AccessSize) -> Option<u64> {
@@ -540,8 +571,23 @@ mod tests {
         set(&mut c, 0x8e, 0x11); // bit 7 of the index is NMI disable
         assert!(c.state().nmi_disabled);
         assert_eq!(get(&mut c, t0, 0x0e), 0x11);
-        let mut d = Cmos::from_state(0x70, c.state(), CountingLine::default(), WallClock::fixed(t0, T), t0);
+        let args = || (0x70, CountingLine::default(), WallClock::fixed(t0, T), t0);
+        let mut d = Cmos::restore(args(), Persist::save(&c)).unwrap();
         assert_eq!(get(&mut d, t0, 0x40), 0xab);
         assert_eq!(c.read(Space::Pio, 0x71, AccessSize::B2), None, "a 16-bit access is not a register");
+    }
+
+    #[test]
+    fn a_short_cmos_or_a_wild_index_is_refused_not_indexed() {
+        let t0 = Instant::now();
+        let args = || (0x70, CountingLine::default(), WallClock::fixed(t0, T), t0);
+        for bad in [
+            RtcState { cmos: vec![0; 10], ..RtcState::default() },
+            RtcState { cmos: vec![0; 4096], ..RtcState::default() },
+            RtcState { index: 0xff, ..RtcState::default() },
+            RtcState { offset_ns: i128::MAX, ..RtcState::default() },
+        ] {
+            assert!(Cmos::restore(args(), bad).is_err());
+        }
     }
 }

@@ -1,0 +1,145 @@
+//! Building a model from its description, wired to what its host gives it:
+//! the one place that knows which constructor each [`DeviceKind`] takes.
+
+use std::time::Instant;
+
+use crate::device::{Device, DeviceState, Persist, RestoreError};
+use crate::i8042::{ResetSink, I8042};
+use crate::irq::IrqLine;
+use crate::irqtest::IrqTester;
+use crate::kind::{DeviceKind, DeviceSpec};
+use crate::regfile::RegisterFile;
+use crate::rtc::{Cmos, WallClock};
+use crate::timer::EventTimer;
+use crate::uart::{ByteSink, ByteSource, Uart16550};
+
+/// What a host wires its models to. A server's lines queue Interrupt
+/// frames and its UARTs talk to its consoles; the client's shim wires
+/// models kept next to the VM to KVM's irqchip and a log file.
+pub trait Wiring {
+    type Line: IrqLine + 'static;
+
+    /// Interrupt line `gsi` of device `device`.
+    fn line(&self, device: u32, gsi: u32) -> Self::Line;
+    /// Where UART `device` of `vm` sends its output and takes its input from.
+    fn console(&self, vm: Option<u32>, device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>);
+    /// Where i8042 `device` asks for a reset of its VM.
+    fn reset(&self, device: u32) -> Box<dyn ResetSink>;
+    /// The wall clock RTCs read.
+    fn clock(&self) -> WallClock;
+}
+
+/// The state in `saved` if it is a `want`'s, or the model's fresh state.
+fn state_of<S: Default>(
+    saved: Option<DeviceState>,
+    want: &'static str,
+    take: fn(DeviceState) -> Result<S, DeviceState>,
+) -> Result<S, RestoreError> {
+    match saved.map(take) {
+        None => Ok(S::default()),
+        Some(Ok(s)) => Ok(s),
+        Some(Err(other)) => Err(RestoreError::WrongModel { expected: want, got: other.model() }),
+    }
+}
+
+/// The model `spec` describes, wired by `wiring`: fresh, or restored from
+/// `saved` (which [`Device::save`] gave where it ran before; checked).
+pub fn build<W: Wiring>(
+    spec: &DeviceSpec,
+    wiring: &W,
+    saved: Option<DeviceState>,
+    now: Instant,
+) -> Result<Box<dyn Device>, RestoreError> {
+    let line = |gsi: u32| wiring.line(spec.id, gsi);
+    let base = spec.base();
+    let name = spec.kind.name();
+    Ok(match spec.kind {
+        DeviceKind::RegFile => {
+            let state = state_of(saved, name, |s| if let DeviceState::RegFile(s) = s { Ok(s) } else { Err(s) })?;
+            Box::new(RegisterFile::restore((spec.pio, spec.mmio), state)?)
+        }
+        DeviceKind::IrqTest { line: n } => {
+            let state = state_of(saved, name, |s| if let DeviceState::IrqTest(s) = s { Ok(s) } else { Err(s) })?;
+            Box::new(IrqTester::restore((base, line(n)), state)?)
+        }
+        DeviceKind::Uart { line: n } => {
+            let state = state_of(saved, name, |s| if let DeviceState::Uart(s) = s { Ok(s) } else { Err(s) })?;
+            let (out, input) = wiring.console(spec.vm, spec.id);
+            Box::new(Uart16550::restore((base, line(n), out, input), state)?)
+        }
+        DeviceKind::Rtc { line: n } => {
+            let state = state_of(saved, name, |s| if let DeviceState::Rtc(s) = s { Ok(s) } else { Err(s) })?;
+            Box::new(Cmos::restore((base, line(n), wiring.clock(), now), state)?)
+        }
+        DeviceKind::I8042 { kbd_line, aux_line } => {
+            let state = state_of(saved, name, |s| if let DeviceState::I8042(s) = s { Ok(s) } else { Err(s) })?;
+            Box::new(I8042::restore((line(kbd_line), line(aux_line), wiring.reset(spec.id)), state)?)
+        }
+        DeviceKind::Timer { line: n } => {
+            let state = state_of(saved, name, |s| if let DeviceState::Timer(s) = s { Ok(s) } else { Err(s) })?;
+            Box::new(EventTimer::restore((base, line(n), now), state)?)
+        }
+    })
+}
+
+/// The model `spec` describes, fresh, wired by `wiring`.
+pub fn fresh<W: Wiring>(spec: &DeviceSpec, wiring: &W, now: Instant) -> Box<dyn Device> {
+    // Every model's default state passes its own checks (tested below), so
+    // this cannot fail on any input.
+    build(spec, wiring, None, now).unwrap_or_else(|e| unreachable!("a fresh {} is valid: {e}", spec.kind.name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::irq::CountingLine;
+    use crate::platform::pc::{self, PcLayout};
+    use dmfabric_wire::{AccessSize, Space};
+    use std::collections::VecDeque;
+
+    struct TestWiring;
+
+    impl Wiring for TestWiring {
+        type Line = CountingLine;
+        fn line(&self, _device: u32, _gsi: u32) -> CountingLine {
+            CountingLine::default()
+        }
+        fn console(&self, _vm: Option<u32>, _device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>) {
+            (Box::new(Vec::new()), Box::new(VecDeque::new()))
+        }
+        fn reset(&self, _device: u32) -> Box<dyn ResetSink> {
+            Box::new(0u64)
+        }
+        fn clock(&self) -> WallClock {
+            WallClock::host()
+        }
+    }
+
+    #[test]
+    fn every_model_saves_and_restores_through_one_builder() {
+        let now = Instant::now();
+        let mut specs = PcLayout::new(1).unwrap().specs();
+        specs.push(pc::test_device(1));
+        specs.push(pc::irq_test_device(0));
+        for spec in &specs {
+            let mut d = build(spec, &TestWiring, None, now).unwrap();
+            let port = u64::from(spec.base());
+            d.write(Space::Pio, port + 7, AccessSize::B1, 0x5a);
+            let saved = d.save();
+            assert_eq!(saved.model(), spec.kind.name());
+            let back = build(spec, &TestWiring, Some(saved.clone()), now).unwrap();
+            assert_eq!(back.save(), saved, "{}", spec.kind.name());
+        }
+    }
+
+    #[test]
+    fn a_state_of_another_model_is_refused() {
+        let now = Instant::now();
+        let uart = pc::Role::Com1;
+        let spec = DeviceSpec::at(1, uart.kind(), uart.window().base, None);
+        let timer =
+            build(&DeviceSpec::at(2, pc::Role::EventTimer.kind(), 0x700, None), &TestWiring, None, now).unwrap().save();
+        let err = build(&spec, &TestWiring, Some(timer), now).err().unwrap();
+        assert_eq!(err, RestoreError::WrongModel { expected: "uart", got: "timer" });
+    }
+}

@@ -1,0 +1,3 @@
+//! Platforms: where a kind of machine puts its devices.
+
+pub mod pc;
