@@ -15,6 +15,7 @@ use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{mem, Transport, TransportKind, TransportSpec};
 use dmfabric_devices::platform::pc::{self, PcLayout};
+use dmfabric_dm_workers::backend::Inline;
 use dmfabric_dm_workers::server::{Server, ServerStats};
 use dmfabric_wire::MacAddr;
 
@@ -135,7 +136,7 @@ where
             }
             let flag = server_stop.clone();
             let server = std::thread::spawn(move || -> Option<ServerStats> {
-                let started = (|| -> Result<(Box<dyn Transport>, Server), String> {
+                let started = (|| -> Result<(Box<dyn Transport>, Server<Inline>), String> {
                     netns::enter(&ns).map_err(|e| e.to_string())?;
                     if let Some(c) = core {
                         dmfabric_pinning::pin_current(c).map_err(|e| e.to_string())?;

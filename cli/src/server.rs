@@ -14,9 +14,13 @@ use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
 use dmfabric_devices::platform::pc::{self, PcLayout};
 use dmfabric_devices::{DeviceKind, DeviceSpec};
-use dmfabric_dm_workers::placed::Transit;
-use dmfabric_dm_workers::server::{DeviceEnv, Server, ServerStats};
-use dmfabric_dm_workers::sharded::{ShardStats, ShardedServer, WorkerIdle};
+use dmfabric_dm_workers::backend::{Backend, Inline, ShardStats};
+use dmfabric_dm_workers::console;
+use dmfabric_dm_workers::env::DeviceEnv;
+use dmfabric_dm_workers::placement::{PlacementLink, Planner};
+use dmfabric_dm_workers::server::{Server, ServerStats};
+use dmfabric_dm_workers::sharded::{Sharded, WorkerIdle};
+use dmfabric_dm_workers::table::Devices;
 use dmfabric_pinning::{Layout, LayoutSpec};
 use dmfabric_wire::MacAddr;
 
@@ -106,43 +110,21 @@ pub fn default_console_dir(id: u16) -> PathBuf {
     PathBuf::from(format!("/run/dmfabric/server-{id}"))
 }
 
-/// Either layout's handler, with periodic reporting.
-enum Served {
-    Rtc(Server),
-    Split(ShardedServer),
-}
-
-impl Served {
-    fn stats(&self) -> (ServerStats, Option<ShardStats>) {
-        match self {
-            Served::Rtc(s) => (s.stats(), None),
-            Served::Split(s) => {
-                let (a, b) = s.stats();
-                (a, Some(b))
-            }
-        }
-    }
-}
-
+/// The server in either layout (the backend runs the models inline or on
+/// worker shards), with periodic reporting.
 struct Reporting {
-    served: Served,
+    server: Server<Box<dyn Backend>>,
     every: Option<Duration>,
     next: Instant,
 }
 
 impl Handler for Reporting {
     fn on_frame(&mut self, frame: &[u8], tx: &mut FrameBatch, now: Instant) {
-        match &mut self.served {
-            Served::Rtc(s) => s.on_frame(frame, tx, now),
-            Served::Split(s) => s.on_frame(frame, tx, now),
-        }
+        self.server.on_frame(frame, tx, now);
     }
 
     fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
-        match &mut self.served {
-            Served::Rtc(s) => s.on_poll(tx, now),
-            Served::Split(s) => s.on_poll(tx, now),
-        }
+        self.server.on_poll(tx, now);
         use std::sync::atomic::Ordering::Relaxed;
         // SIGUSR1 asks for the counters now; --stats-interval every so often.
         let asked = crate::DUMP.load(Relaxed) && crate::DUMP.swap(false, Relaxed);
@@ -151,12 +133,19 @@ impl Handler for Reporting {
             self.next = now + self.every.unwrap_or_default();
         }
         if asked || due {
-            let (stats, shards) = self.served.stats();
-            eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
-            for d in &stats.devices {
-                eprintln!("dmfabric server: {d}");
-            }
+            print_stats(&self.server.stats(), self.server.shard_stats().as_ref());
         }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.server.next_deadline()
+    }
+}
+
+fn print_stats(stats: &ServerStats, shards: Option<&ShardStats>) {
+    eprintln!("dmfabric server: {stats}{}", shard_summary(shards));
+    for d in &stats.devices {
+        eprintln!("dmfabric server: {d}");
     }
 }
 
@@ -170,11 +159,8 @@ fn shard_summary(s: Option<&ShardStats>) -> String {
     }
 }
 
-pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    if args.example_config {
-        print!("{}", crate::server_config::EXAMPLE);
-        return Ok(());
-    }
+/// The thread layout the flags ask for, on the cores they allow.
+fn layout(args: &ServerArgs) -> anyhow::Result<Layout> {
     let online = dmfabric_pinning::available_cores();
     let cores = match &args.cores {
         Some(list) => {
@@ -185,135 +171,131 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         None => online,
     };
     let layout = dmfabric_pinning::choose_shared(args.layout, &cores)?;
-    if args.store.is_some() && !matches!(layout, Layout::RunToCompletion { .. }) {
-        bail!(
-            "--store: a server placed by the control panel runs the run-to-completion layout for now: add --layout rtc"
-        );
-    }
     if let Layout::Split { dataplane, .. } = &layout {
         if dataplane.len() > 1 {
             bail!("This server drives one AF_XDP queue, so the split layout takes one data-plane core: use split:1:<workers>");
         }
     }
+    Ok(layout)
+}
+
+/// The devices of an unplaced server: its config, or the test devices and
+/// the PC devices of each --pc-vm.
+fn devices(args: &ServerArgs) -> anyhow::Result<Vec<DeviceSpec>> {
+    if let Some(path) = &args.config {
+        return crate::server_config::load(path);
+    }
+    if args.test_devices == 0 {
+        bail!("--test-devices must be at least 1");
+    }
+    if args.irq_test_devices > 1000 {
+        bail!("--irq-test-devices: at most 1000");
+    }
+    let mut devices: Vec<DeviceSpec> = (1..=args.test_devices).map(pc::test_device).collect();
+    devices.extend((0..args.irq_test_devices).map(pc::irq_test_device));
+    for &vm in &args.pc_vm {
+        devices.extend(PcLayout::new(vm).context("--pc-vm")?.specs());
+    }
+    crate::server_config::check(&devices)?;
+    Ok(devices)
+}
+
+/// Where the models run: on this core, or on the layout's worker cores.
+fn backend(
+    layout: &Layout,
+    devices: &[DeviceSpec],
+    env: &DeviceEnv,
+    args: &ServerArgs,
+) -> anyhow::Result<Box<dyn Backend>> {
+    Ok(match layout {
+        Layout::RunToCompletion { .. } => Box::new(Inline::new(Devices::new(devices, env))),
+        Layout::Split { workers, .. } => {
+            let idle =
+                WorkerIdle { spin: if args.busy_poll { u32::MAX } else { args.spin }, nap: Duration::from_micros(50) };
+            Box::new(Sharded::start(devices, env, workers, idle)?)
+        }
+    })
+}
+
+/// The console service on a thread of its own, off the data-plane core, so
+/// that no terminal or disk holds up the data plane. It opens the console
+/// directory when there is a console: at once for UARTs the server starts
+/// with (an unusable directory is an error now), later for a UART placed on
+/// it while it runs.
+struct ConsoleThread {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<console::ServiceStats>,
+}
+
+impl ConsoleThread {
+    fn start(consoles: Arc<console::Consoles>, dir: &std::path::Path) -> anyhow::Result<ConsoleThread> {
+        let service = console::Service::open(&consoles, dir)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new().name("dmf-consoles".into()).spawn(move || {
+            let _ = dmfabric_pinning::pin_current(dmfabric_pinning::available_cores()[0]);
+            service.run(&consoles, &flag)
+        })?;
+        Ok(ConsoleThread { stop, handle })
+    }
+
+    fn finish(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.handle.join() {
+            Ok(s) if s.bytes_logged + s.bytes_typed + s.attaches + s.refused > 0 => eprintln!(
+                "dmfabric server: consoles: {} bytes logged, {} typed, {} attaches ({} refused)",
+                s.bytes_logged, s.bytes_typed, s.attaches, s.refused
+            ),
+            Ok(_) => {}
+            Err(_) => eprintln!("dmfabric server: the console thread panicked"),
+        }
+    }
+}
+
+pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    if args.example_config {
+        print!("{}", crate::server_config::EXAMPLE);
+        return Ok(());
+    }
+    let layout = layout(&args)?;
     let dp_core = match &layout {
         Layout::RunToCompletion { core } => *core,
         Layout::Split { dataplane, .. } => dataplane[0],
     };
-    if args.test_devices == 0 {
-        bail!("--test-devices must be at least 1");
-    }
-
     let spec = transport_spec(&args)?;
     let (mut transport, description) = open_transport(&spec)?;
+    let mac = transport.mac();
+    let env = DeviceEnv::new();
     // The store's watch thread starts before this thread is pinned: it
     // must not share the data-plane core.
     let placed = match &args.store {
-        Some(store) => Some(placement(store, args.server_id, transport.mac(), Duration::from_millis(args.watch_ms))?),
+        Some(store) => Some(placement(store, args.server_id, mac, &env, Duration::from_millis(args.watch_ms))?),
         None => None,
     };
     dmfabric_pinning::pin_current(dp_core)?;
-    if args.irq_test_devices > 1000 {
-        bail!("--irq-test-devices: at most 1000");
-    }
-    let devices = match (&args.config, &placed) {
-        (_, Some(p)) => p.devices.clone(),
-        (Some(path), None) => crate::server_config::load(path)?,
-        (None, None) => {
-            let mut devices: Vec<DeviceSpec> = (1..=args.test_devices).map(pc::test_device).collect();
-            devices.extend((0..args.irq_test_devices).map(pc::irq_test_device));
-            for &vm in &args.pc_vm {
-                devices.extend(PcLayout::new(vm).context("--pc-vm")?.specs());
-            }
-            crate::server_config::check(&devices)?;
-            devices
-        }
+    let devices = match &placed {
+        Some(_) => Vec::new(),
+        None => devices(&args)?,
     };
-    let env = DeviceEnv::new(&devices);
+    let backend = backend(&layout, &devices, &env, &args)?;
+    let server = match &placed {
+        Some(p) => Server::placed(args.server_id, mac, env.clone(), backend, p.link.clone()),
+        None => Server::unplaced(args.server_id, mac, env.clone(), backend, &devices),
+    };
     let console_dir = args.console_dir.clone().unwrap_or_else(|| default_console_dir(args.server_id));
-    let served = match &layout {
-        Layout::RunToCompletion { .. } => match &placed {
-            Some(p) => Served::Rtc(Server::placed(
-                args.server_id,
-                transport.mac(),
-                env.clone(),
-                p.watch.routes(),
-                p.transit.clone(),
-            )),
-            None => Served::Rtc(Server::with_env(args.server_id, transport.mac(), &devices, env.clone())),
-        },
-        Layout::Split { workers, .. } => {
-            let idle =
-                WorkerIdle { spin: if args.busy_poll { u32::MAX } else { args.spin }, nap: Duration::from_micros(50) };
-            Served::Split(ShardedServer::start_with_env(
-                args.server_id,
-                transport.mac(),
-                &devices,
-                workers,
-                idle,
-                env.clone(),
-            )?)
-        }
-    };
-    // The consoles: logs and `dmfabric console` attachments, on a thread
-    // of their own so that no terminal or disk holds up the data plane.
-    let consoles_stop = Arc::new(AtomicBool::new(false));
-    let consoles = if env.consoles.all().is_empty() {
-        None
-    } else {
-        let (flag, consoles, dir) = (consoles_stop.clone(), env.consoles.clone(), console_dir.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = std::thread::Builder::new().name("dmf-consoles".into()).spawn(move || {
-            // Stay off the data-plane core.
-            let _ = dmfabric_pinning::pin_current(dmfabric_pinning::available_cores()[0]);
-            match dmfabric_dm_workers::console::Service::open(&consoles, &dir) {
-                Ok(service) => {
-                    let _ = ready_tx.send(Ok(()));
-                    Ok(service.run(&consoles, &flag))
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    let _ = ready_tx.send(Err(msg));
-                    Err(e)
-                }
-            }
-        })?;
-        if let Ok(Err(e)) = ready_rx.recv() {
-            bail!("{e}");
-        }
-        Some(handle)
-    };
+    let consoles = ConsoleThread::start(env.consoles.clone(), &console_dir)?;
     let where_ = match &spec {
         TransportSpec::Udp { local, .. } => format!("udp {local}"),
         _ => format!("{description} on {}", args.iface.as_deref().unwrap_or("?")),
     };
-    if let (Some(p), Some(store)) = (&placed, &args.store) {
-        println!(
-            "dmfabric server ready: server {} ({where_}, mac {}), {layout}; placed by the control panel ({store}, revision {}): {} devices here",
+    match (&placed, &args.store) {
+        (Some(p), Some(store)) => println!(
+            "dmfabric server ready: server {} ({where_}, mac {mac}), {layout}; placed by the control panel ({store}, revision {}): {} devices here",
             args.server_id,
-            transport.mac(),
             p.watch.routes().revision(),
-            devices.len()
-        );
-    } else {
-        println!(
-        "dmfabric server ready: server {} ({where_}, mac {}), {layout}; test devices 1..={}: ports {:#x}-{:#x}, mmio {:#x}-{:#x}",
-        args.server_id,
-        transport.mac(),
-        args.test_devices,
-        pc::TEST_DEVICE_PIO.base,
-        pc::TEST_DEVICE_PIO.base + (pc::TEST_DEVICE_PIO.len - 1),
-        pc::TEST_DEVICE_MMIO,
-        pc::TEST_DEVICE_MMIO + u64::from(pc::TEST_DEVICE_MMIO_LEN - 1)
-    );
-    }
-    for d in devices.iter().filter(|d| !matches!(d.kind, DeviceKind::RegFile | DeviceKind::IrqTest { .. })) {
-        println!(
-            "dmfabric server: device {} {} for {} at port {:#x}",
-            d.id,
-            d.kind.name(),
-            d.vm.map_or("any VM".to_string(), |v| format!("VM {v}")),
-            d.pio.map_or(0, |p| p.0)
-        );
+            p.devices
+        ),
+        _ => announce(&args, &where_, mac, &layout, &devices),
     }
     if !env.consoles.all().is_empty() {
         println!(
@@ -322,42 +304,13 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             console_dir.display()
         );
     }
-    if args.config.is_none() && placed.is_none() && args.irq_test_devices > 0 {
-        println!(
-            "dmfabric server: interrupt test devices {}..={}: ports {:#x}-{:#x}, IRQ {}",
-            pc::IRQ_TEST_FIRST_ID,
-            pc::IRQ_TEST_FIRST_ID + args.irq_test_devices - 1,
-            pc::IRQ_TEST.base,
-            pc::IRQ_TEST.base + (pc::IRQ_TEST.len - 1),
-            pc::IRQ_TEST_IRQ
-        );
-    }
     let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
-    let mut handler = Reporting { served, every, next: Instant::now() + every.unwrap_or_default() };
+    let mut handler = Reporting { server, every, next: Instant::now() + every.unwrap_or_default() };
     let cfg = PollConfig { spin: if args.busy_poll { u32::MAX } else { args.spin }, ..PollConfig::default() };
     let result = poll::run(transport.as_mut(), &mut handler, cfg, &stop);
-    consoles_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    if let Some(h) = consoles {
-        match h.join() {
-            Ok(Ok(s)) => eprintln!(
-                "dmfabric server: consoles: {} bytes logged, {} typed, {} attaches ({} refused)",
-                s.bytes_logged, s.bytes_typed, s.attaches, s.refused
-            ),
-            Ok(Err(e)) => eprintln!("dmfabric server: consoles stopped: {e}"),
-            Err(_) => eprintln!("dmfabric server: the console thread panicked"),
-        }
-    }
-    let (stats, shards) = match handler.served {
-        Served::Rtc(s) => (s.stats(), None),
-        Served::Split(s) => {
-            let (a, b) = s.finish();
-            (a, Some(b))
-        }
-    };
-    eprintln!("dmfabric server: {stats}{}", shard_summary(shards.as_ref()));
-    for d in &stats.devices {
-        eprintln!("dmfabric server: {d}");
-    }
+    consoles.finish();
+    let (stats, shards) = handler.server.finish();
+    print_stats(&stats, shards.as_ref());
     if let Some(p) = &placed {
         use std::sync::atomic::Ordering::Relaxed;
         let h = p.watch.health();
@@ -388,15 +341,47 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A server placed by the control panel: its watch, the device states in
-/// transit, and the devices placed on it when it started.
-struct Placement {
-    watch: Watch,
-    transit: Arc<Transit>,
-    devices: Vec<DeviceSpec>,
+/// The ready lines of an unplaced server: where it listens, what it hosts.
+fn announce(args: &ServerArgs, where_: &str, mac: MacAddr, layout: &Layout, devices: &[DeviceSpec]) {
+    println!(
+        "dmfabric server ready: server {} ({where_}, mac {mac}), {layout}; test devices 1..={}: ports {:#x}-{:#x}, mmio {:#x}-{:#x}",
+        args.server_id,
+        args.test_devices,
+        pc::TEST_DEVICE_PIO.base,
+        pc::TEST_DEVICE_PIO.base + (pc::TEST_DEVICE_PIO.len - 1),
+        pc::TEST_DEVICE_MMIO,
+        pc::TEST_DEVICE_MMIO + u64::from(pc::TEST_DEVICE_MMIO_LEN - 1)
+    );
+    for d in devices.iter().filter(|d| !matches!(d.kind, DeviceKind::RegFile | DeviceKind::IrqTest { .. })) {
+        println!(
+            "dmfabric server: device {} {} for {} at port {:#x}",
+            d.id,
+            d.kind.name(),
+            d.vm.map_or("any VM".to_string(), |v| format!("VM {v}")),
+            d.base()
+        );
+    }
+    if args.config.is_none() && args.irq_test_devices > 0 {
+        println!(
+            "dmfabric server: interrupt test devices {}..={}: ports {:#x}-{:#x}, IRQ {}",
+            pc::IRQ_TEST_FIRST_ID,
+            pc::IRQ_TEST_FIRST_ID + args.irq_test_devices - 1,
+            pc::IRQ_TEST.base,
+            pc::IRQ_TEST.base + (pc::IRQ_TEST.len - 1),
+            pc::IRQ_TEST_IRQ
+        );
+    }
 }
 
-fn placement(store: &str, id: u16, mac: MacAddr, period: Duration) -> anyhow::Result<Placement> {
+/// A server placed by the control panel: its watch (whose thread runs the
+/// planner), the link its loop follows, and how many devices it starts with.
+struct Placement {
+    watch: Watch,
+    link: Arc<PlacementLink>,
+    devices: usize,
+}
+
+fn placement(store: &str, id: u16, mac: MacAddr, env: &DeviceEnv, period: Duration) -> anyhow::Result<Placement> {
     let opened = dmfabric_control::store::open(store)?;
     let db = opened.load()?;
     let Some(me) = db.servers.get(&id) else {
@@ -404,20 +389,22 @@ fn placement(store: &str, id: u16, mac: MacAddr, period: Duration) -> anyhow::Re
             "server {id} is not in the store ({store}): add it with `dmfabric ctl --store {store} add server --id {id} --mac {mac}`"
         );
     };
-    if dmfabric_control::routing::parse_mac(&me.mac) != Some(mac.0) {
+    if dmfabric_control::routing::parse_mac(&me.mac) != Some(mac) {
         bail!(
             "the store has server {id} at MAC {}, but this interface's is {mac}: clients would send elsewhere (fix the record, or run on the right interface)",
             me.mac
         );
     }
     let mut devices = Vec::new();
-    for spec in dmfabric_dm_workers::placed::specs_in(&db, id) {
-        devices.push(spec.map_err(anyhow::Error::msg)?);
+    for spec in dmfabric_dm_workers::placement::specs_in(&db, id) {
+        devices.push(spec?);
     }
     crate::server_config::check(&devices)?;
-    let transit = Transit::new();
-    let watch = Watch::start(opened, format!("dmfabric server {id}"), period, Some(transit.clone().chores()))?;
-    Ok(Placement { watch, transit, devices })
+    let link = PlacementLink::new();
+    let watch = Watch::start_with(opened, format!("dmfabric server {id}"), period, |routes| {
+        Some(Planner::new(id, mac, routes, env.clone(), link.clone()).chores())
+    })?;
+    Ok(Placement { watch, link, devices: devices.len() })
 }
 
 fn transport_spec(args: &ServerArgs) -> anyhow::Result<TransportSpec> {

@@ -204,8 +204,7 @@ pub struct Db {
 }
 
 fn check_mac(mac: &str) -> Result<(), Conflict> {
-    let ok = mac.split(':').count() == 6 && mac.split(':').all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
-    if ok {
+    if mac.parse::<dmfabric_wire::MacAddr>().is_ok() && mac.len() == 17 {
         Ok(())
     } else {
         Err(Conflict::Invalid(format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")))

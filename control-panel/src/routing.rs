@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use dmfabric_wire::MacAddr;
+
 use crate::model::Db;
 
 /// One range of a VM's address space.
@@ -52,17 +54,9 @@ pub struct Hit {
     pub server: u16,
 }
 
-/// A MAC address as the data planes use it.
-pub type Mac = [u8; 6];
-
 /// Parse "aa:bb:cc:dd:ee:ff" (the model checked it on the way in).
-pub fn parse_mac(s: &str) -> Option<Mac> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
+pub fn parse_mac(s: &str) -> Option<MacAddr> {
+    s.parse().ok()
 }
 
 /// Everything the data planes route by, for one database revision.
@@ -71,8 +65,8 @@ pub struct RoutingTable {
     pub revision: u64,
     vms: HashMap<u32, VmRoutes>,
     devices: HashMap<u32, Placement>,
-    servers: HashMap<u16, Mac>,
-    clients: HashMap<u16, Mac>,
+    servers: HashMap<u16, MacAddr>,
+    clients: HashMap<u16, MacAddr>,
     /// The database the table was built from: what a data plane derives
     /// its own state from when the table changes (not per frame).
     pub db: Arc<Db>,
@@ -148,12 +142,12 @@ impl RoutingTable {
     }
 
     /// The MAC of server `id`.
-    pub fn server_mac(&self, id: u16) -> Option<Mac> {
+    pub fn server_mac(&self, id: u16) -> Option<MacAddr> {
         self.servers.get(&id).copied()
     }
 
     /// The MAC of client platform `id`.
-    pub fn client_mac(&self, id: u16) -> Option<Mac> {
+    pub fn client_mac(&self, id: u16) -> Option<MacAddr> {
         self.clients.get(&id).copied()
     }
 
@@ -174,7 +168,7 @@ impl RoutingTable {
             self.vms.values().map(|r| (r.pio.capacity() + r.mmio.capacity()) * size_of::<Route>()).sum();
         map(self.vms.capacity(), size_of::<(u32, VmRoutes)>())
             + map(self.devices.capacity(), size_of::<(u32, Placement)>())
-            + map(self.servers.capacity() + self.clients.capacity(), size_of::<(u16, Mac)>())
+            + map(self.servers.capacity() + self.clients.capacity(), size_of::<(u16, MacAddr)>())
             + routes
     }
 }

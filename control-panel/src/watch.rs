@@ -50,9 +50,21 @@ impl Watch {
         period: Duration,
         chores: Option<Chores>,
     ) -> Result<Watch, StoreError> {
+        Watch::start_with(store, who, period, |_| chores)
+    }
+
+    /// [`Watch::start`], with chores made from the tables the watch keeps
+    /// (a planner that follows them).
+    pub fn start_with(
+        store: Box<dyn Store>,
+        who: String,
+        period: Duration,
+        chores: impl FnOnce(Arc<LiveRoutes>) -> Option<Chores>,
+    ) -> Result<Watch, StoreError> {
         let revision = store.revision()?;
         let table = RoutingTable::from_db(Arc::new(store.load()?), revision);
         let routes = Arc::new(LiveRoutes::new(table));
+        let chores = chores(routes.clone());
         let health = Arc::new(WatchHealth::default());
         let stop = Arc::new(AtomicBool::new(false));
         let desc = store.describe();

@@ -39,6 +39,11 @@ impl FrameBatch {
         self.count == MAX_BURST
     }
 
+    /// Frames that still fit.
+    pub fn room(&self) -> usize {
+        MAX_BURST - self.count
+    }
+
     pub fn clear(&mut self) {
         self.count = 0;
     }

@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
@@ -78,27 +78,43 @@ impl Console {
     }
 }
 
-/// The consoles of a server, one per UART.
+/// The consoles of a server, one per UART. UARTs placed on a running
+/// server (or moved to it) add theirs while the service runs: it picks
+/// them up.
 #[derive(Debug, Default)]
 pub struct Consoles {
-    list: Vec<Arc<Console>>,
+    list: RwLock<Vec<Arc<Console>>>,
+    /// Consoles added so far: the service looks again when it moves.
+    added: AtomicU64,
 }
 
 impl Consoles {
-    /// Add the console of UART `device` of `vm`.
-    pub fn add(&mut self, vm: u32, device: u32) -> Arc<Console> {
+    /// The console of UART `device` of `vm`: the one it had (a UART built
+    /// again keeps its console and log), or a new one.
+    pub fn get_or_add(&self, vm: u32, device: u32) -> Arc<Console> {
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = list.iter().find(|c| c.device == device && c.vm == vm) {
+            return c.clone();
+        }
         let c = Arc::new(Console::new(vm, device));
-        self.list.push(c.clone());
+        list.push(c.clone());
+        self.added.fetch_add(1, Ordering::Release);
         c
     }
 
     /// The console of `vm` (its first UART).
-    pub fn of_vm(&self, vm: u32) -> Option<&Arc<Console>> {
-        self.list.iter().find(|c| c.vm == vm)
+    pub fn of_vm(&self, vm: u32) -> Option<Arc<Console>> {
+        self.all().into_iter().find(|c| c.vm == vm)
     }
 
-    pub fn all(&self) -> &[Arc<Console>] {
-        &self.list
+    /// Every console so far.
+    pub fn all(&self) -> Vec<Arc<Console>> {
+        self.list.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// How many consoles were ever added (a change means new ones).
+    pub fn added(&self) -> u64 {
+        self.added.load(Ordering::Acquire)
     }
 }
 
@@ -151,7 +167,7 @@ pub enum ServiceError {
 struct Attached {
     stream: UnixStream,
     /// The console it is attached to (None: still reading its request).
-    console: Option<usize>,
+    console: Option<Arc<Console>>,
     request: Vec<u8>,
 }
 
@@ -164,12 +180,17 @@ pub struct ServiceStats {
     pub refused: u64,
 }
 
-/// The console service of a server: its logs and socket, open.
+/// The console service of a server: each console's log, and the socket
+/// terminals attach through. Opened as soon as there is a console: at once
+/// for UARTs a server starts with, later for one placed on it while it runs.
 #[derive(Debug)]
 pub struct Service {
-    logs: Vec<File>,
-    listener: UnixListener,
-    sock: PathBuf,
+    dir: PathBuf,
+    listener: Option<UnixListener>,
+    /// Each console with its log.
+    logs: Vec<(Arc<Console>, File)>,
+    /// [`Consoles::added`] when the logs were last brought up to date.
+    seen: u64,
 }
 
 /// Serve `consoles` until `stop` ([`Service::open`] then [`Service::run`]).
@@ -178,24 +199,49 @@ pub fn serve(consoles: &Consoles, dir: &Path, stop: &AtomicBool) -> Result<Servi
 }
 
 impl Service {
-    /// Create `dir`, each VM's log `dir/vm-<vm>.log` (afresh) and the socket
-    /// `dir/console.sock` terminals attach through.
+    /// The service of the consoles in `dir`: if there are consoles already,
+    /// create `dir`, each VM's log `dir/vm-<vm>.log` (afresh) and the socket
+    /// `dir/console.sock` now, so that a clash shows at start.
     pub fn open(consoles: &Consoles, dir: &Path) -> Result<Service, ServiceError> {
-        std::fs::create_dir_all(dir).map_err(|e| ServiceError::Dir(dir.to_path_buf(), e))?;
-        let sock = dir.join(SOCKET);
-        // A socket file left by a server that was killed: nobody listens on it.
-        if sock.exists() && UnixStream::connect(&sock).is_ok() {
-            return Err(ServiceError::Listen(sock, io::ErrorKind::AddrInUse.into()));
+        let mut s = Service { dir: dir.to_path_buf(), listener: None, logs: Vec::new(), seen: 0 };
+        if !consoles.all().is_empty() {
+            s.catch_up(consoles)?;
         }
-        let _ = std::fs::remove_file(&sock);
-        let mut logs = Vec::new();
+        Ok(s)
+    }
+
+    /// The socket's path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(SOCKET)
+    }
+
+    /// Open the directory and socket if not yet, and a log for each new console.
+    fn catch_up(&mut self, consoles: &Consoles) -> Result<(), ServiceError> {
+        let added = consoles.added();
+        if self.listener.is_none() {
+            let dir = &self.dir;
+            std::fs::create_dir_all(dir).map_err(|e| ServiceError::Dir(dir.clone(), e))?;
+            let sock = self.socket();
+            // A socket file left by a server that was killed: nobody listens on it.
+            if sock.exists() && UnixStream::connect(&sock).is_ok() {
+                return Err(ServiceError::Listen(sock, io::ErrorKind::AddrInUse.into()));
+            }
+            let _ = std::fs::remove_file(&sock);
+            let listener = UnixListener::bind(&sock).map_err(|e| ServiceError::Listen(sock.clone(), e))?;
+            listener.set_nonblocking(true).map_err(|e| ServiceError::Listen(sock.clone(), e))?;
+            self.listener = Some(listener);
+        }
         for c in consoles.all() {
-            let path = log_path(dir, c.vm);
-            logs.push(File::create(&path).map_err(|e| ServiceError::Log(path, e))?);
+            if self.logs.iter().any(|(known, _)| Arc::ptr_eq(known, &c)) {
+                continue;
+            }
+            let path = log_path(&self.dir, c.vm);
+            let file = File::create(&path).map_err(|e| ServiceError::Log(path, e))?;
+            tracing::info!(vm = c.vm, device = c.device, log = %log_path(&self.dir, c.vm).display(), "console open");
+            self.logs.push((c, file));
         }
-        let listener = UnixListener::bind(&sock).map_err(|e| ServiceError::Listen(sock.clone(), e))?;
-        listener.set_nonblocking(true).map_err(|e| ServiceError::Listen(sock.clone(), e))?;
-        Ok(Service { logs, listener, sock })
+        self.seen = added;
+        Ok(())
     }
 
     /// Append each VM's output to its log and to every attached terminal,
@@ -208,14 +254,24 @@ impl Service {
         let mut attached: Vec<Attached> = Vec::new();
         let mut buf = Vec::new();
         let mut input = [0u8; 512];
+        let mut failed = false;
         while !stop.load(Ordering::Relaxed) {
             let mut busy = false;
-            while let Ok((stream, _)) = self.listener.accept() {
-                if stream.set_nonblocking(true).is_ok() {
-                    attached.push(Attached { stream, console: None, request: Vec::new() });
+            if consoles.added() != self.seen && !failed {
+                if let Err(e) = self.catch_up(consoles) {
+                    // Said once; the consoles keep taking output (dropped when full).
+                    tracing::error!("{e}: consoles are not served");
+                    failed = true;
                 }
             }
-            for (i, c) in consoles.all().iter().enumerate() {
+            if let Some(listener) = &self.listener {
+                while let Ok((stream, _)) = listener.accept() {
+                    if stream.set_nonblocking(true).is_ok() {
+                        attached.push(Attached { stream, console: None, request: Vec::new() });
+                    }
+                }
+            }
+            for (c, log) in &mut self.logs {
                 buf.clear();
                 c.drain_output(&mut buf);
                 if buf.is_empty() {
@@ -223,21 +279,22 @@ impl Service {
                 }
                 busy = true;
                 stats.bytes_logged += buf.len() as u64;
-                let _ = self.logs[i].write_all(&buf);
-                for a in attached.iter_mut().filter(|a| a.console == Some(i)) {
+                let _ = log.write_all(&buf);
+                for a in attached.iter_mut().filter(|a| a.console.as_ref().is_some_and(|ac| Arc::ptr_eq(ac, c))) {
                     let _ = write_all_nonblocking(&mut a.stream, &buf);
                 }
             }
+            let served: Vec<Arc<Console>> = self.logs.iter().map(|(c, _)| c.clone()).collect();
             attached.retain_mut(|a| match a.stream.read(&mut input) {
                 Ok(0) => false,
                 Ok(n) => {
                     busy = true;
-                    match a.console {
-                        Some(i) => {
-                            stats.bytes_typed += consoles.all()[i].type_in(&input[..n]) as u64;
+                    match &a.console {
+                        Some(c) => {
+                            stats.bytes_typed += c.type_in(&input[..n]) as u64;
                             true
                         }
-                        None => attach(a, &input[..n], consoles, &mut stats),
+                        None => attach(a, &input[..n], &served, &mut stats),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
@@ -247,20 +304,22 @@ impl Service {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        let _ = std::fs::remove_file(&self.sock);
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(self.socket());
+        }
         // What the UARTs sent last.
-        for (i, c) in consoles.all().iter().enumerate() {
+        for (c, log) in &mut self.logs {
             buf.clear();
             c.drain_output(&mut buf);
             stats.bytes_logged += buf.len() as u64;
-            let _ = self.logs[i].write_all(&buf);
+            let _ = log.write_all(&buf);
         }
         stats
     }
 }
 
 /// Handle the bytes of a terminal that has not attached yet.
-fn attach(a: &mut Attached, bytes: &[u8], consoles: &Consoles, stats: &mut ServiceStats) -> bool {
+fn attach(a: &mut Attached, bytes: &[u8], consoles: &[Arc<Console>], stats: &mut ServiceStats) -> bool {
     a.request.extend_from_slice(bytes);
     let Some(end) = a.request.iter().position(|&b| b == b'\n') else {
         return a.request.len() < 64;
@@ -268,20 +327,20 @@ fn attach(a: &mut Attached, bytes: &[u8], consoles: &Consoles, stats: &mut Servi
     let line = String::from_utf8_lossy(&a.request[..end]).trim().to_string();
     let rest = a.request[end + 1..].to_vec();
     let vm = line.strip_prefix("attach ").and_then(|v| v.trim().parse::<u32>().ok());
-    let found = vm.and_then(|vm| consoles.all().iter().position(|c| c.vm == vm));
+    let found = vm.and_then(|vm| consoles.iter().find(|c| c.vm == vm));
     match (vm, found) {
-        (Some(vm), Some(i)) => {
-            a.console = Some(i);
+        (Some(vm), Some(c)) => {
             stats.attaches += 1;
             let _ = write_all_nonblocking(&mut a.stream, format!("ok {vm}\n").as_bytes());
             if !rest.is_empty() {
-                stats.bytes_typed += consoles.all()[i].type_in(&rest) as u64;
+                stats.bytes_typed += c.type_in(&rest) as u64;
             }
+            a.console = Some(c.clone());
             true
         }
         _ => {
             stats.refused += 1;
-            let known: Vec<String> = consoles.all().iter().map(|c| c.vm.to_string()).collect();
+            let known: Vec<String> = consoles.iter().map(|c| c.vm.to_string()).collect();
             let msg =
                 format!("error no console for {line:?} on this server (VMs with a console: {})\n", known.join(", "));
             let _ = write_all_nonblocking(&mut a.stream, msg.as_bytes());
@@ -313,8 +372,8 @@ mod tests {
 
     #[test]
     fn bytes_flow_both_ways_and_overflow_is_counted() {
-        let mut consoles = Consoles::default();
-        let c = consoles.add(7, 3);
+        let consoles = Consoles::default();
+        let c = consoles.get_or_add(7, 3);
         let (mut out, mut inp) = (ConsoleOut(c.clone()), ConsoleIn(c.clone()));
         for b in b"boot\n" {
             out.put(*b);
@@ -337,8 +396,8 @@ mod tests {
     fn the_service_logs_output_and_attached_terminals_type_into_the_uart() {
         use std::io::{BufRead, BufReader};
         let dir = std::env::temp_dir().join(format!("dmfabric-console-test-{}", std::process::id()));
-        let mut consoles = Consoles::default();
-        let c = consoles.add(4, 10);
+        let consoles = Consoles::default();
+        let c = consoles.get_or_add(4, 10);
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             let service = s.spawn(|| serve(&consoles, &dir, &stop));
@@ -384,6 +443,43 @@ mod tests {
         });
         assert_eq!(std::fs::read(log_path(&dir, 4)).unwrap(), b"$ ");
         assert!(!dir.join(SOCKET).exists(), "socket removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_console_added_while_the_service_runs_is_served() {
+        use std::io::{BufRead, BufReader};
+        let dir = std::env::temp_dir().join(format!("dmfabric-console-late-{}", std::process::id()));
+        let consoles = Consoles::default();
+        let stop = AtomicBool::new(false);
+        // No UART yet: nothing is opened.
+        let service = Service::open(&consoles, &dir).unwrap();
+        assert!(!dir.join(SOCKET).exists());
+        std::thread::scope(|s| {
+            let running = s.spawn(|| service.run(&consoles, &stop));
+            // A UART placed later: its console appears and is served.
+            let c = consoles.get_or_add(9, 90);
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            let mut stream = loop {
+                match UnixStream::connect(dir.join(SOCKET)) {
+                    Ok(st) => break st,
+                    Err(_) if std::time::Instant::now() < end => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) => panic!("no console socket: {e}"),
+                }
+            };
+            stream.write_all(b"attach 9\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(stream.try_clone().unwrap()).read_line(&mut line).unwrap();
+            assert_eq!(line, "ok 9\n");
+            let mut out = ConsoleOut(c.clone());
+            out.put(b'!');
+            let mut got = [0u8; 1];
+            stream.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"!");
+            stop.store(true, Ordering::Relaxed);
+            running.join().unwrap();
+        });
+        assert_eq!(std::fs::read(log_path(&dir, 9)).unwrap(), b"!");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

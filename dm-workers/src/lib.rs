@@ -1,18 +1,28 @@
-//! The server side of dmfabric: device models and the server that runs them.
+//! The server side of dmfabric: what a server platform does with frames.
 //!
-//! Owns: the [`device::Device`] trait, the device models (so far the
-//! register-file test device), the per-server device table and the server's
-//! frame handling ([`server`]): validate, look up the device, run the
-//! model, emit the completion, count everything that is dropped.
+//! Owns: the receive path as a pure classification of each frame
+//! ([`rx`]), the server that carries it out ([`server`]) over a backend
+//! that runs the device models inline or on worker shards ([`backend`],
+//! [`sharded`], [`table`]), interrupt streams to the VMs ([`interrupts`],
+//! [`irq`]), what models are wired to ([`env`]), consoles ([`console`]),
+//! and the adapter that follows the control panel's placement
+//! ([`placement`]).
 //!
-//! Does not own: transports and poll loops (`dmfabric-dataplane`), the
-//! frame format (`dmfabric-wire`) or placement (`dmfabric-control`).
+//! Does not own: the device models (`dmfabric-devices`), transports and
+//! poll loops (`dmfabric-dataplane`), the frame format (`dmfabric-wire`) or
+//! the database (`dmfabric-control`, reached only from [`placement`] and
+//! the routing table [`rx`] reads).
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod console;
-pub mod devices;
+pub mod env;
+pub mod interrupts;
 pub mod irq;
-pub mod placed;
+pub mod placement;
+pub mod rx;
 pub mod server;
 pub mod sharded;
+pub mod stats;
+pub mod table;

@@ -1,601 +1,239 @@
-//! The server's frame handling: receive, validate, run the device model,
-//! transmit the completion. [`Server`] does all of it on one core; the
-//! split layout ([`crate::sharded`]) runs the [`Frontend`] on a data-plane
-//! core and [`Devices`] shards on worker cores.
+//! A server: the data-plane core's side of device emulation. For each
+//! received frame it asks [`rx::classify`] what to do, then does it: the
+//! duplicate cache, running the request on its device (through a
+//! [`Backend`], inline or on worker shards), completions and Nacks,
+//! forwarding, Hellos and interrupt acks. Between bursts it sends what the
+//! device models raised ([`crate::interrupts`], VM resets) and, when placed
+//! by the control panel, swaps in the plans its planner prepared
+//! ([`crate::placement`]): no database work, JSON or logging on this core.
 //!
 //! Every frame that is not answered is counted by reason; nothing received
 //! from the wire can make this code panic.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use dmfabric_control::routing::RoutingTable;
 use dmfabric_dataplane::poll::Handler;
+use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
 use dmfabric_dataplane::FrameBatch;
+use dmfabric_devices::DeviceSpec;
 use dmfabric_wire::{
-    ControlMsg, ControlOp, EthernetRepr, FrameRepr, Interrupt, IoCompletion, IoRequest, Kind, MacAddr, Message, Nack,
-    NackReason, Route, WireError, ETHERTYPE_DMFABRIC,
+    ControlMsg, ControlOp, EthernetRepr, FrameRepr, IoCompletion, IoRequest, Kind, MacAddr, Message, Nack, Route,
+    WireError, LIFECYCLE_RESET,
 };
 
-use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
-
-use crate::devices::AddressMap;
-pub use crate::devices::{DeviceCounters, DeviceEnv, Devices, Refused, ANY_DEVICE};
-use crate::devices::{VmEvent, VmEvents};
-use crate::irq::IrqQueue;
-use crate::placed::{Handoff, Transit, HELD_MAX, STATE_WAIT};
-use dmfabric_control::routing::{LiveRoutes, RoutingTable};
-use dmfabric_devices::DeviceSpec;
-
-/// Counters of a server. Plain integers: owned by the server's core.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ServerStats {
-    pub requests: u64,
-    pub completions: u64,
-    /// Accesses the device did not claim (completed as real hardware would).
-    pub unclaimed: u64,
-    pub nack_unknown_device: u64,
-    /// Requests for a device that belongs to another VM.
-    pub nack_other_vm: u64,
-    /// Reset requests (i8042) sent to VMs' clients.
-    pub vm_resets: u64,
-    /// Reset requests for a device no VM has used yet: nobody to tell.
-    pub vm_events_unbound: u64,
-    pub nack_wrong_server: u64,
-    /// Requests naming a VM the control panel does not know (or not on
-    /// that client platform).
-    pub nack_unknown_vm: u64,
-    /// Requests from a client platform the control panel does not know.
-    pub nack_unknown_client: u64,
-    /// Requests for devices placed on another server, sent there.
-    pub forwarded: u64,
-    /// Requests that waited for their device's state to arrive.
-    pub held: u64,
-    /// Requests dropped because too many waited already (the client retransmits).
-    pub held_dropped: u64,
-    /// Devices taken over from another server with their saved state.
-    pub devices_arrived: u64,
-    /// Devices that moved away, their state saved for the next server.
-    pub devices_left: u64,
-    pub hellos: u64,
-    /// Frames of another EtherType (ARP and the like on a shared link).
-    pub foreign: u64,
-    /// Unicast frames addressed to another MAC.
-    pub not_for_us: u64,
-    /// Valid frames of a kind a server does not accept.
-    pub unexpected_kind: u64,
-    /// Replies that did not fit the TX burst.
-    pub tx_full: u64,
-    /// Retransmitted requests answered again from the stream's cache,
-    /// without running the device model twice.
-    pub duplicates_answered: u64,
-    /// Retransmitted requests still being executed (their answer follows).
-    pub duplicates_in_flight: u64,
-    /// Requests older than their stream's latest: dropped.
-    pub stale: u64,
-    /// Streams forgotten because their client said Hello again (restarted).
-    pub streams_reset: u64,
-    /// Interrupt frames sent (first copies).
-    pub interrupts: u64,
-    pub interrupt_retransmits: u64,
-    pub interrupt_acks: u64,
-    /// Acks for interrupts not (or no longer) waiting for one.
-    pub interrupt_acks_stale: u64,
-    /// Interrupts of a device no VM has used yet: nobody to send them to.
-    pub interrupts_unbound: u64,
-    /// Interrupts never acknowledged within the retry limit: dropped.
-    pub interrupts_given_up: u64,
-    /// Interrupts lost because the queue from the device models was full.
-    pub interrupts_queue_full: u64,
-    /// Malformed frames by reason (WireError::name → count, non-zero only).
-    pub malformed: Vec<(&'static str, u64)>,
-    /// Per device (filled where the devices are: at once in the
-    /// run-to-completion layout, after `finish` in the split one).
-    pub devices: Vec<DeviceCounters>,
-}
-
-impl ServerStats {
-    pub fn malformed_total(&self) -> u64 {
-        self.malformed.iter().map(|(_, n)| n).sum()
-    }
-}
-
-impl fmt::Display for ServerStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}, other VM {}, unknown VM {}, unknown client {}) forwarded {} held {} (dropped {}) devices arrived {} left {} resets {} duplicates {} (in flight {}) stale {} hellos {} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
-            self.requests,
-            self.completions,
-            self.unclaimed,
-            self.nack_unknown_device,
-            self.nack_wrong_server,
-            self.nack_other_vm,
-            self.nack_unknown_vm,
-            self.nack_unknown_client,
-            self.forwarded,
-            self.held,
-            self.held_dropped,
-            self.devices_arrived,
-            self.devices_left,
-            self.vm_resets,
-            self.duplicates_answered,
-            self.duplicates_in_flight,
-            self.stale,
-            self.hellos,
-            self.interrupts,
-            self.interrupt_retransmits,
-            self.interrupt_acks,
-            self.interrupts_unbound,
-            self.interrupts_given_up,
-            self.foreign,
-            self.not_for_us,
-            self.unexpected_kind,
-            self.tx_full,
-            self.malformed_total()
-        )?;
-        for (name, n) in &self.malformed {
-            write!(f, " {name}={n}")?;
-        }
-        Ok(())
-    }
-}
-
-/// The part of a server that faces the wire: validates every frame,
-/// answers Hellos, Nacks what it cannot serve, and emits completions. In
-/// the run-to-completion layout it shares a core with the devices; in the
-/// split layout it is the data-plane core.
-#[derive(Debug)]
-pub struct Frontend {
-    id: u16,
-    mac: MacAddr,
-    stats: ServerStats,
-    malformed: [u64; WireError::ALL.len()],
-    streams: DupCache<IoCompletion>,
-    /// Resolves requests that name no device (ANY_DEVICE) by address.
-    addresses: AddressMap,
-    /// Device → the client and VM that used it last: where its interrupts go.
-    bindings: HashMap<u32, (MacAddr, Route)>,
-    /// One interrupt stream per (client, VM).
-    irq_streams: Vec<IrqStream>,
-    /// First sequence number of a stream: the start time in nanoseconds, so
-    /// a restarted server's interrupts are never older than its last life's.
-    irq_seq_base: u64,
-    /// Placed by the control panel: the routing table in force, and the
-    /// devices served here (those waiting for their state included).
-    table: Option<Arc<RoutingTable>>,
-    here: HashSet<u32>,
-}
-
-/// What a placed server does with a request.
-enum Verdict {
-    /// Serve it here and answer the client at this MAC.
-    Here(MacAddr),
-    /// Send it on to server `.1` at MAC `.0`.
-    Forward(MacAddr, u16),
-    Refuse(NackReason),
-}
-
-/// Where `req` goes by table `t`; fills in the device of a request that
-/// names none ([`ANY_DEVICE`]).
-fn place(t: &RoutingTable, addresses: &AddressMap, here: &HashSet<u32>, req: &mut IoRequest) -> Verdict {
-    let Some(client) = t.client_mac(req.route.client) else {
-        return Verdict::Refuse(NackReason::NotAuthorised);
-    };
-    if !t.may_send(req.route.vm, req.route.client) {
-        return Verdict::Refuse(NackReason::UnknownVm);
-    }
-    if !addresses.fill(req) {
-        match t.route(req.route.vm, req.space == dmfabric_wire::Space::Mmio, req.addr) {
-            Some(hit) => req.route.device = hit.device,
-            None => return Verdict::Refuse(NackReason::UnknownDevice),
-        }
-    }
-    if here.contains(&req.route.device) {
-        return Verdict::Here(MacAddr(client));
-    }
-    match t.placement(req.route.device).and_then(|p| Some((t.server_mac(p.server)?, p.server))) {
-        Some((mac, server)) if server != req.route.server => Verdict::Forward(MacAddr(mac), server),
-        _ => Verdict::Refuse(NackReason::UnknownDevice),
-    }
-}
-
-/// The interrupts of one (client, VM), delivered in order, stop-and-wait:
-/// the next is sent once the one in flight is acknowledged, so a lost frame
-/// can never let a later level overtake an earlier one.
-#[derive(Debug)]
-struct IrqStream {
-    key: (u16, u32),
-    next_seq: u64,
-    in_flight: Option<PendingIrq>,
-    queue: std::collections::VecDeque<(Interrupt, MacAddr)>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct PendingIrq {
-    irq: Interrupt,
-    to: MacAddr,
-    sent: Instant,
-    tries: u32,
-}
-
-/// Interrupts one (client, VM) stream may queue behind the one in flight.
-pub const IRQ_STREAM_QUEUE: usize = 1024;
-
-/// How long an interrupt waits for its ack before it is sent again.
-pub const IRQ_RETRY: Duration = Duration::from_millis(20);
-/// Sends of one interrupt before the server gives up on it.
-pub const IRQ_TRIES: u32 = 50;
+use crate::backend::{Backend, Done, Inline, Job, ShardStats};
+use crate::env::{DeviceEnv, VmEvent};
+use crate::interrupts::IrqStreams;
+use crate::placement::{Arrival, Departure, PlacementLink, Plan, StreamAnswer, HELD_MAX};
+use crate::rx::{self, Dropped, Refusal, Rx, View};
+pub use crate::stats::ServerStats;
+use crate::table::{AddressMap, Devices};
 
 fn stream_of(route: &Route) -> StreamKey {
     StreamKey::new(route.client, route.vm, route.vcpu)
 }
 
-impl Frontend {
-    pub fn new(id: u16, mac: MacAddr) -> Frontend {
-        Frontend {
+/// What a server placed by the control panel keeps on its core.
+#[derive(Debug)]
+struct Placed {
+    link: Arc<PlacementLink>,
+    table: Arc<RoutingTable>,
+    /// The devices served here (arriving ones included).
+    here: HashSet<u32>,
+    /// Devices waiting for their state, with the requests held meanwhile.
+    arriving: HashMap<u32, Vec<(IoRequest, MacAddr)>>,
+    /// Devices being taken out, and where their state goes.
+    leaving: HashMap<u32, Option<u16>>,
+}
+
+/// A server: a poll-loop [`Handler`] over a [`Backend`].
+#[derive(Debug)]
+pub struct Server<B> {
+    id: u16,
+    mac: MacAddr,
+    stats: ServerStats,
+    malformed: [u64; WireError::ALL.len()],
+    streams: DupCache<IoCompletion>,
+    irqs: IrqStreams,
+    env: DeviceEnv,
+    backend: B,
+    /// Resolves requests that name no device (ANY_DEVICE) by address.
+    addresses: AddressMap,
+    placed: Option<Placed>,
+}
+
+impl Server<Inline> {
+    /// A run-to-completion server with id `id` answering from `mac` for `devices`.
+    pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server<Inline> {
+        Server::with_env(id, mac, devices, DeviceEnv::new())
+    }
+
+    /// The same, wired to `env` (whose consoles the caller serves).
+    pub fn with_env(id: u16, mac: MacAddr, devices: &[DeviceSpec], env: DeviceEnv) -> Server<Inline> {
+        let backend = Inline::new(Devices::new(devices, &env));
+        Server::unplaced(id, mac, env, backend, devices)
+    }
+}
+
+impl<B: Backend> Server<B> {
+    /// A server for the `devices` its `backend` runs, for any client.
+    pub fn unplaced(id: u16, mac: MacAddr, env: DeviceEnv, backend: B, devices: &[DeviceSpec]) -> Server<B> {
+        let mut s = Server::bare(id, mac, env, backend);
+        s.addresses = AddressMap::new(devices);
+        s
+    }
+
+    /// A server whose devices, forwarding and answers follow the plans its
+    /// planner ([`crate::placement::Planner`]) sends through `link`; the
+    /// plan already waiting there is in force at once.
+    pub fn placed(id: u16, mac: MacAddr, env: DeviceEnv, backend: B, link: Arc<PlacementLink>) -> Server<B> {
+        let mut s = Server::bare(id, mac, env, backend);
+        s.placed = Some(Placed {
+            link,
+            table: Arc::new(RoutingTable::default()),
+            here: HashSet::new(),
+            arriving: HashMap::new(),
+            leaving: HashMap::new(),
+        });
+        s.follow_placement(&mut FrameBatch::new(), Instant::now());
+        s
+    }
+
+    fn bare(id: u16, mac: MacAddr, env: DeviceEnv, backend: B) -> Server<B> {
+        Server {
             id,
             mac,
             stats: ServerStats::default(),
             malformed: [0; WireError::ALL.len()],
             streams: DupCache::default(),
+            irqs: IrqStreams::new(id, mac),
+            env,
+            backend,
             addresses: AddressMap::default(),
-            bindings: HashMap::new(),
-            irq_streams: Vec::new(),
-            irq_seq_base: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
-            table: None,
-            here: HashSet::new(),
+            placed: None,
         }
     }
 
-    /// Route by `table` from now on, serving `here` (and resolving
-    /// requests that name no device among `specs`).
-    pub fn set_table(&mut self, table: Arc<RoutingTable>, here: HashSet<u32>, specs: &[DeviceSpec]) {
-        self.follow_migrations(&table);
-        self.table = Some(table);
-        self.here = here;
-        self.set_devices(specs);
+    pub fn id(&self) -> u16 {
+        self.id
     }
 
-    /// VMs that moved to another client platform: their devices'
-    /// interrupts go there from now on, those not yet acknowledged included
-    /// (the old platform refuses interrupts from the moment it holds a VM
-    /// to save it, so an unacknowledged one is not in the saved state).
-    fn follow_migrations(&mut self, t: &RoutingTable) {
-        let mut moved: Vec<((u16, u32), MacAddr, Route)> = Vec::new();
-        for (mac, route) in self.bindings.values_mut() {
-            let Some(client) = t.client_of(route.vm).filter(|c| *c != route.client) else { continue };
-            let (Some(new_mac), Some(rec)) = (t.client_mac(client), t.db.clients.get(&client)) else { continue };
-            let old = (route.client, route.vm);
-            *route = Route { client, hypervisor: rec.hypervisor, ..*route };
-            *mac = MacAddr(new_mac);
-            moved.push((old, *mac, *route));
-        }
-        for (old, to, route) in moved {
-            let Some(i) = self.irq_streams.iter().position(|st| st.key == old) else { continue };
-            let old_stream = &mut self.irq_streams[i];
-            let in_flight = old_stream.in_flight.take().map(|p| (p.irq, p.to));
-            let queued: Vec<(Interrupt, MacAddr)> = in_flight.into_iter().chain(old_stream.queue.drain(..)).collect();
-            if queued.is_empty() {
-                continue;
-            }
-            let key = (route.client, route.vm);
-            let at = self.irq_stream(key);
-            let stream = &mut self.irq_streams[at];
-            for (irq, _) in queued {
-                let irq = Interrupt {
-                    route: Route { client: route.client, hypervisor: route.hypervisor, ..irq.route },
-                    seq: stream.next_seq,
-                    ..irq
-                };
-                stream.next_seq += 1;
-                stream.queue.push_back((irq, to));
-            }
-        }
+    pub fn env(&self) -> &DeviceEnv {
+        &self.env
     }
 
-    /// The revision of the table in force (0 when not placed).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The revision of the routing table in force (0 when not placed).
     pub fn table_revision(&self) -> u64 {
-        self.table.as_ref().map_or(0, |t| t.revision)
-    }
-
-    /// The stream entries whose latest answer came from `device`: what a
-    /// server taking the device over needs to answer retransmissions of
-    /// requests this one ran. (key, latest seq, the completion's frame)
-    pub fn streams_of_device(&self, device: u32) -> Vec<(u64, u64, Vec<u8>)> {
-        let mut out = Vec::new();
-        for (key, last, answer) in self.streams.entries() {
-            if let Some(c) = answer.filter(|c| c.route.device == device) {
-                let repr = FrameRepr::new(EthernetRepr { dst: self.mac, src: self.mac }, Message::IoCompletion(*c));
-                let mut buf = vec![0u8; repr.buffer_len()];
-                if repr.emit(&mut buf).is_ok() {
-                    out.push((key.raw(), last, buf));
-                }
-            }
-        }
-        out
-    }
-
-    /// Take over stream entries from [`Frontend::streams_of_device`] of another server.
-    pub fn adopt_streams(&mut self, streams: &[(u64, u64, Vec<u8>)]) {
-        for (key, last, frame) in streams {
-            if let Ok(FrameRepr { msg: Message::IoCompletion(c), .. }) = FrameRepr::parse_bytes(frame) {
-                self.streams.adopt(StreamKey::from_raw(*key), *last, Some(c));
-            }
-        }
-    }
-
-    /// Answer `req` from its stream's cache if the answer is there (a
-    /// request held while its device moved in, which the server it came
-    /// from had run already); true if it was.
-    pub fn answer_if_cached(&mut self, req: &IoRequest, to: MacAddr, tx: &mut FrameBatch) -> bool {
-        match self.streams.check(stream_of(&req.route), req.seq) {
-            Seen::Duplicate(Some(&answer)) => {
-                self.stats.duplicates_answered += 1;
-                self.reply(tx, to, Message::IoCompletion(answer));
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Count a request held for its device's state (or dropped when full).
-    pub fn count_held(&mut self, held: bool) {
-        if held {
-            self.stats.held += 1;
-        } else {
-            self.stats.held_dropped += 1;
-        }
-    }
-
-    /// Count a device that arrived with its state or left with it.
-    pub fn count_move(&mut self, arrived: bool) {
-        if arrived {
-            self.stats.devices_arrived += 1;
-        } else {
-            self.stats.devices_left += 1;
-        }
-    }
-
-    /// Let requests that name no device be resolved by address among `specs`.
-    pub fn set_devices(&mut self, specs: &[DeviceSpec]) {
-        self.addresses = AddressMap::new(specs);
-    }
-
-    /// Remember who uses `req`'s device: its interrupts go there.
-    fn bind(&mut self, req: &IoRequest, from: MacAddr) {
-        let route = Route { server: self.id, vcpu: 0, ..req.route };
-        self.bindings.insert(req.route.device, (from, route));
-    }
-
-    /// The index of (client, VM) `key`'s interrupt stream, made if new.
-    fn irq_stream(&mut self, key: (u16, u32)) -> usize {
-        match self.irq_streams.iter().position(|st| st.key == key) {
-            Some(i) => i,
-            None => {
-                let next_seq = self.irq_seq_base;
-                self.irq_streams.push(IrqStream { key, next_seq, in_flight: None, queue: Default::default() });
-                self.irq_streams.len() - 1
-            }
-        }
-    }
-
-    /// Send the interrupts the device models queued (each stream's next
-    /// one once the previous is acknowledged), and again those whose ack is
-    /// overdue.
-    pub fn send_interrupts(&mut self, irqs: &IrqQueue, tx: &mut FrameBatch, now: Instant) {
-        self.stats.interrupts_queue_full = irqs.dropped();
-        while let Some(e) = irqs.pop() {
-            let Some(&(to, route)) = self.bindings.get(&e.device) else {
-                self.stats.interrupts_unbound += 1;
-                continue;
-            };
-            let key = (route.client, route.vm);
-            let at = self.irq_stream(key);
-            let stream = &mut self.irq_streams[at];
-            if stream.queue.len() >= IRQ_STREAM_QUEUE {
-                self.stats.interrupts_queue_full += 1;
-                continue;
-            }
-            let irq = Interrupt { route, seq: stream.next_seq, source: e.source, trigger: e.trigger };
-            stream.next_seq += 1;
-            stream.queue.push_back((irq, to));
-        }
-        for i in 0..self.irq_streams.len() {
-            if tx.is_full() {
-                break;
-            }
-            let stream = &mut self.irq_streams[i];
-            match stream.in_flight {
-                None => {
-                    let Some((irq, to)) = stream.queue.pop_front() else { continue };
-                    stream.in_flight = Some(PendingIrq { irq, to, sent: now, tries: 1 });
-                    self.stats.interrupts += 1;
-                    self.send_irq(tx, to, irq, false);
-                }
-                Some(p) if now.saturating_duration_since(p.sent) < IRQ_RETRY => {}
-                Some(p) if p.tries >= IRQ_TRIES => {
-                    self.stats.interrupts_given_up += 1;
-                    stream.in_flight = None;
-                }
-                Some(p) => {
-                    stream.in_flight = Some(PendingIrq { sent: now, tries: p.tries + 1, ..p });
-                    self.stats.interrupt_retransmits += 1;
-                    self.send_irq(tx, p.to, p.irq, true);
-                }
-            }
-        }
-    }
-
-    fn send_irq(&mut self, tx: &mut FrameBatch, to: MacAddr, irq: Interrupt, retransmit: bool) {
-        let mut repr = FrameRepr::new(EthernetRepr { dst: to, src: self.mac }, Message::Interrupt(irq));
-        repr.retransmit = retransmit;
-        if !tx.push_with(|buf| repr.emit(buf).ok()) {
-            self.stats.tx_full += 1;
-        }
-    }
-
-    /// Tell the clients of VMs what their devices asked for (an i8042 reset).
-    pub fn send_vm_events(&mut self, events: &VmEvents, tx: &mut FrameBatch) {
-        while !tx.is_full() {
-            let Some((device, event)) = events.pop() else { break };
-            let Some(&(to, route)) = self.bindings.get(&device) else {
-                self.stats.vm_events_unbound += 1;
-                continue;
-            };
-            let payload = match event {
-                VmEvent::Reset => [dmfabric_wire::LIFECYCLE_RESET],
-            };
-            self.stats.vm_resets += 1;
-            let msg =
-                ControlMsg { route: Route { device, ..route }, seq: 0, op: ControlOp::Lifecycle, payload: &payload };
-            self.reply(tx, to, Message::Control(msg));
-        }
-    }
-
-    /// When an interrupt in flight is due for a retransmit.
-    pub fn next_retransmit(&self) -> Option<Instant> {
-        self.irq_streams.iter().filter_map(|st| st.in_flight.map(|p| p.sent + IRQ_RETRY)).min()
+        self.placed.as_ref().map_or(0, |p| p.table.revision)
     }
 
     /// Interrupts not acknowledged yet (in flight or queued).
     pub fn interrupts_pending(&self) -> usize {
-        self.irq_streams.iter().map(|st| st.queue.len() + usize::from(st.in_flight.is_some())).sum()
+        self.irqs.pending()
     }
 
-    /// Counters so far (`unclaimed` is the devices' to add).
+    /// Counters so far (a sharded backend's per-device ones after [`Server::finish`]).
     pub fn stats(&self) -> ServerStats {
+        self.stats_with(self.backend.stats())
+    }
+
+    /// The split layout's counters, if that is the backend.
+    pub fn shard_stats(&self) -> Option<ShardStats> {
+        self.backend.stats().shards
+    }
+
+    /// Stop the backend's workers; every counter.
+    pub fn finish(&mut self) -> (ServerStats, Option<ShardStats>) {
+        let b = self.backend.finish();
+        let shards = b.shards.clone();
+        (self.stats_with(b), shards)
+    }
+
+    fn stats_with(&self, b: crate::backend::BackendStats) -> ServerStats {
+        let i = self.irqs.stats();
         let mut s = self.stats.clone();
         s.malformed = WireError::ALL
             .iter()
             .filter(|e| self.malformed[e.index()] > 0)
             .map(|e| (e.name(), self.malformed[e.index()]))
             .collect();
+        s.interrupts = i.sent;
+        s.interrupt_retransmits = i.retransmits;
+        s.interrupt_acks = i.acks;
+        s.interrupt_acks_stale = i.acks_stale;
+        s.interrupts_unbound = i.unbound;
+        s.interrupts_given_up = i.given_up;
+        s.interrupts_queue_full = i.queue_full;
+        s.interrupts_coalesced = i.coalesced;
+        s.vm_events_dropped = self.env.events.dropped();
+        s.tx_full += i.tx_full;
+        s.unclaimed = b.unclaimed;
+        s.devices = b.devices;
         s
     }
 
-    /// Handle everything about a received frame except running a device:
-    /// returns the request to execute and whom to answer, if any.
-    pub fn classify(&mut self, bytes: &[u8], tx: &mut FrameBatch) -> Option<(IoRequest, MacAddr)> {
-        if bytes.len() >= 14 && bytes[12..14] != ETHERTYPE_DMFABRIC.to_be_bytes() {
-            self.stats.foreign += 1;
-            return None;
+    fn view(&self) -> View<'_> {
+        View {
+            server: self.id,
+            mac: self.mac,
+            addresses: &self.addresses,
+            placed: self.placed.as_ref().map(|p| rx::Placed { table: &p.table, here: &p.here }),
         }
-        let repr = match FrameRepr::parse_bytes(bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                self.malformed[e.index()] += 1;
-                return None;
+    }
+
+    /// A request that passed the duplicate check: run it on its device, or
+    /// hold it while the device's state is on its way here.
+    fn run(&mut self, req: IoRequest, reply_to: MacAddr, tx: &mut FrameBatch, now: Instant) {
+        if let Some(held) = self.placed.as_mut().and_then(|p| p.arriving.get_mut(&req.route.device)) {
+            if held.len() < HELD_MAX {
+                held.push((req, reply_to));
+                self.stats.held += 1;
+            } else {
+                self.stats.held_dropped += 1;
             }
-        };
-        let from = repr.eth.src;
-        if repr.eth.dst != self.mac && !repr.eth.dst.is_multicast() {
-            self.stats.not_for_us += 1;
-            return None;
+            return;
         }
-        match repr.msg {
-            Message::IoRequest(mut req) => {
-                self.stats.requests += 1;
-                if req.route.server != self.id {
-                    self.nack(tx, from, &req, NackReason::WrongServer);
-                    return None;
-                }
-                let mut to = from;
-                let verdict = self.table.as_ref().map(|t| place(t, &self.addresses, &self.here, &mut req));
-                match verdict {
-                    None if !self.addresses.fill(&mut req) => {
-                        self.nack(tx, from, &req, NackReason::UnknownDevice);
-                        return None;
-                    }
-                    None => {}
-                    Some(Verdict::Here(client)) => to = client,
-                    Some(Verdict::Forward(mac, server)) => {
-                        self.stats.forwarded += 1;
-                        let req = IoRequest { route: Route { server, ..req.route }, ..req };
-                        let mut fwd = FrameRepr::new(EthernetRepr { dst: mac, src: self.mac }, Message::IoRequest(req));
-                        fwd.retransmit = repr.retransmit;
-                        if !tx.push_with(|buf| fwd.emit(buf).ok()) {
-                            self.stats.tx_full += 1;
-                        }
-                        return None;
-                    }
-                    Some(Verdict::Refuse(reason)) => {
-                        self.nack(tx, from, &req, reason);
-                        return None;
-                    }
-                }
-                match self.streams.check(stream_of(&req.route), req.seq) {
-                    Seen::New => {
-                        self.bind(&req, to);
-                        Some((req, to))
-                    }
-                    Seen::Duplicate(Some(&answer)) => {
-                        self.stats.duplicates_answered += 1;
-                        self.reply(tx, to, Message::IoCompletion(answer));
-                        None
-                    }
-                    Seen::Duplicate(None) => {
-                        self.stats.duplicates_in_flight += 1;
-                        None
-                    }
-                    Seen::Stale => {
-                        self.stats.stale += 1;
-                        None
-                    }
-                }
+        if let Some(done) = self.backend.submit(Job { req, reply_to, queued: now }, now) {
+            self.done(done, tx);
+        }
+    }
+
+    /// Something came back from the models.
+    fn done(&mut self, done: Done, tx: &mut FrameBatch) {
+        match done {
+            Done::Ran { result: Ok(cmp), to } => {
+                self.stats.completions += 1;
+                self.streams.answered(stream_of(&cmp.route), cmp.seq, cmp);
+                self.reply(tx, to, Message::IoCompletion(cmp));
             }
-            Message::Control(ControlMsg { op: ControlOp::Hello, route, seq, .. }) => {
-                self.stats.hellos += 1;
-                // A client says Hello when it starts: its sequence numbers start over.
-                self.stats.streams_reset += self.streams.forget_client(route.client) as u64;
-                let route = Route { server: self.id, ..route };
-                let reply = ControlMsg { route, seq, op: ControlOp::HelloReply, payload: &[] };
-                self.reply(tx, from, Message::Control(reply));
-                None
-            }
-            Message::InterruptAck(ack) => {
-                let key = (ack.route.client, ack.route.vm);
-                let stream = self.irq_streams.iter_mut().find(|st| st.key == key);
-                match stream {
-                    Some(st) if st.in_flight.is_some_and(|p| p.irq.seq == ack.seq) => {
-                        st.in_flight = None;
-                        self.stats.interrupt_acks += 1;
-                        // The stream's next interrupt goes out in this loop's on_poll.
-                    }
-                    _ => self.stats.interrupt_acks_stale += 1,
-                }
-                None
-            }
-            _ => {
-                self.stats.unexpected_kind += 1;
-                None
+            Done::Ran { result: Err((req, why)), to } => self.nack(tx, to, &req, why),
+            Done::Removed { id, state } => {
+                let Some(p) = self.placed.as_mut() else { return };
+                let to = p.leaving.remove(&id).flatten();
+                let answers = answers_of(&self.streams, id);
+                p.link.depart(Departure { id, to, state, answers });
+                self.stats.devices_left += u64::from(to.is_some());
             }
         }
     }
 
-    /// Send a completion to `to`.
-    pub fn complete(&mut self, tx: &mut FrameBatch, to: MacAddr, cmp: IoCompletion) {
-        self.stats.completions += 1;
-        self.streams.answered(stream_of(&cmp.route), cmp.seq, cmp);
-        self.reply(tx, to, Message::IoCompletion(cmp));
-    }
-
-    /// Refuse `req`.
-    pub fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, reason: NackReason) {
-        match reason {
-            NackReason::UnknownDevice => self.stats.nack_unknown_device += 1,
-            NackReason::WrongServer => self.stats.nack_wrong_server += 1,
-            NackReason::NotAuthorised
-                if self.table.as_ref().is_some_and(|t| t.client_mac(req.route.client).is_none()) =>
-            {
-                self.stats.nack_unknown_client += 1
-            }
-            NackReason::NotAuthorised => self.stats.nack_other_vm += 1,
-            NackReason::UnknownVm => self.stats.nack_unknown_vm += 1,
-            NackReason::BadVersion => {}
+    fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, why: Refusal) {
+        match why {
+            Refusal::UnknownDevice => self.stats.nack_unknown_device += 1,
+            Refusal::WrongServer => self.stats.nack_wrong_server += 1,
+            Refusal::OtherVm => self.stats.nack_other_vm += 1,
+            Refusal::UnknownVm => self.stats.nack_unknown_vm += 1,
+            Refusal::UnknownClient => self.stats.nack_unknown_client += 1,
         }
-        let msg = Message::Nack(Nack { route: req.route, seq: req.seq, reason, nacked: Kind::IoRequest });
+        let msg =
+            Message::Nack(Nack { route: req.route, seq: req.seq, reason: why.nack_reason(), nacked: Kind::IoRequest });
         self.reply(tx, to, msg);
     }
 
@@ -605,232 +243,172 @@ impl Frontend {
             self.stats.tx_full += 1;
         }
     }
-}
 
-/// A whole server on one core (run-to-completion): a poll-loop [`Handler`].
-#[derive(Debug)]
-pub struct Server {
-    frontend: Frontend,
-    devices: Devices,
-    env: DeviceEnv,
-    placed: Option<Placed>,
-}
-
-/// What a server placed by the control panel keeps (see [`crate::placed`]).
-#[derive(Debug)]
-struct Placed {
-    routes: Arc<LiveRoutes>,
-    transit: Arc<Transit>,
-    /// Specs of the devices served here, arriving ones included.
-    specs: HashMap<u32, DeviceSpec>,
-    /// Devices waiting for their state: since when, and the requests held meanwhile.
-    arriving: HashMap<u32, (Instant, Vec<(IoRequest, MacAddr)>)>,
-}
-
-impl Server {
-    /// A server with id `id` answering from `mac` for `devices`.
-    pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server {
-        Server::with_env(id, mac, devices, DeviceEnv::new(devices))
+    /// Swap in the plans and arrivals the planner prepared.
+    fn follow_placement(&mut self, tx: &mut FrameBatch, now: Instant) {
+        let Some((plans, arrivals)) = self.placed.as_ref().and_then(|p| p.link.take()) else { return };
+        for plan in plans {
+            self.apply(plan, tx, now);
+        }
+        for a in arrivals {
+            self.arrive(a, tx, now);
+        }
     }
 
-    /// The same, wired to `env` (whose consoles the caller serves).
-    pub fn with_env(id: u16, mac: MacAddr, devices: &[DeviceSpec], env: DeviceEnv) -> Server {
-        let mut frontend = Frontend::new(id, mac);
-        frontend.set_devices(devices);
-        Server { frontend, devices: Devices::new(devices, &env), env, placed: None }
-    }
-
-    /// A server whose devices, forwarding and answers follow the tables of
-    /// `routes` (swapped in by a store watch running `transit`'s chores).
-    pub fn placed(id: u16, mac: MacAddr, env: DeviceEnv, routes: Arc<LiveRoutes>, transit: Arc<Transit>) -> Server {
-        let mut s = Server {
-            frontend: Frontend::new(id, mac),
-            devices: Devices::new(&[], &env),
-            env,
-            placed: Some(Placed { routes, transit, specs: HashMap::new(), arriving: HashMap::new() }),
-        };
-        s.follow_table(Instant::now());
-        s
-    }
-
-    /// Pick up a new table if the watch swapped one in: add, remove and
-    /// hand over devices, and route by it.
-    fn follow_table(&mut self, now: Instant) {
+    fn apply(&mut self, plan: Plan, tx: &mut FrameBatch, now: Instant) {
+        for (id, to) in plan.leaving {
+            let Some(p) = self.placed.as_mut() else { return };
+            if p.arriving.remove(&id).is_some() {
+                // Moved on again before its state came: nothing to hand
+                // over, and its held requests are retransmitted by their clients.
+                continue;
+            }
+            p.leaving.insert(id, to);
+            if let Some(done) = self.backend.remove(id, now) {
+                self.done(done, tx);
+            }
+        }
         let Some(p) = self.placed.as_mut() else { return };
-        if p.routes.revision() == self.frontend.table_revision() && self.frontend.table.is_some() {
+        for (spec, model) in plan.add {
+            self.backend.install(&spec, model, now);
+        }
+        for id in plan.arriving {
+            p.arriving.entry(id).or_default();
+        }
+        self.irqs.follow(&plan.moves);
+        p.table = plan.table;
+        p.here = plan.here;
+        self.addresses = plan.addresses;
+    }
+
+    /// A moved device's model is ready: install it, take over its last
+    /// server's answers, run what waited for it.
+    fn arrive(&mut self, a: Arrival, tx: &mut FrameBatch, now: Instant) {
+        let Some(p) = self.placed.as_mut() else { return };
+        let Some(held) = p.arriving.remove(&a.id) else {
+            // It moved on while its state was on its way: pass it on.
+            let to = p.table.placement(a.id).map(|pl| pl.server).filter(|s| *s != self.id);
+            p.link.depart(Departure { id: a.id, to, state: a.model.save(), answers: a.answers });
             return;
+        };
+        for (key, last, answer) in a.answers {
+            self.streams.adopt(key, last, Some(answer));
         }
-        let table = p.routes.load();
-        let old = self.frontend.table.clone();
-        let id = self.frontend.id;
-        let db = &table.db;
-        let mine: HashMap<u32, DeviceSpec> = crate::placed::specs_in(db, id)
-            .into_iter()
-            .filter_map(|r| r.map_err(|e| eprintln!("server {id}: {e}: not served")).ok())
-            .map(|s| (s.id, s))
-            .collect();
-        // Leaving: removed, or moved away with their state.
-        for dev in self.devices.ids() {
-            if mine.contains_key(&dev) {
+        self.backend.install(&a.spec, a.model, now);
+        self.stats.devices_arrived += u64::from(a.restored);
+        for (req, to) in held {
+            match self.streams.check(stream_of(&req.route), req.seq) {
+                // Run by the server it came from: answered from its cache.
+                Seen::Duplicate(Some(&answer)) => {
+                    self.stats.duplicates_answered += 1;
+                    self.reply(tx, to, Message::IoCompletion(answer));
+                }
+                _ => self.run(req, to, tx, now),
+            }
+        }
+    }
+
+    /// Tell the clients of VMs what their devices asked for (an i8042 reset).
+    fn send_vm_events(&mut self, tx: &mut FrameBatch) {
+        while !tx.is_full() {
+            let Some((device, event)) = self.env.events.pop() else { break };
+            let Some(b) = self.irqs.binding(device) else {
+                self.stats.vm_events_unbound += 1;
                 continue;
-            }
-            let Some(state) = self.devices.remove(dev, now) else { continue };
-            p.specs.remove(&dev);
-            match db.devices.get(&dev) {
-                Some(d) => {
-                    let handoff =
-                        Handoff { device: dev, from: id, state, streams: self.frontend.streams_of_device(dev) };
-                    let blob = serde_json::to_vec(&handoff).expect("handoffs serialise");
-                    eprintln!(
-                        "server {id}: device {dev} moves to server {}: {} bytes of state go with it",
-                        d.server,
-                        blob.len()
-                    );
-                    p.transit.send(dev, blob);
-                    self.frontend.count_move(false);
-                }
-                None => eprintln!("server {id}: device {dev} removed"),
-            }
+            };
+            let payload = match event {
+                VmEvent::Reset => [LIFECYCLE_RESET],
+            };
+            self.stats.vm_resets += 1;
+            let msg =
+                ControlMsg { route: Route { device, ..b.route }, seq: 0, op: ControlOp::Lifecycle, payload: &payload };
+            self.reply(tx, b.to, Message::Control(msg));
         }
-        for dev in p.arriving.keys().copied().collect::<Vec<_>>() {
-            if !mine.contains_key(&dev) {
-                // Moved on again before its state came: its held requests are retransmitted by their clients.
-                p.arriving.remove(&dev);
-                p.specs.remove(&dev);
-                p.transit.unwant(dev);
-            }
-        }
-        // Arriving: new ones start fresh, moved ones wait for their state.
-        for (dev, spec) in &mine {
-            if self.devices.contains(*dev) || p.arriving.contains_key(dev) {
-                continue;
-            }
-            let from = old.as_ref().and_then(|t| t.placement(*dev)).map(|pl| pl.server).filter(|s| *s != id);
-            match from {
-                Some(from) => {
-                    eprintln!("server {id}: device {dev} moves here from server {from}: waiting for its state");
-                    p.arriving.insert(*dev, (now, Vec::new()));
-                    p.transit.want(*dev);
-                }
-                None => {
-                    eprintln!("server {id}: device {dev} ({}) of VM {:?} added", spec.kind.name(), spec.vm);
-                    self.devices.insert(spec, self.env.build(spec, now), now);
-                }
-            }
-            p.specs.insert(*dev, spec.clone());
-        }
-        let specs: Vec<DeviceSpec> = p.specs.values().cloned().collect();
-        let here = p.specs.keys().copied().collect();
-        self.frontend.set_table(table, here, &specs);
-    }
-
-    /// Build the devices whose state arrived (or that waited too long for
-    /// it) and run the requests they held.
-    fn take_arrivals(&mut self, tx: &mut FrameBatch, now: Instant) {
-        let Some(p) = self.placed.as_mut() else { return };
-        let id = self.frontend.id;
-        let mut ready = Vec::new();
-        for (dev, blob) in p.transit.take_arrived() {
-            let Some((_, held)) = p.arriving.remove(&dev) else { continue };
-            let Some(spec) = p.specs.get(&dev).cloned() else { continue };
-            let model = serde_json::from_slice::<Handoff>(&blob).map_err(|e| e.to_string()).and_then(|h| {
-                self.frontend.adopt_streams(&h.streams);
-                self.env.restore(&spec, h.state, now).map(|m| (m, h.from)).map_err(|e| e.to_string())
-            });
-            match model {
-                Ok((model, from)) => {
-                    eprintln!(
-                        "server {id}: device {dev} arrived from server {from} with its state; {} requests waited",
-                        held.len()
-                    );
-                    self.devices.insert(&spec, model, now);
-                    self.frontend.count_move(true);
-                }
-                Err(e) => {
-                    eprintln!("server {id}: device {dev}'s saved state is unusable ({e}): starting it fresh");
-                    self.devices.insert(&spec, self.env.build(&spec, now), now);
-                }
-            }
-            ready.push(held);
-        }
-        let late: Vec<u32> = p
-            .arriving
-            .iter()
-            .filter(|(_, (since, _))| now.duration_since(*since) > STATE_WAIT)
-            .map(|(d, _)| *d)
-            .collect();
-        for dev in late {
-            let Some((_, held)) = p.arriving.remove(&dev) else { continue };
-            p.transit.unwant(dev);
-            let Some(spec) = p.specs.get(&dev).cloned() else { continue };
-            eprintln!("server {id}: no saved state for device {dev} within {STATE_WAIT:?}: starting it fresh");
-            self.devices.insert(&spec, self.env.build(&spec, now), now);
-            ready.push(held);
-        }
-        for (req, to) in ready.into_iter().flatten() {
-            if !self.frontend.answer_if_cached(&req, to, tx) {
-                self.run(&req, to, tx, now);
-            }
-        }
-    }
-
-    fn run(&mut self, req: &IoRequest, to: MacAddr, tx: &mut FrameBatch, now: Instant) {
-        match self.devices.execute(req, now) {
-            Ok(cmp) => self.frontend.complete(tx, to, cmp),
-            Err(Refused::UnknownDevice) => self.frontend.nack(tx, to, req, NackReason::UnknownDevice),
-            Err(Refused::OtherVm) => self.frontend.nack(tx, to, req, NackReason::NotAuthorised),
-        }
-    }
-
-    pub fn id(&self) -> u16 {
-        self.frontend.id
-    }
-
-    pub fn env(&self) -> &DeviceEnv {
-        &self.env
-    }
-
-    pub fn stats(&self) -> ServerStats {
-        ServerStats { unclaimed: self.devices.unclaimed(), devices: self.devices.counters(), ..self.frontend.stats() }
     }
 }
 
-impl Handler for Server {
+/// The stream entries whose latest answer came from `device`: what the
+/// server taking the device over needs to answer retransmissions of
+/// requests this one ran.
+fn answers_of(streams: &DupCache<IoCompletion>, device: u32) -> Vec<StreamAnswer> {
+    streams
+        .entries()
+        .filter_map(|(key, last, answer)| answer.filter(|c| c.route.device == device).map(|c| (key, last, *c)))
+        .collect()
+}
+
+impl<B: Backend> Handler for Server<B> {
     fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, now: Instant) {
-        if let Some((req, to)) = self.frontend.classify(bytes, tx) {
-            if let Some((_, held)) = self.placed.as_mut().and_then(|p| p.arriving.get_mut(&req.route.device)) {
-                let room = held.len() < HELD_MAX;
-                if room {
-                    held.push((req, to));
+        match rx::classify(bytes, &self.view()) {
+            Rx::Run { req, reply_to } => {
+                self.stats.requests += 1;
+                match self.streams.check(stream_of(&req.route), req.seq) {
+                    Seen::New => {
+                        self.irqs.bind(&req, reply_to);
+                        self.run(req, reply_to, tx, now);
+                    }
+                    Seen::Duplicate(Some(&answer)) => {
+                        self.stats.duplicates_answered += 1;
+                        self.reply(tx, reply_to, Message::IoCompletion(answer));
+                    }
+                    Seen::Duplicate(None) => self.stats.duplicates_in_flight += 1,
+                    Seen::Stale => self.stats.stale += 1,
                 }
-                self.frontend.count_held(room);
-                return;
             }
-            self.run(&req, to, tx, now);
+            Rx::Forward { req, to, retransmit } => {
+                self.stats.requests += 1;
+                self.stats.forwarded += 1;
+                let mut fwd = FrameRepr::new(EthernetRepr { dst: to, src: self.mac }, Message::IoRequest(req));
+                fwd.retransmit = retransmit;
+                if !tx.push_with(|buf| fwd.emit(buf).ok()) {
+                    self.stats.tx_full += 1;
+                }
+            }
+            Rx::Refuse { req, to, why } => {
+                self.stats.requests += 1;
+                self.nack(tx, to, &req, why);
+            }
+            Rx::Hello { from, route, seq } => {
+                self.stats.hellos += 1;
+                // A client says Hello when it starts: its sequence numbers start over.
+                self.stats.streams_reset += self.streams.forget_client(route.client) as u64;
+                let route = Route { server: self.id, ..route };
+                let reply = ControlMsg { route, seq, op: ControlOp::HelloReply, payload: &[] };
+                self.reply(tx, from, Message::Control(reply));
+            }
+            Rx::Ack(ack) => self.irqs.ack(&ack),
+            Rx::Drop(Dropped::Foreign) => self.stats.foreign += 1,
+            Rx::Drop(Dropped::Malformed(e)) => self.malformed[e.index()] += 1,
+            Rx::Drop(Dropped::NotForUs) => self.stats.not_for_us += 1,
+            Rx::Drop(Dropped::UnexpectedKind) => self.stats.unexpected_kind += 1,
         }
     }
 
     fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
-        if self.placed.is_some() {
-            self.follow_table(now);
-            self.take_arrivals(tx, now);
+        self.follow_placement(tx, now);
+        self.backend.tick(now);
+        while !tx.is_full() {
+            let Some(done) = self.backend.poll_done() else { break };
+            self.done(done, tx);
         }
-        self.devices.tick(now);
-        self.frontend.send_vm_events(&self.env.events, tx);
-        self.frontend.send_interrupts(&self.env.irqs, tx, now);
+        self.send_vm_events(tx);
+        self.irqs.take(&self.env.irqs);
+        self.irqs.send(tx, now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        // A placed server looks at its table and arrivals every few ms even when idle.
+        // A placed server looks for plans and arrivals every few ms even when idle.
         let watch = self.placed.as_ref().map(|_| Instant::now() + Duration::from_millis(5));
-        [self.devices.next_due(), self.frontend.next_retransmit(), watch].into_iter().flatten().min()
+        [self.backend.next_due(), self.irqs.next_retransmit(), watch].into_iter().flatten().min()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interrupts::{IRQ_RETRY, IRQ_TRIES};
     use dmfabric_devices::platform::pc;
+    use dmfabric_wire::NackReason;
     use dmfabric_wire::{AccessSize, Direction, IrqSource, Space, Status};
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
@@ -859,7 +437,7 @@ mod tests {
         buf
     }
 
-    fn answer(server: &mut Server, frame: &[u8]) -> Vec<Vec<u8>> {
+    fn answer(server: &mut Server<Inline>, frame: &[u8]) -> Vec<Vec<u8>> {
         let mut tx = FrameBatch::new();
         server.on_frame(frame, &mut tx, Instant::now());
         tx.iter().map(<[u8]>::to_vec).collect()
@@ -1006,7 +584,7 @@ mod tests {
     }
 
     /// The interrupts `on_poll` sends at `now`: (seq, trigger, retransmit).
-    fn poll_irqs(s: &mut Server, now: Instant) -> Vec<(u64, dmfabric_wire::Trigger, bool)> {
+    fn poll_irqs(s: &mut Server<Inline>, now: Instant) -> Vec<(u64, dmfabric_wire::Trigger, bool)> {
         let mut tx = FrameBatch::new();
         s.on_poll(&mut tx, now);
         tx.iter()
@@ -1062,6 +640,6 @@ mod tests {
         }
         assert_eq!(sent, IRQ_TRIES as usize);
         assert_eq!(s.stats().interrupts_given_up, 1);
-        assert_eq!(s.frontend.interrupts_pending(), 0);
+        assert_eq!(s.interrupts_pending(), 0);
     }
 }

@@ -1,12 +1,15 @@
-//! The split layout: a data-plane core runs the [`Frontend`] and hands each
-//! request to the worker core that owns the device's shard, over an SPSC
-//! ring; workers run the device models and hand completions back over a
-//! second ring; the data-plane core transmits them.
+//! The split layout as a [`Backend`]: worker cores each own a shard of
+//! the device models; the data-plane core hands each request to the worker
+//! whose shard holds the device, over an SPSC ring, and takes completions
+//! back over a second one. Devices are added, taken out and moved in by
+//! messages on the same rings, so placement and device moves work here as
+//! in the run-to-completion layout.
 //!
 //! Back-pressure: when a worker's request ring is full, requests wait in a
 //! bounded overflow queue on the data-plane core (counted); only past its
 //! bound are they dropped (counted too), and the client's retransmit covers
-//! them. Nothing is dropped silently.
+//! them. Nothing is dropped silently; messages that add or remove a device
+//! are never dropped.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,80 +17,30 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::poll::Handler;
 use dmfabric_dataplane::ring::{self, Consumer, Producer};
-use dmfabric_dataplane::FrameBatch;
-use dmfabric_wire::{IoCompletion, IoRequest, MacAddr, NackReason};
+use dmfabric_devices::{Device, DeviceSpec};
 use hdrhistogram::Histogram;
 
-use crate::devices::{DeviceEnv, Devices, Refused};
-use crate::server::{Frontend, ServerStats};
-use dmfabric_devices::DeviceSpec;
+use crate::backend::{Backend, BackendStats, Done, Job, ShardStats};
+use crate::env::DeviceEnv;
+use crate::table::Devices;
 
 /// Slots of each ring between the data-plane core and a worker.
 pub const RING_SLOTS: usize = 512;
 /// Requests that may wait on the data-plane core for one worker's full ring.
 pub const OVERFLOW_LIMIT: usize = 4096;
 
-/// A request for a worker, with whom to answer.
-#[derive(Debug, Clone, Copy)]
-struct Job {
-    req: IoRequest,
-    reply_to: MacAddr,
-    /// When the data-plane core handed it over (for the shard's hand-off latency).
-    queued: Instant,
-}
-
-/// A worker's answer: the completion, or why the device refused.
-#[derive(Debug, Clone, Copy)]
-struct Done {
-    result: Result<IoCompletion, (IoRequest, Refused)>,
-    to: MacAddr,
+/// What the data-plane core asks of a worker.
+enum Work {
+    Run(Job),
+    Install(Box<(DeviceSpec, Box<dyn Device>)>),
+    Remove(u32),
 }
 
 /// What a worker hands back when it stops.
 struct WorkerEnd {
     devices: Devices,
     handoff: Histogram<u64>,
-}
-
-/// Counters of the split layout on top of [`ServerStats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ShardStats {
-    /// Requests each worker executed.
-    pub executed: Vec<u64>,
-    /// Requests that found their worker's ring full and waited.
-    pub ring_full: u64,
-    /// Requests dropped because the overflow queue was full too.
-    pub overflow_dropped: u64,
-    /// Per worker: time from the data-plane core's hand-off to the worker
-    /// taking the request, p50 and p99 in nanoseconds (after `finish`).
-    pub handoff_p50_ns: Vec<u64>,
-    pub handoff_p99_ns: Vec<u64>,
-}
-
-/// The data-plane side: a poll-loop [`Handler`].
-pub struct ShardedServer {
-    frontend: Frontend,
-    /// Device id → worker, sorted by device id.
-    shard_of: Vec<(u32, usize)>,
-    to_workers: Vec<Producer<Job>>,
-    from_workers: Vec<Consumer<Done>>,
-    /// Per worker: requests waiting for room in its ring, in arrival order.
-    overflow: Vec<VecDeque<Job>>,
-    stats: ShardStats,
-    workers: Vec<JoinHandle<WorkerEnd>>,
-    stop_workers: Arc<AtomicBool>,
-    pause_workers: Arc<AtomicBool>,
-    /// Interrupts and VM requests raised on any worker, consoles: sent or
-    /// served from the data-plane side.
-    env: DeviceEnv,
-}
-
-impl std::fmt::Debug for ShardedServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardedServer").field("workers", &self.to_workers.len()).finish()
-    }
 }
 
 /// How a worker waits when it has nothing to do.
@@ -98,29 +51,60 @@ pub struct WorkerIdle {
     pub nap: Duration,
 }
 
-impl ShardedServer {
-    /// Start one worker thread per entry of `worker_cores` (pinned there)
-    /// and give each device to its configured shard (modulo the workers), or
-    /// device `i` of `devices` to worker `i % workers`.
-    pub fn start(
-        id: u16,
-        mac: MacAddr,
-        devices: &[DeviceSpec],
-        worker_cores: &[usize],
-        idle: WorkerIdle,
-    ) -> Result<ShardedServer, dmfabric_pinning::PinError> {
-        ShardedServer::start_with_env(id, mac, devices, worker_cores, idle, DeviceEnv::new(devices))
-    }
+/// Why the workers could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("Worker {worker}: {source}")]
+    Pin {
+        worker: usize,
+        #[source]
+        source: dmfabric_pinning::PinError,
+    },
+    #[error("Cannot start worker thread {worker}: {source}")]
+    Spawn {
+        worker: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
-    /// The same, wired to `env` (whose consoles the caller serves).
-    pub fn start_with_env(
-        id: u16,
-        mac: MacAddr,
+/// The models on worker cores.
+pub struct Sharded {
+    /// Device id → worker, sorted by device id.
+    shard_of: Vec<(u32, usize)>,
+    /// The next worker a device with no shard of its own goes to.
+    next_shard: usize,
+    to_workers: Vec<Producer<Work>>,
+    from_workers: Vec<Consumer<Done>>,
+    /// Which worker `poll_done` looks at first (round robin).
+    next_worker: usize,
+    /// Per worker: work waiting for room in its ring, in order.
+    overflow: Vec<VecDeque<Work>>,
+    stats: ShardStats,
+    workers: Vec<JoinHandle<WorkerEnd>>,
+    stop_workers: Arc<AtomicBool>,
+    pause_workers: Arc<AtomicBool>,
+    /// What the workers counted, once they stopped.
+    ended: Option<BackendStats>,
+}
+
+impl std::fmt::Debug for Sharded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sharded").field("workers", &self.to_workers.len()).finish()
+    }
+}
+
+impl Sharded {
+    /// Start one worker thread per entry of `worker_cores`, each pinned
+    /// there (a failure to pin or to start one is an error, and no worker
+    /// is left running), and give each device to its configured shard
+    /// (modulo the workers), or device `i` of `devices` to worker `i % workers`.
+    pub fn start(
         devices: &[DeviceSpec],
+        env: &DeviceEnv,
         worker_cores: &[usize],
         idle: WorkerIdle,
-        env: DeviceEnv,
-    ) -> Result<ShardedServer, dmfabric_pinning::PinError> {
+    ) -> Result<Sharded, ShardError> {
         let n = worker_cores.len().max(1);
         let mut shards: Vec<Vec<DeviceSpec>> = vec![Vec::new(); n];
         let mut shard_of = Vec::new();
@@ -131,44 +115,57 @@ impl ShardedServer {
         }
         shard_of.sort_unstable();
         shard_of.dedup_by_key(|(id, _)| *id);
-        let stop_workers = Arc::new(AtomicBool::new(false));
-        let pause_workers = Arc::new(AtomicBool::new(false));
-        let (mut to_workers, mut from_workers, mut workers) = (Vec::new(), Vec::new(), Vec::new());
-
-        for (w, specs) in shards.into_iter().enumerate() {
-            let (job_p, job_c) = ring::channel::<Job>(RING_SLOTS);
-            let (done_p, done_c) = ring::channel::<Done>(RING_SLOTS);
-            let core = worker_cores.get(w).copied();
-            let stop = stop_workers.clone();
-            let pause = pause_workers.clone();
-            let worker_env = env.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("dmf-worker-{w}"))
-                .spawn(move || {
-                    if let Some(c) = core {
-                        let _ = dmfabric_pinning::pin_current(c);
-                    }
-                    worker_loop(Devices::new(&specs, &worker_env), job_c, done_p, &stop, &pause, idle)
-                })
-                .expect("spawning a worker thread");
-            to_workers.push(job_p);
-            from_workers.push(done_c);
-            workers.push(handle);
-        }
-        let mut frontend = Frontend::new(id, mac);
-        frontend.set_devices(devices);
-        Ok(ShardedServer {
-            frontend,
+        let mut s = Sharded {
             shard_of,
-            to_workers,
-            from_workers,
+            next_shard: devices.len(),
+            to_workers: Vec::new(),
+            from_workers: Vec::new(),
+            next_worker: 0,
             overflow: (0..n).map(|_| VecDeque::new()).collect(),
             stats: ShardStats { executed: vec![0; n], ..ShardStats::default() },
-            workers,
-            stop_workers,
-            pause_workers,
-            env,
-        })
+            workers: Vec::new(),
+            stop_workers: Arc::new(AtomicBool::new(false)),
+            pause_workers: Arc::new(AtomicBool::new(false)),
+            ended: None,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), dmfabric_pinning::PinError>)>();
+        for (w, specs) in shards.into_iter().enumerate() {
+            let (work_p, work_c) = ring::channel::<Work>(RING_SLOTS);
+            let (done_p, done_c) = ring::channel::<Done>(RING_SLOTS);
+            let core = worker_cores.get(w).copied();
+            let (stop, pause, ready) = (s.stop_workers.clone(), s.pause_workers.clone(), ready_tx.clone());
+            let table = Devices::new(&specs, env);
+            let spawned = std::thread::Builder::new().name(format!("dmf-worker-{w}")).spawn(move || {
+                let pinned = core.map_or(Ok(()), dmfabric_pinning::pin_current);
+                let failed = pinned.is_err();
+                let _ = ready.send((w, pinned));
+                if failed {
+                    return WorkerEnd { devices: table, handoff: new_histogram() };
+                }
+                worker_loop(table, work_c, done_p, &stop, &pause, idle)
+            });
+            match spawned {
+                Ok(handle) => s.workers.push(handle),
+                Err(source) => {
+                    s.stop();
+                    return Err(ShardError::Spawn { worker: w, source });
+                }
+            }
+            s.to_workers.push(work_p);
+            s.from_workers.push(done_c);
+        }
+        drop(ready_tx);
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((worker, Err(source))) => {
+                    s.stop();
+                    return Err(ShardError::Pin { worker, source });
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(s)
     }
 
     /// Hold every worker before its next request (requests queue up in the
@@ -181,8 +178,43 @@ impl ShardedServer {
         self.shard_of.binary_search_by_key(&device, |(d, _)| *d).ok().map(|i| self.shard_of[i].1)
     }
 
-    /// Stop the workers and return the counters of the whole server.
-    pub fn finish(mut self) -> (ServerStats, ShardStats) {
+    /// Give `work` to worker `w`, in order behind anything waiting for it.
+    fn send(&mut self, w: usize, work: Work) {
+        let queue = &mut self.overflow[w];
+        let work = if queue.is_empty() {
+            match self.to_workers[w].push(work) {
+                Ok(()) => return,
+                Err(ring::PushError::Full(back)) => back,
+            }
+        } else {
+            work
+        };
+        if let Work::Run(_) = work {
+            self.stats.ring_full += 1;
+            if queue.len() >= OVERFLOW_LIMIT {
+                self.stats.overflow_dropped += 1;
+                return;
+            }
+        }
+        queue.push_back(work);
+    }
+
+    fn retry_overflow(&mut self) {
+        for (queue, ring) in self.overflow.iter_mut().zip(&mut self.to_workers) {
+            while let Some(work) = queue.pop_front() {
+                if let Err(ring::PushError::Full(back)) = ring.push(work) {
+                    queue.push_front(back);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Stop the workers and keep what they counted.
+    fn stop(&mut self) -> BackendStats {
+        if let Some(ended) = &self.ended {
+            return ended.clone();
+        }
         self.stop_workers.store(true, Ordering::Relaxed);
         let mut unclaimed = 0;
         let mut counters = Vec::new();
@@ -198,108 +230,110 @@ impl ShardedServer {
         self.stats.handoff_p50_ns = p50;
         self.stats.handoff_p99_ns = p99;
         counters.sort_by_key(|c| c.id);
-        let mut s = self.frontend.stats();
-        s.unclaimed = unclaimed;
-        s.devices = counters;
-        (s, self.stats.clone())
-    }
-
-    /// Counters so far (worker-side `unclaimed` only after [`finish`](Self::finish)).
-    pub fn stats(&self) -> (ServerStats, ShardStats) {
-        (self.frontend.stats(), self.stats.clone())
-    }
-
-    /// Move completions from the workers into `tx` while it has room.
-    fn drain_completions(&mut self, tx: &mut FrameBatch) {
-        for (w, ring) in self.from_workers.iter_mut().enumerate() {
-            while !tx.is_full() {
-                let Ok(done) = ring.pop() else { break };
-                self.stats.executed[w] += 1;
-                match done.result {
-                    Ok(cmp) => self.frontend.complete(tx, done.to, cmp),
-                    Err((req, Refused::UnknownDevice)) => {
-                        self.frontend.nack(tx, done.to, &req, NackReason::UnknownDevice)
-                    }
-                    Err((req, Refused::OtherVm)) => self.frontend.nack(tx, done.to, &req, NackReason::NotAuthorised),
-                }
-            }
-        }
-    }
-
-    fn retry_overflow(&mut self) {
-        for (queue, ring) in self.overflow.iter_mut().zip(&mut self.to_workers) {
-            while let Some(&job) = queue.front() {
-                if ring.push(job).is_err() {
-                    break;
-                }
-                queue.pop_front();
-            }
-        }
+        let ended = BackendStats { unclaimed, devices: counters, shards: Some(self.stats.clone()) };
+        self.ended = Some(ended.clone());
+        ended
     }
 }
 
-impl Drop for ShardedServer {
+impl Drop for Sharded {
     fn drop(&mut self) {
-        self.stop_workers.store(true, Ordering::Relaxed);
-        for h in self.workers.drain(..) {
-            let _ = h.join();
-        }
+        self.stop();
     }
 }
 
-impl Handler for ShardedServer {
-    fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, now: Instant) {
-        let Some((req, from)) = self.frontend.classify(bytes, tx) else { return };
-        let Some(w) = self.shard(req.route.device) else {
-            self.frontend.nack(tx, from, &req, NackReason::UnknownDevice);
-            return;
-        };
-        let job = Job { req, reply_to: from, queued: now };
-        // Keep order per worker: once something waits, everything for that
-        // worker waits behind it.
-        let queue = &mut self.overflow[w];
-        if queue.is_empty() && self.to_workers[w].push(job).is_ok() {
-            return;
-        }
-        self.stats.ring_full += 1;
-        if queue.len() < OVERFLOW_LIMIT {
-            queue.push_back(job);
-        } else {
-            self.stats.overflow_dropped += 1;
+impl Backend for Sharded {
+    fn submit(&mut self, job: Job, _now: Instant) -> Option<Done> {
+        match self.shard(job.req.route.device) {
+            Some(w) => {
+                self.send(w, Work::Run(job));
+                None
+            }
+            None => {
+                let why = crate::rx::Refusal::UnknownDevice;
+                Some(Done::Ran { result: Err((job.req, why)), to: job.reply_to })
+            }
         }
     }
 
-    fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
-        self.drain_completions(tx);
-        self.frontend.send_vm_events(&self.env.events, tx);
-        self.frontend.send_interrupts(&self.env.irqs, tx, now);
+    fn poll_done(&mut self) -> Option<Done> {
+        let n = self.from_workers.len();
+        for i in 0..n {
+            let w = (self.next_worker + i) % n;
+            if let Ok(done) = self.from_workers[w].pop() {
+                self.next_worker = (w + 1) % n;
+                if let Done::Ran { .. } = done {
+                    self.stats.executed[w] += 1;
+                }
+                return Some(done);
+            }
+        }
+        None
+    }
+
+    fn tick(&mut self, _now: Instant) {
+        // The workers run their models' timers; here, only what waits for room.
         self.retry_overflow();
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_due(&self) -> Option<Instant> {
         // Workers raise interrupts on their own timers: look at least every
-        // millisecond, sooner for a retransmit.
-        let soon = Instant::now() + Duration::from_millis(1);
-        Some(self.frontend.next_retransmit().map_or(soon, |r| r.min(soon)))
+        // millisecond.
+        Some(Instant::now() + Duration::from_millis(1))
     }
+
+    fn install(&mut self, spec: &DeviceSpec, model: Box<dyn Device>, _now: Instant) {
+        let n = self.to_workers.len().max(1);
+        let w = spec.shard.unwrap_or_else(|| {
+            self.next_shard += 1;
+            self.next_shard - 1
+        }) % n;
+        match self.shard_of.binary_search_by_key(&spec.id, |(d, _)| *d) {
+            Ok(i) => self.shard_of[i].1 = w,
+            Err(i) => self.shard_of.insert(i, (spec.id, w)),
+        }
+        self.send(w, Work::Install(Box::new((spec.clone(), model))));
+    }
+
+    fn remove(&mut self, id: u32, _now: Instant) -> Option<Done> {
+        let i = self.shard_of.binary_search_by_key(&id, |(d, _)| *d).ok()?;
+        let (_, w) = self.shard_of.remove(i);
+        self.send(w, Work::Remove(id));
+        None
+    }
+
+    fn stats(&self) -> BackendStats {
+        match &self.ended {
+            Some(e) => e.clone(),
+            None => BackendStats { unclaimed: 0, devices: Vec::new(), shards: Some(self.stats.clone()) },
+        }
+    }
+
+    fn finish(&mut self) -> BackendStats {
+        self.stop()
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds")
 }
 
 fn worker_loop(
     mut devices: Devices,
-    mut jobs: Consumer<Job>,
+    mut work: Consumer<Work>,
     mut done: Producer<Done>,
     stop: &AtomicBool,
     pause: &AtomicBool,
     idle: WorkerIdle,
 ) -> WorkerEnd {
-    let mut handoff = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds");
+    let mut handoff = new_histogram();
     let mut empty = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         // Timers and console input run on the shard's own loop.
         devices.tick(now);
-        let job = if pause.load(Ordering::Acquire) { None } else { jobs.pop().ok() };
-        let Some(job) = job else {
+        let next = if pause.load(Ordering::Acquire) { None } else { work.pop().ok() };
+        let Some(next) = next else {
             empty = empty.saturating_add(1);
             if empty >= idle.spin {
                 let nap = devices.next_due().map_or(idle.nap, |d| idle.nap.min(d.saturating_duration_since(now)));
@@ -311,9 +345,22 @@ fn worker_loop(
             continue;
         };
         empty = 0;
-        handoff.saturating_record(now.saturating_duration_since(job.queued).as_nanos() as u64);
-        let result = devices.execute(&job.req, now).map_err(|why| (job.req, why));
-        let mut item = Done { result, to: job.reply_to };
+        let mut item = match next {
+            Work::Run(job) => {
+                handoff.saturating_record(now.saturating_duration_since(job.queued).as_nanos() as u64);
+                let result = devices.execute(&job.req, now).map_err(|why| (job.req, why));
+                Done::Ran { result, to: job.reply_to }
+            }
+            Work::Install(b) => {
+                let (spec, model) = *b;
+                devices.insert(&spec, model, now);
+                continue;
+            }
+            Work::Remove(id) => match devices.remove(id, now) {
+                Some(state) => Done::Removed { id, state },
+                None => continue,
+            },
+        };
         // A full completion ring waits for the data-plane core to drain it.
         loop {
             match done.push(item) {
@@ -334,8 +381,21 @@ fn worker_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::Server;
+    use dmfabric_dataplane::poll::Handler;
+    use dmfabric_dataplane::FrameBatch;
     use dmfabric_devices::platform::pc;
-    use dmfabric_wire::{AccessSize, Direction, EthernetRepr, FrameRepr, Message, Route, Space, Status};
+    use dmfabric_wire::{
+        AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space, Status,
+    };
+
+    const IDLE: WorkerIdle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
+
+    fn start(devices: &[DeviceSpec], cores: &[usize]) -> Server<Sharded> {
+        let env = DeviceEnv::new();
+        let backend = Sharded::start(devices, &env, cores, IDLE).unwrap();
+        Server::unplaced(1, SERVER, env, backend, devices)
+    }
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
     const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
@@ -357,7 +417,7 @@ mod tests {
     }
 
     /// Feed frames and poll until `want` replies came back (bounded).
-    fn exchange(s: &mut ShardedServer, frames: &[Vec<u8>], want: usize) -> Vec<Message<'static>> {
+    fn exchange(s: &mut Server<Sharded>, frames: &[Vec<u8>], want: usize) -> Vec<Message<'static>> {
         let mut tx = FrameBatch::new();
         let mut out = Vec::new();
         for f in frames {
@@ -378,8 +438,7 @@ mod tests {
     #[test]
     fn requests_reach_the_owning_worker_and_come_back() {
         let devices: Vec<DeviceSpec> = (1..=4).map(|id| DeviceSpec { id, ..pc::test_device(1) }).collect();
-        let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
-        let mut s = ShardedServer::start(1, SERVER, &devices, &[0, 0], idle).unwrap();
+        let mut s = start(&devices, &[0, 0]);
         let writes: Vec<Vec<u8>> =
             (1..=4).map(|d| request(d, u64::from(d), Direction::Write, 100 + u64::from(d))).collect();
         assert_eq!(exchange(&mut s, &writes, 4).len(), 4);
@@ -400,6 +459,7 @@ mod tests {
         let nack = exchange(&mut s, &[request(9, 99, Direction::Read, 0)], 1);
         assert!(matches!(nack[..], [Message::Nack(_)]));
         let (stats, shard) = s.finish();
+        let shard = shard.unwrap();
         assert_eq!((stats.requests, stats.completions, stats.nack_unknown_device), (9, 8, 1));
         assert_eq!(shard.executed, vec![4, 4], "devices 1,3 on worker 0 and 2,4 on worker 1");
     }
@@ -407,18 +467,17 @@ mod tests {
     #[test]
     fn a_full_ring_waits_in_order_and_loses_nothing() {
         let devices = [pc::test_device(1)];
-        let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
-        let mut s = ShardedServer::start(1, SERVER, &devices, &[0], idle).unwrap();
+        let mut s = start(&devices, &[0]);
         // A held worker takes nothing, so its ring fills and the rest waits.
-        s.pause_workers(true);
+        s.backend().pause_workers(true);
         let n = RING_SLOTS + 300;
         let frames: Vec<Vec<u8>> = (0..n as u64).map(|i| request(1, i, Direction::Write, i)).collect();
         let mut tx = FrameBatch::new();
         for f in &frames {
             s.on_frame(f, &mut tx, Instant::now());
         }
-        assert_eq!(s.stats().1.ring_full, 300);
-        s.pause_workers(false);
+        assert_eq!(s.shard_stats().unwrap().ring_full, 300);
+        s.backend().pause_workers(false);
         let mut seqs = Vec::new();
         let end = Instant::now() + Duration::from_secs(10);
         while seqs.len() < n && Instant::now() < end {
@@ -431,14 +490,13 @@ mod tests {
             tx.clear();
         }
         assert_eq!(seqs, (0..n as u64).collect::<Vec<_>>(), "all answered, in order");
-        assert_eq!(s.stats().1.overflow_dropped, 0);
+        assert_eq!(s.shard_stats().unwrap().overflow_dropped, 0);
     }
 
     #[test]
     fn a_timer_on_a_worker_shard_interrupts_through_the_data_plane_core() {
         let devices = pc::PcLayout::new(7).unwrap().specs();
-        let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
-        let mut s = ShardedServer::start(1, SERVER, &devices, &[0, 0], idle).unwrap();
+        let mut s = start(&devices, &[0, 0]);
         let pio = |seq: u64, addr: u64, data: u64| {
             let req = IoRequest {
                 route: Route { server: 1, client: 3, vm: 7, vcpu: 0, device: 0, hypervisor: 1 },
@@ -493,5 +551,12 @@ mod tests {
         assert!(seen >= 5, "timer interrupts from the worker: {seen}");
         let (stats, _) = s.finish();
         assert!(stats.interrupt_acks >= 5, "{stats}");
+    }
+
+    #[test]
+    fn a_worker_that_cannot_be_pinned_is_an_error_not_a_silent_start() {
+        let env = DeviceEnv::new();
+        let err = Sharded::start(&[pc::test_device(1)], &env, &[0, 1000], IDLE).err();
+        assert!(matches!(err, Some(ShardError::Pin { worker: 1, .. })), "{err:?}");
     }
 }

@@ -1,10 +1,11 @@
 //! A server placed by the control panel, driven frame by frame: it
 //! forwards what another server holds, answers clients at the MACs the
 //! control panel gave, refuses ids it does not know, and hands a device
-//! over to another server with its state and its latest answers.
+//! over to another server with its state and its latest answers — in the
+//! run-to-completion layout and with the models on worker shards.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dmfabric_control::model::{
     Change, ClientPlatform, Db, Device, Range, Server as ServerRec, ServerRole, Vm, VmState,
@@ -13,8 +14,12 @@ use dmfabric_control::routing::{LiveRoutes, RoutingTable};
 use dmfabric_control::store::RedbStore;
 use dmfabric_dataplane::poll::Handler;
 use dmfabric_dataplane::FrameBatch;
-use dmfabric_dm_workers::placed::Transit;
-use dmfabric_dm_workers::server::{DeviceEnv, Server};
+use dmfabric_dm_workers::backend::{Backend, Inline};
+use dmfabric_dm_workers::env::DeviceEnv;
+use dmfabric_dm_workers::placement::{PlacementLink, Planner};
+use dmfabric_dm_workers::server::Server;
+use dmfabric_dm_workers::sharded::{Sharded, WorkerIdle};
+use dmfabric_dm_workers::table::Devices;
 use dmfabric_wire::{
     AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, NackReason, Route, Space,
 };
@@ -103,16 +108,53 @@ fn write(to: MacAddr, device: u32, seq: u64, addr: u64, data: u64) -> Req {
     Req { dir: Direction::Write, data, ..read(to, device, seq, addr) }
 }
 
-fn feed(s: &mut Server, f: &[u8]) -> Vec<Vec<u8>> {
-    let mut tx = FrameBatch::new();
-    s.on_frame(f, &mut tx, Instant::now());
-    tx.iter().map(<[u8]>::to_vec).collect()
+/// How a test server runs its models.
+type MakeBackend = fn(&DeviceEnv) -> Box<dyn Backend>;
+
+fn inline(env: &DeviceEnv) -> Box<dyn Backend> {
+    Box::new(Inline::new(Devices::new(&[], env)))
 }
 
-fn poll(s: &mut Server) -> Vec<Vec<u8>> {
+fn sharded(env: &DeviceEnv) -> Box<dyn Backend> {
+    let idle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
+    Box::new(Sharded::start(&[], env, &[0, 0], idle).unwrap())
+}
+
+type TestServer = Server<Box<dyn Backend>>;
+
+/// `f` in, and what comes out within a second (the sharded backend
+/// answers from its workers): at least `want` frames.
+fn feed_want(s: &mut TestServer, f: &[u8], want: usize) -> Vec<Vec<u8>> {
+    let mut tx = FrameBatch::new();
+    s.on_frame(f, &mut tx, Instant::now());
+    let mut out: Vec<Vec<u8>> = tx.iter().map(<[u8]>::to_vec).collect();
+    let end = Instant::now() + Duration::from_secs(1);
+    while out.len() < want && Instant::now() < end {
+        out.extend(poll(s));
+    }
+    out
+}
+
+/// `f` in, and what comes out at once.
+fn feed(s: &mut TestServer, f: &[u8]) -> Vec<Vec<u8>> {
+    feed_want(s, f, 0)
+}
+
+fn poll(s: &mut TestServer) -> Vec<Vec<u8>> {
     let mut tx = FrameBatch::new();
     s.on_poll(&mut tx, Instant::now());
     tx.iter().map(<[u8]>::to_vec).collect()
+}
+
+/// Poll until something comes out (or a second passed).
+fn poll_some(s: &mut TestServer) -> Vec<Vec<u8>> {
+    let end = Instant::now() + Duration::from_secs(1);
+    loop {
+        let out = poll(s);
+        if !out.is_empty() || Instant::now() > end {
+            return out;
+        }
+    }
 }
 
 fn one(frames: &[Vec<u8>]) -> FrameRepr<'_> {
@@ -121,24 +163,38 @@ fn one(frames: &[Vec<u8>]) -> FrameRepr<'_> {
 }
 
 struct Pair {
-    s10: Server,
-    s11: Server,
+    s10: TestServer,
+    s11: TestServer,
     routes: [Arc<LiveRoutes>; 2],
-    transit: [Arc<Transit>; 2],
+    planners: [Planner; 2],
 }
 
-fn pair(db: &Db) -> Pair {
+impl Pair {
+    /// Both servers see table revision `revision` of `db`, planned.
+    fn swap(&mut self, db: &Db, revision: u64) {
+        for (r, p) in self.routes.iter().zip(&mut self.planners) {
+            r.swap(RoutingTable::build(db, revision));
+            p.plan();
+        }
+    }
+}
+
+fn pair(db: &Db, backend: MakeBackend) -> Pair {
     let routes = [0, 1].map(|_| Arc::new(LiveRoutes::new(RoutingTable::build(db, 1))));
-    let transit = [0, 1].map(|_| Transit::new());
-    let env = || DeviceEnv::new(&[]);
-    let s10 = Server::placed(10, S10, env(), routes[0].clone(), transit[0].clone());
-    let s11 = Server::placed(11, S11, env(), routes[1].clone(), transit[1].clone());
-    Pair { s10, s11, routes, transit }
+    let make = |id: u16, mac: MacAddr, routes: &Arc<LiveRoutes>| {
+        let (env, link) = (DeviceEnv::new(), PlacementLink::new());
+        let planner = Planner::new(id, mac, routes.clone(), env.clone(), link.clone());
+        let server = Server::placed(id, mac, env.clone(), backend(&env), link);
+        (server, planner)
+    };
+    let (s10, p10) = make(10, S10, &routes[0]);
+    let (s11, p11) = make(11, S11, &routes[1]);
+    Pair { s10, s11, routes, planners: [p10, p11] }
 }
 
 #[test]
 fn the_owner_forwards_and_the_io_server_answers_the_client_directly() {
-    let mut p = pair(&db());
+    let mut p = pair(&db(), inline);
     // Device 2 is on server 11: the owner sends it on, with server 11's id.
     let out = feed(&mut p.s10, &write(S10, 2, 1, 0x602, 0x1234).frame());
     let fwd = one(&out);
@@ -170,6 +226,15 @@ fn the_owner_forwards_and_the_io_server_answers_the_client_directly() {
 
 #[test]
 fn a_device_moves_with_its_state_and_its_latest_answer() {
+    moves_with_its_state(inline);
+}
+
+#[test]
+fn a_device_moves_between_sharded_servers_too() {
+    moves_with_its_state(sharded);
+}
+
+fn moves_with_its_state(backend: MakeBackend) {
     /// Removes the store file, also when the test fails.
     struct Remove(std::path::PathBuf);
     impl Drop for Remove {
@@ -181,37 +246,37 @@ fn a_device_moves_with_its_state_and_its_latest_answer() {
     let _ = std::fs::remove_file(&path.0);
     let store = RedbStore::open(&path.0).unwrap();
     let mut d = db();
-    let mut p = pair(&d);
-    let mut chores = p.transit.clone().map(|t| t.chores());
+    let mut p = pair(&d, backend);
     // Device 1 on server 10 gets a value.
-    assert!(matches!(one(&feed(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame())).msg,
+    assert!(matches!(one(&feed_want(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame(), 1)).msg,
         Message::IoCompletion(c) if c.seq == 5));
     // The control panel moves it to server 11; server 11 sees the table first.
     d.apply(&[Change::UpdateDevice(regfile(1, 11, 0x500))]).unwrap();
-    for r in &p.routes {
-        r.swap(RoutingTable::build(&d, 2));
-    }
+    p.swap(&d, 2);
     assert!(poll(&mut p.s11).is_empty());
-    // Server 10 lets go (its watch will write the state) and forwards from now on.
-    poll(&mut p.s10);
+    // Server 10 lets go (its planner will write the state) and forwards from now on.
+    let end = Instant::now() + Duration::from_secs(1);
+    while p.s10.stats().devices_left == 0 && Instant::now() < end {
+        poll(&mut p.s10);
+    }
     // The write's completion was lost: its retransmission goes to server 11 and waits there.
-    let out = feed(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame());
+    let out = feed_want(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame(), 1);
     assert!(matches!(one(&out).msg, Message::IoRequest(r) if r.route.server == 11 && r.seq == 5));
-    assert!(feed(&mut p.s11, &out[0]).is_empty(), "held until the state is there");
-    chores[0](&store).unwrap();
-    chores[1](&store).unwrap();
+    assert!(feed_want(&mut p.s11, &out[0], 0).is_empty(), "held until the state is there");
+    p.planners[0].step(&store).unwrap();
+    p.planners[1].step(&store).unwrap();
     // The held retransmission is answered from the cache that came along: not run again.
-    let out = poll(&mut p.s11);
+    let out = poll_some(&mut p.s11);
     let cmp = one(&out);
     assert_eq!(cmp.eth.dst, CLIENT);
     assert!(matches!(cmp.msg, Message::IoCompletion(c) if c.seq == 5 && c.data == 0xbeef));
     // What server 10 wrote is there; server 10 now forwards.
-    let out = feed(&mut p.s10, &read(S10, 1, 6, 0x504).frame());
-    let out = feed(&mut p.s11, &out[0]);
+    let out = feed_want(&mut p.s10, &read(S10, 1, 6, 0x504).frame(), 1);
+    let out = feed_want(&mut p.s11, &out[0], 1);
     assert!(matches!(one(&out).msg, Message::IoCompletion(c) if c.seq == 6 && c.data == 0xbeef));
-    let (st10, st11) = (p.s10.stats(), p.s11.stats());
+    let (st10, st11) = (p.s10.finish().0, p.s11.finish().0);
     assert_eq!((st10.devices_left, st11.devices_arrived, st11.held, st11.duplicates_answered), (1, 1, 1, 1));
-    let dev1 = st11.devices.iter().find(|c| c.id == 1).unwrap();
+    let dev1 = st11.devices.iter().find(|c| c.id == 1 && !c.gone).unwrap();
     assert_eq!((dev1.writes, dev1.reads), (0, 1), "the write ran once, on server 10");
 }
 
@@ -235,7 +300,7 @@ fn interrupts_follow_a_vm_to_its_new_client_platform() {
         }),
     ])
     .unwrap();
-    let mut p = pair(&d);
+    let mut p = pair(&d, inline);
     let pulse = |seq, to, client| Req { size: AccessSize::B4, client, ..write(to, 3, seq, 0x700, 1) }.frame();
     // (destination, client platform, sequence number) of the interrupts sent.
     let interrupts = |frames: &[Vec<u8>]| -> Vec<(MacAddr, u16, u64)> {
@@ -266,7 +331,7 @@ fn interrupts_follow_a_vm_to_its_new_client_platform() {
     // VM 7 moves to client platform 4: both go there, in order.
     let moved = Vm { client: 4, ..d.vms[&7].clone() };
     d.apply(&[Change::UpdateVm(moved)]).unwrap();
-    p.routes[0].swap(RoutingTable::build(&d, 2));
+    p.swap(&d, 2);
     let first = interrupts(&poll(&mut p.s10));
     assert_eq!(first.iter().map(|i| (i.0, i.1)).collect::<Vec<_>>(), vec![(CLIENT4, 4)]);
     let route = Route { server: 10, hypervisor: 1, client: 4, vm: 7, vcpu: 0, device: 3 };
@@ -278,4 +343,27 @@ fn interrupts_follow_a_vm_to_its_new_client_platform() {
     // And the VM's requests from there are answered there.
     let out = feed(&mut p.s10, &pulse(1, S10, 4));
     assert_eq!(one(&out).eth.dst, CLIENT4);
+}
+
+#[test]
+fn a_uart_placed_on_a_running_server_gets_a_console() {
+    let mut d = db();
+    let mut p = pair(&d, inline);
+    assert!(p.s10.env().consoles.all().is_empty());
+    d.apply(&[Change::AddDevice(Device {
+        id: 5,
+        kind: "uart".into(),
+        ranges: vec![Range { mmio: false, base: 0x3f8, len: 8 }],
+        irqs: vec![4],
+        ..regfile(5, 10, 0)
+    })])
+    .unwrap();
+    p.swap(&d, 2);
+    poll(&mut p.s10);
+    let out = feed(&mut p.s10, &Req { size: AccessSize::B1, ..write(S10, 5, 1, 0x3f8, u64::from(b'x')) }.frame());
+    assert!(matches!(one(&out).msg, Message::IoCompletion(_)));
+    let console = p.s10.env().consoles.of_vm(7).expect("the UART's console, served with the others");
+    let mut got = Vec::new();
+    console.drain_output(&mut got);
+    assert_eq!(got, b"x");
 }

@@ -183,6 +183,10 @@ pub fn check_allowed(wanted: &[usize], available: &[usize]) -> Result<(), PinErr
 
 /// Pin the calling thread to `core`.
 pub fn pin_current(core: usize) -> Result<(), PinError> {
+    // A cpu_set_t holds 1024 cores; core_affinity would index past it.
+    if core >= 1024 {
+        return Err(PinError::PinFailed(core));
+    }
     if core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         Ok(())
     } else {

@@ -27,7 +27,8 @@ use dmfabric_dataplane::Transport;
 use dmfabric_devices::platform::pc::{PcLayout, Role};
 use dmfabric_devices::ByteSink;
 use dmfabric_dm_workers::console;
-use dmfabric_dm_workers::server::{DeviceEnv, Server};
+use dmfabric_dm_workers::env::DeviceEnv;
+use dmfabric_dm_workers::server::Server;
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
 use dmfabric_vmm_shim::local;
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -80,7 +81,7 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
     let server = net.spawn_in(1, "server", move || {
         let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
         let devices = PcLayout::new(VM).unwrap().specs();
-        let env = DeviceEnv::new(&devices);
+        let env = DeviceEnv::new();
         let consoles = env.consoles.clone();
         let mut s = Server::with_env(1, t.mac(), &devices, env);
         std::thread::scope(|sc| {

@@ -14,7 +14,8 @@ use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_dataplane::Transport;
 use dmfabric_devices::platform::pc::PcLayout;
 use dmfabric_dm_workers::console;
-use dmfabric_dm_workers::server::{DeviceEnv, Server, ServerStats};
+use dmfabric_dm_workers::env::DeviceEnv;
+use dmfabric_dm_workers::server::{Server, ServerStats};
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{KBD_RESET, TIMER_COUNT, UART_HELLO, UART_HELLO_TEXT};
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -44,7 +45,7 @@ impl PcServer {
         let handle = net.spawn_in(1, "server", move || {
             let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
             let devices = PcLayout::new(VM).unwrap().specs();
-            let env = DeviceEnv::new(&devices);
+            let env = DeviceEnv::new();
             let consoles = env.consoles.clone();
             let mut s = Server::with_env(1, t.mac(), &devices, env);
             std::thread::scope(|sc| {

@@ -18,7 +18,7 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         bail!("client platform {me} is not in the store ({spec}): add it with `dmfabric ctl --store {spec} add client --id {me} --mac <its MAC>`");
     };
     let mac = dmfabric_dataplane::if_mac(&iface).with_context(|| format!("Cannot read the MAC of {iface}"))?;
-    if dmfabric_control::routing::parse_mac(&record.mac) != Some(mac.0) {
+    if dmfabric_control::routing::parse_mac(&record.mac) != Some(mac) {
         bail!(
             "the store has client platform {me} at MAC {}, but {iface}'s is {mac}: servers would answer elsewhere",
             record.mac

@@ -1,22 +1,16 @@
-//! The devices a server hosts: what each is ([`DeviceSpec`]), building the
-//! models with their interrupt lines, consoles and reset requests wired to
-//! the server ([`DeviceEnv`]), and the per-shard table that runs requests
-//! against them, keeps their timers going and counts ([`Devices`]).
+//! The devices of a server, or of one worker shard: the table that runs
+//! requests against their models, keeps their timers going and counts
+//! ([`Devices`]), and which device holds an address ([`AddressMap`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_queue::ArrayQueue;
-use dmfabric_devices::{
-    ByteSink, ByteSource, Device, DeviceKind, DeviceSpec, DeviceState, ResetSink, RestoreError, WallClock, Wiring,
-};
-use dmfabric_wire::{Direction, IoCompletion, IoRequest, IrqSource, Status};
+use dmfabric_devices::{Device, DeviceSpec, DeviceState};
+use dmfabric_wire::{Direction, IoCompletion, IoRequest, Status};
 use hdrhistogram::Histogram;
 
-use crate::console::{ConsoleIn, ConsoleOut, Consoles};
-use crate::irq::{IrqQueue, WireLine};
+use crate::env::DeviceEnv;
+use crate::rx::Refusal;
 
 /// The device id a request may carry to mean "whichever device of my VM
 /// holds this address" (debugging clients such as `dmfabric io`).
@@ -66,122 +60,6 @@ impl AddressMap {
     }
 }
 
-/// Something a device model asks of its VM's client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmEvent {
-    /// The i8042 pulsed the CPU reset line.
-    Reset,
-}
-
-/// Requests from device models to their VMs, for the data-plane core.
-#[derive(Debug)]
-pub struct VmEvents {
-    queue: ArrayQueue<(u32, VmEvent)>,
-    dropped: AtomicU64,
-}
-
-impl VmEvents {
-    pub fn new() -> Arc<VmEvents> {
-        Arc::new(VmEvents { queue: ArrayQueue::new(1024), dropped: AtomicU64::new(0) })
-    }
-
-    pub fn push(&self, device: u32, e: VmEvent) {
-        if self.queue.push((device, e)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn pop(&self) -> Option<(u32, VmEvent)> {
-        self.queue.pop()
-    }
-}
-
-/// The i8042's reset line on a server.
-#[derive(Debug)]
-pub struct VmReset {
-    device: u32,
-    events: Arc<VmEvents>,
-}
-
-impl ResetSink for VmReset {
-    fn reset(&mut self) {
-        self.events.push(self.device, VmEvent::Reset);
-    }
-}
-
-/// What models are wired to on a server.
-#[derive(Debug, Clone)]
-pub struct DeviceEnv {
-    pub irqs: Arc<IrqQueue>,
-    pub events: Arc<VmEvents>,
-    pub consoles: Arc<Consoles>,
-    pub clock: WallClock,
-}
-
-impl DeviceEnv {
-    /// Queues and consoles for `specs` (one console per UART), the host clock.
-    pub fn new(specs: &[DeviceSpec]) -> DeviceEnv {
-        let mut consoles = Consoles::default();
-        for s in specs {
-            if let DeviceKind::Uart { .. } = s.kind {
-                consoles.add(s.vm.unwrap_or(s.id), s.id);
-            }
-        }
-        DeviceEnv {
-            irqs: IrqQueue::new(),
-            events: VmEvents::new(),
-            consoles: Arc::new(consoles),
-            clock: WallClock::host(),
-        }
-    }
-
-    /// The model of `spec`, fresh.
-    pub fn build(&self, spec: &DeviceSpec, now: Instant) -> Box<dyn Device> {
-        dmfabric_devices::fresh(spec, self, now)
-    }
-
-    /// The model of `spec` from `saved` (what [`Device::save`] gave on the
-    /// server it comes from), checked.
-    pub fn restore(
-        &self,
-        spec: &DeviceSpec,
-        saved: DeviceState,
-        now: Instant,
-    ) -> Result<Box<dyn Device>, RestoreError> {
-        dmfabric_devices::build(spec, self, Some(saved), now)
-    }
-
-    /// The console of UART `device`: the one made for it by
-    /// [`DeviceEnv::new`], else one of its own.
-    fn console_of(&self, vm: Option<u32>, device: u32) -> Arc<crate::console::Console> {
-        self.consoles.all().iter().find(|c| c.device == device).cloned().unwrap_or_else(|| {
-            let mut own = Consoles::default();
-            own.add(vm.unwrap_or(device), device)
-        })
-    }
-}
-
-impl Wiring for DeviceEnv {
-    type Line = WireLine;
-
-    fn line(&self, device: u32, gsi: u32) -> WireLine {
-        WireLine::new(device, IrqSource::Line(gsi), self.irqs.clone())
-    }
-
-    fn console(&self, vm: Option<u32>, device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>) {
-        let console = self.console_of(vm, device);
-        (Box::new(ConsoleOut(console.clone())), Box::new(ConsoleIn(console)))
-    }
-
-    fn reset(&self, device: u32) -> Box<dyn ResetSink> {
-        Box::new(VmReset { device, events: self.events.clone() })
-    }
-
-    fn clock(&self) -> WallClock {
-        self.clock
-    }
-}
-
 /// What one device did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceCounters {
@@ -217,14 +95,6 @@ struct Entry {
     service: Histogram<u64>,
     /// When the model wants its next tick.
     due: Option<Instant>,
-}
-
-/// Why a request was not run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    UnknownDevice,
-    /// The device belongs to another VM.
-    OtherVm,
 }
 
 /// The devices of a server (or of one worker shard), sorted by id.
@@ -332,11 +202,11 @@ impl Devices {
     }
 
     /// Run one request against its device.
-    pub fn execute(&mut self, req: &IoRequest, now: Instant) -> Result<IoCompletion, Refused> {
-        let i = self.table.binary_search_by_key(&req.route.device, |e| e.id).map_err(|_| Refused::UnknownDevice)?;
+    pub fn execute(&mut self, req: &IoRequest, now: Instant) -> Result<IoCompletion, Refusal> {
+        let i = self.table.binary_search_by_key(&req.route.device, |e| e.id).map_err(|_| Refusal::UnknownDevice)?;
         let e = &mut self.table[i];
         if e.vm.is_some_and(|vm| vm != req.route.vm) {
-            return Err(Refused::OtherVm);
+            return Err(Refusal::OtherVm);
         }
         let start = Instant::now();
         // The model sees the time of the access; the access may reprogram
@@ -374,6 +244,7 @@ impl Devices {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::VmEvent;
     use dmfabric_wire::{AccessSize, Route, Space};
     use std::time::Duration;
 
@@ -401,7 +272,7 @@ mod tests {
     #[test]
     fn pc_devices_run_and_belong_to_their_vm() {
         let specs = pc_devices(7, 10);
-        let env = DeviceEnv::new(&specs);
+        let env = DeviceEnv::new();
         let mut d = Devices::new(&specs, &env);
         let now = Instant::now();
         // The UART's scratch register, the RTC's register D, the i8042 status.
@@ -411,8 +282,8 @@ mod tests {
         d.execute(&req(11, 7, Direction::Write, 0x70, AccessSize::B1, 0x0d), now).unwrap();
         assert_eq!(d.execute(&req(11, 7, Direction::Read, 0x71, AccessSize::B1, 0), now).unwrap().data, 0x80);
         assert_eq!(d.execute(&req(12, 7, Direction::Read, 0x64, AccessSize::B1, 0), now).unwrap().data & 0x04, 0x04);
-        assert_eq!(d.execute(&req(10, 8, Direction::Read, 0x3ff, AccessSize::B1, 0), now), Err(Refused::OtherVm));
-        assert_eq!(d.execute(&req(99, 7, Direction::Read, 0x3ff, AccessSize::B1, 0), now), Err(Refused::UnknownDevice));
+        assert_eq!(d.execute(&req(10, 8, Direction::Read, 0x3ff, AccessSize::B1, 0), now), Err(Refusal::OtherVm));
+        assert_eq!(d.execute(&req(99, 7, Direction::Read, 0x3ff, AccessSize::B1, 0), now), Err(Refusal::UnknownDevice));
         // A 4-byte access to the UART is no register: all ones, counted.
         let c = d.execute(&req(10, 7, Direction::Read, 0x3f8, AccessSize::B4, 0), now).unwrap();
         assert_eq!((c.status, d.unclaimed()), (Status::Unclaimed, 1));
@@ -423,7 +294,7 @@ mod tests {
     #[test]
     fn timers_tick_on_their_deadlines_and_uart_output_reaches_the_console() {
         let specs = pc_devices(7, 10);
-        let env = DeviceEnv::new(&specs);
+        let env = DeviceEnv::new();
         let mut d = Devices::new(&specs, &env);
         let t0 = Instant::now();
         d.execute(&req(13, 7, Direction::Write, 0x704, AccessSize::B4, 500), t0).unwrap();
@@ -436,10 +307,10 @@ mod tests {
         }
         // 10 ms of 500 µs periods: 20 interrupts queued for the frontend.
         let mut edges = 0;
-        while let Some(e) = env.irqs.pop() {
-            assert_eq!((e.device, e.source), (13, IrqSource::Line(5)));
+        env.irqs.drain(&mut |e| {
+            assert_eq!((e.device, e.source), (13, dmfabric_wire::IrqSource::Line(5)));
             edges += 1;
-        }
+        });
         assert_eq!(edges, 20);
         for b in b"hi\n" {
             d.execute(&req(10, 7, Direction::Write, 0x3f8, AccessSize::B1, u64::from(*b)), now).unwrap();

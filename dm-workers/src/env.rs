@@ -1,0 +1,132 @@
+//! What a server's device models are wired to ([`DeviceEnv`]): interrupt
+//! lines into the [`IrqQueue`], UARTs to the server's consoles, an i8042's
+//! reset line to a request for the VM's client ([`VmEvents`]), and the host
+//! clock. Shared by every shard and by the thread that prepares models for
+//! the data-plane core.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_queue::ArrayQueue;
+use dmfabric_devices::{
+    ByteSink, ByteSource, Device, DeviceSpec, DeviceState, ResetSink, RestoreError, WallClock, Wiring,
+};
+use dmfabric_wire::IrqSource;
+
+use crate::console::{ConsoleIn, ConsoleOut, Consoles};
+use crate::irq::{IrqQueue, WireLine};
+
+/// Something a device model asks of its VM's client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The i8042 pulsed the CPU reset line.
+    Reset,
+}
+
+/// Requests from device models to their VMs, for the data-plane core.
+#[derive(Debug)]
+pub struct VmEvents {
+    queue: ArrayQueue<(u32, VmEvent)>,
+    dropped: AtomicU64,
+}
+
+impl VmEvents {
+    pub fn new() -> Arc<VmEvents> {
+        Arc::new(VmEvents { queue: ArrayQueue::new(1024), dropped: AtomicU64::new(0) })
+    }
+
+    pub fn push(&self, device: u32, e: VmEvent) {
+        if self.queue.push((device, e)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn pop(&self) -> Option<(u32, VmEvent)> {
+        self.queue.pop()
+    }
+
+    /// Requests lost because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The i8042's reset line on a server.
+#[derive(Debug)]
+pub struct VmReset {
+    device: u32,
+    events: Arc<VmEvents>,
+}
+
+impl ResetSink for VmReset {
+    fn reset(&mut self) {
+        self.events.push(self.device, VmEvent::Reset);
+    }
+}
+
+/// What models are wired to on a server.
+#[derive(Debug, Clone)]
+pub struct DeviceEnv {
+    pub irqs: Arc<IrqQueue>,
+    pub events: Arc<VmEvents>,
+    /// One console per UART, made when the UART is built (at start, or
+    /// placed or moved here later) and served by the console service.
+    pub consoles: Arc<Consoles>,
+    pub clock: WallClock,
+}
+
+impl Default for DeviceEnv {
+    fn default() -> Self {
+        DeviceEnv::new()
+    }
+}
+
+impl DeviceEnv {
+    /// Empty queues and consoles, the host clock.
+    pub fn new() -> DeviceEnv {
+        DeviceEnv {
+            irqs: IrqQueue::new(),
+            events: VmEvents::new(),
+            consoles: Arc::new(Consoles::default()),
+            clock: WallClock::host(),
+        }
+    }
+
+    /// The model of `spec`, fresh.
+    pub fn build(&self, spec: &DeviceSpec, now: Instant) -> Box<dyn Device> {
+        dmfabric_devices::fresh(spec, self, now)
+    }
+
+    /// The model of `spec` from `saved` (what [`Device::save`] gave on the
+    /// server it comes from), checked.
+    pub fn restore(
+        &self,
+        spec: &DeviceSpec,
+        saved: DeviceState,
+        now: Instant,
+    ) -> Result<Box<dyn Device>, RestoreError> {
+        dmfabric_devices::build(spec, self, Some(saved), now)
+    }
+}
+
+impl Wiring for DeviceEnv {
+    type Line = WireLine;
+
+    fn line(&self, device: u32, gsi: u32) -> WireLine {
+        WireLine::new(device, IrqSource::Line(gsi), self.irqs.clone())
+    }
+
+    fn console(&self, vm: Option<u32>, device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>) {
+        let console = self.consoles.get_or_add(vm.unwrap_or(device), device);
+        (Box::new(ConsoleOut(console.clone())), Box::new(ConsoleIn(console)))
+    }
+
+    fn reset(&self, device: u32) -> Box<dyn ResetSink> {
+        Box::new(VmReset { device, events: self.events.clone() })
+    }
+
+    fn clock(&self) -> WallClock {
+        self.clock
+    }
+}

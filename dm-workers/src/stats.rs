@@ -1,0 +1,123 @@
+//! A server's counters: plain integers owned by its data-plane core.
+
+use std::fmt;
+
+use crate::table::DeviceCounters;
+
+/// Counters of a server. Plain integers: owned by the server's core.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServerStats {
+    pub requests: u64,
+    pub completions: u64,
+    /// Accesses the device did not claim (completed as real hardware would).
+    pub unclaimed: u64,
+    pub nack_unknown_device: u64,
+    /// Requests for a device that belongs to another VM.
+    pub nack_other_vm: u64,
+    /// Reset requests (i8042) sent to VMs' clients.
+    pub vm_resets: u64,
+    /// Reset requests for a device no VM has used yet: nobody to tell.
+    pub vm_events_unbound: u64,
+    pub nack_wrong_server: u64,
+    /// Requests naming a VM the control panel does not know (or not on
+    /// that client platform).
+    pub nack_unknown_vm: u64,
+    /// Requests from a client platform the control panel does not know.
+    pub nack_unknown_client: u64,
+    /// Requests for devices placed on another server, sent there.
+    pub forwarded: u64,
+    /// Requests that waited for their device's state to arrive.
+    pub held: u64,
+    /// Requests dropped because too many waited already (the client retransmits).
+    pub held_dropped: u64,
+    /// Devices taken over from another server with their saved state.
+    pub devices_arrived: u64,
+    /// Devices that moved away, their state saved for the next server.
+    pub devices_left: u64,
+    pub hellos: u64,
+    /// Frames of another EtherType (ARP and the like on a shared link).
+    pub foreign: u64,
+    /// Unicast frames addressed to another MAC.
+    pub not_for_us: u64,
+    /// Valid frames of a kind a server does not accept.
+    pub unexpected_kind: u64,
+    /// Replies that did not fit the TX burst.
+    pub tx_full: u64,
+    /// Retransmitted requests answered again from the stream's cache,
+    /// without running the device model twice.
+    pub duplicates_answered: u64,
+    /// Retransmitted requests still being executed (their answer follows).
+    pub duplicates_in_flight: u64,
+    /// Requests older than their stream's latest: dropped.
+    pub stale: u64,
+    /// Streams forgotten because their client said Hello again (restarted).
+    pub streams_reset: u64,
+    /// Interrupt frames sent (first copies).
+    pub interrupts: u64,
+    pub interrupt_retransmits: u64,
+    pub interrupt_acks: u64,
+    /// Acks for interrupts not (or no longer) waiting for one.
+    pub interrupt_acks_stale: u64,
+    /// Interrupts of a device no VM has used yet: nobody to send them to.
+    pub interrupts_unbound: u64,
+    /// Interrupts never acknowledged within the retry limit: dropped.
+    pub interrupts_given_up: u64,
+    /// Edges lost because a queue on their way to the wire was full.
+    pub interrupts_queue_full: u64,
+    /// Level changes folded into one still queued for the same line (none lost).
+    pub interrupts_coalesced: u64,
+    /// Reset requests lost because their queue was full.
+    pub vm_events_dropped: u64,
+    /// Malformed frames by reason (WireError::name → count, non-zero only).
+    pub malformed: Vec<(&'static str, u64)>,
+    /// Per device (filled where the devices are: at once in the
+    /// run-to-completion layout, after `finish` in the split one).
+    pub devices: Vec<DeviceCounters>,
+}
+
+impl ServerStats {
+    pub fn malformed_total(&self) -> u64 {
+        self.malformed.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl fmt::Display for ServerStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}, other VM {}, unknown VM {}, unknown client {}) forwarded {} held {} (dropped {}) devices arrived {} left {} resets {} duplicates {} (in flight {}) stale {} hellos {} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
+            self.requests,
+            self.completions,
+            self.unclaimed,
+            self.nack_unknown_device,
+            self.nack_wrong_server,
+            self.nack_other_vm,
+            self.nack_unknown_vm,
+            self.nack_unknown_client,
+            self.forwarded,
+            self.held,
+            self.held_dropped,
+            self.devices_arrived,
+            self.devices_left,
+            self.vm_resets,
+            self.duplicates_answered,
+            self.duplicates_in_flight,
+            self.stale,
+            self.hellos,
+            self.interrupts,
+            self.interrupt_retransmits,
+            self.interrupt_acks,
+            self.interrupts_unbound,
+            self.interrupts_given_up,
+            self.foreign,
+            self.not_for_us,
+            self.unexpected_kind,
+            self.tx_full,
+            self.malformed_total()
+        )?;
+        for (name, n) in &self.malformed {
+            write!(f, " {name}={n}")?;
+        }
+        Ok(())
+    }
+}
