@@ -11,9 +11,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dmfabric_bench::exit;
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
-use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::{Transport, TransportKind};
 use dmfabric_devices::platform::pc::TEST_DEVICE_ID;
+use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::machine::{self, RunOptions};
 use dmfabric_vmm_shim::remote::ClientConfig;
@@ -31,14 +31,14 @@ fn timed_run(iters: u64, target: Target, remote: Option<(&mut dyn Transport, Cli
 }
 
 fn exits(c: &mut Criterion) {
-    if !netns::privileged_or_skip("exit", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("exit", &[Need::Kvm]) {
         return;
     }
     let mut group = c.benchmark_group("exit");
     group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(4));
     group.bench_function("local", |b| b.iter_custom(|iters| timed_run(iters, Target::Local(0), None)));
-    if netns::privileged_or_skip("exit/remote_xdp", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("exit/remote_xdp", &[Need::Root]) {
         let setup = Setup::new(TransportKind::Xdp, ServerLaunch::Thread);
         let stop = Arc::new(AtomicBool::new(false));
         let outcome = harness::run(&setup, &stop, |t, target| {

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen;
-use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::TransportKind;
+use dmfabric_testkit::Need;
 
 fn round_trip(c: &mut Criterion) {
-    let root = netns::privileged_or_skip("round_trip over veth", &[Need::Root]);
+    let root = dmfabric_testkit::privileged_or_skip("round_trip over veth", &[Need::Root]);
     let stop = Arc::new(AtomicBool::new(false));
     for kind in [TransportKind::Xdp, TransportKind::Packet, TransportKind::Udp, TransportKind::Mem] {
         if kind != TransportKind::Mem && !root {

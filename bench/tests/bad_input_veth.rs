@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen::LoadError;
-use dmfabric_dataplane::netns::{self, Need};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind};
+use dmfabric_testkit::Need;
 use dmfabric_wire::{AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, Message, Route, Space};
 
 const ROUNDS: u64 = 500;
@@ -110,21 +110,21 @@ fn flood(kind: TransportKind) {
 
 #[test]
 fn malformed_flood_over_xdp() {
-    if netns::privileged_or_skip("malformed_flood_over_xdp", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("malformed_flood_over_xdp", &[Need::Root]) {
         flood(TransportKind::Xdp);
     }
 }
 
 #[test]
 fn malformed_flood_over_packet() {
-    if netns::privileged_or_skip("malformed_flood_over_packet", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("malformed_flood_over_packet", &[Need::Root]) {
         flood(TransportKind::Packet);
     }
 }
 
 #[test]
 fn malformed_flood_over_udp() {
-    if netns::privileged_or_skip("malformed_flood_over_udp", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("malformed_flood_over_udp", &[Need::Root]) {
         flood(TransportKind::Udp);
     }
 }

@@ -22,8 +22,31 @@ mod server_config;
     about = "Run VMs whose emulated devices live on other hosts, over raw Ethernet and AF_XDP"
 )]
 struct Cli {
+    /// How log events are written to stderr: text (one line each, fields as
+    /// key=value) or json (one object each). RUST_LOG picks what is logged
+    /// (default: info; e.g. RUST_LOG=debug, RUST_LOG=dmfabric_dm_workers=debug).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Log events of every crate to stderr, as `format` says, filtered by RUST_LOG.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +95,7 @@ fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     if let Err(e) = vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_usr1) {
         eprintln!("dmfabric: cannot handle SIGUSR1 ({e}); counters print at exit only");
     }

@@ -7,8 +7,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use dmfabric_bench::loadgen::{self, Target};
-use dmfabric_dataplane::netns::{self, ChildGuard, Need, TestNet};
+use dmfabric_dataplane::netns::{self, ChildGuard, TestNet};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
+use dmfabric_testkit::Need;
 
 mod common;
 use common::{spawn_logged, wait_for, BIN};
@@ -61,7 +62,7 @@ fn server_answers(net: &TestNet) -> bool {
 
 #[test]
 fn leftover_xdp_program_of_a_killed_server_is_removed() {
-    if !netns::privileged_or_skip("leftover_xdp_program_of_a_killed_server_is_removed", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("leftover_xdp_program_of_a_killed_server_is_removed", &[Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -83,7 +84,7 @@ fn leftover_xdp_program_of_a_killed_server_is_removed() {
 
 #[test]
 fn a_live_server_is_never_disturbed_by_a_second_one() {
-    if !netns::privileged_or_skip("a_live_server_is_never_disturbed_by_a_second_one", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("a_live_server_is_never_disturbed_by_a_second_one", &[Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -98,7 +99,7 @@ fn a_live_server_is_never_disturbed_by_a_second_one() {
 
 #[test]
 fn missing_privileges_give_one_line_naming_the_fallback() {
-    if !netns::privileged_or_skip("missing_privileges_give_one_line_naming_the_fallback", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("missing_privileges_give_one_line_naming_the_fallback", &[Need::Root]) {
         return;
     }
     // Drop to an unprivileged user with no capabilities.
@@ -153,7 +154,7 @@ fn bad_arguments_are_clear_errors() {
 
 #[test]
 fn bench_rtt_writes_json_and_leaves_nothing_behind() {
-    if !netns::privileged_or_skip("bench_rtt_writes_json_and_leaves_nothing_behind", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("bench_rtt_writes_json_and_leaves_nothing_behind", &[Need::Root]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-cli-{}", std::process::id()));
@@ -205,7 +206,7 @@ fn bench_throughput_over_mem_needs_no_privileges() {
 
 #[test]
 fn split_layout_serves_over_xdp_with_every_worker_busy() {
-    if !netns::privileged_or_skip("split_layout_serves_over_xdp_with_every_worker_busy", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("split_layout_serves_over_xdp_with_every_worker_busy", &[Need::Root]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-cli-split-{}", std::process::id()));
@@ -259,7 +260,7 @@ fn example_config(dir: &std::path::Path, iterations: u64) -> std::path::PathBuf 
 
 #[test]
 fn client_runs_the_example_config_against_a_server_and_prints_counters() {
-    if !netns::privileged_or_skip("client_runs_the_example_config", &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("client_runs_the_example_config", &[Need::Root, Need::Kvm]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -311,7 +312,7 @@ fn client_errors_are_one_line() {
 
 #[test]
 fn bench_exit_reports_local_and_remote() {
-    if !netns::privileged_or_skip("bench_exit_reports_local_and_remote", &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("bench_exit_reports_local_and_remote", &[Need::Root, Need::Kvm]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-exit-{}", std::process::id()));
@@ -338,7 +339,7 @@ fn bench_exit_reports_local_and_remote() {
 
 #[test]
 fn text_typed_at_dmfabric_console_reaches_the_guest_through_the_remote_uart() {
-    if !netns::privileged_or_skip("console_typing_reaches_the_guest", &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("console_typing_reaches_the_guest", &[Need::Root, Need::Kvm]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-console-{}", std::process::id()));
@@ -392,7 +393,7 @@ fn text_typed_at_dmfabric_console_reaches_the_guest_through_the_remote_uart() {
 
 #[test]
 fn dmfabric_io_replays_register_scripts_and_prints_interrupts() {
-    if !netns::privileged_or_skip("dmfabric_io_scripts", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("dmfabric_io_scripts", &[Need::Root]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-io-{}", std::process::id()));
@@ -456,7 +457,7 @@ fn leftover_namespaces(pid: u32) -> Vec<String> {
 
 #[test]
 fn demo_boots_the_guest_shows_banner_and_clock_and_leaves_nothing() {
-    if !netns::privileged_or_skip("demo_boots_the_guest", &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("demo_boots_the_guest", &[Need::Root, Need::Kvm]) {
         return;
     }
     let child = Command::new(BIN)
@@ -485,7 +486,7 @@ fn demo_boots_the_guest_shows_banner_and_clock_and_leaves_nothing() {
 
 #[test]
 fn ctrl_c_during_the_demo_leaves_nothing_behind() {
-    if !netns::privileged_or_skip("ctrl_c_during_the_demo", &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("ctrl_c_during_the_demo", &[Need::Root, Need::Kvm]) {
         return;
     }
     // --interactive: the guest waits for a line nobody types.
@@ -517,7 +518,7 @@ fn ctrl_c_during_the_demo_leaves_nothing_behind() {
 
 #[test]
 fn bench_exit_uart_scratch_compares_local_remote_and_qemu() {
-    if !netns::privileged_or_skip("bench_exit_uart_scratch", &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("bench_exit_uart_scratch", &[Need::Root, Need::Kvm]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-scratch-{}", std::process::id()));
@@ -551,7 +552,7 @@ fn bench_exit_uart_scratch_compares_local_remote_and_qemu() {
 
 #[test]
 fn a_bad_kernel_or_too_little_memory_is_one_line() {
-    if !netns::privileged_or_skip("bad_kernel_one_line", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("bad_kernel_one_line", &[Need::Kvm]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-badkernel-{}", std::process::id()));

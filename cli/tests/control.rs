@@ -5,11 +5,13 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use dmfabric_control::etcd::{self, EtcdProcess, EtcdStore};
-use dmfabric_dataplane::netns::{self, Need, TestNet, TestNetConfig};
+use dmfabric_control::etcd::EtcdStore;
+use dmfabric_dataplane::netns::{self, TestNet, TestNetConfig};
+use dmfabric_testkit::etcd::{self, EtcdProcess};
+use dmfabric_testkit::Need;
 
 mod common;
-use common::{spawn_logged, wait_for, wait_for_within, Logged, BIN};
+use common::{spawn_logged, wait_for, wait_for_all, wait_for_within, Logged, BIN};
 
 /// A store of this test's own: a redb file (removed on drop), or etcd
 /// running in one of the test's namespaces (stopped on drop).
@@ -168,7 +170,7 @@ fn checksum_line() -> String {
 
 #[test]
 fn a_guest_reaches_a_device_on_the_io_server_through_the_owner() {
-    if !netns::privileged_or_skip(
+    if !dmfabric_testkit::privileged_or_skip(
         "a_guest_reaches_a_device_on_the_io_server_through_the_owner",
         &[Need::Root, Need::Kvm],
     ) {
@@ -181,7 +183,7 @@ fn a_guest_reaches_a_device_on_the_io_server_through_the_owner() {
 #[test]
 fn the_same_through_etcd_running_on_the_owners_host() {
     let name = "the_same_through_etcd_running_on_the_owners_host";
-    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
         return;
     }
     // etcd's TCP goes over a management link: the AF_XDP data plane
@@ -230,7 +232,10 @@ fn three_hosts(net: &TestNet, store: &StoreFile, meanwhile: &dyn Fn()) {
     let (reads, writes, lines) = device_counts(io, &io_rx);
     assert_eq!((reads, writes), (accesses, accesses), "{lines:#?}");
     let (_, _, owner_lines) = device_counts(owner, &owner_rx);
-    let stats = owner_lines.iter().find(|l| l.contains("forwarded")).unwrap_or_else(|| panic!("{owner_lines:#?}"));
+    let stats = owner_lines
+        .iter()
+        .find(|l| l.contains("dmfabric server: requests"))
+        .unwrap_or_else(|| panic!("{owner_lines:#?}"));
     // The owner ran none and sent on every frame it got: each request,
     // and each retransmission (the I/O server answers those from its cache).
     assert!(sent >= 2 * accesses, "{link}");
@@ -251,7 +256,7 @@ fn three_hosts(net: &TestNet, store: &StoreFile, meanwhile: &dyn Fn()) {
 #[test]
 fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     let name = "a_running_guest_migrates_and_its_device_moves_without_losing_a_request";
-    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
         return;
     }
     let net = TestNet::new(TestNetConfig { hosts: 4, ..TestNetConfig::default() }).unwrap();
@@ -270,7 +275,8 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     // Mid-run: the register file moves from server 11 to server 10 ...
     let said = store.ctl(&["device", "move", "1", "--to", "10"]);
     assert!(said.starts_with("updated device 1 (server 10, shard 0)"), "{said}");
-    wait_for(&rx10, "device 1 arrived from server 11 with its state").unwrap_or_else(|l| panic!("server 10: {l:?}"));
+    wait_for_all(&rx10, &["device arrived with its state", "device=1", "from=11"])
+        .unwrap_or_else(|l| panic!("server 10: {l:?}"));
     std::thread::sleep(Duration::from_millis(200));
     // ... and the VM to client platform 2.
     let start = Instant::now();
@@ -313,7 +319,7 @@ fn live_requests(c: &mut netns::ChildGuard, rx: &std::sync::mpsc::Receiver<Strin
 #[test]
 fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
     let name = "launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client";
-    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -401,7 +407,7 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
 #[test]
 fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
     let name = "a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once";
-    if !netns::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
         return;
     }
     let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
@@ -435,7 +441,7 @@ fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
     let want = format!("VM 1 vCPU 0: reported {interrupts:#x} 0x0 {interrupts:#x}");
     assert!(lines2.iter().any(|l| l.contains(&want)), "{want}: {lines2:#?}\n{lines1:#?}");
     let (_, _, lines) = device_counts(s10, &rx10);
-    let stats = lines.iter().find(|l| l.contains("interrupts")).unwrap_or_else(|| panic!("{lines:#?}"));
+    let stats = lines.iter().find(|l| l.contains("dmfabric server: requests")).unwrap_or_else(|| panic!("{lines:#?}"));
     assert!(stats.contains("given up 0"), "{stats}");
     eprintln!("interrupts across the migration: {stats}");
 }

@@ -115,7 +115,7 @@ fn watch(
                 let (vms, devices) = (table.vm_count(), table.device_count());
                 routes.swap(table);
                 health.swaps.fetch_add(1, Ordering::Relaxed);
-                eprintln!("{who}: routing tables now at revision {revision} ({vms} VMs, {devices} devices)");
+                tracing::info!(who, revision, vms, devices, "routing tables swapped in");
             }
             if let Some(chores) = chores.as_mut() {
                 chores(&*store)?;
@@ -125,13 +125,17 @@ fn watch(
         match result {
             Ok(()) => {
                 if health.unreachable.swap(false, Ordering::AcqRel) {
-                    eprintln!("{who}: the store ({}) answers again", store.describe());
+                    tracing::info!(who, store = %store.describe(), "the store answers again");
                 }
             }
             Err(e) => {
                 health.errors.fetch_add(1, Ordering::Relaxed);
                 if !health.unreachable.swap(true, Ordering::AcqRel) {
-                    eprintln!("{who}: {e}; routing on the tables of revision {} until it answers", routes.revision());
+                    tracing::warn!(
+                        who,
+                        revision = routes.revision(),
+                        "{e}: routing on the last tables until it answers"
+                    );
                 }
             }
         }

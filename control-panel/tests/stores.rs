@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_control::etcd::{start_or_skip, EtcdProcess, EtcdStore};
+use dmfabric_control::etcd::EtcdStore;
 use dmfabric_control::model::fixtures::{platform, uart};
 use dmfabric_control::model::{Change, Db, Device, Range};
 use dmfabric_control::store::{self, RedbStore, Store};
 use dmfabric_control::watch::Watch;
+use dmfabric_testkit::etcd::{start_or_skip, EtcdProcess};
 
 /// A store kind under test: opens (and reopens) its store.
 trait Kind {

@@ -103,7 +103,8 @@ fn ip(args: &[&str]) -> Result<String, NetnsError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -434,38 +435,4 @@ impl Drop for ChildGuard {
             let _ = child.wait();
         }
     }
-}
-
-/// What a privileged test needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Need {
-    /// Root, for namespaces, AF_PACKET and AF_XDP.
-    Root,
-    /// Read-write access to /dev/kvm.
-    Kvm,
-}
-
-/// Whether a privileged test can run here. Without the privilege it prints
-/// one line and returns false, unless `DMFABRIC_REQUIRE_PRIVILEGED=1` (set by
-/// CI), in which case a missing privilege is a test failure.
-pub fn privileged_or_skip(test: &str, needs: &[Need]) -> bool {
-    let mut missing = Vec::new();
-    for need in needs {
-        match need {
-            Need::Root if !is_root() => missing.push("root"),
-            Need::Kvm if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() => {
-                missing.push("/dev/kvm")
-            }
-            Need::Root | Need::Kvm => {}
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: skipped, needs {}", missing.join(" and "));
-    if std::env::var("DMFABRIC_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{msg} (DMFABRIC_REQUIRE_PRIVILEGED=1 makes this a failure)");
-    }
-    eprintln!("{msg}");
-    false
 }

@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::netns::{self, Need, TestNet, TestNetConfig};
+use dmfabric_dataplane::netns::{TestNet, TestNetConfig};
 use dmfabric_dataplane::packet::PacketTransport;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_dataplane::{FrameBatch, Transport};
+use dmfabric_testkit::Need;
 use dmfabric_wire::ETHERTYPE_DMFABRIC;
 
 fn ns_exists(ns: &str) -> bool {
@@ -15,7 +16,7 @@ fn ns_exists(ns: &str) -> bool {
 
 #[test]
 fn three_hosts_on_a_bridge_reach_each_other_with_the_mtu_asked_for() {
-    if !netns::privileged_or_skip("three_hosts_on_a_bridge", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("three_hosts_on_a_bridge", &[Need::Root]) {
         return;
     }
     let net = TestNet::new(TestNetConfig { hosts: 3, mtu: 3000, management: false }).unwrap();
@@ -72,7 +73,7 @@ fn three_hosts_on_a_bridge_reach_each_other_with_the_mtu_asked_for() {
 
 #[test]
 fn a_panicking_test_leaves_no_namespace_or_xdp_program() {
-    if !netns::privileged_or_skip("a_panicking_test_leaves_nothing", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("a_panicking_test_leaves_nothing", &[Need::Root]) {
         return;
     }
     let mut names = Vec::new();
@@ -97,7 +98,7 @@ fn a_panicking_test_leaves_no_namespace_or_xdp_program() {
 
 #[test]
 fn closures_run_inside_the_namespace_and_the_thread_returns_home() {
-    if !netns::privileged_or_skip("closures_run_inside_the_namespace", &[Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("closures_run_inside_the_namespace", &[Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();

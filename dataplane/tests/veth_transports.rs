@@ -5,12 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::netns::{self, Need, TestNet};
+use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::packet::PacketTransport;
 use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::udp::UdpTransport;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind};
+use dmfabric_testkit::Need;
 use dmfabric_wire::ETHERTYPE_DMFABRIC;
 
 const PORT: u16 = 47000;
@@ -107,28 +108,28 @@ fn t_mac(frame: &[u8]) -> [u8; 6] {
 
 #[test]
 fn xdp_generic_echo() {
-    if netns::privileged_or_skip("xdp_generic_echo", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("xdp_generic_echo", &[Need::Root]) {
         echo_round_trips(TransportKind::Xdp, XdpMode::Generic);
     }
 }
 
 #[test]
 fn xdp_native_echo() {
-    if netns::privileged_or_skip("xdp_native_echo", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("xdp_native_echo", &[Need::Root]) {
         echo_round_trips(TransportKind::Xdp, XdpMode::Native);
     }
 }
 
 #[test]
 fn packet_echo() {
-    if netns::privileged_or_skip("packet_echo", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("packet_echo", &[Need::Root]) {
         echo_round_trips(TransportKind::Packet, XdpMode::Auto);
     }
 }
 
 #[test]
 fn udp_echo() {
-    if netns::privileged_or_skip("udp_echo", &[Need::Root]) {
+    if dmfabric_testkit::privileged_or_skip("udp_echo", &[Need::Root]) {
         echo_round_trips(TransportKind::Udp, XdpMode::Auto);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::fault::{FaultConfig, FaultInjector};
-use dmfabric_dataplane::netns::{self, Need, TestNet};
+use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
@@ -18,6 +18,7 @@ use dmfabric_devices::platform::pc;
 use dmfabric_devices::regfile::RegisterFile;
 use dmfabric_devices::{Device, DeviceState, Persist};
 use dmfabric_dm_workers::server::{Server, ServerStats};
+use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::debugport::u64_at;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::exits::ExitStats;
@@ -57,7 +58,7 @@ fn run_local(specs: &[VmSpec]) -> RunReport {
 
 #[test]
 fn guest_port_and_mmio_io_reach_local_devices() {
-    if !netns::privileged_or_skip("guest_port_and_mmio_io_reach_local_devices", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("guest_port_and_mmio_io_reach_local_devices", &[Need::Kvm]) {
         return;
     }
     let report = run_local(&[io_loop_vm(1, 1, 500, PORT, false)]);
@@ -67,7 +68,7 @@ fn guest_port_and_mmio_io_reach_local_devices() {
 
 #[test]
 fn a_guest_touching_unmapped_ports_keeps_running_and_reads_all_ones() {
-    if !netns::privileged_or_skip("a_guest_touching_unmapped_ports", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("a_guest_touching_unmapped_ports", &[Need::Kvm]) {
         return;
     }
     let report = run_local(&[io_loop_vm(1, 1, 100, 0x900, false)]);
@@ -79,7 +80,7 @@ fn a_guest_touching_unmapped_ports_keeps_running_and_reads_all_ones() {
 
 #[test]
 fn a_guest_waiting_for_an_interrupt_that_never_comes_is_stopped_at_the_run_limit() {
-    if !netns::privileged_or_skip("a_guest_waiting_forever_is_stopped", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("a_guest_waiting_forever_is_stopped", &[Need::Kvm]) {
         return;
     }
     // The irqtest port is unmapped: no interrupt will ever come and the
@@ -96,7 +97,7 @@ fn a_guest_waiting_for_an_interrupt_that_never_comes_is_stopped_at_the_run_limit
 
 #[test]
 fn two_vcpus_run_on_their_own_threads() {
-    if !netns::privileged_or_skip("two_vcpus_run_on_their_own_threads", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("two_vcpus_run_on_their_own_threads", &[Need::Kvm]) {
         return;
     }
     let report = run_local(&[io_loop_vm(1, 2, 300, PORT, false)]);
@@ -153,7 +154,8 @@ fn run_remote(
 
 #[test]
 fn remote_device_gives_the_same_checksum_as_local() {
-    if !netns::privileged_or_skip("remote_device_gives_the_same_checksum_as_local", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("remote_device_gives_the_same_checksum_as_local", &[Need::Kvm, Need::Root])
+    {
         return;
     }
     let local = run_local(&[io_loop_vm(7, 1, 500, PORT, false)]);
@@ -171,7 +173,7 @@ fn remote_device_gives_the_same_checksum_as_local() {
 
 #[test]
 fn lost_and_duplicated_frames_change_nothing_the_guest_sees() {
-    if !netns::privileged_or_skip("lost_and_duplicated_frames_change_nothing", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("lost_and_duplicated_frames_change_nothing", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -196,7 +198,7 @@ fn lost_and_duplicated_frames_change_nothing_the_guest_sees() {
 
 #[test]
 fn interrupts_from_remote_device_models_reach_only_their_own_vm() {
-    if !netns::privileged_or_skip("interrupts_reach_only_their_own_vm", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("interrupts_reach_only_their_own_vm", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -236,7 +238,7 @@ fn interrupts_from_remote_device_models_reach_only_their_own_vm() {
 
 #[test]
 fn interrupts_survive_lost_and_duplicated_frames() {
-    if !netns::privileged_or_skip("interrupts_survive_lost_frames", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("interrupts_survive_lost_frames", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -266,7 +268,7 @@ fn interrupts_survive_lost_and_duplicated_frames() {
 
 #[test]
 fn a_server_that_dies_mid_run_stops_the_vm_with_a_clear_error() {
-    if !netns::privileged_or_skip("a_server_that_dies_mid_run_stops_the_vm", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("a_server_that_dies_mid_run_stops_the_vm", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -313,7 +315,7 @@ impl machine::VmControl for MigrateAfter {
 
 #[test]
 fn a_guest_saved_mid_run_finishes_in_a_new_vm_with_the_right_checksum() {
-    if !netns::privileged_or_skip("a_guest_saved_mid_run_finishes_in_a_new_vm", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("a_guest_saved_mid_run_finishes_in_a_new_vm", &[Need::Kvm]) {
         return;
     }
     let iterations = 20_000;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dmfabric_dataplane::netns::{self, Need, TestNet};
+use dmfabric_dataplane::netns::TestNet;
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
@@ -29,6 +29,7 @@ use dmfabric_devices::ByteSink;
 use dmfabric_dm_workers::console;
 use dmfabric_dm_workers::env::DeviceEnv;
 use dmfabric_dm_workers::server::Server;
+use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
 use dmfabric_vmm_shim::local;
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -136,7 +137,7 @@ fn boot_local(image: LinuxImage) -> (RunReport, String) {
 
 #[test]
 fn linux_boots_with_remote_devices_as_with_local_ones() {
-    if !netns::privileged_or_skip("linux_boots_with_remote_devices", &[Need::Root, Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("linux_boots_with_remote_devices", &[Need::Root, Need::Kvm]) {
         return;
     }
     let Some(img) = image() else {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::netns::{self, Need, TestNet};
+use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
@@ -16,6 +16,7 @@ use dmfabric_devices::platform::pc::PcLayout;
 use dmfabric_dm_workers::console;
 use dmfabric_dm_workers::env::DeviceEnv;
 use dmfabric_dm_workers::server::{Server, ServerStats};
+use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{KBD_RESET, TIMER_COUNT, UART_HELLO, UART_HELLO_TEXT};
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -98,7 +99,7 @@ fn reports(report: &RunReport) -> &[u32] {
 
 #[test]
 fn a_guest_line_on_the_remote_uart_lands_exactly_in_the_console_log() {
-    if !netns::privileged_or_skip("remote_uart_console_log", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("remote_uart_console_log", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -118,7 +119,7 @@ fn a_guest_line_on_the_remote_uart_lands_exactly_in_the_console_log() {
 
 #[test]
 fn event_timer_interrupts_arrive_at_the_programmed_rate() {
-    if !netns::privileged_or_skip("event_timer_rate", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("event_timer_rate", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();
@@ -157,7 +158,7 @@ fn event_timer_interrupts_arrive_at_the_programmed_rate() {
 
 #[test]
 fn the_i8042_reset_pulse_resets_the_vm() {
-    if !netns::privileged_or_skip("i8042_reset", &[Need::Kvm, Need::Root]) {
+    if !dmfabric_testkit::privileged_or_skip("i8042_reset", &[Need::Kvm, Need::Root]) {
         return;
     }
     let net = TestNet::pair().unwrap();

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::netns::{self, Need};
+use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::guests::{MULTIBOOT, UART_HELLO_TEXT};
 
 fn qemu_present() -> bool {
@@ -14,7 +14,7 @@ fn qemu_present() -> bool {
 
 #[test]
 fn multiboot_guests_run_to_their_exit_port_under_qemu() {
-    if !netns::privileged_or_skip("multiboot_guests_run_under_qemu", &[Need::Kvm]) {
+    if !dmfabric_testkit::privileged_or_skip("multiboot_guests_run_under_qemu", &[Need::Kvm]) {
         return;
     }
     if !qemu_present() {

@@ -56,6 +56,26 @@ pub fn wait_for_within(rx: &mpsc::Receiver<String>, what: &str, within: Duration
     Err(seen)
 }
 
+/// Lines until one contains each of `parts` (within 20 s); all lines seen.
+pub fn wait_for_all(rx: &mpsc::Receiver<String>, parts: &[&str]) -> Result<Vec<String>, Vec<String>> {
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < end {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let hit = parts.iter().all(|p| line.contains(p));
+                seen.push(line);
+                if hit {
+                    return Ok(seen);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Err(seen)
+}
+
 /// [`wait_for_within`] 20 s.
 pub fn wait_for(rx: &mpsc::Receiver<String>, what: &str) -> Result<Vec<String>, Vec<String>> {
     wait_for_within(rx, what, Duration::from_secs(20))
