@@ -18,16 +18,21 @@ use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::machine::{self, RunOptions};
 use dmfabric_vmm_shim::remote::ClientConfig;
 
-/// Time `iters` exits of one guest run (the vCPU's run, not VM set-up).
-fn timed_run(iters: u64, target: Target, remote: Option<(&mut dyn Transport, ClientConfig)>) -> Duration {
+/// Time `iters` exits of one guest run (the vCPU's run, not VM set-up);
+/// the transport comes back for the next run.
+fn timed_run(
+    iters: u64,
+    target: Target,
+    remote: Option<(Box<dyn Transport>, ClientConfig)>,
+) -> (Duration, Option<Box<dyn Transport>>) {
     let never = AtomicBool::new(false);
     let exits = iters.max(1) * 2;
     let spec = exit::guest(exits, target);
-    let (report, _) = machine::run(&[spec], remote, &RunOptions::default(), &never).expect("the VM runs");
+    let (report, t) = machine::run(vec![spec], remote, &RunOptions::default(), &never).expect("the VM runs");
     let vcpu = &report.vm(1).expect("VM 1").vcpus[0];
     assert!(vcpu.result.is_ok(), "{:?}", vcpu.result);
     // Per exit: the run covers `exits` exits; criterion asked for `iters`.
-    vcpu.elapsed.mul_f64(iters as f64 / exits as f64)
+    (vcpu.elapsed.mul_f64(iters as f64 / exits as f64), t)
 }
 
 fn exits(c: &mut Criterion) {
@@ -37,14 +42,20 @@ fn exits(c: &mut Criterion) {
     let mut group = c.benchmark_group("exit");
     group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(4));
-    group.bench_function("local", |b| b.iter_custom(|iters| timed_run(iters, Target::Local(0), None)));
+    group.bench_function("local", |b| b.iter_custom(|iters| timed_run(iters, Target::Local(0), None).0));
     if dmfabric_testkit::privileged_or_skip("exit/remote_xdp", &[Need::Root]) {
         let setup = Setup::new(TransportKind::Xdp, ServerLaunch::Thread);
         let stop = Arc::new(AtomicBool::new(false));
         let outcome = harness::run(&setup, &stop, |t, target| {
             let remote = Target::Remote { server: target.server_id, device: TEST_DEVICE_ID };
+            let mut t = Some(t);
             group.bench_function("remote_xdp", |b| {
-                b.iter_custom(|iters| timed_run(iters, remote, Some((&mut *t, exit::client_config(&target)))))
+                b.iter_custom(|iters| {
+                    let link = t.take().map(|t| (t, exit::client_config(&target)));
+                    let (took, back) = timed_run(iters, remote, link);
+                    t = back;
+                    took
+                })
             });
             Ok(())
         });

@@ -25,14 +25,14 @@ fn round_trip(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         group.measurement_time(Duration::from_secs(4));
         let never = AtomicBool::new(false);
-        let outcome = harness::run(&setup, &stop, |t, target| {
+        let outcome = harness::run(&setup, &stop, |mut t, target| {
             group.bench_function(kind.name(), |b| {
                 b.iter_custom(|iters| {
                     // Each batch numbers from 0: reset the streams first (untimed).
-                    loadgen::discover(t, loadgen::CLIENT_ID, Duration::from_secs(5)).expect("server answers");
+                    loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, Duration::from_secs(5)).expect("server answers");
                     let start = Instant::now();
-                    let r =
-                        loadgen::rtt(t, &target, iters, 0, loadgen::Retry::default(), &never).expect("transport works");
+                    let r = loadgen::rtt(t.as_mut(), &target, iters, 0, loadgen::Retry::default(), &never)
+                        .expect("transport works");
                     assert_eq!(r.lost, 0, "{kind}: lost requests");
                     start.elapsed()
                 })

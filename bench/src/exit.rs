@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dmfabric_dataplane::reliable::Retry;
-use dmfabric_dataplane::Transport;
 use dmfabric_devices::platform::pc::{TEST_DEVICE_ID, TEST_DEVICE_PIO};
 use dmfabric_devices::regfile::RegisterFile;
 use dmfabric_vmm_shim::devmap::Target;
@@ -126,7 +125,7 @@ pub fn client_config(target: &loadgen::Target) -> ClientConfig {
 /// client goes), in a thread of its own so the caller's affinity is left alone.
 pub fn run_pinned(
     core: Option<usize>,
-    specs: &[VmSpec],
+    specs: Vec<VmSpec>,
     opts: &RunOptions,
     stop: &AtomicBool,
 ) -> Result<machine::RunReport, ExitBenchError> {
@@ -135,7 +134,7 @@ pub fn run_pinned(
             if let Some(c) = core {
                 let _ = dmfabric_pinning::pin_current(c);
             }
-            machine::run::<&mut dyn Transport>(specs, None, opts, stop)
+            machine::run(specs, None, opts, stop)
         })
         .join()
         .expect("the bench thread")
@@ -152,13 +151,13 @@ pub fn run(mode: ExitMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>) ->
     let opts = RunOptions { timeout: Duration::from_secs(600), time_exits: true, ..RunOptions::default() };
     match mode {
         ExitMode::Local => {
-            let report = run_pinned(setup.client_core, &[guest(exits, Target::Local(0))], &opts, stop)?;
+            let report = run_pinned(setup.client_core, vec![guest(exits, Target::Local(0))], &opts, stop)?;
             summarise(mode, "none", exits, &report)
         }
         ExitMode::Remote => {
             let outcome = harness::run(setup, stop, |t, target| {
                 let spec = guest(exits, Target::Remote { server: target.server_id, device: TEST_DEVICE_ID });
-                Ok(machine::run(&[spec], Some((t, client_config(&target))), &opts, stop).map(|(r, _)| r))
+                Ok(machine::run(vec![spec], Some((t, client_config(&target))), &opts, stop).map(|(r, _)| r))
             })?;
             summarise(mode, setup.transport.name(), exits, &outcome.result?)
         }

@@ -117,7 +117,7 @@ pub struct Outcome<R> {
 /// connected transport and the discovered target.
 pub fn run<R, F>(setup: &Setup, stop: &Arc<AtomicBool>, load: F) -> Result<Outcome<R>, HarnessError>
 where
-    F: FnOnce(&mut dyn Transport, Target) -> Result<R, LoadError>,
+    F: FnOnce(Box<dyn Transport>, Target) -> Result<R, LoadError>,
 {
     if setup.transport == TransportKind::Mem {
         return run_mem(setup, stop, load);
@@ -256,7 +256,7 @@ fn wait_ready(lines: &mpsc::Receiver<String>, stop: &AtomicBool) -> Result<(), H
 
 fn client_side<R, F>(setup: &Setup, net: &TestNet, load: F) -> Result<R, HarnessError>
 where
-    F: FnOnce(&mut dyn Transport, Target) -> Result<R, LoadError>,
+    F: FnOnce(Box<dyn Transport>, Target) -> Result<R, LoadError>,
 {
     let spec = spec_for(setup.transport, net, 0, 1, setup.xdp_mode);
     let core = setup.client_core;
@@ -267,13 +267,13 @@ where
         let mut t = dmfabric_dataplane::open(&spec).map_err(LoadError::from)?;
         let (mac, id) = loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, Duration::from_secs(5))?;
         let target = Target { devices: setup.test_devices, ..Target::test_device(mac, id) };
-        Ok(load(t.as_mut(), target)?)
+        Ok(load(t, target)?)
     })?
 }
 
 fn run_mem<R, F>(setup: &Setup, stop: &Arc<AtomicBool>, load: F) -> Result<Outcome<R>, HarnessError>
 where
-    F: FnOnce(&mut dyn Transport, Target) -> Result<R, LoadError>,
+    F: FnOnce(Box<dyn Transport>, Target) -> Result<R, LoadError>,
 {
     let client_mac = MacAddr([2, 0, 0, 0, 0, 1]);
     let server_mac = MacAddr([2, 0, 0, 0, 0, 2]);
@@ -295,7 +295,7 @@ where
     }
     let _ = stop;
     let result = loadgen::discover(&mut client, loadgen::CLIENT_ID, Duration::from_secs(5))
-        .and_then(|(mac, id)| load(&mut client, Target::test_device(mac, id)));
+        .and_then(|(mac, id)| load(Box::new(client), Target::test_device(mac, id)));
     server_stop.store(true, Ordering::Relaxed);
     let server = server.join().ok();
     Ok(Outcome { result: result?, server, server_json: None })

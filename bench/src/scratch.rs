@@ -145,7 +145,7 @@ pub fn run(mode: ScratchMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>)
     match mode {
         ScratchMode::Local => {
             let report =
-                crate::exit::run_pinned(setup.client_core, &[spec(round_trips, Target::Local(0))], &opts, stop)?;
+                crate::exit::run_pinned(setup.client_core, vec![spec(round_trips, Target::Local(0))], &opts, stop)?;
             Ok(summarise(mode, "none", &samples_of(&report, round_trips)?, rate, 0))
         }
         ScratchMode::Remote => {
@@ -154,7 +154,7 @@ pub fn run(mode: ScratchMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>)
             let outcome = harness::run(&setup, stop, |t, target| {
                 let vm = spec(round_trips, Target::Remote { server: target.server_id, device: REMOTE_UART });
                 let cfg = crate::exit::client_config(&target);
-                Ok(machine::run(&[vm], Some((t, cfg)), &opts, stop).map(|(r, _)| r))
+                Ok(machine::run(vec![vm], Some((t, cfg)), &opts, stop).map(|(r, _)| r))
             })?;
             let report = outcome.result?;
             let retransmits = report.client.map_or(0, |c| c.retransmits);

@@ -26,7 +26,8 @@ impl Lcg {
 fn flood(kind: TransportKind) {
     let setup = Setup::new(kind, ServerLaunch::Thread);
     let stop = Arc::new(AtomicBool::new(false));
-    let outcome = harness::run(&setup, &stop, |t: &mut dyn Transport, target| -> Result<(u64, u64), LoadError> {
+    let outcome = harness::run(&setup, &stop, |mut t: Box<dyn Transport>, target| -> Result<(u64, u64), LoadError> {
+        let t = t.as_mut();
         let mut rng = Lcg(7);
         let mut batch = FrameBatch::new();
         let (mut answered, mut foreign_sent) = (0u64, 0u64);

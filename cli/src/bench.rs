@@ -215,8 +215,9 @@ fn for_each_transport(
         setup.test_devices = common.test_devices.max(1);
         eprintln!("dmfabric bench: {kind}: test hosts up, server starting ...");
         let flag = stop.clone();
-        let outcome = harness::run(&setup, stop, |t, target| with_faults(common, t, |t| load(t, target, &flag)))
-            .with_context(|| format!("{kind} run failed"))?;
+        let outcome =
+            harness::run(&setup, stop, |mut t, target| with_faults(common, t.as_mut(), |t| load(t, target, &flag)))
+                .with_context(|| format!("{kind} run failed"))?;
         if let Some(json) = &outcome.server_json {
             eprintln!("dmfabric bench: {kind}: server counters {json}");
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -564,7 +564,8 @@ fn print_report(report: &RunReport) {
     }
 }
 
-pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub fn run(args: ClientArgs, signals: &crate::Signals) -> anyhow::Result<()> {
+    let stop = &signals.stop;
     if args.example_config {
         print!("{EXAMPLE}");
         return Ok(());
@@ -580,7 +581,8 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     };
     let opts = RunOptions {
         timeout: plan.run,
-        dump: Some(&crate::DUMP),
+        dump: Some(signals.dump.clone()),
+        wake: Some(signals.wake.clone()),
         control: control.clone().map(|c| machine::Control(c as Arc<dyn machine::VmControl>)),
         ..RunOptions::default()
     };
@@ -597,10 +599,8 @@ pub fn run(args: ClientArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             None => ", all devices local".into(),
         }
     );
-    let report = match transport {
-        Some(mut t) => machine::run(&plan.vms, Some((t.as_mut(), plan.client.clone())), &opts, &stop).map(|r| r.0),
-        None => machine::run::<&mut dyn dmfabric_dataplane::Transport>(&plan.vms, None, &opts, &stop).map(|r| r.0),
-    }?;
+    let link = transport.map(|t| (t, plan.client.clone()));
+    let report = machine::run(plan.vms, link, &opts, stop)?.0;
     print_report(&report);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&to_json(&report))?;
@@ -631,7 +631,8 @@ mod tests {
         let plan = plan(cfg, None, None).unwrap();
         assert_eq!(plan.vms.len(), 2);
         assert_eq!(plan.client.servers, vec![1]);
-        assert_eq!(plan.vms[0].args, vec![[1000, 0x500, 0xd000_0000]]);
+        let machine::Boot::Flat { args, .. } = &plan.vms[0].boot else { panic!("a flat test guest") };
+        assert_eq!(args, &vec![[1000, 0x500, 0xd000_0000]]);
     }
 
     fn error_of(text: &str) -> String {

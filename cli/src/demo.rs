@@ -153,7 +153,8 @@ fn console(sock: std::path::PathBuf, line: Option<String>, done: Arc<AtomicBool>
     }
 }
 
-pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
+    let stop = signals.stop.clone();
     if args.ticks == 0 || args.ticks > 9 {
         bail!("--ticks must be between 1 and 9 (the guest prints one digit)");
     }
@@ -238,7 +239,8 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?
     };
     let timeout = args.timeout_s.unwrap_or(if args.linux { 900 } else { 60 });
-    let opts = RunOptions { timeout: Duration::from_secs(timeout), ..RunOptions::default() };
+    let opts =
+        RunOptions { timeout: Duration::from_secs(timeout), wake: Some(signals.wake.clone()), ..RunOptions::default() };
     let started = Instant::now();
     let iface = net.host(0).iface.clone();
     let outcome = net.with_host(0, || -> anyhow::Result<_> {
@@ -251,7 +253,7 @@ pub fn run(args: DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             retry: Retry::default(),
             hello_timeout: Duration::from_secs(5),
         };
-        Ok(machine::run(&[spec], Some((t, cfg)), &opts, &stop)?.0)
+        Ok(machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &stop)?.0)
     })?;
     let elapsed = started.elapsed();
     done.store(true, Ordering::Relaxed);
@@ -327,7 +329,7 @@ fn run_local(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let timeout = args.timeout_s.unwrap_or(if args.linux { 900 } else { 60 });
     let opts = RunOptions { timeout: Duration::from_secs(timeout), ..RunOptions::default() };
     let started = Instant::now();
-    let (report, _) = machine::run::<&mut dyn dmfabric_dataplane::Transport>(&[spec], None, &opts, stop)?;
+    let (report, _) = machine::run(vec![spec], None, &opts, stop)?;
     let vm = report.vm(VM).context("VM 1 did not run")?;
     let reset = vm.vcpus.iter().any(|v| v.result.as_ref().is_ok_and(|r| r.reset));
     match vm.error() {

@@ -14,7 +14,8 @@ use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{TransportKind, TransportSpec};
 use dmfabric_vmm_shim::kvm::Exit;
-use dmfabric_vmm_shim::remote::{ClientConfig, ClientPort, IrqSink, VmEntry};
+use dmfabric_vmm_shim::kvm::{IrqSink, KvmError};
+use dmfabric_vmm_shim::remote::{ClientConfig, ClientPort, VmEntry};
 use dmfabric_wire::{AccessSize, Direction, IrqSource, MacAddr, Space, Status, Trigger};
 
 #[derive(Debug, Args)]
@@ -124,7 +125,7 @@ pub fn parse_access(words: &[&str]) -> anyhow::Result<Access> {
 struct Printer(Mutex<Vec<String>>);
 
 impl IrqSink for Printer {
-    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
+    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), KvmError> {
         let what = match source {
             IrqSource::Line(n) => format!("line {n}"),
             IrqSource::Msi { address, data } => format!("msi {address:#x}/{data:#x}"),
@@ -200,8 +201,8 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         TransportKind::Mem => bail!("--transport mem exists only inside one process"),
     };
-    let mut t = dmfabric_dataplane::open(&spec)?;
-    let printer = Printer(Mutex::new(Vec::new()));
+    let t = dmfabric_dataplane::open(&spec)?;
+    let printer = Arc::new(Printer(Mutex::new(Vec::new())));
     let cfg = ClientConfig {
         client: args.client,
         hypervisor: args.hypervisor,
@@ -209,8 +210,8 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         retry: Retry { timeout: Duration::from_millis(args.timeout_ms.max(1)), retries: args.retries },
         hello_timeout: Duration::from_secs(3),
     };
-    let vms = [VmEntry { id: args.vm, vcpus: args.vcpu.saturating_add(1), irq: &printer }];
-    let port = ClientPort::connect(t.as_mut(), &cfg, &vms)?;
+    let vms = [VmEntry { id: args.vm, vcpus: args.vcpu.saturating_add(1), irq: printer.clone() }];
+    let port = Arc::new(ClientPort::connect(t, &cfg, &vms)?);
     let mut vcpu = port.vcpu(args.vm, args.vcpu, None)?;
     let mut failed = 0;
     for a in &accesses {

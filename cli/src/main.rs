@@ -71,16 +71,26 @@ enum Cmd {
     Demo(demo::DemoArgs),
 }
 
-/// Set by SIGUSR1: print the counters now (`kill -USR1 <pid>`).
+/// Set by SIGUSR1: print the counters now (`kill -USR1 <pid>`); a busy
+/// loop (the server's) looks at it.
 pub static DUMP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_usr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    DUMP.store(true, Ordering::Relaxed);
+/// What the signals say, for commands that sleep until something happens.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    /// Set on Ctrl-C / SIGTERM; every long-running loop checks it.
+    pub stop: Arc<AtomicBool>,
+    /// A message on each Ctrl-C / SIGTERM.
+    pub wake: crossbeam_channel::Receiver<()>,
+    /// A message on each SIGUSR1 (and [`DUMP`] set).
+    pub dump: crossbeam_channel::Receiver<()>,
 }
 
-/// Set on Ctrl-C / SIGTERM; every long-running loop checks it.
-fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
+/// Ctrl-C / SIGTERM stop everything (three presses exit at once); SIGUSR1
+/// asks for the counters.
+fn install_signal_handlers() -> anyhow::Result<Signals> {
     let stop = Arc::new(AtomicBool::new(false));
+    let (wake_tx, wake) = crossbeam_channel::unbounded();
     let flag = stop.clone();
     let presses = AtomicU32::new(0);
     ctrlc::set_handler(move || {
@@ -89,24 +99,37 @@ fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
             std::process::exit(130);
         }
         flag.store(true, Ordering::Relaxed);
+        let _ = wake_tx.send(());
     })?;
-    Ok(stop)
+    let (dump_tx, dump) = crossbeam_channel::unbounded();
+    match signal_hook::iterator::Signals::new([libc::SIGUSR1]) {
+        Ok(mut usr1) => {
+            std::thread::Builder::new().name("dmf-signals".into()).spawn(move || {
+                for _ in usr1.forever() {
+                    DUMP.store(true, Ordering::Relaxed);
+                    let _ = dump_tx.send(());
+                }
+            })?;
+        }
+        Err(e) => eprintln!("dmfabric: cannot handle SIGUSR1 ({e}); counters print at exit only"),
+    }
+    Ok(Signals { stop, wake, dump })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    if let Err(e) = vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_usr1) {
-        eprintln!("dmfabric: cannot handle SIGUSR1 ({e}); counters print at exit only");
-    }
-    let result = install_stop_handler().and_then(|stop| match cli.cmd {
-        Cmd::Server(args) => server::run(args, stop),
-        Cmd::Client(args) => client::run(args, stop),
-        Cmd::Console(args) => console::run(args, stop),
-        Cmd::Ctl(args) => ctl::run(args),
-        Cmd::Io(args) => io::run(args, stop),
-        Cmd::Bench(cmd) => bench::run(cmd, stop),
-        Cmd::Demo(args) => demo::run(args, stop),
+    let result = install_signal_handlers().and_then(|signals| {
+        let stop = signals.stop.clone();
+        match cli.cmd {
+            Cmd::Server(args) => server::run(args, stop),
+            Cmd::Client(args) => client::run(args, &signals),
+            Cmd::Console(args) => console::run(args, stop),
+            Cmd::Ctl(args) => ctl::run(args),
+            Cmd::Io(args) => io::run(args, stop),
+            Cmd::Bench(cmd) => bench::run(cmd, stop),
+            Cmd::Demo(args) => demo::run(args, &signals),
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

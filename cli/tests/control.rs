@@ -310,7 +310,7 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
 fn live_requests(c: &mut netns::ChildGuard, rx: &std::sync::mpsc::Receiver<String>) -> u64 {
     // SAFETY: kill(2) on the pid of a child not reaped yet.
     unsafe { libc::kill(c.child().id() as i32, libc::SIGUSR1) };
-    let lines = wait_for(rx, "live: VM 1:").unwrap_or_else(|l| panic!("no live counters: {l:?}"));
+    let lines = wait_for_all(rx, &["live counters", "vm=1"]).unwrap_or_else(|l| panic!("no live counters: {l:?}"));
     let line = lines.last().unwrap();
     let n = line.split("requests: ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok());
     n.unwrap_or_else(|| panic!("{line}"))
@@ -337,10 +337,10 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
     assert_eq!(live_requests(&mut c, &c_rx), 0, "defined, not launched: held");
     let said = store.ctl(&["vm", "launch", "1"]);
     assert!(said.starts_with("updated VM 1 (client platform 1, Running)"), "{said}");
-    wait_for(&c_rx, "VM 1: running").unwrap_or_else(|l| panic!("client: {l:?}"));
+    wait_for_all(&c_rx, &["running", "vm=1"]).unwrap_or_else(|l| panic!("client: {l:?}"));
     std::thread::sleep(Duration::from_millis(300));
     store.ctl(&["vm", "suspend", "1"]);
-    wait_for(&c_rx, "VM 1: suspended").unwrap_or_else(|l| panic!("client: {l:?}"));
+    wait_for_all(&c_rx, &["suspended", "vm=1"]).unwrap_or_else(|l| panic!("client: {l:?}"));
     let before = live_requests(&mut c, &c_rx);
     std::thread::sleep(Duration::from_millis(400));
     let after = live_requests(&mut c, &c_rx);
@@ -398,7 +398,7 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
         let want = format!("VM {vm} vCPU 0: reported {:#x} {:#x}", sum as u32, (sum >> 32) as u32);
         assert!(lines.iter().any(|l| l.contains(&want)), "{want}: {lines:#?}");
     }
-    assert!(lines.iter().any(|l| l.contains("VM 4: joins this client platform")), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("VM joins this client platform") && l.contains("vm=4")), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains("VM 3: shut down by the control panel")), "{lines:#?}");
     let (reads, writes, lines) = device_counts(s, &s_rx);
     assert_eq!((reads, writes), (2 * ITERATIONS, 2 * ITERATIONS), "{lines:#?}");

@@ -31,13 +31,22 @@ pub struct WatchHealth {
 /// reading device states in transit); runs on the watch thread.
 pub type Chores = Box<dyn FnMut(&dyn Store) -> Result<(), StoreError> + Send>;
 
+/// Told each revision the watch swaps in (from its thread).
+pub type OnSwap = Box<dyn Fn(u64) + Send + Sync>;
+
 /// A running watch; stopped on drop.
-#[derive(Debug)]
 pub struct Watch {
     routes: Arc<LiveRoutes>,
     health: Arc<WatchHealth>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    listeners: Arc<std::sync::Mutex<Vec<OnSwap>>>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("revision", &self.routes.revision()).finish_non_exhaustive()
+    }
 }
 
 impl Watch {
@@ -65,17 +74,23 @@ impl Watch {
         let table = RoutingTable::from_db(Arc::new(store.load()?), revision);
         let routes = Arc::new(LiveRoutes::new(table));
         let chores = chores(routes.clone());
+        let listeners: Arc<std::sync::Mutex<Vec<OnSwap>>> = Arc::default();
         let health = Arc::new(WatchHealth::default());
         let stop = Arc::new(AtomicBool::new(false));
         let desc = store.describe();
         let thread = {
-            let (routes, health, stop) = (routes.clone(), health.clone(), stop.clone());
+            let (routes, health, stop, listeners) = (routes.clone(), health.clone(), stop.clone(), listeners.clone());
             std::thread::Builder::new()
                 .name("store-watch".into())
-                .spawn(move || watch(store, &who, period, chores, &routes, &health, &stop))
+                .spawn(move || watch(store, &who, period, chores, &routes, &health, &stop, &listeners))
                 .map_err(|e| StoreError::Backend { store: desc, what: format!("cannot start its watch: {e}") })?
         };
-        Ok(Watch { routes, health, stop, thread: Some(thread) })
+        Ok(Watch { routes, health, stop, thread: Some(thread), listeners })
+    }
+
+    /// Call `f` with each revision swapped in from now on.
+    pub fn on_swap(&self, f: OnSwap) {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).push(f);
     }
 
     /// The tables, for the data plane.
@@ -97,6 +112,7 @@ impl Drop for Watch {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn watch(
     store: Box<dyn Store>,
     who: &str,
@@ -105,6 +121,7 @@ fn watch(
     routes: &LiveRoutes,
     health: &WatchHealth,
     stop: &AtomicBool,
+    listeners: &std::sync::Mutex<Vec<OnSwap>>,
 ) {
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(period);
@@ -116,6 +133,9 @@ fn watch(
                 routes.swap(table);
                 health.swaps.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(who, revision, vms, devices, "routing tables swapped in");
+                for f in listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    f(revision);
+                }
             }
             if let Some(chores) = chores.as_mut() {
                 chores(&*store)?;

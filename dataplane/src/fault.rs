@@ -198,6 +198,10 @@ impl<T: Transport> Transport for FaultInjector<T> {
     fn stats(&self) -> TransportStats {
         self.inner.stats()
     }
+
+    fn faults(&self) -> Option<FaultStats> {
+        Some(self.stats)
+    }
 }
 
 #[cfg(test)]

@@ -138,6 +138,11 @@ pub trait Transport: Send {
     }
 
     fn stats(&self) -> TransportStats;
+
+    /// What a fault-injecting wrapper did to the frames (None: not one).
+    fn faults(&self) -> Option<crate::fault::FaultStats> {
+        None
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -161,5 +166,8 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn stats(&self) -> TransportStats {
         (**self).stats()
+    }
+    fn faults(&self) -> Option<crate::fault::FaultStats> {
+        (**self).faults()
     }
 }

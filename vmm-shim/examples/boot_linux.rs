@@ -44,8 +44,7 @@ fn main() {
     .unwrap();
     let opts = RunOptions { timeout: Duration::from_secs(secs), ..RunOptions::default() };
     let t0 = std::time::Instant::now();
-    let (report, _) =
-        machine::run::<&mut dyn dmfabric_dataplane::Transport>(&[spec], None, &opts, &AtomicBool::new(false)).unwrap();
+    let (report, _) = machine::run(vec![spec], None, &opts, &AtomicBool::new(false)).unwrap();
     let vm = &report.vms[0];
     println!("\n--- after {:?}: {:?}", t0.elapsed(), vm.vcpus[0].result);
     println!("--- exits {:?}", vm.exits());

@@ -2,19 +2,19 @@
 //! map (Firecracker's `handle_kvm_exit` is the model): [`decide`] is pure
 //! and tested without KVM; [`Router`] applies the decision for one vCPU.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
-use dmfabric_dataplane::Transport;
 use dmfabric_devices::Device;
 use dmfabric_wire::Direction;
 
 use crate::debugport::{self, DebugOp, DEBUG_PORT};
 use crate::devmap::{DeviceMap, Target};
 use crate::kvm::{Exit, Flow};
-use crate::remote::VcpuRemote;
+use crate::remote::{RemoteError, VcpuRemote};
 
 /// What to do with one exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,14 +70,25 @@ impl std::ops::AddAssign for ExitStats {
 /// shared by its vCPUs.
 pub type LocalDevices = [Mutex<Box<dyn Device>>];
 
-/// The remote path as the router sees it.
-pub trait RemoteAccess {
-    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, String>;
+/// Why an exit could not be served (the VM stops).
+#[derive(Debug, thiserror::Error)]
+pub enum ExitError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("Device {device} on server {server} is remote, but this VM has no connection to a server")]
+    NoLink { server: u16, device: u32 },
+    #[error("The device map names local device {0}, which does not exist")]
+    NoLocalDevice(usize),
 }
 
-impl<T: Transport> RemoteAccess for VcpuRemote<'_, '_, T> {
-    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, String> {
-        VcpuRemote::access(self, server, device, exit).map_err(|e| e.to_string())
+/// The remote path as the router sees it.
+pub trait RemoteAccess {
+    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, ExitError>;
+}
+
+impl RemoteAccess for VcpuRemote {
+    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, ExitError> {
+        Ok(VcpuRemote::access(self, server, device, exit)?)
     }
 }
 
@@ -86,8 +97,17 @@ impl<T: Transport> RemoteAccess for VcpuRemote<'_, '_, T> {
 pub struct NoRemote;
 
 impl RemoteAccess for NoRemote {
-    fn access(&mut self, server: u16, device: u32, _exit: &Exit) -> Result<u64, String> {
-        Err(format!("device {device} on server {server} is remote but this VM has no connection to a server"))
+    fn access(&mut self, server: u16, device: u32, _exit: &Exit) -> Result<u64, ExitError> {
+        Err(ExitError::NoLink { server, device })
+    }
+}
+
+impl<R: RemoteAccess> RemoteAccess for Option<R> {
+    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, ExitError> {
+        match self {
+            Some(r) => r.access(server, device, exit),
+            None => NoRemote.access(server, device, exit),
+        }
     }
 }
 
@@ -155,9 +175,8 @@ pub type LiveMap = arc_swap::ArcSwap<DeviceMap<Target>>;
 
 /// One vCPU's exits to its VM's devices.
 pub struct Router<'r, R> {
-    map: &'r DeviceMap<Target>,
-    /// Followed instead of `map` when set.
-    live: Option<&'r LiveMap>,
+    /// The VM's device map (the control panel may replace it while the VM runs).
+    map: &'r LiveMap,
     local: &'r LocalDevices,
     remote: R,
     reports: Vec<u32>,
@@ -166,6 +185,10 @@ pub struct Router<'r, R> {
     /// Parallel to `per_device`.
     times: Vec<AccessTimes>,
     console: Option<ConsoleTap>,
+    /// Set by a local model that resets the VM (an i8042's reset line).
+    reset: Option<&'r AtomicBool>,
+    /// Told when a local model next wants a tick.
+    ticker: Option<&'r crate::local::Ticker>,
 }
 
 impl<R> std::fmt::Debug for Router<'_, R> {
@@ -175,10 +198,9 @@ impl<R> std::fmt::Debug for Router<'_, R> {
 }
 
 impl<'r, R: RemoteAccess> Router<'r, R> {
-    pub fn new(map: &'r DeviceMap<Target>, local: &'r LocalDevices, remote: R) -> Self {
+    pub fn new(map: &'r LiveMap, local: &'r LocalDevices, remote: R) -> Self {
         Router {
             map,
-            live: None,
             local,
             remote,
             reports: Vec::new(),
@@ -186,12 +208,19 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
             per_device: Vec::new(),
             times: Vec::new(),
             console: None,
+            reset: None,
+            ticker: None,
         }
     }
 
-    /// Route by `live` from now on (it may change while the VM runs).
-    pub fn follow(&mut self, live: &'r LiveMap) {
-        self.live = Some(live);
+    /// Tell `ticker` when a local model wants its next tick after an access.
+    pub fn tick_with(&mut self, ticker: &'r crate::local::Ticker) {
+        self.ticker = Some(ticker);
+    }
+
+    /// Stop the VM cleanly when `flag` is set (by a local model's reset line).
+    pub fn reset_on(&mut self, flag: &'r AtomicBool) {
+        self.reset = Some(flag);
     }
 
     pub fn stats(&self) -> ExitStats {
@@ -241,23 +270,17 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
 
     /// Serve one exit: the data of a read, the guest's exit, or an error
     /// that stops the VM.
-    pub fn handle(&mut self, exit: &Exit) -> Result<Flow, String> {
+    pub fn handle(&mut self, exit: &Exit) -> Result<Flow, ExitError> {
         if let Some(tap) = self.console.as_mut() {
             tap.see(exit);
         }
-        let decision = match self.live {
-            Some(live) => decide(&live.load(), exit),
-            None => decide(self.map, exit),
-        };
+        let decision = decide(&self.map.load(), exit);
         match decision {
             Decision::Local(i) => {
                 self.stats.local += 1;
                 let start = Instant::now();
                 let slot = self.count(Target::Local(i), exit.dir);
-                let dev = self
-                    .local
-                    .get(i)
-                    .ok_or_else(|| format!("the device map names local device {i}, which does not exist"))?;
+                let dev = self.local.get(i).ok_or(ExitError::NoLocalDevice(i))?;
                 let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
                 dev.tick(start);
                 let value = match exit.dir {
@@ -267,8 +290,15 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
                         0
                     }
                 };
+                if let Some(t) = self.ticker {
+                    // The access may have reprogrammed the model's timers.
+                    t.due(dev.tick(start));
+                }
                 drop(dev);
                 self.times[slot].saturating_record(start.elapsed().as_nanos() as u64);
+                if self.reset.is_some_and(|r| r.swap(false, Ordering::AcqRel)) {
+                    return Ok(Flow::Reset);
+                }
                 Ok(Flow::Continue(value))
             }
             Decision::Remote { server, device } => {
@@ -333,18 +363,26 @@ mod tests {
 
     #[test]
     fn local_debug_and_unmapped_accesses_are_served_and_counted() {
-        let m = map();
+        let m = LiveMap::from_pointee(map());
         let local: Vec<Mutex<Box<dyn Device>>> =
             vec![Mutex::new(Box::new(RegisterFile::new(Some((0x500, 0x100)), None)))];
+        // The map's remote device has no link here: the exit fails, typed.
         let mut r = Router::new(&m, &local, NoRemote);
         let w = exit(Space::Pio, 0x500, AccessSize::B2, Direction::Write, 0xbeef);
-        assert_eq!(r.handle(&w), Ok(Flow::Continue(0)));
-        assert_eq!(r.handle(&exit(Space::Pio, 0x500, AccessSize::B2, Direction::Read, 0)), Ok(Flow::Continue(0xbeef)));
-        assert_eq!(r.handle(&exit(Space::Pio, 0x900, AccessSize::B2, Direction::Read, 0)), Ok(Flow::Continue(0xffff)));
-        assert_eq!(r.handle(&exit(Space::Pio, 0x900, AccessSize::B1, Direction::Write, 5)), Ok(Flow::Continue(0)));
-        assert!(r.handle(&exit(Space::Pio, 0x3f8, AccessSize::B1, Direction::Read, 0)).is_err(), "no server");
-        assert_eq!(r.handle(&exit(Space::Pio, 0x4f0, AccessSize::B4, Direction::Write, 7)), Ok(Flow::Continue(0)));
-        assert_eq!(r.handle(&exit(Space::Pio, 0x4f4, AccessSize::B4, Direction::Write, 1)), Ok(Flow::Exit(1)));
+        assert_eq!(r.handle(&w).unwrap(), Flow::Continue(0));
+        assert_eq!(
+            r.handle(&exit(Space::Pio, 0x500, AccessSize::B2, Direction::Read, 0)).unwrap(),
+            Flow::Continue(0xbeef)
+        );
+        assert_eq!(
+            r.handle(&exit(Space::Pio, 0x900, AccessSize::B2, Direction::Read, 0)).unwrap(),
+            Flow::Continue(0xffff)
+        );
+        assert_eq!(r.handle(&exit(Space::Pio, 0x900, AccessSize::B1, Direction::Write, 5)).unwrap(), Flow::Continue(0));
+        let err = r.handle(&exit(Space::Pio, 0x3f8, AccessSize::B1, Direction::Read, 0)).unwrap_err();
+        assert!(matches!(err, ExitError::NoLink { server: 2, device: 7 }), "{err}");
+        assert_eq!(r.handle(&exit(Space::Pio, 0x4f0, AccessSize::B4, Direction::Write, 7)).unwrap(), Flow::Continue(0));
+        assert_eq!(r.handle(&exit(Space::Pio, 0x4f4, AccessSize::B4, Direction::Write, 1)).unwrap(), Flow::Exit(1));
         assert_eq!(r.reports(), &[7]);
         assert_eq!(r.stats(), ExitStats { local: 2, remote: 1, unmapped_reads: 1, unmapped_writes: 1, reports: 1 });
         assert_eq!(r.per_device()[0], DeviceCount { target: Target::Local(0), reads: 1, writes: 1 });

@@ -16,12 +16,11 @@
 
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Once};
 
-use dmfabric_wire::{AccessSize, Direction, Space};
+use dmfabric_wire::{AccessSize, Direction, IrqSource, Space, Trigger};
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msr_entry,
     kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
@@ -29,6 +28,8 @@ use kvm_bindings::{
     KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::exits::ExitError;
 use memmap2::MmapMut;
 
 const GDT_ADDR: u64 = 0x500;
@@ -58,12 +59,25 @@ pub enum KvmError {
     Memory(usize, #[source] io::Error),
     #[error("The guest image ({len} bytes at {addr:#x}) does not fit in {mem} bytes of guest memory")]
     ImageTooBig { addr: u64, len: usize, mem: usize },
-    #[error("The vCPU stopped: {0}")]
-    Stopped(String),
+    #[error("Guest memory can be written only before the VM's interrupt handles are given out")]
+    MemoryShared,
+    #[error("The guest stopped: {0}")]
+    Guest(String),
+    #[error("A {space:?} access of {len} bytes at {addr:#x}")]
+    BadAccess { space: Space, addr: u64, len: usize },
+    #[error("MSR list: {0}")]
+    Msrs(String),
+    #[error("KVM_SET_MSRS refused MSR {0:#x} of the saved state")]
+    MsrRefused(u32),
+    #[error("Cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
     #[error("vCPU {0} is out of range: a test VM has at most {MAX_VCPUS}")]
     TooManyVcpus(u64),
-    #[error("An access could not be served: {0}")]
-    Device(String),
+    #[error(transparent)]
+    Exit(#[from] crate::exits::ExitError),
+    /// Asked to stop, and why (another vCPU failed, the run limit, Ctrl-C).
+    #[error("{0}")]
+    Stopped(String),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -88,6 +102,8 @@ pub enum Flow {
     Continue(u64),
     /// The guest asked to stop (a test guest's exit port) with this code.
     Exit(u32),
+    /// A device model of the VM reset it (a local i8042): stop cleanly.
+    Reset,
 }
 
 /// What a run did.
@@ -99,28 +115,9 @@ pub struct RunStats {
     pub interrupted: u64,
     /// The code the guest exited with.
     pub exit_code: u32,
-    /// The VM was reset (its i8042 pulsed the reset line): stopped cleanly.
+    /// Stopped cleanly from outside the guest's exit port: reset by a
+    /// device, shut down or migrated (the VM's report says which).
     pub reset: bool,
-}
-
-/// Stops a vCPU from another thread, also while its guest is halted inside
-/// KVM_RUN: a flag the run loop checks plus a signal that makes KVM_RUN
-/// return (the way Firecracker and cloud-hypervisor kick vCPUs).
-#[derive(Debug, Default)]
-pub struct Kick {
-    stop: AtomicBool,
-    /// The stop ends the run cleanly (a reset the guest asked for).
-    clean: AtomicBool,
-    /// Hold the vCPU outside the guest (suspended, or about to move).
-    pause: AtomicBool,
-    /// The vCPU is held: no access of its is in flight, its state is still.
-    paused: AtomicBool,
-    /// Save the vCPU's state while held ([`Kick::take_saved`] gives it).
-    save: AtomicBool,
-    saved: Mutex<Option<Result<VcpuState, String>>>,
-    /// pthread_t of the thread inside [`Vcpu::run`], 0 outside it.
-    thread: AtomicU64,
-    reason: Mutex<Option<String>>,
 }
 
 /// The real-time signal that kicks a vCPU thread out of KVM_RUN.
@@ -128,107 +125,67 @@ fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN() + 2
 }
 
-extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The `immediate_exit` byte of the kvm_run page of the vCPU this
+    /// thread runs, while it is inside [`Vcpu::run`].
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-impl Kick {
-    pub fn new() -> Kick {
-        Kick::default()
+extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Firecracker's way: make the vCPU's next (or current) KVM_RUN return at
+    // once, so a kick that lands just before the thread enters the guest is
+    // not lost.
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: IMMEDIATE_EXIT is set by this thread to a byte of its
+        // vCPU's kvm_run page — a mapping the VcpuFd owns for the whole of
+        // `Vcpu::run` — and cleared before `run` returns; a signal handler
+        // runs on the thread it interrupts, so the page is mapped here. The
+        // page is shared with the kernel, which reads this byte on KVM_RUN:
+        // a volatile one-byte store, nothing else, is all that happens.
+        unsafe { std::ptr::write_volatile(flag, 1) };
     }
+}
 
-    pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
+/// Install the kick signal's handler (once per process).
+fn install_kick_handler() -> Result<(), KvmError> {
+    static HANDLER: Once = Once::new();
+    let mut installed = Ok(());
+    HANDLER.call_once(|| installed = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick_signal));
+    installed.map_err(KvmError::KickHandler)
+}
 
-    /// Why the vCPU was asked to stop.
-    pub fn reason(&self) -> Option<String> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
+/// Kick the vCPU thread `thread` out of KVM_RUN (a thread that is not
+/// inside [`Vcpu::run`] ignores the signal).
+pub fn kick<T>(thread: &std::thread::JoinHandle<T>) {
+    use std::os::unix::thread::JoinHandleExt;
+    // SAFETY: a JoinHandle that exists has not been joined, so the thread's
+    // pthread_t is valid (an ended thread that was not joined can still be
+    // signalled: pthread_kill returns ESRCH or does nothing). The handler
+    // only sets immediate_exit; it is installed before any vCPU runs, and
+    // without it the real-time signal would not be sent to a thread that
+    // runs no vCPU anyway (only vCPU threads are kicked).
+    unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+}
 
-    /// End the run cleanly for `reason` (shut down, migrated away).
-    pub fn end(&self, reason: &str) {
-        self.clean.store(true, Ordering::Release);
-        self.stop(reason, Duration::ZERO);
-    }
-
-    /// Stop the vCPU because its VM was reset: the run ends without an error.
-    pub fn reset(&self, within: Duration) {
-        self.clean.store(true, Ordering::Release);
-        self.stop("the VM was reset", within);
-    }
-
-    /// Ask the vCPU to stop (the first reason is kept) and kick it out of
-    /// KVM_RUN, retrying for up to `within` in case the signal lands just
-    /// before the thread enters the guest.
-    pub fn stop(&self, reason: &str, within: Duration) {
-        {
-            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-            r.get_or_insert_with(|| reason.to_string());
-        }
-        self.stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + within;
-        while self.poke() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(500));
-        }
-    }
-
-    /// Hold the vCPU outside its guest once its current exit is served
-    /// (an access in flight completes first), saving its state if `save`.
-    /// [`Kick::paused`] says when it is held.
-    pub fn pause(&self, save: bool) {
-        if save {
-            self.save.store(true, Ordering::Release);
-        }
-        self.pause.store(true, Ordering::Release);
-        self.poke();
-    }
-
-    /// Let a held vCPU run again.
-    pub fn resume(&self) {
-        self.pause.store(false, Ordering::Release);
-    }
-
-    /// Whether the vCPU is held (and its state saved, if that was asked).
-    pub fn paused(&self) -> bool {
-        self.paused.load(Ordering::Acquire)
-    }
-
-    /// Whether a pause was asked for (held or on its way there).
-    pub fn pausing(&self) -> bool {
-        self.pause.load(Ordering::Acquire)
-    }
-
-    /// The state saved by a [`Kick::pause`] with `save`.
-    pub fn take_saved(&self) -> Option<Result<VcpuState, String>> {
-        self.saved.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-
-    /// Signal the vCPU's thread if it is inside [`Vcpu::run`] (for a stop
-    /// whose first signal may have come just before it entered the guest);
-    /// false when it is not there.
-    pub fn poke(&self) -> bool {
-        let thread = self.thread.load(Ordering::Acquire);
-        if thread == 0 {
-            return false;
-        }
-        // SAFETY: `thread` was stored by the vCPU thread from pthread_self()
-        // on entering `Vcpu::run` and is cleared before it leaves, so while
-        // it is non-zero it names a live thread (a signal racing with the
-        // clear reaches a thread that ignores it: the handler does nothing).
-        unsafe { libc::pthread_kill(thread as libc::pthread_t, kick_signal()) };
-        true
-    }
+/// What a VM's vCPUs and interrupt handles share. `fd` is declared before
+/// `mem`, so it drops (and KVM forgets the memory region) before the memory
+/// is unmapped; and since every holder of the VM fd holds this whole
+/// struct, no fd can outlive the memory registered with it.
+struct VmShared {
+    fd: VmFd,
+    mem: MmapMut,
+    kvm: Kvm,
 }
 
 /// A VM with its guest memory.
 pub struct Vm {
-    kvm: Kvm,
-    fd: Arc<VmFd>,
-    mem: MmapMut,
+    shared: Arc<VmShared>,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("mem_bytes", &self.mem.len()).finish()
+        f.debug_struct("Vm").field("mem_bytes", &self.shared.mem.len()).finish()
     }
 }
 
@@ -267,80 +224,73 @@ impl Vm {
             memory_size: mem_bytes as u64,
             userspace_addr: mem.as_ptr() as u64,
         };
-        // SAFETY: the region is `mem`, a private anonymous mapping owned by
-        // this `Vm`; it is unmapped only when the `Vm` drops, after `fd`
-        // (field order), and every `Vcpu` borrows the `Vm`, so no vCPU can
-        // run after the memory is gone.
+        // SAFETY: the region is `mem`, a private anonymous mapping that
+        // `VmShared` owns together with `fd`: the memory is unmapped only
+        // when the last holder of the VM fd (a `Vm`, a `Vcpu`, an
+        // `IrqHandle`) is gone, after the fd itself is closed (field order).
         unsafe { fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vm = Vm { kvm, fd: Arc::new(fd), mem };
-        vm.write_page_tables_and_gdt();
+        let mut vm = Vm { shared: Arc::new(VmShared { fd, mem, kvm }) };
+        write_page_tables_and_gdt(vm.memory_mut()?);
         Ok(vm)
+    }
+
+    fn fd(&self) -> &VmFd {
+        &self.shared.fd
     }
 
     /// Copy `bytes` into guest memory at `addr`.
     pub fn load(&mut self, addr: u64, bytes: &[u8]) -> Result<(), KvmError> {
+        let mem = self.memory_mut()?;
         let start = addr as usize;
-        let end = start.checked_add(bytes.len()).filter(|&e| e <= self.mem.len());
+        let end = start.checked_add(bytes.len()).filter(|&e| e <= mem.len());
         let Some(end) = end else {
-            return Err(KvmError::ImageTooBig { addr, len: bytes.len(), mem: self.mem.len() });
+            return Err(KvmError::ImageTooBig { addr, len: bytes.len(), mem: mem.len() });
         };
-        self.mem[start..end].copy_from_slice(bytes);
+        mem[start..end].copy_from_slice(bytes);
         Ok(())
     }
+}
 
-    fn write_u64(&mut self, addr: u64, v: u64) {
-        let a = addr as usize;
-        self.mem[a..a + 8].copy_from_slice(&v.to_le_bytes());
+fn write_u64(mem: &mut [u8], addr: u64, v: u64) {
+    let a = addr as usize;
+    mem[a..a + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn write_page_tables_and_gdt(mem: &mut [u8]) {
+    // GDT: null, 64-bit code (selector 0x8, test guests), 64-bit code
+    // (0x10) and data (0x18): Linux's __BOOT_CS and __BOOT_DS.
+    let code = 0x00af_9b00_0000_ffff;
+    for (i, entry) in [0u64, code, code, 0x00cf_9300_0000_ffff].into_iter().enumerate() {
+        write_u64(mem, GDT_ADDR + 8 * i as u64, entry);
     }
-
-    fn write_page_tables_and_gdt(&mut self) {
-        // GDT: null, 64-bit code (selector 0x8, test guests), 64-bit code
-        // (0x10) and data (0x18): Linux's __BOOT_CS and __BOOT_DS.
-        let code = 0x00af_9b00_0000_ffff;
-        for (i, entry) in [0u64, code, code, 0x00cf_9300_0000_ffff].into_iter().enumerate() {
-            self.write_u64(GDT_ADDR + 8 * i as u64, entry);
-        }
-        const PRESENT_RW: u64 = 0b11;
-        const HUGE: u64 = 1 << 7;
-        self.write_u64(PML4_ADDR, PDPT_ADDR | PRESENT_RW);
-        for gib in 0..4u64 {
-            let pd = PD_ADDR + gib * 0x1000;
-            self.write_u64(PDPT_ADDR + gib * 8, pd | PRESENT_RW);
-            for i in 0..512u64 {
-                let phys = (gib << 30) | (i << 21);
-                self.write_u64(pd + i * 8, phys | PRESENT_RW | HUGE);
-            }
+    const PRESENT_RW: u64 = 0b11;
+    const HUGE: u64 = 1 << 7;
+    write_u64(mem, PML4_ADDR, PDPT_ADDR | PRESENT_RW);
+    for gib in 0..4u64 {
+        let pd = PD_ADDR + gib * 0x1000;
+        write_u64(mem, PDPT_ADDR + gib * 8, pd | PRESENT_RW);
+        for i in 0..512u64 {
+            let phys = (gib << 30) | (i << 21);
+            write_u64(mem, pd + i * 8, phys | PRESENT_RW | HUGE);
         }
     }
+}
 
-    /// A handle that raises this VM's interrupt lines from any thread (for
-    /// device models kept in the client process).
+impl Vm {
+    /// A handle that raises this VM's interrupts from any thread.
     pub fn irq_handle(&self) -> IrqHandle {
-        IrqHandle(self.fd.clone())
-    }
-
-    /// Set interrupt line (GSI) `gsi` to `level` (PIC and IOAPIC).
-    pub fn set_irq_line(&self, gsi: u32, level: bool) -> Result<(), KvmError> {
-        self.fd.set_irq_line(gsi, level).map_err(ioctl("KVM_IRQ_LINE"))
-    }
-
-    /// Deliver a message-signalled interrupt.
-    pub fn signal_msi(&self, address: u64, data: u32) -> Result<(), KvmError> {
-        let msi =
-            kvm_msi { address_lo: address as u32, address_hi: (address >> 32) as u32, data, ..Default::default() };
-        self.fd.signal_msi(msi).map(|_| ()).map_err(ioctl("KVM_SIGNAL_MSI"))
+        IrqHandle(self.shared.clone())
     }
 
     /// Bytes of guest memory at `addr` (None if out of range).
     pub fn memory(&self, addr: u64, len: usize) -> Option<&[u8]> {
-        let start = usize::try_from(addr).ok()?;
-        self.mem.get(start..start.checked_add(len)?)
+        memory_at(&self.shared.mem, addr, len)
     }
 
     /// A vCPU in 64-bit long mode at CPL0, about to run `entry` with its
     /// own stack below [`STACK_TOP`] and `args` in rdi, rsi, rdx. vCPUs
     /// other than 0 start running too (no INIT/SIPI dance for test guests).
-    pub fn long_mode_vcpu(&self, id: u64, entry: u64, args: [u64; 3]) -> Result<Vcpu<'_>, KvmError> {
+    pub fn long_mode_vcpu(&self, id: u64, entry: u64, args: [u64; 3]) -> Result<Vcpu, KvmError> {
         self.vcpu(id, VcpuStart { entry, args, code_selector: 0x8, hide_xsave_cx16: false })
     }
 
@@ -349,15 +299,15 @@ impl Vm {
     /// paging on, __BOOT_CS/__BOOT_DS loaded, interrupts off. CPUID hides
     /// XSAVE and CMPXCHG16B, which this host's nested hypervisor cannot
     /// emulate in guest kernel mode (MACHINE-FACTS.md).
-    pub fn linux_vcpu(&self, id: u64, entry: u64, zero_page: u64) -> Result<Vcpu<'_>, KvmError> {
+    pub fn linux_vcpu(&self, id: u64, entry: u64, zero_page: u64) -> Result<Vcpu, KvmError> {
         self.vcpu(id, VcpuStart { entry, args: [0, zero_page, 0], code_selector: 0x10, hide_xsave_cx16: true })
     }
 
-    fn vcpu(&self, id: u64, start: VcpuStart) -> Result<Vcpu<'_>, KvmError> {
+    fn vcpu(&self, id: u64, start: VcpuStart) -> Result<Vcpu, KvmError> {
         if id >= MAX_VCPUS {
             return Err(KvmError::TooManyVcpus(id));
         }
-        let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let fd = self.fd().create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
         if id != 0 {
             // With the in-kernel irqchip an AP waits for a SIPI; start it now.
             let runnable = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
@@ -404,25 +354,25 @@ impl Vm {
         regs.rsi = start.args[1];
         regs.rdx = start.args[2];
         fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
-        Ok(Vcpu { fd, vm: self })
+        Ok(Vcpu { fd, vm: self.shared.clone() })
     }
 
     /// An application processor of a Linux VM: it waits, as on hardware,
     /// for the boot processor's INIT and SIPI.
-    pub fn linux_ap(&self, id: u64) -> Result<Vcpu<'_>, KvmError> {
+    pub fn linux_ap(&self, id: u64) -> Result<Vcpu, KvmError> {
         if id == 0 || id >= MAX_VCPUS {
             return Err(KvmError::TooManyVcpus(id));
         }
-        let fd = self.fd.create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let fd = self.fd().create_vcpu(id).map_err(ioctl("KVM_CREATE_VCPU"))?;
         self.set_cpuid(&fd, id, true)?;
-        Ok(Vcpu { fd, vm: self })
+        Ok(Vcpu { fd, vm: self.shared.clone() })
     }
 
     /// KVM's supported CPUID with this vCPU's APIC id, and without XSAVE
     /// (and what needs it) and CMPXCHG16B if `hide_xsave_cx16`.
     fn set_cpuid(&self, fd: &VcpuFd, id: u64, hide_xsave_cx16: bool) -> Result<(), KvmError> {
         let mut cpuid =
-            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+            self.shared.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         for e in cpuid.as_mut_slice() {
             match e.function {
                 1 => {
@@ -443,14 +393,15 @@ impl Vm {
         fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
     }
 
-    /// Guest memory, for loaders.
-    pub fn memory_mut(&mut self) -> &mut [u8] {
-        &mut self.mem
+    /// Guest memory, for loaders: only before vCPUs or interrupt handles
+    /// share the VM.
+    pub fn memory_mut(&mut self) -> Result<&mut [u8], KvmError> {
+        Arc::get_mut(&mut self.shared).map(|s| &mut s.mem[..]).ok_or(KvmError::MemoryShared)
     }
 
     /// Guest memory as a whole (to move the VM: read while its vCPUs are held).
     pub fn all_memory(&self) -> &[u8] {
-        &self.mem
+        &self.shared.mem
     }
 
     /// The VM-wide device state KVM keeps: both PICs, the I/O APIC, the
@@ -458,33 +409,46 @@ impl Vm {
     pub fn save_state(&self) -> Result<VmDeviceState, KvmError> {
         let chip = |id: u32| -> Result<kvm_irqchip, KvmError> {
             let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
-            self.fd.get_irqchip(&mut c).map_err(ioctl("KVM_GET_IRQCHIP"))?;
+            self.fd().get_irqchip(&mut c).map_err(ioctl("KVM_GET_IRQCHIP"))?;
             Ok(c)
         };
         Ok(VmDeviceState {
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.fd.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
-            clock: self.fd.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+            pit: self.fd().get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+            clock: self.fd().get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
         })
     }
 
     /// Put [`Vm::save_state`]'s state (from another host) into this VM.
     pub fn restore_state(&self, s: &VmDeviceState) -> Result<(), KvmError> {
         for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-            self.fd.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+            self.fd().set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
         }
-        self.fd.set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
+        self.fd().set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
         // Only the clock value: the flags of the source host do not apply here.
         let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
-        self.fd.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
+        self.fd().set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
     }
 }
 
-/// Raises a VM's interrupt lines (KVM_IRQ_LINE on its VM fd).
+fn memory_at(mem: &[u8], addr: u64, len: usize) -> Option<&[u8]> {
+    let start = usize::try_from(addr).ok()?;
+    mem.get(start..start.checked_add(len)?)
+}
+
+/// Where a VM's interrupts are delivered: the one delivery abstraction
+/// (device models raise lines through `dmfabric_devices::IrqLine`; what
+/// their lines, or Interrupt frames, turn into is an `inject`).
+pub trait IrqSink: Send + Sync {
+    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), KvmError>;
+}
+
+/// Injects into a VM through its VM fd (KVM_IRQ_LINE, KVM_SIGNAL_MSI): VM
+/// ioctls, cheap, from any thread.
 #[derive(Clone)]
-pub struct IrqHandle(Arc<VmFd>);
+pub struct IrqHandle(Arc<VmShared>);
 
 impl std::fmt::Debug for IrqHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -494,14 +458,25 @@ impl std::fmt::Debug for IrqHandle {
 
 impl IrqHandle {
     pub fn set_line(&self, gsi: u32, level: bool) -> Result<(), KvmError> {
-        self.0.set_irq_line(gsi, level).map_err(ioctl("KVM_IRQ_LINE"))
+        self.0.fd.set_irq_line(gsi, level).map_err(ioctl("KVM_IRQ_LINE"))
     }
 
     /// Deliver a message-signalled interrupt.
     pub fn signal_msi(&self, address: u64, data: u32) -> Result<(), KvmError> {
         let msi =
             kvm_msi { address_lo: address as u32, address_hi: (address >> 32) as u32, data, ..Default::default() };
-        self.0.signal_msi(msi).map(|_| ()).map_err(ioctl("KVM_SIGNAL_MSI"))
+        self.0.fd.signal_msi(msi).map(|_| ()).map_err(ioctl("KVM_SIGNAL_MSI"))
+    }
+}
+
+impl IrqSink for IrqHandle {
+    /// A level is mirrored exactly; an edge is a raise and a lower.
+    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), KvmError> {
+        match (source, trigger) {
+            (IrqSource::Line(gsi), Trigger::Level { asserted }) => self.set_line(gsi, asserted),
+            (IrqSource::Line(gsi), Trigger::Edge) => self.set_line(gsi, true).and_then(|()| self.set_line(gsi, false)),
+            (IrqSource::Msi { address, data }, _) => self.signal_msi(address, data),
+        }
     }
 }
 
@@ -552,14 +527,14 @@ struct VcpuStart {
     hide_xsave_cx16: bool,
 }
 
-/// One vCPU of a [`Vm`] (which it borrows: the guest memory outlives it);
-/// runs on the thread that calls [`Vcpu::run`].
-pub struct Vcpu<'vm> {
+/// One vCPU of a [`Vm`] (whose fd and memory it keeps alive); runs on the
+/// thread that calls [`Vcpu::run`].
+pub struct Vcpu {
     fd: VcpuFd,
-    vm: &'vm Vm,
+    vm: Arc<VmShared>,
 }
 
-impl std::fmt::Debug for Vcpu<'_> {
+impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Vcpu")
     }
@@ -572,51 +547,59 @@ fn le(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-impl Vcpu<'_> {
+/// What happens before each entry into the guest: the vCPU's owner looks
+/// at its events (and may hold, save or stop the vCPU) — see `crate::vcpu`.
+#[derive(Debug)]
+pub enum Entry {
+    /// Enter the guest.
+    Run,
+    /// End the run cleanly (shut down, migrated, reset).
+    End,
+    /// End the run with this error.
+    Fail(KvmError),
+}
+
+impl Vcpu {
     /// Run until the guest exits through its exit port, the handler fails,
-    /// or `kick` stops the vCPU. Every port-I/O and MMIO exit goes to
-    /// `on_exit`; its error stops the VM.
+    /// or `before` ends the run. Every port-I/O and MMIO exit goes to
+    /// `on_exit`; its error stops the VM. A kick ([`kick_thread`]) makes
+    /// KVM_RUN return, also while the guest is halted, and `before` is
+    /// asked again.
     pub fn run(
         &mut self,
-        kick: &Kick,
-        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, String>,
+        before: &mut dyn FnMut(&mut Vcpu) -> Entry,
+        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, ExitError>,
     ) -> Result<RunStats, KvmError> {
-        static HANDLER: Once = Once::new();
-        let mut installed = Ok(());
-        HANDLER.call_once(|| installed = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick_signal));
-        installed.map_err(|e| KvmError::Stopped(format!("cannot install the vCPU kick signal handler: {e}")))?;
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() } as u64;
-        kick.thread.store(me, Ordering::Release);
-        let result = self.run_loop(kick, on_exit);
-        kick.thread.store(0, Ordering::Release);
+        install_kick_handler()?;
+        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|f| f.set(flag));
+        let result = self.run_loop(before, on_exit);
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
         result
     }
 
     fn run_loop(
         &mut self,
-        kick: &Kick,
-        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, String>,
+        before: &mut dyn FnMut(&mut Vcpu) -> Entry,
+        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, ExitError>,
     ) -> Result<RunStats, KvmError> {
         const EINTR: i32 = 4;
         const EAGAIN: i32 = 11;
         let mut stats = RunStats::default();
-        let stopped = |kick: &Kick| KvmError::Stopped(kick.reason().unwrap_or_else(|| "asked to stop".into()));
         loop {
-            if kick.pause.load(Ordering::Acquire) && !kick.stopped() {
-                self.hold(kick);
-                continue;
-            }
-            if kick.stopped() {
-                if kick.clean.load(Ordering::Acquire) {
+            match before(self) {
+                Entry::Run => {}
+                Entry::End => {
                     stats.reset = true;
                     return Ok(stats);
                 }
-                return Err(stopped(kick));
+                Entry::Fail(e) => return Err(e),
             }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == EINTR || e.errno() == EAGAIN => {
+                    // A kick: the next entry is the guest's again unless `before` says otherwise.
+                    self.fd.set_kvm_immediate_exit(0);
                     stats.interrupted += 1;
                     continue;
                 }
@@ -626,13 +609,13 @@ impl Vcpu<'_> {
                 VcpuExit::IoOut(port, data) => {
                     stats.io_exits += 1;
                     let e = io_exit(Space::Pio, u64::from(port), data.len(), Direction::Write, le(data))?;
-                    on_exit(&e).map_err(KvmError::Device)?
+                    on_exit(&e)
                 }
                 VcpuExit::IoIn(port, data) => {
                     stats.io_exits += 1;
                     let e = io_exit(Space::Pio, u64::from(port), data.len(), Direction::Read, 0)?;
-                    let flow = on_exit(&e).map_err(KvmError::Device)?;
-                    if let Flow::Continue(v) = flow {
+                    let flow = on_exit(&e);
+                    if let Ok(Flow::Continue(v)) = flow {
                         let n = data.len().min(8);
                         data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
                     }
@@ -641,13 +624,13 @@ impl Vcpu<'_> {
                 VcpuExit::MmioWrite(addr, data) => {
                     stats.mmio_exits += 1;
                     let e = io_exit(Space::Mmio, addr, data.len(), Direction::Write, le(data))?;
-                    on_exit(&e).map_err(KvmError::Device)?
+                    on_exit(&e)
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     stats.mmio_exits += 1;
                     let e = io_exit(Space::Mmio, addr, data.len(), Direction::Read, 0)?;
-                    let flow = on_exit(&e).map_err(KvmError::Device)?;
-                    if let Flow::Continue(v) = flow {
+                    let flow = on_exit(&e);
+                    if let Ok(Flow::Continue(v)) = flow {
                         let n = data.len().min(8);
                         data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
                     }
@@ -658,49 +641,40 @@ impl Vcpu<'_> {
                     continue;
                 }
                 VcpuExit::InternalError => {
-                    return Err(KvmError::Stopped(
+                    return Err(KvmError::Guest(
                         self.describe("KVM_EXIT_INTERNAL_ERROR (the host could not emulate an instruction)"),
                     ))
                 }
-                VcpuExit::Shutdown => {
-                    return Err(KvmError::Stopped(self.describe("KVM_EXIT_SHUTDOWN (a triple fault)")))
-                }
+                VcpuExit::Shutdown => return Err(KvmError::Guest(self.describe("KVM_EXIT_SHUTDOWN (a triple fault)"))),
                 other => {
                     let what = format!("exit {other:?}");
-                    return Err(KvmError::Stopped(self.describe(&what)));
+                    return Err(KvmError::Guest(self.describe(&what)));
                 }
             };
-            if let Flow::Exit(code) = flow {
-                stats.exit_code = code;
-                return Ok(stats);
+            match flow {
+                Ok(Flow::Continue(_)) => {}
+                Ok(Flow::Exit(code)) => {
+                    stats.exit_code = code;
+                    return Ok(stats);
+                }
+                Ok(Flow::Reset) => {
+                    stats.reset = true;
+                    return Ok(stats);
+                }
+                Err(e) => return Err(KvmError::Exit(e)),
             }
         }
     }
 }
 
-impl Vcpu<'_> {
-    /// Stay out of the guest while `kick` pauses the vCPU, saving its state
-    /// first if asked.
-    fn hold(&mut self, kick: &Kick) {
-        // An I/O exit just served is finished by the next KVM_RUN; with
-        // immediate_exit that run completes it and returns at once, so the
-        // state read below is the one after the instruction.
+impl Vcpu {
+    /// Finish the I/O exit just served (its data goes into the guest on the
+    /// next KVM_RUN): with immediate_exit that run completes it and returns
+    /// at once, so the state read afterwards is the one after the instruction.
+    pub fn finish_pending_io(&mut self) {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
-        if kick.save.swap(false, Ordering::AcqRel) {
-            let state = self.save().map_err(|e| e.to_string());
-            *kick.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
-        }
-        kick.paused.store(true, Ordering::Release);
-        while kick.pause.load(Ordering::Acquire) && !kick.stopped() {
-            if kick.save.swap(false, Ordering::AcqRel) {
-                let state = self.save().map_err(|e| e.to_string());
-                *kick.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        kick.paused.store(false, Ordering::Release);
     }
 
     /// The vCPU's architectural state (call while it is out of the guest,
@@ -738,7 +712,7 @@ impl Vcpu<'_> {
         for chunk in list.as_slice().chunks(64) {
             let entries: Vec<kvm_msr_entry> =
                 chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-            let mut msrs = Msrs::from_entries(&entries).map_err(|e| KvmError::Stopped(format!("MSR list: {e:?}")))?;
+            let mut msrs = Msrs::from_entries(&entries).map_err(|e| KvmError::Msrs(format!("{e:?}")))?;
             let n = self.fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
             if n == entries.len() {
                 out.extend_from_slice(msrs.as_slice());
@@ -746,8 +720,8 @@ impl Vcpu<'_> {
             }
             // KVM stops at the first MSR it cannot read: take them one by one.
             for e in &entries {
-                let mut one = Msrs::from_entries(std::slice::from_ref(e))
-                    .map_err(|e| KvmError::Stopped(format!("MSR list: {e:?}")))?;
+                let mut one =
+                    Msrs::from_entries(std::slice::from_ref(e)).map_err(|e| KvmError::Msrs(format!("{e:?}")))?;
                 if self.fd.get_msrs(&mut one).map_err(ioctl("KVM_GET_MSRS"))? == 1 {
                     out.extend_from_slice(one.as_slice());
                 }
@@ -782,11 +756,10 @@ impl Vcpu<'_> {
         }
         fd.set_lapic(&state.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         for chunk in state.msrs.chunks(64) {
-            let msrs = Msrs::from_entries(chunk).map_err(|e| KvmError::Stopped(format!("MSR list: {e:?}")))?;
+            let msrs = Msrs::from_entries(chunk).map_err(|e| KvmError::Msrs(format!("{e:?}")))?;
             let n = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
             if n != chunk.len() {
-                let index = chunk[n].index;
-                return Err(KvmError::Stopped(format!("KVM_SET_MSRS refused MSR {index:#x} of the saved state")));
+                return Err(KvmError::MsrRefused(chunk[n].index));
             }
         }
         fd.set_vcpu_events(&state.events).map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
@@ -802,7 +775,7 @@ impl Vcpu<'_> {
             .translate_gva(regs.rip)
             .ok()
             .filter(|t| t.valid != 0)
-            .and_then(|t| self.vm.memory(t.physical_address, 16))
+            .and_then(|t| memory_at(&self.vm.mem, t.physical_address, 16))
             .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "));
         match bytes {
             Some(b) => format!("{what} at rip {:#x}, instruction bytes {b}", regs.rip),
@@ -812,7 +785,6 @@ impl Vcpu<'_> {
 }
 
 fn io_exit(space: Space, addr: u64, len: usize, dir: Direction, data: u64) -> Result<Exit, KvmError> {
-    let size = AccessSize::new(len as u8, space)
-        .ok_or_else(|| KvmError::Stopped(format!("{space:?} access of {len} bytes at {addr:#x}")))?;
+    let size = AccessSize::new(len as u8, space).ok_or(KvmError::BadAccess { space, addr, len })?;
     Ok(Exit { space, addr, size, dir, data })
 }

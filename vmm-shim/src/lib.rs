@@ -23,3 +23,5 @@ pub mod machine;
 pub mod migrate;
 pub mod mptable;
 pub mod remote;
+mod supervisor;
+pub mod vcpu;

@@ -80,6 +80,8 @@ pub enum LinuxError {
     TooLittleMemory { what: &'static str, need: u64, have: u64 },
     #[error("The command line is {len} bytes; this kernel takes at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("Guest memory can be written only before the VM's interrupt handles are given out")]
+    MemoryShared,
 }
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
@@ -167,10 +169,10 @@ pub fn check(img: &LinuxImage, mem_bytes: usize) -> Result<(), LinuxError> {
 /// than one vCPU an MP table tells the kernel about the others.
 pub fn load(vm: &mut Vm, img: &LinuxImage, vcpus: u8) -> Result<LinuxBoot, LinuxError> {
     let k = &img.kernel;
-    let mem = vm.memory_mut().len() as u64;
+    let m = vm.memory_mut().map_err(|_| LinuxError::MemoryShared)?;
+    let mem = m.len() as u64;
     let (h, kernel_end) = check_fits(img, mem)?;
     let cmdline = img.cmdline.as_bytes();
-    let m = vm.memory_mut();
     let pm = &k[(h.setup_sects + 1) * 512..];
     m[KERNEL as usize..KERNEL as usize + pm.len()].copy_from_slice(pm);
     m[CMDLINE as usize..CMDLINE as usize + cmdline.len()].copy_from_slice(cmdline);

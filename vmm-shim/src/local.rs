@@ -7,14 +7,16 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
 
 use dmfabric_devices::platform::pc::Role;
 use dmfabric_devices::{ByteSink, ByteSource, Device, DeviceSpec, IrqLine, ResetSink, WallClock, Wiring};
 use dmfabric_wire::Space;
 
 use crate::devmap::Target;
-use crate::kvm::IrqHandle;
+use crate::exits::LocalDevices;
+use crate::kvm::{IrqHandle, IrqSink};
 
 /// Where a VM's local interrupt lines go, known once the VM exists.
 pub type IrqTarget = Arc<OnceLock<IrqHandle>>;
@@ -32,23 +34,22 @@ impl LocalLine {
         LocalLine { gsi, target, level: false }
     }
 
-    fn drive(&self, level: bool) {
+    fn inject(&self, trigger: dmfabric_wire::Trigger) {
         if let Some(h) = self.target.get() {
-            let _ = h.set_line(self.gsi, level);
+            let _ = h.inject(dmfabric_wire::IrqSource::Line(self.gsi), trigger);
         }
     }
 }
 
 impl IrqLine for LocalLine {
     fn pulse(&mut self) {
-        self.drive(true);
-        self.drive(false);
+        self.inject(dmfabric_wire::Trigger::Edge);
     }
 
     fn set_level(&mut self, asserted: bool) {
         if asserted != self.level {
             self.level = asserted;
-            self.drive(asserted);
+            self.inject(dmfabric_wire::Trigger::Level { asserted });
         }
     }
 }
@@ -129,4 +130,95 @@ pub fn pc_devices(roles: &[Role], first: usize, wiring: &LocalWiring) -> LocalSe
         }
     }
     (devices, ranges)
+}
+
+/// Runs the timers of models kept in the client process while their vCPUs
+/// are in the guest: a thread ([`Ticker::run`]) that sleeps until the
+/// earliest model wants a tick, and is woken earlier when an access
+/// reprograms one ([`Ticker::due`]).
+#[derive(Default)]
+pub struct Ticker {
+    state: Mutex<TickerState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct TickerState {
+    sets: Vec<Arc<LocalDevices>>,
+    next: Option<Instant>,
+    stop: bool,
+}
+
+impl std::fmt::Debug for Ticker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticker").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Ticker {
+    pub fn new() -> Arc<Ticker> {
+        Arc::new(Ticker::default())
+    }
+
+    /// Tick a VM's models from now on.
+    pub fn add(&self, devices: Arc<LocalDevices>) {
+        let mut s = lock(&self.state);
+        s.sets.push(devices);
+        s.next = Some(Instant::now());
+        self.wake.notify_one();
+    }
+
+    /// A model wants a tick at `at` (it said so after an access).
+    pub fn due(&self, at: Option<Instant>) {
+        let Some(at) = at else { return };
+        let mut s = lock(&self.state);
+        if s.next.is_none_or(|n| at < n) {
+            s.next = Some(at);
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn stop(&self) {
+        lock(&self.state).stop = true;
+        self.wake.notify_one();
+    }
+
+    /// Tick the models when they want it, until [`Ticker::stop`].
+    pub fn run(&self) {
+        let mut s = lock(&self.state);
+        loop {
+            if s.stop {
+                return;
+            }
+            let now = Instant::now();
+            match s.next {
+                Some(at) if at <= now => {
+                    s.next = None;
+                    let sets = s.sets.clone();
+                    drop(s);
+                    // Devices are locked without the ticker's own lock (a
+                    // vCPU holds a device while it reports a new due time).
+                    let mut next: Option<Instant> = None;
+                    for d in sets.iter().flat_map(|set| set.iter()) {
+                        let due = lock(d).tick(now);
+                        next = match (next, due) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                    s = lock(&self.state);
+                    s.next = match (s.next, next) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                Some(at) => s = self.wake.wait_timeout(s, at - now).unwrap_or_else(|e| e.into_inner()).0,
+                None => s = self.wake.wait(s).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
 }

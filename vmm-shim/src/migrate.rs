@@ -8,6 +8,25 @@
 
 use crate::kvm::{VcpuState, VmDeviceState};
 
+/// Why bytes are not a usable VM snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("Not a VM snapshot: no DMFVM001 header")]
+    NoHeader,
+    #[error("The snapshot is cut short ({0})")]
+    Short(&'static str),
+    #[error("The snapshot's header is unreadable: {0}")]
+    Header(String),
+    #[error("The snapshot has {have} bytes of memory; this VM has {max}")]
+    TooBig { have: usize, max: usize },
+    #[error("The snapshot's page {0} is outside its memory")]
+    PageOutOfRange(usize),
+    #[error("The snapshot has {0} bytes after its last page")]
+    Trailing(usize),
+    #[error("The snapshot has no state for vCPU {0}")]
+    MissingVcpu(u16),
+}
+
 const PAGE: usize = 4096;
 const MAGIC: &[u8; 8] = b"DMFVM001";
 
@@ -54,26 +73,34 @@ impl VmSnapshot {
         out
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, String> {
-        let bad = |what: &str| format!("not a VM snapshot: {what}");
+    /// The snapshot in `bytes`, checked: a VM of at most `max_mem` bytes of
+    /// memory (the size the control panel gave it), every page inside it,
+    /// nothing cut short or left over. Allocates no more than that.
+    pub fn decode(bytes: &[u8], max_mem: usize) -> Result<VmSnapshot, SnapshotError> {
         if bytes.len() < 16 || &bytes[..8] != MAGIC {
-            return Err(bad("no DMFVM001 header"));
+            return Err(SnapshotError::NoHeader);
         }
-        let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
-        let json = bytes.get(16..16usize.saturating_add(len)).ok_or_else(|| bad("header cut short"))?;
-        let h: Header = serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))?;
-        if h.mem_bytes > 64 << 30 {
-            return Err(bad("more than 64 GiB of memory"));
+        let len = usize::try_from(u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default()))
+            .map_err(|_| SnapshotError::Short("header"))?;
+        let json = bytes.get(16..16usize.saturating_add(len)).ok_or(SnapshotError::Short("header"))?;
+        let h: Header = serde_json::from_slice(json).map_err(|e| SnapshotError::Header(e.to_string()))?;
+        if h.mem_bytes > max_mem {
+            return Err(SnapshotError::TooBig { have: h.mem_bytes, max: max_mem });
+        }
+        let body = &bytes[16 + len..];
+        let need = h.pages.checked_mul(8 + PAGE).ok_or(SnapshotError::Short("pages"))?;
+        if body.len() < need {
+            return Err(SnapshotError::Short("pages"));
+        }
+        if body.len() > need {
+            return Err(SnapshotError::Trailing(body.len() - need));
         }
         let mut memory = vec![0u8; h.mem_bytes];
-        let mut at = 16 + len;
-        for _ in 0..h.pages {
-            let rec = bytes.get(at..at + 8 + PAGE).ok_or_else(|| bad("pages cut short"))?;
-            let n = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")) as usize;
-            let start = n.checked_mul(PAGE).filter(|s| *s < memory.len()).ok_or_else(|| bad("page out of range"))?;
+        for rec in body.chunks_exact(8 + PAGE) {
+            let n = u64::from_le_bytes(rec[..8].try_into().unwrap_or_default()) as usize;
+            let start = n.checked_mul(PAGE).filter(|s| *s < memory.len()).ok_or(SnapshotError::PageOutOfRange(n))?;
             let end = (start + PAGE).min(memory.len());
             memory[start..end].copy_from_slice(&rec[8..8 + (end - start)]);
-            at += 8 + PAGE;
         }
         Ok(VmSnapshot { vm: h.vm, device: h.device, vcpus: h.vcpus, memory })
     }

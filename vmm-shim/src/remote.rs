@@ -3,38 +3,39 @@
 //!
 //! - **Requests.** An exit aimed at a device on a server becomes one
 //!   IoRequest frame carrying every id of the wire header. Each vCPU is a
-//!   stop-and-wait stream (sequence numbers from 0 after [`ClientPort::connect`],
-//!   whose Hello makes the servers forget this client's earlier streams): it
-//!   sends, then polls the transport itself (run to completion, DESIGN.md's
-//!   small-host layout) until its completion shows up in its slot,
-//!   retransmitting on a timeout and giving up with a clear error after the
-//!   retry limit. Frames for other vCPUs that it receives on the way are put
-//!   in their slots.
+//!   stop-and-wait stream ([`StopAndWait`], as the server's interrupt
+//!   streams; sequence numbers from 0 after [`ClientPort::connect`], whose
+//!   Hello makes the servers forget this client's earlier streams). A vCPU
+//!   puts its request in the port's outbox (lock-free), then waits on its
+//!   own slot; whichever thread holds the link — the waiting vCPU itself
+//!   when nobody else does (run to completion, DESIGN.md's small-host
+//!   layout) — sends what is in the outbox and delivers what arrives. No
+//!   vCPU ever blocks on the link: it spins on its slot and takes the link
+//!   only when it looks free. A request unanswered after the timeout is sent
+//!   again; past the retry limit the VM stops with a clear error.
 //! - **Interrupts.** An Interrupt frame for one of this client's VMs is
 //!   acknowledged and injected into that VM only; its sequence number
 //!   (per server and VM) drops retransmitted and out-of-date copies, so an
 //!   edge fires once and a level ends where the device left it. Whoever
-//!   holds the transport delivers them: a waiting vCPU, or the
+//!   holds the link delivers them: a waiting vCPU, or the
 //!   [`ClientPort::serve`] thread while every vCPU is in its guest.
 //! - **Bad input.** Completions for unknown VMs or vCPUs, stale or duplicate
 //!   completions, other clients' frames and malformed frames are dropped and
 //!   counted, never delivered.
-//!
-//! All mutable state sits behind one lock, taken per burst; a vCPU that finds
-//! it taken spins on its own slot instead.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::reliable::Retry;
+use crossbeam_queue::ArrayQueue;
+use dmfabric_dataplane::reliable::{Due, Retry, StopAndWait};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
 use dmfabric_wire::{
-    ControlOp, Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoRequest, IrqSource, MacAddr, Message,
-    NackReason, Route, Status, Trigger, LIFECYCLE_RESET,
+    ControlOp, Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoRequest, MacAddr, Message, NackReason,
+    Route, Status, LIFECYCLE_RESET,
 };
 
-use crate::kvm::{Exit, Kick, Vm};
+use crate::kvm::{Exit, IrqSink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -42,6 +43,8 @@ pub enum RemoteError {
     Transport(#[from] TransportError),
     #[error("No answer from server {server} to Hello within {waited:?}: is `dmfabric server --server-id {server}` running on this link?")]
     NoServer { server: u16, waited: Duration },
+    #[error("Device {device} is on server {server}, which is not one of this client's servers ({known:?}): add it to the config")]
+    NotConfigured { server: u16, device: u32, known: Vec<u16> },
     #[error("Server {server} did not answer device {device} at {addr:#x} after {tries} tries over {waited:?}: stopping the VM")]
     Unreachable { server: u16, device: u32, addr: u64, tries: u32, waited: Duration },
     #[error("Server {server} refused device {device}: {reason:?}")]
@@ -50,30 +53,8 @@ pub enum RemoteError {
     UnknownVm(u32),
     #[error("vCPU {vcpu} is out of range: VM {vm} has {vcpus}")]
     UnknownVcpu { vm: u32, vcpu: u16, vcpus: usize },
-    #[error("stopped while waiting for server {server}: {reason}")]
-    Stopped { server: u16, reason: String },
-}
-
-/// Where a VM's interrupts go: the VM itself, or a test's recorder.
-pub trait IrqSink: Sync {
-    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String>;
-}
-
-impl IrqSink for Vm {
-    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
-        self.irq_handle().inject(source, trigger)
-    }
-}
-
-impl IrqSink for crate::kvm::IrqHandle {
-    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
-        let r = match (source, trigger) {
-            (IrqSource::Line(gsi), Trigger::Level { asserted }) => self.set_line(gsi, asserted),
-            (IrqSource::Line(gsi), Trigger::Edge) => self.set_line(gsi, true).and_then(|()| self.set_line(gsi, false)),
-            (IrqSource::Msi { address, data }, _) => self.signal_msi(address, data),
-        };
-        r.map_err(|e| e.to_string())
-    }
+    #[error("Stopped while waiting for server {server}")]
+    Stopped { server: u16 },
 }
 
 /// Counters of a client's data plane.
@@ -124,7 +105,7 @@ const EMPTY: u8 = 0;
 const DONE: u8 = 1;
 const NACKED: u8 = 2;
 
-/// Where a vCPU's answer lands. Written only under the link lock.
+/// Where a vCPU's answer lands. Written only by whoever holds the link.
 #[derive(Debug)]
 struct Slot {
     /// The sequence number the vCPU waits for (u64::MAX: none).
@@ -148,59 +129,47 @@ impl Slot {
     }
 }
 
-/// Where a VM's interrupts go: borrowed for the VMs a port starts with,
-/// shared for those that join it later.
-enum IrqRef<'a> {
-    Borrowed(&'a dyn IrqSink),
-    Shared(Arc<dyn IrqSink + Send>),
-}
-
-impl IrqRef<'_> {
-    fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
-        match self {
-            IrqRef::Borrowed(s) => s.inject(source, trigger),
-            IrqRef::Shared(s) => s.inject(source, trigger),
-        }
-    }
-}
-
-struct VmPort<'a> {
-    irq: IrqRef<'a>,
+struct VmPort {
+    irq: Arc<dyn IrqSink>,
     slots: Box<[Slot]>,
-    /// A device model asked for a reset of this VM.
-    reset: AtomicBool,
     /// Being saved to migrate: its interrupts are refused.
     frozen: AtomicBool,
 }
 
-impl<'a> VmPort<'a> {
-    fn new(vcpus: u16, irq: IrqRef<'a>) -> VmPort<'a> {
-        VmPort {
-            irq,
-            slots: (0..vcpus.max(1)).map(|_| Slot::new()).collect(),
-            reset: AtomicBool::new(false),
-            frozen: AtomicBool::new(false),
-        }
+impl VmPort {
+    fn new(vcpus: u16, irq: Arc<dyn IrqSink>) -> VmPort {
+        VmPort { irq, slots: (0..vcpus.max(1)).map(|_| Slot::new()).collect(), frozen: AtomicBool::new(false) }
     }
 }
 
 /// The VMs of a port: indices never change (a VM that joins again gets
 /// its old index), so counters and vCPUs can keep them.
-struct VmTable<'a> {
-    ports: Vec<Arc<VmPort<'a>>>,
+#[derive(Default)]
+struct VmTable {
+    ports: Vec<Arc<VmPort>>,
     by_id: std::collections::HashMap<u32, usize>,
 }
 
-impl<'a> VmTable<'a> {
-    fn find(&self, vm: u32) -> Option<(usize, &Arc<VmPort<'a>>)> {
+impl VmTable {
+    fn find(&self, vm: u32) -> Option<(usize, &Arc<VmPort>)> {
         let &i = self.by_id.get(&vm)?;
         Some((i, &self.ports[i]))
     }
 }
 
-/// Everything that changes per frame, behind the link lock.
-struct Link<T> {
-    t: T,
+/// A request waiting in the outbox for whoever holds the link.
+#[derive(Debug, Clone, Copy)]
+struct Outgoing {
+    to: MacAddr,
+    req: IoRequest,
+    /// The VM's index, for its counters.
+    index: usize,
+    retransmit: bool,
+}
+
+/// Everything that changes per frame: only the thread holding the link touches it.
+struct Link {
+    t: Box<dyn Transport>,
     tx: FrameBatch,
     stats: ClientStats,
     vm_stats: Vec<VmRemoteStats>,
@@ -209,14 +178,14 @@ struct Link<T> {
 }
 
 /// A VM this client runs: its id, vCPU count and where its interrupts go.
-#[derive(Clone, Copy)]
-pub struct VmEntry<'a> {
+#[derive(Clone)]
+pub struct VmEntry {
     pub id: u32,
     pub vcpus: u16,
-    pub irq: &'a dyn IrqSink,
+    pub irq: Arc<dyn IrqSink>,
 }
 
-impl std::fmt::Debug for VmEntry<'_> {
+impl std::fmt::Debug for VmEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmEntry").field("id", &self.id).field("vcpus", &self.vcpus).finish()
     }
@@ -234,24 +203,32 @@ pub struct ClientConfig {
     pub hello_timeout: Duration,
 }
 
+/// Requests that may wait in the outbox (one per vCPU at most).
+const OUTBOX: usize = 4096;
+
 /// A client platform's connection to its servers, shared by all its vCPUs.
-pub struct ClientPort<'a, T> {
+pub struct ClientPort {
     client: u16,
     hypervisor: u16,
     mac: MacAddr,
     servers: Vec<(u16, MacAddr)>,
-    vms: RwLock<VmTable<'a>>,
+    vms: RwLock<VmTable>,
     retry: Retry,
-    link: Mutex<Link<T>>,
+    link: Mutex<Link>,
+    /// Someone holds the link: a waiting vCPU looks at this before it tries.
+    busy: AtomicBool,
+    outbox: ArrayQueue<Outgoing>,
     /// vCPUs inside [`VcpuRemote::access`]: they deliver what arrives, so
     /// the [`ClientPort::serve`] thread stays out of their way.
     waiters: AtomicUsize,
     /// Remote accesses started so far: while it moves, the vCPUs deliver
     /// what arrives within one exit and the serve thread only naps.
     activity: AtomicU64,
+    /// Told the id of a VM whose device model asked for a reset.
+    resets: Mutex<Option<crossbeam_channel::Sender<u32>>>,
 }
 
-impl<T> std::fmt::Debug for ClientPort<'_, T> {
+impl std::fmt::Debug for ClientPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientPort")
             .field("client", &self.client)
@@ -261,29 +238,41 @@ impl<T> std::fmt::Debug for ClientPort<'_, T> {
     }
 }
 
-impl<'a, T: Transport> ClientPort<'a, T> {
+/// Holds the link; clears the busy hint when dropped.
+struct Held<'p> {
+    link: MutexGuard<'p, Link>,
+    busy: &'p AtomicBool,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.busy.store(false, Ordering::Release);
+    }
+}
+
+impl ClientPort {
     /// Find every server of `cfg` on the link (broadcast Hello, which also
     /// makes it forget this client's earlier streams) and serve `vms`.
-    pub fn connect(mut t: T, cfg: &ClientConfig, vms: &[VmEntry<'a>]) -> Result<Self, RemoteError> {
+    pub fn connect(mut t: Box<dyn Transport>, cfg: &ClientConfig, vms: &[VmEntry]) -> Result<Self, RemoteError> {
         let mut servers = Vec::new();
         for &server in &cfg.servers {
             let route = Route { server, client: cfg.client, hypervisor: cfg.hypervisor, ..Route::default() };
-            let Some((mac, _)) = dmfabric_dataplane::hello::discover(&mut t, route, Some(server), cfg.hello_timeout)?
+            let Some((mac, _)) =
+                dmfabric_dataplane::hello::discover(t.as_mut(), route, Some(server), cfg.hello_timeout)?
             else {
                 return Err(RemoteError::NoServer { server, waited: cfg.hello_timeout });
             };
             servers.push((server, mac));
         }
-        let mut table = VmTable { ports: Vec::new(), by_id: std::collections::HashMap::new() };
+        let mut table = VmTable::default();
         for v in vms {
             table.by_id.insert(v.id, table.ports.len());
-            table.ports.push(Arc::new(VmPort::new(v.vcpus, IrqRef::Borrowed(v.irq))));
+            table.ports.push(Arc::new(VmPort::new(v.vcpus, v.irq.clone())));
         }
-        let ports = &table.ports;
         let link = Link {
             tx: FrameBatch::new(),
             stats: ClientStats::default(),
-            vm_stats: vec![VmRemoteStats::default(); ports.len()],
+            vm_stats: vec![VmRemoteStats::default(); table.ports.len()],
             irq_last: Vec::new(),
             t,
         };
@@ -295,20 +284,23 @@ impl<'a, T: Transport> ClientPort<'a, T> {
             vms: RwLock::new(table),
             retry: cfg.retry,
             link: Mutex::new(link),
+            busy: AtomicBool::new(false),
+            outbox: ArrayQueue::new(OUTBOX),
             waiters: AtomicUsize::new(0),
             activity: AtomicU64::new(0),
+            resets: Mutex::new(None),
         })
     }
 
-    fn table(&self) -> std::sync::RwLockReadGuard<'_, VmTable<'a>> {
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, VmTable> {
         self.vms.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Serve VM `vm` too from now on (a VM launched or migrated here while
     /// the port runs); its interrupts go to `irq`. A VM that was here
     /// before starts afresh (new vCPU slots, same counters).
-    pub fn add_vm(&self, vm: u32, vcpus: u16, irq: Arc<dyn IrqSink + Send>) {
-        let port = Arc::new(VmPort::new(vcpus, IrqRef::Shared(irq)));
+    pub fn add_vm(&self, vm: u32, vcpus: u16, irq: Arc<dyn IrqSink>) {
+        let port = Arc::new(VmPort::new(vcpus, irq));
         let mut link = self.lock();
         let mut table = self.vms.write().unwrap_or_else(|e| e.into_inner());
         match table.by_id.get(&vm) {
@@ -322,10 +314,26 @@ impl<'a, T: Transport> ClientPort<'a, T> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Link<T>> {
-        // A vCPU thread that panicked while holding the lock left plain
+    /// Wait for the link (for what is not on a vCPU's path: counters,
+    /// adding a VM).
+    fn lock(&self) -> MutexGuard<'_, Link> {
+        // A thread that panicked while holding the lock left plain
         // counters behind, nothing half-written that matters: carry on.
         self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The link if nobody holds it, without waiting.
+    fn try_hold(&self) -> Option<Held<'_>> {
+        if self.busy.load(Ordering::Relaxed) {
+            return None;
+        }
+        let link = match self.link.try_lock() {
+            Ok(l) => l,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        self.busy.store(true, Ordering::Relaxed);
+        Some(Held { link, busy: &self.busy })
     }
 
     pub fn stats(&self) -> ClientStats {
@@ -344,13 +352,13 @@ impl<'a, T: Transport> ClientPort<'a, T> {
     }
 
     /// Give the transport back.
-    pub fn into_transport(self) -> T {
+    pub fn into_transport(self) -> Box<dyn Transport> {
         self.link.into_inner().unwrap_or_else(|e| e.into_inner()).t
     }
 
     /// Run `f` on the transport (for its counters and the like).
-    pub fn with_transport<R>(&self, f: impl FnOnce(&T) -> R) -> R {
-        f(&self.lock().t)
+    pub fn with_transport<R>(&self, f: impl FnOnce(&dyn Transport) -> R) -> R {
+        f(self.lock().t.as_ref())
     }
 
     /// Refuse (`true`) or take again (`false`) `vm`'s interrupts: from the
@@ -365,9 +373,9 @@ impl<'a, T: Transport> ClientPort<'a, T> {
         }
     }
 
-    /// Whether a device model asked for a reset of `vm` since the last call.
-    pub fn take_reset(&self, vm: u32) -> bool {
-        self.table().find(vm).is_some_and(|(_, p)| p.reset.swap(false, Ordering::AcqRel))
+    /// Tell `to` the id of each VM whose device model asks for a reset.
+    pub fn notify_resets(&self, to: crossbeam_channel::Sender<u32>) {
+        *self.resets.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
     }
 
     /// Receive and deliver one burst now (what [`ClientPort::serve`] does in
@@ -381,14 +389,14 @@ impl<'a, T: Transport> ClientPort<'a, T> {
         self.table().find(vm).map(|(i, _)| i)
     }
 
-    /// The remote path of vCPU `vcpu` of VM `vm`; `kick` (if any) aborts a
+    /// The remote path of vCPU `vcpu` of VM `vm`; `stop` (if any) aborts a
     /// wait when the VM is being stopped.
-    pub fn vcpu<'p>(
-        &'p self,
+    pub fn vcpu(
+        self: &Arc<Self>,
         vm: u32,
         vcpu: u16,
-        kick: Option<&'p Kick>,
-    ) -> Result<VcpuRemote<'p, 'a, T>, RemoteError> {
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Result<VcpuRemote, RemoteError> {
         let (index, vm_port) = {
             let table = self.table();
             let (i, p) = table.find(vm).ok_or(RemoteError::UnknownVm(vm))?;
@@ -398,7 +406,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
         if usize::from(vcpu) >= vcpus {
             return Err(RemoteError::UnknownVcpu { vm, vcpu, vcpus });
         }
-        Ok(VcpuRemote { port: self, index, vm_port, vm, vcpu, next_seq: 0, kick })
+        Ok(VcpuRemote { port: self.clone(), index, vm_port, vm, vcpu, next_seq: 0, stop })
     }
 
     /// Deliver what arrives while no vCPU is waiting (interrupts for halted
@@ -420,9 +428,9 @@ impl<'a, T: Transport> ClientPort<'a, T> {
                 std::thread::sleep(SERVE_NAP);
                 continue;
             }
-            let got = {
-                let mut link = self.lock();
-                self.poll(&mut link)?
+            let got = match self.try_hold() {
+                Some(mut held) => self.poll(&mut held.link)?,
+                None => continue,
             };
             if got == 0 {
                 match fd {
@@ -437,9 +445,30 @@ impl<'a, T: Transport> ClientPort<'a, T> {
         Ok(())
     }
 
-    /// Receive one burst, deliver it and send what it calls for.
-    fn poll(&self, link: &mut Link<T>) -> Result<usize, RemoteError> {
+    /// Send what waits in the outbox, receive one burst, deliver it and
+    /// send what it calls for.
+    fn poll(&self, link: &mut Link) -> Result<usize, RemoteError> {
         let Link { t, tx, stats, vm_stats, irq_last } = link;
+        while let Some(out) = self.outbox.pop() {
+            let mut repr = FrameRepr::new(EthernetRepr { dst: out.to, src: self.mac }, Message::IoRequest(out.req));
+            repr.retransmit = out.retransmit;
+            if out.retransmit {
+                stats.retransmits += 1;
+                vm_stats[out.index].retransmits += 1;
+            } else {
+                stats.requests += 1;
+                vm_stats[out.index].requests += 1;
+            }
+            if !tx.push_with(|buf| repr.emit(buf).ok()) {
+                stats.tx_full += 1;
+            }
+            if tx.is_full() {
+                t.send(tx)?;
+            }
+        }
+        if !tx.is_empty() {
+            t.send(tx)?;
+        }
         let n = t.recv(dmfabric_dataplane::MAX_BURST, &mut |f| {
             self.deliver(f, tx, stats, vm_stats, irq_last);
         })?;
@@ -514,8 +543,10 @@ impl<'a, T: Transport> ClientPort<'a, T> {
                 self.interrupt(index, vm, &irq, frame.eth.src, tx, stats, vm_stats, irq_last);
             }
             Message::Control(c) if c.payload.first() == Some(&LIFECYCLE_RESET) => {
-                vm.reset.store(true, Ordering::Release);
                 stats.resets += 1;
+                if let Some(to) = self.resets.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    let _ = to.send(route.vm);
+                }
             }
             Message::Control(_) => stats.unexpected_kind += 1,
             _ => {}
@@ -526,7 +557,7 @@ impl<'a, T: Transport> ClientPort<'a, T> {
     fn interrupt(
         &self,
         index: usize,
-        port: &VmPort<'_>,
+        port: &VmPort,
         irq: &Interrupt,
         from: MacAddr,
         tx: &mut FrameBatch,
@@ -578,17 +609,17 @@ impl<'a, T: Transport> ClientPort<'a, T> {
 pub const SERVE_NAP: Duration = Duration::from_millis(1);
 
 /// One vCPU's stream to the servers.
-pub struct VcpuRemote<'p, 'a, T> {
-    port: &'p ClientPort<'a, T>,
+pub struct VcpuRemote {
+    port: Arc<ClientPort>,
     index: usize,
-    vm_port: Arc<VmPort<'a>>,
+    vm_port: Arc<VmPort>,
     vm: u32,
     vcpu: u16,
     next_seq: u64,
-    kick: Option<&'p Kick>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
-impl<T> std::fmt::Debug for VcpuRemote<'_, '_, T> {
+impl std::fmt::Debug for VcpuRemote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuRemote").field("vm", &self.vm).field("vcpu", &self.vcpu).finish()
     }
@@ -603,7 +634,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl<T: Transport> VcpuRemote<'_, '_, T> {
+impl VcpuRemote {
     /// Serve one exit by `device` on `server`; returns the data of a read
     /// (zero for a write, once the server has finished it).
     pub fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, RemoteError> {
@@ -613,9 +644,10 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
     /// [`VcpuRemote::access`], with the completion's status (whether the
     /// device had such a register).
     pub fn access_status(&mut self, server: u16, device: u32, exit: &Exit) -> Result<(u64, Status), RemoteError> {
-        let port = self.port;
+        let port = self.port.clone();
         let Some(&(_, mac)) = port.servers.iter().find(|(s, _)| *s == server) else {
-            return Err(RemoteError::NoServer { server, waited: Duration::ZERO });
+            let known = port.servers.iter().map(|(s, _)| *s).collect();
+            return Err(RemoteError::NotConfigured { server, device, known });
         };
         port.waiters.fetch_add(1, Ordering::AcqRel);
         port.activity.fetch_add(1, Ordering::Release);
@@ -639,85 +671,74 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
             addr: exit.addr,
             data: if exit.dir == Direction::Write { exit.data } else { 0 },
         };
-        let mut repr = FrameRepr::new(EthernetRepr { dst: mac, src: port.mac }, Message::IoRequest(req));
+        // Before the request can be sent: no delivery can see the old seq with the new state.
+        slot.state.store(EMPTY, Ordering::Release);
+        slot.expect.store(seq, Ordering::Release);
         let start = Instant::now();
-        let mut tries = 0u32;
+        let mut sender = StopAndWait::new(port.retry);
+        self.post(Outgoing { to: mac, req, index: self.index, retransmit: false });
+        sender.sent((), seq, start);
         // A refusal the server may take back once its routing tables catch
         // up with the control panel (a VM just migrated here, a device just
-        // added): asked again, like a timeout, until the retries run out.
+        // added): asked again at the next timeout, until the retries run out.
         let mut refused: Option<NackReason> = None;
         loop {
-            {
-                let mut link = port.lock();
-                if tries == 0 {
-                    // Under the lock: no delivery can see the old seq with the new state.
-                    slot.state.store(EMPTY, Ordering::Release);
-                    slot.expect.store(seq, Ordering::Release);
-                    link.stats.requests += 1;
-                    link.vm_stats[self.index].requests += 1;
-                } else {
+            match slot.state.load(Ordering::Acquire) {
+                DONE => {
+                    let status = Status::from_u8(slot.status.load(Ordering::Relaxed)).unwrap_or(Status::Ok);
+                    return Ok((slot.data.load(Ordering::Relaxed), status));
+                }
+                NACKED if refused.is_none() => {
+                    let reason =
+                        NackReason::from_u8(slot.nack.load(Ordering::Relaxed)).unwrap_or(NackReason::UnknownDevice);
+                    let may_pass =
+                        matches!(reason, NackReason::UnknownVm | NackReason::UnknownDevice | NackReason::NotAuthorised);
+                    if !may_pass {
+                        return Err(RemoteError::Nacked { server, device, reason });
+                    }
+                    refused = Some(reason);
+                }
+                _ => {}
+            }
+            if self.stop.as_ref().is_some_and(|s| s.load(Ordering::Acquire)) {
+                return Err(RemoteError::Stopped { server });
+            }
+            match sender.poll(Instant::now()) {
+                Due::Resend(()) => {
                     // After a refusal, listen for this request's answer again.
+                    refused = None;
                     slot.state.store(EMPTY, Ordering::Release);
-                    link.stats.retransmits += 1;
-                    link.vm_stats[self.index].retransmits += 1;
+                    self.post(Outgoing { to: mac, req, index: self.index, retransmit: true });
                 }
-                repr.retransmit = tries > 0;
-                let Link { t, tx, .. } = &mut *link;
-                tx.push_with(|buf| repr.emit(buf).ok());
-                t.send(tx)?;
+                Due::GaveUp(()) => {
+                    return Err(match refused {
+                        Some(reason) => RemoteError::Nacked { server, device, reason },
+                        None => RemoteError::Unreachable {
+                            server,
+                            device,
+                            addr: exit.addr,
+                            tries: port.retry.retries + 1,
+                            waited: start.elapsed(),
+                        },
+                    });
+                }
+                Due::Waiting | Due::Idle => {}
             }
-            let deadline = Instant::now() + port.retry.timeout;
-            loop {
-                match slot.state.load(Ordering::Acquire) {
-                    DONE => {
-                        let status = Status::from_u8(slot.status.load(Ordering::Relaxed)).unwrap_or(Status::Ok);
-                        return Ok((slot.data.load(Ordering::Relaxed), status));
-                    }
-                    NACKED if refused.is_none() => {
-                        let reason =
-                            NackReason::from_u8(slot.nack.load(Ordering::Relaxed)).unwrap_or(NackReason::UnknownDevice);
-                        let may_pass = matches!(
-                            reason,
-                            NackReason::UnknownVm | NackReason::UnknownDevice | NackReason::NotAuthorised
-                        );
-                        if !may_pass || tries >= port.retry.retries {
-                            return Err(RemoteError::Nacked { server, device, reason });
-                        }
-                        // Wait out the timeout, then ask again.
-                        refused = Some(reason);
-                    }
-                    _ => {}
+            match port.try_hold() {
+                Some(mut held) => {
+                    port.poll(&mut held.link)?;
                 }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                if let Some(kick) = self.kick.filter(|k| k.stopped()) {
-                    let reason = kick.reason().unwrap_or_else(|| "asked to stop".into());
-                    return Err(RemoteError::Stopped { server, reason });
-                }
-                match port.link.try_lock() {
-                    Ok(mut link) => {
-                        port.poll(&mut link)?;
-                    }
-                    Err(std::sync::TryLockError::Poisoned(p)) => {
-                        port.poll(&mut p.into_inner())?;
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
-                }
+                None => std::hint::spin_loop(),
             }
-            if let Some(reason) = refused.take().filter(|_| tries >= port.retry.retries) {
-                return Err(RemoteError::Nacked { server, device, reason });
-            }
-            if tries >= port.retry.retries {
-                return Err(RemoteError::Unreachable {
-                    server,
-                    device,
-                    addr: exit.addr,
-                    tries: tries + 1,
-                    waited: start.elapsed(),
-                });
-            }
-            tries += 1;
+        }
+    }
+
+    /// Put a request in the port's outbox (it has room for one per vCPU).
+    fn post(&self, out: Outgoing) {
+        let mut out = out;
+        while let Err(back) = self.port.outbox.push(out) {
+            out = back;
+            std::hint::spin_loop();
         }
     }
 }
@@ -725,8 +746,11 @@ impl<T: Transport> VcpuRemote<'_, '_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kvm::KvmError;
     use dmfabric_dataplane::mem::{self, MemTransport};
-    use dmfabric_wire::{AccessSize, ControlMsg, ControlOp, IoCompletion, Kind, Nack, Space, Status};
+    use dmfabric_wire::{
+        AccessSize, ControlMsg, ControlOp, IoCompletion, IrqSource, Kind, Nack, Space, Status, Trigger,
+    };
 
     const CLIENT_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
     const SERVER_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
@@ -736,7 +760,7 @@ mod tests {
     struct Recorder(Mutex<Vec<(IrqSource, Trigger)>>);
 
     impl IrqSink for Recorder {
-        fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), String> {
+        fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), KvmError> {
             self.0.lock().unwrap().push((source, trigger));
             Ok(())
         }
@@ -789,8 +813,10 @@ mod tests {
     #[test]
     fn frames_for_others_and_bad_frames_are_counted_never_delivered() {
         let (client_t, mut server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
-        let rec = Recorder::default();
-        let port = ClientPort::connect(client_t, &config(vec![]), &[VmEntry { id: 7, vcpus: 2, irq: &rec }]).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let port =
+            ClientPort::connect(Box::new(client_t), &config(vec![]), &[VmEntry { id: 7, vcpus: 2, irq: rec.clone() }])
+                .unwrap();
         send(&mut server_t, completion(route(3, 9, 0), 0, 1)); // unknown VM
         send(&mut server_t, completion(route(3, 7, 5), 0, 1)); // unknown vCPU
         send(&mut server_t, completion(route(4, 7, 0), 0, 1)); // another client
@@ -812,9 +838,9 @@ mod tests {
     #[test]
     fn interrupts_are_acked_and_injected_once_in_order() {
         let (client_t, mut server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
-        let (rec7, rec8) = (Recorder::default(), Recorder::default());
-        let vms = [VmEntry { id: 7, vcpus: 1, irq: &rec7 }, VmEntry { id: 8, vcpus: 1, irq: &rec8 }];
-        let port = ClientPort::connect(client_t, &config(vec![]), &vms).unwrap();
+        let (rec7, rec8) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+        let vms = [VmEntry { id: 7, vcpus: 1, irq: rec7.clone() }, VmEntry { id: 8, vcpus: 1, irq: rec8.clone() }];
+        let port = ClientPort::connect(Box::new(client_t), &config(vec![]), &vms).unwrap();
         let up = Trigger::Level { asserted: true };
         let down = Trigger::Level { asserted: false };
         send(&mut server_t, irq(route(3, 7, 0), 10, up));
@@ -840,14 +866,14 @@ mod tests {
 
     /// A server that answers the Hello, then refuses each request with
     /// `refusals` in turn and completes the next one with 0x1234.
-    fn refusing_server(mut t: MemTransport, refusals: Vec<NackReason>) -> usize {
+    fn refusing_server(mut t: MemTransport, refusals: Vec<NackReason>) -> (usize, MemTransport) {
         let end = Instant::now() + Duration::from_secs(5);
         let mut refusals = refusals.into_iter();
         let mut requests = 0;
         while Instant::now() < end {
             let mut frames = Vec::new();
             if t.recv(64, &mut |f| frames.push(f.to_vec())).is_err() {
-                return requests; // the client is gone
+                return (requests, t); // the client is gone
             }
             for f in frames {
                 match FrameRepr::parse_bytes(&f).unwrap().msg {
@@ -864,7 +890,8 @@ mod tests {
                             }
                             None => {
                                 send(&mut t, completion(req.route, req.seq, 0x1234));
-                                return requests;
+                                // Kept (not dropped) until the test is done with the client.
+                                return (requests, t);
                             }
                         }
                     }
@@ -872,22 +899,28 @@ mod tests {
                 }
             }
         }
-        requests
+        (requests, t)
     }
 
     #[test]
     fn refusals_a_lagging_server_may_take_back_are_asked_again_others_are_final() {
         let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
-        let rec = Recorder::default();
+        let rec = Arc::new(Recorder::default());
         // A VM the server's tables do not know yet, twice: the third try is answered.
         let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
         std::thread::scope(|s| {
             let server =
                 s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownVm, NackReason::NotAuthorised]));
-            let port =
-                ClientPort::connect(client_t, &config(vec![1]), &[VmEntry { id: 7, vcpus: 1, irq: &rec }]).unwrap();
+            let port = Arc::new(
+                ClientPort::connect(
+                    Box::new(client_t),
+                    &config(vec![1]),
+                    &[VmEntry { id: 7, vcpus: 1, irq: rec.clone() }],
+                )
+                .unwrap(),
+            );
             assert_eq!(port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap(), 0x1234);
-            assert_eq!(server.join().unwrap(), 3);
+            assert_eq!(server.join().unwrap().0, 3);
             let st = port.stats();
             assert_eq!((st.nacks, st.retransmits, st.completions), (2, 2, 1), "{st:?}");
         });
@@ -895,8 +928,14 @@ mod tests {
         let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
         std::thread::scope(|s| {
             let server = s.spawn(move || refusing_server(server_t, vec![NackReason::WrongServer]));
-            let port =
-                ClientPort::connect(client_t, &config(vec![1]), &[VmEntry { id: 7, vcpus: 1, irq: &rec }]).unwrap();
+            let port = Arc::new(
+                ClientPort::connect(
+                    Box::new(client_t),
+                    &config(vec![1]),
+                    &[VmEntry { id: 7, vcpus: 1, irq: rec.clone() }],
+                )
+                .unwrap(),
+            );
             let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
             assert!(matches!(err, RemoteError::Nacked { reason: NackReason::WrongServer, .. }), "{err}");
             assert_eq!(port.stats().retransmits, 0);
@@ -907,8 +946,14 @@ mod tests {
         let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
         std::thread::scope(|s| {
             let server = s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownDevice; 10]));
-            let port =
-                ClientPort::connect(client_t, &config(vec![1]), &[VmEntry { id: 7, vcpus: 1, irq: &rec }]).unwrap();
+            let port = Arc::new(
+                ClientPort::connect(
+                    Box::new(client_t),
+                    &config(vec![1]),
+                    &[VmEntry { id: 7, vcpus: 1, irq: rec.clone() }],
+                )
+                .unwrap(),
+            );
             let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
             assert!(matches!(err, RemoteError::Nacked { reason: NackReason::UnknownDevice, .. }), "{err}");
             assert_eq!(port.stats().requests + port.stats().retransmits, 4, "the first try and 3 retries");
@@ -920,7 +965,7 @@ mod tests {
     #[test]
     fn a_vcpu_takes_only_its_own_completion() {
         let (client_t, mut server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
-        let rec = Recorder::default();
+        let rec = Arc::new(Recorder::default());
         std::thread::scope(|s| {
             let server = s.spawn(move || {
                 // Answer the Hello, then the request: first with a stale
@@ -948,8 +993,14 @@ mod tests {
                 }
                 panic!("no request came");
             });
-            let port =
-                ClientPort::connect(client_t, &config(vec![1]), &[VmEntry { id: 7, vcpus: 2, irq: &rec }]).unwrap();
+            let port = Arc::new(
+                ClientPort::connect(
+                    Box::new(client_t),
+                    &config(vec![1]),
+                    &[VmEntry { id: 7, vcpus: 2, irq: rec.clone() }],
+                )
+                .unwrap(),
+            );
             let mut vcpu = port.vcpu(7, 0, None).unwrap();
             let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
             assert_eq!(vcpu.access(1, 1, &exit).unwrap(), 0x1234);
@@ -959,5 +1010,19 @@ mod tests {
             assert!(matches!(port.vcpu(7, 2, None), Err(RemoteError::UnknownVcpu { .. })));
             assert!(matches!(port.vcpu(9, 0, None), Err(RemoteError::UnknownVm(9))));
         });
+    }
+
+    #[test]
+    fn a_device_on_a_server_not_configured_is_said_so() {
+        let (client_t, _server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+        let rec = Arc::new(Recorder::default());
+        let port = Arc::new(
+            ClientPort::connect(Box::new(client_t), &config(vec![]), &[VmEntry { id: 7, vcpus: 1, irq: rec }]).unwrap(),
+        );
+        let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
+        let err = port.vcpu(7, 0, None).unwrap().access(9, 1, &exit).unwrap_err();
+        assert!(matches!(err, RemoteError::NotConfigured { server: 9, device: 1, .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("not one of this client's servers") && !msg.contains("running"), "{msg}");
     }
 }

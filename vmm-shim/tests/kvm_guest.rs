@@ -51,9 +51,9 @@ fn checksum(report: &RunReport, vm: u32, vcpu: usize) -> u64 {
     u64_at(&v.reports, 0).expect("checksum reported")
 }
 
-fn run_local(specs: &[VmSpec]) -> RunReport {
+fn run_local(specs: Vec<VmSpec>) -> RunReport {
     let stop = AtomicBool::new(false);
-    machine::run::<XdpTransport>(specs, None, &RunOptions::default(), &stop).expect("VMs run").0
+    machine::run(specs, None, &RunOptions::default(), &stop).expect("VMs run").0
 }
 
 #[test]
@@ -61,7 +61,7 @@ fn guest_port_and_mmio_io_reach_local_devices() {
     if !dmfabric_testkit::privileged_or_skip("guest_port_and_mmio_io_reach_local_devices", &[Need::Kvm]) {
         return;
     }
-    let report = run_local(&[io_loop_vm(1, 1, 500, PORT, false)]);
+    let report = run_local(vec![io_loop_vm(1, 1, 500, PORT, false)]);
     assert_eq!(checksum(&report, 1, 0), guests::io_loop_checksum(500));
     assert_eq!(report.vm(1).unwrap().exits(), ExitStats { local: 4 * 500, reports: 2, ..ExitStats::default() });
 }
@@ -71,7 +71,7 @@ fn a_guest_touching_unmapped_ports_keeps_running_and_reads_all_ones() {
     if !dmfabric_testkit::privileged_or_skip("a_guest_touching_unmapped_ports", &[Need::Kvm]) {
         return;
     }
-    let report = run_local(&[io_loop_vm(1, 1, 100, 0x900, false)]);
+    let report = run_local(vec![io_loop_vm(1, 1, 100, 0x900, false)]);
     let expected = (0..100u64).fold(0u64, |s, i| s.wrapping_add(0xffff_ffff).wrapping_add(3 * i));
     assert_eq!(checksum(&report, 1, 0), expected);
     let exits = report.vm(1).unwrap().exits();
@@ -89,7 +89,7 @@ fn a_guest_waiting_for_an_interrupt_that_never_comes_is_stopped_at_the_run_limit
     let stop = AtomicBool::new(false);
     let opts = RunOptions { timeout: Duration::from_millis(300), ..RunOptions::default() };
     let start = Instant::now();
-    let (report, _) = machine::run::<XdpTransport>(&[spec], None, &opts, &stop).unwrap();
+    let (report, _) = machine::run(vec![spec], None, &opts, &stop).unwrap();
     let err = report.vm(1).unwrap().error().expect("stopped").to_string();
     assert!(err.contains("run limit"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(3), "kicked out of KVM_RUN, took {:?}", start.elapsed());
@@ -100,7 +100,7 @@ fn two_vcpus_run_on_their_own_threads() {
     if !dmfabric_testkit::privileged_or_skip("two_vcpus_run_on_their_own_threads", &[Need::Kvm]) {
         return;
     }
-    let report = run_local(&[io_loop_vm(1, 2, 300, PORT, false)]);
+    let report = run_local(vec![io_loop_vm(1, 2, 300, PORT, false)]);
     assert_eq!(checksum(&report, 1, 0), guests::io_loop_checksum(300));
     assert_eq!(checksum(&report, 1, 1), guests::io_loop_checksum(300));
 }
@@ -132,7 +132,7 @@ fn client_config(retry: Retry) -> ClientConfig {
 /// injector) against the server in host 1.
 fn run_remote(
     net: &TestNet,
-    specs: &[VmSpec],
+    specs: Vec<VmSpec>,
     faults: Option<FaultConfig>,
     retry: Retry,
 ) -> (RunReport, Option<dmfabric_dataplane::fault::FaultStats>) {
@@ -140,14 +140,12 @@ fn run_remote(
         let t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("client AF_XDP");
         let stop = AtomicBool::new(false);
         let opts = RunOptions { timeout: Duration::from_secs(60), ..RunOptions::default() };
-        match faults {
-            None => (machine::run(specs, Some((t, client_config(retry))), &opts, &stop).expect("VMs run").0, None),
-            Some(f) => {
-                let t = FaultInjector::new(t, f);
-                let (report, t) = machine::run(specs, Some((t, client_config(retry))), &opts, &stop).expect("VMs run");
-                (report, t.map(|t| t.fault_stats()))
-            }
-        }
+        let t: Box<dyn dmfabric_dataplane::Transport> = match faults {
+            None => Box::new(t),
+            Some(f) => Box::new(FaultInjector::new(t, f)),
+        };
+        let (report, t) = machine::run(specs, Some((t, client_config(retry))), &opts, &stop).expect("VMs run");
+        (report, t.and_then(|t| t.faults()))
     })
     .unwrap()
 }
@@ -158,10 +156,10 @@ fn remote_device_gives_the_same_checksum_as_local() {
     {
         return;
     }
-    let local = run_local(&[io_loop_vm(7, 1, 500, PORT, false)]);
+    let local = run_local(vec![io_loop_vm(7, 1, 500, PORT, false)]);
     let net = TestNet::pair().unwrap();
     let (stop, server) = start_server(&net);
-    let (report, _) = run_remote(&net, &[io_loop_vm(7, 1, 500, PORT, true)], None, Retry::default());
+    let (report, _) = run_remote(&net, vec![io_loop_vm(7, 1, 500, PORT, true)], None, Retry::default());
     stop.store(true, Ordering::Relaxed);
     let served = server.join().unwrap().unwrap();
     assert_eq!(checksum(&report, 7, 0), checksum(&local, 7, 0), "same as the local run");
@@ -181,7 +179,7 @@ fn lost_and_duplicated_frames_change_nothing_the_guest_sees() {
     let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.0, seed: 5 };
     let retry = Retry { timeout: Duration::from_millis(5), retries: 20 };
     // Two vCPUs, so that a vCPU also picks up the other's completions.
-    let (report, injected) = run_remote(&net, &[io_loop_vm(7, 2, 250, PORT, true)], Some(faults), retry);
+    let (report, injected) = run_remote(&net, vec![io_loop_vm(7, 2, 250, PORT, true)], Some(faults), retry);
     stop.store(true, Ordering::Relaxed);
     let served = server.join().unwrap().unwrap();
     let injected = injected.unwrap();
@@ -214,7 +212,7 @@ fn interrupts_from_remote_device_models_reach_only_their_own_vm() {
     // VM 1: edge interrupts from device 101; VM 2: level from device 102;
     // VM 3 runs io_loop on the test device and must see no interrupt.
     let specs = [irq_vm(1, 101, 0), irq_vm(2, 102, 1), io_loop_vm(3, 1, 200, PORT, true)];
-    let (report, _) = run_remote(&net, &specs, None, Retry::default());
+    let (report, _) = run_remote(&net, specs.into(), None, Retry::default());
     stop.store(true, Ordering::Relaxed);
     let served = server.join().unwrap().unwrap();
     for id in [1, 2] {
@@ -249,7 +247,7 @@ fn interrupts_survive_lost_and_duplicated_frames() {
         VmSpec::test_guest(2, 1, IRQ_WAIT, vec![[N, u64::from(pc::IRQ_TEST.base), 1]], &ranges, Vec::new()).unwrap();
     let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.0, seed: 11 };
     let retry = Retry { timeout: Duration::from_millis(5), retries: 20 };
-    let (report, injected) = run_remote(&net, &[spec], Some(faults), retry);
+    let (report, injected) = run_remote(&net, vec![spec], Some(faults), retry);
     stop.store(true, Ordering::Relaxed);
     let served = server.join().unwrap().unwrap();
     let v = &report.vm(2).unwrap().vcpus[0];
@@ -281,7 +279,7 @@ fn a_server_that_dies_mid_run_stops_the_vm_with_a_clear_error() {
         Instant::now()
     });
     // Far more iterations than fit in 300 ms.
-    let (report, _) = run_remote(&net, &[io_loop_vm(7, 1, 10_000_000, PORT, true)], None, retry);
+    let (report, _) = run_remote(&net, vec![io_loop_vm(7, 1, 10_000_000, PORT, true)], None, retry);
     let ended = Instant::now();
     let died = killer.join().unwrap();
     let msg = report.vm(7).unwrap().error().expect("the VM must stop").to_string();
@@ -307,9 +305,14 @@ impl machine::VmControl for MigrateAfter {
         }
     }
 
-    fn migrated_out(&self, _vm: u32, snapshot: &[u8]) -> Result<String, String> {
+    fn migrated_out(&self, _vm: u32, snapshot: &[u8]) -> Result<String, machine::ControlError> {
         *self.snapshot.lock().unwrap() = Some(snapshot.to_vec());
         Ok("the test".into())
+    }
+
+    /// Its mind changes at `start + after`: the supervisor asks then.
+    fn next_look(&self) -> Option<Instant> {
+        (self.start.elapsed() < self.after).then_some(self.start + self.after)
     }
 }
 
@@ -324,25 +327,171 @@ fn a_guest_saved_mid_run_finishes_in_a_new_vm_with_the_right_checksum() {
         after: Duration::from_millis(300),
         snapshot: std::sync::Mutex::new(None),
     });
-    let specs = [io_loop_vm(1, 2, iterations, PORT, false)];
+    let spec = io_loop_vm(1, 2, iterations, PORT, false);
+    let local = spec.local.clone();
     let opts = RunOptions { control: Some(machine::Control(control.clone())), ..RunOptions::default() };
-    let report = machine::run::<XdpTransport>(&specs, None, &opts, &AtomicBool::new(false)).unwrap().0;
+    let report = machine::run(vec![spec], None, &opts, &AtomicBool::new(false)).unwrap().0;
     let vm = report.vm(1).unwrap();
     assert_eq!(vm.ended.as_deref().map(|e| e.starts_with("migrated to the test")), Some(true), "{:?}", vm.ended);
     assert!(vm.vcpus.iter().all(|v| v.reports.is_empty()), "stopped before it finished");
     let bytes = control.snapshot.lock().unwrap().take().expect("a snapshot");
-    let snap = dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes).unwrap();
+    let snap = dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes, machine::TEST_VM_MEM).unwrap();
     assert_eq!((snap.vm, snap.vcpus.len(), snap.memory.len()), (1, 2, machine::TEST_VM_MEM));
     assert!(bytes.len() < 256 << 10, "zero pages stay behind: {} bytes", bytes.len());
     // The local register file goes along by hand (local models are the client's own).
-    let saved = specs[0].local[0].lock().unwrap().save();
+    let saved = local[0].lock().unwrap().save();
     let DeviceState::RegFile(state) = saved else { panic!("not a register file's state: {saved:?}") };
     let moved: Box<dyn Device> =
         Box::new(RegisterFile::restore((Some((PORT as u16, 0x100)), Some((MMIO, 0x1000))), state).unwrap());
     let mut spec = io_loop_vm(1, 2, iterations, PORT, false);
-    spec.local = vec![std::sync::Mutex::new(moved)];
-    spec.restore = Some(snap);
-    let report = run_local(&[spec]);
+    spec.local = vec![std::sync::Mutex::new(moved)].into();
+    spec.boot = machine::Boot::Restore(Box::new(snap));
+    let report = run_local(vec![spec]);
     assert_eq!(checksum(&report, 1, 0), guests::io_loop_checksum(iterations));
     assert_eq!(checksum(&report, 1, 1), guests::io_loop_checksum(iterations));
+}
+
+/// A local model with a bug: it panics on any access.
+struct Panics;
+
+impl Device for Panics {
+    fn kind(&self) -> &'static str {
+        "panics"
+    }
+    fn read(&mut self, _: Space, _: u64, _: dmfabric_wire::AccessSize) -> Option<u64> {
+        panic!("a model bug")
+    }
+    fn write(&mut self, _: Space, _: u64, _: dmfabric_wire::AccessSize, _: u64) -> bool {
+        panic!("a model bug")
+    }
+    fn save(&self) -> DeviceState {
+        DeviceState::RegFile(Default::default())
+    }
+}
+
+#[test]
+fn a_vcpu_thread_that_panics_stops_its_vm_with_an_error_naming_it() {
+    if !dmfabric_testkit::privileged_or_skip("a_vcpu_thread_that_panics", &[Need::Kvm]) {
+        return;
+    }
+    let ranges = [(Space::Pio, PORT, 0x100, Target::Local(0))];
+    let spec = VmSpec::test_guest(1, 1, IO_LOOP, vec![[10, PORT, MMIO]], &ranges, vec![Box::new(Panics)]).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(machine::run(vec![spec], None, &RunOptions::default(), &AtomicBool::new(false)));
+    });
+    let report = rx.recv_timeout(Duration::from_secs(20)).expect("the run ends: a panicking vCPU must not hang it");
+    let report = report.unwrap().0;
+    let err = report.vm(1).unwrap().error().expect("the VM failed").to_string();
+    assert!(err.contains("vCPU 0 panicked") && err.contains("a model bug"), "{err}");
+}
+
+/// A register file that counts the accesses it serves.
+struct Counting(RegisterFile, Arc<std::sync::atomic::AtomicU64>);
+
+impl Device for Counting {
+    fn kind(&self) -> &'static str {
+        "counting"
+    }
+    fn read(&mut self, space: Space, addr: u64, size: dmfabric_wire::AccessSize) -> Option<u64> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.read(space, addr, size)
+    }
+    fn write(&mut self, space: Space, addr: u64, size: dmfabric_wire::AccessSize, data: u64) -> bool {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.write(space, addr, size, data)
+    }
+    fn save(&self) -> DeviceState {
+        Device::save(&self.0)
+    }
+}
+
+/// Runs a VM, starts migrating it (its state can never be delivered), then
+/// calls the migration off wanting it held, then ends it.
+struct CalledOff {
+    start: Instant,
+}
+
+impl CalledOff {
+    const MIGRATE: Duration = Duration::from_millis(200);
+    const HOLD: Duration = Duration::from_millis(500);
+    const END: Duration = Duration::from_millis(1300);
+}
+
+impl machine::VmControl for CalledOff {
+    fn desired(&self, _vm: u32) -> machine::Desired {
+        match self.start.elapsed() {
+            t if t < Self::MIGRATE => machine::Desired::Run,
+            t if t < Self::HOLD => machine::Desired::MigrateOut,
+            t if t < Self::END => machine::Desired::Hold,
+            _ => machine::Desired::End("the test is over".into()),
+        }
+    }
+
+    fn migrated_out(&self, _vm: u32, _snapshot: &[u8]) -> Result<String, machine::ControlError> {
+        Err(machine::ControlError::CalledOff)
+    }
+
+    fn next_look(&self) -> Option<Instant> {
+        let t = self.start.elapsed();
+        [Self::MIGRATE, Self::HOLD, Self::END].into_iter().find(|b| t < *b).map(|b| self.start + b)
+    }
+}
+
+#[test]
+fn a_migration_called_off_leaves_the_vm_held_when_the_control_panel_wants_it_held() {
+    if !dmfabric_testkit::privileged_or_skip("a_migration_called_off", &[Need::Kvm]) {
+        return;
+    }
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let model = Counting(RegisterFile::new(Some((PORT as u16, 0x100)), Some((MMIO, 0x1000))), served.clone());
+    let ranges = [(Space::Pio, PORT, 0x100, Target::Local(0)), (Space::Mmio, MMIO, 0x1000, Target::Local(0))];
+    let spec =
+        VmSpec::test_guest(1, 1, IO_LOOP, vec![[100_000_000, PORT, MMIO]], &ranges, vec![Box::new(model)]).unwrap();
+    let control = Arc::new(CalledOff { start: Instant::now() });
+    let opts = RunOptions { control: Some(machine::Control(control.clone())), ..RunOptions::default() };
+    let counts = std::thread::spawn(move || {
+        let at = |t: Duration| {
+            std::thread::sleep((control.start + t).saturating_duration_since(Instant::now()));
+            served.load(Ordering::Relaxed)
+        };
+        (at(Duration::from_millis(100)), at(Duration::from_millis(700)), at(Duration::from_millis(1200)))
+    });
+    let report = machine::run(vec![spec], None, &opts, &AtomicBool::new(false)).unwrap().0;
+    let (running, held_early, held_late) = counts.join().unwrap();
+    assert!(running > 0, "it ran before the migration");
+    assert_eq!(held_early, held_late, "held after the migration was called off: no access");
+    assert_eq!(report.vm(1).unwrap().ended.as_deref(), Some("the test is over"));
+}
+
+/// Mappings of exactly `bytes` in this process.
+fn mappings_of(bytes: u64) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().next()?.split_once('-'))
+        .filter(|(a, b)| {
+            let (a, b) = (u64::from_str_radix(a, 16).unwrap_or(0), u64::from_str_radix(b, 16).unwrap_or(0));
+            b - a == bytes
+        })
+        .count()
+}
+
+#[test]
+fn guest_memory_lives_as_long_as_anything_that_holds_the_vm() {
+    if !dmfabric_testkit::privileged_or_skip("guest_memory_lives_as_long_as_the_vm_fd", &[Need::Kvm]) {
+        return;
+    }
+    // An unusual size, to find the mapping among the others.
+    const MEM: usize = (5 << 20) + (13 << 12);
+    let before = mappings_of(MEM as u64);
+    let vm = dmfabric_vmm_shim::kvm::Vm::new(MEM).unwrap();
+    assert_eq!(mappings_of(MEM as u64), before + 1);
+    let irq = vm.irq_handle();
+    drop(vm);
+    // The VM fd is still open (the handle injects through it): the memory
+    // registered with it must still be there.
+    assert_eq!(mappings_of(MEM as u64), before + 1, "memory unmapped while the VM fd lives");
+    assert!(irq.set_line(4, false).is_ok());
+    drop(irq);
+    assert_eq!(mappings_of(MEM as u64), before, "and gone with the last holder");
 }

@@ -112,7 +112,7 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
                 hello_timeout: Duration::from_secs(5),
             };
             let opts = RunOptions { timeout: BOOT_LIMIT, ..RunOptions::default() };
-            machine::run(&[spec], Some((t, cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0
+            machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0
         })
         .unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -130,7 +130,7 @@ fn boot_local(image: LinuxImage) -> (RunReport, String) {
     spec.irq_target = wiring.target.clone();
     spec.reset = wiring.reset.clone();
     let opts = RunOptions { timeout: BOOT_LIMIT, ..RunOptions::default() };
-    let report = machine::run::<XdpTransport>(&[spec], None, &opts, &AtomicBool::new(false)).expect("VM runs").0;
+    let report = machine::run(vec![spec], None, &opts, &AtomicBool::new(false)).expect("VM runs").0;
     let log = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
     (report, log)
 }

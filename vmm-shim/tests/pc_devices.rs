@@ -86,7 +86,7 @@ fn run(net: &TestNet, spec: VmSpec) -> RunReport {
             hello_timeout: Duration::from_secs(5),
         };
         let opts = RunOptions { timeout: Duration::from_secs(60), ..RunOptions::default() };
-        machine::run(&[spec], Some((t, cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0
+        machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0
     })
     .unwrap()
 }

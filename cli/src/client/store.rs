@@ -46,14 +46,20 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
     if plan.client.servers.is_empty() {
         bail!("the store has no server: add one (dmfabric ctl add server ...) first");
     }
+    let watch = dmfabric_control::watch::Watch::start(
+        dmfabric_control::store::open(spec)?,
+        format!("dmfabric client {me}"),
+        Duration::from_millis(50),
+        None,
+    )?;
+    let (tx, changes) = crossbeam_channel::unbounded();
+    watch.on_swap(Box::new(move |_| {
+        let _ = tx.send(());
+    }));
     let control = StoreControl {
         me,
-        watch: dmfabric_control::watch::Watch::start(
-            dmfabric_control::store::open(spec)?,
-            format!("dmfabric client {me}"),
-            Duration::from_millis(50),
-            None,
-        )?,
+        watch,
+        changes,
         store,
         maps: Mutex::new(Vec::new()),
         known: plan.client.servers.iter().copied().collect(),
@@ -64,7 +70,7 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         failed: Mutex::new(Vec::new()),
     };
     *control.seen.lock().unwrap_or_else(|e| e.into_inner()) = control.watch.routes().revision();
-    for (s, v) in plan.vms.iter_mut().zip(&mine) {
+    for (s, v) in plan.vms.iter().zip(&mine) {
         control.follow(s, vm_ranges(&db, v));
     }
     Ok((plan, Arc::new(control)))
@@ -156,6 +162,8 @@ pub(super) struct StoreControl {
     arrival_wait: Duration,
     /// VMs that could not start here, and why.
     failed: Mutex<Vec<String>>,
+    /// A message on each revision the watch swaps in (the supervisor wakes).
+    changes: crossbeam_channel::Receiver<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -169,11 +177,9 @@ impl StoreControl {
         matches!(v.state, VmState::Defined | VmState::Running | VmState::Suspended)
     }
 
-    /// Route `spec` by a live map the control panel's changes replace.
-    fn follow(&self, spec: &mut VmSpec, ranges: RemoteRanges) {
-        let live = Arc::new(LiveMap::from_pointee(spec.map.clone()));
-        spec.live_map = Some(live.clone());
-        lock(&self.maps).push(VmMap { vm: spec.id, live, ranges });
+    /// Replace `spec`'s map when the control panel's changes do.
+    fn follow(&self, spec: &VmSpec, ranges: RemoteRanges) {
+        lock(&self.maps).push(VmMap { vm: spec.id, live: spec.map.clone(), ranges });
     }
 
     /// Rebuild the VMs' device maps when the table moved on (devices
@@ -223,11 +229,11 @@ impl StoreControl {
     /// The spec of VM `v` of `db` joining this run.
     fn spec_for(&self, db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> anyhow::Result<VmSpec> {
         let mut servers = BTreeSet::new();
-        let mut spec = vm_spec(&vm_config(db, v), &mut servers)?;
+        let spec = vm_spec(&vm_config(db, v), &mut servers)?;
         if let Some(s) = servers.iter().find(|s| !self.known.contains(s)) {
             bail!("its devices are on server {s}, not found on the link when this client started: restart the client");
         }
-        self.follow(&mut spec, vm_ranges(db, v));
+        self.follow(&spec, vm_ranges(db, v));
         Ok(spec)
     }
 
@@ -274,10 +280,11 @@ impl StoreControl {
                 }
             };
             arr.waiting.remove(&vm);
-            let snap = match dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes) {
+            let max_mem = (v.memory_mib as usize) << 20;
+            let snap = match dmfabric_vmm_shim::migrate::VmSnapshot::decode(&bytes, max_mem) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.fail(vm, e);
+                    self.fail(vm, e.to_string());
                     continue;
                 }
             };
@@ -289,7 +296,7 @@ impl StoreControl {
                     continue;
                 }
             };
-            spec.restore = Some(snap);
+            spec.boot = machine::Boot::Restore(Box::new(snap));
             use dmfabric_control::model::{Change, Vm, VmState};
             let here = Vm { client: self.me, state: VmState::Running, migrate_to: None, ..v.clone() };
             if let Err(e) = self.store.commit(&[Change::UpdateVm(here)]) {
@@ -334,10 +341,10 @@ impl machine::VmControl for StoreControl {
         }
     }
 
-    fn migrated_out(&self, vm: u32, snapshot: &[u8]) -> Result<String, String> {
+    fn migrated_out(&self, vm: u32, snapshot: &[u8]) -> Result<String, machine::ControlError> {
         let t = self.watch.routes().load();
-        let to = t.db.vms.get(&vm).and_then(|v| v.migrate_to).ok_or("the migration was called off")?;
-        self.store.put_state(&format!("vm/{vm}"), snapshot).map_err(|e| e.to_string())?;
+        let to = t.db.vms.get(&vm).and_then(|v| v.migrate_to).ok_or(machine::ControlError::CalledOff)?;
+        self.store.put_state(&format!("vm/{vm}"), snapshot).map_err(|e| machine::ControlError::Store(Box::new(e)))?;
         lock(&self.started).remove(&vm);
         Ok(format!("client platform {to}"))
     }
@@ -385,5 +392,16 @@ impl machine::VmControl for StoreControl {
 
     fn pending(&self) -> bool {
         !lock(&self.arrivals).waiting.is_empty()
+    }
+
+    fn changes(&self) -> Option<crossbeam_channel::Receiver<()>> {
+        Some(self.changes.clone())
+    }
+
+    /// While a migrating VM's state is awaited: every 20 ms.
+    fn next_look(&self) -> Option<std::time::Instant> {
+        let arr = lock(&self.arrivals);
+        (!arr.waiting.is_empty())
+            .then(|| arr.asked.map_or_else(std::time::Instant::now, |a| a + Duration::from_millis(20)))
     }
 }
