@@ -9,6 +9,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Server, ServerRole, Vm, VmState};
 use dmfabric_control::routing::{LiveRoutes, RoutingTable};
+use dmfabric_devices::platform::pc::{self, Role};
 
 const VMS: u32 = 10_000;
 const PER_VM: u32 = 10;
@@ -47,12 +48,13 @@ fn database() -> Db {
     for vm in 0..VMS {
         for i in 0..PER_VM {
             let id = vm * PER_VM + i + 1;
-            let range = match i {
-                0 => Range { mmio: false, base: 0x3f8, len: 8 },
-                1 => Range { mmio: false, base: 0x70, len: 2 },
-                2 => Range { mmio: false, base: 0x60, len: 5 },
-                3 => Range { mmio: false, base: 0x700, len: 0x14 },
-                n => Range { mmio: true, base: 0xd000_0000 + u64::from(n) * 0x1000, len: 0x1000 },
+            // A PC's four devices, then MMIO windows.
+            let range = match Role::ALL.get(i as usize) {
+                Some(role) => {
+                    let w = role.window();
+                    Range { mmio: false, base: u64::from(w.base), len: u64::from(w.len) }
+                }
+                None => Range { mmio: true, base: pc::TEST_DEVICE_MMIO + u64::from(i) * 0x1000, len: 0x1000 },
             };
             let d = Device {
                 id,

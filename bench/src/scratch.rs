@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_devices::platform::pc::{Role, COM1};
+use dmfabric_devices::platform::pc::{PcLayout, Role, COM1};
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{self, SCRATCH_LOOP};
 use dmfabric_vmm_shim::local::{self, LocalWiring};
@@ -55,8 +55,6 @@ pub const SCRATCH_PORT: u64 = COM1.base as u64 + 7;
 const SAMPLES_AT: u64 = 0x20_0000;
 /// The VM (and the server's PC devices) of the bench.
 const VM: u32 = 1;
-/// COM1 of VM 1 on a `--pc-vm 1` server.
-const REMOTE_UART: u32 = 1001;
 
 /// The host TSC's rate in ticks per nanosecond, against the monotonic clock.
 pub fn tsc_per_ns() -> f64 {
@@ -151,8 +149,10 @@ pub fn run(mode: ScratchMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>)
         ScratchMode::Remote => {
             let mut setup = setup.clone();
             setup.pc_vm = Some(VM);
+            // COM1 of VM 1 on a `--pc-vm 1` server.
+            let com1 = PcLayout::new(VM).map_err(|e| ExitBenchError::Guest(e.to_string()))?.id(Role::Com1);
             let outcome = harness::run(&setup, stop, |t, target| {
-                let vm = spec(round_trips, Target::Remote { server: target.server_id, device: REMOTE_UART });
+                let vm = spec(round_trips, Target::Remote { server: target.server_id, device: com1 });
                 let cfg = crate::exit::client_config(&target);
                 Ok(machine::run(vec![vm], Some((t, cfg)), &opts, stop).map(|(r, _)| r))
             })?;

@@ -101,7 +101,7 @@ fn line(d: &Device) -> anyhow::Result<Vec<u32>> {
 }
 
 fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
-    if d.id == dmfabric_dm_workers::table::ANY_DEVICE {
+    if d.id == dmfabric_dm_workers::rx::ANY_DEVICE {
         bail!("id 0 is reserved (it means \"any device at this address\")");
     }
     let (kind, default_base) = match d.kind.as_str() {

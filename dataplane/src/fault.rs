@@ -88,6 +88,9 @@ pub struct FaultInjector<T> {
     held_prev: FrameBatch,
     scratch: Box<[u8]>,
     stats: FaultStats,
+    /// Where the counters go when the injector is dropped (it may have been
+    /// handed away as a `Box<dyn Transport>`).
+    report: Option<std::sync::Arc<std::sync::Mutex<FaultStats>>>,
 }
 
 impl<T: Transport> FaultInjector<T> {
@@ -101,6 +104,7 @@ impl<T: Transport> FaultInjector<T> {
             held_prev: FrameBatch::new(),
             scratch: vec![0u8; FRAME_CAP].into_boxed_slice(),
             stats: FaultStats::default(),
+            report: None,
         }
     }
 
@@ -108,10 +112,24 @@ impl<T: Transport> FaultInjector<T> {
         self.stats
     }
 
+    /// Leave the counters in `to` when dropped.
+    pub fn report_to(mut self, to: std::sync::Arc<std::sync::Mutex<FaultStats>>) -> Self {
+        self.report = Some(to);
+        self
+    }
+
     fn corrupt(rng: &mut Rng, frame: &mut [u8]) {
         if !frame.is_empty() {
             let bit = rng.next_u64() as usize % (frame.len() * 8);
             frame[bit / 8] ^= 1 << (bit % 8);
+        }
+    }
+}
+
+impl<T> Drop for FaultInjector<T> {
+    fn drop(&mut self) {
+        if let Some(to) = &self.report {
+            *to.lock().unwrap_or_else(|e| e.into_inner()) = self.stats;
         }
     }
 }
@@ -197,10 +215,6 @@ impl<T: Transport> Transport for FaultInjector<T> {
 
     fn stats(&self) -> TransportStats {
         self.inner.stats()
-    }
-
-    fn faults(&self) -> Option<FaultStats> {
-        Some(self.stats)
     }
 }
 

@@ -138,11 +138,6 @@ pub trait Transport: Send {
     }
 
     fn stats(&self) -> TransportStats;
-
-    /// What a fault-injecting wrapper did to the frames (None: not one).
-    fn faults(&self) -> Option<crate::fault::FaultStats> {
-        None
-    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -166,8 +161,5 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn stats(&self) -> TransportStats {
         (**self).stats()
-    }
-    fn faults(&self) -> Option<crate::fault::FaultStats> {
-        (**self).faults()
     }
 }

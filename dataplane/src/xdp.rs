@@ -185,6 +185,10 @@ impl XdpTransport {
         // and on bpffs, so decide here: leftover if no socket holds the queue.
         let removed = if cfg.clear_stale_program { clear_stale_program(cfg, ifindex)? } else { None };
         let mut t = retry_busy(|| Self::open_any_mode(cfg, mac)).map_err(|e| explain_open_error(cfg, e))?;
+        if let Some(what) = &removed {
+            tracing::warn!(iface = %cfg.iface, "{what}");
+        }
+        tracing::info!(iface = %cfg.iface, queue = cfg.queue, %mac, attachment = %t.attachment(), "AF_XDP socket bound");
         t.removed_stale = removed;
         Ok(t)
     }

@@ -37,7 +37,7 @@ use dmfabric_wire::{EthernetRepr, FrameRepr, IoCompletion, MacAddr, Message};
 
 use crate::env::DeviceEnv;
 use crate::interrupts::VmMove;
-use crate::table::AddressMap;
+use crate::rx::AddressMap;
 
 /// How long an arriving device waits for its state before it starts fresh.
 pub const STATE_WAIT: Duration = Duration::from_secs(5);

@@ -12,9 +12,55 @@ use dmfabric_wire::{
     ETHERTYPE_DMFABRIC,
 };
 
-use crate::table::AddressMap;
-#[cfg(doc)]
-use crate::table::ANY_DEVICE;
+use dmfabric_devices::DeviceSpec;
+
+/// The device id a request may carry to mean "whichever device of my VM
+/// holds this address" (debugging clients such as `dmfabric io`).
+pub const ANY_DEVICE: u32 = 0;
+
+/// Which device holds an address, for requests naming [`ANY_DEVICE`].
+#[derive(Debug, Clone, Default)]
+pub struct AddressMap {
+    /// (vm, space, base, len, device)
+    ranges: Vec<(Option<u32>, dmfabric_wire::Space, u64, u64, u32)>,
+}
+
+impl AddressMap {
+    pub fn new(specs: &[DeviceSpec]) -> AddressMap {
+        let mut ranges = Vec::new();
+        for s in specs {
+            if let Some((base, len)) = s.pio {
+                ranges.push((s.vm, dmfabric_wire::Space::Pio, u64::from(base), u64::from(len), s.id));
+            }
+            if let Some((base, len)) = s.mmio {
+                ranges.push((s.vm, dmfabric_wire::Space::Mmio, base, u64::from(len), s.id));
+            }
+        }
+        AddressMap { ranges }
+    }
+
+    /// The device of `vm` (or of no VM in particular) holding `addr`.
+    pub fn resolve(&self, vm: u32, space: dmfabric_wire::Space, addr: u64) -> Option<u32> {
+        let hit = |want_vm: Option<u32>| {
+            self.ranges.iter().find(|r| r.0 == want_vm && r.1 == space && addr >= r.2 && addr - r.2 < r.3)
+        };
+        hit(Some(vm)).or_else(|| hit(None)).map(|r| r.4)
+    }
+
+    /// Give `req` its device if it names [`ANY_DEVICE`]; false if none holds the address.
+    pub fn fill(&self, req: &mut IoRequest) -> bool {
+        if req.route.device != ANY_DEVICE {
+            return true;
+        }
+        match self.resolve(req.route.vm, req.space, req.addr) {
+            Some(d) => {
+                req.route.device = d;
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 /// What the server knows when it classifies a frame.
 #[derive(Debug, Clone, Copy)]
@@ -153,7 +199,6 @@ fn request(mut req: IoRequest, from: MacAddr, retransmit: bool, v: &View<'_>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::ANY_DEVICE;
     use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Server, ServerRole, Vm, VmState};
     use dmfabric_devices::platform::pc;
     use dmfabric_wire::{AccessSize, Direction, EthernetRepr, InterruptAck};

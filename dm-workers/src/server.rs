@@ -28,9 +28,10 @@ use crate::backend::{Backend, Done, Inline, Job, ShardStats};
 use crate::env::{DeviceEnv, VmEvent};
 use crate::interrupts::IrqStreams;
 use crate::placement::{Arrival, Departure, PlacementLink, Plan, StreamAnswer, HELD_MAX};
+use crate::rx::AddressMap;
 use crate::rx::{self, Dropped, Refusal, Rx, View};
 pub use crate::stats::ServerStats;
-use crate::table::{AddressMap, Devices};
+use crate::table::Devices;
 
 fn stream_of(route: &Route) -> StreamKey {
     StreamKey::new(route.client, route.vm, route.vcpu)
@@ -81,6 +82,7 @@ impl Server<Inline> {
 impl<B: Backend> Server<B> {
     /// A server for the `devices` its `backend` runs, for any client.
     pub fn unplaced(id: u16, mac: MacAddr, env: DeviceEnv, backend: B, devices: &[DeviceSpec]) -> Server<B> {
+        tracing::debug!(server = id, %mac, devices = devices.len(), "serving the devices of its config");
         let mut s = Server::bare(id, mac, env, backend);
         s.addresses = AddressMap::new(devices);
         s
@@ -90,6 +92,7 @@ impl<B: Backend> Server<B> {
     /// planner ([`crate::placement::Planner`]) sends through `link`; the
     /// plan already waiting there is in force at once.
     pub fn placed(id: u16, mac: MacAddr, env: DeviceEnv, backend: B, link: Arc<PlacementLink>) -> Server<B> {
+        tracing::debug!(server = id, %mac, "serving what the control panel places here");
         let mut s = Server::bare(id, mac, env, backend);
         s.placed = Some(Placed {
             link,
@@ -256,6 +259,7 @@ impl<B: Backend> Server<B> {
     }
 
     fn apply(&mut self, plan: Plan, tx: &mut FrameBatch, now: Instant) {
+        // (No logging here: the planner said what the plan does, off this core.)
         for (id, to) in plan.leaving {
             let Some(p) = self.placed.as_mut() else { return };
             if p.arriving.remove(&id).is_some() {

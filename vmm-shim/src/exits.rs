@@ -3,17 +3,17 @@
 //! and tested without KVM; [`Router`] applies the decision for one vCPU.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
-use dmfabric_devices::Device;
 use dmfabric_wire::Direction;
 
 use crate::debugport::{self, DebugOp, DEBUG_PORT};
 use crate::devmap::{DeviceMap, Target};
 use crate::kvm::{Exit, Flow};
+pub use crate::local::LocalDevices;
 use crate::remote::{RemoteError, VcpuRemote};
 
 /// What to do with one exit.
@@ -65,10 +65,6 @@ impl std::ops::AddAssign for ExitStats {
         self.reports += o.reports;
     }
 }
-
-/// The device models a VM keeps in the client process (the hybrid case),
-/// shared by its vCPUs.
-pub type LocalDevices = [Mutex<Box<dyn Device>>];
 
 /// Why an exit could not be served (the VM stops).
 #[derive(Debug, thiserror::Error)]
@@ -331,7 +327,9 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
 mod tests {
     use super::*;
     use dmfabric_devices::regfile::RegisterFile;
+    use dmfabric_devices::Device;
     use dmfabric_wire::{AccessSize, Space};
+    use std::sync::Mutex;
 
     fn exit(space: Space, addr: u64, size: AccessSize, dir: Direction, data: u64) -> Exit {
         Exit { space, addr, size, dir, data }

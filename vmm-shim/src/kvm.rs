@@ -28,8 +28,6 @@ use kvm_bindings::{
     KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-
-use crate::exits::ExitError;
 use memmap2::MmapMut;
 
 const GDT_ADDR: u64 = 0x500;
@@ -73,8 +71,6 @@ pub enum KvmError {
     KickHandler(#[source] vmm_sys_util::errno::Error),
     #[error("vCPU {0} is out of range: a test VM has at most {MAX_VCPUS}")]
     TooManyVcpus(u64),
-    #[error(transparent)]
-    Exit(#[from] crate::exits::ExitError),
     /// Asked to stop, and why (another vCPU failed, the run limit, Ctrl-C).
     #[error("{0}")]
     Stopped(String),
@@ -547,6 +543,15 @@ fn le(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Why a vCPU's run ended with an error: KVM's, or its exit handler's.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError<E> {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Exit(E),
+}
+
 /// What happens before each entry into the guest: the vCPU's owner looks
 /// at its events (and may hold, save or stop the vCPU) — see `crate::vcpu`.
 #[derive(Debug)]
@@ -565,11 +570,11 @@ impl Vcpu {
     /// `on_exit`; its error stops the VM. A kick ([`kick_thread`]) makes
     /// KVM_RUN return, also while the guest is halted, and `before` is
     /// asked again.
-    pub fn run(
+    pub fn run<E>(
         &mut self,
         before: &mut dyn FnMut(&mut Vcpu) -> Entry,
-        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, ExitError>,
-    ) -> Result<RunStats, KvmError> {
+        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, E>,
+    ) -> Result<RunStats, RunError<E>> {
         install_kick_handler()?;
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|f| f.set(flag));
@@ -578,11 +583,11 @@ impl Vcpu {
         result
     }
 
-    fn run_loop(
+    fn run_loop<E>(
         &mut self,
         before: &mut dyn FnMut(&mut Vcpu) -> Entry,
-        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, ExitError>,
-    ) -> Result<RunStats, KvmError> {
+        on_exit: &mut dyn FnMut(&Exit) -> Result<Flow, E>,
+    ) -> Result<RunStats, RunError<E>> {
         const EINTR: i32 = 4;
         const EAGAIN: i32 = 11;
         let mut stats = RunStats::default();
@@ -593,7 +598,7 @@ impl Vcpu {
                     stats.reset = true;
                     return Ok(stats);
                 }
-                Entry::Fail(e) => return Err(e),
+                Entry::Fail(e) => return Err(e.into()),
             }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
@@ -603,7 +608,7 @@ impl Vcpu {
                     stats.interrupted += 1;
                     continue;
                 }
-                Err(e) => return Err(KvmError::Ioctl { what: "KVM_RUN", source: e }),
+                Err(e) => return Err(KvmError::Ioctl { what: "KVM_RUN", source: e }.into()),
             };
             let flow = match exit {
                 VcpuExit::IoOut(port, data) => {
@@ -641,14 +646,15 @@ impl Vcpu {
                     continue;
                 }
                 VcpuExit::InternalError => {
-                    return Err(KvmError::Guest(
-                        self.describe("KVM_EXIT_INTERNAL_ERROR (the host could not emulate an instruction)"),
-                    ))
+                    let what = "KVM_EXIT_INTERNAL_ERROR (the host could not emulate an instruction)";
+                    return Err(KvmError::Guest(self.describe(what)).into());
                 }
-                VcpuExit::Shutdown => return Err(KvmError::Guest(self.describe("KVM_EXIT_SHUTDOWN (a triple fault)"))),
+                VcpuExit::Shutdown => {
+                    return Err(KvmError::Guest(self.describe("KVM_EXIT_SHUTDOWN (a triple fault)")).into())
+                }
                 other => {
                     let what = format!("exit {other:?}");
-                    return Err(KvmError::Guest(self.describe(&what)));
+                    return Err(KvmError::Guest(self.describe(&what)).into());
                 }
             };
             match flow {
@@ -661,7 +667,7 @@ impl Vcpu {
                     stats.reset = true;
                     return Ok(stats);
                 }
-                Err(e) => return Err(KvmError::Exit(e)),
+                Err(e) => return Err(RunError::Exit(e)),
             }
         }
     }

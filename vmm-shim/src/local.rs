@@ -15,8 +15,11 @@ use dmfabric_devices::{ByteSink, ByteSource, Device, DeviceSpec, IrqLine, ResetS
 use dmfabric_wire::Space;
 
 use crate::devmap::Target;
-use crate::exits::LocalDevices;
 use crate::kvm::{IrqHandle, IrqSink};
+
+/// The device models a VM keeps in the client process (the hybrid case),
+/// shared by its vCPUs.
+pub type LocalDevices = [Mutex<Box<dyn Device>>];
 
 /// Where a VM's local interrupt lines go, known once the VM exists.
 pub type IrqTarget = Arc<OnceLock<IrqHandle>>;

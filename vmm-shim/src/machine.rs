@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::Transport;
 use dmfabric_devices::Device;
-use hdrhistogram::Histogram;
 
 use crate::devmap::{DeviceMap, MapError, Target};
 use crate::exits::{AccessTimes, DeviceCount, ExitStats, LiveMap, LocalDevices};
-use crate::kvm::{KvmError, RunStats};
+use crate::kvm::KvmError;
 use crate::linux::{LinuxError, LinuxImage};
 use crate::local::IrqTarget;
 use crate::migrate::{SnapshotError, VmSnapshot};
 use crate::remote::{ClientConfig, ClientPort, ClientStats, RemoteError, VmRemoteStats};
+pub use crate::vcpu::VcpuReport;
 
 /// How a VM starts.
 #[derive(Debug)]
@@ -217,38 +217,6 @@ pub struct Control(pub Arc<dyn VmControl>);
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Control")
-    }
-}
-
-/// What one vCPU did.
-#[derive(Debug)]
-pub struct VcpuReport {
-    pub vcpu: u16,
-    /// How it ended: the run counters (with the guest's exit code) or why it stopped.
-    pub result: Result<RunStats, String>,
-    pub reports: Vec<u32>,
-    pub exits: ExitStats,
-    pub per_device: Vec<DeviceCount>,
-    /// Access times per target, parallel to `per_device`.
-    pub device_times: Vec<AccessTimes>,
-    /// Nanoseconds between successive exits, if asked for.
-    pub exit_times: Option<Histogram<u64>>,
-    pub elapsed: Duration,
-}
-
-impl VcpuReport {
-    /// A vCPU that failed before (or without) running.
-    pub fn failed(vcpu: u16, why: String) -> VcpuReport {
-        VcpuReport {
-            vcpu,
-            result: Err(why),
-            reports: Vec::new(),
-            exits: ExitStats::default(),
-            per_device: Vec::new(),
-            device_times: Vec::new(),
-            exit_times: None,
-            elapsed: Duration::ZERO,
-        }
     }
 }
 

@@ -262,6 +262,7 @@ impl ClientPort {
             else {
                 return Err(RemoteError::NoServer { server, waited: cfg.hello_timeout });
             };
+            tracing::debug!(client = cfg.client, server, %mac, "server found");
             servers.push((server, mac));
         }
         let mut table = VmTable::default();

@@ -13,8 +13,44 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::kvm::{Entry, KvmError, Vcpu, VcpuState};
-use crate::machine::VcpuReport;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::exits::{AccessTimes, DeviceCount, ExitStats};
+use crate::kvm::{Entry, KvmError, RunStats, Vcpu, VcpuState};
+
+/// What one vCPU did.
+#[derive(Debug)]
+pub struct VcpuReport {
+    pub vcpu: u16,
+    /// How it ended: the run counters (with the guest's exit code) or why it stopped.
+    pub result: Result<RunStats, String>,
+    pub reports: Vec<u32>,
+    pub exits: ExitStats,
+    pub per_device: Vec<DeviceCount>,
+    /// Access times per target, parallel to `per_device`.
+    pub device_times: Vec<AccessTimes>,
+    /// Nanoseconds between successive exits, if asked for.
+    pub exit_times: Option<Histogram<u64>>,
+    pub elapsed: Duration,
+}
+
+impl VcpuReport {
+    /// A vCPU that failed before (or without) running.
+    pub fn failed(vcpu: u16, why: String) -> VcpuReport {
+        VcpuReport {
+            vcpu,
+            result: Err(why),
+            reports: Vec::new(),
+            exits: ExitStats::default(),
+            per_device: Vec::new(),
+            device_times: Vec::new(),
+            exit_times: None,
+            elapsed: Duration::ZERO,
+        }
+    }
+}
 
 /// What the supervisor asks of a vCPU.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -140,12 +140,15 @@ fn run_remote(
         let t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("client AF_XDP");
         let stop = AtomicBool::new(false);
         let opts = RunOptions { timeout: Duration::from_secs(60), ..RunOptions::default() };
+        let injected = Arc::new(std::sync::Mutex::new(Default::default()));
         let t: Box<dyn dmfabric_dataplane::Transport> = match faults {
             None => Box::new(t),
-            Some(f) => Box::new(FaultInjector::new(t, f)),
+            Some(f) => Box::new(FaultInjector::new(t, f).report_to(injected.clone())),
         };
         let (report, t) = machine::run(specs, Some((t, client_config(retry))), &opts, &stop).expect("VMs run");
-        (report, t.and_then(|t| t.faults()))
+        drop(t);
+        let injected = *injected.lock().unwrap();
+        (report, faults.map(|_| injected))
     })
     .unwrap()
 }
