@@ -199,7 +199,6 @@ fn request(mut req: IoRequest, from: MacAddr, retransmit: bool, v: &View<'_>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Server, ServerRole, Vm, VmState};
     use dmfabric_devices::platform::pc;
     use dmfabric_wire::{AccessSize, Direction, EthernetRepr, InterruptAck};
 
@@ -227,46 +226,9 @@ mod tests {
         }
     }
 
-    fn regfile(id: u32, server: u16, base: u64) -> Device {
-        Device {
-            id,
-            kind: "regfile".into(),
-            server,
-            shard: 0,
-            vm: 7,
-            ranges: vec![Range { mmio: false, base, len: 0x10 }],
-            irqs: vec![],
-        }
-    }
-
     /// Client 3 runs VM 7; device 1 is on server 10 (here), device 2 on server 11.
     fn table() -> RoutingTable {
-        let mut db = Db::default();
-        db.apply(&[
-            Change::AddClient(ClientPlatform {
-                id: 3,
-                mac: "02:00:00:00:00:03".into(),
-                hypervisor: 1,
-                hypervisor_kind: "kvm".into(),
-            }),
-            Change::AddServer(Server { id: 10, mac: "02:00:00:00:00:0a".into(), role: ServerRole::Owner }),
-            Change::AddServer(Server { id: 11, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io }),
-            Change::AddVm(Vm {
-                id: 7,
-                client: 3,
-                vcpus: 1,
-                memory_mib: 4,
-                image: "io_loop".into(),
-                state: VmState::Running,
-                owner: Some(10),
-                args: Vec::new(),
-                migrate_to: None,
-            }),
-            Change::AddDevice(regfile(1, 10, 0x500)),
-            Change::AddDevice(regfile(2, 11, 0x600)),
-        ])
-        .unwrap();
-        RoutingTable::build(&db, 1)
+        RoutingTable::build(&dmfabric_testkit::fixtures::owner_and_io_server(), 1)
     }
 
     fn classify_placed(bytes: &[u8]) -> Rx {

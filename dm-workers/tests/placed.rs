@@ -7,9 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_control::model::{
-    Change, ClientPlatform, Db, Device, Range, Server as ServerRec, ServerRole, Vm, VmState,
-};
+use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Vm};
 use dmfabric_control::routing::{LiveRoutes, RoutingTable};
 use dmfabric_control::store::RedbStore;
 use dmfabric_dataplane::poll::Handler;
@@ -28,46 +26,7 @@ const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x03]);
 const S10: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x0a]);
 const S11: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x0b]);
 
-fn regfile(id: u32, server: u16, base: u64) -> Device {
-    Device {
-        id,
-        kind: "regfile".into(),
-        server,
-        shard: 0,
-        vm: 7,
-        ranges: vec![Range { mmio: false, base, len: 0x10 }],
-        irqs: vec![],
-    }
-}
-
-fn db() -> Db {
-    let mut db = Db::default();
-    db.apply(&[
-        Change::AddClient(ClientPlatform {
-            id: 3,
-            mac: "02:00:00:00:00:03".into(),
-            hypervisor: 1,
-            hypervisor_kind: "kvm".into(),
-        }),
-        Change::AddServer(ServerRec { id: 10, mac: "02:00:00:00:00:0a".into(), role: ServerRole::Owner }),
-        Change::AddServer(ServerRec { id: 11, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io }),
-        Change::AddVm(Vm {
-            id: 7,
-            client: 3,
-            vcpus: 1,
-            memory_mib: 4,
-            image: "io_loop".into(),
-            state: VmState::Running,
-            owner: Some(10),
-            args: Vec::new(),
-            migrate_to: None,
-        }),
-        Change::AddDevice(regfile(1, 10, 0x500)),
-        Change::AddDevice(regfile(2, 11, 0x600)),
-    ])
-    .unwrap();
-    db
-}
+use dmfabric_testkit::fixtures::{owner_and_io_server as db, regfile};
 
 struct Req {
     size: AccessSize,

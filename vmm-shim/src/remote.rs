@@ -811,6 +811,12 @@ mod tests {
         }
     }
 
+    /// A port of client 3 with VM 7 (`vcpus` vCPUs, interrupts to `rec`) and `servers`.
+    fn port_for_vm7(t: MemTransport, servers: Vec<u16>, vcpus: u16, rec: &Arc<Recorder>) -> Arc<ClientPort> {
+        let vms = [VmEntry { id: 7, vcpus, irq: rec.clone() }];
+        Arc::new(ClientPort::connect(Box::new(t), &config(servers), &vms).unwrap())
+    }
+
     #[test]
     fn frames_for_others_and_bad_frames_are_counted_never_delivered() {
         let (client_t, mut server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
@@ -912,14 +918,7 @@ mod tests {
         std::thread::scope(|s| {
             let server =
                 s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownVm, NackReason::NotAuthorised]));
-            let port = Arc::new(
-                ClientPort::connect(
-                    Box::new(client_t),
-                    &config(vec![1]),
-                    &[VmEntry { id: 7, vcpus: 1, irq: rec.clone() }],
-                )
-                .unwrap(),
-            );
+            let port = port_for_vm7(client_t, vec![1], 1, &rec);
             assert_eq!(port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap(), 0x1234);
             assert_eq!(server.join().unwrap().0, 3);
             let st = port.stats();
@@ -929,14 +928,7 @@ mod tests {
         let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
         std::thread::scope(|s| {
             let server = s.spawn(move || refusing_server(server_t, vec![NackReason::WrongServer]));
-            let port = Arc::new(
-                ClientPort::connect(
-                    Box::new(client_t),
-                    &config(vec![1]),
-                    &[VmEntry { id: 7, vcpus: 1, irq: rec.clone() }],
-                )
-                .unwrap(),
-            );
+            let port = port_for_vm7(client_t, vec![1], 1, &rec);
             let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
             assert!(matches!(err, RemoteError::Nacked { reason: NackReason::WrongServer, .. }), "{err}");
             assert_eq!(port.stats().retransmits, 0);
@@ -947,14 +939,7 @@ mod tests {
         let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
         std::thread::scope(|s| {
             let server = s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownDevice; 10]));
-            let port = Arc::new(
-                ClientPort::connect(
-                    Box::new(client_t),
-                    &config(vec![1]),
-                    &[VmEntry { id: 7, vcpus: 1, irq: rec.clone() }],
-                )
-                .unwrap(),
-            );
+            let port = port_for_vm7(client_t, vec![1], 1, &rec);
             let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
             assert!(matches!(err, RemoteError::Nacked { reason: NackReason::UnknownDevice, .. }), "{err}");
             assert_eq!(port.stats().requests + port.stats().retransmits, 4, "the first try and 3 retries");
@@ -994,14 +979,7 @@ mod tests {
                 }
                 panic!("no request came");
             });
-            let port = Arc::new(
-                ClientPort::connect(
-                    Box::new(client_t),
-                    &config(vec![1]),
-                    &[VmEntry { id: 7, vcpus: 2, irq: rec.clone() }],
-                )
-                .unwrap(),
-            );
+            let port = port_for_vm7(client_t, vec![1], 2, &rec);
             let mut vcpu = port.vcpu(7, 0, None).unwrap();
             let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
             assert_eq!(vcpu.access(1, 1, &exit).unwrap(), 0x1234);

@@ -36,16 +36,20 @@ pub fn spawn_logged(net: &TestNet, host: usize, args: &[&str]) -> Logged {
     (child, rx)
 }
 
-/// Lines until one contains `what` (within `within`); all lines seen.
-pub fn wait_for_within(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> Result<Vec<String>, Vec<String>> {
+/// Lines until one passes `hit` (within `within`); all lines seen.
+fn wait_until(
+    rx: &mpsc::Receiver<String>,
+    within: Duration,
+    hit: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, Vec<String>> {
     let mut seen = Vec::new();
     let end = std::time::Instant::now() + within;
     while std::time::Instant::now() < end {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                let hit = line.contains(what);
+                let done = hit(&line);
                 seen.push(line);
-                if hit {
+                if done {
                     return Ok(seen);
                 }
             }
@@ -56,24 +60,15 @@ pub fn wait_for_within(rx: &mpsc::Receiver<String>, what: &str, within: Duration
     Err(seen)
 }
 
-/// Lines until one contains each of `parts` (within 20 s); all lines seen.
+/// Lines until one contains `what` (within `within`); all lines seen.
+pub fn wait_for_within(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> Result<Vec<String>, Vec<String>> {
+    wait_until(rx, within, |l| l.contains(what))
+}
+
+/// Lines until one contains each of `parts` (within 20 s); all lines seen:
+/// a log event's message and its fields.
 pub fn wait_for_all(rx: &mpsc::Receiver<String>, parts: &[&str]) -> Result<Vec<String>, Vec<String>> {
-    let mut seen = Vec::new();
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < end {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                let hit = parts.iter().all(|p| line.contains(p));
-                seen.push(line);
-                if hit {
-                    return Ok(seen);
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    Err(seen)
+    wait_until(rx, Duration::from_secs(20), |l| parts.iter().all(|p| l.contains(p)))
 }
 
 /// [`wait_for_within`] 20 s.
