@@ -458,12 +458,15 @@ fn a_migration_called_off_leaves_the_vm_held_when_the_control_panel_wants_it_hel
             std::thread::sleep((control.start + t).saturating_duration_since(Instant::now()));
             served.load(Ordering::Relaxed)
         };
-        (at(Duration::from_millis(100)), at(Duration::from_millis(700)), at(Duration::from_millis(1200)))
+        let ms = |n| at(Duration::from_millis(n));
+        (ms(100), ms(450), ms(700), ms(1200))
     });
     let report = machine::run(vec![spec], None, &opts, &AtomicBool::new(false)).unwrap().0;
-    let (running, held_early, held_late) = counts.join().unwrap();
+    let (running, saving, held_early, held_late) = counts.join().unwrap();
     assert!(running > 0, "it ran before the migration");
-    assert_eq!(held_early, held_late, "held after the migration was called off: no access");
+    // Held from the migration on: not one access when it is called off
+    // (not even a moment's run before the hold).
+    assert_eq!((saving, held_early, held_late), (saving, saving, saving), "held: no access");
     assert_eq!(report.vm(1).unwrap().ended.as_deref(), Some("the test is over"));
 }
 
