@@ -493,7 +493,7 @@ mod tests {
         let mut bad_magic = good.clone();
         bad_magic[14] = 0;
         let mut bad_version = good.clone();
-        bad_version[16] = 2;
+        bad_version[16] = 1;
         let mut arp = good.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         let mut other_mac = good.clone();

@@ -110,6 +110,16 @@ impl<T: AsRef<[u8]>> Frame<T> {
         self.buffer.as_ref()[start..start + AUTH_TAG_LEN].try_into().ok()
     }
 
+    /// The bytes a tag covers and the tag, if the frame carries one.
+    pub fn sealed_parts(&self) -> Option<(&[u8], &[u8; AUTH_TAG_LEN])> {
+        if self.flags() & flags::AUTH_TAG == 0 {
+            return None;
+        }
+        let end = self.frame_len() - AUTH_TAG_LEN;
+        let bytes = self.buffer.as_ref();
+        Some((&bytes[..end], bytes[end..end + AUTH_TAG_LEN].try_into().ok()?))
+    }
+
     /// Length of the frame proper (headers, payload, tag), without padding.
     pub fn frame_len(&self) -> usize {
         let tag = if self.flags() & flags::AUTH_TAG != 0 { AUTH_TAG_LEN } else { 0 };

@@ -4,10 +4,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// First two bytes of every dmfabric header ("DF").
 pub const MAGIC: u16 = 0x4446;
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes in [`Header`].
 pub const HEADER_LEN: usize = 56;
-/// Bytes of the optional authentication tag after the payload.
+/// Bytes of the authentication tag after the payload ([`crate::auth`]).
 pub const AUTH_TAG_LEN: usize = 16;
 
 /// The fixed dmfabric header, in network byte order.
@@ -29,7 +29,8 @@ pub const AUTH_TAG_LEN: usize = 16;
 ///                        Control: ControlOp; Nack: the nacked Kind
 /// 33 size         u8     access size in bytes (I/O kinds), else 0
 /// 34 status       u8     IoCompletion: Status; Nack: NackReason; else 0
-/// 35 _reserved    [u8;5] zero on emit, ignored on parse
+/// 35 key_id       u8     which of the client platform's keys sealed the frame
+/// 36 _reserved    [u8;4] zero on emit, ignored on parse
 /// 40 addr         u64    port / MMIO address; Interrupt: line or MSI address
 /// 48 data         u64    write data / read result; Interrupt: MSI data
 /// ```
@@ -51,7 +52,8 @@ pub struct Header {
     pub space: u8,
     pub size: u8,
     pub status: u8,
-    pub _reserved: [u8; 5],
+    pub key_id: u8,
+    pub _reserved: [u8; 4],
     pub addr: U64,
     pub data: U64,
 }
@@ -62,7 +64,8 @@ const _: () = assert!(core::mem::size_of::<Header>() == HEADER_LEN);
 pub mod flags {
     /// I/O kinds: the access is a write (OUT / MMIO store).
     pub const WRITE: u16 = 1 << 0;
-    /// An authentication tag of `AUTH_TAG_LEN` bytes follows the payload.
+    /// An authentication tag of `AUTH_TAG_LEN` bytes follows the payload
+    /// (every frame a dmfabric endpoint acts on carries one).
     pub const AUTH_TAG: u16 = 1 << 1;
     /// Interrupt: level-triggered (otherwise edge).
     pub const LEVEL: u16 = 1 << 2;
@@ -131,6 +134,10 @@ pub enum NackReason {
     NotAuthorised = 3,
     BadVersion = 4,
     WrongServer = 5,
+    /// The frame's session is not (or no longer) one the server holds for
+    /// the client platform: it restarted, or forgot an idle client. The
+    /// client says Hello again and asks anew.
+    NoSession = 6,
 }
 
 impl NackReason {
@@ -141,6 +148,7 @@ impl NackReason {
             3 => NackReason::NotAuthorised,
             4 => NackReason::BadVersion,
             5 => NackReason::WrongServer,
+            6 => NackReason::NoSession,
             _ => return None,
         })
     }
@@ -150,9 +158,11 @@ impl NackReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ControlOp {
-    /// Who is there? Sent to broadcast to find a server's MAC.
+    /// A client platform opens a session with a server (payload
+    /// [`crate::session::HelloBody`]); sent to broadcast to find its MAC.
     Hello = 1,
-    /// Answer to Hello, from the server's MAC.
+    /// The server's answer, from its MAC: the client's challenge, the
+    /// server's epoch and the session offered ([`crate::session::HelloReplyBody`]).
     HelloReply = 2,
     Heartbeat = 3,
     Register = 4,

@@ -12,17 +12,23 @@
 //! | Ethernet II (14) | dmfabric header (56) | payload (payload_len) | auth tag (16, if FLAG_AUTH_TAG) |
 //! ```
 //!
+//! [`auth`] seals and checks the tag (SipHash-2-4-128 with a client
+//! platform's key); [`session`] holds the Hello bodies and the layout of
+//! sequence numbers (a session id and a counter).
+//!
 //! Receive paths construct a [`Frame`] only through [`Frame::new_checked`];
 //! after it succeeds no accessor panics, and [`FrameRepr::parse`] finishes
 //! the per-kind validation.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod error;
 mod ethernet;
 mod frame;
 mod header;
 mod repr;
+pub mod session;
 
 pub use error::WireError;
 pub use ethernet::{EthernetHeader, MacAddr, ETHERNET_HEADER_LEN, ETHERTYPE_DMFABRIC};

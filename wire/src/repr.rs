@@ -235,14 +235,17 @@ pub struct FrameRepr<'a> {
     pub msg: Message<'a>,
     /// Set by a sender that retransmits.
     pub retransmit: bool,
-    /// Opaque authentication tag; verifying it is the receiver's job.
+    /// Opaque authentication tag; verifying it is the receiver's job
+    /// ([`crate::auth::KeyRing::verify`]).
     pub auth_tag: Option<[u8; AUTH_TAG_LEN]>,
+    /// Which of the client platform's keys sealed the frame.
+    pub key_id: u8,
 }
 
 impl<'a> FrameRepr<'a> {
     /// A frame without tag and retransmit mark.
     pub fn new(eth: EthernetRepr, msg: Message<'a>) -> Self {
-        FrameRepr { eth, msg, retransmit: false, auth_tag: None }
+        FrameRepr { eth, msg, retransmit: false, auth_tag: None, key_id: 0 }
     }
 
     /// Parse bytes from the wire: the checked view, then [`FrameRepr::parse`].
@@ -360,6 +363,7 @@ impl<'a> FrameRepr<'a> {
             msg,
             retransmit: f & flags::RETRANSMIT != 0,
             auth_tag: frame.auth_tag().copied(),
+            key_id: h.key_id,
         })
     }
 
@@ -369,6 +373,21 @@ impl<'a> FrameRepr<'a> {
             + HEADER_LEN
             + self.msg.payload().len()
             + if self.auth_tag.is_some() { AUTH_TAG_LEN } else { 0 }
+    }
+
+    /// Bytes [`FrameRepr::emit_sealed`] writes.
+    pub fn sealed_len(&self) -> usize {
+        ETHERNET_HEADER_LEN + HEADER_LEN + self.msg.payload().len() + AUTH_TAG_LEN
+    }
+
+    /// Write the frame sealed with `key` (its id in the header, the tag
+    /// after the payload; `auth_tag` and `key_id` of `self` are ignored);
+    /// returns the bytes written.
+    pub fn emit_sealed(&self, buf: &mut [u8], key: &crate::auth::SendKey) -> Result<usize, WireError> {
+        let repr = FrameRepr { auth_tag: Some([0; AUTH_TAG_LEN]), key_id: key.id, ..*self };
+        let n = repr.emit(buf)?;
+        crate::auth::seal(buf, n, key);
+        Ok(n)
     }
 
     /// Write the frame to the start of `buf`; returns the bytes written.
@@ -452,7 +471,8 @@ impl<'a> FrameRepr<'a> {
             space,
             size,
             status,
-            _reserved: [0; 5],
+            key_id: self.key_id,
+            _reserved: [0; 4],
             addr: U64::new(addr),
             data: U64::new(data),
         };
