@@ -30,7 +30,9 @@ pub const AUTH_TAG_LEN: usize = 16;
 /// 33 size         u8     access size in bytes (I/O kinds), else 0
 /// 34 status       u8     IoCompletion: Status; Nack: NackReason; else 0
 /// 35 key_id       u8     which of the client platform's keys sealed the frame
-/// 36 _reserved    [u8;4] zero on emit, ignored on parse
+/// 36 epoch        u32    the server's epoch (low 32 bits) as the sender knows
+///                        it: a client starting a stream, a server's frames
+///                        (see `session`); else 0
 /// 40 addr         u64    port / MMIO address; Interrupt: line or MSI address
 /// 48 data         u64    write data / read result; Interrupt: MSI data
 /// ```
@@ -53,7 +55,7 @@ pub struct Header {
     pub size: u8,
     pub status: u8,
     pub key_id: u8,
-    pub _reserved: [u8; 4],
+    pub epoch: U32,
     pub addr: U64,
     pub data: U64,
 }

@@ -240,12 +240,14 @@ pub struct FrameRepr<'a> {
     pub auth_tag: Option<[u8; AUTH_TAG_LEN]>,
     /// Which of the client platform's keys sealed the frame.
     pub key_id: u8,
+    /// The server's epoch as the sender knows it ([`crate::session`]).
+    pub epoch: u32,
 }
 
 impl<'a> FrameRepr<'a> {
     /// A frame without tag and retransmit mark.
     pub fn new(eth: EthernetRepr, msg: Message<'a>) -> Self {
-        FrameRepr { eth, msg, retransmit: false, auth_tag: None, key_id: 0 }
+        FrameRepr { eth, msg, retransmit: false, auth_tag: None, key_id: 0, epoch: 0 }
     }
 
     /// Parse bytes from the wire: the checked view, then [`FrameRepr::parse`].
@@ -364,6 +366,7 @@ impl<'a> FrameRepr<'a> {
             retransmit: f & flags::RETRANSMIT != 0,
             auth_tag: frame.auth_tag().copied(),
             key_id: h.key_id,
+            epoch: h.epoch.get(),
         })
     }
 
@@ -472,7 +475,7 @@ impl<'a> FrameRepr<'a> {
             size,
             status,
             key_id: self.key_id,
-            _reserved: [0; 4],
+            epoch: U32::new(self.epoch),
             addr: U64::new(addr),
             data: U64::new(data),
         };

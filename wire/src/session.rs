@@ -11,13 +11,16 @@
 //! session nobody can use, and never wipes what the server remembers.
 //!
 //! A sequence number ([`Seq`]) is the session id in its high 32 bits and a
-//! counter in its low 32. Request streams (client platform, VM, vCPU) and
-//! interrupt streams (client platform, VM) count from 0 in each session,
-//! and a receiver takes only the number after the last one (the last one
-//! again is a retransmission, answered from its cache). Session ids are
-//! drawn from a random start the server picks when it starts and count up,
-//! so within a server's life no session id is offered twice, and a frame
-//! recorded in an old session is never taken again.
+//! counter in its low 32. A stream — requests of (client platform, VM,
+//! vCPU, device), interrupts of (client platform, VM) — starts at counter 0
+//! of the session in force, and its receiver takes only the number after
+//! the last one it took (the last one again is a retransmission, answered
+//! from its cache); a stream keeps the session it started in until it
+//! starts again. A server takes a stream's start only in a session it
+//! offered in this life, from a frame naming its epoch (header field
+//! `epoch`); session ids count up from a random start the server draws when
+//! it starts, so none is offered twice in one life, and a frame recorded in
+//! an earlier session or an earlier life is never taken again.
 
 use zerocopy::byteorder::network_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};

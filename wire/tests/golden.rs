@@ -225,3 +225,28 @@ fn fuzz_seed_corpus() {
     }
     assert!(seen >= 10, "seed corpus present ({seen} files)");
 }
+
+/// The tag construction is part of the wire format: a frame sealed with a
+/// known secret has exactly this tag (SipHash-2-4-128 under the key BLAKE3
+/// derives from the secret). Changing the KDF context or the MAC breaks
+/// every peer of another build, so this vector must never change within a
+/// protocol version.
+#[test]
+fn golden_sealed_frame() {
+    let ring = auth::KeyRing::single(1, &auth::Secret::from_bytes([0x11; 32]));
+    let repr = FrameRepr::parse_bytes(&IO_REQUEST_OUT).unwrap();
+    let mut buf = vec![0u8; repr.sealed_len()];
+    let n = repr.emit_sealed(&mut buf, &ring.sending()).unwrap();
+    assert_eq!(n, 70 + 16);
+    assert_eq!(&buf[..19], &IO_REQUEST_OUT[..19], "headers as before up to the flags");
+    assert_eq!(&buf[20..14 + 35], &IO_REQUEST_OUT[20..14 + 35], "and after them up to the key id");
+    assert_eq!(buf[19] & flags::AUTH_TAG as u8, flags::AUTH_TAG as u8);
+    assert_eq!(buf[14 + 35], 1, "key id");
+    assert_eq!(&buf[70..], &GOLDEN_TAG);
+    assert_eq!(ring.verify(&Frame::new_checked(&buf[..]).unwrap()), Ok(()));
+}
+
+/// Recorded from the first build of protocol version 2 (a pin against
+/// accidental change, not an independent derivation).
+const GOLDEN_TAG: [u8; 16] =
+    [0x71, 0xaf, 0xf6, 0x0f, 0x0c, 0xeb, 0xad, 0x79, 0x0a, 0x5d, 0xc6, 0x2b, 0xf3, 0x23, 0x92, 0x65];

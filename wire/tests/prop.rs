@@ -83,7 +83,7 @@ proptest! {
     fn emit_then_parse_is_identity(
         payload in proptest::collection::vec(any::<u8>(), 0..64),
         seed in any::<u64>(),
-        dst in mac(), src in mac(), retransmit in any::<bool>(), tag in proptest::option::of(any::<[u8; 16]>()), key_id in any::<u8>(),
+        dst in mac(), src in mac(), retransmit in any::<bool>(), tag in proptest::option::of(any::<[u8; 16]>()), key_id in any::<u8>(), epoch in any::<u32>(),
     ) {
         let mut runner = proptest::test_runner::TestRunner::new_with_rng(
             ProptestConfig::default(),
@@ -94,7 +94,7 @@ proptest! {
             }),
         );
         let msg = message(&payload).new_tree(&mut runner).unwrap().current();
-        let repr = FrameRepr { eth: EthernetRepr { dst, src }, msg, retransmit, auth_tag: tag, key_id };
+        let repr = FrameRepr { eth: EthernetRepr { dst, src }, msg, retransmit, auth_tag: tag, key_id, epoch };
         let mut buf = vec![0u8; repr.buffer_len() + 8];
         let n = repr.emit(&mut buf).unwrap();
         prop_assert_eq!(n, repr.buffer_len());
