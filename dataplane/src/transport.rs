@@ -108,6 +108,11 @@ impl TransportError {
     }
 }
 
+/// Says whether a received frame is authentic, for transports that learn
+/// where a peer is from what it sends (UDP): only a frame that passes may
+/// tell where its source MAC lives.
+pub type SenderCheck = Box<dyn FnMut(&[u8]) -> bool + Send>;
+
 /// Burst receive and transmit of whole Ethernet frames.
 ///
 /// A transport belongs to one core: methods take `&mut self`, never block
@@ -138,6 +143,12 @@ pub trait Transport: Send {
     }
 
     fn stats(&self) -> TransportStats;
+
+    /// Learn peers' addresses only from frames `check` passes (transports
+    /// that learn them: UDP; the others address by MAC and ignore it).
+    fn check_senders(&mut self, check: SenderCheck) {
+        let _ = check;
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -161,5 +172,8 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn stats(&self) -> TransportStats {
         (**self).stats()
+    }
+    fn check_senders(&mut self, check: SenderCheck) {
+        (**self).check_senders(check)
     }
 }

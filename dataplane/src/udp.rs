@@ -1,6 +1,12 @@
 //! UDP transport: each dmfabric frame (Ethernet header included) is the
 //! payload of one datagram. This is the baseline a user would build first,
 //! one `send_to` / `recv_from` per frame, and the comparison in every bench.
+//!
+//! Where a MAC lives is learnt from what arrives, so a datagram must not
+//! be able to re-point a peer: with a sender check installed
+//! ([`Transport::check_senders`], the client's and server's key check),
+//! only an authentic frame teaches or changes an address; without one, an
+//! address is learnt once and never changed.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -11,13 +17,12 @@ use dmfabric_wire::MacAddr;
 
 use crate::batch::FrameBatch;
 use crate::sys;
-use crate::transport::{Transport, TransportError, TransportKind, TransportStats};
+use crate::transport::{SenderCheck, Transport, TransportError, TransportKind, TransportStats};
 use crate::FRAME_CAP;
 
 /// Peers learnt from received datagrams, so replies find their way back.
 const MAX_PEERS: usize = 64;
 
-#[derive(Debug)]
 pub struct UdpTransport {
     sock: UdpSocket,
     mac: MacAddr,
@@ -25,6 +30,13 @@ pub struct UdpTransport {
     peers: Vec<(MacAddr, SocketAddr)>,
     buf: Box<[u8]>,
     stats: TransportStats,
+    check: Option<SenderCheck>,
+}
+
+impl std::fmt::Debug for UdpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpTransport").field("mac", &self.mac).field("peers", &self.peers.len()).finish()
+    }
 }
 
 impl UdpTransport {
@@ -40,6 +52,7 @@ impl UdpTransport {
             peers: Vec::with_capacity(MAX_PEERS),
             buf: vec![0u8; FRAME_CAP].into_boxed_slice(),
             stats: TransportStats::default(),
+            check: None,
         })
     }
 
@@ -47,11 +60,21 @@ impl UdpTransport {
         self.sock.local_addr()
     }
 
-    fn learn(&mut self, mac: MacAddr, addr: SocketAddr) {
-        if let Some(entry) = self.peers.iter_mut().find(|(m, _)| *m == mac) {
-            entry.1 = addr;
-        } else if self.peers.len() < MAX_PEERS {
-            self.peers.push((mac, addr));
+    /// `mac` spoke from `addr` (in `frame`): learn it if the sender check
+    /// passes the frame; without a check, only a MAC not known yet.
+    fn learn(&mut self, mac: MacAddr, addr: SocketAddr, len: usize) {
+        let known = self.peers.iter().position(|(m, _)| *m == mac);
+        let authentic = match &mut self.check {
+            Some(check) => check(&self.buf[..len]),
+            None => known.is_none(),
+        };
+        if !authentic {
+            return;
+        }
+        match known {
+            Some(i) => self.peers[i].1 = addr,
+            None if self.peers.len() < MAX_PEERS => self.peers.push((mac, addr)),
+            None => {}
         }
     }
 
@@ -78,7 +101,7 @@ impl Transport for UdpTransport {
                         let mut src = [0u8; 6];
                         src.copy_from_slice(&self.buf[6..12]);
                         if !MacAddr(src).is_multicast() && self.route(MacAddr(src)) != Some(from) {
-                            self.learn(MacAddr(src), from);
+                            self.learn(MacAddr(src), from, len);
                         }
                     }
                     on_frame(&self.buf[..len]);
@@ -138,6 +161,10 @@ impl Transport for UdpTransport {
     fn stats(&self) -> TransportStats {
         self.stats
     }
+
+    fn check_senders(&mut self, check: SenderCheck) {
+        self.check = Some(check);
+    }
 }
 
 #[cfg(test)]
@@ -176,5 +203,50 @@ mod tests {
         batch.push(&stray);
         assert_eq!(b.send(&mut batch).unwrap(), 0);
         assert_eq!(b.stats().tx_dropped, 1);
+    }
+
+    /// Datagrams naming `mac` as their source, from a socket of their own.
+    fn from_elsewhere(to: SocketAddr, mac: MacAddr, marked: bool) -> UdpTransport {
+        let mut t = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), Some(to), mac).unwrap();
+        let mut frame = [0u8; 20];
+        frame[..6].copy_from_slice(&[2, 0, 0, 0, 0, 0xb]);
+        frame[6..12].copy_from_slice(&mac.0);
+        frame[19] = u8::from(marked);
+        let mut batch = FrameBatch::new();
+        batch.push(&frame);
+        t.send(&mut batch).unwrap();
+        t
+    }
+
+    fn drain(t: &mut UdpTransport) {
+        for _ in 0..100 {
+            t.wait(Duration::from_millis(10)).unwrap();
+            if t.recv(8, &mut |_| {}).unwrap() > 0 {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_datagram_cannot_re_point_a_peer_without_passing_the_check() {
+        let mac_a = MacAddr([2, 0, 0, 0, 0, 0xa]);
+        let mut b = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), None, MacAddr([2, 0, 0, 0, 0, 0xb])).unwrap();
+        let to = b.local_addr().unwrap();
+        let real = from_elsewhere(to, mac_a, false);
+        drain(&mut b);
+        let real_addr = real.local_addr().unwrap();
+        assert_eq!(b.route(mac_a), Some(real_addr));
+        // Unchecked: a second sender claiming the MAC does not move it.
+        let _forger = from_elsewhere(to, mac_a, false);
+        drain(&mut b);
+        assert_eq!(b.route(mac_a), Some(real_addr));
+        // Checked: only a frame the check passes moves it.
+        b.check_senders(Box::new(|f: &[u8]| f[19] == 1));
+        let _forger = from_elsewhere(to, mac_a, false);
+        drain(&mut b);
+        assert_eq!(b.route(mac_a), Some(real_addr));
+        let moved = from_elsewhere(to, mac_a, true);
+        drain(&mut b);
+        assert_eq!(b.route(mac_a), Some(moved.local_addr().unwrap()));
     }
 }

@@ -56,6 +56,23 @@ impl DeviceKind {
 
     /// Ports the model decodes from its base; None: as many as it is given
     /// (the register file).
+    /// The IRQ lines a model of this kind raises.
+    pub fn lines(&self) -> Vec<u32> {
+        match *self {
+            DeviceKind::RegFile => Vec::new(),
+            DeviceKind::IrqTest { line }
+            | DeviceKind::Uart { line }
+            | DeviceKind::Rtc { line }
+            | DeviceKind::Timer { line } => vec![line],
+            DeviceKind::I8042 { kbd_line, aux_line } => vec![kbd_line, aux_line],
+        }
+    }
+
+    /// Whether a model of this kind may reset its VM (the i8042's reset line).
+    pub fn may_reset(&self) -> bool {
+        matches!(self, DeviceKind::I8042 { .. })
+    }
+
     pub fn ports(&self) -> Option<u16> {
         match self {
             DeviceKind::RegFile => None,

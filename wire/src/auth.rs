@@ -258,6 +258,25 @@ pub fn seal(buf: &mut [u8], len: usize, key: &SendKey) {
     buf[len - AUTH_TAG_LEN..len].copy_from_slice(&tag);
 }
 
+/// Fixed keys for tests (feature `testing`): tests must be repeatable, so
+/// their secrets are not random. Never for a real deployment.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    use super::{KeyRing, Secret};
+
+    /// The test secret of client platform `client` (different per client).
+    pub fn secret(client: u16) -> Secret {
+        let mut b = [0x5a; 32];
+        b[..2].copy_from_slice(&client.to_be_bytes());
+        Secret::from_bytes(b)
+    }
+
+    /// The ring of client platform `client`'s test secret, key id 1.
+    pub fn ring(client: u16) -> KeyRing {
+        KeyRing::single(1, &secret(client))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,11 @@ pub struct HelloReplyBody {
 }
 
 impl HelloBody {
+    /// The bytes of the payload.
+    pub fn bytes(&self) -> &[u8] {
+        self.as_bytes()
+    }
+
     /// The body of `payload`, if it is exactly one.
     pub fn parse(payload: &[u8]) -> Option<HelloBody> {
         HelloBody::read_from_bytes(payload).ok()
@@ -83,6 +88,11 @@ impl HelloBody {
 impl HelloReplyBody {
     pub fn new(challenge: [u8; CHALLENGE_LEN], epoch: u64, session: u32) -> HelloReplyBody {
         HelloReplyBody { challenge, epoch: U64::new(epoch), session: U32::new(session) }
+    }
+
+    /// The bytes of the payload.
+    pub fn bytes(&self) -> &[u8] {
+        self.as_bytes()
     }
 
     /// The body of `payload`, if it is exactly one.
