@@ -18,6 +18,8 @@ use crate::table::{DeviceCounters, Devices};
 pub struct Job {
     pub req: IoRequest,
     pub reply_to: MacAddr,
+    /// The device the request named (its stream's; 0: found by address).
+    pub named: u32,
     /// When the data-plane core handed it over (a shard's hand-off latency).
     pub queued: Instant,
 }
@@ -26,7 +28,7 @@ pub struct Job {
 #[derive(Debug)]
 pub enum Done {
     /// A request ran: its completion, or why its device refused it.
-    Ran { result: Result<IoCompletion, (IoRequest, Refusal)>, to: MacAddr },
+    Ran { result: Result<IoCompletion, (IoRequest, Refusal)>, to: MacAddr, named: u32 },
     /// A device taken out ([`Backend::remove`]), brought to the time of
     /// its removal, with its state.
     Removed { id: u32, state: DeviceState },
@@ -121,7 +123,7 @@ impl Inline {
 impl Backend for Inline {
     fn submit(&mut self, job: Job, now: Instant) -> Option<Done> {
         let result = self.devices.execute(&job.req, now).map_err(|why| (job.req, why));
-        Some(Done::Ran { result, to: job.reply_to })
+        Some(Done::Ran { result, to: job.reply_to, named: job.named })
     }
 
     fn poll_done(&mut self) -> Option<Done> {

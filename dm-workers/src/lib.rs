@@ -20,9 +20,13 @@ pub mod console;
 pub mod env;
 pub mod interrupts;
 pub mod irq;
+pub mod peers;
 pub mod placement;
 pub mod rx;
 pub mod server;
 pub mod sharded;
 pub mod stats;
 pub mod table;
+/// A test client platform (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -31,12 +31,14 @@ use dmfabric_control::model::{Db, Device as DeviceRecord};
 use dmfabric_control::routing::{LiveRoutes, RoutingTable};
 use dmfabric_control::store::{Store, StoreError};
 use dmfabric_control::watch::Chores;
-use dmfabric_dataplane::reliable::StreamKey;
 use dmfabric_devices::{Device, DeviceKind, DeviceSpec, DeviceState};
-use dmfabric_wire::{EthernetRepr, FrameRepr, IoCompletion, MacAddr, Message};
+use dmfabric_wire::auth::KeyRing;
+use dmfabric_wire::{EthernetRepr, FrameRepr, MacAddr, Message};
 
 use crate::env::DeviceEnv;
 use crate::interrupts::VmMove;
+pub use crate::peers::StreamAnswer;
+use crate::peers::{Client, Registry, StreamKey};
 use crate::rx::AddressMap;
 
 /// How long an arriving device waits for its state before it starts fresh.
@@ -83,8 +85,11 @@ pub fn specs_in(db: &Db, server: u16) -> Vec<Result<DeviceSpec, RecordError>> {
     db.devices.values().filter(|d| d.server == server).map(spec_of).collect()
 }
 
-/// A stream's latest request and its answer: (stream, sequence number, completion).
-pub type StreamAnswer = (StreamKey, u64, IoCompletion);
+/// Where a planner finds a client platform's keys: the control panel's
+/// key store (readable only by the servers that serve that client).
+/// `Err` says why they could not be read (the client is left out, and the
+/// next plan asks again).
+pub type KeySource = Box<dyn FnMut(u16) -> Result<Option<KeyRing>, String> + Send>;
 
 /// What changes for a server when the routing table moves on, worked out
 /// and built off the data-plane core.
@@ -102,6 +107,10 @@ pub struct Plan {
     pub leaving: Vec<(u32, Option<u16>)>,
     /// VMs now on another client platform: their interrupts go there.
     pub moves: Vec<VmMove>,
+    /// The client platforms this server acts for now, with their keys.
+    pub registry: Arc<Registry>,
+    /// Each device served here and its VM (where its interrupts go).
+    pub bound: Vec<(u32, Option<u32>)>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -195,9 +204,18 @@ struct Handoff {
     /// The server it left.
     from: u16,
     state: DeviceState,
-    /// (stream key, latest seq, that request's completion frame) for the
-    /// streams whose latest request this device served.
-    streams: Vec<(u64, u64, Vec<u8>)>,
+    /// The streams whose latest request this device served.
+    streams: Vec<HandoffStream>,
+}
+
+/// One stream's latest request and its completion, as it travels.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct HandoffStream {
+    client: u16,
+    key: StreamKey,
+    last: u64,
+    /// The completion as a frame (unsealed: the store seals the whole blob).
+    completion: Vec<u8>,
 }
 
 /// The store key of device `id`'s state in transit.
@@ -218,6 +236,7 @@ pub struct Planner {
     served: HashMap<u32, DeviceSpec>,
     /// Devices waiting for their state: since when.
     awaiting: HashMap<u32, Instant>,
+    keys: KeySource,
 }
 
 impl std::fmt::Debug for Planner {
@@ -235,9 +254,19 @@ impl Planner {
         routes: Arc<LiveRoutes>,
         env: DeviceEnv,
         link: Arc<PlacementLink>,
+        keys: KeySource,
     ) -> Planner {
-        let mut p =
-            Planner { server, mac, routes, env, link, planned: None, served: HashMap::new(), awaiting: HashMap::new() };
+        let mut p = Planner {
+            server,
+            mac,
+            routes,
+            env,
+            link,
+            planned: None,
+            served: HashMap::new(),
+            awaiting: HashMap::new(),
+            keys,
+        };
         p.plan();
         p
     }
@@ -314,9 +343,76 @@ impl Planner {
         let moves = self.moves(&table);
         let specs: Vec<DeviceSpec> = self.served.values().cloned().collect();
         let here = self.served.keys().copied().collect();
-        tracing::debug!(server = id, revision = table.revision, served = specs.len(), "placement planned");
+        let registry = Arc::new(self.registry(&table));
+        let bound = specs.iter().map(|s| (s.id, s.vm)).collect();
+        tracing::debug!(
+            server = id,
+            revision = table.revision,
+            served = specs.len(),
+            clients = registry.clients().len(),
+            "placement planned"
+        );
         self.planned = Some(table.clone());
-        self.link.publish_plan(Plan { table, here, addresses: AddressMap::new(&specs), add, arriving, leaving, moves });
+        self.link.publish_plan(Plan {
+            table,
+            here,
+            addresses: AddressMap::new(&specs),
+            add,
+            arriving,
+            leaving,
+            moves,
+            registry,
+            bound,
+        });
+    }
+
+    /// The client platforms this server acts for: those with a VM (running
+    /// there or migrating there) that has a device here or names this
+    /// server its owner; each with its keys, registered MAC and VMs.
+    fn registry(&mut self, table: &RoutingTable) -> Registry {
+        let db = &table.db;
+        let me = self.server;
+        let served_vm = |vm: u32| {
+            db.vms.get(&vm).is_some_and(|v| v.owner == Some(me))
+                || db.devices.values().any(|d| d.vm == vm && d.server == me)
+        };
+        let mut clients = Vec::new();
+        for c in db.clients.values() {
+            let vms: Vec<(u32, u16)> = db
+                .vms
+                .values()
+                .filter(|v| v.client == c.id || v.migrate_to == Some(c.id))
+                .map(|v| (v.id, v.vcpus))
+                .collect();
+            if !vms.iter().any(|&(vm, _)| served_vm(vm)) {
+                continue;
+            }
+            let Some(mac) = table.client_mac(c.id) else { continue };
+            let keys = match (self.keys)(c.id) {
+                Ok(Some(keys)) => keys,
+                Ok(None) => {
+                    tracing::warn!(server = me, client = c.id, "client platform has no key in the control panel: its frames are refused (`dmfabric ctl client rekey {}`)", c.id);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        server = me,
+                        client = c.id,
+                        "cannot read the client platform's keys ({e}): its frames are refused until they can be read"
+                    );
+                    continue;
+                }
+            };
+            clients.push(Client { id: c.id, mac, hypervisor: c.hypervisor, keys, vms });
+        }
+        let servers = db
+            .servers
+            .values()
+            .filter(|s| s.id != me)
+            .filter_map(|s| Some((s.id, dmfabric_control::routing::parse_mac(&s.mac)?)))
+            .collect();
+        let runs_on = db.vms.values().map(|v| (v.id, v.client)).collect();
+        Registry::new(clients, servers, runs_on)
     }
 
     /// VMs whose client platform changed since the last plan.
@@ -362,14 +458,15 @@ impl Planner {
     }
 
     /// Completions as frames (what a Handoff carries).
-    fn frames(&self, answers: &[StreamAnswer]) -> Vec<(u64, u64, Vec<u8>)> {
+    fn frames(&self, answers: &[StreamAnswer]) -> Vec<HandoffStream> {
         answers
             .iter()
-            .filter_map(|(key, last, c)| {
-                let repr = FrameRepr::new(EthernetRepr { dst: self.mac, src: self.mac }, Message::IoCompletion(*c));
+            .filter_map(|a| {
+                let repr =
+                    FrameRepr::new(EthernetRepr { dst: self.mac, src: self.mac }, Message::IoCompletion(a.answer));
                 let mut buf = vec![0u8; repr.buffer_len()];
                 repr.emit(&mut buf).ok()?;
-                Some((key.raw(), *last, buf))
+                Some(HandoffStream { client: a.client, key: a.key, last: a.last, completion: buf })
             })
             .collect()
     }
@@ -408,8 +505,10 @@ impl Planner {
             let answers = h
                 .streams
                 .iter()
-                .filter_map(|(key, last, frame)| match FrameRepr::parse_bytes(frame) {
-                    Ok(FrameRepr { msg: Message::IoCompletion(c), .. }) => Some((StreamKey::from_raw(*key), *last, c)),
+                .filter_map(|st| match FrameRepr::parse_bytes(&st.completion) {
+                    Ok(FrameRepr { msg: Message::IoCompletion(answer), .. }) => {
+                        Some(StreamAnswer { client: st.client, key: st.key, last: st.last, answer })
+                    }
                     _ => None,
                 })
                 .collect();

@@ -1,14 +1,18 @@
 //! A server: the data-plane core's side of device emulation. For each
-//! received frame it asks [`rx::classify`] what to do, then does it: the
-//! duplicate cache, running the request on its device (through a
-//! [`Backend`], inline or on worker shards), completions and Nacks,
-//! forwarding, Hellos and interrupt acks. Between bursts it sends what the
-//! device models raised ([`crate::interrupts`], VM resets) and, when placed
-//! by the control panel, swaps in the plans its planner prepared
-//! ([`crate::placement`]): no database work, JSON or logging on this core.
+//! received frame it asks [`rx::classify`] what to do — which checks the
+//! frame's tag and the client's identity before anything else — then does
+//! it: the client's sessions and streams ([`Peers`]), running the request
+//! on its device (through a [`Backend`], inline or on worker shards),
+//! completions and Nacks, forwarding, Hellos and interrupt acks. Between
+//! bursts it sends what the device models raised ([`crate::interrupts`]:
+//! interrupts, VM resets) and, when placed by the control panel, swaps in
+//! the plans its planner prepared ([`crate::placement`]): no database
+//! work, JSON or logging on this core.
 //!
-//! Every frame that is not answered is counted by reason; nothing received
-//! from the wire can make this code panic.
+//! Every frame it sends is sealed with the key of the client platform it
+//! is for and goes to that client's registered MAC. Every frame that is
+//! not answered is counted by reason; nothing received from the wire can
+//! make this code panic.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,25 +20,39 @@ use std::time::{Duration, Instant};
 
 use dmfabric_control::routing::RoutingTable;
 use dmfabric_dataplane::poll::Handler;
-use dmfabric_dataplane::reliable::{DupCache, Seen, StreamKey};
 use dmfabric_dataplane::FrameBatch;
 use dmfabric_devices::DeviceSpec;
+use dmfabric_wire::auth::AuthError;
+use dmfabric_wire::session::HelloReplyBody;
 use dmfabric_wire::{
-    ControlMsg, ControlOp, EthernetRepr, FrameRepr, IoCompletion, IoRequest, Kind, MacAddr, Message, Nack, Route,
-    WireError, LIFECYCLE_RESET,
+    ControlMsg, ControlOp, EthernetRepr, FrameRepr, IoRequest, Kind, MacAddr, Message, Nack, Route, WireError,
 };
 
 use crate::backend::{Backend, Done, Inline, Job, ShardStats};
 use crate::env::{DeviceEnv, VmEvent};
-use crate::interrupts::IrqStreams;
-use crate::placement::{Arrival, Departure, PlacementLink, Plan, StreamAnswer, HELD_MAX};
+use crate::interrupts::{IrqStreams, Sealing};
+use crate::peers::{Peers, Registry, SessionChange, StreamKey, Verdict};
+use crate::placement::{Arrival, Departure, PlacementLink, Plan, HELD_MAX};
 use crate::rx::AddressMap;
 use crate::rx::{self, Dropped, Refusal, Rx, View};
 pub use crate::stats::ServerStats;
 use crate::table::Devices;
 
-fn stream_of(route: &Route) -> StreamKey {
-    StreamKey::new(route.client, route.vm, route.vcpu)
+/// The stream a request belongs to: its vCPU and the device it names.
+fn stream_of(req: &IoRequest, named: u32) -> StreamKey {
+    StreamKey { vm: req.route.vm, vcpu: req.route.vcpu, device: named }
+}
+
+/// How often idle clients are looked for.
+const FORGET_EVERY: Duration = Duration::from_secs(1);
+
+/// A request waiting for its device's state, with what answering it needs.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    req: IoRequest,
+    reply_to: MacAddr,
+    named: u32,
+    epoch: u32,
 }
 
 /// What a server placed by the control panel keeps on its core.
@@ -45,7 +63,7 @@ struct Placed {
     /// The devices served here (arriving ones included).
     here: HashSet<u32>,
     /// Devices waiting for their state, with the requests held meanwhile.
-    arriving: HashMap<u32, Vec<(IoRequest, MacAddr)>>,
+    arriving: HashMap<u32, Vec<Held>>,
     /// Devices being taken out, and where their state goes.
     leaving: HashMap<u32, Option<u16>>,
 }
@@ -57,43 +75,68 @@ pub struct Server<B> {
     mac: MacAddr,
     stats: ServerStats,
     malformed: [u64; WireError::ALL.len()],
-    streams: DupCache<IoCompletion>,
+    unauthenticated: [u64; AuthError::ALL.len()],
+    /// The client platforms it acts for.
+    registry: Arc<Registry>,
+    peers: Peers,
+    /// Check and seal tags (off only to measure what that costs).
+    authenticate: bool,
     irqs: IrqStreams,
     env: DeviceEnv,
     backend: B,
-    /// Resolves requests that name no device (ANY_DEVICE) by address.
+    /// Resolves requests that name no device (ANY_DEVICE) by address, and
+    /// knows each device's VM.
     addresses: AddressMap,
     placed: Option<Placed>,
+    /// Told every registered client its epoch (once, at the first poll).
+    announced: bool,
+    next_forget: Instant,
 }
 
 impl Server<Inline> {
-    /// A run-to-completion server with id `id` answering from `mac` for `devices`.
-    pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec]) -> Server<Inline> {
-        Server::with_env(id, mac, devices, DeviceEnv::new())
+    /// A run-to-completion server with id `id` answering from `mac` for
+    /// `devices`, acting for the client platforms of `registry`.
+    pub fn new(id: u16, mac: MacAddr, devices: &[DeviceSpec], registry: Registry) -> Server<Inline> {
+        Server::with_env(id, mac, devices, DeviceEnv::new(), registry)
     }
 
     /// The same, wired to `env` (whose consoles the caller serves).
-    pub fn with_env(id: u16, mac: MacAddr, devices: &[DeviceSpec], env: DeviceEnv) -> Server<Inline> {
+    pub fn with_env(
+        id: u16,
+        mac: MacAddr,
+        devices: &[DeviceSpec],
+        env: DeviceEnv,
+        registry: Registry,
+    ) -> Server<Inline> {
         let backend = Inline::new(Devices::new(devices, &env));
-        Server::unplaced(id, mac, env, backend, devices)
+        Server::unplaced(id, mac, env, backend, devices, registry)
     }
 }
 
 impl<B: Backend> Server<B> {
-    /// A server for the `devices` its `backend` runs, for any client.
-    pub fn unplaced(id: u16, mac: MacAddr, env: DeviceEnv, backend: B, devices: &[DeviceSpec]) -> Server<B> {
-        tracing::debug!(server = id, %mac, devices = devices.len(), "serving the devices of its config");
-        let mut s = Server::bare(id, mac, env, backend);
+    /// A server for the `devices` its `backend` runs, for the client
+    /// platforms of `registry` (the server's config).
+    pub fn unplaced(
+        id: u16,
+        mac: MacAddr,
+        env: DeviceEnv,
+        backend: B,
+        devices: &[DeviceSpec],
+        registry: Registry,
+    ) -> Server<B> {
+        tracing::debug!(server = id, %mac, devices = devices.len(), clients = registry.clients().len(), "serving the devices of its config");
+        let mut s = Server::bare(id, mac, env, backend, Arc::new(registry));
         s.addresses = AddressMap::new(devices);
+        s.irqs.bind_all(devices.iter().map(|d| (d.id, d.vm)), &s.registry);
         s
     }
 
-    /// A server whose devices, forwarding and answers follow the plans its
-    /// planner ([`crate::placement::Planner`]) sends through `link`; the
-    /// plan already waiting there is in force at once.
+    /// A server whose devices, clients, forwarding and answers follow the
+    /// plans its planner ([`crate::placement::Planner`]) sends through
+    /// `link`; the plan already waiting there is in force at once.
     pub fn placed(id: u16, mac: MacAddr, env: DeviceEnv, backend: B, link: Arc<PlacementLink>) -> Server<B> {
         tracing::debug!(server = id, %mac, "serving what the control panel places here");
-        let mut s = Server::bare(id, mac, env, backend);
+        let mut s = Server::bare(id, mac, env, backend, Arc::new(Registry::default()));
         s.placed = Some(Placed {
             link,
             table: Arc::new(RoutingTable::default()),
@@ -105,19 +148,37 @@ impl<B: Backend> Server<B> {
         s
     }
 
-    fn bare(id: u16, mac: MacAddr, env: DeviceEnv, backend: B) -> Server<B> {
+    fn bare(id: u16, mac: MacAddr, env: DeviceEnv, backend: B, registry: Arc<Registry>) -> Server<B> {
         Server {
             id,
             mac,
             stats: ServerStats::default(),
             malformed: [0; WireError::ALL.len()],
-            streams: DupCache::default(),
+            unauthenticated: [0; AuthError::ALL.len()],
+            registry,
+            peers: Peers::random(),
+            authenticate: true,
             irqs: IrqStreams::new(id, mac),
             env,
             backend,
             addresses: AddressMap::default(),
             placed: None,
+            announced: false,
+            next_forget: Instant::now() + FORGET_EVERY,
         }
+    }
+
+    /// Neither check nor seal tags: only to measure what authentication
+    /// costs (`dmfabric bench rtt --auth both`). Never in service.
+    pub fn without_authentication(mut self) -> Server<B> {
+        self.authenticate = false;
+        self
+    }
+
+    /// Forget a client after `idle` of silence (default [`crate::peers::IDLE_FORGET`]).
+    pub fn with_idle_forget(mut self, idle: Duration) -> Server<B> {
+        self.peers = std::mem::replace(&mut self.peers, Peers::random()).with_idle(idle);
+        self
     }
 
     pub fn id(&self) -> u16 {
@@ -132,6 +193,11 @@ impl<B: Backend> Server<B> {
         &self.backend
     }
 
+    /// This server's epoch (drawn at its start).
+    pub fn epoch(&self) -> u64 {
+        self.peers.epoch()
+    }
+
     /// The revision of the routing table in force (0 when not placed).
     pub fn table_revision(&self) -> u64 {
         self.placed.as_ref().map_or(0, |p| p.table.revision)
@@ -140,6 +206,11 @@ impl<B: Backend> Server<B> {
     /// Interrupts not acknowledged yet (in flight or queued).
     pub fn interrupts_pending(&self) -> usize {
         self.irqs.pending()
+    }
+
+    /// Clients remembered, and the streams of `client`.
+    pub fn remembered(&self, client: u16) -> (usize, usize) {
+        (self.peers.len(), self.peers.streams(client))
     }
 
     /// Counters so far (a sharded backend's per-device ones after [`Server::finish`]).
@@ -161,11 +232,17 @@ impl<B: Backend> Server<B> {
 
     fn stats_with(&self, b: crate::backend::BackendStats) -> ServerStats {
         let i = self.irqs.stats();
+        let p = self.peers.stats();
         let mut s = self.stats.clone();
         s.malformed = WireError::ALL
             .iter()
             .filter(|e| self.malformed[e.index()] > 0)
             .map(|e| (e.name(), self.malformed[e.index()]))
+            .collect();
+        s.unauthenticated = AuthError::ALL
+            .iter()
+            .filter(|e| self.unauthenticated[e.index()] > 0)
+            .map(|e| (e.name(), self.unauthenticated[e.index()]))
             .collect();
         s.interrupts = i.sent;
         s.interrupt_retransmits = i.retransmits;
@@ -175,8 +252,15 @@ impl<B: Backend> Server<B> {
         s.interrupts_given_up = i.given_up;
         s.interrupts_queue_full = i.queue_full;
         s.interrupts_coalesced = i.coalesced;
+        s.levels_resent = i.levels_resent;
+        s.vm_resets = i.resets;
         s.vm_events_dropped = self.env.events.dropped();
         s.tx_full += i.tx_full;
+        s.sessions_offered = p.sessions_offered;
+        s.sessions_started = p.sessions_started;
+        s.hellos_limited = p.hellos_limited;
+        s.nacks_limited = p.nacks_limited;
+        s.clients_forgotten = p.clients_evicted;
         s.unclaimed = b.unclaimed;
         s.devices = b.devices;
         s
@@ -186,24 +270,34 @@ impl<B: Backend> Server<B> {
         View {
             server: self.id,
             mac: self.mac,
+            registry: &self.registry,
             addresses: &self.addresses,
             placed: self.placed.as_ref().map(|p| rx::Placed { table: &p.table, here: &p.here }),
+            authenticate: self.authenticate,
         }
     }
 
-    /// A request that passed the duplicate check: run it on its device, or
-    /// hold it while the device's state is on its way here.
-    fn run(&mut self, req: IoRequest, reply_to: MacAddr, tx: &mut FrameBatch, now: Instant) {
-        if let Some(held) = self.placed.as_mut().and_then(|p| p.arriving.get_mut(&req.route.device)) {
-            if held.len() < HELD_MAX {
-                held.push((req, reply_to));
-                self.stats.held += 1;
-            } else {
-                self.stats.held_dropped += 1;
-            }
-            return;
+    fn sealing(&self) -> Sealing<'_> {
+        Sealing { registry: &self.registry, epoch: self.peers.epoch32(), authenticate: self.authenticate }
+    }
+
+    /// Seal `msg` for its client and queue it to `to`.
+    fn send(&mut self, tx: &mut FrameBatch, to: MacAddr, msg: Message<'_>, retransmit: bool) {
+        let client = msg.route().client;
+        let mut repr = FrameRepr::new(EthernetRepr { dst: to, src: self.mac }, msg);
+        repr.retransmit = retransmit;
+        if !self.sealing().push(tx, client, repr) {
+            self.stats.tx_full += 1;
         }
-        if let Some(done) = self.backend.submit(Job { req, reply_to, queued: now }, now) {
+    }
+
+    /// A request its stream takes: run it on its device.
+    fn run(&mut self, h: Held, tx: &mut FrameBatch, now: Instant) {
+        if self.addresses.vm_of(h.req.route.device) == Some(None) {
+            self.irqs.bind_shared(h.req.route.device, &h.req.route, h.reply_to);
+        }
+        let job = Job { req: h.req, reply_to: h.reply_to, named: h.named, queued: now };
+        if let Some(done) = self.backend.submit(job, now) {
             self.done(done, tx);
         }
     }
@@ -211,39 +305,91 @@ impl<B: Backend> Server<B> {
     /// Something came back from the models.
     fn done(&mut self, done: Done, tx: &mut FrameBatch) {
         match done {
-            Done::Ran { result: Ok(cmp), to } => {
+            Done::Ran { result: Ok(cmp), to, named } => {
                 self.stats.completions += 1;
-                self.streams.answered(stream_of(&cmp.route), cmp.seq, cmp);
-                self.reply(tx, to, Message::IoCompletion(cmp));
+                let key = StreamKey { vm: cmp.route.vm, vcpu: cmp.route.vcpu, device: named };
+                self.peers.answered(cmp.route.client, key, cmp.seq, cmp);
+                self.send(tx, to, Message::IoCompletion(cmp), false);
             }
-            Done::Ran { result: Err((req, why)), to } => self.nack(tx, to, &req, why),
+            Done::Ran { result: Err((req, why)), to, .. } => self.nack(tx, to, &req, why, Instant::now()),
             Done::Removed { id, state } => {
                 let Some(p) = self.placed.as_mut() else { return };
                 let to = p.leaving.remove(&id).flatten();
-                let answers = answers_of(&self.streams, id);
+                let answers = self.peers.answers_of(id);
                 p.link.depart(Departure { id, to, state, answers });
                 self.stats.devices_left += u64::from(to.is_some());
             }
         }
     }
 
-    fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, why: Refusal) {
+    fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, why: Refusal, now: Instant) {
         match why {
             Refusal::UnknownDevice => self.stats.nack_unknown_device += 1,
             Refusal::WrongServer => self.stats.nack_wrong_server += 1,
             Refusal::OtherVm => self.stats.nack_other_vm += 1,
             Refusal::UnknownVm => self.stats.nack_unknown_vm += 1,
-            Refusal::UnknownClient => self.stats.nack_unknown_client += 1,
+            Refusal::BadVcpu => self.stats.nack_bad_vcpu += 1,
+            Refusal::NoSession => self.stats.nack_no_session += 1,
+        }
+        if !self.peers.may_nack(req.route.client, now) {
+            return;
         }
         let msg =
             Message::Nack(Nack { route: req.route, seq: req.seq, reason: why.nack_reason(), nacked: Kind::IoRequest });
-        self.reply(tx, to, msg);
+        self.send(tx, to, msg, false);
     }
 
-    fn reply(&mut self, tx: &mut FrameBatch, to: MacAddr, msg: Message<'_>) {
-        let repr = FrameRepr::new(EthernetRepr { dst: to, src: self.mac }, msg);
-        if !tx.push_with(|buf| repr.emit(buf).ok()) {
-            self.stats.tx_full += 1;
+    /// A verified request that names this server and may run here: held
+    /// while its device's state is on its way (its stream is checked once
+    /// the last server's answers came with it), else checked and run.
+    fn request(&mut self, h: Held, tx: &mut FrameBatch, now: Instant) {
+        if let Some(held) = self.placed.as_mut().and_then(|p| p.arriving.get_mut(&h.req.route.device)) {
+            if held.len() < HELD_MAX {
+                held.push(h);
+                self.stats.held += 1;
+            } else {
+                self.stats.held_dropped += 1;
+            }
+            return;
+        }
+        let client = h.req.route.client;
+        let (verdict, change) = self.peers.check(client, stream_of(&h.req, h.named), h.req.seq, h.epoch, now);
+        let answer = match verdict {
+            Verdict::New => None,
+            Verdict::Duplicate(Some(&answer)) => Some(answer),
+            Verdict::Duplicate(None) => {
+                self.stats.duplicates_in_flight += 1;
+                return;
+            }
+            Verdict::Stale => {
+                self.stats.stale += 1;
+                return;
+            }
+            Verdict::NoSession => return self.nack(tx, h.reply_to, &h.req, Refusal::NoSession, now),
+        };
+        if let SessionChange::Started(session) = change {
+            self.irqs.start_session(client, session);
+        }
+        match answer {
+            Some(answer) => {
+                self.stats.duplicates_answered += 1;
+                self.send(tx, h.reply_to, Message::IoCompletion(answer), true);
+            }
+            None => self.run(h, tx, now),
+        }
+    }
+
+    /// Tell every registered client this server's epoch, so that one that
+    /// knew an earlier life of it opens a session again (its requests and
+    /// interrupts start over; its level lines are sent again).
+    fn announce(&mut self, tx: &mut FrameBatch) {
+        self.announced = true;
+        let registry = self.registry.clone();
+        for c in registry.clients() {
+            let body = HelloReplyBody::new([0; dmfabric_wire::session::CHALLENGE_LEN], self.peers.epoch(), 0);
+            let route = Route { server: self.id, client: c.id, hypervisor: c.hypervisor, ..Route::default() };
+            let msg = ControlMsg { route, seq: 0, op: ControlOp::HelloReply, payload: body.bytes() };
+            self.send(tx, c.mac, Message::Control(msg), false);
         }
     }
 
@@ -283,6 +429,8 @@ impl<B: Backend> Server<B> {
         p.table = plan.table;
         p.here = plan.here;
         self.addresses = plan.addresses;
+        self.registry = plan.registry;
+        self.irqs.bind_all(plan.bound, &self.registry);
     }
 
     /// A moved device's model is ready: install it, take over its last
@@ -295,115 +443,116 @@ impl<B: Backend> Server<B> {
             p.link.depart(Departure { id: a.id, to, state: a.model.save(), answers: a.answers });
             return;
         };
-        for (key, last, answer) in a.answers {
-            self.streams.adopt(key, last, Some(answer));
+        for answer in &a.answers {
+            self.peers.adopt(answer, now);
         }
         self.backend.install(&a.spec, a.model, now);
         self.stats.devices_arrived += u64::from(a.restored);
-        for (req, to) in held {
-            match self.streams.check(stream_of(&req.route), req.seq) {
-                // Run by the server it came from: answered from its cache.
-                Seen::Duplicate(Some(&answer)) => {
-                    self.stats.duplicates_answered += 1;
-                    self.reply(tx, to, Message::IoCompletion(answer));
+        for h in held {
+            // One the last server ran is answered from its cache.
+            self.request(h, tx, now);
+        }
+    }
+
+    /// Queue the resets the devices asked for on their VMs' streams.
+    fn take_vm_events(&mut self) {
+        while let Some((device, event)) = self.env.events.pop() {
+            match event {
+                VmEvent::Reset => {
+                    if !self.irqs.reset(device) {
+                        self.stats.vm_events_unbound += 1;
+                    }
                 }
-                _ => self.run(req, to, tx, now),
             }
         }
     }
-
-    /// Tell the clients of VMs what their devices asked for (an i8042 reset).
-    fn send_vm_events(&mut self, tx: &mut FrameBatch) {
-        while !tx.is_full() {
-            let Some((device, event)) = self.env.events.pop() else { break };
-            let Some(b) = self.irqs.binding(device) else {
-                self.stats.vm_events_unbound += 1;
-                continue;
-            };
-            let payload = match event {
-                VmEvent::Reset => [LIFECYCLE_RESET],
-            };
-            self.stats.vm_resets += 1;
-            let msg =
-                ControlMsg { route: Route { device, ..b.route }, seq: 0, op: ControlOp::Lifecycle, payload: &payload };
-            self.reply(tx, b.to, Message::Control(msg));
-        }
-    }
-}
-
-/// The stream entries whose latest answer came from `device`: what the
-/// server taking the device over needs to answer retransmissions of
-/// requests this one ran.
-fn answers_of(streams: &DupCache<IoCompletion>, device: u32) -> Vec<StreamAnswer> {
-    streams
-        .entries()
-        .filter_map(|(key, last, answer)| answer.filter(|c| c.route.device == device).map(|c| (key, last, *c)))
-        .collect()
 }
 
 impl<B: Backend> Handler for Server<B> {
     fn on_frame(&mut self, bytes: &[u8], tx: &mut FrameBatch, now: Instant) {
         match rx::classify(bytes, &self.view()) {
-            Rx::Run { req, reply_to } => {
+            Rx::Run { req, reply_to, named, epoch } => {
                 self.stats.requests += 1;
-                match self.streams.check(stream_of(&req.route), req.seq) {
-                    Seen::New => {
-                        self.irqs.bind(&req, reply_to);
-                        self.run(req, reply_to, tx, now);
-                    }
-                    Seen::Duplicate(Some(&answer)) => {
-                        self.stats.duplicates_answered += 1;
-                        self.reply(tx, reply_to, Message::IoCompletion(answer));
-                    }
-                    Seen::Duplicate(None) => self.stats.duplicates_in_flight += 1,
-                    Seen::Stale => self.stats.stale += 1,
-                }
+                self.request(Held { req, reply_to, named, epoch }, tx, now);
             }
-            Rx::Forward { req, to, retransmit } => {
+            Rx::Forward { req, to, retransmit, epoch } => {
                 self.stats.requests += 1;
                 self.stats.forwarded += 1;
                 let mut fwd = FrameRepr::new(EthernetRepr { dst: to, src: self.mac }, Message::IoRequest(req));
                 fwd.retransmit = retransmit;
-                if !tx.push_with(|buf| fwd.emit(buf).ok()) {
+                // The epoch is the one the client named (of the server
+                // that runs the device), not ours.
+                let key = self.registry.client(req.route.client).map(|c| c.keys.sending());
+                let sent = match (self.authenticate, key) {
+                    (true, Some(key)) => tx.push_with(|buf| {
+                        fwd.epoch = epoch;
+                        fwd.emit_sealed(buf, &key).ok()
+                    }),
+                    (false, _) => tx.push_with(|buf| {
+                        fwd.epoch = epoch;
+                        fwd.emit(buf).ok()
+                    }),
+                    (true, None) => false,
+                };
+                if !sent {
                     self.stats.tx_full += 1;
                 }
             }
             Rx::Refuse { req, to, why } => {
                 self.stats.requests += 1;
-                self.nack(tx, to, &req, why);
+                self.nack(tx, to, &req, why, now);
             }
-            Rx::Hello { from, route, seq } => {
+            Rx::Hello { to, route, seq, challenge } => {
                 self.stats.hellos += 1;
-                // A client says Hello when it starts: its sequence numbers start over.
-                self.stats.streams_reset += self.streams.forget_client(route.client) as u64;
+                let Some(session) = self.peers.hello(route.client, now) else { return };
+                let body = HelloReplyBody::new(challenge, self.peers.epoch(), session);
                 let route = Route { server: self.id, ..route };
-                let reply = ControlMsg { route, seq, op: ControlOp::HelloReply, payload: &[] };
-                self.reply(tx, from, Message::Control(reply));
+                let reply = ControlMsg { route, seq, op: ControlOp::HelloReply, payload: body.bytes() };
+                self.send(tx, to, Message::Control(reply), false);
+            }
+            Rx::Register { client, seq, epoch } => {
+                if let SessionChange::Started(session) = self.peers.register(client, seq, epoch, now) {
+                    self.irqs.start_session(client, session);
+                }
             }
             Rx::Ack(ack) => self.irqs.ack(&ack),
             Rx::Drop(Dropped::Foreign) => self.stats.foreign += 1,
             Rx::Drop(Dropped::Malformed(e)) => self.malformed[e.index()] += 1,
             Rx::Drop(Dropped::NotForUs) => self.stats.not_for_us += 1,
+            Rx::Drop(Dropped::Unauthenticated(e)) => self.unauthenticated[e.index()] += 1,
+            Rx::Drop(Dropped::WrongSource) => self.stats.wrong_source += 1,
             Rx::Drop(Dropped::UnexpectedKind) => self.stats.unexpected_kind += 1,
+            Rx::Drop(Dropped::BadHello) => self.stats.bad_hello += 1,
         }
     }
 
     fn on_poll(&mut self, tx: &mut FrameBatch, now: Instant) {
         self.follow_placement(tx, now);
+        if !self.announced {
+            self.announce(tx);
+        }
+        if now >= self.next_forget {
+            self.next_forget = now + FORGET_EVERY;
+            self.peers.forget(now, &self.registry);
+        }
         self.backend.tick(now);
         while !tx.is_full() {
             let Some(done) = self.backend.poll_done() else { break };
             self.done(done, tx);
         }
-        self.send_vm_events(tx);
+        self.take_vm_events();
         self.irqs.take(&self.env.irqs);
-        self.irqs.send(tx, now);
+        let seal = Sealing { registry: &self.registry, epoch: self.peers.epoch32(), authenticate: self.authenticate };
+        self.irqs.send(tx, now, &seal);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         // A placed server looks for plans and arrivals every few ms even when idle.
         let watch = self.placed.as_ref().map(|_| Instant::now() + Duration::from_millis(5));
-        [self.backend.next_due(), self.irqs.next_retransmit(), watch].into_iter().flatten().min()
+        [self.backend.next_due(), self.irqs.next_retransmit(), watch, Some(self.next_forget)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -411,34 +560,68 @@ impl<B: Backend> Handler for Server<B> {
 mod tests {
     use super::*;
     use crate::interrupts::{IRQ_RETRY, IRQ_TRIES};
+    use crate::testing::{self, TestClient};
     use dmfabric_devices::platform::pc;
-    use dmfabric_wire::NackReason;
-    use dmfabric_wire::{AccessSize, Direction, IrqSource, Space, Status};
+    use dmfabric_testkit::keys;
+    use dmfabric_wire::session::{Seq, CHALLENGE_LEN};
+    use dmfabric_wire::{AccessSize, Direction, IrqSource, NackReason, Space, Status, Trigger};
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
     const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
+    const FORGER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x66]);
 
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
-
-    /// A request with the next sequence number of the test stream.
-    fn request(device: u32, server: u16, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
-        request_seq(SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed), device, server, dir, addr, data)
+    /// Client 3 at CLIENT runs VM 7 (one vCPU).
+    fn registry() -> Registry {
+        testing::registry(vec![testing::client(3, CLIENT, &[(7, 1)])])
     }
 
-    fn request_seq(seq: u64, device: u32, server: u16, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
-        let req = IoRequest {
+    /// A server and a client of it with a session open.
+    struct Rig {
+        s: Server<Inline>,
+        c: TestClient,
+    }
+
+    fn seal(msg: Message<'_>, epoch: u32) -> Vec<u8> {
+        let mut c = TestClient::new(3, CLIENT, 1, SERVER);
+        c.epoch = epoch;
+        c.seal(msg)
+    }
+
+    fn hello(challenge: u8) -> Vec<u8> {
+        TestClient::new(3, CLIENT, 1, SERVER).hello(challenge)
+    }
+
+    fn io(device: u32, server: u16, dir: Direction, addr: u64, data: u64, seq: Seq) -> IoRequest {
+        IoRequest {
             route: Route { server, client: 3, vm: 7, vcpu: 0, device, hypervisor: 1 },
-            seq,
+            seq: seq.0,
             space: Space::Pio,
             dir,
             size: AccessSize::B2,
             addr,
             data,
-        };
-        let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::IoRequest(req));
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        buf
+        }
+    }
+
+    impl Rig {
+        fn new(devices: &[DeviceSpec]) -> Rig {
+            let mut s = Server::new(1, SERVER, devices, registry());
+            let mut c = TestClient::new(3, CLIENT, 1, SERVER);
+            c.open(&mut s);
+            Rig { s, c }
+        }
+
+        /// The next request of `device`'s stream, naming server `server`.
+        fn request(&mut self, device: u32, server: u16, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
+            self.c.server = server;
+            let f = self.c.request(7, 0, device, Space::Pio, dir, AccessSize::B2, addr, data);
+            self.c.server = 1;
+            f
+        }
+
+        fn answer(&mut self, frame: &[u8]) -> Vec<Vec<u8>> {
+            answer(&mut self.s, frame)
+        }
     }
 
     fn answer(server: &mut Server<Inline>, frame: &[u8]) -> Vec<Vec<u8>> {
@@ -447,8 +630,11 @@ mod tests {
         tx.iter().map(<[u8]>::to_vec).collect()
     }
 
+    /// The one frame sent: sealed with client 3's key, to its registered MAC.
     fn only_msg(frames: &[Vec<u8>]) -> Message<'_> {
         assert_eq!(frames.len(), 1);
+        let f = dmfabric_wire::Frame::new_checked(&frames[0][..]).unwrap();
+        keys::ring(3).verify(&f).expect("sealed with the client's key");
         let repr = FrameRepr::parse_bytes(&frames[0]).unwrap();
         assert_eq!(repr.eth, EthernetRepr { dst: CLIENT, src: SERVER });
         repr.msg
@@ -456,40 +642,40 @@ mod tests {
 
     #[test]
     fn write_then_read_back() {
-        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
-        let out = answer(&mut s, &request(1, 1, Direction::Write, 0x502, 0xbeef));
-        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let f = r.request(1, 1, Direction::Write, 0x502, 0xbeef);
+        let Message::IoCompletion(c) = only_msg(&r.answer(&f)) else { panic!("not a completion") };
         assert_eq!((c.status, c.dir), (Status::Ok, Direction::Write));
-        let out = answer(&mut s, &request(1, 1, Direction::Read, 0x502, 0));
-        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
+        let f = r.request(1, 1, Direction::Read, 0x502, 0);
+        let Message::IoCompletion(c) = only_msg(&r.answer(&f)) else { panic!("not a completion") };
         assert_eq!((c.data, c.route.vm, c.route.client), (0xbeef, 7, 3));
-        assert_eq!(s.stats().completions, 2);
+        assert_eq!(r.s.stats().completions, 2);
     }
 
     #[test]
     fn unclaimed_reads_are_all_ones() {
-        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
-        let out = answer(&mut s, &request(1, 1, Direction::Read, 0x600, 0));
-        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let f = r.request(1, 1, Direction::Read, 0x600, 0);
+        let Message::IoCompletion(c) = only_msg(&r.answer(&f)) else { panic!("not a completion") };
         assert_eq!((c.data, c.status), (0xffff, Status::Unclaimed));
-        assert_eq!(s.stats().unclaimed, 1);
+        assert_eq!(r.s.stats().unclaimed, 1);
     }
 
     #[test]
     fn unknown_device_and_wrong_server_are_nacked() {
-        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
-        let out = answer(&mut s, &request(99, 1, Direction::Read, 0x500, 0));
-        assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::UnknownDevice, .. })));
-        let out = answer(&mut s, &request(1, 2, Direction::Read, 0x500, 0));
-        assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::WrongServer, .. })));
-        let st = s.stats();
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let f = r.request(99, 1, Direction::Read, 0x500, 0);
+        assert!(matches!(only_msg(&r.answer(&f)), Message::Nack(Nack { reason: NackReason::UnknownDevice, .. })));
+        let f = r.request(1, 2, Direction::Read, 0x500, 0);
+        assert!(matches!(only_msg(&r.answer(&f)), Message::Nack(Nack { reason: NackReason::WrongServer, .. })));
+        let st = r.s.stats();
         assert_eq!((st.nack_unknown_device, st.nack_wrong_server, st.completions), (1, 1, 0));
     }
 
     #[test]
     fn bad_frames_are_counted_by_reason_and_not_answered() {
-        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
-        let good = request(1, 1, Direction::Read, 0x500, 0);
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let good = r.request(1, 1, Direction::Read, 0x500, 0);
         let mut bad_magic = good.clone();
         bad_magic[14] = 0;
         let mut bad_version = good.clone();
@@ -498,82 +684,111 @@ mod tests {
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         let mut other_mac = good.clone();
         other_mac[5] = 0x99;
-        for f in [&good[..20], &bad_magic[..], &bad_version[..], &arp[..], &other_mac[..], &[][..]] {
-            assert!(answer(&mut s, f).is_empty());
+        let mut forged = good.clone();
+        forged[14 + 56 - 1] ^= 0x40; // the write data, under the tag
+        let untagged = keys::unsealed(&FrameRepr::parse_bytes(&good).unwrap());
+        for f in [
+            &good[..20],
+            &bad_magic[..],
+            &bad_version[..],
+            &arp[..],
+            &other_mac[..],
+            &[][..],
+            &forged[..],
+            &untagged[..],
+        ] {
+            assert!(r.answer(f).is_empty());
         }
-        let st = s.stats();
+        let st = r.s.stats();
         assert_eq!(st.malformed, vec![("truncated", 2), ("bad_magic", 1), ("bad_version", 1)]);
+        assert_eq!(st.unauthenticated, vec![("no_tag", 1), ("bad_tag", 1)]);
         assert_eq!((st.foreign, st.not_for_us, st.requests), (1, 1, 0));
         // And the server still answers.
-        assert_eq!(answer(&mut s, &good).len(), 1);
+        assert_eq!(r.answer(&good).len(), 1);
     }
 
     #[test]
     fn a_retransmitted_write_is_answered_from_the_cache_not_run_twice() {
-        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
-        let first = request_seq(10, 1, 1, Direction::Write, 0x500, 0xaa);
-        let first_answer = answer(&mut s, &first);
-        // The same frame again (the client did not see the answer): same answer.
-        assert_eq!(answer(&mut s, &first), first_answer);
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let first = r.request(1, 1, Direction::Write, 0x500, 0xaa);
+        let first_answer = r.answer(&first);
+        // The same frame again (the client did not see the answer): same answer, marked a retransmission.
+        let again = r.answer(&first);
+        assert_eq!(
+            FrameRepr::parse_bytes(&again[0]).unwrap().msg,
+            FrameRepr::parse_bytes(&first_answer[0]).unwrap().msg
+        );
         // The next write, then the first one arriving late: stale, dropped.
-        answer(&mut s, &request_seq(11, 1, 1, Direction::Write, 0x500, 0xbb));
-        assert!(answer(&mut s, &first).is_empty());
-        let out = answer(&mut s, &request_seq(12, 1, 1, Direction::Read, 0x500, 0));
-        let Message::IoCompletion(c) = only_msg(&out) else { panic!("not a completion") };
+        let second = r.request(1, 1, Direction::Write, 0x500, 0xbb);
+        r.answer(&second);
+        assert!(r.answer(&first).is_empty());
+        let f = r.request(1, 1, Direction::Read, 0x500, 0);
+        let Message::IoCompletion(c) = only_msg(&r.answer(&f)) else { panic!("not a completion") };
         assert_eq!(c.data, 0xbb, "the old write was not applied again");
-        let st = s.stats();
+        let st = r.s.stats();
         assert_eq!((st.requests, st.completions, st.duplicates_answered, st.stale), (5, 3, 1, 1));
     }
 
     #[test]
-    fn hello_resets_the_clients_streams() {
-        let mut s = Server::new(1, SERVER, &[pc::test_device(1)]);
-        answer(&mut s, &request_seq(1000, 1, 1, Direction::Write, 0x500, 1));
-        assert!(answer(&mut s, &request_seq(5, 1, 1, Direction::Write, 0x500, 2)).is_empty(), "stale");
-        let hello = FrameRepr::new(
-            EthernetRepr { dst: MacAddr::BROADCAST, src: CLIENT },
-            Message::Control(ControlMsg {
-                route: Route { client: 3, ..Route::default() },
-                seq: 1,
-                op: ControlOp::Hello,
-                payload: &[],
-            }),
-        );
-        let mut buf = vec![0u8; hello.buffer_len()];
-        hello.emit(&mut buf).unwrap();
-        answer(&mut s, &buf);
-        assert_eq!(answer(&mut s, &request_seq(5, 1, 1, Direction::Write, 0x500, 2)).len(), 1, "new again");
-        assert_eq!(s.stats().streams_reset, 1);
+    fn a_stream_takes_only_the_next_number_so_a_huge_one_poisons_nothing() {
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let f = r.request(1, 1, Direction::Write, 0x500, 1);
+        r.answer(&f);
+        // An authentic request far ahead (as a replay of some later frame would be): stale.
+        let far =
+            seal(Message::IoRequest(io(1, 1, Direction::Write, 0x500, 9, Seq::new(r.c.session, u32::MAX))), r.c.epoch);
+        assert!(r.answer(&far).is_empty());
+        let f = r.request(1, 1, Direction::Read, 0x500, 0);
+        let Message::IoCompletion(c) = only_msg(&r.answer(&f)) else { panic!("the stream goes on") };
+        assert_eq!(c.data, 1);
     }
 
     #[test]
-    fn hello_is_answered_from_our_mac() {
-        let mut s = Server::new(5, SERVER, &[]);
-        let hello = FrameRepr::new(
-            EthernetRepr { dst: MacAddr::BROADCAST, src: CLIENT },
-            Message::Control(ControlMsg { route: Route::default(), seq: 9, op: ControlOp::Hello, payload: &[] }),
-        );
-        let mut buf = vec![0u8; hello.buffer_len()];
-        hello.emit(&mut buf).unwrap();
-        let out = answer(&mut s, &buf);
-        let Message::Control(c) = only_msg(&out) else { panic!("not control") };
-        assert_eq!((c.op, c.route.server, c.seq), (ControlOp::HelloReply, 5, 9));
+    fn a_replayed_hello_wipes_nothing_and_a_replayed_write_does_not_run_again() {
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let write = r.request(1, 1, Direction::Write, 0x500, 0x11);
+        r.answer(&write);
+        let f = r.request(1, 1, Direction::Write, 0x500, 0x22);
+        r.answer(&f);
+        // The recorded Hello again: answered (a new offer), nothing forgotten.
+        let out = r.answer(&hello(1));
+        assert!(matches!(only_msg(&out), Message::Control(ControlMsg { op: ControlOp::HelloReply, .. })));
+        assert!(r.answer(&write).is_empty(), "the old write is stale still");
+        let f = r.request(1, 1, Direction::Read, 0x500, 0);
+        let Message::IoCompletion(c) = only_msg(&r.answer(&f)) else { panic!("not a completion") };
+        assert_eq!(c.data, 0x22);
+        // Outside the stream's session: stale for a stream the server
+        // knows; for one it does not (here: naming no device), NoSession.
+        let (session, epoch) = (r.c.session, r.c.epoch);
+        let stray = |device| {
+            let seq = Seq::new(session ^ 0xffff, 0);
+            seal(Message::IoRequest(io(device, 1, Direction::Read, 0x500, 0, seq)), epoch)
+        };
+        assert!(r.answer(&stray(1)).is_empty());
+        let out = r.answer(&stray(0));
+        assert!(matches!(only_msg(&out), Message::Nack(Nack { reason: NackReason::NoSession, .. })));
     }
 
-    fn irq_command(seq: u64, command: u64) -> Vec<u8> {
-        let req = IoRequest {
-            route: Route { server: 1, client: 3, vm: 7, vcpu: 0, device: 101, hypervisor: 1 },
-            seq,
-            space: Space::Pio,
-            dir: Direction::Write,
-            size: AccessSize::B4,
-            addr: u64::from(pc::IRQ_TEST.base),
-            data: command,
-        };
-        let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::IoRequest(req));
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        buf
+    #[test]
+    fn hellos_are_answered_with_the_challenge_from_our_mac_to_the_registered_one() {
+        let mut s = Server::new(5, SERVER, &[], registry());
+        // Sent from another MAC by someone holding the key: still answered at the registered MAC... no: dropped.
+        let mut moved = hello(3);
+        moved[6..12].copy_from_slice(&FORGER.0);
+        assert!(answer(&mut s, &moved).is_empty(), "the tag covers the source MAC");
+        let out = answer(&mut s, &hello(3));
+        let Message::Control(c) = only_msg(&out) else { panic!("not control") };
+        assert_eq!((c.op, c.route.server, c.seq), (ControlOp::HelloReply, 5, 1));
+        let body = HelloReplyBody::parse(c.payload).unwrap();
+        assert_eq!((body.challenge, body.epoch.get()), ([3; CHALLENGE_LEN], s.epoch()));
+        // A flood of the same Hello: a few answers, then none.
+        let answered: usize = (0..100).map(|_| answer(&mut s, &hello(3)).len()).sum();
+        assert!(answered < 10, "{answered}");
+        assert!(s.stats().hellos_limited > 90);
+    }
+
+    fn irq_command(r: &mut Rig, command: u64) -> Vec<u8> {
+        r.c.outl(7, 101, u64::from(pc::IRQ_TEST.base), command)
     }
 
     fn ack(seq: u64) -> Vec<u8> {
@@ -581,50 +796,54 @@ mod tests {
             route: Route { server: 1, client: 3, vm: 7, vcpu: 0, device: 101, hypervisor: 1 },
             seq,
         };
-        let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::InterruptAck(ack));
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        buf
+        seal(Message::InterruptAck(ack), 0)
     }
 
     /// The interrupts `on_poll` sends at `now`: (seq, trigger, retransmit).
-    fn poll_irqs(s: &mut Server<Inline>, now: Instant) -> Vec<(u64, dmfabric_wire::Trigger, bool)> {
+    fn poll_irqs(s: &mut Server<Inline>, now: Instant) -> Vec<(u64, Trigger, bool)> {
         let mut tx = FrameBatch::new();
         s.on_poll(&mut tx, now);
         tx.iter()
-            .map(|f| {
+            .filter_map(|f| {
                 let repr = FrameRepr::parse_bytes(f).unwrap();
                 assert_eq!(repr.eth.dst, CLIENT, "to the client that used the device");
-                let Message::Interrupt(i) = repr.msg else { panic!("not an interrupt") };
+                let i = match repr.msg {
+                    Message::Interrupt(i) => i,
+                    // The announcement of the server's epoch at its first poll.
+                    Message::Control(c) if c.op == ControlOp::HelloReply => return None,
+                    other => panic!("not an interrupt: {other:?}"),
+                };
                 assert_eq!((i.route.client, i.route.vm, i.source), (3, 7, IrqSource::Line(pc::IRQ_TEST_IRQ)));
-                (i.seq, i.trigger, repr.retransmit)
+                Some((i.seq, i.trigger, repr.retransmit))
             })
             .collect()
     }
 
     #[test]
     fn interrupts_go_one_at_a_time_until_acked_and_are_retransmitted() {
-        use dmfabric_wire::Trigger;
-        let mut s = Server::new(1, SERVER, &[pc::irq_test_device(0)]);
+        let mut r = Rig::new(&[pc::irq_test_device(0)]);
         let t0 = Instant::now();
         // Nobody has used the device yet: nothing to send.
-        assert!(poll_irqs(&mut s, t0).is_empty());
+        assert!(poll_irqs(&mut r.s, t0).is_empty());
         // Assert the level, then lower it: two interrupts, in order.
-        assert_eq!(answer(&mut s, &irq_command(0, 2)).len(), 1, "the write is completed");
-        assert_eq!(answer(&mut s, &irq_command(1, 3)).len(), 1);
-        let first = poll_irqs(&mut s, t0);
+        let f = irq_command(&mut r, 2);
+        assert_eq!(r.answer(&f).len(), 1, "the write is completed");
+        let f = irq_command(&mut r, 3);
+        assert_eq!(r.answer(&f).len(), 1);
+        let first = poll_irqs(&mut r.s, t0);
         assert_eq!(first.len(), 1, "the second waits for the first's ack");
         let (seq, trigger, re) = first[0];
+        assert_eq!(Seq(seq), Seq::new(r.c.session, 0), "counted from 0 in the client's session");
         assert_eq!((trigger, re), (Trigger::Level { asserted: true }, false));
-        assert!(poll_irqs(&mut s, t0 + IRQ_RETRY / 2).is_empty());
-        assert_eq!(poll_irqs(&mut s, t0 + IRQ_RETRY), vec![(seq, trigger, true)], "retransmitted");
-        assert!(answer(&mut s, &ack(seq + 7)).is_empty());
-        assert!(answer(&mut s, &ack(seq)).is_empty());
+        assert!(poll_irqs(&mut r.s, t0 + IRQ_RETRY / 2).is_empty());
+        assert_eq!(poll_irqs(&mut r.s, t0 + IRQ_RETRY), vec![(seq, trigger, true)], "retransmitted");
+        assert!(r.answer(&ack(seq + 7)).is_empty());
+        assert!(r.answer(&ack(seq)).is_empty());
         let t1 = t0 + IRQ_RETRY;
-        assert_eq!(poll_irqs(&mut s, t1), vec![(seq + 1, Trigger::Level { asserted: false }, false)]);
-        assert!(answer(&mut s, &ack(seq + 1)).is_empty());
-        assert!(poll_irqs(&mut s, t1 + IRQ_RETRY * 2).is_empty(), "all acknowledged");
-        let st = s.stats();
+        assert_eq!(poll_irqs(&mut r.s, t1), vec![(seq + 1, Trigger::Level { asserted: false }, false)]);
+        assert!(r.answer(&ack(seq + 1)).is_empty());
+        assert!(poll_irqs(&mut r.s, t1 + IRQ_RETRY * 2).is_empty(), "all acknowledged");
+        let st = r.s.stats();
         assert_eq!(
             (st.interrupts, st.interrupt_retransmits, st.interrupt_acks, st.interrupt_acks_stale),
             (2, 1, 2, 1),
@@ -634,16 +853,33 @@ mod tests {
 
     #[test]
     fn an_interrupt_nobody_acks_is_given_up_after_the_retry_limit() {
-        let mut s = Server::new(1, SERVER, &[pc::irq_test_device(0)]);
-        answer(&mut s, &irq_command(0, 1));
+        let mut r = Rig::new(&[pc::irq_test_device(0)]);
+        let f = irq_command(&mut r, 1);
+        r.answer(&f);
         let mut now = Instant::now();
         let mut sent = 0;
         for _ in 0..IRQ_TRIES + 5 {
-            sent += poll_irqs(&mut s, now).len();
+            sent += poll_irqs(&mut r.s, now).len();
             now += IRQ_RETRY;
         }
         assert_eq!(sent, IRQ_TRIES as usize);
-        assert_eq!(s.stats().interrupts_given_up, 1);
-        assert_eq!(s.interrupts_pending(), 0);
+        assert_eq!(r.s.stats().interrupts_given_up, 1);
+        assert_eq!(r.s.interrupts_pending(), 0);
+    }
+
+    #[test]
+    fn a_million_forged_stream_ids_leave_no_state() {
+        let mut r = Rig::new(&[pc::test_device(1)]);
+        let before = r.s.remembered(3);
+        for i in 0..20_000u32 {
+            // Valid format, every id different, no key: dropped at the tag.
+            let mut req = io(1, 1, Direction::Write, 0x500, 1, Seq::new(i, i));
+            req.route.vm = i;
+            req.route.client = (i % 7) as u16;
+            let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: FORGER }, Message::IoRequest(req));
+            assert!(r.answer(&keys::unsealed(&repr)).is_empty());
+        }
+        assert_eq!(r.s.remembered(3), before, "no client or stream added");
+        assert_eq!(r.s.stats().requests, 0);
     }
 }

@@ -251,7 +251,7 @@ impl Backend for Sharded {
             }
             None => {
                 let why = crate::rx::Refusal::UnknownDevice;
-                Some(Done::Ran { result: Err((job.req, why)), to: job.reply_to })
+                Some(Done::Ran { result: Err((job.req, why)), to: job.reply_to, named: job.named })
             }
         }
     }
@@ -349,7 +349,7 @@ fn worker_loop(
             Work::Run(job) => {
                 handoff.saturating_record(now.saturating_duration_since(job.queued).as_nanos() as u64);
                 let result = devices.execute(&job.req, now).map_err(|why| (job.req, why));
-                Done::Ran { result, to: job.reply_to }
+                Done::Ran { result, to: job.reply_to, named: job.named }
             }
             Work::Install(b) => {
                 let (spec, model) = *b;
@@ -382,38 +382,31 @@ fn worker_loop(
 mod tests {
     use super::*;
     use crate::server::Server;
+    use crate::testing::{self, TestClient};
     use dmfabric_dataplane::poll::Handler;
     use dmfabric_dataplane::FrameBatch;
     use dmfabric_devices::platform::pc;
-    use dmfabric_wire::{
-        AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space, Status,
-    };
+    use dmfabric_wire::{AccessSize, Direction, FrameRepr, MacAddr, Message, Space, Status};
 
     const IDLE: WorkerIdle = WorkerIdle { spin: 1000, nap: Duration::from_micros(50) };
 
-    fn start(devices: &[DeviceSpec], cores: &[usize]) -> Server<Sharded> {
+    /// A sharded server for client 3 (VM 7), and that client with a session open.
+    fn start(devices: &[DeviceSpec], cores: &[usize]) -> (Server<Sharded>, TestClient) {
         let env = DeviceEnv::new();
         let backend = Sharded::start(devices, &env, cores, IDLE).unwrap();
-        Server::unplaced(1, SERVER, env, backend, devices)
+        let registry = testing::registry(vec![testing::client(3, CLIENT, &[(7, 1)])]);
+        let mut s = Server::unplaced(1, SERVER, env, backend, devices, registry);
+        let mut c = TestClient::new(3, CLIENT, 1, SERVER);
+        c.open(&mut s);
+        (s, c)
     }
 
     const SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
     const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
 
-    fn request(device: u32, seq: u64, dir: Direction, data: u64) -> Vec<u8> {
-        let req = IoRequest {
-            route: Route { server: 1, client: 3, vm: 7, vcpu: 0, device, hypervisor: 1 },
-            seq,
-            space: Space::Mmio,
-            dir,
-            size: AccessSize::B8,
-            addr: 0xd000_0000 + u64::from(device) * 8,
-            data,
-        };
-        let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::IoRequest(req));
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        buf
+    fn request(c: &mut TestClient, device: u32, dir: Direction, data: u64) -> Vec<u8> {
+        let addr = 0xd000_0000 + u64::from(device) * 8;
+        c.request(7, 0, device, Space::Mmio, dir, AccessSize::B8, addr, data)
     }
 
     /// Feed frames and poll until `want` replies came back (bounded).
@@ -428,7 +421,11 @@ mod tests {
             s.on_poll(&mut tx, Instant::now());
             for f in tx.iter() {
                 let owned: &'static [u8] = Box::leak(f.to_vec().into_boxed_slice());
-                out.push(FrameRepr::parse_bytes(owned).unwrap().msg);
+                match FrameRepr::parse_bytes(owned).unwrap().msg {
+                    // The server announcing its epoch at its first poll.
+                    Message::Control(_) => {}
+                    msg => out.push(msg),
+                }
             }
             tx.clear();
         }
@@ -438,11 +435,10 @@ mod tests {
     #[test]
     fn requests_reach_the_owning_worker_and_come_back() {
         let devices: Vec<DeviceSpec> = (1..=4).map(|id| DeviceSpec { id, ..pc::test_device(1) }).collect();
-        let mut s = start(&devices, &[0, 0]);
-        let writes: Vec<Vec<u8>> =
-            (1..=4).map(|d| request(d, u64::from(d), Direction::Write, 100 + u64::from(d))).collect();
+        let (mut s, mut c) = start(&devices, &[0, 0]);
+        let writes: Vec<Vec<u8>> = (1..=4).map(|d| request(&mut c, d, Direction::Write, 100 + u64::from(d))).collect();
         assert_eq!(exchange(&mut s, &writes, 4).len(), 4);
-        let reads: Vec<Vec<u8>> = (1..=4).map(|d| request(d, 10 + u64::from(d), Direction::Read, 0)).collect();
+        let reads: Vec<Vec<u8>> = (1..=4).map(|d| request(&mut c, d, Direction::Read, 0)).collect();
         let mut got: Vec<(u32, u64)> = exchange(&mut s, &reads, 4)
             .into_iter()
             .map(|m| match m {
@@ -456,7 +452,7 @@ mod tests {
         got.sort_unstable();
         assert_eq!(got, vec![(1, 101), (2, 102), (3, 103), (4, 104)]);
         // An unknown device is Nacked by the data-plane core itself.
-        let nack = exchange(&mut s, &[request(9, 99, Direction::Read, 0)], 1);
+        let nack = exchange(&mut s, &[request(&mut c, 9, Direction::Read, 0)], 1);
         assert!(matches!(nack[..], [Message::Nack(_)]));
         let (stats, shard) = s.finish();
         let shard = shard.unwrap();
@@ -467,11 +463,11 @@ mod tests {
     #[test]
     fn a_full_ring_waits_in_order_and_loses_nothing() {
         let devices = [pc::test_device(1)];
-        let mut s = start(&devices, &[0]);
+        let (mut s, mut c) = start(&devices, &[0]);
         // A held worker takes nothing, so its ring fills and the rest waits.
         s.backend().pause_workers(true);
         let n = RING_SLOTS + 300;
-        let frames: Vec<Vec<u8>> = (0..n as u64).map(|i| request(1, i, Direction::Write, i)).collect();
+        let frames: Vec<Vec<u8>> = (0..n as u64).map(|i| request(&mut c, 1, Direction::Write, i)).collect();
         let mut tx = FrameBatch::new();
         for f in &frames {
             s.on_frame(f, &mut tx, Instant::now());
@@ -483,37 +479,23 @@ mod tests {
         while seqs.len() < n && Instant::now() < end {
             s.on_poll(&mut tx, Instant::now());
             for f in tx.iter() {
-                if let Ok(FrameRepr { msg: Message::IoCompletion(c), .. }) = FrameRepr::parse_bytes(f) {
-                    seqs.push(c.seq);
+                if let Ok(FrameRepr { msg: Message::IoCompletion(cmp), .. }) = FrameRepr::parse_bytes(f) {
+                    seqs.push(dmfabric_wire::session::Seq(cmp.seq).counter());
                 }
             }
             tx.clear();
         }
-        assert_eq!(seqs, (0..n as u64).collect::<Vec<_>>(), "all answered, in order");
+        assert_eq!(seqs, (0..n as u32).collect::<Vec<_>>(), "all answered, in order");
         assert_eq!(s.shard_stats().unwrap().overflow_dropped, 0);
     }
 
     #[test]
     fn a_timer_on_a_worker_shard_interrupts_through_the_data_plane_core() {
         let devices = pc::PcLayout::new(7).unwrap().specs();
-        let mut s = start(&devices, &[0, 0]);
-        let pio = |seq: u64, addr: u64, data: u64| {
-            let req = IoRequest {
-                route: Route { server: 1, client: 3, vm: 7, vcpu: 0, device: 0, hypervisor: 1 },
-                seq,
-                space: Space::Pio,
-                dir: Direction::Write,
-                size: AccessSize::B4,
-                addr,
-                data,
-            };
-            let repr = FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::IoRequest(req));
-            let mut buf = vec![0u8; repr.buffer_len()];
-            repr.emit(&mut buf).unwrap();
-            buf
-        };
+        let (mut s, mut c) = start(&devices, &[0, 0]);
         // Device 0: the server finds VM 7's timer at 0x700. 1 ms, periodic, edge.
-        let done = exchange(&mut s, &[pio(0, 0x704, 1000), pio(1, 0x700, 3)], 3);
+        let frames = [c.outl(7, 0, 0x704, 1000), c.outl(7, 0, 0x700, 3)];
+        let done = exchange(&mut s, &frames, 3);
         let completions: Vec<_> = done.iter().filter(|m| matches!(m, Message::IoCompletion(_))).collect();
         assert_eq!(completions.len(), 2, "{done:?}");
         assert!(completions
@@ -531,12 +513,7 @@ mod tests {
                 .filter_map(|f| match FrameRepr::parse_bytes(f).ok()?.msg {
                     Message::Interrupt(i) => {
                         assert_eq!((i.route.vm, i.route.device), (7, 7004));
-                        let ack = dmfabric_wire::InterruptAck { route: i.route, seq: i.seq };
-                        let repr =
-                            FrameRepr::new(EthernetRepr { dst: SERVER, src: CLIENT }, Message::InterruptAck(ack));
-                        let mut buf = vec![0u8; repr.buffer_len()];
-                        repr.emit(&mut buf).unwrap();
-                        Some(buf)
+                        Some(c.ack(i.route, i.seq))
                     }
                     _ => None,
                 })

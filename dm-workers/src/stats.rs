@@ -22,8 +22,29 @@ pub struct ServerStats {
     /// Requests naming a VM the control panel does not know (or not on
     /// that client platform).
     pub nack_unknown_vm: u64,
-    /// Requests from a client platform the control panel does not know.
-    pub nack_unknown_client: u64,
+    /// Requests naming a vCPU their VM does not have.
+    pub nack_bad_vcpu: u64,
+    /// Requests of a stream this server has no state for, outside a
+    /// session it offered: the client opens one again.
+    pub nack_no_session: u64,
+    /// Nacks not sent: the client was sent too many (a replay flood).
+    pub nacks_limited: u64,
+    /// Frames dropped unanswered because their tag did not verify, by
+    /// reason (no_tag, unknown_key, bad_tag → count, non-zero only).
+    pub unauthenticated: Vec<(&'static str, u64)>,
+    /// Authentic frames from neither the client's registered MAC nor a server's.
+    pub wrong_source: u64,
+    /// Hellos without their challenge.
+    pub bad_hello: u64,
+    /// Hellos not answered: the client asked too often (a replay flood).
+    pub hellos_limited: u64,
+    /// Sessions offered (Hello answers) and started (first used).
+    pub sessions_offered: u64,
+    pub sessions_started: u64,
+    /// Clients forgotten after a long silence (or no longer registered).
+    pub clients_forgotten: u64,
+    /// Level lines sent again to a client that started a new session.
+    pub levels_resent: u64,
     /// Requests for devices placed on another server, sent there.
     pub forwarded: u64,
     /// Requests that waited for their device's state to arrive.
@@ -50,8 +71,6 @@ pub struct ServerStats {
     pub duplicates_in_flight: u64,
     /// Requests older than their stream's latest: dropped.
     pub stale: u64,
-    /// Streams forgotten because their client said Hello again (restarted).
-    pub streams_reset: u64,
     /// Interrupt frames sent (first copies).
     pub interrupts: u64,
     pub interrupt_retransmits: u64,
@@ -81,11 +100,18 @@ impl ServerStats {
     }
 }
 
+impl ServerStats {
+    /// Frames dropped because their tag did not verify.
+    pub fn unauthenticated_total(&self) -> u64 {
+        self.unauthenticated.iter().map(|(_, n)| n).sum()
+    }
+}
+
 impl fmt::Display for ServerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}, other VM {}, unknown VM {}, unknown client {}) forwarded {} held {} (dropped {}) devices arrived {} left {} resets {} duplicates {} (in flight {}) stale {} hellos {} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} malformed {}",
+            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}, other VM {}, unknown VM {}, bad vCPU {}, no session {}, limited {}) forwarded {} held {} (dropped {}) devices arrived {} left {} resets {} duplicates {} (in flight {}) stale {} hellos {} (limited {}) sessions {}/{} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}, levels resent {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} unauthenticated {} wrong-source {} malformed {}",
             self.requests,
             self.completions,
             self.unclaimed,
@@ -93,7 +119,9 @@ impl fmt::Display for ServerStats {
             self.nack_wrong_server,
             self.nack_other_vm,
             self.nack_unknown_vm,
-            self.nack_unknown_client,
+            self.nack_bad_vcpu,
+            self.nack_no_session,
+            self.nacks_limited,
             self.forwarded,
             self.held,
             self.held_dropped,
@@ -104,18 +132,24 @@ impl fmt::Display for ServerStats {
             self.duplicates_in_flight,
             self.stale,
             self.hellos,
+            self.hellos_limited,
+            self.sessions_started,
+            self.sessions_offered,
             self.interrupts,
             self.interrupt_retransmits,
             self.interrupt_acks,
             self.interrupts_unbound,
             self.interrupts_given_up,
+            self.levels_resent,
             self.foreign,
             self.not_for_us,
             self.unexpected_kind,
             self.tx_full,
+            self.unauthenticated_total(),
+            self.wrong_source,
             self.malformed_total()
         )?;
-        for (name, n) in &self.malformed {
+        for (name, n) in self.unauthenticated.iter().chain(&self.malformed) {
             write!(f, " {name}={n}")?;
         }
         Ok(())

@@ -18,9 +18,8 @@ use dmfabric_dm_workers::placement::{PlacementLink, Planner};
 use dmfabric_dm_workers::server::Server;
 use dmfabric_dm_workers::sharded::{Sharded, WorkerIdle};
 use dmfabric_dm_workers::table::Devices;
-use dmfabric_wire::{
-    AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, NackReason, Route, Space,
-};
+use dmfabric_dm_workers::testing::{self, TestClient};
+use dmfabric_wire::{AccessSize, Direction, EthernetRepr, FrameRepr, MacAddr, Message, NackReason, Space};
 
 const CLIENT: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x03]);
 const S10: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x0a]);
@@ -28,43 +27,19 @@ const S11: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x0b]);
 
 use dmfabric_testkit::fixtures::{owner_and_io_server as db, regfile};
 
-struct Req {
-    size: AccessSize,
-    to: MacAddr,
-    client: u16,
-    vm: u32,
-    device: u32,
-    seq: u64,
-    dir: Direction,
-    addr: u64,
-    data: u64,
+/// A 2-byte port access by client `c`'s VM 7 of `device` at `addr`.
+fn access(c: &mut TestClient, device: u32, dir: Direction, addr: u64, data: u64) -> Vec<u8> {
+    c.request(7, 0, device, Space::Pio, dir, AccessSize::B2, addr, data)
 }
 
-impl Req {
-    fn frame(&self) -> Vec<u8> {
-        let req = IoRequest {
-            route: Route { server: 10, hypervisor: 1, client: self.client, vm: self.vm, vcpu: 0, device: self.device },
-            seq: self.seq,
-            space: Space::Pio,
-            dir: self.dir,
-            size: self.size,
-            addr: self.addr,
-            data: self.data,
-        };
-        let repr = FrameRepr::new(EthernetRepr { dst: self.to, src: CLIENT }, Message::IoRequest(req));
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        buf
-    }
-}
-
-/// A read by client 3's VM 7 of `device` at `addr`, sent to `to`.
-fn read(to: MacAddr, device: u32, seq: u64, addr: u64) -> Req {
-    Req { size: AccessSize::B2, to, client: 3, vm: 7, device, seq, dir: Direction::Read, addr, data: 0 }
-}
-
-fn write(to: MacAddr, device: u32, seq: u64, addr: u64, data: u64) -> Req {
-    Req { dir: Direction::Write, data, ..read(to, device, seq, addr) }
+/// Client 3's path to a device on server `runs_on` through owner server 10:
+/// a session with the server that runs the device, requests sent to the owner.
+fn via_owner(runs_on: &mut TestServer, id: u16, mac: MacAddr) -> TestClient {
+    let mut c = TestClient::new(3, CLIENT, id, mac);
+    c.open(runs_on);
+    c.server = 10;
+    c.server_mac = S10;
+    c
 }
 
 /// How a test server runs its models.
@@ -142,8 +117,12 @@ fn pair(db: &Db, backend: MakeBackend) -> Pair {
     let routes = [0, 1].map(|_| Arc::new(LiveRoutes::new(RoutingTable::build(db, 1))));
     let make = |id: u16, mac: MacAddr, routes: &Arc<LiveRoutes>| {
         let (env, link) = (DeviceEnv::new(), PlacementLink::new());
-        let planner = Planner::new(id, mac, routes.clone(), env.clone(), link.clone());
-        let server = Server::placed(id, mac, env.clone(), backend(&env), link);
+        let keys = Box::new(|client| Ok(Some(testing::ring(client))));
+        let planner = Planner::new(id, mac, routes.clone(), env.clone(), link.clone(), keys);
+        let mut server = Server::placed(id, mac, env.clone(), backend(&env), link);
+        // The first poll announces the server's epoch to its clients.
+        let announced = poll(&mut server);
+        assert!(announced.iter().all(|f| matches!(FrameRepr::parse_bytes(f).unwrap().msg, Message::Control(_))));
         (server, planner)
     };
     let (s10, p10) = make(10, S10, &routes[0]);
@@ -154,32 +133,45 @@ fn pair(db: &Db, backend: MakeBackend) -> Pair {
 #[test]
 fn the_owner_forwards_and_the_io_server_answers_the_client_directly() {
     let mut p = pair(&db(), inline);
-    // Device 2 is on server 11: the owner sends it on, with server 11's id.
-    let out = feed(&mut p.s10, &write(S10, 2, 1, 0x602, 0x1234).frame());
+    let mut c = via_owner(&mut p.s11, 11, S11);
+    // Device 2 is on server 11: the owner sends it on, with server 11's id, sealed again.
+    let out = feed(&mut p.s10, &access(&mut c, 2, Direction::Write, 0x602, 0x1234));
     let fwd = one(&out);
     assert_eq!(fwd.eth, EthernetRepr { dst: S11, src: S10 });
+    assert!(fwd.auth_tag.is_some());
     let Message::IoRequest(req) = fwd.msg else { panic!("{:?}", fwd.msg) };
-    assert_eq!((req.route.server, req.route.client, req.route.device, req.seq), (11, 3, 2, 1));
+    assert_eq!((req.route.server, req.route.client, req.route.device), (11, 3, 2));
     // The I/O server answers the client itself.
     let out = feed(&mut p.s11, &out[0]);
     let cmp = one(&out);
     assert_eq!(cmp.eth, EthernetRepr { dst: CLIENT, src: S11 });
-    assert!(matches!(cmp.msg, Message::IoCompletion(c) if c.seq == 1 && c.route.device == 2));
-    // Device 0 = "whatever is at this address": resolved by the table, then forwarded.
-    let out = feed(&mut p.s10, &read(S10, 0, 2, 0x602).frame());
-    assert!(matches!(one(&out).msg, Message::IoRequest(r) if r.route.device == 2));
-    // Ids the control panel does not know are refused and counted.
-    let unknown = [
-        (Req { vm: 8, ..read(S10, 1, 3, 0x500) }, NackReason::UnknownVm),
-        (Req { client: 4, ..read(S10, 1, 3, 0x500) }, NackReason::NotAuthorised),
-        (read(S10, 9, 3, 0x500), NackReason::UnknownDevice),
-    ];
-    for (req, reason) in unknown {
-        let out = feed(&mut p.s10, &req.frame());
-        assert!(matches!(one(&out).msg, Message::Nack(n) if n.reason == reason), "{reason:?}");
-    }
+    assert!(matches!(cmp.msg, Message::IoCompletion(c) if c.seq == req.seq && c.route.device == 2));
+    // Device 0 = "whatever is at this address": forwarded as named, found there.
+    let out = feed(&mut p.s10, &access(&mut c, 0, Direction::Read, 0x602, 0));
+    assert!(matches!(one(&out).msg, Message::IoRequest(r) if r.route.device == 0 && r.route.server == 11));
+    let out = feed(&mut p.s11, &out[0]);
+    assert!(matches!(one(&out).msg, Message::IoCompletion(c) if c.route.device == 2 && c.data == 0x1234));
+    // A VM the client does not run, a device the records do not have: refused.
+    let mut eight = access(&mut c, 1, Direction::Read, 0x500, 0);
+    let refused = |s: &mut TestServer, f: &[u8]| match one(&feed(s, f)).msg {
+        Message::Nack(n) => n.reason,
+        other => panic!("{other:?}"),
+    };
+    eight = {
+        let mut r = FrameRepr::parse_bytes(&eight).unwrap();
+        if let Message::IoRequest(q) = &mut r.msg {
+            q.route.vm = 8;
+        }
+        c.seal(r.msg)
+    };
+    assert_eq!(refused(&mut p.s10, &eight), NackReason::UnknownVm);
+    assert_eq!(refused(&mut p.s10, &access(&mut c, 9, Direction::Read, 0x500, 0)), NackReason::UnknownDevice);
+    // A client platform the records do not have: no key, no answer at all.
+    let mut stranger = TestClient::new(4, MacAddr([2, 0, 0, 0, 0, 4]), 10, S10);
+    assert!(feed(&mut p.s10, &access(&mut stranger, 1, Direction::Read, 0x500, 0)).is_empty());
     let st = p.s10.stats();
-    assert_eq!((st.forwarded, st.nack_unknown_vm, st.nack_unknown_client, st.nack_unknown_device), (2, 1, 1, 1));
+    assert_eq!((st.forwarded, st.nack_unknown_vm, st.nack_unknown_device), (2, 1, 1));
+    assert_eq!(st.unauthenticated, vec![("unknown_key", 1)]);
     assert_eq!(st.completions, 0, "the owner ran nothing");
 }
 
@@ -206,9 +198,10 @@ fn moves_with_its_state(backend: MakeBackend) {
     let store = RedbStore::open(&path.0).unwrap();
     let mut d = db();
     let mut p = pair(&d, backend);
+    let mut c = via_owner(&mut p.s10, 10, S10);
     // Device 1 on server 10 gets a value.
-    assert!(matches!(one(&feed_want(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame(), 1)).msg,
-        Message::IoCompletion(c) if c.seq == 5));
+    let write = access(&mut c, 1, Direction::Write, 0x504, 0xbeef);
+    assert!(matches!(one(&feed_want(&mut p.s10, &write, 1)).msg, Message::IoCompletion(_)));
     // The control panel moves it to server 11; server 11 sees the table first.
     d.apply(&[Change::UpdateDevice(regfile(1, 11, 0x500))]).unwrap();
     p.swap(&d, 2);
@@ -219,8 +212,8 @@ fn moves_with_its_state(backend: MakeBackend) {
         poll(&mut p.s10);
     }
     // The write's completion was lost: its retransmission goes to server 11 and waits there.
-    let out = feed_want(&mut p.s10, &write(S10, 1, 5, 0x504, 0xbeef).frame(), 1);
-    assert!(matches!(one(&out).msg, Message::IoRequest(r) if r.route.server == 11 && r.seq == 5));
+    let out = feed_want(&mut p.s10, &write, 1);
+    assert!(matches!(one(&out).msg, Message::IoRequest(r) if r.route.server == 11));
     assert!(feed_want(&mut p.s11, &out[0], 0).is_empty(), "held until the state is there");
     p.planners[0].step(&store).unwrap();
     p.planners[1].step(&store).unwrap();
@@ -228,11 +221,12 @@ fn moves_with_its_state(backend: MakeBackend) {
     let out = poll_some(&mut p.s11);
     let cmp = one(&out);
     assert_eq!(cmp.eth.dst, CLIENT);
-    assert!(matches!(cmp.msg, Message::IoCompletion(c) if c.seq == 5 && c.data == 0xbeef));
-    // What server 10 wrote is there; server 10 now forwards.
-    let out = feed_want(&mut p.s10, &read(S10, 1, 6, 0x504).frame(), 1);
+    assert!(matches!(cmp.msg, Message::IoCompletion(c) if c.data == 0xbeef));
+    // What server 10 wrote is there; the stream goes on at server 11 in
+    // the session it started in.
+    let out = feed_want(&mut p.s10, &access(&mut c, 1, Direction::Read, 0x504, 0), 1);
     let out = feed_want(&mut p.s11, &out[0], 1);
-    assert!(matches!(one(&out).msg, Message::IoCompletion(c) if c.seq == 6 && c.data == 0xbeef));
+    assert!(matches!(one(&out).msg, Message::IoCompletion(c) if c.data == 0xbeef));
     let (st10, st11) = (p.s10.finish().0, p.s11.finish().0);
     assert_eq!((st10.devices_left, st11.devices_arrived, st11.held, st11.duplicates_answered), (1, 1, 1, 1));
     let dev1 = st11.devices.iter().find(|c| c.id == 1 && !c.gone).unwrap();
@@ -260,7 +254,9 @@ fn interrupts_follow_a_vm_to_its_new_client_platform() {
     ])
     .unwrap();
     let mut p = pair(&d, inline);
-    let pulse = |seq, to, client| Req { size: AccessSize::B4, client, ..write(to, 3, seq, 0x700, 1) }.frame();
+    let mut c3 = TestClient::new(3, CLIENT, 10, S10);
+    c3.open(&mut p.s10);
+    let pulse = |c: &mut TestClient| c.outl(7, 3, 0x700, 1);
     // (destination, client platform, sequence number) of the interrupts sent.
     let interrupts = |frames: &[Vec<u8>]| -> Vec<(MacAddr, u16, u64)> {
         frames
@@ -271,43 +267,42 @@ fn interrupts_follow_a_vm_to_its_new_client_platform() {
             })
             .collect()
     };
-    let ack = |route: Route, seq: u64, from: MacAddr| {
-        let repr = FrameRepr::new(
-            EthernetRepr { dst: S10, src: from },
-            Message::InterruptAck(dmfabric_wire::InterruptAck { route, seq }),
-        );
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        buf
-    };
     // Two pulses from client platform 3: the first goes out (and is not
     // acknowledged: platform 3 holds the VM to save it), the second waits.
-    assert!(matches!(one(&feed(&mut p.s10, &pulse(1, S10, 3))).msg, Message::IoCompletion(_)));
+    assert!(matches!(one(&feed(&mut p.s10, &pulse(&mut c3))).msg, Message::IoCompletion(_)));
     let sent = interrupts(&poll(&mut p.s10));
     assert_eq!(sent.iter().map(|i| (i.0, i.1)).collect::<Vec<_>>(), vec![(CLIENT, 3)]);
-    feed(&mut p.s10, &pulse(2, S10, 3));
+    feed(&mut p.s10, &pulse(&mut c3));
     assert_eq!(interrupts(&poll(&mut p.s10)), vec![], "stop-and-wait");
-    // VM 7 moves to client platform 4: both go there, in order.
+    // VM 7 moves to client platform 4, which opens its session here: both go there, in order.
     let moved = Vm { client: 4, ..d.vms[&7].clone() };
     d.apply(&[Change::UpdateVm(moved)]).unwrap();
     p.swap(&d, 2);
+    let mut c4 = TestClient::new(4, CLIENT4, 10, S10);
+    assert!(interrupts(&poll(&mut p.s10)).is_empty(), "no session of platform 4 yet");
+    c4.open(&mut p.s10);
     let first = interrupts(&poll(&mut p.s10));
     assert_eq!(first.iter().map(|i| (i.0, i.1)).collect::<Vec<_>>(), vec![(CLIENT4, 4)]);
-    let route = Route { server: 10, hypervisor: 1, client: 4, vm: 7, vcpu: 0, device: 3 };
-    feed(&mut p.s10, &ack(route, first[0].2, CLIENT4));
+    let route = dmfabric_wire::Route { server: 10, hypervisor: 1, client: 4, vm: 7, vcpu: 0, device: 3 };
+    feed(&mut p.s10, &c4.ack(route, first[0].2));
     let second = interrupts(&poll(&mut p.s10));
     assert_eq!(second.iter().map(|i| (i.0, i.1)).collect::<Vec<_>>(), vec![(CLIENT4, 4)]);
     assert_eq!(second[0].2, first[0].2 + 1, "the next in order");
     assert_eq!(p.s10.stats().interrupt_acks, 1);
-    // And the VM's requests from there are answered there.
-    let out = feed(&mut p.s10, &pulse(1, S10, 4));
+    // And the VM's requests from there are answered there; platform 3,
+    // which has no VM served here any more, is not listened to.
+    let out = feed(&mut p.s10, &pulse(&mut c4));
     assert_eq!(one(&out).eth.dst, CLIENT4);
+    assert!(feed(&mut p.s10, &pulse(&mut c3)).is_empty());
+    assert_eq!(p.s10.stats().unauthenticated, vec![("unknown_key", 1)]);
 }
 
 #[test]
 fn a_uart_placed_on_a_running_server_gets_a_console() {
     let mut d = db();
     let mut p = pair(&d, inline);
+    let mut c = TestClient::new(3, CLIENT, 10, S10);
+    c.open(&mut p.s10);
     assert!(p.s10.env().consoles.all().is_empty());
     d.apply(&[Change::AddDevice(Device {
         id: 5,
@@ -319,7 +314,8 @@ fn a_uart_placed_on_a_running_server_gets_a_console() {
     .unwrap();
     p.swap(&d, 2);
     poll(&mut p.s10);
-    let out = feed(&mut p.s10, &Req { size: AccessSize::B1, ..write(S10, 5, 1, 0x3f8, u64::from(b'x')) }.frame());
+    let out =
+        feed(&mut p.s10, &c.request(7, 0, 5, Space::Pio, Direction::Write, AccessSize::B1, 0x3f8, u64::from(b'x')));
     assert!(matches!(one(&out).msg, Message::IoCompletion(_)));
     let console = p.s10.env().consoles.of_vm(7).expect("the UART's console, served with the others");
     let mut got = Vec::new();
