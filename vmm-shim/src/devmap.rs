@@ -10,19 +10,86 @@ use dmfabric_wire::Space;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Local(usize),
-    Remote {
-        server: u16,
-        device: u32,
-    },
+    Remote(Remote),
     /// The debug port of test guests ([`crate::debugport`]), served by the
     /// vCPU's own router.
     Debug,
 }
 
+impl Target {
+    /// Device `device` on `server`, which runs it itself and raises no
+    /// interrupt (see [`Remote`] for the rest).
+    pub const fn remote(server: u16, device: u32) -> Target {
+        Target::Remote(Remote::new(server, device))
+    }
+}
+
+/// The device id that means "whichever device of the VM the server finds
+/// at the address" (the server resolves it); in a map's grants, any
+/// device run by that server.
+pub const ANY_DEVICE: u32 = 0;
+
+/// A device on a server, and what it may send the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remote {
+    /// Where requests go: the VM's owner server, or the device's own.
+    pub server: u16,
+    pub device: u32,
+    /// The server that runs the model: the one whose session numbers the
+    /// requests and whose interrupts for the device are taken.
+    pub runs_on: u16,
+    /// The IRQ lines the device may raise (bit n: line n; lines are < 32).
+    pub lines: u32,
+    /// Whether the device may reset the VM (an i8042).
+    pub reset: bool,
+}
+
+impl Remote {
+    pub const fn new(server: u16, device: u32) -> Remote {
+        Remote { server, device, runs_on: server, lines: 0, reset: false }
+    }
+
+    /// The same, run by `server` (requests go to an owner server).
+    pub const fn runs_on(self, server: u16) -> Remote {
+        Remote { runs_on: server, ..self }
+    }
+
+    /// The same, allowed to raise `lines` (lines of 32 and up are ignored).
+    pub fn lines(self, lines: &[u32]) -> Remote {
+        let mask = lines.iter().filter(|&&l| l < 32).fold(0u32, |m, &l| m | (1 << l));
+        Remote { lines: self.lines | mask, ..self }
+    }
+
+    /// The same, allowed to reset the VM.
+    pub const fn resets(self) -> Remote {
+        Remote { reset: true, ..self }
+    }
+
+    /// Whether the device may raise IRQ line `line`.
+    pub fn may_raise(&self, line: u32) -> bool {
+        line < 32 && self.lines & (1 << line) != 0
+    }
+}
+
 /// The ranges of `roles` of VM `layout`'s PC devices on `server`, as
-/// [`PcLayout`] numbers them (`dmfabric server --pc-vm N` hosts them).
+/// [`PcLayout`] numbers them (`dmfabric server --pc-vm N` hosts them),
+/// each allowed its own lines, the i8042 the reset.
 pub fn pc_remote_ranges(server: u16, layout: &PcLayout, roles: &[Role]) -> Vec<(Space, u64, u64, Target)> {
-    layout.vm_ranges(roles).into_iter().map(|(s, b, l, device)| (s, b, l, Target::Remote { server, device })).collect()
+    let specs = layout.specs();
+    layout
+        .vm_ranges(roles)
+        .into_iter()
+        .map(|(s, b, l, device)| {
+            let mut r = Remote::new(server, device);
+            if let Some(spec) = specs.iter().find(|d| d.id == device) {
+                r = r.lines(&spec.kind.lines());
+                if spec.kind.may_reset() {
+                    r = r.resets();
+                }
+            }
+            (s, b, l, Target::Remote(r))
+        })
+        .collect()
 }
 
 /// Why a range could not be added.
@@ -90,6 +157,11 @@ impl<T: Copy> DeviceMap<T> {
         let e = &list[at];
         let end = addr.checked_add(u64::from(size))?;
         (end <= e.base + e.len).then_some(e.target)
+    }
+
+    /// Every target, each range's once.
+    pub fn targets(&self) -> impl Iterator<Item = &T> {
+        self.pio.iter().chain(&self.mmio).map(|e| &e.target)
     }
 
     fn list_mut(&mut self, space: Space) -> &mut Vec<Entry<T>> {

@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use dmfabric_wire::Direction;
 
 use crate::debugport::{self, DebugOp, DEBUG_PORT};
-use crate::devmap::{DeviceMap, Target};
+use crate::devmap::{DeviceMap, Remote, Target};
 use crate::kvm::{Exit, Flow};
 pub use crate::local::LocalDevices;
 use crate::remote::{RemoteError, VcpuRemote};
@@ -20,10 +20,7 @@ use crate::remote::{RemoteError, VcpuRemote};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Local(usize),
-    Remote {
-        server: u16,
-        device: u32,
-    },
+    Remote(Remote),
     /// A test guest reports a value on the debug port.
     Report(u32),
     /// A test guest asks to stop with this code.
@@ -36,7 +33,7 @@ pub enum Decision {
 pub fn decide(map: &DeviceMap<Target>, exit: &Exit) -> Decision {
     match map.lookup(exit.space, exit.addr, exit.size.bytes()) {
         Some(Target::Local(i)) => Decision::Local(i),
-        Some(Target::Remote { server, device }) => Decision::Remote { server, device },
+        Some(Target::Remote(r)) => Decision::Remote(r),
         Some(Target::Debug) => match debugport::decode(u64::from(DEBUG_PORT), exit) {
             DebugOp::Report(v) => Decision::Report(v),
             DebugOp::Exit(code) => Decision::Exit(code),
@@ -79,12 +76,12 @@ pub enum ExitError {
 
 /// The remote path as the router sees it.
 pub trait RemoteAccess {
-    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, ExitError>;
+    fn access(&mut self, target: &Remote, exit: &Exit) -> Result<u64, ExitError>;
 }
 
 impl RemoteAccess for VcpuRemote {
-    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, ExitError> {
-        Ok(VcpuRemote::access(self, server, device, exit)?)
+    fn access(&mut self, target: &Remote, exit: &Exit) -> Result<u64, ExitError> {
+        Ok(VcpuRemote::access(self, target, exit)?)
     }
 }
 
@@ -93,16 +90,16 @@ impl RemoteAccess for VcpuRemote {
 pub struct NoRemote;
 
 impl RemoteAccess for NoRemote {
-    fn access(&mut self, server: u16, device: u32, _exit: &Exit) -> Result<u64, ExitError> {
-        Err(ExitError::NoLink { server, device })
+    fn access(&mut self, target: &Remote, _exit: &Exit) -> Result<u64, ExitError> {
+        Err(ExitError::NoLink { server: target.server, device: target.device })
     }
 }
 
 impl<R: RemoteAccess> RemoteAccess for Option<R> {
-    fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, ExitError> {
+    fn access(&mut self, target: &Remote, exit: &Exit) -> Result<u64, ExitError> {
         match self {
-            Some(r) => r.access(server, device, exit),
-            None => NoRemote.access(server, device, exit),
+            Some(r) => r.access(target, exit),
+            None => NoRemote.access(target, exit),
         }
     }
 }
@@ -297,11 +294,11 @@ impl<'r, R: RemoteAccess> Router<'r, R> {
                 }
                 Ok(Flow::Continue(value))
             }
-            Decision::Remote { server, device } => {
+            Decision::Remote(target) => {
                 self.stats.remote += 1;
                 let start = Instant::now();
-                let slot = self.count(Target::Remote { server, device }, exit.dir);
-                let value = self.remote.access(server, device, exit)?;
+                let slot = self.count(Target::Remote(target), exit.dir);
+                let value = self.remote.access(&target, exit)?;
                 self.times[slot].saturating_record(start.elapsed().as_nanos() as u64);
                 Ok(Flow::Continue(value))
             }
@@ -338,7 +335,7 @@ mod tests {
     fn map() -> DeviceMap<Target> {
         let mut m = DeviceMap::default();
         m.add(Space::Pio, 0x500, 0x100, Target::Local(0)).unwrap();
-        m.add(Space::Pio, 0x3f8, 8, Target::Remote { server: 2, device: 7 }).unwrap();
+        m.add(Space::Pio, 0x3f8, 8, Target::remote(2, 7)).unwrap();
         m.add(Space::Pio, u64::from(DEBUG_PORT), 8, Target::Debug).unwrap();
         m
     }
@@ -349,7 +346,7 @@ mod tests {
         assert_eq!(decide(&m, &exit(Space::Pio, 0x504, AccessSize::B4, Direction::Read, 0)), Decision::Local(0));
         assert_eq!(
             decide(&m, &exit(Space::Pio, 0x3fd, AccessSize::B1, Direction::Read, 0)),
-            Decision::Remote { server: 2, device: 7 }
+            Decision::Remote(Remote::new(2, 7))
         );
         assert_eq!(decide(&m, &exit(Space::Pio, 0x3fe, AccessSize::B4, Direction::Read, 0)), Decision::Unmapped);
         assert_eq!(decide(&m, &exit(Space::Mmio, 0x500, AccessSize::B4, Direction::Write, 1)), Decision::Unmapped);

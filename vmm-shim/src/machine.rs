@@ -208,6 +208,12 @@ pub trait VmControl: Send + Sync {
     fn next_look(&self) -> Option<Instant> {
         None
     }
+    /// This client platform's keys, when they changed since the last call
+    /// (a rekey by the control panel): the port seals and checks with them
+    /// from then on.
+    fn keys(&self) -> Option<dmfabric_wire::auth::KeyRing> {
+        None
+    }
 }
 
 /// A [`VmControl`] in [`RunOptions`].

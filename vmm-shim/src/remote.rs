@@ -1,47 +1,65 @@
 //! The client platform's data plane: one transport shared by every VM and
 //! vCPU of this client process.
 //!
+//! - **Sessions.** The client opens a session with each server it uses
+//!   ([`dmfabric_dataplane::hello`]): a sealed Hello with a fresh challenge,
+//!   the server's sealed answer naming it, its epoch and a session id, then
+//!   a Register. Every frame both ways is sealed with this client
+//!   platform's key ([`dmfabric_wire::auth`]); what does not verify is
+//!   dropped and counted, never answered. A server that lost the state of
+//!   a stream (it restarted, or forgot an idle client) refuses it with
+//!   `NoSession`: the client opens a new session and starts the stream
+//!   again in it; a server that announces a new epoch (it restarted) is
+//!   given a new session at once.
 //! - **Requests.** An exit aimed at a device on a server becomes one
-//!   IoRequest frame carrying every id of the wire header. Each vCPU is a
-//!   stop-and-wait stream ([`StopAndWait`], as the server's interrupt
-//!   streams; sequence numbers from 0 after [`ClientPort::connect`], whose
-//!   Hello makes the servers forget this client's earlier streams). A vCPU
-//!   puts its request in the port's outbox (lock-free), then waits on its
-//!   own slot; whichever thread holds the link — the waiting vCPU itself
-//!   when nobody else does (run to completion, DESIGN.md's small-host
-//!   layout) — sends what is in the outbox and delivers what arrives. No
-//!   vCPU ever blocks on the link: it spins on its slot and takes the link
-//!   only when it looks free. A request unanswered after the timeout is sent
-//!   again; past the retry limit the VM stops with a clear error.
-//! - **Interrupts.** An Interrupt frame for one of this client's VMs is
-//!   acknowledged and injected into that VM only; its sequence number
-//!   (per server and VM) drops retransmitted and out-of-date copies, so an
-//!   edge fires once and a level ends where the device left it. Whoever
+//!   IoRequest frame carrying every id of the wire header. Each vCPU's
+//!   requests to a device are a stop-and-wait stream ([`StopAndWait`]),
+//!   numbered in the session of the server that runs the device
+//!   ([`dmfabric_wire::session::Seq`]); its numbers survive the vCPU (a VM
+//!   launched again continues them). A vCPU puts its request in the port's
+//!   outbox (lock-free), then waits on its own slot; whichever thread holds
+//!   the link — the waiting vCPU itself when nobody else does (run to
+//!   completion, DESIGN.md's small-host layout) — sends what is in the
+//!   outbox and delivers what arrives. No vCPU ever blocks on the link. A
+//!   request unanswered after the timeout is sent again; past the retry
+//!   limit the VM stops with a clear error. A completion is taken only if
+//!   it matches the request's sequence number, server, address, direction
+//!   and size.
+//! - **Interrupts.** An Interrupt (or Lifecycle reset) frame is taken only
+//!   from a server this client has a session with, at that server's MAC,
+//!   naming its epoch, for one of this client's VMs, from a device of that
+//!   VM's map that runs on that server and may raise that line (or reset
+//!   the VM); MSIs are refused (no device model raises one). Each (VM,
+//!   server) is a stream: the next number is injected and acknowledged,
+//!   the last again only acknowledged, anything else dropped. Whoever
 //!   holds the link delivers them: a waiting vCPU, or the
 //!   [`ClientPort::serve`] thread while every vCPU is in its guest.
-//! - **Bad input.** Completions for unknown VMs or vCPUs, stale or duplicate
-//!   completions, other clients' frames and malformed frames are dropped and
-//!   counted, never delivered.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use dmfabric_dataplane::hello::{self, Sealer, Session};
 use dmfabric_dataplane::reliable::{Due, Retry, StopAndWait};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
+use dmfabric_wire::auth::{AuthError, KeyRing};
+use dmfabric_wire::session::{HelloReplyBody, Seq, CHALLENGE_LEN};
 use dmfabric_wire::{
-    ControlOp, Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoRequest, MacAddr, Message, NackReason,
-    Route, Status, LIFECYCLE_RESET,
+    ControlMsg, ControlOp, Direction, EthernetRepr, Frame, FrameRepr, InterruptAck, IoRequest, IrqSource, MacAddr,
+    Message, NackReason, Route, Status, LIFECYCLE_RESET,
 };
 
+use crate::devmap::{Remote, Target, ANY_DEVICE};
+use crate::exits::LiveMap;
 use crate::kvm::{Exit, IrqSink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("No answer from server {server} to Hello within {waited:?}: is `dmfabric server --server-id {server}` running on this link?")]
+    #[error("No answer from server {server} to Hello within {waited:?}: is `dmfabric server --server-id {server}` running on this link, and does it have this client platform's key?")]
     NoServer { server: u16, waited: Duration },
     #[error("Device {device} is on server {server}, which is not one of this client's servers ({known:?}): add it to the config")]
     NotConfigured { server: u16, device: u32, known: Vec<u16> },
@@ -49,6 +67,10 @@ pub enum RemoteError {
     Unreachable { server: u16, device: u32, addr: u64, tries: u32, waited: Duration },
     #[error("Server {server} refused device {device}: {reason:?}")]
     Nacked { server: u16, device: u32, reason: NackReason },
+    #[error(
+        "Server {server} gave no new session within {waited:?} after it lost device {device}'s stream: stopping the VM"
+    )]
+    NoSession { server: u16, device: u32, waited: Duration },
     #[error("VM {0} is not one of this client's VMs")]
     UnknownVm(u32),
     #[error("vCPU {vcpu} is out of range: VM {vm} has {vcpus}")]
@@ -67,7 +89,8 @@ pub struct ClientStats {
     pub interrupts: u64,
     /// Retransmitted interrupts already delivered: acknowledged again, not injected.
     pub interrupt_duplicates: u64,
-    /// Interrupts older than one already delivered for that VM: acknowledged, dropped.
+    /// Interrupts that are neither the next of their stream nor its last
+    /// (old, replayed, or of an earlier life of the server): dropped.
     pub interrupt_stale: u64,
     pub interrupt_acks: u64,
     /// Interrupts KVM refused (the VM is gone or the line is bad).
@@ -90,6 +113,19 @@ pub struct ClientStats {
     /// Interrupts for a VM being saved to migrate: neither injected nor
     /// acknowledged, so the server sends them on to where the VM goes.
     pub interrupts_refused: u64,
+    /// Frames whose tag did not verify: none, another key, or changed.
+    pub unauthenticated: u64,
+    /// Authentic frames naming a server this client has no session with,
+    /// or not from that server's MAC.
+    pub wrong_source: u64,
+    /// Interrupts or resets from a device that may not send them to that
+    /// VM (another line, an MSI, another server, no reset line).
+    pub not_granted: u64,
+    /// Sessions opened after the first (a server restarted or forgot us).
+    pub sessions_reopened: u64,
+    /// HelloReplies answering no Hello of ours (replays), and announcements
+    /// of an epoch already known.
+    pub stale_hellos: u64,
 }
 
 /// Counters of one VM's remote traffic.
@@ -110,6 +146,12 @@ const NACKED: u8 = 2;
 struct Slot {
     /// The sequence number the vCPU waits for (u64::MAX: none).
     expect: AtomicU64,
+    /// What the answer must match besides it: the address ...
+    addr: AtomicU64,
+    /// ... and (server addressed << 16 | direction << 8 | size) and the
+    /// server that runs the device.
+    meta: AtomicU32,
+    runs_on: AtomicU32,
     state: AtomicU8,
     data: AtomicU64,
     nack: AtomicU8,
@@ -121,6 +163,9 @@ impl Slot {
     fn new() -> Slot {
         Slot {
             expect: AtomicU64::new(u64::MAX),
+            addr: AtomicU64::new(0),
+            meta: AtomicU32::new(0),
+            runs_on: AtomicU32::new(0),
             state: AtomicU8::new(EMPTY),
             data: AtomicU64::new(0),
             nack: AtomicU8::new(0),
@@ -129,16 +174,42 @@ impl Slot {
     }
 }
 
+/// The direction and size of an access, as [`Slot::meta`] keeps them.
+fn access_bits(dir: Direction, size: u8) -> u32 {
+    (u32::from(dir == Direction::Write) << 8) | u32::from(size)
+}
+
+fn meta(server: u16, dir: Direction, size: u8) -> u32 {
+    (u32::from(server) << 16) | access_bits(dir, size)
+}
+
 struct VmPort {
     irq: Arc<dyn IrqSink>,
+    /// The VM's device map: which devices (on which server) may raise
+    /// which lines, or reset it.
+    map: Arc<LiveMap>,
     slots: Box<[Slot]>,
     /// Being saved to migrate: its interrupts are refused.
     frozen: AtomicBool,
 }
 
 impl VmPort {
-    fn new(vcpus: u16, irq: Arc<dyn IrqSink>) -> VmPort {
-        VmPort { irq, slots: (0..vcpus.max(1)).map(|_| Slot::new()).collect(), frozen: AtomicBool::new(false) }
+    fn new(e: &VmEntry) -> VmPort {
+        VmPort {
+            irq: e.irq.clone(),
+            map: e.map.clone(),
+            slots: (0..e.vcpus.max(1)).map(|_| Slot::new()).collect(),
+            frozen: AtomicBool::new(false),
+        }
+    }
+
+    /// The device `device` run by `server` in this VM's map (an
+    /// [`ANY_DEVICE`] entry stands for every device of its server).
+    fn device(&self, server: u16, device: u32) -> Option<Remote> {
+        self.map.load().targets().find_map(|t| match t {
+            Target::Remote(r) if (r.device == device || r.device == ANY_DEVICE) && r.runs_on == server => Some(*r),
+            _ => None,
+        })
     }
 }
 
@@ -162,10 +233,36 @@ impl VmTable {
 struct Outgoing {
     to: MacAddr,
     req: IoRequest,
+    /// The epoch of the server that runs the device.
+    epoch: u32,
     /// The VM's index, for its counters.
     index: usize,
     retransmit: bool,
 }
+
+/// A server this client has a session with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Peer {
+    session: Session,
+    /// Bumped at each new session: a vCPU waiting for one watches it.
+    generation: u64,
+}
+
+/// A session being opened again (by the link holder).
+#[derive(Debug)]
+struct Opening {
+    server: u16,
+    /// The challenges of the Hellos sent (the newest last).
+    challenges: VecDeque<[u8; CHALLENGE_LEN]>,
+    next_send: Instant,
+}
+
+/// Hellos of one opening whose answer is still taken.
+const OPENING_CHALLENGES: usize = 8;
+/// How often a Hello is sent again while a session is being opened.
+const HELLO_EVERY: Duration = Duration::from_millis(100);
+/// A server announcing a new epoch is given a new session at most this often.
+const REOPEN_MIN: Duration = Duration::from_secs(1);
 
 /// Everything that changes per frame: only the thread holding the link touches it.
 struct Link {
@@ -173,16 +270,22 @@ struct Link {
     tx: FrameBatch,
     stats: ClientStats,
     vm_stats: Vec<VmRemoteStats>,
-    /// Last interrupt sequence delivered per (VM index, server).
-    irq_last: Vec<(usize, u16, u64)>,
+    /// Last interrupt (or reset) delivered per (VM index, server).
+    irq_last: Vec<(usize, u16, Seq)>,
+    sealer: Sealer,
+    opening: Vec<Opening>,
+    /// When each server was last given a new session because it announced one.
+    reopened: Vec<(u16, Instant)>,
 }
 
-/// A VM this client runs: its id, vCPU count and where its interrupts go.
+/// A VM this client runs: its id, vCPU count, where its interrupts go and
+/// its device map (which says what its devices may send it).
 #[derive(Clone)]
 pub struct VmEntry {
     pub id: u32,
     pub vcpus: u16,
     pub irq: Arc<dyn IrqSink>,
+    pub map: Arc<LiveMap>,
 }
 
 impl std::fmt::Debug for VmEntry {
@@ -191,7 +294,7 @@ impl std::fmt::Debug for VmEntry {
     }
 }
 
-/// Who this client is and how patient it is.
+/// Who this client is, its keys and how patient it is.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub client: u16,
@@ -201,19 +304,33 @@ pub struct ClientConfig {
     pub retry: Retry,
     /// How long to wait for each server's Hello reply.
     pub hello_timeout: Duration,
+    /// This client platform's keys (and whether to seal at all: only off
+    /// to measure what sealing costs).
+    pub sealer: Sealer,
 }
 
 /// Requests that may wait in the outbox (one per vCPU at most).
 const OUTBOX: usize = 4096;
+
+/// One stream of a vCPU: its requests to one device (as the map names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stream {
+    device: u32,
+    session: u32,
+    next: u32,
+}
 
 /// A client platform's connection to its servers, shared by all its vCPUs.
 pub struct ClientPort {
     client: u16,
     hypervisor: u16,
     mac: MacAddr,
-    servers: Vec<(u16, MacAddr)>,
+    peers: RwLock<Vec<Peer>>,
+    /// Servers a vCPU needs a new session with (it lost a stream there).
+    reopen: ArrayQueue<u16>,
     vms: RwLock<VmTable>,
     retry: Retry,
+    hello_timeout: Duration,
     link: Mutex<Link>,
     /// Someone holds the link: a waiting vCPU looks at this before it tries.
     busy: AtomicBool,
@@ -226,13 +343,16 @@ pub struct ClientPort {
     activity: AtomicU64,
     /// Told the id of a VM whose device model asked for a reset.
     resets: Mutex<Option<crossbeam_channel::Sender<u32>>>,
+    /// The streams of vCPUs not running now, by (VM, vCPU): a VM that
+    /// starts again continues their numbers.
+    parked: Mutex<HashMap<(u32, u16), Vec<Stream>>>,
 }
 
 impl std::fmt::Debug for ClientPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientPort")
             .field("client", &self.client)
-            .field("servers", &self.servers)
+            .field("servers", &self.servers())
             .field("vms", &self.vms.read().map_or(0, |t| t.ports.len()))
             .finish()
     }
@@ -250,46 +370,67 @@ impl Drop for Held<'_> {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A thread that panicked while holding the lock left plain counters
+    // behind, nothing half-written that matters: carry on.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What to do with an interrupt or reset of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Take {
+    New,
+    Again,
+    Stale,
+}
+
 impl ClientPort {
-    /// Find every server of `cfg` on the link (broadcast Hello, which also
-    /// makes it forget this client's earlier streams) and serve `vms`.
+    /// Open a session with every server of `cfg` (a sealed Hello to
+    /// broadcast, their sealed answers) and serve `vms`.
     pub fn connect(mut t: Box<dyn Transport>, cfg: &ClientConfig, vms: &[VmEntry]) -> Result<Self, RemoteError> {
-        let mut servers = Vec::new();
+        let check = cfg.sealer.clone();
+        t.check_senders(Box::new(move |f: &[u8]| check.verifies(f)));
+        let mut peers = Vec::new();
         for &server in &cfg.servers {
             let route = Route { server, client: cfg.client, hypervisor: cfg.hypervisor, ..Route::default() };
-            let Some((mac, _)) =
-                dmfabric_dataplane::hello::discover(t.as_mut(), route, Some(server), cfg.hello_timeout)?
+            let Some(session) = hello::open_session(t.as_mut(), route, Some(server), &cfg.sealer, cfg.hello_timeout)?
             else {
                 return Err(RemoteError::NoServer { server, waited: cfg.hello_timeout });
             };
-            tracing::debug!(client = cfg.client, server, %mac, "server found");
-            servers.push((server, mac));
+            tracing::debug!(client = cfg.client, server, mac = %session.mac, session = session.id, "session opened");
+            peers.push(Peer { session, generation: 0 });
         }
         let mut table = VmTable::default();
         for v in vms {
             table.by_id.insert(v.id, table.ports.len());
-            table.ports.push(Arc::new(VmPort::new(v.vcpus, v.irq.clone())));
+            table.ports.push(Arc::new(VmPort::new(v)));
         }
         let link = Link {
             tx: FrameBatch::new(),
             stats: ClientStats::default(),
             vm_stats: vec![VmRemoteStats::default(); table.ports.len()],
             irq_last: Vec::new(),
+            sealer: cfg.sealer.clone(),
+            opening: Vec::new(),
+            reopened: Vec::new(),
             t,
         };
         Ok(ClientPort {
             client: cfg.client,
             hypervisor: cfg.hypervisor,
             mac: link.t.mac(),
-            servers,
+            peers: RwLock::new(peers),
+            reopen: ArrayQueue::new(64),
             vms: RwLock::new(table),
             retry: cfg.retry,
+            hello_timeout: cfg.hello_timeout,
             link: Mutex::new(link),
             busy: AtomicBool::new(false),
             outbox: ArrayQueue::new(OUTBOX),
             waiters: AtomicUsize::new(0),
             activity: AtomicU64::new(0),
             resets: Mutex::new(None),
+            parked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -297,30 +438,32 @@ impl ClientPort {
         self.vms.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Serve VM `vm` too from now on (a VM launched or migrated here while
-    /// the port runs); its interrupts go to `irq`. A VM that was here
-    /// before starts afresh (new vCPU slots, same counters).
-    pub fn add_vm(&self, vm: u32, vcpus: u16, irq: Arc<dyn IrqSink>) {
-        let port = Arc::new(VmPort::new(vcpus, irq));
-        let mut link = self.lock();
+    fn peer(&self, server: u16) -> Option<Peer> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).iter().find(|p| p.session.server == server).copied()
+    }
+
+    /// Serve VM `entry` too from now on (a VM launched or migrated here
+    /// while the port runs). A VM that was here before starts afresh (new
+    /// vCPU slots, same counters and stream numbers).
+    pub fn add_vm(&self, entry: &VmEntry) {
+        let port = Arc::new(VmPort::new(entry));
+        let mut link = lock(&self.link);
         let mut table = self.vms.write().unwrap_or_else(|e| e.into_inner());
-        match table.by_id.get(&vm) {
+        match table.by_id.get(&entry.id) {
             Some(&i) => table.ports[i] = port,
             None => {
                 let i = table.ports.len();
-                table.by_id.insert(vm, i);
+                table.by_id.insert(entry.id, i);
                 table.ports.push(port);
                 link.vm_stats.push(VmRemoteStats::default());
             }
         }
     }
 
-    /// Wait for the link (for what is not on a vCPU's path: counters,
-    /// adding a VM).
-    fn lock(&self) -> MutexGuard<'_, Link> {
-        // A thread that panicked while holding the lock left plain
-        // counters behind, nothing half-written that matters: carry on.
-        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    /// Seal with `keys` from now on (a rekey: frames under every key of the
+    /// ring are taken, new ones go out under its sending key).
+    pub fn set_keys(&self, keys: KeyRing) {
+        lock(&self.link).sealer.keys = keys;
     }
 
     /// The link if nobody holds it, without waiting.
@@ -338,18 +481,18 @@ impl ClientPort {
     }
 
     pub fn stats(&self) -> ClientStats {
-        self.lock().stats
+        lock(&self.link).stats
     }
 
     /// Counters of VM `vm`.
     pub fn vm_stats(&self, vm: u32) -> Option<VmRemoteStats> {
         let i = self.vm_index(vm)?;
-        Some(self.lock().vm_stats[i])
+        Some(lock(&self.link).vm_stats[i])
     }
 
-    /// The servers found, with their MACs.
-    pub fn servers(&self) -> &[(u16, MacAddr)] {
-        &self.servers
+    /// The servers this client has a session with, and their MACs.
+    pub fn servers(&self) -> Vec<(u16, MacAddr)> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).iter().map(|p| (p.session.server, p.session.mac)).collect()
     }
 
     /// Give the transport back.
@@ -359,7 +502,7 @@ impl ClientPort {
 
     /// Run `f` on the transport (for its counters and the like).
     pub fn with_transport<R>(&self, f: impl FnOnce(&dyn Transport) -> R) -> R {
-        f(self.lock().t.as_ref())
+        f(lock(&self.link).t.as_ref())
     }
 
     /// Refuse (`true`) or take again (`false`) `vm`'s interrupts: from the
@@ -368,7 +511,7 @@ impl ClientPort {
     /// Refused ones stay unacknowledged, and the server sends them to the
     /// VM's new platform once the control panel records the move.
     pub fn freeze(&self, vm: u32, frozen: bool) {
-        let _link = self.lock();
+        let _link = lock(&self.link);
         if let Some((_, p)) = self.table().find(vm) {
             p.frozen.store(frozen, Ordering::Release);
         }
@@ -376,13 +519,13 @@ impl ClientPort {
 
     /// Tell `to` the id of each VM whose device model asks for a reset.
     pub fn notify_resets(&self, to: crossbeam_channel::Sender<u32>) {
-        *self.resets.lock().unwrap_or_else(|e| e.into_inner()) = Some(to);
+        *lock(&self.resets) = Some(to);
     }
 
     /// Receive and deliver one burst now (what [`ClientPort::serve`] does in
     /// its loop); returns how many frames came in.
     pub fn poll_once(&self) -> Result<usize, RemoteError> {
-        let mut link = self.lock();
+        let mut link = lock(&self.link);
         self.poll(&mut link)
     }
 
@@ -407,7 +550,8 @@ impl ClientPort {
         if usize::from(vcpu) >= vcpus {
             return Err(RemoteError::UnknownVcpu { vm, vcpu, vcpus });
         }
-        Ok(VcpuRemote { port: self.clone(), index, vm_port, vm, vcpu, next_seq: 0, stop })
+        let streams = lock(&self.parked).remove(&(vm, vcpu)).unwrap_or_default();
+        Ok(VcpuRemote { port: self.clone(), index, vm_port, vm, vcpu, streams, stop })
     }
 
     /// Deliver what arrives while no vCPU is waiting (interrupts for halted
@@ -420,7 +564,7 @@ impl ClientPort {
     /// vCPUs have been quiet for a nap (halted, or computing), it sleeps on
     /// the transport's descriptor and delivers at once.
     pub fn serve(&self, stop: &AtomicBool) -> Result<(), RemoteError> {
-        let fd = self.lock().t.wake_fd();
+        let fd = lock(&self.link).t.wake_fd();
         let mut seen = u64::MAX;
         while !stop.load(Ordering::Acquire) {
             let now = self.activity.load(Ordering::Acquire);
@@ -446,13 +590,15 @@ impl ClientPort {
         Ok(())
     }
 
-    /// Send what waits in the outbox, receive one burst, deliver it and
-    /// send what it calls for.
+    /// Send what waits in the outbox and the Hellos of sessions being
+    /// opened, receive one burst, deliver it and send what it calls for.
     fn poll(&self, link: &mut Link) -> Result<usize, RemoteError> {
-        let Link { t, tx, stats, vm_stats, irq_last } = link;
+        self.open_sessions(link)?;
+        let Link { t, tx, stats, vm_stats, sealer, .. } = link;
         while let Some(out) = self.outbox.pop() {
             let mut repr = FrameRepr::new(EthernetRepr { dst: out.to, src: self.mac }, Message::IoRequest(out.req));
             repr.retransmit = out.retransmit;
+            repr.epoch = out.epoch;
             if out.retransmit {
                 stats.retransmits += 1;
                 vm_stats[out.index].retransmits += 1;
@@ -460,148 +606,243 @@ impl ClientPort {
                 stats.requests += 1;
                 vm_stats[out.index].requests += 1;
             }
-            if !tx.push_with(|buf| repr.emit(buf).ok()) {
+            if !sealer.push(tx, &repr) {
                 stats.tx_full += 1;
             }
             if tx.is_full() {
                 t.send(tx)?;
             }
         }
-        if !tx.is_empty() {
-            t.send(tx)?;
+        if !link.tx.is_empty() {
+            link.t.send(&mut link.tx)?;
         }
-        let n = t.recv(dmfabric_dataplane::MAX_BURST, &mut |f| {
-            self.deliver(f, tx, stats, vm_stats, irq_last);
-        })?;
-        if !tx.is_empty() {
-            t.send(tx)?;
+        let mut frames = Vec::new();
+        let n = link.t.recv(dmfabric_dataplane::MAX_BURST, &mut |f| frames.push(f.to_vec()))?;
+        for f in &frames {
+            self.deliver(f, link);
+        }
+        if !link.tx.is_empty() {
+            link.t.send(&mut link.tx)?;
         }
         Ok(n)
     }
 
-    fn deliver(
-        &self,
-        bytes: &[u8],
-        tx: &mut FrameBatch,
-        stats: &mut ClientStats,
-        vm_stats: &mut [VmRemoteStats],
-        irq_last: &mut Vec<(usize, u16, u64)>,
-    ) {
+    /// Start opening the sessions vCPUs asked for, and send Hellos again
+    /// where no answer came yet.
+    fn open_sessions(&self, link: &mut Link) -> Result<(), RemoteError> {
+        while let Some(server) = self.reopen.pop() {
+            if !link.opening.iter().any(|o| o.server == server) {
+                link.opening.push(Opening { server, challenges: VecDeque::new(), next_send: Instant::now() });
+            }
+        }
+        let now = Instant::now();
+        let Link { t, tx, sealer, opening, .. } = link;
+        for o in opening.iter_mut().filter(|o| now >= o.next_send) {
+            let c = hello::challenge();
+            if o.challenges.len() == OPENING_CHALLENGES {
+                o.challenges.pop_front();
+            }
+            o.challenges.push_back(c);
+            o.next_send = now + HELLO_EVERY;
+            let route =
+                Route { server: o.server, client: self.client, hypervisor: self.hypervisor, ..Route::default() };
+            sealer.push(tx, &hello::hello_frame(self.mac, route, &c));
+        }
+        if !tx.is_empty() {
+            t.send(tx)?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, bytes: &[u8], link: &mut Link) {
+        let stats = &mut link.stats;
         if bytes.len() >= 14 && bytes[12..14] != dmfabric_wire::ETHERTYPE_DMFABRIC.to_be_bytes() {
             stats.foreign += 1;
             return;
         }
-        let Ok(frame) = FrameRepr::parse_bytes(bytes) else {
+        let Ok(frame) = Frame::new_checked(bytes) else {
             stats.malformed += 1;
             return;
         };
-        let route = *frame.msg.route();
-        let lifecycle = matches!(frame.msg, Message::Control(c) if c.op == ControlOp::Lifecycle);
-        if !lifecycle && !matches!(frame.msg, Message::IoCompletion(_) | Message::Nack(_) | Message::Interrupt(_)) {
-            stats.unexpected_kind += 1;
-            return;
+        if link.sealer.authenticate {
+            if let Err(e) = link.sealer.keys.verify(&frame) {
+                debug_assert!(AuthError::ALL.contains(&e));
+                stats.unauthenticated += 1;
+                return;
+            }
         }
+        let Ok(repr) = FrameRepr::parse(&frame) else {
+            stats.malformed += 1;
+            return;
+        };
+        let route = *repr.msg.route();
         if route.client != self.client {
             stats.other_client += 1;
             return;
         }
-        let table = self.table();
-        let Some((index, vm)) = table.find(route.vm) else {
-            stats.unknown_vm += 1;
+        // Only from a server with a session, at its MAC.
+        let Some(peer) = self.peer(route.server).filter(|p| p.session.mac == repr.eth.src) else {
+            stats.wrong_source += 1;
             return;
         };
-        match frame.msg {
-            Message::IoCompletion(c) => {
-                let Some(slot) = vm.slots.get(usize::from(route.vcpu)) else {
-                    stats.unknown_vm += 1;
-                    return;
-                };
-                if slot.expect.load(Ordering::Acquire) == c.seq && slot.state.load(Ordering::Acquire) == EMPTY {
-                    slot.data.store(c.data, Ordering::Relaxed);
-                    slot.status.store(c.status as u8, Ordering::Relaxed);
-                    slot.state.store(DONE, Ordering::Release);
-                    stats.completions += 1;
-                    vm_stats[index].completions += 1;
-                } else {
-                    stats.stale_completions += 1;
-                }
-            }
-            Message::Nack(n) => {
-                let Some(slot) = vm.slots.get(usize::from(route.vcpu)) else {
-                    stats.unknown_vm += 1;
-                    return;
-                };
-                if slot.expect.load(Ordering::Acquire) == n.seq && slot.state.load(Ordering::Acquire) == EMPTY {
-                    slot.nack.store(n.reason as u8, Ordering::Relaxed);
-                    slot.state.store(NACKED, Ordering::Release);
-                    stats.nacks += 1;
-                } else {
-                    stats.stale_completions += 1;
-                }
-            }
-            Message::Interrupt(_) if vm.frozen.load(Ordering::Acquire) => stats.interrupts_refused += 1,
-            Message::Interrupt(irq) => {
-                self.interrupt(index, vm, &irq, frame.eth.src, tx, stats, vm_stats, irq_last);
-            }
-            Message::Control(c) if c.payload.first() == Some(&LIFECYCLE_RESET) => {
-                stats.resets += 1;
-                if let Some(to) = self.resets.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                    let _ = to.send(route.vm);
-                }
-            }
-            Message::Control(_) => stats.unexpected_kind += 1,
-            _ => {}
+        match repr.msg {
+            Message::Control(c) if c.op == ControlOp::HelloReply => self.hello_reply(&c, repr.eth.src, peer, link),
+            Message::IoCompletion(_) | Message::Nack(_) => self.answer(&repr.msg, link),
+            Message::Interrupt(_) => self.stream_item(&repr, peer, link),
+            Message::Control(c) if c.op == ControlOp::Lifecycle => self.stream_item(&repr, peer, link),
+            _ => stats.unexpected_kind += 1,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn interrupt(
-        &self,
-        index: usize,
-        port: &VmPort,
-        irq: &Interrupt,
-        from: MacAddr,
-        tx: &mut FrameBatch,
-        stats: &mut ClientStats,
-        vm_stats: &mut [VmRemoteStats],
-        irq_last: &mut Vec<(usize, u16, u64)>,
-    ) {
-        let server = irq.route.server;
-        let last = irq_last.iter_mut().find(|(i, s, _)| *i == index && *s == server);
-        let fresh = match last {
-            Some((_, _, last)) if irq.seq == *last => {
-                stats.interrupt_duplicates += 1;
-                false
-            }
-            Some((_, _, last)) if irq.seq < *last => {
-                stats.interrupt_stale += 1;
-                false
-            }
-            Some((_, _, last)) => {
-                *last = irq.seq;
-                true
-            }
-            None => {
-                irq_last.push((index, server, irq.seq));
-                true
-            }
+    /// A completion or Nack: to the vCPU waiting for exactly it.
+    fn answer(&self, msg: &Message<'_>, link: &mut Link) {
+        let route = *msg.route();
+        let table = self.table();
+        let Some((index, vm)) = table.find(route.vm) else {
+            link.stats.unknown_vm += 1;
+            return;
         };
-        if fresh {
-            match port.irq.inject(irq.source, irq.trigger) {
-                Ok(()) => {
-                    stats.interrupts += 1;
-                    vm_stats[index].interrupts += 1;
+        let Some(slot) = vm.slots.get(usize::from(route.vcpu)) else {
+            link.stats.unknown_vm += 1;
+            return;
+        };
+        let waiting = slot.expect.load(Ordering::Acquire) == msg.seq() && slot.state.load(Ordering::Acquire) == EMPTY;
+        let m = slot.meta.load(Ordering::Relaxed);
+        let runs_on = slot.runs_on.load(Ordering::Relaxed) as u16;
+        match *msg {
+            Message::IoCompletion(c)
+                if waiting
+                    && c.route.server == runs_on
+                    && c.addr == slot.addr.load(Ordering::Relaxed)
+                    && access_bits(c.dir, c.size.bytes()) == m & 0xffff =>
+            {
+                slot.data.store(c.data, Ordering::Relaxed);
+                slot.status.store(c.status as u8, Ordering::Relaxed);
+                slot.state.store(DONE, Ordering::Release);
+                link.stats.completions += 1;
+                link.vm_stats[index].completions += 1;
+            }
+            Message::Nack(n) if waiting && (n.route.server == runs_on || u32::from(n.route.server) == m >> 16) => {
+                slot.nack.store(n.reason as u8, Ordering::Relaxed);
+                slot.state.store(NACKED, Ordering::Release);
+                link.stats.nacks += 1;
+            }
+            _ => link.stats.stale_completions += 1,
+        }
+    }
+
+    /// A HelloReply from `peer`: the answer to a Hello of a session being
+    /// opened, or a server announcing a new epoch (it restarted).
+    fn hello_reply(&self, c: &ControlMsg<'_>, from: MacAddr, peer: Peer, link: &mut Link) {
+        let Some(body) = HelloReplyBody::parse(c.payload) else {
+            link.stats.malformed += 1;
+            return;
+        };
+        let server = peer.session.server;
+        let answered = link.opening.iter().position(|o| o.server == server && o.challenges.contains(&body.challenge));
+        if let Some(i) = answered {
+            link.opening.swap_remove(i);
+            let session = Session { server, mac: from, epoch: body.epoch.get(), id: body.session.get() };
+            {
+                let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(p) = peers.iter_mut().find(|p| p.session.server == server) {
+                    p.session = session;
+                    p.generation += 1;
                 }
-                Err(_) => stats.inject_errors += 1,
+            }
+            let route = Route { client: self.client, hypervisor: self.hypervisor, ..Route::default() };
+            link.sealer.push(&mut link.tx, &hello::register_frame(self.mac, route, &session));
+            link.stats.sessions_reopened += 1;
+            tracing::info!(client = self.client, server, session = session.id, "session opened again");
+            return;
+        }
+        let now = Instant::now();
+        let announced = body.challenge == [0; CHALLENGE_LEN] && body.epoch.get() != peer.session.epoch;
+        let recently = link.reopened.iter().any(|&(s, at)| s == server && now.duration_since(at) < REOPEN_MIN);
+        if announced && !recently && !link.opening.iter().any(|o| o.server == server) {
+            tracing::info!(client = self.client, server, "server restarted (new epoch): opening a new session");
+            link.reopened.retain(|&(s, _)| s != server);
+            link.reopened.push((server, now));
+            link.opening.push(Opening { server, challenges: VecDeque::new(), next_send: now });
+        } else {
+            link.stats.stale_hellos += 1;
+        }
+    }
+
+    /// An interrupt or a reset from `peer`'s device: checked against the
+    /// VM's map and the stream, then injected (or passed on) and acknowledged.
+    fn stream_item(&self, repr: &FrameRepr<'_>, peer: Peer, link: &mut Link) {
+        let route = *repr.msg.route();
+        let table = self.table();
+        let Some((index, vm)) = table.find(route.vm) else {
+            link.stats.unknown_vm += 1;
+            return;
+        };
+        let granted = vm.device(route.server, route.device).is_some_and(|d| match repr.msg {
+            Message::Interrupt(i) => matches!(i.source, IrqSource::Line(l) if d.may_raise(l)),
+            Message::Control(c) => c.payload == [LIFECYCLE_RESET] && d.reset,
+            _ => false,
+        });
+        if !granted {
+            link.stats.not_granted += 1;
+            return;
+        }
+        if vm.frozen.load(Ordering::Acquire) {
+            link.stats.interrupts_refused += 1;
+            return;
+        }
+        let seq = Seq(repr.msg.seq());
+        let server = peer.session.server;
+        let at = link.irq_last.iter().position(|(i, s, _)| *i == index && *s == server);
+        let last = at.map(|a| link.irq_last[a].2);
+        let take = if repr.epoch != peer.session.epoch32() {
+            Take::Stale
+        } else if last == Some(seq) {
+            Take::Again
+        } else if last.is_some_and(|l| seq == l.next() && seq.counter() != 0)
+            || (seq.counter() == 0
+                && seq.session() == peer.session.id
+                && last.is_none_or(|l| l.session() != peer.session.id))
+        {
+            Take::New
+        } else {
+            Take::Stale
+        };
+        match take {
+            Take::Stale => {
+                link.stats.interrupt_stale += 1;
+                return;
+            }
+            Take::Again => link.stats.interrupt_duplicates += 1,
+            Take::New => {
+                match at {
+                    Some(a) => link.irq_last[a].2 = seq,
+                    None => link.irq_last.push((index, server, seq)),
+                }
+                match repr.msg {
+                    Message::Interrupt(irq) => match vm.irq.inject(irq.source, irq.trigger) {
+                        Ok(()) => {
+                            link.stats.interrupts += 1;
+                            link.vm_stats[index].interrupts += 1;
+                        }
+                        Err(_) => link.stats.inject_errors += 1,
+                    },
+                    _ => {
+                        link.stats.resets += 1;
+                        if let Some(to) = lock(&self.resets).as_ref() {
+                            let _ = to.send(route.vm);
+                        }
+                    }
+                }
             }
         }
-        // Acknowledge every copy: the server retransmits until one ack arrives.
-        let ack = InterruptAck { route: irq.route, seq: irq.seq };
-        let repr = FrameRepr::new(EthernetRepr { dst: from, src: self.mac }, Message::InterruptAck(ack));
-        if tx.push_with(|buf| repr.emit(buf).ok()) {
-            stats.interrupt_acks += 1;
+        // Acknowledge every copy: the server sends it again until one ack arrives.
+        let ack = InterruptAck { route, seq: seq.0 };
+        let out = FrameRepr::new(EthernetRepr { dst: peer.session.mac, src: self.mac }, Message::InterruptAck(ack));
+        if link.sealer.push(&mut link.tx, &out) {
+            link.stats.interrupt_acks += 1;
         } else {
-            stats.tx_full += 1;
+            link.stats.tx_full += 1;
         }
     }
 }
@@ -609,20 +850,27 @@ impl ClientPort {
 /// How long [`ClientPort::serve`] naps while vCPUs are busy with remote I/O.
 pub const SERVE_NAP: Duration = Duration::from_millis(1);
 
-/// One vCPU's stream to the servers.
+/// One vCPU's streams to the servers.
 pub struct VcpuRemote {
     port: Arc<ClientPort>,
     index: usize,
     vm_port: Arc<VmPort>,
     vm: u32,
     vcpu: u16,
-    next_seq: u64,
+    streams: Vec<Stream>,
     stop: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for VcpuRemote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuRemote").field("vm", &self.vm).field("vcpu", &self.vcpu).finish()
+    }
+}
+
+impl Drop for VcpuRemote {
+    fn drop(&mut self) {
+        // A VM started again continues these numbers.
+        lock(&self.port.parked).insert((self.vm, self.vcpu), std::mem::take(&mut self.streams));
     }
 }
 
@@ -636,27 +884,55 @@ impl Drop for Waiting<'_> {
 }
 
 impl VcpuRemote {
-    /// Serve one exit by `device` on `server`; returns the data of a read
+    /// Serve one exit by the device of `target`; returns the data of a read
     /// (zero for a write, once the server has finished it).
-    pub fn access(&mut self, server: u16, device: u32, exit: &Exit) -> Result<u64, RemoteError> {
-        self.access_status(server, device, exit).map(|(data, _)| data)
+    pub fn access(&mut self, target: &Remote, exit: &Exit) -> Result<u64, RemoteError> {
+        self.access_status(target, exit).map(|(data, _)| data)
+    }
+
+    /// The next number of the stream to `device`, started in `runner`'s
+    /// session if it has none (or `restart`).
+    fn next_seq(&mut self, device: u32, runner: &Peer, restart: bool) -> Seq {
+        let at = match self.streams.iter().position(|s| s.device == device) {
+            Some(i) => i,
+            None => {
+                self.streams.push(Stream { device, session: runner.session.id, next: 0 });
+                self.streams.len() - 1
+            }
+        };
+        let st = &mut self.streams[at];
+        if restart {
+            *st = Stream { device, session: runner.session.id, next: 0 };
+        }
+        let seq = Seq::new(st.session, st.next);
+        st.next = st.next.wrapping_add(1);
+        seq
     }
 
     /// [`VcpuRemote::access`], with the completion's status (whether the
     /// device had such a register).
-    pub fn access_status(&mut self, server: u16, device: u32, exit: &Exit) -> Result<(u64, Status), RemoteError> {
+    pub fn access_status(&mut self, target: &Remote, exit: &Exit) -> Result<(u64, Status), RemoteError> {
         let port = self.port.clone();
-        let Some(&(_, mac)) = port.servers.iter().find(|(s, _)| *s == server) else {
-            let known = port.servers.iter().map(|(s, _)| *s).collect();
-            return Err(RemoteError::NotConfigured { server, device, known });
+        let (server, device) = (target.server, target.device);
+        let known = || port.servers().iter().map(|(s, _)| *s).collect();
+        let Some(to) = port.peer(server).map(|p| p.session.mac) else {
+            return Err(RemoteError::NotConfigured { server, device, known: known() });
+        };
+        let Some(mut runner) = port.peer(target.runs_on) else {
+            return Err(RemoteError::NotConfigured { server: target.runs_on, device, known: known() });
         };
         port.waiters.fetch_add(1, Ordering::AcqRel);
         port.activity.fetch_add(1, Ordering::Release);
         let _waiting = Waiting(&port.waiters);
-        let slot = &self.vm_port.slots[usize::from(self.vcpu)];
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let req = IoRequest {
+        let vm_port = self.vm_port.clone();
+        let slot = &vm_port.slots[usize::from(self.vcpu)];
+        // A stream about to run out of numbers starts again in a new session.
+        let worn = self.streams.iter().any(|s| s.device == device && s.next == u32::MAX);
+        if worn {
+            runner = self.new_session(target, runner)?;
+        }
+        let mut seq = self.next_seq(device, &runner, worn);
+        let mut req = IoRequest {
             route: Route {
                 server,
                 hypervisor: port.hypervisor,
@@ -665,20 +941,25 @@ impl VcpuRemote {
                 vcpu: self.vcpu,
                 device,
             },
-            seq,
+            seq: seq.0,
             space: exit.space,
             dir: exit.dir,
             size: exit.size,
             addr: exit.addr,
             data: if exit.dir == Direction::Write { exit.data } else { 0 },
         };
-        // Before the request can be sent: no delivery can see the old seq with the new state.
+        // What the answer must match, before the request can be sent: no
+        // delivery can see the old number with the new state.
         slot.state.store(EMPTY, Ordering::Release);
-        slot.expect.store(seq, Ordering::Release);
+        slot.addr.store(exit.addr, Ordering::Relaxed);
+        slot.meta.store(meta(server, exit.dir, exit.size.bytes()), Ordering::Relaxed);
+        slot.runs_on.store(u32::from(target.runs_on), Ordering::Relaxed);
+        slot.expect.store(seq.0, Ordering::Release);
         let start = Instant::now();
         let mut sender = StopAndWait::new(port.retry);
-        self.post(Outgoing { to: mac, req, index: self.index, retransmit: false });
-        sender.sent((), seq, start);
+        let mut epoch = runner.session.epoch32();
+        self.post(Outgoing { to, req, epoch, index: self.index, retransmit: false });
+        sender.sent((), seq.0, start);
         // A refusal the server may take back once its routing tables catch
         // up with the control panel (a VM just migrated here, a device just
         // added): asked again at the next timeout, until the retries run out.
@@ -692,6 +973,21 @@ impl VcpuRemote {
                 NACKED if refused.is_none() => {
                     let reason =
                         NackReason::from_u8(slot.nack.load(Ordering::Relaxed)).unwrap_or(NackReason::UnknownDevice);
+                    if reason == NackReason::NoSession {
+                        // The server has no state for this stream and did
+                        // not run the request: start the stream again in a
+                        // new session, and send it there.
+                        runner = self.new_session(target, runner)?;
+                        seq = self.next_seq(device, &runner, true);
+                        epoch = runner.session.epoch32();
+                        req.seq = seq.0;
+                        slot.state.store(EMPTY, Ordering::Release);
+                        slot.expect.store(seq.0, Ordering::Release);
+                        sender = StopAndWait::new(port.retry);
+                        self.post(Outgoing { to, req, epoch, index: self.index, retransmit: false });
+                        sender.sent((), seq.0, Instant::now());
+                        continue;
+                    }
                     let may_pass =
                         matches!(reason, NackReason::UnknownVm | NackReason::UnknownDevice | NackReason::NotAuthorised);
                     if !may_pass {
@@ -709,7 +1005,7 @@ impl VcpuRemote {
                     // After a refusal, listen for this request's answer again.
                     refused = None;
                     slot.state.store(EMPTY, Ordering::Release);
-                    self.post(Outgoing { to: mac, req, index: self.index, retransmit: true });
+                    self.post(Outgoing { to, req, epoch, index: self.index, retransmit: true });
                 }
                 Due::GaveUp(()) => {
                     return Err(match refused {
@@ -725,12 +1021,39 @@ impl VcpuRemote {
                 }
                 Due::Waiting | Due::Idle => {}
             }
-            match port.try_hold() {
-                Some(mut held) => {
-                    port.poll(&mut held.link)?;
-                }
-                None => std::hint::spin_loop(),
+            self.pump();
+        }
+    }
+
+    /// Deliver what arrived if nobody else holds the link.
+    fn pump(&self) {
+        match self.port.try_hold() {
+            Some(mut held) => {
+                // A transport error here surfaces as the request's timeout.
+                let _ = self.port.poll(&mut held.link);
             }
+            None => std::hint::spin_loop(),
+        }
+    }
+
+    /// Ask for a new session with the server running `target`'s device and
+    /// wait for it (bounded by the hello timeout).
+    fn new_session(&self, target: &Remote, was: Peer) -> Result<Peer, RemoteError> {
+        let port = &self.port;
+        let server = target.runs_on;
+        let _ = port.reopen.push(server);
+        let start = Instant::now();
+        loop {
+            if let Some(p) = port.peer(server).filter(|p| p.generation > was.generation) {
+                return Ok(p);
+            }
+            if self.stop.as_ref().is_some_and(|s| s.load(Ordering::Acquire)) {
+                return Err(RemoteError::Stopped { server });
+            }
+            if start.elapsed() > port.hello_timeout {
+                return Err(RemoteError::NoSession { server, device: target.device, waited: start.elapsed() });
+            }
+            self.pump();
         }
     }
 
@@ -747,14 +1070,17 @@ impl VcpuRemote {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devmap::DeviceMap;
     use crate::kvm::KvmError;
     use dmfabric_dataplane::mem::{self, MemTransport};
-    use dmfabric_wire::{
-        AccessSize, ControlMsg, ControlOp, IoCompletion, IrqSource, Kind, Nack, Space, Status, Trigger,
-    };
+    use dmfabric_testkit::keys;
+    use dmfabric_wire::session::HelloBody;
+    use dmfabric_wire::{AccessSize, IoCompletion, Kind, Nack, Space, Trigger};
 
     const CLIENT_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc1]);
     const SERVER_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x51]);
+    const FORGER_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x66]);
+    const EPOCH: u64 = 0xfeed_0000_0000_0001;
 
     /// Records what would have been injected.
     #[derive(Default)]
@@ -767,17 +1093,63 @@ mod tests {
         }
     }
 
-    fn send(t: &mut MemTransport, msg: Message<'_>) {
-        let repr = FrameRepr::new(EthernetRepr { dst: CLIENT_MAC, src: SERVER_MAC }, msg);
-        let mut b = FrameBatch::new();
-        b.push_with(|buf| repr.emit(buf).ok());
-        t.send(&mut b).unwrap();
+    /// Server 1's side of the link, as a test plays it: it answers Hellos
+    /// with sessions 100, 101, ... and seals what it sends with client 3's key.
+    struct FakeServer {
+        t: MemTransport,
+        epoch: u64,
+        next_session: u32,
+        /// The session last offered.
+        session: u32,
     }
 
-    fn received(t: &mut MemTransport) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        t.recv(64, &mut |f| out.push(f.to_vec())).unwrap();
-        out
+    impl FakeServer {
+        fn new(t: MemTransport) -> FakeServer {
+            FakeServer { t, epoch: EPOCH, next_session: 100, session: 0 }
+        }
+
+        /// `msg` from this server, sealed with client 3's key (or `client`'s).
+        fn send_as(&mut self, msg: Message<'_>, src: MacAddr, client: u16) {
+            let mut repr = FrameRepr::new(EthernetRepr { dst: CLIENT_MAC, src }, msg);
+            repr.epoch = self.epoch as u32;
+            let mut b = FrameBatch::new();
+            b.push(&keys::sealed(&repr, client));
+            self.t.send(&mut b).unwrap();
+        }
+
+        fn send(&mut self, msg: Message<'_>) {
+            self.send_as(msg, SERVER_MAC, 3);
+        }
+
+        /// What the client sent, answering Hellos (and dropping Registers).
+        fn received(&mut self) -> Vec<Vec<u8>> {
+            let mut frames = Vec::new();
+            let _ = self.t.recv(64, &mut |f| frames.push(f.to_vec()));
+            let mut out = Vec::new();
+            for f in frames {
+                let repr = FrameRepr::parse_bytes(&f).unwrap();
+                let fr = Frame::new_checked(&f[..]).unwrap();
+                keys::ring(3).verify(&fr).expect("the client seals what it sends");
+                match repr.msg {
+                    Message::Control(c) if c.op == ControlOp::Hello => {
+                        let challenge = HelloBody::parse(c.payload).unwrap().challenge;
+                        self.session = self.next_session;
+                        self.next_session += 1;
+                        let body = HelloReplyBody::new(challenge, self.epoch, self.session);
+                        let route = Route { server: 1, ..c.route };
+                        self.send(Message::Control(ControlMsg {
+                            route,
+                            seq: c.seq,
+                            op: ControlOp::HelloReply,
+                            payload: body.bytes(),
+                        }));
+                    }
+                    Message::Control(c) if c.op == ControlOp::Register => {}
+                    _ => out.push(f),
+                }
+            }
+            out
+        }
     }
 
     fn route(client: u16, vm: u32, vcpu: u16) -> Route {
@@ -797,8 +1169,8 @@ mod tests {
         })
     }
 
-    fn irq(r: Route, seq: u64, trigger: Trigger) -> Message<'static> {
-        Message::Interrupt(Interrupt { route: r, seq, source: IrqSource::Line(5), trigger })
+    fn irq(r: Route, seq: Seq, source: IrqSource, trigger: Trigger) -> Message<'static> {
+        Message::Interrupt(dmfabric_wire::Interrupt { route: r, seq: seq.0, source, trigger })
     }
 
     fn config(servers: Vec<u16>) -> ClientConfig {
@@ -808,184 +1180,304 @@ mod tests {
             servers,
             retry: Retry { timeout: Duration::from_millis(50), retries: 3 },
             hello_timeout: Duration::from_secs(2),
+            sealer: Sealer::new(keys::ring(3)),
         }
     }
 
-    /// A port of client 3 with VM 7 (`vcpus` vCPUs, interrupts to `rec`) and `servers`.
-    fn port_for_vm7(t: MemTransport, servers: Vec<u16>, vcpus: u16, rec: &Arc<Recorder>) -> Arc<ClientPort> {
-        let vms = [VmEntry { id: 7, vcpus, irq: rec.clone() }];
-        Arc::new(ClientPort::connect(Box::new(t), &config(servers), &vms).unwrap())
+    /// VM `id`'s map: device 1 on server 1 at 0x500, raising line 5;
+    /// device 2 there too, resetting the VM.
+    fn map() -> Arc<LiveMap> {
+        let mut m = DeviceMap::default();
+        m.add(Space::Pio, 0x500, 0x100, Target::Remote(Remote::new(1, 1).lines(&[5]))).unwrap();
+        m.add(Space::Pio, 0x60, 1, Target::Remote(Remote::new(1, 2).resets())).unwrap();
+        Arc::new(LiveMap::from_pointee(m))
+    }
+
+    fn entry(id: u32, vcpus: u16, rec: &Arc<Recorder>) -> VmEntry {
+        VmEntry { id, vcpus, irq: rec.clone(), map: map() }
+    }
+
+    /// A port of client 3 with `vms`, connected to server 1 (played by the test).
+    fn connected(vms: &[VmEntry]) -> (Arc<ClientPort>, FakeServer) {
+        let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+        let mut server = FakeServer::new(server_t);
+        let port = std::thread::scope(|s| {
+            let c = s.spawn(|| ClientPort::connect(Box::new(client_t), &config(vec![1]), vms).unwrap());
+            while !c.is_finished() {
+                server.received();
+            }
+            c.join().unwrap()
+        });
+        server.received(); // the Register
+        (Arc::new(port), server)
     }
 
     #[test]
     fn frames_for_others_and_bad_frames_are_counted_never_delivered() {
-        let (client_t, mut server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
         let rec = Arc::new(Recorder::default());
-        let port =
-            ClientPort::connect(Box::new(client_t), &config(vec![]), &[VmEntry { id: 7, vcpus: 2, irq: rec.clone() }])
-                .unwrap();
-        send(&mut server_t, completion(route(3, 9, 0), 0, 1)); // unknown VM
-        send(&mut server_t, completion(route(3, 7, 5), 0, 1)); // unknown vCPU
-        send(&mut server_t, completion(route(4, 7, 0), 0, 1)); // another client
-        send(&mut server_t, irq(route(4, 7, 0), 1, Trigger::Edge)); // another client's interrupt
-        send(&mut server_t, irq(route(3, 8, 0), 1, Trigger::Edge)); // a VM this client does not run
-        send(&mut server_t, completion(route(3, 7, 0), 0, 1)); // nobody waits: stale
+        let (port, mut server) = connected(&[entry(7, 2, &rec)]);
+        let s = Seq::new(server.session, 0);
+        server.send(completion(route(3, 9, 0), s.0, 1)); // unknown VM
+        server.send(completion(route(3, 7, 5), s.0, 1)); // unknown vCPU
+        server.send_as(completion(route(4, 7, 0), s.0, 1), SERVER_MAC, 4); // another client's key
+        server.send(completion(route(4, 7, 0), s.0, 1)); // naming another client
+        server.send(irq(route(3, 8, 0), s, IrqSource::Line(5), Trigger::Edge)); // a VM this client does not run
+        server.send(completion(route(3, 7, 0), s.0, 1)); // nobody waits: stale
         let mut b = FrameBatch::new();
         b.push(&[0xff; 20]);
         b.push(&[0u8; 70]);
-        server_t.send(&mut b).unwrap();
+        server.t.send(&mut b).unwrap();
         assert_eq!(port.poll_once().unwrap(), 8);
         let st = port.stats();
-        assert_eq!((st.unknown_vm, st.other_client, st.stale_completions), (3, 2, 1), "{st:?}");
-        assert_eq!((st.malformed + st.foreign, st.interrupts, st.completions), (2, 0, 0), "{st:?}");
+        assert_eq!((st.unknown_vm, st.other_client, st.stale_completions), (3, 1, 1), "{st:?}");
+        assert_eq!((st.unauthenticated, st.malformed + st.foreign), (1, 2), "{st:?}");
+        assert_eq!((st.interrupts, st.completions), (0, 0), "{st:?}");
         assert!(rec.0.lock().unwrap().is_empty(), "nothing injected");
-        assert!(received(&mut server_t).is_empty(), "another client's interrupt is not acknowledged");
+        assert!(server.received().is_empty(), "nothing acknowledged");
     }
 
     #[test]
-    fn interrupts_are_acked_and_injected_once_in_order() {
-        let (client_t, mut server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
-        let (rec7, rec8) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-        let vms = [VmEntry { id: 7, vcpus: 1, irq: rec7.clone() }, VmEntry { id: 8, vcpus: 1, irq: rec8.clone() }];
-        let port = ClientPort::connect(Box::new(client_t), &config(vec![]), &vms).unwrap();
-        let up = Trigger::Level { asserted: true };
-        let down = Trigger::Level { asserted: false };
-        send(&mut server_t, irq(route(3, 7, 0), 10, up));
-        send(&mut server_t, irq(route(3, 7, 0), 10, up)); // retransmit: ack again, do not inject
-        send(&mut server_t, irq(route(3, 7, 0), 9, down)); // older than one delivered
-        send(&mut server_t, irq(route(3, 7, 0), 11, down));
-        send(&mut server_t, irq(route(3, 8, 0), 4, Trigger::Edge));
+    fn forged_interrupts_resets_and_hello_replies_are_not_taken() {
+        let rec = Arc::new(Recorder::default());
+        let (port, mut server) = connected(&[entry(7, 1, &rec)]);
+        let (resets_tx, resets) = crossbeam_channel::unbounded();
+        port.notify_resets(resets_tx);
+        let s0 = Seq::new(server.session, 0);
+        let r = route(3, 7, 0);
+        // Unsealed (a forger without keys): nothing.
+        let forged = FrameRepr::new(
+            EthernetRepr { dst: CLIENT_MAC, src: SERVER_MAC },
+            irq(r, s0, IrqSource::Line(5), Trigger::Edge),
+        );
+        let mut b = FrameBatch::new();
+        b.push(&keys::unsealed(&forged));
+        let reset = [LIFECYCLE_RESET];
+        let lifecycle =
+            ControlMsg { route: Route { device: 2, ..r }, seq: s0.0, op: ControlOp::Lifecycle, payload: &reset };
+        b.push(&keys::unsealed(&FrameRepr::new(
+            EthernetRepr { dst: CLIENT_MAC, src: SERVER_MAC },
+            Message::Control(lifecycle),
+        )));
+        server.t.send(&mut b).unwrap();
+        // Sealed but from another MAC, another server id, a line or MSI the
+        // device may not raise, a reset from a device with no reset line.
+        server.send_as(irq(r, s0, IrqSource::Line(5), Trigger::Edge), FORGER_MAC, 3);
+        server.send(irq(Route { server: 2, ..r }, s0, IrqSource::Line(5), Trigger::Edge));
+        server.send(irq(r, s0, IrqSource::Line(2), Trigger::Edge));
+        server.send(irq(r, s0, IrqSource::Msi { address: 0xfee0_0000, data: 0x4400 }, Trigger::Edge));
+        server.send(Message::Control(ControlMsg { route: r, seq: s0.0, op: ControlOp::Lifecycle, payload: &reset }));
+        // A HelloReply nobody asked for, with a new session: not taken.
+        let body = HelloReplyBody::new([9; CHALLENGE_LEN], EPOCH, 555);
+        server.send(Message::Control(ControlMsg {
+            route: r,
+            seq: 0,
+            op: ControlOp::HelloReply,
+            payload: body.bytes(),
+        }));
         port.poll_once().unwrap();
-        assert_eq!(*rec7.0.lock().unwrap(), vec![(IrqSource::Line(5), up), (IrqSource::Line(5), down)]);
-        assert_eq!(*rec8.0.lock().unwrap(), vec![(IrqSource::Line(5), Trigger::Edge)]);
         let st = port.stats();
-        assert_eq!((st.interrupts, st.interrupt_duplicates, st.interrupt_stale, st.interrupt_acks), (3, 1, 1, 5));
-        let acks: Vec<(u32, u64)> = received(&mut server_t)
+        assert_eq!((st.unauthenticated, st.wrong_source, st.not_granted, st.stale_hellos), (2, 2, 3, 1), "{st:?}");
+        assert!(rec.0.lock().unwrap().is_empty(), "nothing injected");
+        assert!(resets.try_recv().is_err(), "no reset");
+        assert!(server.received().is_empty(), "nothing acknowledged");
+        assert_eq!(port.servers(), vec![(1, SERVER_MAC)]);
+        // The real ones are taken.
+        server.send(irq(r, s0, IrqSource::Line(5), Trigger::Edge));
+        let reset =
+            ControlMsg { route: Route { device: 2, ..r }, seq: s0.next().0, op: ControlOp::Lifecycle, payload: &reset };
+        server.send(Message::Control(reset));
+        port.poll_once().unwrap();
+        assert_eq!(rec.0.lock().unwrap().len(), 1);
+        assert_eq!(resets.try_recv(), Ok(7));
+        assert_eq!(server.received().len(), 2, "both acknowledged");
+    }
+
+    #[test]
+    fn interrupts_are_taken_only_as_the_next_of_their_stream() {
+        let (rec7, rec8) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+        let (port, mut server) = connected(&[entry(7, 1, &rec7), entry(8, 1, &rec8)]);
+        let (up, down) = (Trigger::Level { asserted: true }, Trigger::Level { asserted: false });
+        let s = |n| Seq::new(server.session, n);
+        let line = IrqSource::Line(5);
+        let (s0, s1, s2) = (s(0), s(1), s(2));
+        server.send(irq(route(3, 7, 0), s0, line, up));
+        server.send(irq(route(3, 7, 0), s0, line, up)); // retransmit: ack again, do not inject
+        server.send(irq(route(3, 7, 0), s2, line, down)); // not the next
+        server.send(irq(route(3, 7, 0), s1, line, down));
+        server.send(irq(route(3, 7, 0), Seq::new(server.session, u32::MAX), line, up)); // a huge one
+        server.send(irq(route(3, 7, 0), s2, line, up)); // still taken: nothing was poisoned
+        server.send(irq(route(3, 8, 0), s0, line, Trigger::Edge));
+        server.send(irq(route(3, 8, 0), Seq::new(server.session + 50, 0), line, Trigger::Edge)); // no such session
+        port.poll_once().unwrap();
+        assert_eq!(*rec7.0.lock().unwrap(), vec![(line, up), (line, down), (line, up)]);
+        assert_eq!(*rec8.0.lock().unwrap(), vec![(line, Trigger::Edge)]);
+        let st = port.stats();
+        assert_eq!((st.interrupts, st.interrupt_duplicates, st.interrupt_stale, st.interrupt_acks), (4, 1, 3, 5));
+        let acks: Vec<(u32, u32)> = server
+            .received()
             .iter()
             .map(|f| match FrameRepr::parse_bytes(f).unwrap().msg {
-                Message::InterruptAck(a) => (a.route.vm, a.seq),
+                Message::InterruptAck(a) => (a.route.vm, Seq(a.seq).counter()),
                 other => panic!("not an ack: {other:?}"),
             })
             .collect();
-        assert_eq!(acks, vec![(7, 10), (7, 10), (7, 9), (7, 11), (8, 4)]);
-        assert_eq!(port.vm_stats(7).unwrap().interrupts, 2);
+        assert_eq!(acks, vec![(7, 0), (7, 0), (7, 1), (7, 2), (8, 0)]);
+        assert_eq!(port.vm_stats(7).unwrap().interrupts, 3);
     }
 
-    /// A server that answers the Hello, then refuses each request with
-    /// `refusals` in turn and completes the next one with 0x1234.
-    fn refusing_server(mut t: MemTransport, refusals: Vec<NackReason>) -> (usize, MemTransport) {
+    /// Answer `refusals` to the client's requests in turn, then complete the
+    /// next with 0x1234; answers Hellos meanwhile. Returns the requests seen.
+    fn refusing(server: &mut FakeServer, refusals: Vec<NackReason>, stop: &AtomicBool) -> Vec<IoRequest> {
         let end = Instant::now() + Duration::from_secs(5);
         let mut refusals = refusals.into_iter();
-        let mut requests = 0;
-        while Instant::now() < end {
-            let mut frames = Vec::new();
-            if t.recv(64, &mut |f| frames.push(f.to_vec())).is_err() {
-                return (requests, t); // the client is gone
-            }
-            for f in frames {
-                match FrameRepr::parse_bytes(&f).unwrap().msg {
-                    Message::Control(c) if c.op == ControlOp::Hello => {
-                        let reply = ControlMsg { route: c.route, seq: c.seq, op: ControlOp::HelloReply, payload: &[] };
-                        send(&mut t, Message::Control(reply));
+        let mut seen = Vec::new();
+        while Instant::now() < end && !stop.load(Ordering::Acquire) {
+            for f in server.received() {
+                let Message::IoRequest(req) = FrameRepr::parse_bytes(&f).unwrap().msg else { continue };
+                seen.push(req);
+                match refusals.next() {
+                    Some(reason) => server.send(Message::Nack(Nack {
+                        route: req.route,
+                        seq: req.seq,
+                        reason,
+                        nacked: Kind::IoRequest,
+                    })),
+                    None => {
+                        server.send(completion(req.route, req.seq, 0x1234));
+                        return seen;
                     }
-                    Message::IoRequest(req) => {
-                        requests += 1;
-                        match refusals.next() {
-                            Some(reason) => {
-                                let n = Nack { route: req.route, seq: req.seq, reason, nacked: Kind::IoRequest };
-                                send(&mut t, Message::Nack(n));
-                            }
-                            None => {
-                                send(&mut t, completion(req.route, req.seq, 0x1234));
-                                // Kept (not dropped) until the test is done with the client.
-                                return (requests, t);
-                            }
-                        }
-                    }
-                    _ => {}
                 }
             }
         }
-        (requests, t)
+        seen
+    }
+
+    fn exit() -> Exit {
+        Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 }
     }
 
     #[test]
     fn refusals_a_lagging_server_may_take_back_are_asked_again_others_are_final() {
-        let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
         let rec = Arc::new(Recorder::default());
+        let target = Remote::new(1, 1);
         // A VM the server's tables do not know yet, twice: the third try is answered.
-        let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+        let (port, mut server) = connected(&[entry(7, 1, &rec)]);
+        let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
-            let server =
-                s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownVm, NackReason::NotAuthorised]));
-            let port = port_for_vm7(client_t, vec![1], 1, &rec);
-            assert_eq!(port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap(), 0x1234);
-            assert_eq!(server.join().unwrap().0, 3);
+            let srv = s.spawn(|| refusing(&mut server, vec![NackReason::UnknownVm, NackReason::NotAuthorised], &stop));
+            assert_eq!(port.vcpu(7, 0, None).unwrap().access(&target, &exit()).unwrap(), 0x1234);
+            let seen = srv.join().unwrap();
+            assert_eq!(seen.len(), 3);
+            assert!(seen.iter().all(|r| r.seq == seen[0].seq), "the same request asked again");
             let st = port.stats();
             assert_eq!((st.nacks, st.retransmits, st.completions), (2, 2, 1), "{st:?}");
         });
         // A refusal no table change undoes (the request named another server): at once.
-        let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+        let (port, mut server) = connected(&[entry(7, 1, &rec)]);
         std::thread::scope(|s| {
-            let server = s.spawn(move || refusing_server(server_t, vec![NackReason::WrongServer]));
-            let port = port_for_vm7(client_t, vec![1], 1, &rec);
-            let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
+            let srv = s.spawn(|| refusing(&mut server, vec![NackReason::WrongServer], &stop));
+            let err = port.vcpu(7, 0, None).unwrap().access(&target, &exit()).unwrap_err();
             assert!(matches!(err, RemoteError::Nacked { reason: NackReason::WrongServer, .. }), "{err}");
             assert_eq!(port.stats().retransmits, 0);
-            drop(port);
-            server.join().unwrap();
-        });
-        // Refused past the retries: the refusal, not "unreachable".
-        let (client_t, server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
-        std::thread::scope(|s| {
-            let server = s.spawn(move || refusing_server(server_t, vec![NackReason::UnknownDevice; 10]));
-            let port = port_for_vm7(client_t, vec![1], 1, &rec);
-            let err = port.vcpu(7, 0, None).unwrap().access(1, 1, &exit).unwrap_err();
-            assert!(matches!(err, RemoteError::Nacked { reason: NackReason::UnknownDevice, .. }), "{err}");
-            assert_eq!(port.stats().requests + port.stats().retransmits, 4, "the first try and 3 retries");
-            drop(port);
-            server.join().unwrap();
+            stop.store(true, Ordering::Release);
+            srv.join().unwrap();
         });
     }
 
     #[test]
-    fn a_vcpu_takes_only_its_own_completion() {
-        let (client_t, mut server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
+    fn a_lost_stream_is_started_again_in_a_new_session() {
         let rec = Arc::new(Recorder::default());
+        let (port, mut server) = connected(&[entry(7, 1, &rec)]);
+        let first_session = server.session;
+        let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
-            let server = s.spawn(move || {
-                // Answer the Hello, then the request: first with a stale
-                // sequence number and another vCPU's, then for real.
+            let srv = s.spawn(|| refusing(&mut server, vec![NackReason::NoSession], &stop));
+            let mut vcpu = port.vcpu(7, 0, None).unwrap();
+            assert_eq!(vcpu.access(&Remote::new(1, 1), &exit()).unwrap(), 0x1234);
+            let seen = srv.join().unwrap();
+            assert_eq!(seen.len(), 2);
+            assert_eq!(Seq(seen[0].seq), Seq::new(first_session, 0));
+            assert_eq!(Seq(seen[1].seq), Seq::new(first_session + 1, 0), "counter 0 of the new session");
+            assert_eq!(port.stats().sessions_reopened, 1);
+        });
+        // The numbers go on after the vCPU (a VM launched again continues them).
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let srv = s.spawn(|| refusing(&mut server, vec![], &stop));
+            port.vcpu(7, 0, None).unwrap().access(&Remote::new(1, 1), &exit()).unwrap();
+            let seen = srv.join().unwrap();
+            assert_eq!(Seq(seen[0].seq), Seq::new(first_session + 1, 1));
+        });
+    }
+
+    #[test]
+    fn a_server_announcing_a_new_epoch_gets_a_new_session() {
+        let rec = Arc::new(Recorder::default());
+        let (port, mut server) = connected(&[entry(7, 1, &rec)]);
+        let before = server.session;
+        // The server restarted: its epoch is new; it announces it.
+        server.epoch += 1;
+        let body = HelloReplyBody::new([0; CHALLENGE_LEN], server.epoch, 0);
+        let r = route(3, 0, 0);
+        server.send(Message::Control(ControlMsg {
+            route: r,
+            seq: 0,
+            op: ControlOp::HelloReply,
+            payload: body.bytes(),
+        }));
+        let end = Instant::now() + Duration::from_secs(2);
+        while port.stats().sessions_reopened == 0 && Instant::now() < end {
+            port.poll_once().unwrap();
+            server.received();
+        }
+        assert_eq!(server.session, before + 1, "a Hello came and its answer was taken");
+        assert_eq!(port.stats().sessions_reopened, 1);
+        // An announcement replayed: no new session.
+        server.send(Message::Control(ControlMsg {
+            route: r,
+            seq: 0,
+            op: ControlOp::HelloReply,
+            payload: body.bytes(),
+        }));
+        port.poll_once().unwrap();
+        assert!(server.received().is_empty());
+    }
+
+    #[test]
+    fn a_vcpu_takes_only_its_own_completion() {
+        let rec = Arc::new(Recorder::default());
+        let (port, mut server) = connected(&[entry(7, 2, &rec)]);
+        std::thread::scope(|s| {
+            let srv = s.spawn(|| {
                 let end = Instant::now() + Duration::from_secs(5);
-                let mut answered_hello = false;
                 while Instant::now() < end {
-                    for f in received(&mut server_t) {
-                        match FrameRepr::parse_bytes(&f).unwrap().msg {
-                            Message::Control(c) if c.op == ControlOp::Hello && !answered_hello => {
-                                answered_hello = true;
-                                let reply =
-                                    ControlMsg { route: c.route, seq: c.seq, op: ControlOp::HelloReply, payload: &[] };
-                                send(&mut server_t, Message::Control(reply));
-                            }
-                            Message::IoRequest(req) => {
-                                send(&mut server_t, completion(req.route, req.seq + 5, 0xbad));
-                                send(&mut server_t, completion(Route { vcpu: 1, ..req.route }, req.seq, 0xbad));
-                                send(&mut server_t, completion(req.route, req.seq, 0x1234));
-                                return;
-                            }
-                            _ => {}
-                        }
+                    for f in server.received() {
+                        let Message::IoRequest(req) = FrameRepr::parse_bytes(&f).unwrap().msg else { continue };
+                        // Another number, another vCPU, another address, another server, a write: not it.
+                        server.send(completion(req.route, req.seq + 5, 0xbad));
+                        server.send(completion(Route { vcpu: 1, ..req.route }, req.seq, 0xbad));
+                        let mut other =
+                            IoCompletion { addr: 0x504, ..IoCompletion::for_request(&req, 0xbad, Status::Ok) };
+                        server.send(Message::IoCompletion(other));
+                        other = IoCompletion { route: Route { server: 2, ..req.route }, ..other };
+                        other.addr = req.addr;
+                        server.send(Message::IoCompletion(other));
+                        let write = IoCompletion {
+                            dir: Direction::Write,
+                            ..IoCompletion::for_request(&req, 0xbad, Status::Ok)
+                        };
+                        server.send(Message::IoCompletion(write));
+                        server.send(completion(req.route, req.seq, 0x1234));
+                        return;
                     }
                 }
                 panic!("no request came");
             });
-            let port = port_for_vm7(client_t, vec![1], 2, &rec);
             let mut vcpu = port.vcpu(7, 0, None).unwrap();
-            let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
-            assert_eq!(vcpu.access(1, 1, &exit).unwrap(), 0x1234);
-            server.join().unwrap();
+            assert_eq!(vcpu.access(&Remote::new(1, 1), &exit()).unwrap(), 0x1234);
+            srv.join().unwrap();
             let st = port.stats();
-            assert_eq!((st.requests, st.completions, st.stale_completions), (1, 1, 2), "{st:?}");
+            assert_eq!((st.requests, st.completions, st.stale_completions + st.wrong_source), (1, 1, 5), "{st:?}");
             assert!(matches!(port.vcpu(7, 2, None), Err(RemoteError::UnknownVcpu { .. })));
             assert!(matches!(port.vcpu(9, 0, None), Err(RemoteError::UnknownVm(9))));
         });
@@ -993,13 +1485,9 @@ mod tests {
 
     #[test]
     fn a_device_on_a_server_not_configured_is_said_so() {
-        let (client_t, _server_t) = mem::pair(CLIENT_MAC, SERVER_MAC, 64);
         let rec = Arc::new(Recorder::default());
-        let port = Arc::new(
-            ClientPort::connect(Box::new(client_t), &config(vec![]), &[VmEntry { id: 7, vcpus: 1, irq: rec }]).unwrap(),
-        );
-        let exit = Exit { space: Space::Pio, addr: 0x500, size: AccessSize::B4, dir: Direction::Read, data: 0 };
-        let err = port.vcpu(7, 0, None).unwrap().access(9, 1, &exit).unwrap_err();
+        let (port, _server) = connected(&[entry(7, 1, &rec)]);
+        let err = port.vcpu(7, 0, None).unwrap().access(&Remote::new(9, 1), &exit()).unwrap_err();
         assert!(matches!(err, RemoteError::NotConfigured { server: 9, device: 1, .. }), "{err}");
         let msg = err.to_string();
         assert!(msg.contains("not one of this client's servers") && !msg.contains("running"), "{msg}");

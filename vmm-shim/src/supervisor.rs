@@ -45,7 +45,12 @@ pub(crate) struct NewVm {
 impl NewVm {
     /// The VM as the client port knows it.
     pub(crate) fn entry(&self) -> VmEntry {
-        VmEntry { id: self.spec.id, vcpus: self.spec.vcpus, irq: Arc::new(self.vm.irq_handle()) }
+        VmEntry {
+            id: self.spec.id,
+            vcpus: self.spec.vcpus,
+            irq: Arc::new(self.vm.irq_handle()),
+            map: self.spec.map.clone(),
+        }
     }
 }
 
@@ -323,6 +328,10 @@ impl<'r> Supervisor<'r> {
     /// joined this client platform.
     fn follow_control(&mut self) {
         let Some(c) = self.control.clone() else { return };
+        if let (Some(keys), Some(p)) = (c.keys(), &self.port) {
+            tracing::info!(keys = ?keys.ids().collect::<Vec<_>>(), "the control panel changed this client platform's keys");
+            p.set_keys(keys);
+        }
         for i in 0..self.vms.len() {
             self.supervise(c.as_ref(), i);
         }
@@ -333,7 +342,7 @@ impl<'r> Supervisor<'r> {
             let id = spec.id;
             let started = self.create(spec).and_then(|new| {
                 if let Some(p) = &self.port {
-                    p.add_vm(id, new.spec.vcpus, new.entry().irq);
+                    p.add_vm(&new.entry());
                 }
                 self.start(new)
             });

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::fault::{FaultConfig, FaultInjector};
+use dmfabric_dataplane::hello::Sealer;
 use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::reliable::Retry;
@@ -18,9 +19,10 @@ use dmfabric_devices::platform::pc;
 use dmfabric_devices::regfile::RegisterFile;
 use dmfabric_devices::{Device, DeviceState, Persist};
 use dmfabric_dm_workers::server::{Server, ServerStats};
+use dmfabric_dm_workers::testing;
 use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::debugport::u64_at;
-use dmfabric_vmm_shim::devmap::Target;
+use dmfabric_vmm_shim::devmap::{Remote, Target};
 use dmfabric_vmm_shim::exits::ExitStats;
 use dmfabric_vmm_shim::guests::{self, IO_LOOP, IRQ_WAIT};
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
@@ -38,7 +40,7 @@ fn regfile() -> Box<dyn Device> {
 /// io_loop on `vcpus` vCPUs, vCPU n using ports PORT + 0x10 n and MMIO + 0x10 n
 /// of the test device, local or remote (server 1, device 1).
 fn io_loop_vm(id: u32, vcpus: u16, iterations: u64, port: u64, remote: bool) -> VmSpec {
-    let target = if remote { Target::Remote { server: 1, device: 1 } } else { Target::Local(0) };
+    let target = if remote { Target::remote(1, 1) } else { Target::Local(0) };
     let args = (0..u64::from(vcpus)).map(|n| [iterations, port + 0x10 * n, MMIO + 0x10 * n]).collect();
     let ranges = [(Space::Pio, PORT, 0x100, target), (Space::Mmio, MMIO, 0x1000, target)];
     let local = if remote { Vec::new() } else { vec![regfile()] };
@@ -111,10 +113,13 @@ fn start_server(net: &TestNet) -> (Arc<AtomicBool>, std::thread::JoinHandle<Resu
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // Client platform 3 (host 0) runs VMs 1 to 8, up to 4 vCPUs each.
+    let vms: Vec<(u32, u16)> = (1..=8).map(|vm| (vm, 4)).collect();
+    let registry = testing::registry(vec![testing::client(CLIENT, net.host(0).mac, &vms)]);
     let handle = net.spawn_in(1, "server", move || {
         let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
         let devices = [pc::test_device(1), pc::irq_test_device(0), pc::irq_test_device(1)];
-        let mut s = Server::new(1, t.mac(), &devices);
+        let mut s = Server::new(1, t.mac(), &devices, registry);
         ready_tx.send(()).unwrap();
         let cfg = PollConfig { spin: 10_000, wait: Duration::from_millis(1), ..PollConfig::default() };
         poll::run(&mut t, &mut s, cfg, &flag).unwrap();
@@ -124,8 +129,20 @@ fn start_server(net: &TestNet) -> (Arc<AtomicBool>, std::thread::JoinHandle<Resu
     (stop, handle)
 }
 
+/// Interrupt test device `device` on server 1, raising its line.
+fn irq_test(device: u32) -> Target {
+    Target::Remote(Remote::new(1, device).lines(&[pc::IRQ_TEST_IRQ]))
+}
+
 fn client_config(retry: Retry) -> ClientConfig {
-    ClientConfig { client: CLIENT, hypervisor: 1, servers: vec![1], retry, hello_timeout: Duration::from_secs(5) }
+    ClientConfig {
+        client: CLIENT,
+        hypervisor: 1,
+        servers: vec![1],
+        retry,
+        hello_timeout: Duration::from_secs(5),
+        sealer: Sealer::new(dmfabric_testkit::keys::ring(CLIENT)),
+    }
 }
 
 /// Run `specs` in host 0 over AF_XDP (optionally through the fault
@@ -207,8 +224,8 @@ fn interrupts_from_remote_device_models_reach_only_their_own_vm() {
     const N: u64 = 40;
     let irq_vm = |id: u32, device: u32, mode: u64| {
         let ranges = [
-            (Space::Pio, u64::from(pc::IRQ_TEST.base), 8, Target::Remote { server: 1, device }),
-            (Space::Pio, PORT, 0x100, Target::Remote { server: 1, device: 1 }),
+            (Space::Pio, u64::from(pc::IRQ_TEST.base), 8, irq_test(device)),
+            (Space::Pio, PORT, 0x100, Target::remote(1, 1)),
         ];
         VmSpec::test_guest(id, 1, IRQ_WAIT, vec![[N, u64::from(pc::IRQ_TEST.base), mode]], &ranges, Vec::new()).unwrap()
     };
@@ -245,7 +262,7 @@ fn interrupts_survive_lost_and_duplicated_frames() {
     let net = TestNet::pair().unwrap();
     let (stop, server) = start_server(&net);
     const N: u64 = 60;
-    let ranges = [(Space::Pio, u64::from(pc::IRQ_TEST.base), 8, Target::Remote { server: 1, device: 102 })];
+    let ranges = [(Space::Pio, u64::from(pc::IRQ_TEST.base), 8, irq_test(102))];
     let spec =
         VmSpec::test_guest(2, 1, IRQ_WAIT, vec![[N, u64::from(pc::IRQ_TEST.base), 1]], &ranges, Vec::new()).unwrap();
     let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.0, seed: 11 };

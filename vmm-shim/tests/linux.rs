@@ -29,6 +29,7 @@ use dmfabric_devices::ByteSink;
 use dmfabric_dm_workers::console;
 use dmfabric_dm_workers::env::DeviceEnv;
 use dmfabric_dm_workers::server::Server;
+use dmfabric_dm_workers::testing;
 use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
 use dmfabric_vmm_shim::local;
@@ -79,12 +80,13 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
     let stop = Arc::new(AtomicBool::new(false));
     let (flag, service_dir) = (stop.clone(), dir.clone());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let registry = testing::registry(vec![testing::client(3, net.host(0).mac, &[(VM, 1)])]);
     let server = net.spawn_in(1, "server", move || {
         let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
         let devices = PcLayout::new(VM).unwrap().specs();
         let env = DeviceEnv::new();
         let consoles = env.consoles.clone();
-        let mut s = Server::with_env(1, t.mac(), &devices, env);
+        let mut s = Server::with_env(1, t.mac(), &devices, env, registry);
         std::thread::scope(|sc| {
             let service = console::Service::open(&consoles, &service_dir).expect("console service");
             let (c, f) = (&consoles, &flag);
@@ -110,6 +112,7 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
                 servers: vec![1],
                 retry: Retry { timeout: Duration::from_millis(50), retries: 20 },
                 hello_timeout: Duration::from_secs(5),
+                sealer: dmfabric_dataplane::hello::Sealer::new(dmfabric_testkit::keys::ring(3)),
             };
             let opts = RunOptions { timeout: BOOT_LIMIT, ..RunOptions::default() };
             machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0

@@ -16,6 +16,7 @@ use dmfabric_devices::platform::pc::PcLayout;
 use dmfabric_dm_workers::console;
 use dmfabric_dm_workers::env::DeviceEnv;
 use dmfabric_dm_workers::server::{Server, ServerStats};
+use dmfabric_dm_workers::testing;
 use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::devmap::Target;
 use dmfabric_vmm_shim::guests::{KBD_RESET, TIMER_COUNT, UART_HELLO, UART_HELLO_TEXT};
@@ -43,12 +44,13 @@ impl PcServer {
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, service_dir) = (stop.clone(), dir.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let registry = testing::registry(vec![testing::client(3, net.host(0).mac, &[(VM, 1)])]);
         let handle = net.spawn_in(1, "server", move || {
             let mut t = XdpTransport::open(&XdpConfig::new("dmf0")).expect("server AF_XDP");
             let devices = PcLayout::new(VM).unwrap().specs();
             let env = DeviceEnv::new();
             let consoles = env.consoles.clone();
-            let mut s = Server::with_env(1, t.mac(), &devices, env);
+            let mut s = Server::with_env(1, t.mac(), &devices, env, registry);
             std::thread::scope(|sc| {
                 let service = console::Service::open(&consoles, &service_dir).expect("console service");
                 let consoles_ref = &consoles;
@@ -71,8 +73,12 @@ impl PcServer {
     }
 }
 
+/// PC device `device` of VM `VM` on server 1, with its lines (and the
+/// i8042 its reset).
 fn remote(device: u32) -> Target {
-    Target::Remote { server: 1, device }
+    let pc = PcLayout::new(VM).unwrap();
+    let all = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, &pc, &dmfabric_devices::platform::pc::Role::ALL);
+    all.into_iter().map(|r| r.3).find(|t| matches!(t, Target::Remote(r) if r.device == device)).unwrap()
 }
 
 fn run(net: &TestNet, spec: VmSpec) -> RunReport {
@@ -84,6 +90,7 @@ fn run(net: &TestNet, spec: VmSpec) -> RunReport {
             servers: vec![1],
             retry: Retry::default(),
             hello_timeout: Duration::from_secs(5),
+            sealer: dmfabric_dataplane::hello::Sealer::new(dmfabric_testkit::keys::ring(3)),
         };
         let opts = RunOptions { timeout: Duration::from_secs(60), ..RunOptions::default() };
         machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0
