@@ -206,6 +206,7 @@ fn etcd_over_tls_gives_each_host_what_it_serves_and_no_more() {
     let out = ctl(&admin, &["device", "move", "2", "--to", "1"]);
     assert!(out.contains("dmfabric-server-1: +read /dmfabric/keys/client/4"), "{out}");
     assert!(out.contains("dmfabric-server-2: -read /dmfabric/keys/client/4"), "{out}");
+    assert!(out.contains("hosts reload with their new grants"), "watchers see the grant: {out}");
     assert_eq!(s1.client_keys(4).unwrap().unwrap().client, 4);
     assert!(denied(s2.client_keys(4)), "server 2 still reads client 4's keys");
 }

@@ -36,7 +36,10 @@
 //! changes which client platforms a server serves, so **every `dmfabric
 //! ctl` commit against an `etcds://` store re-derives the grants**
 //! ([`Store::sync_access`]: roles and users for new records, key grants
-//! added and revoked, roles and users of removed records deleted). A
+//! added and revoked, roles and users of removed records deleted; when a
+//! grant was added, the revision is bumped once more, so a server that
+//! was refused a client's keys in the moment between the commit and its
+//! grant reloads and asks again). A
 //! client platform's own commit at the end of a migration does not (it may
 //! not change grants): the server keeps the old client's grant until the
 //! next `ctl` commit — more access for a while, never less.
@@ -216,19 +219,10 @@ impl std::fmt::Display for Grant {
     }
 }
 
-/// The client platforms server `server` serves in `db`: those with a VM
-/// that has a device on it or whose owner it is — and, for such a VM that
-/// is migrating, the client platform it moves to (which sends already).
+/// The client platforms server `server` serves in `db`
+/// ([`Db::clients_served_by`]): whose keys its user may read.
 pub fn served_clients(db: &Db, server: u16) -> BTreeSet<u16> {
-    let mut out = BTreeSet::new();
-    for v in db.vms.values() {
-        let serves = v.owner == Some(server) || db.devices.values().any(|d| d.vm == v.id && d.server == server);
-        if serves {
-            out.insert(v.client);
-            out.extend(v.migrate_to);
-        }
-    }
-    out
+    db.clients_served_by(server)
 }
 
 /// The role of every server and client platform record, with its grants.
@@ -469,12 +463,15 @@ impl EtcdStore {
     }
 
     /// Make the server and client roles and users match `db` ([`roles`]).
-    fn apply_grants(&self, db: &Db) -> Result<Vec<String>, StoreError> {
+    /// Also returns whether a grant was added.
+    fn apply_grants(&self, db: &Db) -> Result<(Vec<String>, bool), StoreError> {
         let (roles_now, users) = self.roles_and_users()?;
         let want = roles(db);
         let mut said = Vec::new();
+        let mut granted = false;
         for (name, grants) in &want {
             let changed = self.ensure_role(&roles_now, name, grants)?;
+            granted |= changed.iter().any(|c| c.starts_with('+'));
             if self.ensure_user(&users, name, &[name])? {
                 said.push(format!("etcd: added user {name} (a certificate with CN={name} acts as it)"));
             }
@@ -491,7 +488,26 @@ impl EtcdStore {
             }
             said.push(format!("etcd: removed role and user {stale} (its record is gone)"));
         }
-        Ok(said)
+        Ok((said, granted))
+    }
+
+    /// Bump the revision alone: watchers reload (and ask again for what
+    /// they were refused before a grant).
+    fn bump_revision(&self) -> Result<u64, StoreError> {
+        for _ in 0..COMMIT_TRIES {
+            let resp = self.call(|mut c| async move { c.get(REVISION, None).await })?;
+            let (revision, mod_revision) = match resp.kvs().first() {
+                Some(kv) => (self.parse_revision(kv.value())?, kv.mod_revision()),
+                None => (0, 0),
+            };
+            let txn = Txn::new()
+                .when([Compare::mod_revision(REVISION, CompareOp::Equal, mod_revision)])
+                .and_then([TxnOp::put(REVISION, (revision + 1).to_string(), None)]);
+            if self.call(|mut c| async move { c.txn(txn).await })?.succeeded() {
+                return Ok(revision + 1);
+            }
+        }
+        Err(self.err(format!("{COMMIT_TRIES} revision bumps in a row lost to other writers: try again")))
     }
 
     /// `dmfabric ctl etcd-auth`: make the cluster key, user `root`, the
@@ -521,7 +537,7 @@ impl EtcdStore {
                 "etcd: added user {ADMIN} with roles {ADMIN} and root (a certificate with CN={ADMIN} acts as it)"
             ));
         }
-        said.extend(self.apply_grants(&self.load()?)?);
+        said.extend(self.apply_grants(&self.load()?)?.0);
         self.call(|mut c| async move { c.auth_enable().await })?;
         said.push("etcd: authentication is on: each host acts as the user its certificate's CN names".into());
         Ok(said)
@@ -704,11 +720,19 @@ impl Store for EtcdStore {
 
     /// Re-derive the grants from the records, when `dmfabric ctl etcd-auth`
     /// set this etcd up (else there are no dmfabric users to keep current).
+    /// A commit is seen before its grants are in; when a grant was added,
+    /// the revision is bumped once more, so every watcher reloads with it
+    /// (a server refused a new client's keys a moment ago asks again).
     fn sync_access(&self) -> Result<Vec<String>, StoreError> {
         if !self.tls || !self.auth_is_set_up()? {
             return Ok(Vec::new());
         }
-        self.apply_grants(&self.load()?)
+        let (mut said, granted) = self.apply_grants(&self.load()?)?;
+        if granted {
+            let revision = self.bump_revision()?;
+            said.push(format!("(revision {revision}: hosts reload with their new grants)"));
+        }
+        Ok(said)
     }
 }
 

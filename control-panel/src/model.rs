@@ -519,6 +519,22 @@ impl Db {
         }
     }
 
+    /// The client platforms server `server` serves: those with a VM that
+    /// has a device on it or whose owner it is — and, for such a VM that is
+    /// migrating, the client platform it moves to (which sends already).
+    /// What the server needs the keys of (and, with etcd, may read).
+    pub fn clients_served_by(&self, server: u16) -> std::collections::BTreeSet<u16> {
+        let mut out = std::collections::BTreeSet::new();
+        for v in self.vms.values() {
+            let serves = v.owner == Some(server) || self.devices.values().any(|d| d.vm == v.id && d.server == server);
+            if serves {
+                out.insert(v.client);
+                out.extend(v.migrate_to);
+            }
+        }
+        out
+    }
+
     /// Heap bytes the records hold, roughly (B-tree nodes counted as their
     /// entries plus a third).
     pub fn heap_bytes(&self) -> usize {
