@@ -84,7 +84,10 @@ pub enum CtlCmd {
     /// Set up etcd's users (an etcds:// store): root, dmfabric-admin, one per
     /// server and client platform record with the grants it needs, then turn
     /// authentication on. Idempotent. etcd, run with --client-cert-auth,
-    /// takes each request's user from its certificate's CN.
+    /// takes each request's user from its certificate's CN: run this (and
+    /// every later ctl command) with the certificate whose CN is
+    /// dmfabric-admin; servers use CN=dmfabric-server-<id>, client platforms
+    /// CN=dmfabric-client-<id>.
     EtcdAuth,
 }
 

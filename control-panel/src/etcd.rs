@@ -281,6 +281,21 @@ fn read_pem(spec: &str, what: &str, path: &Path) -> Result<Vec<u8>, StoreError> 
     std::fs::read(path).map_err(|e| spec_err(spec, format!("cannot read the {what} {}: {e}", path.display())))
 }
 
+/// Say so when a private key's file is open to group or others.
+fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                key = %path.display(),
+                "the etcd client key is mode {mode:04o}: anyone who reads it acts as this host (chmod 600 {})",
+                path.display()
+            );
+        }
+    }
+}
+
 impl EtcdStore {
     /// Connect to etcd at `endpoints` ("127.0.0.1:2379[,host:port...]")
     /// over plain http, without authentication.
@@ -309,6 +324,7 @@ impl EtcdStore {
                     &files.ca,
                 )?));
                 if let Some((cert, key)) = &files.identity {
+                    warn_if_exposed(key);
                     let cert = read_pem(&store, "client certificate", cert)?;
                     let key = read_pem(&store, "client certificate's key", key)?;
                     tls = tls.identity(Identity::from_pem(cert, key));
