@@ -1,17 +1,33 @@
 //! `dmfabric ctl`: list, show and edit the control panel's database. Every
 //! edit is checked against the stored database before it is written and
 //! says what it changed; a conflict is one line naming it.
+//!
+//! Client platforms' keys: `ctl add client` makes key 1, `ctl client
+//! rekey` adds the next and moves senders to it once every host has it,
+//! `ctl client export-key` writes them as a key file (0600) for hosts run
+//! from a config, `ctl client retire-keys` drops the old ones. Keys are
+//! never printed, by `ls` and `show` or otherwise. `dmfabric keygen` makes a
+//! key file without a store. Against an `etcds://` store, `ctl etcd-auth`
+//! sets up etcd's users and every commit re-derives their grants
+//! (`dmfabric_control::etcd`).
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use dmfabric_control::keys::{now_unix, ClientKeys, KeyFile};
 use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Lifecycle, Range, Server, ServerRole, Vm, VmState};
-use dmfabric_control::store::DEFAULT_STORE;
+use dmfabric_control::store::{Store, DEFAULT_STORE};
 
 use crate::io::number;
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The store: a redb file (created if missing) or etcd://HOST:PORT[,HOST:PORT...].
+    /// The store: a redb file (created 0600 if missing),
+    /// etcds://HOST:PORT[,HOST:PORT...]?ca=PATH&cert=PATH&key=PATH (TLS; without
+    /// the query, DMFABRIC_ETCD_CA, _CERT and _KEY name the files), or
+    /// etcd://HOST:PORT[,...] (plain http, unauthenticated: local tests only).
     #[arg(long, env = "DMFABRIC_STORE", default_value = DEFAULT_STORE)]
     store: String,
     #[command(subcommand)]
@@ -62,6 +78,168 @@ pub enum CtlCmd {
     /// platform running it carries the change out.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// A client platform's keys: rekey, export, retire.
+    #[command(subcommand)]
+    Client(ClientCmd),
+    /// Set up etcd's users (an etcds:// store): root, dmfabric-admin, one per
+    /// server and client platform record with the grants it needs, then turn
+    /// authentication on. Idempotent. etcd, run with --client-cert-auth,
+    /// takes each request's user from its certificate's CN: run this (and
+    /// every later ctl command) with the certificate whose CN is
+    /// dmfabric-admin; servers use CN=dmfabric-server-<id>, client platforms
+    /// CN=dmfabric-client-<id>.
+    EtcdAuth,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCmd {
+    /// Give a client platform a new key without dropping a frame: add it
+    /// (every host accepts it), wait, then send with it. At most two keys
+    /// are kept (the oldest one not sent with is dropped).
+    Rekey {
+        id: u16,
+        /// How long to wait between adding the key and sending with it, for
+        /// every host watching the store to load it.
+        #[arg(long, default_value_t = 1000)]
+        wait_ms: u64,
+    },
+    /// Write a client platform's keys as a key file (mode 0600), for hosts
+    /// run from a config (key_file = ...).
+    ExportKey {
+        id: u16,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a file already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Keep only the key a client platform sends with (after a rekey, once
+    /// every host sends with the new key).
+    RetireKeys { id: u16 },
+}
+
+/// `dmfabric keygen`: a key file without a store.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The client platform the key is for.
+    #[arg(long)]
+    client: u16,
+    /// Where to write it (mode 0600).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a file already there.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Write a fresh key file (key 1 of a client platform), refusing to
+/// replace one unless asked.
+pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let file = KeyFile::generate(args.client)?;
+    if args.force {
+        file.save(&args.out)?;
+    } else {
+        file.save_new(&args.out)?;
+    }
+    println!(
+        "wrote a new key (id 1) of client platform {} to {} (mode 0600): the client platform and every server that serves it use the same file (key_file = ...)",
+        args.client,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The ids, "1, 2".
+fn ids(keys: &ClientKeys) -> String {
+    keys.ids().iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// `ctl client ...`.
+fn client_keys_cmd(store: &dyn Store, cmd: ClientCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClientCmd::Rekey { id, wait_ms } => {
+            let Some(keys) = store.client_keys(id)? else {
+                let keys = ClientKeys::generate(id)?;
+                let revision = store.put_client_keys(&keys)?;
+                println!("client platform {id} had no keys: made key 1 and sends with it (revision {revision})");
+                return Ok(());
+            };
+            let (added, new) = keys.with_new_key(now_unix())?;
+            let dropped: Vec<u8> = keys.ids().into_iter().filter(|k| !added.ids().contains(k)).collect();
+            let revision = store.put_client_keys(&added)?;
+            let also = if dropped.is_empty() {
+                String::new()
+            } else {
+                format!(", dropped key {}", dropped.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+            };
+            println!(
+                "client platform {id}: added key {new}{also}; hosts accept keys {}, still sending with key {} (revision {revision})",
+                ids(&added),
+                added.send
+            );
+            std::thread::sleep(Duration::from_millis(wait_ms));
+            // Another rekey may have got in while we waited.
+            let now = store.client_keys(id)?.context("its keys were removed while waiting")?;
+            if !now.ids().contains(&new) {
+                bail!(
+                    "client platform {id}: key {new} was dropped while waiting (another rekey?): not switching to it"
+                );
+            }
+            let revision = store.put_client_keys(&now.sending_with(new)?)?;
+            println!("client platform {id}: now sending with key {new} (revision {revision})");
+            println!(
+                "hosts run from a key file need it again (dmfabric ctl client export-key {id} --out FILE --force); once every host sends with key {new}: dmfabric ctl client retire-keys {id}"
+            );
+        }
+        ClientCmd::ExportKey { id, out, force } => {
+            let keys = store.client_keys(id)?.with_context(|| {
+                format!("client platform {id} has no keys: dmfabric ctl client rekey {id} makes one")
+            })?;
+            let file = KeyFile::from(&keys);
+            if force {
+                file.save(&out)?;
+            } else {
+                file.save_new(&out)?;
+            }
+            println!(
+                "wrote keys {} of client platform {id} (sending with key {}) to {} (mode 0600): the client platform and every server that serves it use it (key_file = ...)",
+                ids(&keys),
+                keys.send,
+                out.display()
+            );
+        }
+        ClientCmd::RetireKeys { id } => {
+            let keys = store.client_keys(id)?.with_context(|| format!("client platform {id} has no keys"))?;
+            let kept = keys.retired()?;
+            if kept.keys.len() == keys.keys.len() {
+                println!("client platform {id} has only key {}: nothing to retire", keys.send);
+                return Ok(());
+            }
+            let revision = store.put_client_keys(&kept)?;
+            println!(
+                "client platform {id}: retired keys other than {} (was {}) (revision {revision})",
+                kept.send,
+                ids(&keys)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ctl etcd-auth`.
+fn etcd_auth(spec: &str) -> anyhow::Result<()> {
+    if !spec.starts_with("etcds://") {
+        if spec.starts_with("etcd://") {
+            bail!("etcd-auth needs an etcds:// store (TLS with client certificates): over plain http, users would send passwords in the clear");
+        }
+        bail!("etcd-auth is for etcd stores: a redb file's access control is its mode (0600, root's)");
+    }
+    let target = dmfabric_control::etcd::EtcdSpec::parse(spec)?;
+    let store = dmfabric_control::etcd::EtcdStore::connect_spec(&target)?;
+    for line in store.setup_auth()? {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,14 +427,30 @@ fn print_table(db: &Db, what: Option<What>) {
 }
 
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
+    if args.store.starts_with("etcd://") {
+        eprintln!(
+            "dmfabric: warning: {} is etcd over plain http without authentication: anyone who reaches it can read the keys and change the control panel (use etcds://)",
+            args.store
+        );
+    }
+    if matches!(args.cmd, CtlCmd::EtcdAuth) {
+        return etcd_auth(&args.store);
+    }
     let store = dmfabric_control::store::open(&args.store)?;
-    let commit = |changes: &[Change]| -> anyhow::Result<()> {
+    let commit = |changes: &[Change]| -> anyhow::Result<u64> {
         let (revision, said) = store.commit(changes)?;
         for line in said {
             println!("{line}");
         }
         println!("(revision {revision})");
-        Ok(())
+        // Placement decides which server may read which client's keys.
+        let access = store.sync_access().with_context(|| {
+            format!("revision {revision} is in, but etcd's grants do not follow it yet: run dmfabric ctl etcd-auth")
+        })?;
+        for line in access {
+            println!("{line}");
+        }
+        Ok(revision)
     };
     match args.cmd {
         CtlCmd::Ls { what, json } => {
@@ -291,7 +485,20 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        CtlCmd::Add(cmd) => commit(&[change(cmd)?])?,
+        CtlCmd::Add(cmd) => {
+            let change = change(cmd)?;
+            commit(std::slice::from_ref(&change))?;
+            if let Change::AddClient(c) = change {
+                let keys = ClientKeys::generate(c.id)?;
+                let revision = store.put_client_keys(&keys).with_context(|| {
+                    format!("client platform {} is in, but its key is not: dmfabric ctl client rekey {}", c.id, c.id)
+                })?;
+                println!(
+                    "made key 1 of client platform {} (revision {revision}); hosts run from a config need it as a file: dmfabric ctl client export-key {} --out FILE",
+                    c.id, c.id
+                );
+            }
+        }
         CtlCmd::Rm { what, id } => {
             let narrow = || u16::try_from(id).with_context(|| format!("{what:?} ids are 16-bit"));
             let c = match what {
@@ -300,7 +507,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 One::Vm => Change::RemoveVm(id),
                 One::Device => Change::RemoveDevice(id),
             };
+            let gone = matches!(c, Change::RemoveClient(_));
             commit(&[c])?;
+            if gone {
+                println!("(its keys are removed with it)");
+            }
         }
         CtlCmd::Vm(cmd) => {
             let (id, action) = match cmd {
@@ -320,6 +531,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             let moved = Device { server: to, shard: shard.unwrap_or(d.shard), ..d.clone() };
             commit(&[Change::UpdateDevice(moved)])?;
         }
+        CtlCmd::Client(cmd) => client_keys_cmd(&*store, cmd)?,
+        // Handled above, before a store is opened; here for completeness.
+        CtlCmd::EtcdAuth => etcd_auth(&args.store)?,
     }
     Ok(())
 }

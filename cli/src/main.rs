@@ -59,6 +59,9 @@ enum Cmd {
     Console(console::ConsoleArgs),
     /// List, show and edit the control panel's database (checked before written).
     Ctl(ctl::CtlArgs),
+    /// Write a new key file for a client platform (config mode, no store):
+    /// the client platform and its servers load it with key_file = ...
+    Keygen(ctl::KeygenArgs),
     /// Read or write device registers at a server as a given VM, over the
     /// wire (one access, or a script of them); prints interrupts that arrive.
     Io(io::IoArgs),
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
             Cmd::Client(args) => client::run(args, &signals),
             Cmd::Console(args) => console::run(args, stop),
             Cmd::Ctl(args) => ctl::run(args),
+            Cmd::Keygen(args) => ctl::keygen(args),
             Cmd::Io(args) => io::run(args, stop),
             Cmd::Bench(cmd) => bench::run(cmd, stop),
             Cmd::Demo(args) => demo::run(args, &signals),

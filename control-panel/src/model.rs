@@ -2,11 +2,43 @@
 //! and the changes that edit them — each checked before it is applied, so
 //! the database is never left with a duplicate, a dangling reference or
 //! two devices of a VM on the same addresses.
+//!
+//! Every record is also checked on its own ([`ClientPlatform::validate`],
+//! [`Vm::validate`], ...): string lengths, id and size ranges, address
+//! ranges that cannot overflow. A change is checked before it is written
+//! and a record is checked again when it is read back
+//! (`store::read_record`), so a corrupt or hostile record in a store is a
+//! one-line error, never a panic or a huge allocation downstream. The
+//! limits are the `MAX_*` constants below.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+/// Longest VM image (a kernel's path or a test guest's name), in bytes.
+pub const MAX_IMAGE_LEN: usize = 4096;
+/// Longest short name (a device kind, a hypervisor kind), in bytes.
+pub const MAX_NAME_LEN: usize = 32;
+/// Most vCPUs of a VM.
+pub const MAX_VCPUS: u16 = 255;
+/// Most memory of a VM, in MiB (64 GiB).
+pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
+/// Most test-guest arguments (rdi, rsi, rdx).
+pub const MAX_ARGS: usize = 3;
+/// Most address ranges of a device.
+pub const MAX_RANGES: usize = 16;
+/// Longest MMIO range (16 MiB): models allocate what they decode.
+pub const MAX_MMIO_LEN: u64 = 16 << 20;
+/// The port space: a port range ends at or before it.
+pub const PIO_SPACE: u64 = 0x1_0000;
+/// Most interrupt lines of a device.
+pub const MAX_IRQS: usize = 8;
+/// Interrupt lines are the IOAPIC's pins, 0 to 23.
+pub const IRQ_LINES: u32 = 24;
+/// Largest stored record, in bytes (a record within the limits above is
+/// well under it): a larger one is refused before it is parsed.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// A client platform: a host running VMs through the KVM shim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +174,107 @@ pub struct Device {
     pub irqs: Vec<u32>,
 }
 
+fn check_name(what: &str, id: u64, field: &str, value: &str) -> Result<(), Conflict> {
+    if value.is_empty() || value.len() > MAX_NAME_LEN || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Conflict::Invalid(format!(
+            "{what} {id}: {field} must be 1 to {MAX_NAME_LEN} printable ASCII characters"
+        )));
+    }
+    Ok(())
+}
+
+impl ClientPlatform {
+    /// Check the record on its own (its references are [`Db::check`]'s).
+    pub fn validate(&self) -> Result<(), Conflict> {
+        check_mac(&self.mac)?;
+        check_name("client platform", self.id.into(), "hypervisor_kind", &self.hypervisor_kind)
+    }
+}
+
+impl Server {
+    /// Check the record on its own.
+    pub fn validate(&self) -> Result<(), Conflict> {
+        check_mac(&self.mac)
+    }
+}
+
+impl Vm {
+    /// Check the record on its own (its references are [`Db::check`]'s).
+    pub fn validate(&self) -> Result<(), Conflict> {
+        let bad = |what: String| Err(Conflict::Invalid(format!("VM {}: {what}", self.id)));
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return bad(format!("vcpus must be 1 to {MAX_VCPUS}, not {}", self.vcpus));
+        }
+        if !(1..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return bad(format!("memory_mib must be 1 to {MAX_MEMORY_MIB}, not {}", self.memory_mib));
+        }
+        if self.image.is_empty() || self.image.len() > MAX_IMAGE_LEN || self.image.contains('\0') {
+            return bad(format!(
+                "image must be 1 to {MAX_IMAGE_LEN} bytes without NUL, not {} bytes",
+                self.image.len()
+            ));
+        }
+        if self.args.len() > MAX_ARGS {
+            return bad(format!("at most {MAX_ARGS} arguments (rdi, rsi, rdx), not {}", self.args.len()));
+        }
+        if (self.state == VmState::Migrating) != self.migrate_to.is_some() {
+            return bad("a migrating VM names the client platform it moves to, and only it".into());
+        }
+        Ok(())
+    }
+}
+
+impl Range {
+    /// Why this range cannot be a device's, if it cannot: empty, past the
+    /// end of its space (port ranges end at [`PIO_SPACE`]; `base + len`
+    /// never overflows) or an MMIO range longer than [`MAX_MMIO_LEN`].
+    pub fn validate(&self) -> Result<(), String> {
+        let end = self.base.checked_add(self.len);
+        let ok = self.len > 0
+            && match (self.mmio, end) {
+                (_, None) => false,
+                (false, Some(end)) => end <= PIO_SPACE,
+                (true, Some(_)) => self.len <= MAX_MMIO_LEN,
+            };
+        if ok {
+            return Ok(());
+        }
+        Err(if self.mmio {
+            format!("bad range {self}: an MMIO range is 1 byte to {} MiB and ends within 64 bits", MAX_MMIO_LEN >> 20)
+        } else {
+            format!("bad range {self}: a port range is at least 1 port and ends at or before {PIO_SPACE:#x}")
+        })
+    }
+}
+
+impl Device {
+    /// Check the record on its own (its references and overlaps are
+    /// [`Db::check`]'s).
+    pub fn validate(&self) -> Result<(), Conflict> {
+        let bad = |what: String| Err(Conflict::Invalid(format!("device {}: {what}", self.id)));
+        if self.id == 0 {
+            return Err(Conflict::Invalid("device id 0 is reserved (any device at an address)".into()));
+        }
+        if !dmfabric_devices::DeviceKind::NAMES.contains(&self.kind.as_str()) {
+            let shown: String = self.kind.chars().take(MAX_NAME_LEN).collect();
+            return bad(format!("unknown kind {shown:?} ({})", dmfabric_devices::DeviceKind::NAMES.join(", ")));
+        }
+        if self.ranges.len() > MAX_RANGES {
+            return bad(format!("at most {MAX_RANGES} address ranges, not {}", self.ranges.len()));
+        }
+        for r in &self.ranges {
+            r.validate().or_else(bad)?;
+        }
+        if self.irqs.len() > MAX_IRQS {
+            return bad(format!("at most {MAX_IRQS} interrupt lines, not {}", self.irqs.len()));
+        }
+        if let Some(line) = self.irqs.iter().find(|l| **l >= IRQ_LINES) {
+            return bad(format!("interrupt line {line} does not exist (lines are 0 to {})", IRQ_LINES - 1));
+        }
+        Ok(())
+    }
+}
+
 /// One edit of the database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
@@ -219,15 +352,16 @@ impl Db {
                 if self.clients.contains_key(&c.id) {
                     return Err(Conflict::Exists { what: "client platform", id: c.id.into() });
                 }
-                check_mac(&c.mac)
+                c.validate()
             }
             Change::AddServer(s) => {
                 if self.servers.contains_key(&s.id) {
                     return Err(Conflict::Exists { what: "server", id: s.id.into() });
                 }
-                check_mac(&s.mac)
+                s.validate()
             }
             Change::AddVm(v) | Change::UpdateVm(v) => {
+                v.validate()?;
                 let exists = self.vms.contains_key(&v.id);
                 if matches!(change, Change::AddVm(_)) && exists {
                     return Err(Conflict::Exists { what: "VM", id: v.id.into() });
@@ -251,12 +385,6 @@ impl Db {
                         target_id: to.into(),
                     });
                 }
-                if (v.state == VmState::Migrating) != v.migrate_to.is_some() {
-                    return Err(Conflict::Invalid(format!(
-                        "VM {}: a migrating VM names the client platform it moves to, and only it",
-                        v.id
-                    )));
-                }
                 if let Some(owner) = v.owner.filter(|o| !self.servers.contains_key(o)) {
                     return Err(Conflict::Dangling {
                         what: "VM",
@@ -264,9 +392,6 @@ impl Db {
                         target: "server",
                         target_id: owner.into(),
                     });
-                }
-                if v.vcpus == 0 || v.memory_mib == 0 {
-                    return Err(Conflict::Invalid(format!("VM {}: vcpus and memory_mib must be at least 1", v.id)));
                 }
                 Ok(())
             }
@@ -278,17 +403,7 @@ impl Db {
                 if matches!(change, Change::UpdateDevice(_)) && !exists {
                     return Err(Conflict::Missing { what: "device", id: d.id.into() });
                 }
-                if d.id == 0 {
-                    return Err(Conflict::Invalid("device id 0 is reserved (any device at an address)".into()));
-                }
-                if !dmfabric_devices::DeviceKind::NAMES.contains(&d.kind.as_str()) {
-                    return Err(Conflict::Invalid(format!(
-                        "device {}: unknown kind {:?} ({})",
-                        d.id,
-                        d.kind,
-                        dmfabric_devices::DeviceKind::NAMES.join(", ")
-                    )));
-                }
+                d.validate()?;
                 if !self.servers.contains_key(&d.server) {
                     return Err(Conflict::Dangling {
                         what: "device",
@@ -304,11 +419,6 @@ impl Db {
                         target: "VM",
                         target_id: d.vm.into(),
                     });
-                }
-                for r in &d.ranges {
-                    if r.len == 0 || (!r.mmio && r.base + r.len > 0x1_0000) {
-                        return Err(Conflict::Invalid(format!("device {}: bad range {r}", d.id)));
-                    }
                 }
                 for other in self.devices.values().filter(|o| o.vm == d.vm && o.id != d.id) {
                     for r in &d.ranges {
@@ -407,6 +517,22 @@ impl Db {
                 self.devices.remove(&id);
             }
         }
+    }
+
+    /// The client platforms server `server` serves: those with a VM that
+    /// has a device on it or whose owner it is — and, for such a VM that is
+    /// migrating, the client platform it moves to (which sends already).
+    /// What the server needs the keys of (and, with etcd, may read).
+    pub fn clients_served_by(&self, server: u16) -> std::collections::BTreeSet<u16> {
+        let mut out = std::collections::BTreeSet::new();
+        for v in self.vms.values() {
+            let serves = v.owner == Some(server) || self.devices.values().any(|d| d.vm == v.id && d.server == server);
+            if serves {
+                out.insert(v.client);
+                out.extend(v.migrate_to);
+            }
+        }
+        out
     }
 
     /// Heap bytes the records hold, roughly (B-tree nodes counted as their
@@ -559,6 +685,37 @@ mod tests {
         assert!(db.apply(&[Change::RemoveClient(2)]).unwrap_err().to_string().contains("still used by VM 100"));
         let half = Vm { migrate_to: None, ..db.vms[&100].clone() };
         assert!(db.apply(&[Change::UpdateVm(half)]).is_err(), "Migrating without a target");
+    }
+
+    #[test]
+    fn changes_past_the_limits_are_refused_with_the_limit() {
+        let mut db = base();
+        let vm = db.vms[&100].clone();
+        let refused = |db: &mut Db, c: Change| db.apply(&[c]).unwrap_err().to_string();
+        let e = refused(&mut db, Change::UpdateVm(Vm { vcpus: 256, ..vm.clone() }));
+        assert_eq!(e, "VM 100: vcpus must be 1 to 255, not 256");
+        let e = refused(&mut db, Change::UpdateVm(Vm { memory_mib: MAX_MEMORY_MIB + 1, ..vm.clone() }));
+        assert_eq!(e, "VM 100: memory_mib must be 1 to 65536, not 65537");
+        let e = refused(&mut db, Change::UpdateVm(Vm { image: "/k".repeat(MAX_IMAGE_LEN), ..vm.clone() }));
+        assert!(e.contains("image must be 1 to 4096 bytes"), "{e}");
+        assert!(refused(&mut db, Change::UpdateVm(Vm { image: String::new(), ..vm.clone() })).contains("image"));
+        let range = |mmio, base, len| Device { ranges: vec![Range { mmio, base, len }], ..uart(1, 0) };
+        let e = refused(&mut db, Change::AddDevice(range(true, u64::MAX - 1, 4)));
+        assert!(e.starts_with("device 1: bad range mmio 0xfffffffffffffffe+0x4"), "overflow: {e}");
+        let e = refused(&mut db, Change::AddDevice(range(false, u64::MAX, 1)));
+        assert!(e.contains("ends at or before 0x10000"), "{e}");
+        assert!(refused(&mut db, Change::AddDevice(range(false, 0xfff8, 9))).contains("bad range"));
+        assert!(db.apply(&[Change::AddDevice(range(false, 0xfff8, 8))]).is_ok(), "the last ports are fine");
+        let e = refused(&mut db, Change::AddDevice(Device { id: 2, ..range(true, 0xd000_0000, MAX_MMIO_LEN + 1) }));
+        assert!(e.contains("an MMIO range is 1 byte to 16 MiB"), "{e}");
+        let e = refused(&mut db, Change::AddDevice(Device { irqs: vec![4, 24], ..uart(3, 0x2f8) }));
+        assert_eq!(e, "device 3: interrupt line 24 does not exist (lines are 0 to 23)");
+        let e = refused(&mut db, Change::AddDevice(Device { irqs: vec![1; 9], ..uart(3, 0x2f8) }));
+        assert!(e.contains("at most 8 interrupt lines"), "{e}");
+        let e = refused(&mut db, Change::AddDevice(Device { kind: "x".repeat(10_000), ..uart(3, 0x2f8) }));
+        assert!(e.len() < 200, "a hostile name is not echoed whole: {e}");
+        let kvm = ClientPlatform { id: 9, mac: "02:00:00:00:00:09".into(), hypervisor: 1, hypervisor_kind: "".into() };
+        assert!(refused(&mut db, Change::AddClient(kvm)).contains("hypervisor_kind must be 1 to 32"));
     }
 
     #[test]

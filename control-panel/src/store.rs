@@ -5,13 +5,27 @@
 //! Every commit checks its changes against the stored database inside the
 //! same write transaction, so two writers can never both get a conflicting
 //! change in; each commit bumps the revision that watchers poll.
+//!
+//! Besides the records, a store keeps secrets that are never part of
+//! [`Db`] (what [`Store::load`] returns, what `dmfabric ctl ls` prints):
+//! each client platform's keys ([`Store::client_keys`]) and the cluster
+//! key ([`Store::cluster_key`]), which seals states in transit
+//! ([`crate::seal`]: callers of [`Store::put_state`] and
+//! [`Store::take_state`] see plain bytes). The redb file is created 0600 and
+//! a directory made for it 0700, since it holds those secrets; every record
+//! read back is checked ([`read_record`]).
 
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use dmfabric_wire::auth::Secret;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::model::{Change, Conflict, Db};
+use crate::keys::ClientKeys;
+use crate::model::{Change, Conflict, Db, MAX_RECORD_BYTES};
+use crate::seal::{SealError, StateKey, STATE_TTL};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +34,9 @@ pub enum StoreError {
     Conflict(#[from] Conflict),
     #[error("The store {store}: {what}")]
     Backend { store: String, what: String },
+    /// A state in transit that was taken (it is gone) but refused.
+    #[error("The store {store}: state {key}: {error}")]
+    State { store: String, key: String, error: SealError },
 }
 
 /// A database of client platforms, servers, VMs and devices.
@@ -38,15 +55,55 @@ pub trait Store: Send + Sync {
     /// ("vm/<id>") — until the receiver takes it (not a record: the
     /// revision stays).
     fn put_state(&self, key: &str, state: &[u8]) -> Result<(), StoreError>;
-    /// Read and delete the saved state under `key`, if there is one.
+    /// Read and delete the saved state under `key`, if there is one. A
+    /// state that was altered, sealed under another cluster key or left
+    /// longer than [`STATE_TTL`] is taken and refused
+    /// ([`StoreError::State`] says which).
     fn take_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The keys of client platform `client`, if it has any (checked as
+    /// they are read: a corrupt set is an error).
+    fn client_keys(&self, client: u16) -> Result<Option<ClientKeys>, StoreError>;
+    /// Store the keys of `keys.client`, replacing what it had; bumps the
+    /// revision, so watchers reload. Refused for a client platform without
+    /// a record, and for a key set that makes no sense.
+    fn put_client_keys(&self, keys: &ClientKeys) -> Result<u64, StoreError>;
+    /// The cluster's secret (states in transit are sealed under a key
+    /// derived from it): created at random on first use, then stored.
+    fn cluster_key(&self) -> Result<Secret, StoreError>;
+    /// Bring the store's access rules in line with the records, after a
+    /// commit: which etcd user may read which client platform's keys
+    /// (`etcd`'s grants). Returns what changed, a line each. The embedded
+    /// store has no users (its file's mode is its access control).
+    fn sync_access(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Records by key (the same keys in every store): "client/<id>", "server/<id>", "vm/<id>", "device/<id>"; JSON values.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Saved device-model states in transit, by device id.
+/// Sealed states in transit, by name ("device/<id>", "vm/<id>").
 const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
+/// Secrets: "client/<id>" (a [`ClientKeys`] as JSON) and "cluster" (64 hex digits).
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+
+/// The client platforms whose records `changes` remove (their keys go too).
+pub(crate) fn removed_clients(changes: &[Change]) -> Vec<u16> {
+    changes.iter().filter_map(|c| if let Change::RemoveClient(id) = c { Some(*id) } else { None }).collect()
+}
+
+/// Parse a stored cluster key, named `what` in errors.
+pub(crate) fn parse_cluster_key(what: &str, v: &[u8]) -> Result<Secret, String> {
+    std::str::from_utf8(v)
+        .map_err(|_| "not text".to_string())
+        .and_then(|t| Secret::from_hex(t).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{what} is corrupt: {e}"))
+}
+
+/// Seconds since the Unix epoch, now (states in transit carry an expiry).
+fn now_unix() -> u64 {
+    crate::keys::now_unix()
+}
 
 fn key(change: &Change) -> String {
     match change {
@@ -73,26 +130,55 @@ fn value(change: &Change) -> Option<Vec<u8>> {
 }
 
 /// Add the record stored at `k` to `db`; `Err` names what is wrong with it.
+///
+/// Every record is checked as it is read: its size before it is parsed
+/// ([`MAX_RECORD_BYTES`]), then its fields (`validate` of its type: string
+/// lengths, ranges, overflow), and that it is the record its key names.
 pub(crate) fn read_record(db: &mut Db, k: &str, v: &[u8]) -> Result<(), String> {
-    let bad = |e: serde_json::Error| format!("record {k} is corrupt: {e}");
-    match k.split_once('/') {
-        Some(("client", _)) => {
-            let c: crate::model::ClientPlatform = serde_json::from_slice(v).map_err(bad)?;
+    use crate::model::{ClientPlatform, Device, Server, Vm};
+    let shown: String = k.chars().take(64).collect();
+    if v.len() > MAX_RECORD_BYTES {
+        return Err(format!(
+            "record {shown} is corrupt: {} bytes, more than a record may be ({MAX_RECORD_BYTES})",
+            v.len()
+        ));
+    }
+    let bad = |e: &dyn std::fmt::Display| format!("record {shown} is corrupt: {e}");
+    let Some((kind, id)) = k.split_once('/') else { return Err(format!("unknown record {shown}")) };
+    let id: u64 = id.parse().map_err(|_| format!("unknown record {shown}"))?;
+    let named = |what: &str, got: u64| {
+        if got == id {
+            Ok(())
+        } else {
+            Err(format!("record {shown} is corrupt: it holds {what} {got}"))
+        }
+    };
+    match kind {
+        "client" => {
+            let c: ClientPlatform = serde_json::from_slice(v).map_err(|e| bad(&e))?;
+            named("client platform", c.id.into())?;
+            c.validate().map_err(|e| bad(&e))?;
             db.clients.insert(c.id, c);
         }
-        Some(("server", _)) => {
-            let s: crate::model::Server = serde_json::from_slice(v).map_err(bad)?;
+        "server" => {
+            let s: Server = serde_json::from_slice(v).map_err(|e| bad(&e))?;
+            named("server", s.id.into())?;
+            s.validate().map_err(|e| bad(&e))?;
             db.servers.insert(s.id, s);
         }
-        Some(("vm", _)) => {
-            let m: crate::model::Vm = serde_json::from_slice(v).map_err(bad)?;
+        "vm" => {
+            let m: Vm = serde_json::from_slice(v).map_err(|e| bad(&e))?;
+            named("VM", m.id.into())?;
+            m.validate().map_err(|e| bad(&e))?;
             db.vms.insert(m.id, m);
         }
-        Some(("device", _)) => {
-            let d: crate::model::Device = serde_json::from_slice(v).map_err(bad)?;
+        "device" => {
+            let d: Device = serde_json::from_slice(v).map_err(|e| bad(&e))?;
+            named("device", d.id.into())?;
+            d.validate().map_err(|e| bad(&e))?;
             db.devices.insert(d.id, d);
         }
-        _ => return Err(format!("unknown record {k}")),
+        _ => return Err(format!("unknown record {shown}")),
     }
     Ok(())
 }
@@ -111,8 +197,14 @@ const REDB_BUSY_WAIT: Duration = Duration::from_secs(5);
 /// and `dmfabric ctl` of a host share it, so every operation opens the file,
 /// does its work and closes it (an open is a header read: tens of µs),
 /// waiting up to [`REDB_BUSY_WAIT`] while another process has it.
+///
+/// The file holds client platforms' keys and the cluster key: it is
+/// created 0600, and one found readable by others is narrowed to 0600
+/// (with a warning) when the store is opened.
 pub struct RedbStore {
     path: PathBuf,
+    /// The key states are sealed with, once read.
+    state_key: Mutex<Option<StateKey>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -125,8 +217,9 @@ impl RedbStore {
     /// The store at `path`, created if needed (checked now: a file that is
     /// not a store is an error here, not at the first watch).
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let s = RedbStore { path: path.to_path_buf() };
+        let s = RedbStore { path: path.to_path_buf(), state_key: Mutex::new(None) };
         drop(s.db()?);
+        s.narrow_mode()?;
         Ok(s)
     }
 
@@ -134,10 +227,31 @@ impl RedbStore {
         StoreError::Backend { store: self.path.display().to_string(), what: what.to_string() }
     }
 
+    /// A file group or others may reach becomes 0600: it holds secrets.
+    fn narrow_mode(&self) -> Result<(), StoreError> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| self.err(format!("cannot stat it: {e}")))?;
+        let mode = meta.mode() & 0o7777;
+        if meta.is_file() && mode & 0o077 != 0 {
+            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| self.err(format!("it is mode {mode:04o} and holds keys; cannot make it 0600: {e}")))?;
+            tracing::warn!(store = %self.path.display(), "the store was mode {mode:04o}: made it 0600 (it holds keys)");
+        }
+        Ok(())
+    }
+
     fn db(&self) -> Result<Database, StoreError> {
         let start = Instant::now();
         loop {
-            match Database::create(&self.path) {
+            // Created 0600 (redb's own create would use the umask's 0644).
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&self.path)
+                .map_err(|e| self.err(format!("cannot open it: {e}")))?;
+            match Database::builder().create_file(file) {
                 Ok(db) => return Ok(db),
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < REDB_BUSY_WAIT => {
                     std::thread::sleep(Duration::from_millis(2));
@@ -155,6 +269,24 @@ impl RedbStore {
         }
         Ok(db)
     }
+
+    /// The next revision, written in `tx`.
+    fn bump(&self, tx: &redb::WriteTransaction) -> Result<u64, StoreError> {
+        let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+        let revision = meta.get("revision").map_err(|e| self.err(e))?.map_or(0, |v| v.value()) + 1;
+        meta.insert("revision", revision).map_err(|e| self.err(e))?;
+        Ok(revision)
+    }
+
+    fn state_key(&self) -> Result<StateKey, StoreError> {
+        let mut cached = self.state_key.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = cached.as_ref() {
+            return Ok(k.clone());
+        }
+        let k = StateKey::new(&self.cluster_key()?);
+        *cached = Some(k.clone());
+        Ok(k)
+    }
 }
 
 impl Store for RedbStore {
@@ -171,7 +303,6 @@ impl Store for RedbStore {
     fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError> {
         let db = self.db()?;
         let tx = db.begin_write().map_err(|e| self.err(e))?;
-        let revision;
         let said;
         {
             let mut records = tx.open_table(RECORDS).map_err(|e| self.err(e))?;
@@ -187,10 +318,15 @@ impl Store for RedbStore {
                     }
                 }
             }
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            revision = meta.get("revision").map_err(|e| self.err(e))?.map_or(0, |v| v.value()) + 1;
-            meta.insert("revision", revision).map_err(|e| self.err(e))?;
+            let gone = removed_clients(changes);
+            if !gone.is_empty() {
+                let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+                for id in gone {
+                    keys.remove(format!("client/{id}").as_str()).map_err(|e| self.err(e))?;
+                }
+            }
         }
+        let revision = self.bump(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok((revision, said))
     }
@@ -210,9 +346,13 @@ impl Store for RedbStore {
     }
 
     fn put_state(&self, key: &str, state: &[u8]) -> Result<(), StoreError> {
+        let sealed = self
+            .state_key()?
+            .seal(key, state, now_unix() + STATE_TTL.as_secs())
+            .map_err(|error| StoreError::State { store: self.describe(), key: key.to_string(), error })?;
         let db = self.db()?;
         let tx = db.begin_write().map_err(|e| self.err(e))?;
-        tx.open_table(STATES).map_err(|e| self.err(e))?.insert(key, state).map_err(|e| self.err(e))?;
+        tx.open_table(STATES).map_err(|e| self.err(e))?.insert(key, sealed.as_slice()).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
 
@@ -228,40 +368,148 @@ impl Store for RedbStore {
             }
         }
         let tx = db.begin_write().map_err(|e| self.err(e))?;
-        let state = {
+        let sealed = {
             let mut t = tx.open_table(STATES).map_err(|e| self.err(e))?;
             let v = t.remove(key).map_err(|e| self.err(e))?;
             v.map(|v| v.value().to_vec())
         };
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(state)
+        drop(db);
+        let Some(sealed) = sealed else { return Ok(None) };
+        let state = self.state_key()?.open(key, sealed, now_unix()).map_err(|error| StoreError::State {
+            store: self.describe(),
+            key: key.to_string(),
+            error,
+        })?;
+        Ok(Some(state))
+    }
+
+    fn client_keys(&self, client: u16) -> Result<Option<ClientKeys>, StoreError> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
+        let t = match tx.open_table(KEYS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let k = format!("client/{client}");
+        let Some(v) = t.get(k.as_str()).map_err(|e| self.err(e))? else { return Ok(None) };
+        let keys = ClientKeys::from_json(&format!("the keys of client platform {client}"), v.value())
+            .map_err(|e| self.err(e))?;
+        if keys.client != client {
+            return Err(
+                self.err(format!("the keys stored for client platform {client} are client platform {}'s", keys.client))
+            );
+        }
+        Ok(Some(keys))
+    }
+
+    fn put_client_keys(&self, keys: &ClientKeys) -> Result<u64, StoreError> {
+        keys.check().map_err(|e| self.err(e))?;
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let records = tx.open_table(RECORDS).map_err(|e| self.err(e))?;
+            if records.get(format!("client/{}", keys.client).as_str()).map_err(|e| self.err(e))?.is_none() {
+                return Err(Conflict::Missing { what: "client platform", id: keys.client.into() }.into());
+            }
+            let mut t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+            t.insert(format!("client/{}", keys.client).as_str(), keys.to_json().as_slice()).map_err(|e| self.err(e))?;
+        }
+        let revision = self.bump(&tx)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(revision)
+    }
+
+    fn cluster_key(&self) -> Result<Secret, StoreError> {
+        let db = self.db()?;
+        {
+            let rx = db.begin_read().map_err(|e| self.err(e))?;
+            match rx.open_table(KEYS) {
+                Ok(t) => {
+                    if let Some(v) = t.get("cluster").map_err(|e| self.err(e))? {
+                        return parse_cluster_key("the cluster key", v.value()).map_err(|e| self.err(e));
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        // First use: make it, unless another process just did.
+        let tx = db.begin_write().map_err(|e| self.err(e))?;
+        let key = {
+            let mut t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
+            let stored = t.get("cluster").map_err(|e| self.err(e))?.map(|v| v.value().to_vec());
+            match stored {
+                Some(v) => parse_cluster_key("the cluster key", &v).map_err(|e| self.err(e))?,
+                None => {
+                    let key = crate::keys::random_secret().map_err(|e| self.err(e))?;
+                    t.insert("cluster", key.to_hex().as_bytes()).map_err(|e| self.err(e))?;
+                    key
+                }
+            }
+        };
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(key)
     }
 }
 
 /// Where `dmfabric ctl`, servers and clients look by default.
 pub const DEFAULT_STORE: &str = "/var/lib/dmfabric/control.redb";
 
-/// Open the store named by `spec`: `etcd://HOST:PORT[,HOST:PORT...]` for
-/// etcd, anything else is the path of a redb file.
+/// Open the store named by `spec`:
+///
+/// - `etcds://HOST:PORT[,HOST:PORT...]?ca=PATH&cert=PATH&key=PATH`: etcd
+///   over TLS, this host's client certificate (its CN is its etcd user)
+///   and the CA that signed etcd's; without the query, the paths come from
+///   `DMFABRIC_ETCD_CA`, `DMFABRIC_ETCD_CERT` and `DMFABRIC_ETCD_KEY`;
+/// - `etcd://HOST:PORT[,HOST:PORT...]`: etcd over plain http, no
+///   authentication (local tests);
+/// - anything else: the path of a redb file, created 0600 if missing (and
+///   its directory 0700).
 pub fn open(spec: &str) -> Result<Box<dyn Store>, StoreError> {
-    match spec.strip_prefix("etcd://") {
-        Some(endpoints) => Ok(Box::new(crate::etcd::EtcdStore::connect(endpoints)?)),
-        None => {
-            let path = Path::new(spec);
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend {
-                    store: path.display().to_string(),
-                    what: format!("cannot create {}: {e}", dir.display()),
-                })?;
-            }
-            Ok(Box::new(RedbStore::open(path)?))
-        }
+    if spec.starts_with("etcd://") || spec.starts_with("etcds://") {
+        let target = crate::etcd::EtcdSpec::parse(spec)?;
+        return Ok(Box::new(crate::etcd::EtcdStore::connect_spec(&target)?));
     }
+    let path = Path::new(spec);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| StoreError::Backend {
+            store: path.display().to_string(),
+            what: format!("cannot create {}: {e}", dir.display()),
+        })?;
+    }
+    Ok(Box::new(RedbStore::open(path)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::fixtures::platform;
+
+    /// A redb file of a test's own in a directory of its own, removed on drop.
+    struct Tmp(PathBuf);
+
+    impl Tmp {
+        fn new(name: &str) -> Tmp {
+            let d = std::env::temp_dir().join(format!("dmfabric-store-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            Tmp(d)
+        }
+        fn file(&self) -> PathBuf {
+            self.0.join("sub/control.redb")
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().mode() & 0o7777
+    }
 
     #[test]
     fn a_file_that_is_not_a_store_is_a_clear_error() {
@@ -270,5 +518,161 @@ mod tests {
         let err = RedbStore::open(&p).unwrap_err().to_string();
         assert!(err.starts_with(&format!("The store {}: cannot open it", p.display())), "{err}");
         let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn the_file_is_0600_and_its_new_directories_0700() {
+        let t = Tmp::new("modes");
+        let s = open(t.file().to_str().unwrap()).unwrap();
+        s.commit(&platform()).unwrap();
+        assert_eq!(mode(&t.file()), 0o600);
+        assert_eq!(mode(t.file().parent().unwrap()), 0o700);
+        assert_eq!(mode(&t.0), 0o700, "every directory it made");
+        // One left readable by others is narrowed when opened.
+        std::fs::set_permissions(t.file(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(open(t.file().to_str().unwrap()).unwrap());
+        assert_eq!(mode(&t.file()), 0o600);
+    }
+
+    #[test]
+    fn client_keys_stay_out_of_the_records_and_go_with_their_client() {
+        let t = Tmp::new("keys");
+        let s = open(t.file().to_str().unwrap()).unwrap();
+        let k = ClientKeys::generate(1).unwrap();
+        let e = s.put_client_keys(&k).unwrap_err().to_string();
+        assert_eq!(e, "client platform 1 does not exist");
+        let (rev, _) = s.commit(&platform()).unwrap();
+        assert_eq!(s.client_keys(1).unwrap(), None);
+        assert_eq!(s.put_client_keys(&k).unwrap(), rev + 1, "a key change bumps the revision");
+        assert_eq!(s.client_keys(1).unwrap(), Some(k.clone()));
+        let db = s.load().unwrap();
+        let text = serde_json::to_string(&db).unwrap();
+        assert!(!text.contains(&k.keys[0].secret.to_hex()), "never part of the records");
+        let bad = ClientKeys { send: 9, ..k.clone() };
+        assert!(s.put_client_keys(&bad).unwrap_err().to_string().contains("sends with key 9"));
+        // Removing the client removes its keys.
+        s.commit(&[Change::RemoveVm(100), Change::RemoveClient(1)]).unwrap();
+        assert_eq!(s.client_keys(1).unwrap(), None);
+    }
+
+    #[test]
+    fn the_cluster_key_is_made_once() {
+        let t = Tmp::new("cluster");
+        let s = open(t.file().to_str().unwrap()).unwrap();
+        let k = s.cluster_key().unwrap();
+        assert_eq!(s.cluster_key().unwrap(), k);
+        assert_eq!(open(t.file().to_str().unwrap()).unwrap().cluster_key().unwrap(), k, "stored");
+        assert_eq!(s.revision().unwrap(), 0, "not a record");
+    }
+
+    #[test]
+    fn states_are_sealed_at_rest_and_refused_when_altered() {
+        let t = Tmp::new("sealed");
+        let s = RedbStore::open(&{
+            std::fs::create_dir_all(t.file().parent().unwrap()).unwrap();
+            t.file()
+        })
+        .unwrap();
+        let state = b"the device's registers, in the clear".to_vec();
+        s.put_state("device/1", &state).unwrap();
+        let raw = |f: &dyn Fn(&mut Vec<u8>)| {
+            let db = s.db().unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut table = tx.open_table(STATES).unwrap();
+                let mut v = table.get("device/1").unwrap().unwrap().value().to_vec();
+                f(&mut v);
+                table.insert("device/1", v.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        };
+        raw(&|v| assert!(v.windows(state.len()).all(|w| w != &state[..]), "not in the clear"));
+        assert_eq!(s.take_state("device/1").unwrap(), Some(state.clone()));
+        assert_eq!(s.take_state("device/1").unwrap(), None, "taken once");
+
+        s.put_state("device/1", &state).unwrap();
+        raw(&|v| {
+            let last = v.len() - 1;
+            v[last] ^= 1;
+        });
+        let e = s.take_state("device/1").unwrap_err();
+        assert!(matches!(e, StoreError::State { error: SealError::Tampered, .. }), "{e}");
+        assert!(e.to_string().contains("state device/1: it was altered or corrupted in transit"), "{e}");
+        assert_eq!(s.take_state("device/1").unwrap(), None, "a refused state is gone too");
+
+        // Sealed under another cluster's key.
+        let other = StateKey::new(&crate::keys::random_secret().unwrap());
+        let foreign = other.seal("vm/5", &state, now_unix() + 60).unwrap();
+        s.put_state("vm/5", b"x").unwrap();
+        raw_put(&s, "vm/5", &foreign);
+        let e = s.take_state("vm/5").unwrap_err();
+        assert!(matches!(e, StoreError::State { error: SealError::WrongKey, .. }), "{e}");
+        // Expired.
+        let k = s.state_key().unwrap();
+        raw_put(&s, "vm/5", &k.seal("vm/5", &state, now_unix() - 1).unwrap());
+        let e = s.take_state("vm/5").unwrap_err();
+        assert!(matches!(e, StoreError::State { error: SealError::Expired { .. }, .. }), "{e}");
+    }
+
+    fn raw_put(s: &RedbStore, key: &str, v: &[u8]) {
+        let db = s.db().unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(STATES).unwrap().insert(key, v).unwrap();
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn hostile_records_are_clear_errors() {
+        let mut db = Db::default();
+        let read = |db: &mut Db, k: &str, v: &str| read_record(db, k, v.as_bytes()).unwrap_err();
+        let vm = |extra: &str| {
+            format!(r#"{{"id":5,"client":1,"vcpus":1,"memory_mib":4,"image":"io_loop","state":"defined"{extra}}}"#)
+        };
+        assert!(read_record(&mut db, "vm/5", vm("").as_bytes()).is_ok());
+        assert_eq!(read(&mut db, "vm/6", &vm("")), "record vm/6 is corrupt: it holds VM 5");
+        let e = read(&mut db, "vm/5", &vm("").replace("\"vcpus\":1", "\"vcpus\":1000"));
+        assert_eq!(e, "record vm/5 is corrupt: VM 5: vcpus must be 1 to 255, not 1000");
+        let e = read(&mut db, "vm/5", &vm("").replace("\"memory_mib\":4", "\"memory_mib\":4000000"));
+        assert!(e.contains("memory_mib must be 1 to 65536"), "{e}");
+        let long = "x".repeat(5000);
+        let e = read(&mut db, "vm/5", &vm("").replace("io_loop", &long));
+        assert!(e.contains("image must be 1 to 4096 bytes"), "{e}");
+        let e = read(&mut db, "vm/5", &vm(r#","args":[1,2,3,4]"#));
+        assert!(e.contains("at most 3 arguments"), "{e}");
+        let e = read(&mut db, "vm/5", &vm("").replace("\"vcpus\":1", "\"vcpus\":-1"));
+        assert!(e.starts_with("record vm/5 is corrupt:"), "{e}");
+        let dev = |ranges: &str, irqs: &str| {
+            format!(r#"{{"id":2,"kind":"regfile","server":10,"shard":0,"vm":5,"ranges":[{ranges}],"irqs":[{irqs}]}}"#)
+        };
+        assert!(read_record(&mut db, "device/2", dev(r#"{"mmio":false,"base":1280,"len":16}"#, "4").as_bytes()).is_ok());
+        let e = read(&mut db, "device/2", &dev(r#"{"mmio":true,"base":18446744073709551615,"len":2}"#, ""));
+        assert!(e.contains("bad range mmio 0xffffffffffffffff+0x2"), "overflow: {e}");
+        let e = read(&mut db, "device/2", &dev(r#"{"mmio":true,"base":0,"len":4294967296}"#, ""));
+        assert!(e.contains("an MMIO range is 1 byte to 16 MiB"), "{e}");
+        let e = read(&mut db, "device/2", &dev(r#"{"mmio":false,"base":65535,"len":2}"#, ""));
+        assert!(e.contains("ends at or before 0x10000"), "{e}");
+        let e = read(&mut db, "device/2", &dev(r#"{"mmio":false,"base":0,"len":0}"#, ""));
+        assert!(e.contains("bad range"), "{e}");
+        let e = read(&mut db, "device/2", &dev("", "24"));
+        assert!(e.contains("interrupt line 24 does not exist"), "{e}");
+        let many = vec![r#"{"mmio":false,"base":0,"len":1}"#; 17].join(",");
+        assert!(read(&mut db, "device/2", &dev(&many, "")).contains("at most 16 address ranges"));
+        let e = read(&mut db, "device/2", &dev("", "").replace("regfile", "gpu"));
+        assert!(e.contains("unknown kind \"gpu\""), "{e}");
+        let e = read(&mut db, "client/1", r#"{"id":1,"mac":"nope","hypervisor":1,"hypervisor_kind":"kvm"}"#);
+        assert!(e.contains("is not a MAC address"), "{e}");
+        let e = read(
+            &mut db,
+            "client/1",
+            &format!(r#"{{"id":1,"mac":"02:00:00:00:00:01","hypervisor":1,"hypervisor_kind":"{}"}}"#, "k".repeat(100)),
+        );
+        assert!(e.contains("hypervisor_kind must be 1 to 32"), "{e}");
+        let huge = format!(r#"{{"id":1,"pad":"{}"}}"#, " ".repeat(MAX_RECORD_BYTES));
+        let e = read(&mut db, "server/1", &huge);
+        assert!(e.contains("more than a record may be"), "{e}");
+        assert_eq!(read(&mut db, "thing/1", "{}"), "unknown record thing/1");
+        assert_eq!(read(&mut db, "vm/x", "{}"), "unknown record vm/x");
+        assert!(read(&mut db, "server/1", "[[[[").starts_with("record server/1 is corrupt"));
+        assert!(db.clients.is_empty() && db.servers.is_empty(), "nothing refused was added");
     }
 }
