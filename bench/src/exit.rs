@@ -110,14 +110,15 @@ fn summarise(mode: ExitMode, transport: &str, exits: u64, report: &RunReport) ->
 }
 
 /// How a bench's client speaks to the harness's server: as the load
-/// generator's client platform, with the default retransmits.
-pub fn client_config(target: &loadgen::Target) -> ClientConfig {
+/// generator's client platform, with its keys and the default retransmits.
+pub fn client_config(target: &loadgen::Target, setup: &Setup) -> ClientConfig {
     ClientConfig {
         client: target.client_id,
         hypervisor: 1,
         servers: vec![target.server_id],
         retry: Retry::default(),
         hello_timeout: Duration::from_secs(5),
+        sealer: setup.sealer(),
     }
 }
 
@@ -156,8 +157,8 @@ pub fn run(mode: ExitMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>) ->
         }
         ExitMode::Remote => {
             let outcome = harness::run(setup, stop, |t, target| {
-                let spec = guest(exits, Target::Remote { server: target.server_id, device: TEST_DEVICE_ID });
-                Ok(machine::run(vec![spec], Some((t, client_config(&target))), &opts, stop).map(|(r, _)| r))
+                let spec = guest(exits, Target::remote(target.server_id, TEST_DEVICE_ID));
+                Ok(machine::run(vec![spec], Some((t, client_config(&target, setup))), &opts, stop).map(|(r, _)| r))
             })?;
             summarise(mode, setup.transport.name(), exits, &outcome.result?)
         }

@@ -10,13 +10,16 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dmfabric_dataplane::hello::Sealer;
 use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{mem, Transport, TransportKind, TransportSpec};
 use dmfabric_devices::platform::pc::{self, PcLayout};
 use dmfabric_dm_workers::backend::Inline;
+use dmfabric_dm_workers::peers::{Client, Registry};
 use dmfabric_dm_workers::server::{Server, ServerStats};
+use dmfabric_wire::auth::{KeyRing, Secret};
 use dmfabric_wire::MacAddr;
 
 use crate::loadgen::{self, LoadError, Target};
@@ -49,6 +52,11 @@ pub struct Setup {
     pub test_devices: u32,
     /// Also host a PC's devices for this VM (`dmfabric server --pc-vm`).
     pub pc_vm: Option<u32>,
+    /// The load's client platform key (fresh for each set-up).
+    pub secret: Secret,
+    /// Seal and check every frame (off only to measure what that costs;
+    /// a server thread only).
+    pub authenticate: bool,
 }
 
 impl Setup {
@@ -66,8 +74,76 @@ impl Setup {
             server_layout: None,
             test_devices: 1,
             pc_vm: None,
+            secret: fresh_secret(),
+            authenticate: true,
         }
     }
+
+    /// How the load seals its frames.
+    pub fn sealer(&self) -> Sealer {
+        Sealer { keys: KeyRing::single(1, &self.secret), authenticate: self.authenticate }
+    }
+
+    /// The server's registry: the load's client platform at `mac`, its VM
+    /// 1 with a vCPU per load slot, and the PC VM if any.
+    fn registry(&self, mac: MacAddr) -> Registry {
+        let mut vms = vec![(1, loadgen::MAX_INFLIGHT)];
+        if let Some(vm) = self.pc_vm.filter(|&v| v != 1) {
+            vms.push((vm, 1));
+        }
+        let keys = KeyRing::single(1, &self.secret);
+        let client = Client { id: loadgen::CLIENT_ID, mac, hypervisor: 1, keys, vms };
+        Registry::new(vec![client], Vec::new(), std::collections::HashMap::new())
+    }
+
+    /// A server thread's server for this set-up.
+    pub fn server(
+        &self,
+        mac: MacAddr,
+        client_mac: MacAddr,
+        devices: &[dmfabric_devices::DeviceSpec],
+    ) -> Server<Inline> {
+        let s = Server::new(SERVER_ID, mac, devices, self.registry(client_mac));
+        if self.authenticate {
+            s
+        } else {
+            s.without_authentication()
+        }
+    }
+
+    /// Write the load's key file and the server's client list into `dir`
+    /// (for a server process); returns the client list's path.
+    fn write_clients(&self, dir: &std::path::Path, client_mac: MacAddr) -> std::io::Result<PathBuf> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        let key = dir.join("bench-client.key");
+        let _ = std::fs::remove_file(&key);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key)?;
+        let c = loadgen::CLIENT_ID;
+        writeln!(f, "client = {c}\nsend = 1\n\n[[key]]\nid = 1\nsecret = \"{}\"", self.secret.to_hex())?;
+        let mut vms = format!("{{ id = 1, vcpus = {} }}", loadgen::MAX_INFLIGHT);
+        if let Some(vm) = self.pc_vm.filter(|&v| v != 1) {
+            vms.push_str(&format!(", {{ id = {vm}, vcpus = 1 }}"));
+        }
+        let clients = dir.join("clients.toml");
+        std::fs::write(
+            &clients,
+            format!("[[client]]\nid = {c}\nmac = \"{client_mac}\"\nkey_file = \"bench-client.key\"\nvms = [{vms}]\n"),
+        )?;
+        Ok(clients)
+    }
+}
+
+/// A fresh random secret (the OS's random source).
+pub fn fresh_secret() -> Secret {
+    let mut b = [0u8; 32];
+    if getrandom::fill(&mut b).is_err() {
+        // No random source: a bench still runs, with a clock-made key.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
+    }
+    Secret::from_bytes(b)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +211,7 @@ where
                 devices.extend(PcLayout::new(vm)?.specs());
             }
             let flag = server_stop.clone();
+            let (server_setup, client_mac) = (setup.clone(), net.host(0).mac);
             let server = std::thread::spawn(move || -> Option<ServerStats> {
                 let started = (|| -> Result<(Box<dyn Transport>, Server<Inline>), String> {
                     netns::enter(&ns).map_err(|e| e.to_string())?;
@@ -142,7 +219,7 @@ where
                         dmfabric_pinning::pin_current(c).map_err(|e| e.to_string())?;
                     }
                     let t = dmfabric_dataplane::open(&spec).map_err(|e| e.to_string())?;
-                    let s = Server::new(SERVER_ID, t.mac(), &devices);
+                    let s = server_setup.server(t.mac(), client_mac, &devices);
                     Ok((t, s))
                 })();
                 let (mut t, mut s) = match started {
@@ -169,6 +246,15 @@ where
             Ok(Outcome { result: result?, server, server_json: None })
         }
         ServerLaunch::Process(exe) => {
+            if !setup.authenticate {
+                return Err(HarnessError::ServerStart(
+                    "a server process always authenticates: measure without it with a server thread".into(),
+                ));
+            }
+            // The load's key and the server's client list, in a directory of this run.
+            let run_dir = std::env::temp_dir().join(format!("dmfabric-bench-{}", net.host(1).ns));
+            let _remove = RemoveDir(run_dir.clone());
+            let clients = setup.write_clients(&run_dir, net.host(0).mac).map_err(HarnessError::Spawn)?;
             let mut cmd = net.command(1, exe);
             cmd.args([
                 "server",
@@ -179,7 +265,7 @@ where
                 "--server-id",
                 &SERVER_ID.to_string(),
             ]);
-            cmd.arg("--stats-json");
+            cmd.arg("--stats-json").arg("--clients").arg(&clients);
             // Busy-poll when the server has its own core; a split server on a
             // small host shares cores with the client and must nap when idle.
             if setup.server_layout.is_none() {
@@ -211,7 +297,7 @@ where
             }
             cmd.args(["--test-devices", &setup.test_devices.to_string()]);
             // A PC's devices come with a console directory: one for this run.
-            let console_dir = std::env::temp_dir().join(format!("dmfabric-bench-{}", net.host(1).ns));
+            let console_dir = run_dir.join("consoles");
             if let Some(vm) = setup.pc_vm {
                 cmd.args(["--pc-vm", &vm.to_string(), "--console-dir"]).arg(&console_dir);
             }
@@ -265,8 +351,11 @@ where
             dmfabric_pinning::pin_current(c)?;
         }
         let mut t = dmfabric_dataplane::open(&spec).map_err(LoadError::from)?;
-        let (mac, id) = loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, Duration::from_secs(5))?;
-        let target = Target { devices: setup.test_devices, ..Target::test_device(mac, id) };
+        let sealer = setup.sealer();
+        let check = sealer.clone();
+        t.check_senders(Box::new(move |f: &[u8]| check.verifies(f)));
+        let session = loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, &sealer, Duration::from_secs(5))?;
+        let target = Target { devices: setup.test_devices, ..Target::test_device(&session, &sealer) };
         Ok(load(t, target)?)
     })?
 }
@@ -281,11 +370,12 @@ where
     let server_stop = Arc::new(AtomicBool::new(false));
     let flag = server_stop.clone();
     let core = setup.server_core;
+    let server_setup = setup.clone();
     let server = std::thread::spawn(move || {
         if let Some(c) = core {
             let _ = dmfabric_pinning::pin_current(c);
         }
-        let mut s = Server::new(SERVER_ID, server_mac, &[pc::test_device(pc::TEST_DEVICE_ID)]);
+        let mut s = server_setup.server(server_mac, client_mac, &[pc::test_device(pc::TEST_DEVICE_ID)]);
         let cfg = PollConfig { spin: u32::MAX, ..PollConfig::default() };
         let _ = poll::run(&mut server_t, &mut s, cfg, &flag);
         s.stats()
@@ -294,9 +384,19 @@ where
         dmfabric_pinning::pin_current(c)?;
     }
     let _ = stop;
-    let result = loadgen::discover(&mut client, loadgen::CLIENT_ID, Duration::from_secs(5))
-        .and_then(|(mac, id)| load(Box::new(client), Target::test_device(mac, id)));
+    let sealer = setup.sealer();
+    let result = loadgen::discover(&mut client, loadgen::CLIENT_ID, &sealer, Duration::from_secs(5))
+        .and_then(|session| load(Box::new(client), Target::test_device(&session, &sealer)));
     server_stop.store(true, Ordering::Relaxed);
     let server = server.join().ok();
     Ok(Outcome { result: result?, server, server_json: None })
+}
+
+/// Removes a directory, also when a run fails.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -3,10 +3,12 @@
 //! Owns: the load generator ([`loadgen`]: IoRequests against the test
 //! device, every answer checked, latencies in an HDR histogram), the
 //! harness that runs a server and the load in two test hosts
-//! ([`harness`]), and the JSON reports ([`report`]). The criterion suites
+//! ([`harness`]), a flood from a third host while the load runs
+//! ([`flood`]), and the JSON reports ([`report`]). The criterion suites
 //! are under `benches/`.
 
 pub mod exit;
+pub mod flood;
 pub mod harness;
 pub mod loadgen;
 pub mod report;

@@ -1,13 +1,18 @@
 //! The load generator: IoRequests against the register-file test device,
-//! timed per request, with every answer checked.
+//! timed per request, with every answer checked — sealed and verified like
+//! a client platform's, numbered in the session it opened
+//! ([`dmfabric_wire::session`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use dmfabric_dataplane::hello::{Sealer, Session};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
 use dmfabric_devices::platform::pc::{TEST_DEVICE_ID, TEST_DEVICE_MMIO, TEST_DEVICE_PIO};
+use dmfabric_wire::auth::SendKey;
+use dmfabric_wire::session::Seq;
 use dmfabric_wire::{
-    AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, MacAddr, Message, Route, Space, Status,
+    AccessSize, Direction, EthernetRepr, Frame, FrameRepr, IoRequest, MacAddr, Message, Route, Space, Status,
 };
 use hdrhistogram::Histogram;
 
@@ -27,12 +32,34 @@ pub struct Target {
     /// Spread vCPUs over devices `device..device + devices` (vCPU `v` uses
     /// `device + v % devices`), e.g. to load several worker shards.
     pub devices: u32,
+    /// The session the requests are numbered in, and the server's epoch.
+    pub session: u32,
+    pub epoch: u32,
+    /// The key requests are sealed with and answers checked with (None:
+    /// neither, to measure what authentication costs).
+    pub key: Option<SendKey>,
 }
 
 impl Target {
-    /// The default test device on `server_mac`.
-    pub fn test_device(server_mac: MacAddr, server_id: u16) -> Target {
-        Target { server_mac, server_id, device: TEST_DEVICE_ID, client_id: CLIENT_ID, vm: 1, devices: 1 }
+    /// The default test device of the server `session` is with.
+    pub fn test_device(session: &Session, sealer: &Sealer) -> Target {
+        Target {
+            server_mac: session.mac,
+            server_id: session.server,
+            device: TEST_DEVICE_ID,
+            client_id: CLIENT_ID,
+            vm: 1,
+            devices: 1,
+            session: session.id,
+            epoch: session.epoch32(),
+            key: sealer.authenticate.then(|| sealer.keys.sending()),
+        }
+    }
+
+    /// Whether `frame` verifies under the target's key (always without one).
+    fn verifies(&self, frame: &[u8]) -> bool {
+        let Some(key) = self.key else { return true };
+        Frame::new_checked(frame).is_ok_and(|f| f.sealed_parts().is_some_and(|(c, tag)| key.key.verify(c, tag)))
     }
 }
 
@@ -48,13 +75,12 @@ pub enum LoadError {
     ServerGone(u64),
 }
 
-/// Find a server on the link (broadcast Hello, first HelloReply). Returns
-/// the server's MAC and id. `client` is the client platform id the load
-/// will use: the server forgets that client's streams, since its sequence
-/// numbers start over.
-pub fn discover(t: &mut dyn Transport, client: u16, timeout: Duration) -> Result<(MacAddr, u16), LoadError> {
-    let route = Route { client, ..Route::default() };
-    dmfabric_dataplane::hello::discover(t, route, None, timeout)?.ok_or(LoadError::NoServer(timeout))
+/// Open a session with a server on the link as client platform `client`
+/// (a sealed broadcast Hello, the first answer that verifies, a Register):
+/// the load's streams start at 0 in it.
+pub fn discover(t: &mut dyn Transport, client: u16, sealer: &Sealer, timeout: Duration) -> Result<Session, LoadError> {
+    let route = Route { client, hypervisor: 1, ..Route::default() };
+    dmfabric_dataplane::hello::open_session(t, route, None, sealer, timeout)?.ok_or(LoadError::NoServer(timeout))
 }
 
 /// Most simulated vCPUs: each owns one 8-byte MMIO register of the test device.
@@ -85,8 +111,10 @@ fn expected(i: u64, slot: u16) -> u64 {
     }
 }
 
-fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16, seq: u64, retransmit: bool) {
-    let (space, dir, size, addr, data) = pattern(seq, vcpu);
+/// Request `i` of vCPU `vcpu`'s stream: the test pattern's `i`, numbered
+/// `i` in the target's session.
+fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16, i: u64, retransmit: bool) {
+    let (space, dir, size, addr, data) = pattern(i, vcpu);
     let req = IoRequest {
         route: Route {
             server: target.server_id,
@@ -96,7 +124,7 @@ fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16
             vcpu,
             device: target.device + u32::from(vcpu) % target.devices.max(1),
         },
-        seq,
+        seq: Seq::new(target.session, i as u32).0,
         space,
         dir,
         size,
@@ -105,7 +133,11 @@ fn emit_request(batch: &mut FrameBatch, src: MacAddr, target: &Target, vcpu: u16
     };
     let mut repr = FrameRepr::new(EthernetRepr { dst: target.server_mac, src }, Message::IoRequest(req));
     repr.retransmit = retransmit;
-    batch.push_with(|buf| repr.emit(buf).ok());
+    repr.epoch = target.epoch;
+    match &target.key {
+        Some(key) => batch.push_with(|buf| repr.emit_sealed(buf, key).ok()),
+        None => batch.push_with(|buf| repr.emit(buf).ok()),
+    };
 }
 
 /// What a completion said, reduced to what the generator checks.
@@ -116,15 +148,19 @@ struct Answer {
 }
 
 fn check_answer(frame: &[u8], target: &Target) -> Option<Answer> {
+    if !target.verifies(frame) {
+        return None;
+    }
     let repr = FrameRepr::parse_bytes(frame).ok()?;
     let Message::IoCompletion(c) = repr.msg else {
         return None;
     };
-    if c.route.vm != target.vm || c.route.client != target.client_id {
+    if c.route.vm != target.vm || c.route.client != target.client_id || Seq(c.seq).session() != target.session {
         return None;
     }
-    let good = c.status == Status::Ok && c.data == expected(c.seq, c.route.vcpu);
-    Some(Answer { vcpu: c.route.vcpu, seq: c.seq, good })
+    let i = u64::from(Seq(c.seq).counter());
+    let good = c.status == Status::Ok && c.data == expected(i, c.route.vcpu);
+    Some(Answer { vcpu: c.route.vcpu, seq: i, good })
 }
 
 fn histogram() -> Histogram<u64> {
@@ -175,8 +211,8 @@ impl LoadReport {
 pub const GIVE_UP_AFTER_LOST: u64 = 50;
 
 /// Ping-pong: `requests` requests, one outstanding at a time. Warm-up
-/// requests (not recorded) go first. Sequence numbers start at 0, so call
-/// [`discover`] before each run: its Hello resets this client's streams.
+/// requests (not recorded) go first. Streams start at 0 in the target's
+/// session, so call [`discover`] before each run: each opens a new one.
 pub fn rtt(
     t: &mut dyn Transport,
     target: &Target,
@@ -235,8 +271,12 @@ pub fn rtt(
         if lost_in_a_row >= GIVE_UP_AFTER_LOST {
             return Err(LoadError::ServerGone(lost_in_a_row));
         }
-        // A lost write leaves its read without a known answer: skip the pair.
-        i = if done { i + 1 } else { (i | 1) + 1 };
+        // A lost request is asked again under its number: the stream takes
+        // only the next one, and the server answers it once (from its
+        // cache if it ran it).
+        if done {
+            i += 1;
+        }
     }
     report.elapsed = start.elapsed();
     Ok(report)
@@ -322,11 +362,10 @@ pub fn throughput(
                         t.send(&mut batch)?;
                     }
                 } else {
+                    // Counted lost, and asked again under its number (the
+                    // stream takes only the next one).
                     report.lost += 1;
                     s.busy = false;
-                    // Skip the pair this request belonged to, so that a read is
-                    // never checked against a write that was lost.
-                    s.seq = (s.seq | 1) + 1;
                 }
             }
             if !batch.is_empty() {

@@ -8,6 +8,8 @@ use crate::loadgen::LoadReport;
 #[derive(Debug, Clone, Serialize)]
 pub struct RttJson {
     pub transport: String,
+    /// Frames sealed and checked (false only in a measurement of the cost).
+    pub authenticated: bool,
     pub requests: u64,
     pub completed: u64,
     pub lost: u64,
@@ -22,9 +24,10 @@ pub struct RttJson {
 }
 
 impl RttJson {
-    pub fn new(transport: &str, r: &LoadReport) -> Self {
+    pub fn new(transport: &str, authenticated: bool, r: &LoadReport) -> Self {
         RttJson {
             transport: transport.to_string(),
+            authenticated,
             requests: r.sent,
             completed: r.completed,
             lost: r.lost,
@@ -44,6 +47,8 @@ impl RttJson {
 #[derive(Debug, Clone, Serialize)]
 pub struct ThroughputJson {
     pub transport: String,
+    /// Frames sealed and checked (false only in a measurement of the cost).
+    pub authenticated: bool,
     pub seconds: f64,
     pub inflight: u16,
     pub sent: u64,
@@ -57,10 +62,11 @@ pub struct ThroughputJson {
 }
 
 impl ThroughputJson {
-    pub fn new(transport: &str, inflight: u16, r: &LoadReport) -> Self {
+    pub fn new(transport: &str, authenticated: bool, inflight: u16, r: &LoadReport) -> Self {
         let secs = r.elapsed.as_secs_f64();
         ThroughputJson {
             transport: transport.to_string(),
+            authenticated,
             seconds: round(secs),
             inflight,
             sent: r.sent,

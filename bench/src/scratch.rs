@@ -152,8 +152,8 @@ pub fn run(mode: ScratchMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>)
             // COM1 of VM 1 on a `--pc-vm 1` server.
             let com1 = PcLayout::new(VM).map_err(|e| ExitBenchError::Guest(e.to_string()))?.id(Role::Com1);
             let outcome = harness::run(&setup, stop, |t, target| {
-                let vm = spec(round_trips, Target::Remote { server: target.server_id, device: com1 });
-                let cfg = crate::exit::client_config(&target);
+                let vm = spec(round_trips, Target::remote(target.server_id, com1));
+                let cfg = crate::exit::client_config(&target, &setup);
                 Ok(machine::run(vec![vm], Some((t, cfg)), &opts, stop).map(|(r, _)| r))
             })?;
             let report = outcome.result?;

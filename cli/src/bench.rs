@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use dmfabric_bench::exit::{self, ExitMode};
+use dmfabric_bench::flood;
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen::{self, LoadReport, Retry, Target};
 use dmfabric_bench::report::{RttJson, ThroughputJson};
@@ -27,6 +28,31 @@ pub enum BenchCmd {
     /// test device, served in-process (local) or by a server in another
     /// network namespace (remote).
     Exit(ExitArgs),
+    /// A client loads a server over AF_XDP while a third host on the bridge
+    /// floods the server with forged, untagged, malformed and replayed
+    /// frames: throughput without and with the flood, and the server's
+    /// drop counters by reason.
+    Flood(FloodArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FloodArgs {
+    /// Seconds of each phase (without, then with the flood).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// The client's requests in flight.
+    #[arg(long, default_value_t = 64)]
+    inflight: u16,
+    /// Flood frames per valid request of the first phase (1.0: the flood
+    /// matches the valid request rate).
+    #[arg(long, default_value_t = 1.5)]
+    ratio: f64,
+    /// Or a fixed flood rate, frames per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,6 +92,30 @@ pub struct ExitArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthArg {
+    On,
+    Off,
+    Both,
+}
+
+impl AuthArg {
+    fn runs(self) -> &'static [bool] {
+        match self {
+            AuthArg::On => &[true],
+            AuthArg::Off => &[false],
+            AuthArg::Both => &[true, false],
+        }
+    }
+}
+
+/// One measured configuration: a transport, with or without authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    kind: TransportKind,
+    authenticated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ServerMode {
     /// `dmfabric server` as its own process in the server namespace.
     Process,
@@ -102,8 +152,17 @@ pub struct Common {
     #[arg(long)]
     udp_peer: Option<SocketAddr>,
     /// With --iface and --transport udp: the local UDP address.
-    #[arg(long, default_value = "0.0.0.0:47000")]
+    #[arg(long, default_value = "127.0.0.1:47000")]
     udp_bind: SocketAddr,
+    /// With --iface: the key file of the client platform the load speaks as
+    /// (the server must list it; `dmfabric keygen --client 1 --out FILE`).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Seal and check every frame (on), neither (off), or both one after the
+    /// other to measure what authentication costs (off and both need
+    /// --server thread: a server process always authenticates).
+    #[arg(long, value_enum, default_value = "on")]
+    auth: AuthArg,
     /// Send a request again when its answer has not come after this long.
     #[arg(long, default_value_t = 20)]
     timeout_ms: u64,
@@ -149,15 +208,18 @@ pub struct ThroughputArgs {
 pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Exit(a) => bench_exit(&a, &stop),
+        BenchCmd::Flood(a) => bench_flood(&a, &stop),
         BenchCmd::Rtt(a) => {
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
             })?;
-            let rows: Vec<RttJson> = reports.iter().map(|(k, r)| RttJson::new(k.name(), r)).collect();
+            let rows: Vec<RttJson> =
+                reports.iter().map(|(run, r)| RttJson::new(run.kind.name(), run.authenticated, r)).collect();
             for row in &rows {
                 print_rtt(row);
             }
             print_ratio(&rows, |r| r.p50_us, "p50 latency");
+            print_auth_cost(&rows, |r| (r.transport.clone(), r.authenticated), |r| r.p50_us, "p50 latency");
             write_json(&a.common.json, &rows)?;
             fail_on_loss(&reports)
         }
@@ -171,12 +233,20 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::throughput(t, &target, Duration::from_secs_f64(a.seconds), a.inflight, a.common.retry(), stop)
             })?;
-            let rows: Vec<ThroughputJson> =
-                reports.iter().map(|(k, r)| ThroughputJson::new(k.name(), a.inflight, r)).collect();
+            let rows: Vec<ThroughputJson> = reports
+                .iter()
+                .map(|(run, r)| ThroughputJson::new(run.kind.name(), run.authenticated, a.inflight, r))
+                .collect();
             for row in &rows {
                 print_throughput(row);
             }
             print_ratio(&rows, |r| r.mreq_per_s, "throughput");
+            print_auth_cost(
+                &rows,
+                |r| (r.transport.clone(), r.authenticated),
+                |r| 1.0 / r.mreq_per_s.max(1e-9),
+                "time per request",
+            );
             write_json(&a.common.json, &rows)?;
             let wrong: u64 = reports.iter().map(|(_, r)| r.wrong).sum();
             if wrong > 0 {
@@ -193,7 +263,7 @@ fn for_each_transport(
     common: &Common,
     stop: &Arc<AtomicBool>,
     mut load: impl FnMut(&mut dyn Transport, Target, &AtomicBool) -> Result<LoadReport, loadgen::LoadError>,
-) -> anyhow::Result<Vec<(TransportKind, LoadReport)>> {
+) -> anyhow::Result<Vec<(Run, LoadReport)>> {
     let load: &mut LoadFn<'_> = &mut load;
     if let Some(spec) = &common.faults {
         FaultConfig::parse(spec).map_err(|e| anyhow::anyhow!("--faults: {e}"))?;
@@ -202,18 +272,33 @@ fn for_each_transport(
         let [kind] = common.hosts.transport[..] else {
             bail!("--iface measures one transport at a time");
         };
-        return Ok(vec![(kind, on_given_interface(common, kind, iface, stop, load)?)]);
+        if common.auth != AuthArg::On {
+            bail!("--iface talks to a running server, which always authenticates: --auth on");
+        }
+        let run = Run { kind, authenticated: true };
+        return Ok(vec![(run, on_given_interface(common, kind, iface, stop, load)?)]);
+    }
+    if common.auth != AuthArg::On && common.hosts.server != ServerMode::Thread {
+        bail!("--auth {:?} measures a server without authentication: add --server thread (a server process always authenticates)", common.auth);
     }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let mut out = Vec::new();
-    for &kind in &common.hosts.transport {
+    let runs = common
+        .hosts
+        .transport
+        .iter()
+        .flat_map(|&kind| common.auth.runs().iter().map(move |&authenticated| Run { kind, authenticated }));
+    for run in runs {
+        let kind = run.kind;
         if stop.load(Ordering::Relaxed) {
             bail!("Interrupted");
         }
         let mut setup = setup_for(kind, &common.hosts, &exe);
         setup.server_layout = common.server_layout.clone();
         setup.test_devices = common.test_devices.max(1);
-        eprintln!("dmfabric bench: {kind}: test hosts up, server starting ...");
+        setup.authenticate = run.authenticated;
+        let auth = if run.authenticated { "" } else { " (no authentication, for comparison)" };
+        eprintln!("dmfabric bench: {kind}{auth}: test hosts up, server starting ...");
         let flag = stop.clone();
         let outcome =
             harness::run(&setup, stop, |mut t, target| with_faults(common, t.as_mut(), |t| load(t, target, &flag)))
@@ -221,7 +306,7 @@ fn for_each_transport(
         if let Some(json) = &outcome.server_json {
             eprintln!("dmfabric bench: {kind}: server counters {json}");
         }
-        out.push((kind, outcome.result));
+        out.push((run, outcome.result));
     }
     Ok(out)
 }
@@ -247,9 +332,17 @@ fn on_given_interface(
         }
         TransportKind::Mem => bail!("--transport mem cannot use an interface"),
     };
+    let Some(key_file) = &common.key_file else {
+        bail!("--iface needs --key-file: the key of the client platform the load speaks as, listed by the server")
+    };
+    let key = dmfabric_control::keys::KeyFile::load(key_file)?;
+    let sealer = dmfabric_dataplane::hello::Sealer::new(key.ring()?);
     let mut t = dmfabric_dataplane::open(&spec)?;
-    let (mac, id) = loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, Duration::from_secs(5))?;
-    let target = Target { devices: common.test_devices.max(1), ..Target::test_device(mac, id) };
+    let check = sealer.clone();
+    t.check_senders(Box::new(move |f: &[u8]| check.verifies(f)));
+    let session = loadgen::discover(t.as_mut(), key.client, &sealer, Duration::from_secs(5))?;
+    let target =
+        Target { devices: common.test_devices.max(1), client_id: key.client, ..Target::test_device(&session, &sealer) };
     Ok(with_faults(common, t.as_mut(), |t| load(t, target, stop))?)
 }
 
@@ -278,18 +371,57 @@ fn with_faults<R>(
     r
 }
 
+/// A row's label: the transport, marked when not authenticated.
+fn label(transport: &str, authenticated: bool) -> String {
+    if authenticated {
+        transport.to_string()
+    } else {
+        format!("{transport}/noauth")
+    }
+}
+
 fn print_rtt(r: &RttJson) {
     println!(
-        "  {:<7} requests {:>8}  lost {}  wrong {}  p50 {:>7.2} µs  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>8.2}  max {:>9.2}",
-        r.transport, r.requests, r.lost, r.wrong, r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.max_us
+        "  {:<12} requests {:>8}  lost {}  wrong {}  p50 {:>7.2} µs  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>8.2}  max {:>9.2}",
+        label(&r.transport, r.authenticated),
+        r.requests,
+        r.lost,
+        r.wrong,
+        r.p50_us,
+        r.p90_us,
+        r.p99_us,
+        r.p999_us,
+        r.max_us
     );
 }
 
 fn print_throughput(r: &ThroughputJson) {
     println!(
-        "  {:<7} {:>7.3} Mreq/s  completed {:>9} in {:.2} s  lost {}  wrong {}  p50 {:.2} µs  p99 {:.2} µs",
-        r.transport, r.mreq_per_s, r.completed, r.seconds, r.lost, r.wrong, r.p50_us, r.p99_us
+        "  {:<12} {:>7.3} Mreq/s  completed {:>9} in {:.2} s  lost {}  wrong {}  p50 {:.2} µs  p99 {:.2} µs",
+        label(&r.transport, r.authenticated),
+        r.mreq_per_s,
+        r.completed,
+        r.seconds,
+        r.lost,
+        r.wrong,
+        r.p50_us,
+        r.p99_us
     );
+}
+
+/// With a transport measured with and without authentication, print what
+/// authentication costs (`cost` grows with the cost: a latency, or the
+/// inverse of a rate).
+fn print_auth_cost<T>(rows: &[T], key: impl Fn(&T) -> (String, bool), cost: impl Fn(&T) -> f64, what: &str) {
+    for on in rows.iter().filter(|r| key(r).1) {
+        let transport = key(on).0;
+        if let Some(off) = rows.iter().find(|r| key(r) == (transport.clone(), false)) {
+            let base = cost(off);
+            if base > 0.0 {
+                println!("  {transport} authenticated / not, {what}: {:.3}x", cost(on) / base);
+            }
+        }
+    }
 }
 
 /// With both AF_XDP and UDP in the run, print their ratio.
@@ -299,6 +431,10 @@ fn print_ratio<T: serde::Serialize>(rows: &[T], value: impl Fn(&T) -> f64, what:
             .find(|r| serde_json::to_value(r).ok().and_then(|v| v.get("transport").cloned()) == Some(name.into()))
             .map(&value)
     };
+    if rows.len() > 2 {
+        // With and without authentication the pairs are not comparable this way.
+        return;
+    }
     if let (Some(x), Some(u)) = (get("xdp"), get("udp")) {
         if u > 0.0 {
             println!("  xdp/udp {what}: {:.2}x", x / u);
@@ -318,11 +454,58 @@ fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, rows: &[T]) -> anyhow
     Ok(())
 }
 
-fn fail_on_loss(reports: &[(TransportKind, LoadReport)]) -> anyhow::Result<()> {
+fn fail_on_loss(reports: &[(Run, LoadReport)]) -> anyhow::Result<()> {
     let lost: u64 = reports.iter().map(|(_, r)| r.lost).sum();
     let wrong: u64 = reports.iter().map(|(_, r)| r.wrong).sum();
     if lost > 0 || wrong > 0 {
         bail!("{lost} requests lost and {wrong} answered with wrong data");
+    }
+    Ok(())
+}
+
+fn bench_flood(a: &FloodArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    if !(a.seconds > 0.0 && a.seconds <= 600.0) {
+        bail!("--seconds must be between 0 and 600, not {}", a.seconds);
+    }
+    if a.inflight == 0 || a.inflight > loadgen::MAX_INFLIGHT {
+        bail!("--inflight must be between 1 and {}, not {}", loadgen::MAX_INFLIGHT, a.inflight);
+    }
+    if !(a.ratio > 0.0 && a.ratio <= 100.0) {
+        bail!("--ratio must be between 0 and 100, not {}", a.ratio);
+    }
+    let cfg = flood::FloodConfig { seconds: a.seconds, inflight: a.inflight, ratio: a.ratio, rate: a.rate };
+    eprintln!("dmfabric bench flood: three hosts on a bridge; {} s alone, then {} s flooded ...", a.seconds, a.seconds);
+    let r = flood::run(&cfg, stop).context("flood run failed")?;
+    println!(
+        "  alone   {:>7.3} Mreq/s\n  flooded {:>7.3} Mreq/s ({:.1} % kept) under {:.0} flood frames/s ({:.2} per valid request)",
+        r.mreq_per_s_alone,
+        r.mreq_per_s_flooded,
+        r.kept * 100.0,
+        r.flood_pps,
+        r.flood_per_valid
+    );
+    let (s, c) = (&r.sent, &r.counted);
+    println!(
+        "  flood sent: forged {} untagged {} malformed {} replayed {} (total {})",
+        s.forged,
+        s.untagged,
+        s.malformed,
+        s.replayed,
+        s.total()
+    );
+    println!(
+        "  server counted: bad tag {} no tag {} malformed {} stale {} answered again {} (transport drops {}): {}",
+        c.bad_tag,
+        c.no_tag,
+        c.malformed,
+        c.stale,
+        c.duplicates,
+        c.rx_dropped,
+        if r.accounted { "every flood frame accounted for" } else { "NOT every flood frame accounted for" }
+    );
+    write_json(&a.json, std::slice::from_ref(&r))?;
+    if r.wrong > 0 || !r.accounted {
+        bail!("{} wrong answers; flood accounted for: {}", r.wrong, r.accounted);
     }
     Ok(())
 }

@@ -10,18 +10,21 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use dmfabric_control::keys::KeyFile;
+use dmfabric_dataplane::hello::Sealer;
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{TransportKind, TransportSpec};
 use dmfabric_devices::platform::pc::{PcLayout, Role};
 use dmfabric_devices::regfile::RegisterFile;
 use dmfabric_devices::{ByteSink, Device};
-use dmfabric_vmm_shim::devmap::Target;
+use dmfabric_vmm_shim::devmap::{Remote, Target};
 use dmfabric_vmm_shim::exits::LiveMap;
 use dmfabric_vmm_shim::guests;
 use dmfabric_vmm_shim::linux::LinuxImage;
 use dmfabric_vmm_shim::machine::{self, RunOptions, RunReport, VmSpec};
 use dmfabric_vmm_shim::remote::ClientConfig;
+use dmfabric_wire::auth::KeyRing;
 use dmfabric_wire::{MacAddr, Space};
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +72,8 @@ pub struct ClientArgs {
 pub const EXAMPLE: &str = r#"# dmfabric client config: the VMs of this client platform.
 client = 3              # client platform id (unique on the link)
 hypervisor = 1          # hypervisor id inside the client platform
+key_file = "client-3.key"   # this platform's key (relative to this file; mode 0600):
+                        # `dmfabric keygen --client 3 --out client-3.key`, the same file in the servers' [[client]]
 run_seconds = 60        # stop every VM after this long
 timeout_ms = 20         # retransmit a request after this long ...
 retries = 4             # ... this many times, then stop the VM
@@ -113,6 +118,7 @@ base = 0x600
 len = 8
 server = 1
 device = 102
+irq = [5]               # the lines the device may raise on this VM (others are refused)
 
 # A Linux VM (scripts/guest-images.sh fetches Debian's kernel and builds the initramfs):
 # [[vm]]
@@ -120,7 +126,8 @@ device = 102
 # memory_mib = 512
 # kernel = "/var/cache/dmfabric/linux-6.1.0-47/vmlinuz"
 # initrd = "/var/cache/dmfabric/linux-6.1.0-47/initramfs.cpio.gz"
-# pc = "remote"         # COM1, RTC, i8042 on server 1 (dmfabric server --pc-vm 3); "local": in this process
+# pc = "remote"         # COM1, RTC, i8042 on server 1 (dmfabric server --pc-vm 3), with their
+#                       # lines and the i8042's reset; "local": in this process
 
 # ... or a model kept in this process (the hybrid case):
 # [[vm.device]]
@@ -134,6 +141,8 @@ device = 102
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     client: u16,
+    /// This client platform's key file (required when a device is remote).
+    key_file: Option<PathBuf>,
     #[serde(default = "one")]
     hypervisor: u16,
     #[serde(default = "default_run_seconds")]
@@ -209,6 +218,15 @@ struct RangeConfig {
     len: u64,
     server: Option<u16>,
     device: Option<u32>,
+    /// The server that runs the device when `server` is an owner that
+    /// forwards (placed by the control panel).
+    runs_on: Option<u16>,
+    /// The IRQ lines the device may raise on this VM.
+    #[serde(default)]
+    irq: Vec<u32>,
+    /// Whether the device may reset the VM.
+    #[serde(default)]
+    reset: bool,
     local: Option<String>,
 }
 
@@ -245,17 +263,37 @@ struct Plan {
 
 fn load(path: &Path, iface: Option<&str>, seconds: Option<f64>) -> anyhow::Result<Plan> {
     let text = std::fs::read_to_string(path).with_context(|| format!("Cannot read {}", path.display()))?;
-    let cfg: FileConfig = toml::from_str(&text)
+    let mut cfg: FileConfig = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().lines().collect::<Vec<_>>().join(" ")))?;
+    if let Some(k) = &mut cfg.key_file {
+        *k = path.parent().unwrap_or(Path::new(".")).join(&k);
+    }
     plan(cfg, iface, seconds).with_context(|| format!("{}", path.display()))
 }
 
 fn plan(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>) -> anyhow::Result<Plan> {
-    plan_vms(cfg, iface, seconds, false)
+    let keys = match &cfg.key_file {
+        Some(path) => {
+            let file = KeyFile::load(path)?;
+            if file.client != cfg.client {
+                bail!("key_file {} is client platform {}'s, not {}'s", path.display(), file.client, cfg.client);
+            }
+            Some(file.ring()?)
+        }
+        None => None,
+    };
+    plan_vms(cfg, iface, seconds, false, keys)
 }
 
-/// [`plan`]; `may_be_empty`: VMs may come later (placed by the control panel).
-fn plan_vms(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>, may_be_empty: bool) -> anyhow::Result<Plan> {
+/// [`plan`]; `may_be_empty`: VMs may come later (placed by the control
+/// panel); `keys`: this client platform's (needed when a device is remote).
+fn plan_vms(
+    cfg: FileConfig,
+    iface: Option<&str>,
+    seconds: Option<f64>,
+    may_be_empty: bool,
+    keys: Option<KeyRing>,
+) -> anyhow::Result<Plan> {
     if cfg.vm.is_empty() && !may_be_empty {
         bail!("no [[vm]]: nothing to run");
     }
@@ -276,6 +314,14 @@ fn plan_vms(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>, may_be_e
         vms.push(vm_spec(vm, &mut servers).with_context(|| format!("VM {}", vm.id))?);
     }
     let link = if servers.is_empty() && !may_be_empty { None } else { Some(link_spec(&cfg, iface)?) };
+    let keys = match keys {
+        Some(k) => k,
+        None if link.is_none() => KeyRing::single(0, &dmfabric_wire::auth::Secret::from_bytes([0; 32])),
+        None => bail!(
+            "devices on servers need this client platform's key: key_file = \"client-{c}.key\" (make it with `dmfabric keygen --client {c} --out client-{c}.key`, and list it in the servers' [[client]] tables)",
+            c = cfg.client
+        ),
+    };
     Ok(Plan {
         client: ClientConfig {
             client: cfg.client,
@@ -283,6 +329,7 @@ fn plan_vms(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>, may_be_e
             servers: servers.into_iter().collect(),
             retry: Retry { timeout: Duration::from_millis(cfg.timeout_ms), retries: cfg.retries },
             hello_timeout: Duration::from_secs(5),
+            sealer: Sealer::new(keys),
         },
         link,
         vms,
@@ -379,7 +426,16 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         let target = match (r.server, r.device, r.local.as_deref()) {
             (Some(server), Some(device), None) => {
                 servers.insert(server);
-                Target::Remote { server, device }
+                let runs_on = r.runs_on.unwrap_or(server);
+                servers.insert(runs_on);
+                if let Some(l) = r.irq.iter().find(|&&l| l >= 24) {
+                    bail!("device {device}: irq {l}: lines are 0 to 23");
+                }
+                let mut remote = Remote::new(server, device).runs_on(runs_on).lines(&r.irq);
+                if r.reset {
+                    remote = remote.resets();
+                }
+                Target::Remote(remote)
             }
             (None, None, Some("regfile")) => {
                 let model = match space {
@@ -475,7 +531,7 @@ struct DeviceJson {
 fn target_name(t: Target) -> String {
     match t {
         Target::Local(i) => format!("local {i}"),
-        Target::Remote { server, device } => format!("server {server} device {device}"),
+        Target::Remote(r) => format!("server {} device {}", r.server, r.device),
         Target::Debug => "debug port".into(),
     }
 }
@@ -628,9 +684,17 @@ mod tests {
     #[test]
     fn the_example_config_is_valid() {
         let cfg: FileConfig = toml::from_str(EXAMPLE).unwrap();
-        let plan = plan(cfg, None, None).unwrap();
+        assert_eq!(cfg.key_file.as_deref(), Some(Path::new("client-3.key")));
+        let keys = dmfabric_wire::auth::KeyRing::single(1, &dmfabric_wire::auth::Secret::from_bytes([7; 32]));
+        let plan = plan_vms(cfg, None, None, false, Some(keys)).unwrap();
         assert_eq!(plan.vms.len(), 2);
         assert_eq!(plan.client.servers, vec![1]);
+        // VM 2's device may raise line 5 and nothing else.
+        let map = plan.vms[1].map.load();
+        let Some(Target::Remote(r)) = map.targets().find(|t| matches!(t, Target::Remote(_))) else {
+            panic!("a remote device")
+        };
+        assert!(r.may_raise(5) && !r.may_raise(4) && !r.reset, "{r:?}");
         let machine::Boot::Flat { args, .. } = &plan.vms[0].boot else { panic!("a flat test guest") };
         assert_eq!(args, &vec![[1000, 0x500, 0xd000_0000]]);
     }
@@ -664,6 +728,12 @@ mod tests {
         let remote = "[[vm.device]]\nspace = \"pio\"\nbase = 0x500\nlen = 1\nserver = 1\ndevice = 1\n";
         let no_iface = format!("client = 1\n[[vm]]\nid = 1\nguest = \"io_loop\"\n{remote}");
         assert!(error_of(&no_iface).contains("link.iface"), "{}", error_of(&no_iface));
+        let no_key = format!("{vm}{remote}");
+        assert!(error_of(&no_key).contains("dmfabric keygen --client 1"), "{}", error_of(&no_key));
+        let bad_line = format!("{vm}{remote}irq = [30]\n");
+        assert!(error_of(&bad_line).contains("irq 30: lines are 0 to 23"), "{}", error_of(&bad_line));
+        let missing = format!("client = 1\nkey_file = \"/nonexistent.key\"\n{}", &vm["client = 1\n".len()..]);
+        assert!(error_of(&missing).contains("/nonexistent.key"), "{}", error_of(&missing));
         assert_eq!(
             error_of("client = 1\n[[vm]]\nid = 1\nguest = \"io_loop\"\n"),
             "no error",

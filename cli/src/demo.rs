@@ -72,9 +72,7 @@ fn roles(linux: bool) -> &'static [Role] {
 fn name_of(t: Target) -> String {
     let layout = PcLayout::new(VM).expect("VM 1 has PC devices");
     match t {
-        Target::Remote { device, .. } => {
-            layout.device(device).map_or(format!("device {device}"), |d| d.role.label().into())
-        }
+        Target::Remote(r) => layout.device(r.device).map_or(format!("device {}", r.device), |d| d.role.label().into()),
         // The order of `roles`.
         Target::Local(i) => Role::ALL.get(i).map_or(format!("local device {i}"), |r| format!("{}, local", r.label())),
         Target::Debug => "debug port".into(),
@@ -172,11 +170,26 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     let cores = dmfabric_pinning::available_cores();
     let (client_core, server_core) = (cores[0], cores[cores.len() - 1]);
 
+    // Client platform 3's key, fresh for this run, and the server's list of
+    // the client platforms it acts for: every frame is sealed with it.
+    let key = dmfabric_control::keys::KeyFile::generate(3)?;
+    key.save_new(&dir.join("client-3.key"))?;
+    let clients = dir.join("clients.toml");
+    std::fs::write(
+        &clients,
+        format!(
+            "[[client]]\nid = 3\nmac = \"{}\"\nkey_file = \"client-3.key\"\nvms = [{{ id = {VM}, vcpus = 1 }}]\n",
+            net.host(0).mac
+        ),
+    )
+    .context("Cannot write the demo's client list")?;
+    let keys = key.ring()?;
+
     // The server, in host 1.
     let mut cmd = net.command(1, &exe);
     cmd.args(["server", "--transport", "xdp", "--iface", &net.host(1).iface, "--pc-vm", &VM.to_string()]);
     cmd.args(["--irq-test-devices", "0", "--busy-poll", "--cores", &server_core.to_string(), "--console-dir"]);
-    cmd.arg(&dir);
+    cmd.arg(&dir).arg("--clients").arg(&clients);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut server = net.spawn(&mut cmd).context("Cannot start the server")?;
     let (tx, rx) = mpsc::channel::<String>();
@@ -252,6 +265,7 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
             servers: vec![1],
             retry: Retry::default(),
             hello_timeout: Duration::from_secs(5),
+            sealer: dmfabric_dataplane::hello::Sealer::new(keys),
         };
         Ok(machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &stop)?.0)
     })?;

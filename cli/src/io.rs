@@ -13,6 +13,7 @@ use clap::Args;
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
 use dmfabric_dataplane::{TransportKind, TransportSpec};
+use dmfabric_vmm_shim::devmap::{DeviceMap, Remote, Target, ANY_DEVICE};
 use dmfabric_vmm_shim::kvm::Exit;
 use dmfabric_vmm_shim::kvm::{IrqSink, KvmError};
 use dmfabric_vmm_shim::remote::{ClientConfig, ClientPort, VmEntry};
@@ -32,14 +33,18 @@ pub struct IoArgs {
     /// With --transport udp: the server's address and ours.
     #[arg(long)]
     udp_peer: Option<std::net::SocketAddr>,
-    #[arg(long, default_value = "0.0.0.0:47000")]
+    #[arg(long, default_value = "127.0.0.1:47000")]
     udp_bind: std::net::SocketAddr,
     /// The server to talk to.
     #[arg(long, default_value_t = 1)]
     server_id: u16,
-    /// The client platform id to speak as (its streams start over).
-    #[arg(long, default_value_t = 250)]
-    client: u16,
+    /// The key file of the client platform to speak as (the server must
+    /// list that platform; `dmfabric keygen` makes one).
+    #[arg(long)]
+    key_file: PathBuf,
+    /// The client platform id to speak as [default: the key file's].
+    #[arg(long)]
+    client: Option<u16>,
     #[arg(long, default_value_t = 1)]
     hypervisor: u16,
     /// The VM to speak for: the server routes to that VM's devices.
@@ -183,6 +188,11 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if accesses.is_empty() {
         bail!("nothing to do: give an access (read pio 0x3fd 1) or --script FILE");
     }
+    let key = dmfabric_control::keys::KeyFile::load(&args.key_file)?;
+    let client = args.client.unwrap_or(key.client);
+    if client != key.client {
+        bail!("--client {client}: the key file {} is client platform {}'s", args.key_file.display(), key.client);
+    }
     let spec = match args.transport {
         TransportKind::Xdp => {
             let Some(iface) = args.iface.clone() else { bail!("--iface is required with --transport xdp") };
@@ -196,7 +206,7 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         TransportKind::Udp => {
             let Some(peer) = args.udp_peer else { bail!("--udp-peer is required with --transport udp") };
-            let mac = MacAddr([0x02, 0xd1, 0, 0, (args.client >> 8) as u8, args.client as u8]);
+            let mac = MacAddr([0x02, 0xd1, 0, 0, (client >> 8) as u8, client as u8]);
             TransportSpec::Udp { local: args.udp_bind, peer: Some(peer), mac }
         }
         TransportKind::Mem => bail!("--transport mem exists only inside one process"),
@@ -204,13 +214,20 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let t = dmfabric_dataplane::open(&spec)?;
     let printer = Arc::new(Printer(Mutex::new(Vec::new())));
     let cfg = ClientConfig {
-        client: args.client,
+        client,
         hypervisor: args.hypervisor,
         servers: vec![args.server_id],
         retry: Retry { timeout: Duration::from_millis(args.timeout_ms.max(1)), retries: args.retries },
         hello_timeout: Duration::from_secs(3),
+        sealer: dmfabric_dataplane::hello::Sealer::new(key.ring()?),
     };
-    let vms = [VmEntry { id: args.vm, vcpus: args.vcpu.saturating_add(1), irq: printer.clone() }];
+    // What the VM may be sent: any line of any device on the server (this
+    // tool prints them; a VM's map names its devices' lines).
+    let target = Remote::new(args.server_id, args.device).lines(&(0..24).collect::<Vec<u32>>()).resets();
+    let mut map = DeviceMap::default();
+    map.add(Space::Pio, 0, 1 << 16, Target::Remote(Remote { device: ANY_DEVICE, ..target }))?;
+    let map = Arc::new(dmfabric_vmm_shim::exits::LiveMap::from_pointee(map));
+    let vms = [VmEntry { id: args.vm, vcpus: args.vcpu.saturating_add(1), irq: printer.clone(), map }];
     let port = Arc::new(ClientPort::connect(t, &cfg, &vms)?);
     let mut vcpu = port.vcpu(args.vm, args.vcpu, None)?;
     let mut failed = 0;
@@ -219,7 +236,7 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             bail!("Interrupted");
         }
         let exit = Exit { space: a.space, addr: a.addr, size: a.size, dir: a.dir, data: a.value };
-        match vcpu.access_status(args.server_id, args.device, &exit) {
+        match vcpu.access_status(&target, &exit) {
             Ok((data, status)) => {
                 let note = if status == Status::Unclaimed { " (no such register: unclaimed)" } else { "" };
                 match a.dir {

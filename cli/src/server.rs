@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use dmfabric_control::keys::KeyFile;
 use dmfabric_control::watch::Watch;
 use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
@@ -17,6 +18,7 @@ use dmfabric_devices::{DeviceKind, DeviceSpec};
 use dmfabric_dm_workers::backend::{Backend, Inline, ShardStats};
 use dmfabric_dm_workers::console;
 use dmfabric_dm_workers::env::DeviceEnv;
+use dmfabric_dm_workers::peers::{Client, Registry};
 use dmfabric_dm_workers::placement::{PlacementLink, Planner};
 use dmfabric_dm_workers::server::{Server, ServerStats};
 use dmfabric_dm_workers::sharded::{Sharded, WorkerIdle};
@@ -35,8 +37,9 @@ pub struct ServerArgs {
     /// This server's id; requests naming another server are Nacked.
     #[arg(long, default_value_t = 1)]
     server_id: u16,
-    /// UDP address to bind (udp transport).
-    #[arg(long, default_value = "0.0.0.0:47000")]
+    /// UDP address to bind (udp transport): give the address of the
+    /// interface the clients reach (the default is the loopback only).
+    #[arg(long, default_value = "127.0.0.1:47000")]
     udp_bind: SocketAddr,
     /// Where the XDP program runs: auto (native, else generic; generic on veth), native, generic.
     #[arg(long, default_value = "auto")]
@@ -78,10 +81,16 @@ pub struct ServerArgs {
     /// Print the final counters as one `stats-json: {...}` line on stdout.
     #[arg(long)]
     stats_json: bool,
-    /// The devices to host (TOML; see --example-config). Without it: the
-    /// test devices, and the PC devices of each --pc-vm.
+    /// The devices to host and the client platforms that may use them
+    /// (TOML; see --example-config). Without it: the test devices, and the
+    /// PC devices of each --pc-vm, for the clients of --clients.
     #[arg(long, conflicts_with_all = ["pc_vm"])]
     config: Option<PathBuf>,
+    /// The client platforms this server acts for — each one's id, MAC, key
+    /// file and VMs (TOML `[[client]]` tables, as in --example-config) —
+    /// when the devices come from flags (or in addition to --config's).
+    #[arg(long, conflicts_with = "store")]
+    clients: Option<PathBuf>,
     /// Take the devices from the control panel's store (a redb file or
     /// etcd://HOST:PORT) and follow its changes while running: devices
     /// placed on --server-id run here, requests for other servers' devices
@@ -179,11 +188,45 @@ fn layout(args: &ServerArgs) -> anyhow::Result<Layout> {
     Ok(layout)
 }
 
+/// The client platforms an unplaced server acts for, with their keys: those
+/// of --config and --clients.
+fn registry(args: &ServerArgs) -> anyhow::Result<Registry> {
+    let mut entries = Vec::new();
+    for path in [&args.config, &args.clients].into_iter().flatten() {
+        entries.extend(crate::server_config::load(path)?.clients);
+    }
+    if entries.is_empty() {
+        bail!(
+            "no client platform may use this server: list them (id, MAC, key file, VMs) in --clients FILE or in --config's [[client]] tables (see --example-config), or place the server with --store"
+        );
+    }
+    let mut clients = Vec::new();
+    for e in entries {
+        let file = KeyFile::load(&e.key_file).with_context(|| format!("client {}", e.id))?;
+        if file.client != e.id {
+            bail!(
+                "client {}: its key file {} is client {}'s: give each client platform its own key",
+                e.id,
+                e.key_file.display(),
+                file.client
+            );
+        }
+        let keys = file.ring().with_context(|| format!("client {}: {}", e.id, e.key_file.display()))?;
+        clients.push(Client { id: e.id, mac: e.mac, hypervisor: e.hypervisor, keys, vms: e.vms });
+    }
+    let mut ids: Vec<u16> = clients.iter().map(|c| c.id).collect();
+    ids.sort_unstable();
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        bail!("a client platform is listed twice (in --config and --clients?)");
+    }
+    Ok(Registry::new(clients, Vec::new(), std::collections::HashMap::new()))
+}
+
 /// The devices of an unplaced server: its config, or the test devices and
 /// the PC devices of each --pc-vm.
 fn devices(args: &ServerArgs) -> anyhow::Result<Vec<DeviceSpec>> {
     if let Some(path) = &args.config {
-        return crate::server_config::load(path);
+        return Ok(crate::server_config::load(path)?.devices);
     }
     if args.test_devices == 0 {
         bail!("--test-devices must be at least 1");
@@ -273,14 +316,25 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         None => None,
     };
     dmfabric_pinning::pin_current(dp_core)?;
-    let devices = match &placed {
-        Some(_) => Vec::new(),
-        None => devices(&args)?,
+    let (devices, registry) = match &placed {
+        Some(_) => (Vec::new(), None),
+        None => (devices(&args)?, Some(registry(&args)?)),
     };
+    if let Some(r) = &registry {
+        // A UDP peer's address is learnt only from frames sealed with a
+        // registered client's key.
+        let r = r.clone();
+        transport.check_senders(Box::new(move |f: &[u8]| {
+            dmfabric_wire::Frame::new_checked(f)
+                .is_ok_and(|f| r.client(f.header().client_id.get()).is_some_and(|c| c.keys.verify(&f).is_ok()))
+        }));
+    }
     let backend = backend(&layout, &devices, &env, &args)?;
-    let server = match &placed {
-        Some(p) => Server::placed(args.server_id, mac, env.clone(), backend, p.link.clone()),
-        None => Server::unplaced(args.server_id, mac, env.clone(), backend, &devices),
+    let clients = registry.as_ref().map_or(0, |r| r.clients().len());
+    let server = match (&placed, registry) {
+        (Some(p), _) => Server::placed(args.server_id, mac, env.clone(), backend, p.link.clone()),
+        (None, Some(registry)) => Server::unplaced(args.server_id, mac, env.clone(), backend, &devices, registry),
+        (None, None) => unreachable!("an unplaced server has its registry"),
     };
     let console_dir = args.console_dir.clone().unwrap_or_else(|| default_console_dir(args.server_id));
     let consoles = ConsoleThread::start(env.consoles.clone(), &console_dir)?;
@@ -295,7 +349,10 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             p.watch.routes().revision(),
             p.devices
         ),
-        _ => announce(&args, &where_, mac, &layout, &devices),
+        _ => {
+            announce(&args, &where_, mac, &layout, &devices);
+            println!("dmfabric server: acting for {clients} client platform(s), every frame authenticated");
+        }
     }
     if !env.consoles.all().is_empty() {
         println!(
@@ -401,8 +458,15 @@ fn placement(store: &str, id: u16, mac: MacAddr, env: &DeviceEnv, period: Durati
     }
     crate::server_config::check(&devices)?;
     let link = PlacementLink::new();
+    // The planner reads the keys of the client platforms this server serves
+    // (the store lets a server read only those).
+    let keys_store = dmfabric_control::store::open(store)?;
+    let keys: dmfabric_dm_workers::placement::KeySource = Box::new(move |client| {
+        let keys = keys_store.client_keys(client).map_err(|e| e.to_string())?;
+        keys.map(|k| k.ring().map_err(|e| e.to_string())).transpose()
+    });
     let watch = Watch::start_with(opened, format!("dmfabric server {id}"), period, |routes| {
-        Some(Planner::new(id, mac, routes, env.clone(), link.clone()).chores())
+        Some(Planner::new(id, mac, routes, env.clone(), link.clone(), keys).chores())
     })?;
     Ok(Placement { watch, link, devices: devices.len() })
 }

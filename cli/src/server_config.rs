@@ -1,14 +1,29 @@
-//! The server's device config (`dmfabric server --config FILE`): which
-//! devices exist, their kind, id, VM, ports or MMIO, IRQ lines and shard.
+//! The server's config (`dmfabric server --config FILE`, or `--clients
+//! FILE` for the client platforms alone): which devices exist — their
+//! kind, id, VM, ports or MMIO, IRQ lines and shard — and which client
+//! platforms may use them: each one's id, registered MAC, key file and VMs
+//! with their vCPU counts. A server acts for nobody else.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use dmfabric_devices::{DeviceKind, DeviceSpec};
+use dmfabric_wire::MacAddr;
 use serde::Deserialize;
 
-pub const EXAMPLE: &str = r#"# dmfabric server devices. Ports and IRQs default to a PC's.
+pub const EXAMPLE: &str = r#"# dmfabric server devices, and the client platforms that may use them.
+# Ports and IRQs default to a PC's.
+
+# A client platform: answers go to its MAC, sealed with its key (the same
+# key file its client uses; `dmfabric keygen --client 3 --out client-3.key`).
+# Only its VMs, and only their vCPUs, may use the devices.
+[[client]]
+id = 3
+mac = "02:00:00:00:00:03"
+key_file = "client-3.key"   # relative to this file; mode 0600
+vms = [{ id = 1, vcpus = 1 }]
+
 [[device]]
 id = 11
 kind = "uart"        # uart | rtc | i8042 | timer | regfile | irqtest
@@ -46,6 +61,51 @@ mmio = [0xd0000000, 0x1000]
 struct File {
     #[serde(default)]
     device: Vec<Device>,
+    #[serde(default)]
+    client: Vec<ClientConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientConfig {
+    id: u16,
+    mac: String,
+    #[serde(default = "one")]
+    hypervisor: u16,
+    key_file: PathBuf,
+    #[serde(default)]
+    vms: Vec<VmConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmConfig {
+    id: u32,
+    #[serde(default = "one")]
+    vcpus: u16,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// A client platform of a server's config, its key file not read yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientEntry {
+    pub id: u16,
+    pub mac: MacAddr,
+    pub hypervisor: u16,
+    /// Made absolute against the config file's directory.
+    pub key_file: PathBuf,
+    /// (VM, vCPUs).
+    pub vms: Vec<(u32, u16)>,
+}
+
+/// What a server config holds.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFile {
+    pub devices: Vec<DeviceSpec>,
+    pub clients: Vec<ClientEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,20 +134,64 @@ struct Device {
     shard: Option<usize>,
 }
 
-/// Read and check the devices of `path`.
-pub fn load(path: &Path) -> anyhow::Result<Vec<DeviceSpec>> {
+/// Read and check the devices and client platforms of `path` (key files
+/// named relative to its directory).
+pub fn load(path: &Path) -> anyhow::Result<ServerFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("Cannot read {}", path.display()))?;
-    parse(&text).with_context(|| path.display().to_string())
+    let mut file = parse(&text).with_context(|| path.display().to_string())?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for c in &mut file.clients {
+        c.key_file = dir.join(&c.key_file);
+    }
+    Ok(file)
 }
 
-pub fn parse(text: &str) -> anyhow::Result<Vec<DeviceSpec>> {
+/// Most client platforms and VMs a config may list (a server's state for
+/// them is sized from these).
+const MAX_CLIENTS: usize = 4096;
+const MAX_VMS: usize = 65_536;
+/// Most vCPUs of a listed VM (the load generator simulates 512).
+const MAX_VCPUS: u16 = 1024;
+
+pub fn parse(text: &str) -> anyhow::Result<ServerFile> {
     let file: File = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().replace('\n', " ")))?;
     let mut specs: Vec<DeviceSpec> = Vec::new();
     for d in &file.device {
         specs.push(spec(d).with_context(|| format!("device {}", d.id))?);
     }
     check(&specs)?;
-    Ok(specs)
+    if file.client.len() > MAX_CLIENTS {
+        bail!("{} client platforms: at most {MAX_CLIENTS}", file.client.len());
+    }
+    let mut clients = Vec::new();
+    let mut ids = BTreeSet::new();
+    let mut vms = BTreeSet::new();
+    for c in &file.client {
+        let mac: MacAddr =
+            c.mac.parse().map_err(|_| anyhow::anyhow!("client {}: mac {:?} is not aa:bb:cc:dd:ee:ff", c.id, c.mac))?;
+        if !ids.insert(c.id) {
+            bail!("client {} is listed twice", c.id);
+        }
+        for v in &c.vms {
+            if !vms.insert(v.id) {
+                bail!("VM {} is listed for two client platforms (or twice)", v.id);
+            }
+            if v.vcpus == 0 || v.vcpus > MAX_VCPUS {
+                bail!("client {}: VM {}: vcpus {}: 1 to {MAX_VCPUS}", c.id, v.id, v.vcpus);
+            }
+        }
+        clients.push(ClientEntry {
+            id: c.id,
+            mac,
+            hypervisor: c.hypervisor,
+            key_file: c.key_file.clone(),
+            vms: c.vms.iter().map(|v| (v.id, v.vcpus)).collect(),
+        });
+    }
+    if vms.len() > MAX_VMS {
+        bail!("{} VMs: at most {MAX_VMS}", vms.len());
+    }
+    Ok(ServerFile { devices: specs, clients })
 }
 
 /// The one line `d` names, if any (its kind's usual one otherwise).
@@ -128,12 +232,16 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
             }
             let pio = match d.pio {
                 None => None,
-                Some(Range::BaseLen([b, l])) if b + l <= 0x1_0000 && l > 0 => Some((b as u16, l as u16)),
+                Some(Range::BaseLen([b, l])) if l > 0 && b.checked_add(l).is_some_and(|e| e <= 0x1_0000) => {
+                    Some((b as u16, l as u16))
+                }
                 _ => bail!("pio: [base, len] within the 64 KiB port space"),
             };
             let mmio = match d.mmio {
                 None => None,
-                Some(Range::BaseLen([b, l])) if l > 0 && l <= 1 << 20 => Some((b, l as u32)),
+                Some(Range::BaseLen([b, l])) if l > 0 && l <= 1 << 20 && b.checked_add(l).is_some() => {
+                    Some((b, l as u32))
+                }
                 _ => bail!("mmio: [base, len], at most 1 MiB"),
             };
             if pio.is_none() && mmio.is_none() {
@@ -153,7 +261,7 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
         Some(Range::BaseLen([b, l])) if l == u64::from(size) => b,
         Some(Range::BaseLen([_, l])) => bail!("pio: a {} takes {size} ports, not {l}", d.kind),
     };
-    if base + u64::from(size) > 0x1_0000 {
+    if base.checked_add(u64::from(size)).is_none_or(|end| end > 0x1_0000) {
         bail!("pio {base:#x}: past the 64 KiB port space");
     }
     Ok(DeviceSpec { shard: d.shard, ..DeviceSpec::at(d.id, kind, base as u16, d.vm) })
@@ -192,7 +300,11 @@ mod tests {
 
     #[test]
     fn the_example_is_valid() {
-        let specs = parse(EXAMPLE).unwrap();
+        let file = parse(EXAMPLE).unwrap();
+        assert_eq!(file.clients.len(), 1);
+        assert_eq!(file.clients[0].vms, vec![(1, 1)]);
+        assert_eq!(file.clients[0].mac, MacAddr([2, 0, 0, 0, 0, 3]));
+        let specs = file.devices;
         assert_eq!(specs.len(), 5);
         assert_eq!(
             specs[0],
@@ -220,5 +332,22 @@ mod tests {
         assert!(err("[[device]]\nid = 0\nkind = \"uart\"\n").contains("reserved"));
         assert!(err("[[device]]\nid = 1\nkind = \"regfile\"\n").contains("needs pio"));
         assert!(err("[[device]]\nid = 1\nkind = \"uart\"\ncolour = 1\n").contains("colour"));
+        // Ranges that would run past the end of their space (and overflow).
+        let huge = "[[device]]\nid = 1\nkind = \"regfile\"\npio = [0xffffffffffffffff, 2]\n";
+        assert!(err(huge).contains("within the 64 KiB"), "{}", err(huge));
+        let huge = "[[device]]\nid = 1\nkind = \"regfile\"\nmmio = [0xffffffffffffffff, 2]\n";
+        assert!(err(huge).contains("at most 1 MiB"), "{}", err(huge));
+        let huge = "[[device]]\nid = 1\nkind = \"uart\"\npio = 0xffffffffffffffff\n";
+        assert!(err(huge).contains("past the 64 KiB"), "{}", err(huge));
+        // Client platforms.
+        let client = |body: &str| format!("[[client]]\nid = 3\nkey_file = \"k\"\n{body}");
+        assert!(err(&client("mac = \"nope\"\n")).contains("not aa:bb"));
+        let two = format!(
+            "{}{}",
+            client("mac = \"02:00:00:00:00:03\"\nvms = [{ id = 1 }]\n"),
+            client("mac = \"02:00:00:00:00:04\"\n")
+        );
+        assert!(err(&two).contains("listed twice"));
+        assert!(err(&client("mac = \"02:00:00:00:00:03\"\nvms = [{ id = 1, vcpus = 0 }]\n")).contains("1 to 1024"));
     }
 }

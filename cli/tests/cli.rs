@@ -12,7 +12,7 @@ use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_testkit::Need;
 
 mod common;
-use common::{spawn_logged, wait_for, BIN};
+use common::{spawn_logged, wait_for, Keys, BIN};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run dmfabric");
@@ -23,10 +23,17 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Start `dmfabric server` on host 1; read its output with [`wait_for`].
-fn start_server(net: &TestNet, extra: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
+/// The load generator's client platform (VM 1, a vCPU per load slot) on host 0.
+fn load_keys(net: &TestNet, name: &str) -> Keys {
+    Keys::new(name, net.host(0).mac, &[(loadgen::CLIENT_ID, &[(1, loadgen::MAX_INFLIGHT)])])
+}
+
+/// Start `dmfabric server` on host 1 for the client platforms of `keys`;
+/// read its output with [`wait_for`].
+fn start_server(net: &TestNet, keys: &Keys, extra: &[&str]) -> (ChildGuard, mpsc::Receiver<String>) {
     let iface = net.host(1).iface.clone();
-    let mut args = vec!["server", "--transport", "xdp", "--iface", &iface];
+    let clients = keys.clients();
+    let mut args = vec!["server", "--transport", "xdp", "--iface", &iface, "--clients", &clients];
     args.extend_from_slice(extra);
     spawn_logged(net, 1, &args)
 }
@@ -43,12 +50,13 @@ fn xdp_attached(net: &TestNet, host: usize) -> bool {
 fn server_answers(net: &TestNet) -> bool {
     net.with_host(0, || {
         let mut t = XdpTransport::open(&XdpConfig::new(&net.host(0).iface)).expect("client AF_XDP");
-        let Ok((mac, id)) = loadgen::discover(&mut t, loadgen::CLIENT_ID, Duration::from_secs(3)) else {
+        let sealer = dmfabric_dataplane::hello::Sealer::new(dmfabric_testkit::keys::ring(loadgen::CLIENT_ID));
+        let Ok(session) = loadgen::discover(&mut t, loadgen::CLIENT_ID, &sealer, Duration::from_secs(3)) else {
             return false;
         };
         let r = loadgen::rtt(
             &mut t,
-            &Target::test_device(mac, id),
+            &Target::test_device(&session, &sealer),
             200,
             0,
             loadgen::Retry::default(),
@@ -66,13 +74,14 @@ fn leftover_xdp_program_of_a_killed_server_is_removed() {
         return;
     }
     let net = TestNet::pair().unwrap();
-    let (mut first, rx) = start_server(&net, &[]);
+    let keys = load_keys(&net, "leftover");
+    let (mut first, rx) = start_server(&net, &keys, &[]);
     wait_for(&rx, "dmfabric server ready").expect("first server ready");
     first.child().kill().unwrap(); // SIGKILL: no cleanup runs
     first.child().wait().unwrap();
     assert!(xdp_attached(&net, 1), "a killed server leaves its program behind");
 
-    let (_second, rx) = start_server(&net, &[]);
+    let (_second, rx) = start_server(&net, &keys, &[]);
     // stdout and stderr are read by two threads: wait for each line itself.
     let mut lines = wait_for(&rx, "removed leftover XDP program `xsk_def_prog`")
         .unwrap_or_else(|l| panic!("second server did not remove the program: {l:?}"));
@@ -88,9 +97,10 @@ fn a_live_server_is_never_disturbed_by_a_second_one() {
         return;
     }
     let net = TestNet::pair().unwrap();
-    let (_first, rx) = start_server(&net, &[]);
+    let keys = load_keys(&net, "live");
+    let (_first, rx) = start_server(&net, &keys, &[]);
     wait_for(&rx, "dmfabric server ready").expect("first server ready");
-    let (mut second, rx2) = start_server(&net, &[]);
+    let (mut second, rx2) = start_server(&net, &keys, &[]);
     let lines = wait_for(&rx2, "in use by another AF_XDP socket").unwrap_or_else(|l| panic!("second server: {l:?}"));
     let status = second.child().wait().unwrap();
     assert_eq!(status.code(), Some(1), "{lines:?}");
@@ -264,9 +274,11 @@ fn client_runs_the_example_config_against_a_server_and_prints_counters() {
         return;
     }
     let net = TestNet::pair().unwrap();
-    let (mut server, rx) = start_server(&net, &[]);
+    // The example's client platform 3: VMs 1 and 2, its key beside the config.
+    let keys = Keys::new("example", net.host(0).mac, &[(3, &[(1, 1), (2, 1)])]);
+    let (mut server, rx) = start_server(&net, &keys, &[]);
     wait_for(&rx, "dmfabric server ready").expect("server ready");
-    let dir = std::env::temp_dir().join(format!("dmfabric-client-{}", std::process::id()));
+    let dir = keys.dir.clone();
     let config = example_config(&dir, 300);
     let json = dir.join("client.json");
     let mut cmd = net.command(0, BIN);
@@ -345,13 +357,17 @@ fn text_typed_at_dmfabric_console_reaches_the_guest_through_the_remote_uart() {
     let dir = std::env::temp_dir().join(format!("dmfabric-console-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let net = TestNet::pair().unwrap();
-    let (mut server, rx) = start_server(&net, &["--pc-vm", "1", "--console-dir", dir.to_str().unwrap()]);
+    let keys = Keys::new("console", net.host(0).mac, &[(3, &[(1, 1)])]);
+    let (mut server, rx) = start_server(&net, &keys, &["--pc-vm", "1", "--console-dir", dir.to_str().unwrap()]);
     wait_for(&rx, "dmfabric server ready").expect("server ready");
     let config = dir.join("echo.toml");
     std::fs::write(
         &config,
-        "client = 3\n[link]\niface = \"dmf0\"\n[[vm]]\nid = 1\nguest = \"uart_echo\"\nargs = [0x3f8, 0x24, 0]\n\
-         [[vm.device]]\nspace = \"pio\"\nbase = 0x3f8\nlen = 8\nserver = 1\ndevice = 1001\n",
+        format!(
+            "client = 3\nkey_file = {:?}\n[link]\niface = \"dmf0\"\n[[vm]]\nid = 1\nguest = \"uart_echo\"\nargs = [0x3f8, 0x24, 0]\n\
+             [[vm.device]]\nspace = \"pio\"\nbase = 0x3f8\nlen = 8\nserver = 1\ndevice = 1001\nirq = [4]\n",
+            keys.key(3)
+        ),
     )
     .unwrap();
     let mut cmd = net.command(0, BIN);
@@ -398,7 +414,8 @@ fn dmfabric_io_replays_register_scripts_and_prints_interrupts() {
     }
     let dir = std::env::temp_dir().join(format!("dmfabric-io-{}", std::process::id()));
     let net = TestNet::pair().unwrap();
-    let (mut server, rx) = start_server(&net, &["--pc-vm", "1", "--console-dir", dir.to_str().unwrap()]);
+    let keys = Keys::new("io", net.host(0).mac, &[(250, &[(1, 1), (2, 1)])]);
+    let (mut server, rx) = start_server(&net, &keys, &["--pc-vm", "1", "--console-dir", dir.to_str().unwrap()]);
     wait_for(&rx, "dmfabric server ready").expect("server ready");
     let script = "w pio 0x3ff 1 0x5a   # UART scratch\n\
                   r pio 0x3ff 1\n\
@@ -409,7 +426,8 @@ fn dmfabric_io_replays_register_scripts_and_prints_interrupts() {
                   w pio 0x704 4 1000\n\
                   w pio 0x700 4 1      # event timer: one-shot, edge\n";
     let mut cmd = net.command(0, BIN);
-    cmd.args(["io", "--iface", &net.host(0).iface, "--vm", "1", "--script", "-", "--linger-ms", "300"]);
+    cmd.args(["io", "--iface", &net.host(0).iface, "--key-file", &keys.key(250), "--vm", "1", "--script", "-"]);
+    cmd.args(["--linger-ms", "300"]);
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
@@ -432,7 +450,8 @@ fn dmfabric_io_replays_register_scripts_and_prints_interrupts() {
     assert_eq!(stdout.lines().filter(|l| *l == "interrupt line 5 edge").count(), 1, "{stdout}");
     // Another VM's devices are not this VM's: Nacked, one line each.
     let mut cmd = net.command(0, BIN);
-    cmd.args(["io", "--iface", &net.host(0).iface, "--vm", "2", "read", "pio", "0x3ff", "1"]);
+    cmd.args(["io", "--iface", &net.host(0).iface, "--key-file", &keys.key(250), "--vm", "2", "read", "pio", "0x3ff"]);
+    cmd.arg("1");
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("refused device 0: UnknownDevice"));

@@ -236,6 +236,19 @@ impl TestNet {
         Ok(())
     }
 
+    /// Stop (or start again) the bridge learning where host `i`'s frames
+    /// come from, as a switch port with port security does: frames it sends
+    /// with another host's source MAC then cannot pull that host's traffic
+    /// to it. Only for nets of three or more hosts (joined by a bridge).
+    pub fn set_port_learning(&self, i: usize, on: bool) -> Result<(), NetnsError> {
+        let Some(sw) = &self.switch else {
+            return Err(NetnsError::TooFewHosts(self.hosts.len()));
+        };
+        let port = format!("p{i}");
+        ip(&["-n", sw, "link", "set", &port, "type", "bridge_slave", "learning", if on { "on" } else { "off" }])?;
+        Ok(())
+    }
+
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
     }

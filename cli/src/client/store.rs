@@ -30,8 +30,13 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
     if mine.is_empty() && !incoming {
         bail!("the store has no VM for client platform {me} (add one: dmfabric ctl add vm --client {me} ...)");
     }
+    let Some(keys) = store.client_keys(me)? else {
+        bail!("client platform {me} has no key in the store ({spec}): make one with `dmfabric ctl --store {spec} client rekey {me}`");
+    };
+    let ring = keys.ring()?;
     let file = FileConfig {
         client: me,
+        key_file: None,
         hypervisor: record.hypervisor,
         run_seconds: args.seconds.unwrap_or(86_400.0),
         timeout_ms: args.timeout_ms,
@@ -39,7 +44,7 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         link: LinkConfig { iface: Some(iface), ..LinkConfig::default() },
         vm: mine.iter().map(|v| vm_config(&db, v)).collect(),
     };
-    let mut plan = plan_vms(file, None, args.seconds.or(Some(86_400.0)), true)?;
+    let mut plan = plan_vms(file, None, args.seconds.or(Some(86_400.0)), true, Some(ring))?;
     // Every server of the store: VMs that come later reach them too, and
     // each forgets this client's earlier streams (its numbers start over).
     plan.client.servers = db.servers.keys().copied().collect();
@@ -68,6 +73,7 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         arrivals: Mutex::new(Arrivals::default()),
         arrival_wait: Duration::from_secs_f64(args.arrival_s),
         failed: Mutex::new(Vec::new()),
+        keys: Mutex::new(keys),
     };
     *control.seen.lock().unwrap_or_else(|e| e.into_inner()) = control.watch.routes().revision();
     for (s, v) in plan.vms.iter().zip(&mine) {
@@ -85,12 +91,15 @@ fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
     }
     let device = vm_ranges(db, v)
         .into_iter()
-        .map(|(space, base, len, server, device)| RangeConfig {
+        .map(|(space, base, len, r)| RangeConfig {
             space: if space == Space::Mmio { "mmio".into() } else { "pio".into() },
             base,
             len,
-            server: Some(server),
-            device: Some(device),
+            server: Some(r.server),
+            device: Some(r.device),
+            runs_on: Some(r.runs_on),
+            irq: (0..32).filter(|&l| r.may_raise(l)).collect(),
+            reset: r.reset,
             local: None,
         })
         .collect();
@@ -111,17 +120,25 @@ fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
     }
 }
 
-/// A VM's remote ranges: (space, base, length, the server its requests go
-/// to — its owner, or the device's own — and the device).
-type RemoteRanges = Vec<(Space, u64, u64, u16, u32)>;
+/// A VM's remote ranges: (space, base, length, the device: the server its
+/// requests go to — its owner, or the device's own —, the server that runs
+/// it, its lines and whether it may reset the VM).
+type RemoteRanges = Vec<(Space, u64, u64, Remote)>;
 
 /// The remote ranges of VM `v` in `db`.
 fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> RemoteRanges {
     let mut out = Vec::new();
     for d in db.devices.values().filter(|d| d.vm == v.id) {
+        let mut remote = Remote::new(v.owner.unwrap_or(d.server), d.id).runs_on(d.server);
+        if let Ok(kind) = dmfabric_devices::DeviceKind::parse(&d.kind, &d.irqs) {
+            remote = remote.lines(&kind.lines());
+            if kind.may_reset() {
+                remote = remote.resets();
+            }
+        }
         for r in &d.ranges {
             let space = if r.mmio { Space::Mmio } else { Space::Pio };
-            out.push((space, r.base, r.len, v.owner.unwrap_or(d.server), d.id));
+            out.push((space, r.base, r.len, remote));
         }
     }
     out
@@ -162,6 +179,8 @@ pub(super) struct StoreControl {
     arrival_wait: Duration,
     /// VMs that could not start here, and why.
     failed: Mutex<Vec<String>>,
+    /// This client platform's keys as last read from the store.
+    keys: Mutex<dmfabric_control::keys::ClientKeys>,
     /// A message on each revision the watch swaps in (the supervisor wakes).
     changes: crossbeam_channel::Receiver<()>,
 }
@@ -193,12 +212,12 @@ impl StoreControl {
         for m in lock(&self.maps).iter_mut() {
             let Some(v) = t.db.vms.get(&m.vm) else { continue };
             let mut ranges = vm_ranges(&t.db, v);
-            ranges.retain(|&(_, base, _, server, device)| {
-                let ok = self.known.contains(&server);
+            ranges.retain(|&(_, base, _, r)| {
+                let ok = self.known.contains(&r.server) && self.known.contains(&r.runs_on);
                 if !ok {
                     eprintln!(
-                        "dmfabric client: VM {}: device {device} at {base:#x} is on server {server}, not found on the link at start: restart the client to reach it",
-                        m.vm
+                        "dmfabric client: VM {}: device {} at {base:#x} is on server {}, not found on the link at start: restart the client to reach it",
+                        m.vm, r.device, r.runs_on
                     );
                 }
                 ok
@@ -207,7 +226,7 @@ impl StoreControl {
                 continue;
             }
             let targets: Vec<(Space, u64, u64, Target)> =
-                ranges.iter().map(|&(s, b, l, server, device)| (s, b, l, Target::Remote { server, device })).collect();
+                ranges.iter().map(|&(s, b, l, r)| (s, b, l, Target::Remote(r))).collect();
             match machine::test_guest_map(&targets) {
                 Ok(map) => {
                     eprintln!(
@@ -392,6 +411,25 @@ impl machine::VmControl for StoreControl {
 
     fn pending(&self) -> bool {
         !lock(&self.arrivals).waiting.is_empty()
+    }
+
+    /// A rekey bumps the store's revision: read the keys again then.
+    fn keys(&self) -> Option<KeyRing> {
+        let fresh = match self.store.client_keys(self.me) {
+            Ok(Some(k)) => k,
+            Ok(None) => return None,
+            Err(e) => {
+                eprintln!("dmfabric client: cannot read this platform's keys ({e}); keeping the ones in use");
+                return None;
+            }
+        };
+        let mut keys = lock(&self.keys);
+        if *keys == fresh {
+            return None;
+        }
+        let ring = fresh.ring().ok()?;
+        *keys = fresh;
+        Some(ring)
     }
 
     fn changes(&self) -> Option<crossbeam_channel::Receiver<()>> {

@@ -75,3 +75,47 @@ pub fn wait_for_all(rx: &mpsc::Receiver<String>, parts: &[&str]) -> Result<Vec<S
 pub fn wait_for(rx: &mpsc::Receiver<String>, what: &str) -> Result<Vec<String>, Vec<String>> {
     wait_for_within(rx, what, Duration::from_secs(20))
 }
+
+/// Key files of client platforms and a server's `--clients` list, in a
+/// directory of the test's own, removed when dropped.
+pub struct Keys {
+    pub dir: std::path::PathBuf,
+}
+
+impl Keys {
+    /// Client platforms `clients` — (id, VMs as (id, vCPUs)) — at `mac`
+    /// (host 0's), each with its test key (dmfabric_testkit::keys).
+    pub fn new(name: &str, mac: dmfabric_wire::MacAddr, clients: &[(u16, &[(u32, u16)])]) -> Keys {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!("dmfabric-{name}-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).unwrap();
+        let mut list = String::new();
+        for (id, vms) in clients {
+            dmfabric_testkit::keys::write_key_file(&dir.join(format!("client-{id}.key")), *id).unwrap();
+            let vms: Vec<String> = vms.iter().map(|(v, n)| format!("{{ id = {v}, vcpus = {n} }}")).collect();
+            list.push_str(&format!(
+                "[[client]]\nid = {id}\nmac = \"{mac}\"\nkey_file = \"client-{id}.key\"\nvms = [{}]\n\n",
+                vms.join(", ")
+            ));
+        }
+        std::fs::write(dir.join("clients.toml"), list).unwrap();
+        Keys { dir }
+    }
+
+    /// The server's client list.
+    pub fn clients(&self) -> String {
+        self.dir.join("clients.toml").to_string_lossy().into_owned()
+    }
+
+    /// Client platform `id`'s key file.
+    pub fn key(&self, id: u16) -> String {
+        self.dir.join(format!("client-{id}.key")).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
