@@ -47,11 +47,11 @@ fn exits(c: &mut Criterion) {
         let setup = Setup::new(TransportKind::Xdp, ServerLaunch::Thread);
         let stop = Arc::new(AtomicBool::new(false));
         let outcome = harness::run(&setup, &stop, |t, target| {
-            let remote = Target::Remote { server: target.server_id, device: TEST_DEVICE_ID };
+            let remote = Target::remote(target.server_id, TEST_DEVICE_ID);
             let mut t = Some(t);
             group.bench_function("remote_xdp", |b| {
                 b.iter_custom(|iters| {
-                    let link = t.take().map(|t| (t, exit::client_config(&target)));
+                    let link = t.take().map(|t| (t, exit::client_config(&target, &setup)));
                     let (took, back) = timed_run(iters, remote, link);
                     t = back;
                     took

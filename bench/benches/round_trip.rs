@@ -28,8 +28,11 @@ fn round_trip(c: &mut Criterion) {
         let outcome = harness::run(&setup, &stop, |mut t, target| {
             group.bench_function(kind.name(), |b| {
                 b.iter_custom(|iters| {
-                    // Each batch numbers from 0: reset the streams first (untimed).
-                    loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, Duration::from_secs(5)).expect("server answers");
+                    // Each batch numbers from 0: in a new session (untimed).
+                    let sealer = setup.sealer();
+                    let session = loadgen::discover(t.as_mut(), loadgen::CLIENT_ID, &sealer, Duration::from_secs(5))
+                        .expect("server answers");
+                    let target = loadgen::Target { session: session.id, ..target };
                     let start = Instant::now();
                     let r = loadgen::rtt(t.as_mut(), &target, iters, 0, loadgen::Retry::default(), &never)
                         .expect("transport works");

@@ -409,8 +409,8 @@ mod tests {
     fn the_flood_mixes_every_kind_and_none_is_authentic() {
         let (c, s) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]));
         let frames = flood_frames(c, s, &[vec![1, 2, 3]]);
-        for kind in 0..KINDS.len() {
-            assert!(frames.iter().any(|(k, _)| *k == kind), "{}", KINDS[kind]);
+        for (kind, name) in KINDS.iter().enumerate() {
+            assert!(frames.iter().any(|(k, _)| *k == kind), "{name}");
         }
         let ring = dmfabric_wire::auth::KeyRing::single(1, &dmfabric_wire::auth::Secret::from_bytes([9; 32]));
         for (kind, f) in frames.iter().filter(|(k, _)| *k < 3) {
