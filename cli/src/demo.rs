@@ -172,6 +172,14 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
 
     // Client platform 3's key, fresh for this run, and the server's list of
     // the client platforms it acts for: every frame is sealed with it.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("Cannot create {}", dir.display()))?;
+    }
     let key = dmfabric_control::keys::KeyFile::generate(3)?;
     key.save_new(&dir.join("client-3.key"))?;
     let clients = dir.join("clients.toml");

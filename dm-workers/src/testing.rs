@@ -80,6 +80,19 @@ impl TestClient {
         server.on_frame(&self.register(), &mut tx, Instant::now());
     }
 
+    /// Take the session a HelloReply in `frame` offers for our Hello with
+    /// challenge bytes `c`; false if `frame` is not that answer.
+    pub fn take_reply(&mut self, frame: &[u8], c: u8) -> bool {
+        let Ok(FrameRepr { msg: Message::Control(m), .. }) = FrameRepr::parse_bytes(frame) else { return false };
+        let Some(body) = HelloReplyBody::parse(m.payload).filter(|b| b.challenge == [c; CHALLENGE_LEN]) else {
+            return false;
+        };
+        self.session = body.session.get();
+        self.epoch = body.epoch.get() as u32;
+        self.next.clear();
+        true
+    }
+
     /// The Register that starts using the session.
     pub fn register(&self) -> Vec<u8> {
         let route = Route { client: self.id, hypervisor: 1, server: self.server, ..Route::default() };

@@ -1002,9 +1002,10 @@ impl VcpuRemote {
             }
             match sender.poll(Instant::now()) {
                 Due::Resend(()) => {
-                    // After a refusal, listen for this request's answer again.
+                    // After a refusal, listen for this request's answer
+                    // again (an answer that came meanwhile stays).
                     refused = None;
-                    slot.state.store(EMPTY, Ordering::Release);
+                    let _ = slot.state.compare_exchange(NACKED, EMPTY, Ordering::AcqRel, Ordering::Acquire);
                     self.post(Outgoing { to, req, epoch, index: self.index, retransmit: true });
                 }
                 Due::GaveUp(()) => {

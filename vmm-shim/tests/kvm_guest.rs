@@ -190,20 +190,25 @@ fn remote_device_gives_the_same_checksum_as_local() {
 }
 
 #[test]
-fn lost_and_duplicated_frames_change_nothing_the_guest_sees() {
-    if !dmfabric_testkit::privileged_or_skip("lost_and_duplicated_frames_change_nothing", &[Need::Kvm, Need::Root]) {
+fn lost_duplicated_and_corrupted_frames_change_nothing_the_guest_sees() {
+    if !dmfabric_testkit::privileged_or_skip(
+        "lost_duplicated_corrupted_frames_change_nothing",
+        &[Need::Kvm, Need::Root],
+    ) {
         return;
     }
     let net = TestNet::pair().unwrap();
     let (stop, server) = start_server(&net);
-    let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.0, seed: 5 };
+    // Corrupted frames still parse often enough (a bit of the data, the
+    // address, the WRITE flag): only their tag tells them apart.
+    let faults = FaultConfig { drop: 0.05, duplicate: 0.05, reorder: 0.0, corrupt: 0.05, seed: 5 };
     let retry = Retry { timeout: Duration::from_millis(5), retries: 20 };
     // Two vCPUs, so that a vCPU also picks up the other's completions.
     let (report, injected) = run_remote(&net, vec![io_loop_vm(7, 2, 250, PORT, true)], Some(faults), retry);
     stop.store(true, Ordering::Relaxed);
     let served = server.join().unwrap().unwrap();
     let injected = injected.unwrap();
-    assert!(injected.dropped > 50 && injected.duplicated > 50, "{injected:?}");
+    assert!(injected.dropped > 50 && injected.duplicated > 50 && injected.corrupted > 50, "{injected:?}");
     assert_eq!(checksum(&report, 7, 0), guests::io_loop_checksum(250), "right checksum despite the faults");
     assert_eq!(checksum(&report, 7, 1), guests::io_loop_checksum(250));
     let client = report.client.unwrap();
@@ -212,6 +217,9 @@ fn lost_and_duplicated_frames_change_nothing_the_guest_sees() {
     // answered from the server's cache, never executed twice.
     assert_eq!(served.completions, 2000, "{served}");
     assert!(served.duplicates_answered + served.duplicates_in_flight > 0, "{served}");
+    // The corrupted ones (the injector corrupts what the client receives)
+    // were dropped at the tag, or as malformed or foreign.
+    assert!(client.unauthenticated + client.malformed + client.foreign > 0, "{client:?}");
 }
 
 #[test]
