@@ -119,6 +119,7 @@ pub fn client_config(target: &loadgen::Target, setup: &Setup) -> ClientConfig {
         retry: Retry::default(),
         hello_timeout: Duration::from_secs(5),
         sealer: setup.sealer(),
+        open_on_demand: false,
     }
 }
 

@@ -330,6 +330,7 @@ fn plan_vms(
             retry: Retry { timeout: Duration::from_millis(cfg.timeout_ms), retries: cfg.retries },
             hello_timeout: Duration::from_secs(5),
             sealer: Sealer::new(keys),
+            open_on_demand: false,
         },
         link,
         vms,

@@ -274,6 +274,7 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
             retry: Retry::default(),
             hello_timeout: Duration::from_secs(5),
             sealer: dmfabric_dataplane::hello::Sealer::new(keys),
+            open_on_demand: false,
         };
         Ok(machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &stop)?.0)
     })?;

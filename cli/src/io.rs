@@ -220,6 +220,7 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         retry: Retry { timeout: Duration::from_millis(args.timeout_ms.max(1)), retries: args.retries },
         hello_timeout: Duration::from_secs(3),
         sealer: dmfabric_dataplane::hello::Sealer::new(key.ring()?),
+        open_on_demand: false,
     };
     // What the VM may be sent: any line of any device on the server (this
     // tool prints them; a VM's map names its devices' lines).

@@ -294,7 +294,13 @@ fn client_runs_the_example_config_against_a_server_and_prints_counters() {
     assert!(stderr.contains(&want), "{want} in {stderr}");
     assert!(stderr.contains("VM 2 vCPU 0: reported 0x64 0x0 0x64"), "{stderr}");
     assert!(stderr.contains("VM 1: server 1 device 1: reads 600 writes 600"), "{stderr}");
-    assert!(stderr.contains("VM 2: remote requests 101 retransmits 0 completions 101 interrupts 100"), "{stderr}");
+    // (Retransmits depend on how busy the host is: not checked.)
+    let vm2 = stderr.lines().find(|l| l.contains("VM 2: remote requests")).unwrap_or_else(|| panic!("{stderr}"));
+    let field = |name: &str| -> u64 {
+        let rest = &vm2[vm2.find(name).unwrap_or_else(|| panic!("{name} in {vm2}")) + name.len() + 1..];
+        rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{name} in {vm2}"))
+    };
+    assert_eq!((field("requests"), field("completions"), field("interrupts")), (101, 101, 100), "{vm2}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["vms"][1]["remote"]["interrupts"], 100);
     assert_eq!(report["client"]["other_client"], 0);

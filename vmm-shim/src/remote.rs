@@ -148,8 +148,12 @@ struct Slot {
     expect: AtomicU64,
     /// What the answer must match besides it: the address ...
     addr: AtomicU64,
-    /// ... and (server addressed << 16 | direction << 8 | size) and the
-    /// server that runs the device.
+    /// ... (server addressed << 16 | direction << 8 | size), and the
+    /// servers that may answer besides the one addressed: (the server that
+    /// runs the device by the map << 16 | the one whose session the stream
+    /// is numbered in, which ran it when the stream started — a device that
+    /// moves takes its stream along, and an answer may still come from
+    /// where it was).
     meta: AtomicU32,
     runs_on: AtomicU32,
     state: AtomicU8,
@@ -263,6 +267,8 @@ const OPENING_CHALLENGES: usize = 8;
 const HELLO_EVERY: Duration = Duration::from_millis(100);
 /// A server announcing a new epoch is given a new session at most this often.
 const REOPEN_MIN: Duration = Duration::from_secs(1);
+/// How often the VMs' maps are looked at for servers to open a session with.
+const MAP_SCAN_EVERY: Duration = Duration::from_millis(100);
 
 /// Everything that changes per frame: only the thread holding the link touches it.
 struct Link {
@@ -276,6 +282,8 @@ struct Link {
     opening: Vec<Opening>,
     /// When each server was last given a new session because it announced one.
     reopened: Vec<(u16, Instant)>,
+    /// When the VMs' maps are next looked at for servers with no session.
+    next_scan: Instant,
 }
 
 /// A VM this client runs: its id, vCPU count, where its interrupts go and
@@ -307,6 +315,11 @@ pub struct ClientConfig {
     /// This client platform's keys (and whether to seal at all: only off
     /// to measure what sealing costs).
     pub sealer: Sealer,
+    /// Open a session with a server not in `servers` when a device on it
+    /// is first used (a client placed by the control panel: servers serve
+    /// it only once one of its VMs has a device there); otherwise such a
+    /// device is an error ([`RemoteError::NotConfigured`]).
+    pub open_on_demand: bool,
 }
 
 /// Requests that may wait in the outbox (one per vCPU at most).
@@ -317,6 +330,8 @@ const OUTBOX: usize = 4096;
 struct Stream {
     device: u32,
     session: u32,
+    /// The server whose session it is.
+    server: u16,
     next: u32,
 }
 
@@ -331,6 +346,7 @@ pub struct ClientPort {
     vms: RwLock<VmTable>,
     retry: Retry,
     hello_timeout: Duration,
+    open_on_demand: bool,
     link: Mutex<Link>,
     /// Someone holds the link: a waiting vCPU looks at this before it tries.
     busy: AtomicBool,
@@ -413,6 +429,7 @@ impl ClientPort {
             sealer: cfg.sealer.clone(),
             opening: Vec::new(),
             reopened: Vec::new(),
+            next_scan: Instant::now(),
             t,
         };
         Ok(ClientPort {
@@ -424,6 +441,7 @@ impl ClientPort {
             vms: RwLock::new(table),
             retry: cfg.retry,
             hello_timeout: cfg.hello_timeout,
+            open_on_demand: cfg.open_on_demand,
             link: Mutex::new(link),
             busy: AtomicBool::new(false),
             outbox: ArrayQueue::new(OUTBOX),
@@ -627,15 +645,24 @@ impl ClientPort {
         Ok(n)
     }
 
-    /// Start opening the sessions vCPUs asked for, and send Hellos again
-    /// where no answer came yet.
+    /// Start opening the sessions vCPUs asked for (and, opening on demand,
+    /// those with servers the VMs' maps name: a VM waiting for interrupts
+    /// asks for nothing), and send Hellos again where no answer came yet.
     fn open_sessions(&self, link: &mut Link) -> Result<(), RemoteError> {
-        while let Some(server) = self.reopen.pop() {
-            if !link.opening.iter().any(|o| o.server == server) {
-                link.opening.push(Opening { server, challenges: VecDeque::new(), next_send: Instant::now() });
+        let now = Instant::now();
+        if self.open_on_demand && now >= link.next_scan {
+            link.next_scan = now + MAP_SCAN_EVERY;
+            for server in self.servers_of_maps() {
+                if self.peer(server).is_none() {
+                    let _ = self.reopen.push(server);
+                }
             }
         }
-        let now = Instant::now();
+        while let Some(server) = self.reopen.pop() {
+            if !link.opening.iter().any(|o| o.server == server) {
+                link.opening.push(Opening { server, challenges: VecDeque::new(), next_send: now });
+            }
+        }
         let Link { t, tx, sealer, opening, .. } = link;
         for o in opening.iter_mut().filter(|o| now >= o.next_send) {
             let c = hello::challenge();
@@ -652,6 +679,21 @@ impl ClientPort {
             t.send(tx)?;
         }
         Ok(())
+    }
+
+    /// Every server the VMs' maps send to or have their devices run on.
+    fn servers_of_maps(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for port in &self.table().ports {
+            for t in port.map.load().targets() {
+                if let Target::Remote(r) = t {
+                    out.extend([r.server, r.runs_on]);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     fn deliver(&self, bytes: &[u8], link: &mut Link) {
@@ -680,17 +722,26 @@ impl ClientPort {
             stats.other_client += 1;
             return;
         }
-        // Only from a server with a session, at its MAC.
-        let Some(peer) = self.peer(route.server).filter(|p| p.session.mac == repr.eth.src) else {
-            stats.wrong_source += 1;
+        // Only from a server with a session, at its MAC (or the answer of
+        // one this client opens a first session with).
+        let peer = self.peer(route.server);
+        if let (None, Message::Control(c)) = (&peer, &repr.msg) {
+            if c.op == ControlOp::HelloReply {
+                return self.hello_reply(c, repr.eth.src, None, link);
+            }
+        }
+        let Some(peer) = peer.filter(|p| p.session.mac == repr.eth.src) else {
+            link.stats.wrong_source += 1;
             return;
         };
         match repr.msg {
-            Message::Control(c) if c.op == ControlOp::HelloReply => self.hello_reply(&c, repr.eth.src, peer, link),
+            Message::Control(c) if c.op == ControlOp::HelloReply => {
+                self.hello_reply(&c, repr.eth.src, Some(peer), link)
+            }
             Message::IoCompletion(_) | Message::Nack(_) => self.answer(&repr.msg, link),
             Message::Interrupt(_) => self.stream_item(&repr, peer, link),
             Message::Control(c) if c.op == ControlOp::Lifecycle => self.stream_item(&repr, peer, link),
-            _ => stats.unexpected_kind += 1,
+            _ => link.stats.unexpected_kind += 1,
         }
     }
 
@@ -708,11 +759,13 @@ impl ClientPort {
         };
         let waiting = slot.expect.load(Ordering::Acquire) == msg.seq() && slot.state.load(Ordering::Acquire) == EMPTY;
         let m = slot.meta.load(Ordering::Relaxed);
-        let runs_on = slot.runs_on.load(Ordering::Relaxed) as u16;
+        let r = slot.runs_on.load(Ordering::Relaxed);
+        let from = u32::from(route.server);
+        let may_answer = from == m >> 16 || from == r >> 16 || from == r & 0xffff;
         match *msg {
             Message::IoCompletion(c)
                 if waiting
-                    && c.route.server == runs_on
+                    && may_answer
                     && c.addr == slot.addr.load(Ordering::Relaxed)
                     && access_bits(c.dir, c.size.bytes()) == m & 0xffff =>
             {
@@ -722,32 +775,48 @@ impl ClientPort {
                 link.stats.completions += 1;
                 link.vm_stats[index].completions += 1;
             }
-            Message::Nack(n) if waiting && (n.route.server == runs_on || u32::from(n.route.server) == m >> 16) => {
+            Message::Nack(n) if waiting && may_answer => {
                 slot.nack.store(n.reason as u8, Ordering::Relaxed);
                 slot.state.store(NACKED, Ordering::Release);
                 link.stats.nacks += 1;
             }
-            _ => link.stats.stale_completions += 1,
+            _ => {
+                tracing::debug!(
+                    waiting,
+                    seq = msg.seq(),
+                    expect = slot.expect.load(Ordering::Relaxed),
+                    state = slot.state.load(Ordering::Relaxed),
+                    server = route.server,
+                    may = r,
+                    meta = m,
+                    "completion not taken"
+                );
+                link.stats.stale_completions += 1
+            }
         }
     }
 
-    /// A HelloReply from `peer`: the answer to a Hello of a session being
-    /// opened, or a server announcing a new epoch (it restarted).
-    fn hello_reply(&self, c: &ControlMsg<'_>, from: MacAddr, peer: Peer, link: &mut Link) {
+    /// A HelloReply from `peer` (none yet: a first session): the answer to
+    /// a Hello of a session being opened, or a server announcing a new
+    /// epoch (it restarted).
+    fn hello_reply(&self, c: &ControlMsg<'_>, from: MacAddr, peer: Option<Peer>, link: &mut Link) {
         let Some(body) = HelloReplyBody::parse(c.payload) else {
             link.stats.malformed += 1;
             return;
         };
-        let server = peer.session.server;
+        let server = c.route.server;
         let answered = link.opening.iter().position(|o| o.server == server && o.challenges.contains(&body.challenge));
         if let Some(i) = answered {
             link.opening.swap_remove(i);
             let session = Session { server, mac: from, epoch: body.epoch.get(), id: body.session.get() };
             {
                 let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
-                if let Some(p) = peers.iter_mut().find(|p| p.session.server == server) {
-                    p.session = session;
-                    p.generation += 1;
+                match peers.iter_mut().find(|p| p.session.server == server) {
+                    Some(p) => {
+                        p.session = session;
+                        p.generation += 1;
+                    }
+                    None => peers.push(Peer { session, generation: 1 }),
                 }
             }
             let route = Route { client: self.client, hypervisor: self.hypervisor, ..Route::default() };
@@ -756,6 +825,10 @@ impl ClientPort {
             tracing::info!(client = self.client, server, session = session.id, "session opened again");
             return;
         }
+        let Some(peer) = peer else {
+            link.stats.stale_hellos += 1;
+            return;
+        };
         let now = Instant::now();
         let announced = body.challenge == [0; CHALLENGE_LEN] && body.epoch.get() != peer.session.epoch;
         let recently = link.reopened.iter().any(|&(s, at)| s == server && now.duration_since(at) < REOPEN_MIN);
@@ -892,21 +965,23 @@ impl VcpuRemote {
 
     /// The next number of the stream to `device`, started in `runner`'s
     /// session if it has none (or `restart`).
-    fn next_seq(&mut self, device: u32, runner: &Peer, restart: bool) -> Seq {
+    /// Returns it and the server whose session it is in.
+    fn next_seq(&mut self, device: u32, runner: &Peer, restart: bool) -> (Seq, u16) {
+        let fresh = Stream { device, session: runner.session.id, server: runner.session.server, next: 0 };
         let at = match self.streams.iter().position(|s| s.device == device) {
             Some(i) => i,
             None => {
-                self.streams.push(Stream { device, session: runner.session.id, next: 0 });
+                self.streams.push(fresh);
                 self.streams.len() - 1
             }
         };
         let st = &mut self.streams[at];
         if restart {
-            *st = Stream { device, session: runner.session.id, next: 0 };
+            *st = fresh;
         }
         let seq = Seq::new(st.session, st.next);
         st.next = st.next.wrapping_add(1);
-        seq
+        (seq, st.server)
     }
 
     /// [`VcpuRemote::access`], with the completion's status (whether the
@@ -914,12 +989,13 @@ impl VcpuRemote {
     pub fn access_status(&mut self, target: &Remote, exit: &Exit) -> Result<(u64, Status), RemoteError> {
         let port = self.port.clone();
         let (server, device) = (target.server, target.device);
-        let known = || port.servers().iter().map(|(s, _)| *s).collect();
-        let Some(to) = port.peer(server).map(|p| p.session.mac) else {
-            return Err(RemoteError::NotConfigured { server, device, known: known() });
+        let Some(to) = self.peer_or_open(server, device)?.map(|p| p.session.mac) else {
+            let known = port.servers().iter().map(|(s, _)| *s).collect();
+            return Err(RemoteError::NotConfigured { server, device, known });
         };
-        let Some(mut runner) = port.peer(target.runs_on) else {
-            return Err(RemoteError::NotConfigured { server: target.runs_on, device, known: known() });
+        let Some(mut runner) = self.peer_or_open(target.runs_on, device)? else {
+            let known = port.servers().iter().map(|(s, _)| *s).collect();
+            return Err(RemoteError::NotConfigured { server: target.runs_on, device, known });
         };
         port.waiters.fetch_add(1, Ordering::AcqRel);
         port.activity.fetch_add(1, Ordering::Release);
@@ -931,7 +1007,7 @@ impl VcpuRemote {
         if worn {
             runner = self.new_session(target, runner)?;
         }
-        let mut seq = self.next_seq(device, &runner, worn);
+        let (mut seq, mut numbered_by) = self.next_seq(device, &runner, worn);
         let mut req = IoRequest {
             route: Route {
                 server,
@@ -953,7 +1029,7 @@ impl VcpuRemote {
         slot.state.store(EMPTY, Ordering::Release);
         slot.addr.store(exit.addr, Ordering::Relaxed);
         slot.meta.store(meta(server, exit.dir, exit.size.bytes()), Ordering::Relaxed);
-        slot.runs_on.store(u32::from(target.runs_on), Ordering::Relaxed);
+        slot.runs_on.store(u32::from(target.runs_on) << 16 | u32::from(numbered_by), Ordering::Relaxed);
         slot.expect.store(seq.0, Ordering::Release);
         let start = Instant::now();
         let mut sender = StopAndWait::new(port.retry);
@@ -978,9 +1054,10 @@ impl VcpuRemote {
                         // not run the request: start the stream again in a
                         // new session, and send it there.
                         runner = self.new_session(target, runner)?;
-                        seq = self.next_seq(device, &runner, true);
+                        (seq, numbered_by) = self.next_seq(device, &runner, true);
                         epoch = runner.session.epoch32();
                         req.seq = seq.0;
+                        slot.runs_on.store(u32::from(target.runs_on) << 16 | u32::from(numbered_by), Ordering::Relaxed);
                         slot.state.store(EMPTY, Ordering::Release);
                         slot.expect.store(seq.0, Ordering::Release);
                         sender = StopAndWait::new(port.retry);
@@ -1037,22 +1114,38 @@ impl VcpuRemote {
         }
     }
 
+    /// Server `server`'s session; with `open_on_demand`, a first one opened
+    /// now if there is none (`None` without). For `device`'s request.
+    fn peer_or_open(&self, server: u16, device: u32) -> Result<Option<Peer>, RemoteError> {
+        if let Some(p) = self.port.peer(server) {
+            return Ok(Some(p));
+        }
+        if !self.port.open_on_demand {
+            return Ok(None);
+        }
+        self.wait_session(server, device, 0).map(Some)
+    }
+
     /// Ask for a new session with the server running `target`'s device and
     /// wait for it (bounded by the hello timeout).
     fn new_session(&self, target: &Remote, was: Peer) -> Result<Peer, RemoteError> {
+        self.wait_session(target.runs_on, target.device, was.generation)
+    }
+
+    /// Ask for a session with `server` newer than `generation` and wait for it.
+    fn wait_session(&self, server: u16, device: u32, generation: u64) -> Result<Peer, RemoteError> {
         let port = &self.port;
-        let server = target.runs_on;
         let _ = port.reopen.push(server);
         let start = Instant::now();
         loop {
-            if let Some(p) = port.peer(server).filter(|p| p.generation > was.generation) {
+            if let Some(p) = port.peer(server).filter(|p| p.generation > generation) {
                 return Ok(p);
             }
             if self.stop.as_ref().is_some_and(|s| s.load(Ordering::Acquire)) {
                 return Err(RemoteError::Stopped { server });
             }
             if start.elapsed() > port.hello_timeout {
-                return Err(RemoteError::NoSession { server, device: target.device, waited: start.elapsed() });
+                return Err(RemoteError::NoSession { server, device, waited: start.elapsed() });
             }
             self.pump();
         }
@@ -1182,6 +1275,7 @@ mod tests {
             retry: Retry { timeout: Duration::from_millis(50), retries: 3 },
             hello_timeout: Duration::from_secs(2),
             sealer: Sealer::new(keys::ring(3)),
+            open_on_demand: false,
         }
     }
 

@@ -142,6 +142,7 @@ fn client_config(retry: Retry) -> ClientConfig {
         retry,
         hello_timeout: Duration::from_secs(5),
         sealer: Sealer::new(dmfabric_testkit::keys::ring(CLIENT)),
+        open_on_demand: false,
     }
 }
 

@@ -113,6 +113,7 @@ fn boot_remote(net: &TestNet, image: LinuxImage, dir: PathBuf) -> (RunReport, St
                 retry: Retry { timeout: Duration::from_millis(50), retries: 20 },
                 hello_timeout: Duration::from_secs(5),
                 sealer: dmfabric_dataplane::hello::Sealer::new(dmfabric_testkit::keys::ring(3)),
+                open_on_demand: false,
             };
             let opts = RunOptions { timeout: BOOT_LIMIT, ..RunOptions::default() };
             machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0

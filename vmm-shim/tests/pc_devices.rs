@@ -91,6 +91,7 @@ fn run(net: &TestNet, spec: VmSpec) -> RunReport {
             retry: Retry::default(),
             hello_timeout: Duration::from_secs(5),
             sealer: dmfabric_dataplane::hello::Sealer::new(dmfabric_testkit::keys::ring(3)),
+            open_on_demand: false,
         };
         let opts = RunOptions { timeout: Duration::from_secs(60), ..RunOptions::default() };
         machine::run(vec![spec], Some((Box::new(t), cfg)), &opts, &AtomicBool::new(false)).expect("VM runs").0

@@ -45,12 +45,21 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         vm: mine.iter().map(|v| vm_config(&db, v)).collect(),
     };
     let mut plan = plan_vms(file, None, args.seconds.or(Some(86_400.0)), true, Some(ring))?;
-    // Every server of the store: VMs that come later reach them too, and
-    // each forgets this client's earlier streams (its numbers start over).
-    plan.client.servers = db.servers.keys().copied().collect();
-    if plan.client.servers.is_empty() {
+    if db.servers.is_empty() {
         bail!("the store has no server: add one (dmfabric ctl add server ...) first");
     }
+    // Sessions now with the servers of the VMs it runs (or that migrate
+    // here); with any other server when a device there is first used: a
+    // server serves this platform (has its key) only once one of its VMs
+    // has a device there.
+    let needed: BTreeSet<u16> = db
+        .vms
+        .values()
+        .filter(|v| (v.client == me && StoreControl::runs_here(v)) || v.migrate_to == Some(me))
+        .flat_map(|v| vm_ranges(&db, v).into_iter().flat_map(|(_, _, _, r)| [r.server, r.runs_on]))
+        .collect();
+    plan.client.servers = needed.into_iter().collect();
+    plan.client.open_on_demand = true;
     let watch = dmfabric_control::watch::Watch::start(
         dmfabric_control::store::open(spec)?,
         format!("dmfabric client {me}"),
@@ -67,14 +76,15 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         changes,
         store,
         maps: Mutex::new(Vec::new()),
-        known: plan.client.servers.iter().copied().collect(),
         seen: Mutex::new(0),
         started: Mutex::new(mine.iter().map(|v| v.id).collect()),
         arrivals: Mutex::new(Arrivals::default()),
         arrival_wait: Duration::from_secs_f64(args.arrival_s),
         failed: Mutex::new(Vec::new()),
         keys: Mutex::new(keys),
+        keys_revision: Mutex::new(0),
     };
+    *control.keys_revision.lock().unwrap_or_else(|e| e.into_inner()) = control.watch.routes().revision();
     *control.seen.lock().unwrap_or_else(|e| e.into_inner()) = control.watch.routes().revision();
     for (s, v) in plan.vms.iter().zip(&mine) {
         control.follow(s, vm_ranges(&db, v));
@@ -168,8 +178,6 @@ pub(super) struct StoreControl {
     /// For VM states in transit (migrations out and in) and recording arrivals.
     store: Box<dyn dmfabric_control::store::Store>,
     maps: Mutex<Vec<VmMap>>,
-    /// Servers found on the link at start: the only ones a map can name.
-    known: BTreeSet<u16>,
     /// The table revision the maps were last built from.
     seen: Mutex<u64>,
     /// VMs started here (at the start or since), and not migrated away.
@@ -179,8 +187,10 @@ pub(super) struct StoreControl {
     arrival_wait: Duration,
     /// VMs that could not start here, and why.
     failed: Mutex<Vec<String>>,
-    /// This client platform's keys as last read from the store.
+    /// This client platform's keys as last read from the store, and the
+    /// revision they were read at.
     keys: Mutex<dmfabric_control::keys::ClientKeys>,
+    keys_revision: Mutex<u64>,
     /// A message on each revision the watch swaps in (the supervisor wakes).
     changes: crossbeam_channel::Receiver<()>,
 }
@@ -211,17 +221,7 @@ impl StoreControl {
         *seen = t.revision;
         for m in lock(&self.maps).iter_mut() {
             let Some(v) = t.db.vms.get(&m.vm) else { continue };
-            let mut ranges = vm_ranges(&t.db, v);
-            ranges.retain(|&(_, base, _, r)| {
-                let ok = self.known.contains(&r.server) && self.known.contains(&r.runs_on);
-                if !ok {
-                    eprintln!(
-                        "dmfabric client: VM {}: device {} at {base:#x} is on server {}, not found on the link at start: restart the client to reach it",
-                        m.vm, r.device, r.runs_on
-                    );
-                }
-                ok
-            });
+            let ranges = vm_ranges(&t.db, v);
             if m.ranges == ranges {
                 continue;
             }
@@ -247,11 +247,8 @@ impl StoreControl {
 
     /// The spec of VM `v` of `db` joining this run.
     fn spec_for(&self, db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) -> anyhow::Result<VmSpec> {
-        let mut servers = BTreeSet::new();
-        let spec = vm_spec(&vm_config(db, v), &mut servers)?;
-        if let Some(s) = servers.iter().find(|s| !self.known.contains(s)) {
-            bail!("its devices are on server {s}, not found on the link when this client started: restart the client");
-        }
+        // Its servers are reached on demand (sessions open at first use).
+        let spec = vm_spec(&vm_config(db, v), &mut BTreeSet::new())?;
         self.follow(&spec, vm_ranges(db, v));
         Ok(spec)
     }
@@ -413,8 +410,17 @@ impl machine::VmControl for StoreControl {
         !lock(&self.arrivals).waiting.is_empty()
     }
 
-    /// A rekey bumps the store's revision: read the keys again then.
+    /// A rekey bumps the store's revision: read the keys again then (and
+    /// only then: each read opens the store).
     fn keys(&self) -> Option<KeyRing> {
+        let revision = self.watch.routes().revision();
+        {
+            let mut seen = lock(&self.keys_revision);
+            if *seen == revision {
+                return None;
+            }
+            *seen = revision;
+        }
         let fresh = match self.store.client_keys(self.me) {
             Ok(Some(k)) => k,
             Ok(None) => return None,
