@@ -1,6 +1,7 @@
-//! A flood of malformed frames interleaved with valid requests, over real
-//! transports between two network namespaces: every valid request is
-//! answered, every bad frame is counted by reason, nothing stalls.
+//! A flood of malformed frames interleaved with valid (sealed) requests,
+//! over real transports between two network namespaces: every valid
+//! request is answered, every bad frame is counted by reason, nothing
+//! stalls.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen::LoadError;
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind};
 use dmfabric_testkit::Need;
+use dmfabric_wire::session::Seq;
 use dmfabric_wire::{AccessSize, Direction, EthernetRepr, FrameRepr, IoRequest, Message, Route, Space};
 
 const ROUNDS: u64 = 500;
@@ -41,16 +43,19 @@ fn flood(kind: TransportKind) {
                     vcpu: 0,
                     device: target.device,
                 },
-                seq,
+                seq: Seq::new(target.session, seq as u32).0,
                 space: Space::Pio,
                 dir: Direction::Write,
                 size: AccessSize::B1,
                 addr: 0x500,
                 data: seq & 0xff,
             };
-            let repr = FrameRepr::new(EthernetRepr { dst: target.server_mac, src: t.mac() }, Message::IoRequest(req));
-            let mut good = vec![0u8; repr.buffer_len()];
-            repr.emit(&mut good).unwrap();
+            let mut repr =
+                FrameRepr::new(EthernetRepr { dst: target.server_mac, src: t.mac() }, Message::IoRequest(req));
+            repr.epoch = target.epoch;
+            let key = target.key.expect("the harness authenticates");
+            let mut good = vec![0u8; repr.sealed_len()];
+            repr.emit_sealed(&mut good, &key).unwrap();
             // Six kinds of bad frame around every good one.
             let mut short = good.clone();
             short.truncate(30);
@@ -85,7 +90,7 @@ fn flood(kind: TransportKind) {
             while !done && Instant::now() < deadline {
                 t.recv(16, &mut |f| {
                     if let Ok(FrameRepr { msg: Message::IoCompletion(c), .. }) = FrameRepr::parse_bytes(f) {
-                        done |= c.seq == seq;
+                        done |= Seq(c.seq).counter() == seq as u32;
                     }
                 })?;
             }

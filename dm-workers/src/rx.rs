@@ -4,8 +4,9 @@
 //! verdict out ([`crate::server`]): sessions and streams, device, replies,
 //! counters. Every received byte is untrusted; nothing here can panic.
 //!
-//! The order is the trust boundary: the frame's structure; its client
-//! platform's keys (the one lookup before the tag is checked); the tag;
+//! The order is the trust boundary: the frame's structure and fields (no
+//! lookup, no state); its client platform's keys (the one lookup before
+//! the tag is checked); the tag;
 //! then the source (the client's registered MAC, or another server's for a
 //! forwarded request); then what the frame asks, against the registry
 //! (the client's VMs and vCPUs) and the devices (each device's VM). A frame
@@ -192,6 +193,12 @@ pub fn classify(bytes: &[u8], v: &View<'_>) -> Rx {
     if frame.dst() != v.mac && !frame.dst().is_multicast() {
         return Rx::Drop(Dropped::NotForUs);
     }
+    // What the bytes say (no lookup, no state): a malformed frame is
+    // counted as such whatever its tag.
+    let repr = match FrameRepr::parse(&frame) {
+        Ok(r) => r,
+        Err(e) => return Rx::Drop(Dropped::Malformed(e)),
+    };
     // The one lookup before the tag: the keys of the client platform the
     // frame names.
     let Some(client) = v.registry.client(frame.header().client_id.get()) else {
@@ -202,10 +209,6 @@ pub fn classify(bytes: &[u8], v: &View<'_>) -> Rx {
             return Rx::Drop(Dropped::Unauthenticated(e));
         }
     }
-    let repr = match FrameRepr::parse(&frame) {
-        Ok(r) => r,
-        Err(e) => return Rx::Drop(Dropped::Malformed(e)),
-    };
     let from = repr.eth.src;
     let forwarded = from != client.mac;
     if forwarded && !(matches!(repr.msg, Message::IoRequest(_)) && v.registry.is_server(from)) {

@@ -706,6 +706,10 @@ impl ClientPort {
             stats.malformed += 1;
             return;
         };
+        let Ok(repr) = FrameRepr::parse(&frame) else {
+            stats.malformed += 1;
+            return;
+        };
         if link.sealer.authenticate {
             if let Err(e) = link.sealer.keys.verify(&frame) {
                 debug_assert!(AuthError::ALL.contains(&e));
@@ -713,10 +717,6 @@ impl ClientPort {
                 return;
             }
         }
-        let Ok(repr) = FrameRepr::parse(&frame) else {
-            stats.malformed += 1;
-            return;
-        };
         let route = *repr.msg.route();
         if route.client != self.client {
             stats.other_client += 1;
