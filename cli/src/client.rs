@@ -285,6 +285,85 @@ fn plan(cfg: FileConfig, iface: Option<&str>, seconds: Option<f64>) -> anyhow::R
     plan_vms(cfg, iface, seconds, false, keys)
 }
 
+/// Parse and check the text of a client config, touching no file (the
+/// guest, kernel and key files it names are read when it runs): what the
+/// fuzz target drives.
+pub fn parse_config(text: &str) -> anyhow::Result<()> {
+    let cfg: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().replace('\n', " ")))?;
+    check_config(&cfg, false)
+}
+
+/// What can be checked of a config without reading files.
+fn check_config(cfg: &FileConfig, may_be_empty: bool) -> anyhow::Result<()> {
+    if cfg.vm.is_empty() && !may_be_empty {
+        bail!("no [[vm]]: nothing to run");
+    }
+    if !(cfg.run_seconds > 0.0 && cfg.run_seconds <= 86_400.0) {
+        bail!("run_seconds must be between 0 and 86400, not {}", cfg.run_seconds);
+    }
+    if cfg.timeout_ms == 0 || cfg.timeout_ms > 60_000 {
+        bail!("timeout_ms must be between 1 and 60000, not {}", cfg.timeout_ms);
+    }
+    let mut ids = BTreeSet::new();
+    let mut remote = false;
+    for vm in &cfg.vm {
+        if !ids.insert(vm.id) {
+            bail!("VM {} is listed twice", vm.id);
+        }
+        remote |= check_vm(vm).with_context(|| format!("VM {}", vm.id))?;
+    }
+    if remote || may_be_empty {
+        link_spec(cfg, None)?;
+    }
+    Ok(())
+}
+
+/// Check `vm`'s fields and device map (not its files); whether it has a
+/// remote device.
+fn check_vm(vm: &VmConfig) -> anyhow::Result<bool> {
+    if !(1..=dmfabric_vmm_shim::kvm::MAX_VCPUS as u16).contains(&vm.vcpus) {
+        bail!("vcpus must be between 1 and {}, not {}", dmfabric_vmm_shim::kvm::MAX_VCPUS, vm.vcpus);
+    }
+    if !(2..=4096).contains(&vm.memory_mib) {
+        bail!("memory_mib must be between 2 and 4096, not {}", vm.memory_mib);
+    }
+    match (&vm.guest, &vm.kernel) {
+        (Some(_), Some(_)) => bail!("give either guest or kernel, not both"),
+        (None, None) => bail!("give a guest (a built-in test guest or a flat binary) or a kernel (a bzImage)"),
+        _ => {}
+    }
+    let mut remote = false;
+    let mut map = dmfabric_vmm_shim::devmap::DeviceMap::default();
+    match vm.pc.as_deref() {
+        None | Some("local") => {}
+        Some("remote") => {
+            remote = true;
+            PcLayout::new(vm.id).context("pc")?;
+        }
+        Some(other) => bail!("pc = {other:?}: \"remote\" or \"local\""),
+    }
+    for r in &vm.device {
+        let space = match r.space.as_str() {
+            "pio" => Space::Pio,
+            "mmio" => Space::Mmio,
+            other => bail!("device space {other:?}: expected \"pio\" or \"mmio\""),
+        };
+        match (r.server, r.device, r.local.as_deref()) {
+            (Some(_), Some(device), None) => {
+                remote = true;
+                if let Some(l) = r.irq.iter().find(|&&l| l >= 24) {
+                    bail!("device {device}: irq {l}: lines are 0 to 23");
+                }
+            }
+            (None, None, Some("regfile")) => {}
+            (None, None, Some(other)) => bail!("local model {other:?}: the client can keep \"regfile\" models"),
+            _ => bail!("device range {:#x}+{:#x}: give either server and device, or local", r.base, r.len),
+        }
+        map.add(space, r.base, r.len, ()).map_err(anyhow::Error::msg)?;
+    }
+    Ok(remote)
+}
+
 /// [`plan`]; `may_be_empty`: VMs may come later (placed by the control
 /// panel); `keys`: this client platform's (needed when a device is remote).
 fn plan_vms(
@@ -294,23 +373,14 @@ fn plan_vms(
     may_be_empty: bool,
     keys: Option<KeyRing>,
 ) -> anyhow::Result<Plan> {
-    if cfg.vm.is_empty() && !may_be_empty {
-        bail!("no [[vm]]: nothing to run");
-    }
+    check_config(&cfg, may_be_empty)?;
     let run_seconds = seconds.unwrap_or(cfg.run_seconds);
     if !(run_seconds > 0.0 && run_seconds <= 86_400.0) {
         bail!("run_seconds must be between 0 and 86400, not {run_seconds}");
     }
-    if cfg.timeout_ms == 0 || cfg.timeout_ms > 60_000 {
-        bail!("timeout_ms must be between 1 and 60000, not {}", cfg.timeout_ms);
-    }
     let mut servers = BTreeSet::new();
     let mut vms = Vec::new();
-    let mut ids = BTreeSet::new();
     for vm in &cfg.vm {
-        if !ids.insert(vm.id) {
-            bail!("VM {} is listed twice", vm.id);
-        }
         vms.push(vm_spec(vm, &mut servers).with_context(|| format!("VM {}", vm.id))?);
     }
     let link = if servers.is_empty() && !may_be_empty { None } else { Some(link_spec(&cfg, iface)?) };
@@ -371,17 +441,11 @@ fn link_spec(cfg: &FileConfig, iface: Option<&str>) -> anyhow::Result<(Transport
 }
 
 fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec> {
-    if !(1..=dmfabric_vmm_shim::kvm::MAX_VCPUS as u16).contains(&vm.vcpus) {
-        bail!("vcpus must be between 1 and {}, not {}", dmfabric_vmm_shim::kvm::MAX_VCPUS, vm.vcpus);
-    }
-    if !(2..=4096).contains(&vm.memory_mib) {
-        bail!("memory_mib must be between 2 and 4096, not {}", vm.memory_mib);
-    }
-    let image = match (&vm.guest, &vm.kernel) {
-        (Some(_), Some(_)) => bail!("give either guest or kernel, not both"),
-        (None, None) => bail!("give a guest (a built-in test guest or a flat binary) or a kernel (a bzImage)"),
-        (None, Some(_)) => Vec::new(),
-        (Some(guest), None) => match guests::ALL.iter().find(|(name, _)| name == guest) {
+    check_vm(vm)?;
+    // (Checked: a guest or a kernel, not both.)
+    let image = match &vm.guest {
+        None => Vec::new(),
+        Some(guest) => match guests::ALL.iter().find(|(name, _)| name == guest) {
             Some((_, bytes)) => bytes.to_vec(),
             None if Path::new(guest).exists() => {
                 std::fs::read(guest).with_context(|| format!("Cannot read the guest image {guest}"))?
@@ -429,9 +493,6 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
                 servers.insert(server);
                 let runs_on = r.runs_on.unwrap_or(server);
                 servers.insert(runs_on);
-                if let Some(l) = r.irq.iter().find(|&&l| l >= 24) {
-                    bail!("device {device}: irq {l}: lines are 0 to 23");
-                }
                 let mut remote = Remote::new(server, device).runs_on(runs_on).lines(&r.irq);
                 if r.reset {
                     remote = remote.resets();
@@ -456,7 +517,6 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
                 local.push(Box::new(model));
                 Target::Local(local.len() - 1)
             }
-            (None, None, Some(other)) => bail!("local model {other:?}: the client can keep \"regfile\" models"),
             _ => bail!("device range {:#x}+{:#x}: give either server and device, or local", r.base, r.len),
         };
         ranges.push((space, r.base, r.len, target));
