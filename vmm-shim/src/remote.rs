@@ -452,6 +452,14 @@ impl ClientPort {
         })
     }
 
+    /// Take `session` as if it had been opened (feature `fuzzing`: fuzz
+    /// targets reach what a client does with a server's frames without a
+    /// server to say Hello to).
+    #[cfg(feature = "fuzzing")]
+    pub fn insert_session(&self, session: Session) {
+        self.peers.write().unwrap_or_else(|e| e.into_inner()).push(Peer { session, generation: 1 });
+    }
+
     fn table(&self) -> std::sync::RwLockReadGuard<'_, VmTable> {
         self.vms.read().unwrap_or_else(|e| e.into_inner())
     }

@@ -156,11 +156,13 @@ fn event_timer_interrupts_arrive_at_the_programmed_rate() {
     assert!((per - PERIOD_US as f64).abs() < PERIOD_US as f64 * 0.2, "{per} µs per interrupt");
     assert!(r[4] >= N as u32, "the timer counted {} expirations", r[4]);
     assert!(wall >= Duration::from_micros(PERIOD_US * (N - 1)), "{wall:?}");
-    // Every interrupt the server sent was injected once (a few more than N
-    // fire before the guest stops the timer).
+    // Every interrupt the client took was injected once and acknowledged
+    // once (a few more than N fire before the guest stops the timer; the one
+    // in flight when the VM ends is sent and never taken).
     let injected = report.vm(VM).unwrap().remote.unwrap().interrupts;
     assert!(injected >= N, "{injected}");
-    assert_eq!(injected, stats.interrupts, "{stats}");
+    assert_eq!(injected, stats.interrupt_acks, "{stats}\n{:?}", report.client);
+    assert!(stats.interrupts - stats.interrupt_acks <= 1, "{stats}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
