@@ -32,6 +32,12 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+# cargo-fuzz builds the fuzz targets (scripts/fuzz.sh; ./run test runs them briefly).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install cargo-fuzz --version '^0.13' --locked --quiet
+fi
+
 echo "setup: building dmfabric (release)"
 cargo build --release --locked -p dmfabric 2>&1 | grep -vE '^\s*(Compiling|Downloaded|Downloading)' || true
 test -x target/release/dmfabric || { echo "setup: build failed" >&2; exit 1; }

@@ -1,5 +1,7 @@
 //! `dmfabric console <vm>`: attach this terminal to a VM's UART, from the
-//! server side (through the server's console socket).
+//! server side (through the server's console socket). The protocol is
+//! `dmfabric_dm_workers::console`'s (`request_line`, `parse_answer`); the
+//! socket takes root and the server's user only.
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use dmfabric_dm_workers::console;
 
 #[derive(Debug, Args)]
 pub struct ConsoleArgs {
@@ -65,24 +68,34 @@ impl Drop for RawMode {
 
 pub fn run(args: ConsoleArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let dir = args.console_dir.clone().unwrap_or_else(|| crate::server::default_console_dir(args.server_id));
-    let sock = dir.join(dmfabric_dm_workers::console::SOCKET);
-    let mut stream = UnixStream::connect(&sock).with_context(|| {
-        format!(
-            "No console at {}: is a dmfabric server with a UART for VM {} running there (its --console-dir)?",
-            sock.display(),
-            args.vm
-        )
-    })?;
-    stream.write_all(format!("attach {}\n", args.vm).as_bytes()).context("The console socket closed")?;
+    let sock = dir.join(console::SOCKET);
+    let mut stream = match UnixStream::connect(&sock) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "The console at {} is for root and the server's user only: run `dmfabric console` as one of them",
+            sock.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "No console at {}: is a dmfabric server with a UART for VM {} running there (its --console-dir)?",
+                    sock.display(),
+                    args.vm
+                )
+            })
+        }
+    };
+    stream.write_all(console::request_line(args.vm).as_bytes()).context("The console socket closed")?;
     let mut reader = BufReader::new(stream.try_clone().context("Cannot use the console socket")?);
-    let mut answer = String::new();
-    reader.read_line(&mut answer).context("The console socket closed")?;
-    if let Some(err) = answer.trim().strip_prefix("error ") {
-        bail!("The server says: {err}");
-    }
-    if answer.trim() != format!("ok {}", args.vm) {
-        bail!("Unexpected answer from the console socket: {:?}", answer.trim());
-    }
+    // One line, and no more of it than an answer can be: what is on the
+    // socket is not trusted to end its line.
+    let mut answer = Vec::new();
+    reader
+        .by_ref()
+        .take(console::MAX_ANSWER as u64)
+        .read_until(b'\n', &mut answer)
+        .context("The console socket closed")?;
+    console::parse_answer(&answer, args.vm)?;
     let tty = std::io::stdin().is_terminal();
     let _raw = if tty {
         eprintln!("dmfabric console: attached to VM {} (Ctrl-] detaches)\r", args.vm);

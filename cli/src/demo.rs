@@ -165,8 +165,14 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let net = TestNet::pair()?;
-    let dir = std::env::temp_dir().join(format!("dmfabric-demo-{}", std::process::id()));
-    let _cleanup = RemoveDir(dir.clone());
+    // The server's console directory: a fresh one of our own (a random name
+    // made 0700 by mkdtemp, so no one can plant or read it), removed when
+    // the demo ends, also on errors.
+    let console_dir = tempfile::Builder::new()
+        .prefix("dmfabric-demo-")
+        .tempdir()
+        .context("Cannot create a directory for the demo's console in the temporary directory (is TMPDIR writable?)")?;
+    let dir = console_dir.path().to_path_buf();
     let cores = dmfabric_pinning::available_cores();
     let (client_core, server_core) = (cores[0], cores[cores.len() - 1]);
 
@@ -306,6 +312,7 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     drop(server);
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
     drop(net);
+    let _ = console_dir.close();
     println!("namespaces, links, the XDP programs and the console directory removed.");
     finish(&args, vm, &seen, &stop)
 }
@@ -421,13 +428,4 @@ fn finish(args: &DemoArgs, vm: &machine::VmReport, seen: &str, stop: &AtomicBool
         bail!("The guest's console never showed its banner and clock (seen: {seen:?})");
     }
     Ok(())
-}
-
-/// Removes the demo's console directory, also on errors.
-struct RemoveDir(std::path::PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

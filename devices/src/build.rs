@@ -43,13 +43,15 @@ fn state_of<S: Default>(
 }
 
 /// The model `spec` describes, wired by `wiring`: fresh, or restored from
-/// `saved` (which [`Device::save`] gave where it ran before; checked).
+/// `saved` (which [`Device::save`] gave where it ran before; checked). A
+/// spec that fails [`DeviceSpec::check`] is refused.
 pub fn build<W: Wiring>(
     spec: &DeviceSpec,
     wiring: &W,
     saved: Option<DeviceState>,
     now: Instant,
 ) -> Result<Box<dyn Device>, RestoreError> {
+    spec.check()?;
     let line = |gsi: u32| wiring.line(spec.id, gsi);
     let base = spec.base();
     let name = spec.kind.name();
@@ -82,10 +84,21 @@ pub fn build<W: Wiring>(
     })
 }
 
-/// The model `spec` describes, fresh, wired by `wiring`.
+/// The model `spec` describes, fresh, wired by `wiring`. Hosts check a spec
+/// ([`DeviceSpec::check`]) where they read it, to say what is wrong with it;
+/// one that fails anyway is built [`DeviceSpec::confined`], so that no spec
+/// makes this allocate more than a model may hold or panic.
 pub fn fresh<W: Wiring>(spec: &DeviceSpec, wiring: &W, now: Instant) -> Box<dyn Device> {
-    // Every model's default state passes its own checks (tested below), so
-    // this cannot fail on any input.
+    let confined;
+    let spec = match spec.check() {
+        Ok(()) => spec,
+        Err(_) => {
+            confined = spec.confined();
+            &confined
+        }
+    };
+    // A confined spec passes its check and every model's default state
+    // passes its own (both tested below), so this cannot fail on any input.
     build(spec, wiring, None, now).unwrap_or_else(|e| unreachable!("a fresh {} is valid: {e}", spec.kind.name()))
 }
 
@@ -130,6 +143,24 @@ mod tests {
             let back = build(spec, &TestWiring, Some(saved.clone()), now).unwrap();
             assert_eq!(back.save(), saved, "{}", spec.kind.name());
         }
+    }
+
+    #[test]
+    fn a_spec_that_fails_its_check_is_refused_by_build_and_confined_by_fresh() {
+        let now = Instant::now();
+        let huge = DeviceSpec { mmio: Some((0xd000_0000, u32::MAX)), ..pc::test_device(9) };
+        let err = build(&huge, &TestWiring, None, now).err().unwrap();
+        assert!(matches!(err, RestoreError::Spec(crate::SpecError::WindowTooBig { id: 9, .. })), "{err}");
+        let mut d = fresh(&huge, &TestWiring, now);
+        let DeviceState::RegFile(state) = d.save() else { panic!("not a register file") };
+        assert_eq!(state.mmio.len(), crate::regfile::MAX_WINDOW as usize);
+        assert!(d.write(Space::Mmio, 0xd000_0000, AccessSize::B4, 1));
+        let wrapping =
+            DeviceSpec { mmio: Some((u64::MAX - 1, 0x1000)), pio: Some((0xfff0, 0x100)), ..pc::test_device(9) };
+        assert!(build(&wrapping, &TestWiring, None, now).is_err());
+        let mut d = fresh(&wrapping, &TestWiring, now);
+        assert_eq!(d.read(Space::Mmio, u64::MAX, AccessSize::B1), Some(0));
+        assert_eq!(d.read(Space::Pio, 0xffff, AccessSize::B1), Some(0));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::i8042::I8042State;
 use crate::irqtest::IrqTesterState;
+use crate::kind::SpecError;
 use crate::regfile::RegisterFileState;
 use crate::rtc::RtcState;
 use crate::timer::TimerState;
@@ -77,9 +78,11 @@ impl DeviceState {
     }
 }
 
-/// Why a saved state cannot become a model.
+/// Why a saved state (or a spec, [`crate::build`]) cannot become a model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     #[error("The saved state is a {got}'s, not a {expected}'s")]
     WrongModel { expected: &'static str, got: &'static str },
     #[error("The saved {model} state is invalid: {what}")]

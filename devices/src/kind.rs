@@ -1,6 +1,11 @@
-//! Which model a device runs, and where one device instance sits.
+//! Which model a device runs, and where one device instance sits — and
+//! whether that place is one a model can take ([`DeviceSpec::check`]).
 
 use crate::platform::pc;
+use crate::regfile::MAX_WINDOW;
+
+/// Ports in the port space: port addresses are 16 bits.
+const PORT_SPACE: u32 = 0x1_0000;
 
 /// Which model a device runs, with its interrupt lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,5 +139,129 @@ impl DeviceSpec {
     /// The first port of the device (0 without ports).
     pub fn base(&self) -> u16 {
         self.pio.map_or(0, |(b, _)| b)
+    }
+
+    /// Whether a model can take this place: every range non-empty, ports
+    /// inside the 64 KiB port space, MMIO not past the end of the address
+    /// space, a register file's windows no larger than [`MAX_WINDOW`]
+    /// (its bytes are allocated). A spec read from a config or the control
+    /// panel is untrusted: hosts check it where they read it, and
+    /// [`crate::build`] refuses one that fails.
+    pub fn check(&self) -> Result<(), SpecError> {
+        let id = self.id;
+        if let Some((base, len)) = self.pio {
+            // The model decodes at least its own ports from the base.
+            let decoded = self.kind.ports().map_or(len, |p| p.max(len));
+            if len == 0 {
+                return Err(SpecError::Empty { id, space: "port" });
+            }
+            if u32::from(base) + u32::from(decoded) > PORT_SPACE {
+                return Err(SpecError::PastPortSpace { id, base, len: decoded });
+            }
+        }
+        if let Some((base, len)) = self.mmio {
+            if len == 0 {
+                return Err(SpecError::Empty { id, space: "MMIO" });
+            }
+            // The last byte must be addressable: `base + len` may be 2^64, no more.
+            if base.checked_add(u64::from(len) - 1).is_none() {
+                return Err(SpecError::PastAddressSpace { id, base, len });
+            }
+            if self.kind == DeviceKind::RegFile && len > MAX_WINDOW {
+                return Err(SpecError::WindowTooBig { id, len, max: MAX_WINDOW });
+            }
+        }
+        Ok(())
+    }
+
+    /// The spec cut down to what [`DeviceSpec::check`] accepts: empty
+    /// ranges dropped, ranges cut at the end of their space, a register
+    /// file's MMIO window cut to [`MAX_WINDOW`]. What [`crate::fresh`] builds
+    /// when a host hands it an unchecked spec: never an allocation or a
+    /// panic the spec asked for.
+    pub fn confined(&self) -> DeviceSpec {
+        let pio = self.pio.filter(|(_, len)| *len > 0).and_then(|(base, len)| {
+            let decoded = self.kind.ports().unwrap_or(1);
+            let room = PORT_SPACE - u32::from(base);
+            (room >= u32::from(decoded)).then(|| (base, u32::from(len).min(room) as u16))
+        });
+        let mmio = self.mmio.filter(|(_, len)| *len > 0).map(|(base, len)| {
+            // Bytes from base to the end of the address space, at least 1.
+            let room = (u64::MAX - base).saturating_add(1);
+            let mut len = u64::from(len).min(room) as u32;
+            if self.kind == DeviceKind::RegFile {
+                len = len.min(MAX_WINDOW);
+            }
+            (base, len)
+        });
+        DeviceSpec { pio, mmio, ..self.clone() }
+    }
+}
+
+/// Why a device cannot sit where its spec says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("Device {id} has an empty {space} range: give it a length of at least 1")]
+    Empty { id: u32, space: &'static str },
+    #[error("Device {id}'s ports {base:#x}+{len:#x} run past the 64 KiB port space: move it below 0x10000")]
+    PastPortSpace { id: u32, base: u16, len: u16 },
+    #[error("Device {id}'s MMIO {base:#x}+{len:#x} runs past the end of the address space: give a lower base")]
+    PastAddressSpace { id: u32, base: u64, len: u32 },
+    #[error("Device {id} is a register file of {len} bytes of MMIO, more than the {max} it may hold: make it smaller")]
+    WindowTooBig { id: u32, len: u32, max: u32 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regfile(pio: Option<(u16, u16)>, mmio: Option<(u64, u32)>) -> DeviceSpec {
+        DeviceSpec { id: 7, kind: DeviceKind::RegFile, pio, mmio, vm: None, shard: None }
+    }
+
+    #[test]
+    fn the_pc_devices_and_test_devices_pass() {
+        let mut specs = pc::PcLayout::new(1).unwrap().specs();
+        specs.push(pc::test_device(1));
+        specs.push(pc::irq_test_device(0));
+        for s in specs {
+            assert_eq!(s.check(), Ok(()), "{s:?}");
+            assert_eq!(s.confined(), s, "a valid spec is left as it is");
+        }
+        assert_eq!(regfile(Some((0xff00, 0x100)), Some((u64::MAX - 0xfff, 0x1000))).check(), Ok(()), "up to the ends");
+    }
+
+    #[test]
+    fn a_regfile_window_larger_than_the_cap_is_refused() {
+        let huge = regfile(None, Some((0xd000_0000, u32::MAX)));
+        assert_eq!(huge.check(), Err(SpecError::WindowTooBig { id: 7, len: u32::MAX, max: MAX_WINDOW }));
+        assert_eq!(huge.confined().mmio, Some((0xd000_0000, MAX_WINDOW)));
+        assert_eq!(regfile(None, Some((0, MAX_WINDOW))).check(), Ok(()));
+        let uart_mmio = DeviceSpec {
+            mmio: Some((0xd000_0000, u32::MAX)),
+            ..DeviceSpec::at(1, DeviceKind::parse("uart", &[]).unwrap(), 0x3f8, None)
+        };
+        assert_eq!(uart_mmio.check(), Ok(()), "only a register file allocates its window");
+    }
+
+    #[test]
+    fn ranges_that_overflow_or_are_empty_are_refused() {
+        let cases = [
+            (regfile(None, Some((u64::MAX - 0xff, 0x1000))), "runs past the end of the address space"),
+            (regfile(None, Some((u64::MAX, 2))), "runs past the end of the address space"),
+            (regfile(Some((0xfff0, 0x20)), None), "run past the 64 KiB port space"),
+            (regfile(Some((0x500, 0)), None), "empty port range"),
+            (regfile(None, Some((0x1000, 0))), "empty MMIO range"),
+            (DeviceSpec::at(2, DeviceKind::Uart { line: 4 }, 0xfffc, None), "run past the 64 KiB port space"),
+        ];
+        for (spec, why) in cases {
+            let err = spec.check().expect_err(why);
+            assert!(err.to_string().contains(why), "{err}");
+            let c = spec.confined();
+            assert_eq!(c.check(), Ok(()), "{spec:?} confined to {c:?}");
+        }
+        assert_eq!(regfile(None, Some((u64::MAX, 1))).check(), Ok(()), "the very last byte");
+        assert_eq!(regfile(Some((0xfff0, 0x20)), None).confined().pio, Some((0xfff0, 0x10)));
+        assert_eq!(DeviceSpec::at(2, DeviceKind::Uart { line: 4 }, 0xfffc, None).confined().pio, None);
     }
 }

@@ -31,7 +31,7 @@ pub use build::{build, fresh, Wiring};
 pub use device::{Device, DeviceState, Persist, RestoreError};
 pub use i8042::ResetSink;
 pub use irq::IrqLine;
-pub use kind::{DeviceKind, DeviceSpec, KindError};
+pub use kind::{DeviceKind, DeviceSpec, KindError, SpecError};
 pub use rtc::WallClock;
 pub use uart::{ByteSink, ByteSource};
 

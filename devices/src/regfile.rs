@@ -6,6 +6,11 @@ use dmfabric_wire::{AccessSize, Space};
 
 use crate::device::{Device, DeviceState, Persist, RestoreError};
 
+/// The most bytes a window may hold (16 MiB): the bytes are allocated, so a
+/// spec asking for more is refused ([`crate::DeviceSpec::check`]) and
+/// [`RegisterFile::new`] never allocates more.
+pub const MAX_WINDOW: u32 = 16 << 20;
+
 /// An address window `[base, base + len)` with its bytes.
 #[derive(Debug, Clone)]
 struct Window {
@@ -36,10 +41,14 @@ pub struct RegisterFile {
 
 impl RegisterFile {
     /// A device with `pio = (base, len)` ports and `mmio = (base, len)` bytes.
+    /// A window is at most [`MAX_WINDOW`] bytes: past that, accesses are
+    /// not claimed (specs are checked before they get here; this is the
+    /// backstop).
     pub fn new(pio: Option<(u16, u16)>, mmio: Option<(u64, u32)>) -> Self {
+        let bytes = |len: u32| vec![0; len.min(MAX_WINDOW) as usize];
         RegisterFile {
-            pio: pio.map(|(base, len)| Window { base: u64::from(base), bytes: vec![0; usize::from(len)] }),
-            mmio: mmio.map(|(base, len)| Window { base, bytes: vec![0; len as usize] }),
+            pio: pio.map(|(base, len)| Window { base: u64::from(base), bytes: bytes(u32::from(len)) }),
+            mmio: mmio.map(|(base, len)| Window { base, bytes: bytes(len) }),
         }
     }
 
@@ -144,5 +153,18 @@ mod tests {
         assert!(!d.write(Space::Pio, 0x510, AccessSize::B1, 1));
         assert_eq!(d.read(Space::Mmio, 0xd000_0000, AccessSize::B4), None, "no MMIO window");
         assert_eq!(d.read(Space::Pio, u64::MAX, AccessSize::B8), None, "no overflow");
+    }
+
+    #[test]
+    fn a_window_is_never_larger_than_the_cap() {
+        let mut d = RegisterFile::new(None, Some((0x1_0000_0000, u32::MAX)));
+        assert_eq!(d.mmio.as_ref().map(|w| w.bytes.len()), Some(MAX_WINDOW as usize), "4 GiB asked, 16 MiB held");
+        let last = 0x1_0000_0000 + u64::from(MAX_WINDOW);
+        assert!(d.write(Space::Mmio, last - 4, AccessSize::B4, 1));
+        assert_eq!(d.read(Space::Mmio, last, AccessSize::B1), None, "past the cap: unclaimed");
+        let mut at_top = RegisterFile::new(None, Some((u64::MAX - 3, 4)));
+        assert!(at_top.write(Space::Mmio, u64::MAX - 3, AccessSize::B4, 0xaabb_ccdd));
+        assert_eq!(at_top.read(Space::Mmio, u64::MAX, AccessSize::B1), Some(0xaa));
+        assert_eq!(at_top.read(Space::Mmio, u64::MAX - 1, AccessSize::B4), None, "no wrap past the top");
     }
 }

@@ -380,8 +380,12 @@ impl<L: IrqLine> Cmos<L> {
 
 /// Bytes of CMOS: time, registers A–D, NVRAM.
 pub const CMOS_BYTES: usize = 128;
-/// Largest guest-time offset a saved state may carry (about 3,000 years).
-const MAX_OFFSET_NS: i128 = 100_000_000_000_000_000_000;
+/// Largest guest-time offset a saved state may carry (about 31,700 years):
+/// more than any time a guest can write into the registers (BCD bytes past
+/// 0x99 decode up to 165, so the year up to 16665, hours up to 165), so that
+/// every state a model saves restores, and small enough that guest time in
+/// nanoseconds stays far inside an `i128` and its seconds inside an `i64`.
+const MAX_OFFSET_NS: i128 = 1_000_000_000_000_000_000_000;
 
 impl<L: IrqLine> Persist for Cmos<L> {
     type State = RtcState;
@@ -575,6 +579,27 @@ mod tests {
         let mut d = Cmos::restore(args(), Persist::save(&c)).unwrap();
         assert_eq!(get(&mut d, t0, 0x40), 0xab);
         assert_eq!(c.read(Space::Pio, 0x71, AccessSize::B2), None, "a 16-bit access is not a register");
+    }
+
+    #[test]
+    fn any_time_a_guest_can_write_is_kept_across_a_restore() {
+        let t0 = Instant::now();
+        let args = || (0x70, CountingLine::default(), WallClock::fixed(t0, T), t0);
+        // The latest and the earliest a guest can write (BCD nibbles past 9
+        // decode past 99: 0xff is 165), and the year 9999.
+        for (century, year, hour) in [(0xff, 0xff, 0xff), (0x99, 0x99, 0x23), (0x00, 0x00, 0x00)] {
+            let mut c = rtc(t0);
+            set(&mut c, 0x0b, B_SET | B_24H);
+            for (r, v) in [(0x00, 0xff), (0x02, 0xff), (0x04, hour), (0x07, 0x31), (0x08, 0x12), (0x09, year)] {
+                set(&mut c, r, v);
+            }
+            set(&mut c, 0x32, century);
+            set(&mut c, 0x0b, B_24H);
+            let saved = Persist::save(&c);
+            let back = Cmos::restore(args(), saved.clone());
+            assert!(back.is_ok(), "century {century:#x}, year {year:#x}: {:?}", back.err());
+            assert_eq!(back.unwrap().state().offset_ns, saved.offset_ns);
+        }
     }
 
     #[test]

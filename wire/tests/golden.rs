@@ -207,7 +207,7 @@ fn emit_refuses_short_buffer() {
 /// valid ones round-trip, and the known-bad ones are refused.
 #[test]
 fn fuzz_seed_corpus() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/parse");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
