@@ -175,6 +175,14 @@ impl<B: Backend> Server<B> {
         self
     }
 
+    /// A fixed epoch and first session id instead of random ones (feature
+    /// `testing`: fuzz targets and tests that must be repeatable).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn with_epoch(mut self, epoch: u64, first_session: u32) -> Server<B> {
+        self.peers = Peers::new(epoch, first_session);
+        self
+    }
+
     /// Forget a client after `idle` of silence (default [`crate::peers::IDLE_FORGET`]).
     pub fn with_idle_forget(mut self, idle: Duration) -> Server<B> {
         self.peers = std::mem::replace(&mut self.peers, Peers::random()).with_idle(idle);

@@ -55,18 +55,43 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
     match kind {
         // 8N1 at 115200, FIFO on with a 4-byte trigger, OUT2, then send and receive.
         DeviceKind::Uart { .. } => vec![
-            w(3, 0x80), w(0, 1), w(1, 0), w(3, 0x03), w(2, 0x47), w(4, 0x0b), w(1, 0x05),
-            w(0, u16::from(b'o')), w(0, u16::from(b'k')), r(5), r(2), r(0), r(6), w(7, 0x5a),
+            w(3, 0x80),
+            w(0, 1),
+            w(1, 0),
+            w(3, 0x03),
+            w(2, 0x47),
+            w(4, 0x0b),
+            w(1, 0x05),
+            w(0, u16::from(b'o')),
+            w(0, u16::from(b'k')),
+            r(5),
+            r(2),
+            r(0),
+            r(6),
+            w(7, 0x5a),
         ],
         // Read the time in BCD, set an alarm, turn on periodic interrupts.
         DeviceKind::Rtc { .. } => vec![
-            w(0, 0x0a), r(1), w(0, 0x00), r(1), w(0, 0x04), r(1), w(0, 0x0b), w(1, 0x42),
-            w(0, 0x01), w(1, 0x31), w(0, 0x40), w(1, 0xab), w(0, 0x0c), r(1), w(0, 0x8e),
+            w(0, 0x0a),
+            r(1),
+            w(0, 0x00),
+            r(1),
+            w(0, 0x04),
+            r(1),
+            w(0, 0x0b),
+            w(1, 0x42),
+            w(0, 0x01),
+            w(1, 0x31),
+            w(0, 0x40),
+            w(1, 0xab),
+            w(0, 0x0c),
+            r(1),
+            w(0, 0x8e),
         ],
         // Self-test, read the command byte, keyboard identify.
-        DeviceKind::I8042 { .. } => vec![
-            w(4, 0xaa), r(0), w(4, 0x20), r(0), w(0, 0xf2), r(0), r(4), w(4, 0x60), w(0, 0x47), w(0, 0xed),
-        ],
+        DeviceKind::I8042 { .. } => {
+            vec![w(4, 0xaa), r(0), w(4, 0x20), r(0), w(0, 0xf2), r(0), r(4), w(4, 0x60), w(0, 0x47), w(0, 0xed)]
+        }
         // A periodic level timer of 1 ms, run for a while, acknowledged.
         DeviceKind::Timer { .. } => {
             let mut s = vec![w4(4, 1000), w4(0, 0x7), r4(0x10)];
@@ -76,7 +101,11 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
         }
         DeviceKind::IrqTest { .. } => vec![w4(0, 1), w4(0, 2), r4(0), r4(4), w4(0, 3)],
         DeviceKind::RegFile => vec![
-            w4(0, 0x1234), acc(true, true, 8, 8, 0xbeef), acc(false, true, 4, 12, 0), r4(0), acc(true, false, 2, 20, 7),
+            w4(0, 0x1234),
+            acc(true, true, 8, 8, 0xbeef),
+            acc(false, true, 4, 12, 0),
+            r4(0),
+            acc(true, false, 2, 20, 7),
         ],
     }
 }
@@ -146,7 +175,10 @@ fn records(dir: &Path) {
         server: 10,
         shard: 1,
         vm: 100,
-        ranges: vec![Range { mmio: false, base: 0x500, len: 0x100 }, Range { mmio: true, base: 0xd000_0000, len: 0x1000 }],
+        ranges: vec![
+            Range { mmio: false, base: 0x500, len: 0x100 },
+            Range { mmio: true, base: 0xd000_0000, len: 0x1000 },
+        ],
         irqs: vec![],
     };
     seeds.push(("device_regfile", 3, json(&regfile)));

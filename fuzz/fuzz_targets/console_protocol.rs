@@ -7,8 +7,7 @@
 #![no_main]
 
 use dmfabric_dm_workers::console::{
-    answer_error, answer_ok, parse_answer, parse_request, request_line, AnswerError, Request, MAX_ANSWER,
-    MAX_REQUEST,
+    answer_error, answer_ok, parse_answer, parse_request, request_line, AnswerError, Request, MAX_ANSWER, MAX_REQUEST,
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -75,7 +75,12 @@ fn round_trip(mut d: Box<dyn dmfabric_devices::Device>, spec: &DeviceSpec, scrip
     }
     let back = build(spec, w, Some(saved.clone()), now)
         .unwrap_or_else(|e| panic!("a {} refuses its own saved state: {e}\n{saved:?}", spec.kind.name()));
-    assert_eq!(comparable(back.save()), comparable(saved), "a restored {} saves what it was restored from", spec.kind.name());
+    assert_eq!(
+        comparable(back.save()),
+        comparable(saved),
+        "a restored {} saves what it was restored from",
+        spec.kind.name()
+    );
 }
 
 /// A saved state as it must come back from a restore. An RTC latches its

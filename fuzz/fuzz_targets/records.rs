@@ -140,10 +140,17 @@ fn read(records: &[(String, Vec<u8>)]) -> Result<Db, String> {
 fn use_records(db: &Db) {
     // What loaded serialises back to itself (what `ctl show` and a commit write).
     for c in db.clients.values() {
-        assert_eq!(&serde_json::from_slice::<dmfabric_control::model::ClientPlatform>(&serde_json::to_vec(c).unwrap()).unwrap(), c);
+        assert_eq!(
+            &serde_json::from_slice::<dmfabric_control::model::ClientPlatform>(&serde_json::to_vec(c).unwrap())
+                .unwrap(),
+            c
+        );
     }
     for d in db.devices.values() {
-        assert_eq!(&serde_json::from_slice::<dmfabric_control::model::Device>(&serde_json::to_vec(d).unwrap()).unwrap(), d);
+        assert_eq!(
+            &serde_json::from_slice::<dmfabric_control::model::Device>(&serde_json::to_vec(d).unwrap()).unwrap(),
+            d
+        );
     }
     for v in db.vms.values() {
         assert_eq!(&serde_json::from_slice::<dmfabric_control::model::Vm>(&serde_json::to_vec(v).unwrap()).unwrap(), v);

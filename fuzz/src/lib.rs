@@ -69,7 +69,11 @@ impl Wiring for FuzzWiring {
 pub fn specs() -> Vec<DeviceSpec> {
     let mut specs = PcLayout::new(1).map(|l| l.specs()).unwrap_or_default();
     let regfile = pc::test_device(pc::TEST_DEVICE_ID);
-    specs.push(DeviceSpec { pio: Some((pc::TEST_DEVICE_PIO.base, 16)), mmio: Some((pc::TEST_DEVICE_MMIO, 64)), ..regfile });
+    specs.push(DeviceSpec {
+        pio: Some((pc::TEST_DEVICE_PIO.base, 16)),
+        mmio: Some((pc::TEST_DEVICE_MMIO, 64)),
+        ..regfile
+    });
     specs.push(pc::irq_test_device(0));
     specs
 }

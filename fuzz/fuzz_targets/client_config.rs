@@ -1,0 +1,11 @@
+//! `dmfabric client --config`'s parser and checks (nothing it names is
+//! read): any text, no panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = dmfabric::client::parse_config(text);
+    }
+});
