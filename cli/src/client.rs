@@ -318,6 +318,15 @@ fn check_config(cfg: &FileConfig, may_be_empty: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The address space a device range names.
+fn space_of(name: &str) -> anyhow::Result<Space> {
+    match name {
+        "pio" => Ok(Space::Pio),
+        "mmio" => Ok(Space::Mmio),
+        other => bail!("device space {other:?}: expected \"pio\" or \"mmio\""),
+    }
+}
+
 /// Check `vm`'s fields and device map (not its files); whether it has a
 /// remote device.
 fn check_vm(vm: &VmConfig) -> anyhow::Result<bool> {
@@ -343,11 +352,7 @@ fn check_vm(vm: &VmConfig) -> anyhow::Result<bool> {
         Some(other) => bail!("pc = {other:?}: \"remote\" or \"local\""),
     }
     for r in &vm.device {
-        let space = match r.space.as_str() {
-            "pio" => Space::Pio,
-            "mmio" => Space::Mmio,
-            other => bail!("device space {other:?}: expected \"pio\" or \"mmio\""),
-        };
+        let space = space_of(&r.space)?;
         match (r.server, r.device, r.local.as_deref()) {
             (Some(_), Some(device), None) => {
                 remote = true;
@@ -480,14 +485,11 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
             local.extend(models);
             ranges.extend(pc_ranges);
         }
-        Some(other) => bail!("pc = {other:?}: \"remote\" or \"local\""),
+        // (Checked by check_vm: "remote" or "local".)
+        Some(_) => {}
     }
     for r in &vm.device {
-        let space = match r.space.as_str() {
-            "pio" => Space::Pio,
-            "mmio" => Space::Mmio,
-            other => bail!("device space {other:?}: expected \"pio\" or \"mmio\""),
-        };
+        let space = space_of(&r.space)?;
         let target = match (r.server, r.device, r.local.as_deref()) {
             (Some(server), Some(device), None) => {
                 servers.insert(server);

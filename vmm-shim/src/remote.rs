@@ -1223,6 +1223,11 @@ mod tests {
             self.send_as(msg, SERVER_MAC, 3);
         }
 
+        /// A HelloReply with `body` (asked for or not).
+        fn hello_reply(&mut self, route: Route, body: &HelloReplyBody) {
+            self.send(Message::Control(ControlMsg { route, seq: 0, op: ControlOp::HelloReply, payload: body.bytes() }));
+        }
+
         /// What the client sent, answering Hellos (and dropping Registers).
         fn received(&mut self) -> Vec<Vec<u8>> {
             let mut frames = Vec::new();
@@ -1370,13 +1375,7 @@ mod tests {
         server.send(irq(r, s0, IrqSource::Msi { address: 0xfee0_0000, data: 0x4400 }, Trigger::Edge));
         server.send(Message::Control(ControlMsg { route: r, seq: s0.0, op: ControlOp::Lifecycle, payload: &reset }));
         // A HelloReply nobody asked for, with a new session: not taken.
-        let body = HelloReplyBody::new([9; CHALLENGE_LEN], EPOCH, 555);
-        server.send(Message::Control(ControlMsg {
-            route: r,
-            seq: 0,
-            op: ControlOp::HelloReply,
-            payload: body.bytes(),
-        }));
+        server.hello_reply(r, &HelloReplyBody::new([9; CHALLENGE_LEN], EPOCH, 555));
         port.poll_once().unwrap();
         let st = port.stats();
         assert_eq!((st.unauthenticated, st.wrong_source, st.not_granted, st.stale_hellos), (2, 2, 3, 1), "{st:?}");
@@ -1536,12 +1535,7 @@ mod tests {
         assert_eq!(server.session, before + 1, "a Hello came and its answer was taken");
         assert_eq!(port.stats().sessions_reopened, 1);
         // An announcement replayed: no new session.
-        server.send(Message::Control(ControlMsg {
-            route: r,
-            seq: 0,
-            op: ControlOp::HelloReply,
-            payload: body.bytes(),
-        }));
+        server.hello_reply(r, &body);
         port.poll_once().unwrap();
         assert!(server.received().is_empty());
     }
