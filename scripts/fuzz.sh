@@ -13,7 +13,8 @@
 #                cmin), keeping the seeds' names; commit what changed
 #   target...    some targets only (the default: all; `cargo fuzz list --fuzz-dir fuzz`)
 #
-# A crash (a panic, an allocation over the 2 GiB limit, a timeout) makes it
+# A target with a dictionary (fuzz/dict/<target>.dict: the tokens of its
+# format) gets it. A crash (a panic, an allocation over the 2 GiB limit, a timeout) makes it
 # exit non-zero, naming the input, kept in target/fuzz/artifacts/<target>/.
 # Inputs the fuzzer finds are not kept (the committed corpus is the seeds):
 # it leaves nothing behind but its build cache, target/fuzz, which makes the
@@ -126,8 +127,10 @@ for t in "${targets[@]}"; do
   log=$work/$t.log
   start=$(date +%s)
   rc=0
+  dict=()
+  [ -f "fuzz/dict/$t.dict" ] && dict=("-dict=fuzz/dict/$t.dict")
   # shellcheck disable=SC2086 # $limits is two flags
-  TMPDIR=$work "$bin/$t" $limits -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+  TMPDIR=$work "$bin/$t" $limits "${dict[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     -artifact_prefix="$artifacts/$t/" "$work/found/$t" "fuzz/corpus/$t" >"$log" 2>&1 || rc=$?
   took=$(( $(date +%s) - start ))
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)

@@ -70,7 +70,8 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
             r(6),
             w(7, 0x5a),
         ],
-        // Read the time in BCD, set an alarm, turn on periodic interrupts.
+        // Read the time in BCD, set the clock to 2030 (SET, year, century,
+        // SET off), set an alarm, turn on periodic interrupts.
         DeviceKind::Rtc { .. } => vec![
             w(0, 0x0a),
             r(1),
@@ -78,6 +79,14 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
             r(1),
             w(0, 0x04),
             r(1),
+            w(0, 0x0b),
+            w(1, 0x82),
+            w(0, 0x09),
+            w(1, 0x30),
+            w(0, 0x32),
+            w(1, 0x20),
+            w(0, 0x0b),
+            w(1, 0x02),
             w(0, 0x0b),
             w(1, 0x42),
             w(0, 0x01),
@@ -201,7 +210,7 @@ fn records(dir: &Path) {
         seed.extend_from_slice(&value);
         put(dir, name, &seed);
         // The same record through the store file: trailing blanks until the hash says so.
-        while (fnv1a(&seed) >> 32) % 128 != 0 {
+        while !(fnv1a(&seed) >> 32).is_multiple_of(128) {
             seed.push(b' ');
         }
         put(dir, &format!("{name}_stored"), &seed);

@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
     records.retain(|(k, _)| *k != key);
     records.push((key, value.to_vec()));
     let direct = read(&records);
-    if (fnv1a(data) >> 32) % STORE_ONE_IN == 0 {
+    if (fnv1a(data) >> 32).is_multiple_of(STORE_ONE_IN) {
         write(&records);
         let stored = STORE.load();
         assert_eq!(stored.as_ref().ok(), direct.as_ref().ok(), "the store loads what its records say");
