@@ -2,18 +2,21 @@
 # Builds dmfabric's fuzz targets (fuzz/, cargo-fuzz) and runs each from its
 # committed corpus (fuzz/corpus/<target>/), saying how many inputs it ran.
 #
-#   scripts/fuzz.sh [--smoke | --runs N | --seconds S] [target...]
+#   scripts/fuzz.sh [--smoke | --runs N | --seconds S] [--jobs J] [target...]
 #   scripts/fuzz.sh --seeds [target...]
 #
-#   --smoke      what ./run test runs: each target until 200,000 inputs or 20 s
+#   --smoke      what ./run test runs: each target until 200,000 inputs or 20 s,
+#                as many at a time as there are cores
 #   --runs N     each target for N inputs (no time limit unless --seconds too)
 #   --seconds S  each target for S seconds (the default: 60)
+#   --jobs J     run J targets at a time (the default: 1; each takes a core)
 #   --seeds      write the seeds again from real data (fuzz/examples/seeds.rs)
 #                and minimise each corpus with libFuzzer's merge (cargo fuzz
 #                cmin), keeping the seeds' names; commit what changed
 #   target...    some targets only (the default: all; `cargo fuzz list --fuzz-dir fuzz`)
 #
-# A crash (a panic, an allocation over the 2 GiB limit, a timeout) makes it
+# A target with a dictionary (fuzz/dict/<target>.dict: the tokens of its
+# format) gets it. A crash (a panic, an allocation over the 2 GiB limit, a timeout) makes it
 # exit non-zero, naming the input, kept in target/fuzz/artifacts/<target>/.
 # Inputs the fuzzer finds are not kept (the committed corpus is the seeds):
 # it leaves nothing behind but its build cache, target/fuzz, which makes the
@@ -27,10 +30,12 @@ root=$PWD
 runs=-1
 seconds=
 seeds=0
+jobs=1
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --smoke) runs=200000; seconds=20 ;;
+    --smoke) runs=200000; seconds=20; jobs=$(nproc) ;;
+    --jobs) jobs=${2:?--jobs needs a number}; shift ;;
     --runs) runs=${2:?--runs needs a number}; shift ;;
     --seconds) seconds=${2:?--seconds needs a number}; shift ;;
     --seeds) seeds=1 ;;
@@ -118,31 +123,57 @@ fi
 
 limits="-runs=$runs"
 [ "$seconds" != 0 ] && limits="$limits -max_total_time=$seconds"
-echo "fuzz: running each target: $limits"
-failed=()
-total=0
-for t in "${targets[@]}"; do
+echo "fuzz: running each target: $limits, $jobs at a time"
+
+# One target: its report line in $work/<target>.said, its exit code in .rc.
+run_one() {
+  local t=$1 log=$work/$1.log start rc=0 took execs seeds_n found input
   mkdir -p "$work/found/$t" "$artifacts/$t" "fuzz/corpus/$t"
-  log=$work/$t.log
+  local dict=()
+  [ -f "fuzz/dict/$t.dict" ] && dict=("-dict=fuzz/dict/$t.dict")
   start=$(date +%s)
-  rc=0
   # shellcheck disable=SC2086 # $limits is two flags
-  TMPDIR=$work "$bin/$t" $limits -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+  TMPDIR=$work "$bin/$t" $limits "${dict[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     -artifact_prefix="$artifacts/$t/" "$work/found/$t" "fuzz/corpus/$t" >"$log" 2>&1 || rc=$?
   took=$(( $(date +%s) - start ))
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   execs=${execs:-$(sed -n 's/^Done \([0-9]*\) runs.*/\1/p' "$log" | tail -1)}
   seeds_n=$(find "fuzz/corpus/$t" -type f | wc -l)
   found=$(find "$work/found/$t" -type f | wc -l)
+  echo "${execs:-0}" >"$work/$t.execs"
+  echo "$rc" >"$work/$t.rc"
   if [ "$rc" = 0 ]; then
-    echo "fuzz: $t: ${execs:-?} inputs in ${took} s from $seeds_n seeds ($found new ones not kept): no crash"
-    total=$((total + ${execs:-0}))
+    echo "fuzz: $t: ${execs:-?} inputs in ${took} s from $seeds_n seeds ($found new ones not kept): no crash" >"$work/$t.said"
   else
+    {
+      echo "fuzz: $t: CRASH after ${execs:-?} inputs (libFuzzer exit $rc):"
+      grep -E 'panicked at|ERROR: |SUMMARY' -A3 "$log" | head -30 || tail -30 "$log"
+      input=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
+      [ -n "$input" ] && echo "fuzz: $t: the input is $input; again: $bin/$t $input"
+    } >"$work/$t.said"
+  fi
+}
+
+# $jobs targets at a time (each libFuzzer process takes one core), reported in order.
+running=0
+for t in "${targets[@]}"; do
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  run_one "$t" &
+  running=$((running + 1))
+done
+wait
+failed=()
+total=0
+for t in "${targets[@]}"; do
+  if [ "$(cat "$work/$t.rc" 2>/dev/null)" = 0 ]; then
+    cat "$work/$t.said"
+    total=$((total + $(cat "$work/$t.execs")))
+  else
+    cat "$work/$t.said" >&2 2>/dev/null || echo "fuzz: $t: did not run (see above)" >&2
     failed+=("$t")
-    echo "fuzz: $t: CRASH after ${execs:-?} inputs (libFuzzer exit $rc):" >&2
-    grep -E 'panicked at|ERROR: |SUMMARY' -A3 "$log" | head -30 >&2 || tail -30 "$log" >&2
-    input=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
-    [ -n "$input" ] && echo "fuzz: $t: the input is $input; again: $bin/$t $input" >&2
   fi
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -165,9 +165,10 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let net = TestNet::pair()?;
-    // The server's console directory: a fresh one of our own (a random name
-    // made 0700 by mkdtemp, so no one can plant or read it), removed when
-    // the demo ends, also on errors.
+    // The demo's directory (the server's consoles, the client's key): a
+    // fresh one of our own (a random name made 0700 by mkdtemp, so no one
+    // can plant or read anything in it), removed when the demo ends, also
+    // on errors.
     let console_dir = tempfile::Builder::new()
         .prefix("dmfabric-demo-")
         .tempdir()
@@ -177,15 +178,8 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     let (client_core, server_core) = (cores[0], cores[cores.len() - 1]);
 
     // Client platform 3's key, fresh for this run, and the server's list of
-    // the client platforms it acts for: every frame is sealed with it.
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("Cannot create {}", dir.display()))?;
-    }
+    // the client platforms it acts for: every frame is sealed with it. They
+    // live in the demo's own directory too.
     let key = dmfabric_control::keys::KeyFile::generate(3)?;
     key.save_new(&dir.join("client-3.key"))?;
     let clients = dir.join("clients.toml");

@@ -70,7 +70,8 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
             r(6),
             w(7, 0x5a),
         ],
-        // Read the time in BCD, set an alarm, turn on periodic interrupts.
+        // Read the time in BCD, set the clock to 2030 (SET, year, century,
+        // SET off), set an alarm, turn on periodic interrupts.
         DeviceKind::Rtc { .. } => vec![
             w(0, 0x0a),
             r(1),
@@ -78,6 +79,14 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
             r(1),
             w(0, 0x04),
             r(1),
+            w(0, 0x0b),
+            w(1, 0x82),
+            w(0, 0x09),
+            w(1, 0x30),
+            w(0, 0x32),
+            w(1, 0x20),
+            w(0, 0x0b),
+            w(1, 0x02),
             w(0, 0x0b),
             w(1, 0x42),
             w(0, 0x01),
@@ -156,7 +165,9 @@ fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The control panel's records: `[pick, JSON]` (see the records target).
+/// The control panel's records: `[pick, JSON]` (see the records target: a
+/// record that joins the platform is at key `<kind>/77`, so it is number 77;
+/// one that replaces the platform's has its number).
 fn records(dir: &Path) {
     let platform = fixtures::platform();
     let mut seeds: Vec<(&str, u8, Vec<u8>)> = Vec::new();
@@ -168,9 +179,9 @@ fn records(dir: &Path) {
             _ => {}
         }
     }
-    seeds.push(("device_uart", 3, json(&fixtures::uart(2, 0x2f8))));
+    seeds.push(("device_uart", 3, json(&fixtures::uart(77, 0x2f8))));
     let regfile = Device {
-        id: 5,
+        id: 77,
         kind: "regfile".into(),
         server: 10,
         shard: 1,
@@ -182,10 +193,10 @@ fn records(dir: &Path) {
         irqs: vec![],
     };
     seeds.push(("device_regfile", 3, json(&regfile)));
-    let io = Server { id: 11, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io };
+    let io = Server { id: 77, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io };
     seeds.push(("server_io", 1, json(&io)));
     let migrating = Vm {
-        id: 101,
+        id: 77,
         client: 1,
         vcpus: 2,
         memory_mib: 64,
@@ -201,7 +212,7 @@ fn records(dir: &Path) {
         seed.extend_from_slice(&value);
         put(dir, name, &seed);
         // The same record through the store file: trailing blanks until the hash says so.
-        while (fnv1a(&seed) >> 32) % 128 != 0 {
+        while !(fnv1a(&seed) >> 32).is_multiple_of(128) {
             seed.push(b' ');
         }
         put(dir, &format!("{name}_stored"), &seed);

@@ -6,7 +6,8 @@
 //! non-zero 4 KiB pages as (page number, bytes) — a test guest's 4 MiB is
 //! a few pages. A snapshot comes from the store: decoding checks every size
 //! and page number before it allocates the memory, which is never more than
-//! the VM may have ([`MAX_VM_MEM`] at most).
+//! the VM may have ([`MAX_VM_MEM`] at most), and only the pages the snapshot
+//! carries are written (the rest stays untouched zeros).
 
 use crate::kvm::{VcpuState, VmDeviceState};
 
@@ -42,11 +43,12 @@ const PAGE: usize = 4096;
 /// A page in the encoding: its number, then its bytes.
 const PAGE_RECORD: usize = 8 + PAGE;
 const MAGIC: &[u8; 8] = b"DMFVM001";
-/// The most memory a snapshot may carry, whatever the caller allows: 4 GiB,
-/// the most a client platform gives a VM (`memory_mib` 4096). Decoding
-/// allocates the memory, so this bounds what a header can make a client
-/// allocate.
-pub const MAX_VM_MEM: usize = 4 << 30;
+/// The most memory a snapshot may carry, whatever the caller allows: 64 GiB,
+/// the most the control panel gives a VM (its `MAX_MEMORY_MIB`; migrations
+/// go through it). Decoding allocates the memory, so this bounds what a
+/// header can make a client allocate even when the caller's limit comes from
+/// an unchecked record.
+pub const MAX_VM_MEM: usize = 64 << 30;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Header {
@@ -187,9 +189,9 @@ mod tests {
 
     #[test]
     fn a_header_asking_for_more_memory_than_any_vm_has_is_refused_before_allocating() {
-        // The report: a header of 64 GiB and a VM record that allows it.
-        let err = VmSnapshot::decode(&header(64 << 30, 0), 64 << 30).unwrap_err();
-        assert_eq!(err, SnapshotError::TooBig { have: 64 << 30, max: MAX_VM_MEM });
+        // A header of 128 GiB and a VM record (unchecked) that would allow it.
+        let err = VmSnapshot::decode(&header(128 << 30, 0), 128 << 30).unwrap_err();
+        assert_eq!(err, SnapshotError::TooBig { have: 128 << 30, max: MAX_VM_MEM });
         assert!(err.to_string().contains("memory_mib"), "{err}");
         let err = VmSnapshot::decode(&header(8 << 20, 0), 4 << 20).unwrap_err();
         assert_eq!(err, SnapshotError::TooBig { have: 8 << 20, max: 4 << 20 });
