@@ -83,7 +83,7 @@ fn leftover_xdp_program_of_a_killed_server_is_removed() {
 
     let (_second, rx) = start_server(&net, &keys, &[]);
     // stdout and stderr are read by two threads: wait for each line itself.
-    let mut lines = wait_for(&rx, "removed leftover XDP program `xsk_def_prog`")
+    let mut lines = wait_for(&rx, "removed leftover XDP program `dmfabric_xsk`")
         .unwrap_or_else(|l| panic!("second server did not remove the program: {l:?}"));
     if !lines.iter().any(|l| l.contains("dmfabric server ready")) {
         lines.extend(wait_for(&rx, "dmfabric server ready").unwrap_or_else(|l| panic!("second server: {l:?}")));

@@ -29,11 +29,11 @@ impl StoreFile {
         StoreFile { spec: p.to_str().unwrap().to_string(), file: Some(p), etcd: None }
     }
 
-    /// etcd on host `host` of `net`, on its management link (None:
-    /// skipped, etcd is not installed).
+    /// etcd on host `host` of `net`, on the same link as the data plane
+    /// (None: skipped, etcd is not installed).
     fn etcd(test: &str, net: &TestNet, host: usize) -> Option<StoreFile> {
         let ns = net.host(host).ns.clone();
-        let ip = net.host(host).mgmt_ipv4.expect("a net with a management link").to_string();
+        let ip = net.host(host).ipv4.to_string();
         let ready = |endpoint: &str| net.with_host(host, || EtcdStore::connect(endpoint).is_ok()).unwrap_or(false);
         let p = etcd::start_or_skip(test, || EtcdProcess::start_in(&ns, &ip, &ready))?;
         Some(StoreFile {
@@ -186,9 +186,9 @@ fn the_same_through_etcd_running_on_the_owners_host() {
     if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
         return;
     }
-    // etcd's TCP goes over a management link: the AF_XDP data plane
-    // takes every frame of the interface it serves.
-    let net = TestNet::new(TestNetConfig { hosts: 3, management: true, ..TestNetConfig::default() }).unwrap();
+    // etcd's TCP shares the link with the AF_XDP data plane: dmfabric's
+    // XDP program passes every frame that is not the fabric's.
+    let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
     if let Some(store) = StoreFile::etcd(name, &net, 1) {
         // etcd goes away while the guest runs: the data planes keep their tables.
         three_hosts(&net, &store, &|| {

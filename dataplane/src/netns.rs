@@ -9,12 +9,14 @@
 //! run removes what a killed run left behind ([`sweep_stale`]).
 //!
 //! Hosts get link-local IPv4 addresses (169.254.77.x/24) for the UDP
-//! baseline; IPv6 is disabled so that neighbour discovery does not add
-//! frames to the measurements.
+//! baseline and control traffic (etcd's TCP shares the data-plane link:
+//! dmfabric's XDP program passes every frame that is not 0x88B5); IPv6 is
+//! disabled so that neighbour discovery does not add frames to the
+//! measurements, unless a test turns it on ([`TestNet::enable_ipv6`]).
 
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -57,28 +59,18 @@ pub struct Host {
     pub mac: MacAddr,
     /// Link-local IPv4 address on `iface`.
     pub ipv4: Ipv4Addr,
-    /// With [`TestNetConfig::management`]: the address on its management
-    /// link ([`MGMT_IFACE`]), for control traffic such as etcd's.
-    pub mgmt_ipv4: Option<Ipv4Addr>,
 }
-
-/// The management interface of each host, with [`TestNetConfig::management`].
-pub const MGMT_IFACE: &str = "mgmt0";
 
 /// Options for [`TestNet::new`].
 #[derive(Debug, Clone, Copy)]
 pub struct TestNetConfig {
     pub hosts: usize,
     pub mtu: u32,
-    /// Also join the hosts on a second, IP-only bridge: an AF_XDP data
-    /// plane takes every frame of the interface it serves, so control
-    /// traffic (TCP to etcd) needs a link of its own, as on real hosts.
-    pub management: bool,
 }
 
 impl Default for TestNetConfig {
     fn default() -> Self {
-        TestNetConfig { hosts: 2, mtu: 1500, management: false }
+        TestNetConfig { hosts: 2, mtu: 1500 }
     }
 }
 
@@ -137,7 +129,6 @@ impl TestNet {
                 iface: HOST_IFACE.to_string(),
                 mac: MacAddr::default(),
                 ipv4: Ipv4Addr::new(169, 254, 77, (i + 1) as u8),
-                mgmt_ipv4: cfg.management.then(|| Ipv4Addr::new(169, 254, 78, (i + 1) as u8)),
             });
         }
         let mtu = cfg.mtu.to_string();
@@ -183,35 +174,51 @@ impl TestNet {
             ip(&["-n", &ns, "link", "set", HOST_IFACE, "up"])?;
             net.hosts[i].mac = read_mac(&ns)?;
         }
-        if cfg.management {
-            net.add_management(pid, id)?;
-        }
         Ok(net)
     }
 
-    /// A second bridge joining every host's [`MGMT_IFACE`] (addresses 169.254.78.x).
-    fn add_management(&mut self, pid: u32, id: u32) -> Result<(), NetnsError> {
-        let sw = match &self.switch {
-            Some(sw) => sw.clone(),
-            None => {
-                let sw = format!("{NS_PREFIX}{pid}-{id}-sw");
-                self.add_ns(&sw)?;
-                self.switch = Some(sw.clone());
-                sw
-            }
-        };
-        ip(&["-n", &sw, "link", "add", "br1", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
-        ip(&["-n", &sw, "link", "set", "br1", "up"])?;
-        for (i, host) in self.hosts.iter().enumerate() {
-            let port = format!("m{i}");
-            ip(&["link", "add", MGMT_IFACE, "netns", &host.ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
-            ip(&["-n", &sw, "link", "set", &port, "master", "br1"])?;
-            ip(&["-n", &sw, "link", "set", &port, "up"])?;
-            let addr = format!("{}/24", host.mgmt_ipv4.expect("management addresses set"));
-            ip(&["-n", &host.ns, "addr", "add", &addr, "dev", MGMT_IFACE])?;
-            ip(&["-n", &host.ns, "link", "set", MGMT_IFACE, "up"])?;
+    /// Turn IPv6 on for host `i`'s interface (off by default, see the
+    /// module) and return its link-local address. Duplicate address
+    /// detection is skipped, so the address is usable at once.
+    pub fn enable_ipv6(&self, i: usize) -> Result<Ipv6Addr, NetnsError> {
+        let host = &self.hosts[i];
+        let (dad, on) = (
+            format!("net.ipv6.conf.{}.accept_dad=0", host.iface),
+            format!("net.ipv6.conf.{}.disable_ipv6=0", host.iface),
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &host.ns, "sysctl", "-qw", &dad, &on])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(NetnsError::NoIp)?;
+        if !out.status.success() {
+            return Err(NetnsError::Command {
+                cmd: format!("sysctl -w {dad} {on} in {}", host.ns),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
-        Ok(())
+        // The kernel adds the link-local address as the interface comes up
+        // again for IPv6: wait for it (bounded).
+        let end = Instant::now() + Duration::from_secs(3);
+        loop {
+            let shown = ip(&["-n", &host.ns, "-6", "-o", "addr", "show", "dev", &host.iface, "scope", "link"])?;
+            let addr = shown
+                .split_whitespace()
+                .skip_while(|w| *w != "inet6")
+                .nth(1)
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse::<Ipv6Addr>().ok());
+            match addr {
+                Some(a) if !shown.contains("tentative") => return Ok(a),
+                _ if Instant::now() >= end => {
+                    return Err(NetnsError::Command {
+                        cmd: format!("ip -n {} -6 addr show dev {}", host.ns, host.iface),
+                        stderr: format!("no usable link-local address within 3 s: {shown}"),
+                    })
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<(), NetnsError> {

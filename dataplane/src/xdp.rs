@@ -6,8 +6,17 @@
 //! attach modes (native/driver and generic/SKB) and both bind modes
 //! (zero-copy where the driver has it, copy otherwise) are supported; `Auto`
 //! tries the fastest first. On veth only copy mode exists.
+//!
+//! The XDP program that steers frames to the socket is dmfabric's own by
+//! default ([`XdpProgram::Dmfabric`], `bpf/dmfabric_xsk.c`): it redirects
+//! only EtherType 0x88B5 frames and passes every other frame to the kernel,
+//! so the interface stays usable for ARP, IPv6, SSH and the control panel's
+//! TCP. It is loaded through libxdp (its dispatcher, where bpffs is mounted,
+//! lets other XDP programs run beside it) and detached when the transport
+//! drops. libxdp's default program, which takes every frame of the queue,
+//! stays selectable for comparison ([`XDP_PROG_ENV`]).
 
-use std::ffi::CStr;
+use std::ffi::{c_void, CStr};
 use std::fmt;
 use std::io::{self, Write};
 use std::num::NonZeroU32;
@@ -26,6 +35,19 @@ use crate::MAX_BURST;
 /// Name of the program libxdp loads for AF_XDP sockets, and of its dispatcher.
 const LIBXDP_XSK_PROG: &str = "xsk_def_prog";
 const LIBXDP_DISPATCHER: &str = "xdp_dispatcher";
+/// Name of dmfabric's own program (its function in `bpf/dmfabric_xsk.c`).
+pub const DMFABRIC_XDP_PROG: &str = "dmfabric_xsk";
+
+/// dmfabric's XDP program, built by build.rs from `bpf/dmfabric_xsk.c`.
+/// Aligned so that libbpf may read the ELF headers in place.
+static DMFABRIC_XDP_OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/dmfabric_xsk.o")));
+
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+
+/// Environment variable that picks the XDP program when the configuration
+/// does not ([`XdpConfig::program`] is `None`): `dmfabric` or `default`.
+pub const XDP_PROG_ENV: &str = "DMFABRIC_XDP_PROG";
 
 /// Frames the kernel sends per TX kick in copy mode.
 const COPY_MODE_TX_BATCH: usize = 32;
@@ -75,6 +97,51 @@ impl std::str::FromStr for ZeroCopy {
     }
 }
 
+/// The XDP program that steers received frames to the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpProgram {
+    /// dmfabric's own: EtherType 0x88B5 frames (malformed ones too) go to
+    /// the socket, every other frame to the kernel stack.
+    Dmfabric,
+    /// libxdp's default program: every frame of the queue goes to the
+    /// socket, so nothing else can use the interface (for comparison).
+    LibxdpDefault,
+}
+
+impl std::str::FromStr for XdpProgram {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dmfabric" => Ok(XdpProgram::Dmfabric),
+            "default" | "libxdp" => Ok(XdpProgram::LibxdpDefault),
+            _ => Err(format!("unknown XDP program `{s}`: expected dmfabric or default")),
+        }
+    }
+}
+
+impl fmt::Display for XdpProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpProgram::Dmfabric => "dmfabric",
+            XdpProgram::LibxdpDefault => "default",
+        })
+    }
+}
+
+impl XdpProgram {
+    /// The program [`XDP_PROG_ENV`] names; dmfabric's own if it is unset.
+    pub fn from_env() -> Result<XdpProgram, String> {
+        match std::env::var(XDP_PROG_ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(XdpProgram::Dmfabric),
+            Ok(v) if v.is_empty() => Ok(XdpProgram::Dmfabric),
+            Ok(v) => v.parse().map_err(|e| format!("{XDP_PROG_ENV}: {e}")),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(format!("{XDP_PROG_ENV} is not UTF-8: set it to dmfabric or default"))
+            }
+        }
+    }
+}
+
 /// How to open an AF_XDP transport.
 #[derive(Debug, Clone)]
 pub struct XdpConfig {
@@ -86,6 +153,9 @@ pub struct XdpConfig {
     pub frames: u32,
     /// Remove a program left on the interface by a killed dmfabric run.
     pub clear_stale_program: bool,
+    /// The XDP program; `None`: the one [`XDP_PROG_ENV`] names, dmfabric's
+    /// own if it is unset.
+    pub program: Option<XdpProgram>,
 }
 
 impl XdpConfig {
@@ -97,6 +167,7 @@ impl XdpConfig {
             zero_copy: ZeroCopy::Auto,
             frames: 1024,
             clear_stale_program: true,
+            program: None,
         }
     }
 }
@@ -120,7 +191,9 @@ impl fmt::Display for Attachment {
 }
 
 pub struct XdpTransport {
-    // Field order is drop order: queues (which hold the socket) before the UMEM.
+    // Field order is drop order: the program first (frames stop coming),
+    // then the queues (which hold the socket), then the UMEM.
+    program: Option<OwnProgram>,
     tx_q: TxQueue,
     rx_q: RxQueue,
     fq: FillQueue,
@@ -138,7 +211,11 @@ pub struct XdpTransport {
 
 impl fmt::Debug for XdpTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("XdpTransport").field("mac", &self.mac).field("attachment", &self.attachment).finish()
+        f.debug_struct("XdpTransport")
+            .field("mac", &self.mac)
+            .field("attachment", &self.attachment)
+            .field("program", &self.program())
+            .finish()
     }
 }
 
@@ -165,6 +242,10 @@ impl XdpTransport {
                 cfg.frames
             )));
         }
+        let program = match cfg.program {
+            Some(p) => p,
+            None => XdpProgram::from_env().map_err(TransportError::Unsupported)?,
+        };
         sys::raise_memlock_limit();
         quiet_libxdp();
         let ifindex = sys::if_index(&cfg.iface).ok_or_else(|| TransportError::NoSuchInterface(cfg.iface.clone()))?;
@@ -184,16 +265,17 @@ impl XdpTransport {
         // libxdp would replace it or fail with EBUSY depends on its version
         // and on bpffs, so decide here: leftover if no socket holds the queue.
         let removed = if cfg.clear_stale_program { clear_stale_program(cfg, ifindex)? } else { None };
-        let mut t = retry_busy(|| Self::open_any_mode(cfg, mac)).map_err(|e| explain_open_error(cfg, e))?;
+        let mut t =
+            retry_busy(|| Self::open_any_mode(cfg, mac, program, ifindex)).map_err(|e| explain_open_error(cfg, e))?;
         if let Some(what) = &removed {
             tracing::warn!(iface = %cfg.iface, "{what}");
         }
-        tracing::info!(iface = %cfg.iface, queue = cfg.queue, %mac, attachment = %t.attachment(), "AF_XDP socket bound");
+        tracing::info!(iface = %cfg.iface, queue = cfg.queue, %mac, attachment = %t.attachment(), %program, "AF_XDP socket bound");
         t.removed_stale = removed;
         Ok(t)
     }
 
-    fn open_any_mode(cfg: &XdpConfig, mac: MacAddr) -> Result<Self, io::Error> {
+    fn open_any_mode(cfg: &XdpConfig, mac: MacAddr, program: XdpProgram, ifindex: u32) -> Result<Self, io::Error> {
         let natives: &[bool] = match cfg.mode {
             XdpMode::Auto if sys::if_driver(&cfg.iface).as_deref() == Some("veth") => &[false, true],
             XdpMode::Auto => &[true, false],
@@ -211,10 +293,10 @@ impl XdpTransport {
                 if zc && !native {
                     continue; // generic mode is always copy mode
                 }
-                match Self::try_open(cfg, mac, Attachment { native, zero_copy: zc }, false) {
+                match Self::try_open(cfg, mac, Attachment { native, zero_copy: zc }, Some((program, ifindex))) {
                     Ok(t) => return Ok(t),
                     // Busy is busy in every mode: stop trying.
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(e),
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) => return Err(e),
                     Err(e) => last_err = Some(e),
                 }
             }
@@ -222,9 +304,15 @@ impl XdpTransport {
         Err(last_err.unwrap_or_else(|| io::Error::other("no attach mode to try")))
     }
 
-    /// `probe`: bind without loading libxdp's program, only to learn
-    /// whether a socket already holds the queue.
-    fn try_open(cfg: &XdpConfig, mac: MacAddr, att: Attachment, probe: bool) -> Result<Self, io::Error> {
+    /// `program`: the XDP program to attach and the interface's index;
+    /// `None` binds without any program, only to learn whether a socket
+    /// already holds the queue (a probe).
+    fn try_open(
+        cfg: &XdpConfig,
+        mac: MacAddr,
+        att: Attachment,
+        program: Option<(XdpProgram, u32)>,
+    ) -> Result<Self, io::Error> {
         let half = cfg.frames / 2;
         let ring = QueueSize::new(half).map_err(|e| io::Error::other(e.to_string()))?;
         let umem_cfg = UmemConfig::builder()
@@ -243,8 +331,10 @@ impl XdpTransport {
         // every poll. Zero-copy drivers sleep: there they pay off.
         let bind_flags =
             if att.zero_copy { BindFlags::XDP_ZEROCOPY | BindFlags::XDP_USE_NEED_WAKEUP } else { BindFlags::XDP_COPY };
+        // libxdp loads its default program only when asked for; dmfabric's
+        // own is attached below, once the socket is bound.
         let mut libxdp_flags = LibxdpFlags::empty();
-        if probe {
+        if program.map(|(p, _)| p) != Some(XdpProgram::LibxdpDefault) {
             libxdp_flags |= LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD;
         }
         let sock_cfg = SocketConfig::builder()
@@ -259,6 +349,13 @@ impl XdpTransport {
         // shared-UMEM contract of `Socket::new` does not apply.
         let (tx_q, rx_q, fq_cq) = unsafe { Socket::new(sock_cfg, &umem, &iface, cfg.queue) }.map_err(source_io)?;
         let (mut fq, cq) = fq_cq.ok_or_else(|| io::Error::other("libxdp returned no fill/completion queue"))?;
+        let own = match program {
+            Some((XdpProgram::Dmfabric, ifindex)) => {
+                use std::os::fd::AsRawFd;
+                Some(OwnProgram::attach(ifindex, cfg.queue, att.native, rx_q.fd().as_raw_fd())?)
+            }
+            _ => None,
+        };
 
         let tx_free = descs.split_off(half as usize);
         // SAFETY: the descriptors came from this UMEM and none is in use.
@@ -268,6 +365,7 @@ impl XdpTransport {
         }
         let blank = tx_free[0];
         Ok(XdpTransport {
+            program: own,
             tx_q,
             rx_q,
             fq,
@@ -287,6 +385,15 @@ impl XdpTransport {
     /// How the socket is attached.
     pub fn attachment(&self) -> Attachment {
         self.attachment
+    }
+
+    /// The XDP program steering frames to this socket.
+    pub fn program(&self) -> XdpProgram {
+        if self.program.is_some() {
+            XdpProgram::Dmfabric
+        } else {
+            XdpProgram::LibxdpDefault
+        }
     }
 
     /// The stale program this open removed, if any (for the log).
@@ -351,7 +458,7 @@ fn explain_open_error(cfg: &XdpConfig, err: io::Error) -> TransportError {
         Some(libc::ENOBUFS) | Some(libc::ENOMEM) => TransportError::Privilege(format!(
             "AF_XDP could not lock its UMEM memory on {iface}: raise `ulimit -l` (RLIMIT_MEMLOCK) or grant CAP_IPC_LOCK, or use --transport packet"
         )),
-        Some(libc::EBUSY) => TransportError::Busy(format!(
+        Some(libc::EBUSY) | Some(libc::EEXIST) => TransportError::Busy(format!(
             "{iface} queue {} is busy: another AF_XDP socket or XDP program holds it (see `ss -a --xdp` and `ip link show {iface}`); stop it, or detach with `ip link set dev {iface} xdp off`",
             cfg.queue
         )),
@@ -393,7 +500,7 @@ fn clear_stale_program(cfg: &XdpConfig, ifindex: u32) -> Result<Option<String>, 
         return Ok(None);
     };
     let generic_copy = Attachment { native: false, zero_copy: false };
-    let probe = retry_busy(|| XdpTransport::try_open(cfg, MacAddr::default(), generic_copy, true));
+    let probe = retry_busy(|| XdpTransport::try_open(cfg, MacAddr::default(), generic_copy, None));
     match probe {
         Ok(probe) => drop(probe),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -405,6 +512,13 @@ fn clear_stale_program(cfg: &XdpConfig, ifindex: u32) -> Result<Option<String>, 
         Err(e) => return Err(explain_open_error(cfg, e)),
     }
     // Nothing holds the queue: the program is a leftover of a killed run.
+    // Behind libxdp's dispatcher, take out only dmfabric's or libxdp's
+    // AF_XDP program, never another program sharing the dispatcher.
+    if prog.name == LIBXDP_DISPATCHER {
+        return Ok(detach_from_dispatcher(ifindex).map(|removed| {
+            format!("removed leftover XDP program {removed} from {iface}'s dispatcher, left by a run that was killed")
+        }));
+    }
     for mode in ["xdp", "xdpgeneric", "xdpdrv"] {
         let _ = Command::new("ip")
             .args(["link", "set", "dev", iface, mode, "off"])
@@ -430,10 +544,174 @@ struct AttachedProgram {
 }
 
 impl AttachedProgram {
-    /// Loaded by libxdp for AF_XDP sockets (ours or another AF_XDP user's).
+    /// dmfabric's program, or one loaded by libxdp for AF_XDP sockets (ours
+    /// or another AF_XDP user's), or libxdp's dispatcher.
     fn is_libxdp(&self) -> bool {
-        self.name == LIBXDP_XSK_PROG || self.name == LIBXDP_DISPATCHER
+        is_xsk_program(&self.name) || self.name == LIBXDP_DISPATCHER
     }
+}
+
+/// A program that steers frames to AF_XDP sockets for dmfabric: its own,
+/// or libxdp's default.
+fn is_xsk_program(name: &str) -> bool {
+    name == DMFABRIC_XDP_PROG || name == LIBXDP_XSK_PROG
+}
+
+/// Detach every [`is_xsk_program`] program from the libxdp dispatcher on
+/// `ifindex`, leaving the dispatcher's other programs in place. Returns
+/// what was removed (`None`: nothing was).
+fn detach_from_dispatcher(ifindex: u32) -> Option<String> {
+    let mut removed = Vec::new();
+    // SAFETY: libxdp returns NULL, an error pointer or a multiprog we own
+    // and close below; the programs it yields live as long as it does.
+    unsafe {
+        let mp = libxdp_sys::xdp_multiprog__get_from_ifindex(ifindex as i32);
+        if mp.is_null() || libxdp_sys::libxdp_get_error(mp.cast()) != 0 {
+            return None;
+        }
+        let mut found = Vec::new();
+        let mut p = std::ptr::null_mut();
+        loop {
+            p = libxdp_sys::xdp_multiprog__next_prog(p, mp);
+            if p.is_null() {
+                break;
+            }
+            let name_ptr = libxdp_sys::xdp_program__name(p);
+            if !name_ptr.is_null() {
+                let name = CStr::from_ptr(name_ptr).to_string_lossy().into_owned();
+                if is_xsk_program(&name) {
+                    found.push((p, name));
+                }
+            }
+        }
+        let mode = libxdp_sys::xdp_multiprog__attach_mode(mp);
+        for (p, name) in found {
+            let id = libxdp_sys::xdp_program__id(p);
+            if libxdp_sys::xdp_program__detach(p, ifindex as i32, mode, 0) == 0 {
+                removed.push(format!("`{name}` (id {id})"));
+            }
+        }
+        libxdp_sys::xdp_multiprog__close(mp);
+    }
+    (!removed.is_empty()).then(|| removed.join(", "))
+}
+
+/// dmfabric's XDP program attached to one interface through libxdp, with
+/// one AF_XDP socket in its map; detached on drop.
+struct OwnProgram {
+    obj: *mut libxdp_sys::bpf_object,
+    prog: *mut libxdp_sys::xdp_program,
+    ifindex: i32,
+    mode: libxdp_sys::xdp_attach_mode,
+}
+
+// SAFETY: the libbpf object and libxdp program are plain heap objects and
+// file descriptors, not tied to the thread that made them; `OwnProgram` is
+// their only owner.
+unsafe impl Send for OwnProgram {}
+
+impl OwnProgram {
+    /// Load dmfabric's program, attach it to `ifindex` (native or generic
+    /// mode) and put socket `xsk_fd` in its map for `queue`.
+    fn attach(ifindex: u32, queue: u32, native: bool, xsk_fd: i32) -> Result<OwnProgram, io::Error> {
+        let mode =
+            if native { libxdp_sys::xdp_attach_mode_XDP_MODE_NATIVE } else { libxdp_sys::xdp_attach_mode_XDP_MODE_SKB };
+        let bytes = &DMFABRIC_XDP_OBJECT.0;
+        // SAFETY: the object bytes are static; libbpf returns NULL on
+        // failure or an object we own, and `Drop` (reached from here on through `own`) closes it.
+        let obj = unsafe {
+            // libbpf 1.x returns NULL and sets errno on failure.
+            let obj = libxdp_sys::bpf_object__open_mem(bytes.as_ptr().cast(), bytes.len(), std::ptr::null());
+            if obj.is_null() {
+                return Err(libxdp_error(0, "libbpf could not open dmfabric's XDP program"));
+            }
+            obj
+        };
+        let mut own = OwnProgram { obj, prog: std::ptr::null_mut(), ifindex: ifindex as i32, mode };
+        // SAFETY: `obj` is open and not loaded yet (a map's size can still
+        // change); the map pointer lives as long as `obj`.
+        let map = unsafe {
+            let map = libxdp_sys::bpf_object__find_map_by_name(own.obj, c"xsks_map".as_ptr());
+            if map.is_null() {
+                return Err(io::Error::other("dmfabric's XDP program has no `xsks_map`"));
+            }
+            let rc = libxdp_sys::bpf_map__set_max_entries(map, queue.saturating_add(1).max(64));
+            if rc != 0 {
+                return Err(libxdp_error(rc.into(), "Cannot size the AF_XDP socket map"));
+            }
+            map
+        };
+        // SAFETY: `obj` is open; the program libxdp makes of it is closed in
+        // `Drop` before the object.
+        unsafe {
+            let prog = libxdp_sys::xdp_program__from_bpf_obj(own.obj, c"xdp".as_ptr());
+            let err = libxdp_sys::libxdp_get_error(prog.cast());
+            if prog.is_null() || err != 0 {
+                return Err(libxdp_error(err, "libxdp could not open dmfabric's XDP program"));
+            }
+            own.prog = prog;
+            let rc = libxdp_sys::xdp_program__attach(own.prog, own.ifindex, mode, 0);
+            if rc != 0 {
+                own.prog_attached_failed();
+                return Err(libxdp_error(rc.into(), "Cannot attach dmfabric's XDP program"));
+            }
+        }
+        // SAFETY: the program is loaded, so the map has a descriptor; key and
+        // value point to live u32/i32 values of the sizes the map declares.
+        let rc = unsafe {
+            let fd = libxdp_sys::bpf_map__fd(map);
+            libxdp_sys::bpf_map_update_elem(
+                fd,
+                (&queue as *const u32).cast::<c_void>(),
+                (&xsk_fd as *const i32).cast::<c_void>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            // `own` drops here and detaches the program again.
+            return Err(libxdp_error(rc.into(), "Cannot put the AF_XDP socket in the XDP program's map"));
+        }
+        Ok(own)
+    }
+
+    /// After a failed attach there is nothing to detach: only close.
+    fn prog_attached_failed(&mut self) {
+        // SAFETY: `self.prog` is an open program that was not attached;
+        // it is not used after this.
+        unsafe { libxdp_sys::xdp_program__close(self.prog) };
+        self.prog = std::ptr::null_mut();
+    }
+}
+
+impl Drop for OwnProgram {
+    fn drop(&mut self) {
+        // SAFETY: `prog` (if set) is attached to `ifindex` in `mode` and
+        // was made from `obj`, which is closed last; neither is used after.
+        unsafe {
+            if !self.prog.is_null() {
+                let rc = libxdp_sys::xdp_program__detach(self.prog, self.ifindex, self.mode, 0);
+                if rc != 0 {
+                    tracing::warn!(
+                        ifindex = self.ifindex,
+                        error = %io::Error::from_raw_os_error(-rc),
+                        "could not detach dmfabric's XDP program; the next start removes it"
+                    );
+                }
+                libxdp_sys::xdp_program__close(self.prog);
+            }
+            libxdp_sys::bpf_object__close(self.obj);
+        }
+    }
+}
+
+/// An io::Error for a negative errno from libbpf/libxdp (or errno itself
+/// when the call returned a bare failure), with what failed.
+fn libxdp_error(rc: i64, what: &str) -> io::Error {
+    let code = if rc < 0 { (-rc) as i32 } else { io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL) };
+    let err = io::Error::from_raw_os_error(code);
+    // Keep the errno (explain_open_error maps it) and say what failed in the log.
+    tracing::debug!(error = %err, "{what}");
+    err
 }
 
 fn attached_program(ifindex: u32) -> Option<AttachedProgram> {

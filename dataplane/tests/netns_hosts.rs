@@ -19,7 +19,7 @@ fn three_hosts_on_a_bridge_reach_each_other_with_the_mtu_asked_for() {
     if !dmfabric_testkit::privileged_or_skip("three_hosts_on_a_bridge", &[Need::Root]) {
         return;
     }
-    let net = TestNet::new(TestNetConfig { hosts: 3, mtu: 3000, management: false }).unwrap();
+    let net = TestNet::new(TestNetConfig { hosts: 3, mtu: 3000 }).unwrap();
     // A process inside host 2's namespace sees its own link and its MTU.
     let out = net.command(2, "ip").args(["-o", "link", "show", "dmf0"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
