@@ -91,6 +91,76 @@ fn leftover_xdp_program_of_a_killed_server_is_removed() {
     assert!(server_answers(&net), "the new server serves");
 }
 
+/// While a server serves requests over AF_XDP on host 1's interface, IPv6
+/// (link-local ping, neighbour discovery) and TCP (over IPv4, so ARP too)
+/// reach host 1 on the same interface: dmfabric's XDP program passes them
+/// to the kernel. A 0x88B5 frame too short to parse still reaches the
+/// server, which counts it as malformed; other EtherTypes never reach it.
+#[test]
+fn the_served_interface_keeps_ipv6_and_tcp_and_short_fabric_frames_are_counted() {
+    let name = "the_served_interface_keeps_ipv6_and_tcp_and_short_fabric_frames_are_counted";
+    if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root]) {
+        return;
+    }
+    let net = TestNet::pair().unwrap();
+    let peer6 = net.enable_ipv6(1).unwrap();
+    net.enable_ipv6(0).unwrap();
+    let keys = load_keys(&net, "shared-link");
+    let (mut server, rx) = start_server(&net, &keys, &[]);
+    wait_for(&rx, "dmfabric server ready").expect("server ready");
+
+    let stop = AtomicBool::new(false);
+    let (ping6, tcp4, tcp6, load) = std::thread::scope(|s| {
+        // Requests from host 0 until the other traffic is done (bounded by
+        // the request count).
+        let load = s.spawn(|| {
+            net.with_host(0, || {
+                let mut t = XdpTransport::open(&XdpConfig::new(&net.host(0).iface)).expect("client AF_XDP");
+                let sealer = dmfabric_dataplane::hello::Sealer::new(dmfabric_testkit::keys::ring(loadgen::CLIENT_ID));
+                let session = loadgen::discover(&mut t, loadgen::CLIENT_ID, &sealer, Duration::from_secs(3))
+                    .expect("session with the server");
+                let target = Target::test_device(&session, &sealer);
+                loadgen::rtt(&mut t, &target, 2_000_000, 0, loadgen::Retry::default(), &stop).unwrap()
+            })
+            .unwrap()
+        });
+        // Let the load start before the other traffic.
+        std::thread::sleep(Duration::from_millis(300));
+        let ping6 = net.ping6(0, peer6).expect("ping");
+        let tcp4 = net.tcp_round_trip(0, 1, net.host(1).ipv4.into(), 47200).unwrap();
+        let tcp6 = net.tcp_round_trip(0, 1, peer6.into(), 47201).unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (ping6, tcp4, tcp6, load.join().unwrap())
+    });
+    assert!(load.completed > 0 && load.wrong == 0 && load.lost == 0, "{load:?}");
+    assert!(ping6, "ping -6 to the served interface's link-local address");
+    assert!(tcp4 && tcp6, "TCP over IPv4 {tcp4}, over IPv6 link-local {tcp6}");
+
+    // A 0x88B5 frame of a header and one byte, and frames of other
+    // EtherTypes, from host 0 by AF_PACKET.
+    net.with_host(0, || {
+        let mut t = dmfabric_dataplane::packet::PacketTransport::open(&net.host(0).iface).unwrap();
+        let mut batch = dmfabric_dataplane::FrameBatch::new();
+        for (ethertype, len) in [(0x88B5u16, 15), (0x0800, 64), (0x88B6, 64)] {
+            let mut f = vec![0u8; len];
+            f[..6].copy_from_slice(&net.host(1).mac.0);
+            f[6..12].copy_from_slice(&net.host(0).mac.0);
+            f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+            batch.push(&f);
+        }
+        use dmfabric_dataplane::Transport;
+        assert_eq!(t.send(&mut batch).unwrap(), 3);
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(server.interrupt(Duration::from_secs(5)).unwrap().success());
+    let lines = wait_for(&rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("server's last lines: {l:?}"));
+    let stats = lines.iter().find(|l| l.contains("dmfabric server: requests")).unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(stats.contains(" malformed 1") && stats.contains(" truncated=1"), "{stats}");
+    // No IPv4, IPv6, ARP or 0x88B6 frame reached the server.
+    assert!(stats.contains(" foreign 0 "), "{stats}");
+}
+
 #[test]
 fn a_live_server_is_never_disturbed_by_a_second_one() {
     if !dmfabric_testkit::privileged_or_skip("a_live_server_is_never_disturbed_by_a_second_one", &[Need::Root]) {

@@ -16,7 +16,8 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -241,6 +242,67 @@ impl TestNet {
             .stderr(Stdio::null())
             .status();
         Ok(())
+    }
+
+    /// Ping host `to`'s link-local IPv6 address `addr` from host `from`
+    /// (`ping -6`, three pings, at most 4 s): whether replies came.
+    pub fn ping6(&self, from: usize, addr: Ipv6Addr) -> io::Result<bool> {
+        let target = format!("{addr}%{}", self.hosts[from].iface);
+        let out = self
+            .command(from, "ping")
+            .args(["-6", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-w", "4", &target])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run ping (iputils-ping): {e}")))?;
+        Ok(out.status.success())
+    }
+
+    /// One TCP connection from host `from` to a listener on host `to` at
+    /// (`ip`, `port`) (a link-local IPv6 address gets each side's scope):
+    /// whether a line went there and back within a few seconds.
+    pub fn tcp_round_trip(&self, from: usize, to: usize, ip: IpAddr, port: u16) -> io::Result<bool> {
+        let scoped = |host: usize| -> SocketAddr {
+            match ip {
+                IpAddr::V6(v6) => {
+                    let scope = self.with_host(host, || crate::sys::if_index(&self.hosts[host].iface)).ok().flatten();
+                    SocketAddrV6::new(v6, port, 0, scope.unwrap_or(0)).into()
+                }
+                IpAddr::V4(_) => (ip, port).into(),
+            }
+        };
+        let listener = self.with_host(to, || TcpListener::bind(scoped(to))).map_err(io::Error::other)??;
+        listener.set_nonblocking(true)?;
+        let server = std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                if let Ok((mut s, _)) = listener.accept() {
+                    let mut line = [0u8; 6];
+                    let ok = s.set_nonblocking(false).is_ok()
+                        && s.set_read_timeout(Some(Duration::from_secs(3))).is_ok()
+                        && s.read_exact(&mut line).is_ok();
+                    if ok {
+                        let _ = s.write_all(&line);
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let dst = scoped(from);
+        let ok = self
+            .with_host(from, || {
+                let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_secs(3)) else {
+                    return false;
+                };
+                let mut back = [0u8; 6];
+                s.set_read_timeout(Some(Duration::from_secs(3))).is_ok()
+                    && s.write_all(b"hello\n").is_ok()
+                    && s.read_exact(&mut back).is_ok()
+                    && &back == b"hello\n"
+            })
+            .map_err(io::Error::other)?;
+        let _ = server.join();
+        Ok(ok)
     }
 
     /// Stop (or start again) the bridge learning where host `i`'s frames

@@ -4,8 +4,6 @@
 //! check also runs with libxdp's default program, which takes every frame,
 //! to show the check can fail.
 
-use std::io::{Read, Write};
-use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -68,54 +66,6 @@ fn echoes(t: &mut XdpTransport, net: &TestNet) -> u32 {
     got
 }
 
-/// `ping -6` from host 0 to host 1's link-local address: whether a reply came.
-fn ping6(net: &TestNet, to: Ipv6Addr) -> bool {
-    let target = format!("{to}%{}", net.host(0).iface);
-    let out = net
-        .command(0, "ping")
-        .args(["-6", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-w", "4", &target])
-        .output()
-        .expect("ping (iputils-ping, scripts/setup.sh installs it)");
-    out.status.success()
-}
-
-/// A TCP connection from host 0 to a listener on host 1 (`to`) carries a
-/// line each way; false if it cannot connect or the line does not come
-/// back within a few seconds.
-fn tcp_round_trip(net: &TestNet, to: SocketAddr) -> bool {
-    let listener = net.with_host(1, || TcpListener::bind(to)).unwrap().expect("bind the TCP listener");
-    listener.set_nonblocking(true).unwrap();
-    let server = std::thread::spawn(move || {
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                    let mut line = [0u8; 6];
-                    if s.read_exact(&mut line).is_ok() {
-                        let _ = s.write_all(&line);
-                    }
-                    return;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    });
-    let ok = net
-        .with_host(0, || {
-            let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(3)) else {
-                return false;
-            };
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            let mut back = [0u8; 6];
-            s.write_all(b"hello\n").is_ok() && s.read_exact(&mut back).is_ok() && &back == b"hello\n"
-        })
-        .unwrap();
-    server.join().unwrap();
-    ok
-}
-
 struct Shared {
     ping6: bool,
     tcp4: bool,
@@ -146,10 +96,9 @@ fn share_the_interface(program: XdpProgram) -> Shared {
             ready_rx.recv_timeout(Duration::from_secs(10)).expect("host 1 ready");
             let mut client = net.with_host(0, || open_xdp(net, 0, program)).unwrap();
             let echoes_before = echoes(&mut client, net);
-            let ping6 = ping6(net, peer6);
-            let tcp4 = tcp_round_trip(net, (net.host(1).ipv4, TCP_PORT).into());
-            let ifindex = net.with_host(1, || if_index(&net.host(1).iface)).unwrap();
-            let tcp6 = tcp_round_trip(net, std::net::SocketAddrV6::new(peer6, TCP_PORT + 1, 0, ifindex).into());
+            let ping6 = net.ping6(0, peer6).expect("ping");
+            let tcp4 = net.tcp_round_trip(0, 1, net.host(1).ipv4.into(), TCP_PORT).unwrap();
+            let tcp6 = net.tcp_round_trip(0, 1, peer6.into(), TCP_PORT + 1).unwrap();
             let echoes_after = echoes(&mut client, net);
             Shared { ping6, tcp4, tcp6, echoes_before, echoes_after }
         })();
@@ -157,12 +106,6 @@ fn share_the_interface(program: XdpProgram) -> Shared {
         server.join().unwrap();
         shared
     })
-}
-
-fn if_index(iface: &str) -> u32 {
-    let name = std::ffi::CString::new(iface).unwrap();
-    // SAFETY: `name` is a NUL-terminated string that outlives the call.
-    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 #[test]
