@@ -13,7 +13,7 @@ use std::time::Duration;
 use dmfabric_dataplane::hello::Sealer;
 use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::poll::{self, PollConfig};
-use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
+use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpProgram, XDP_PROG_ENV};
 use dmfabric_dataplane::{mem, Transport, TransportKind, TransportSpec};
 use dmfabric_devices::platform::pc::{self, PcLayout};
 use dmfabric_dm_workers::backend::Inline;
@@ -43,6 +43,9 @@ pub enum ServerLaunch {
 pub struct Setup {
     pub transport: TransportKind,
     pub xdp_mode: XdpMode,
+    /// The XDP program of both ends (`None`: as DMFABRIC_XDP_PROG says,
+    /// dmfabric's own if unset).
+    pub xdp_program: Option<XdpProgram>,
     pub launch: ServerLaunch,
     pub client_core: Option<usize>,
     pub server_core: Option<usize>,
@@ -68,6 +71,7 @@ impl Setup {
         Setup {
             transport,
             xdp_mode: XdpMode::Auto,
+            xdp_program: None,
             launch,
             client_core: client,
             server_core: server,
@@ -162,6 +166,14 @@ pub enum HarnessError {
     PcLayout(#[from] dmfabric_devices::platform::pc::VmOutOfRange),
 }
 
+/// `spec` with XDP program `program` (if set and an AF_XDP spec).
+fn with_program(mut spec: TransportSpec, program: Option<XdpProgram>) -> TransportSpec {
+    if let TransportSpec::Xdp(cfg) = &mut spec {
+        cfg.program = program.or(cfg.program);
+    }
+    spec
+}
+
 /// The transport spec for host `me` talking to host `peer` of `net`.
 pub fn spec_for(kind: TransportKind, net: &TestNet, me: usize, peer: usize, xdp_mode: XdpMode) -> TransportSpec {
     let host = net.host(me);
@@ -203,7 +215,7 @@ where
         ServerLaunch::Thread => {
             let server_stop = Arc::new(AtomicBool::new(false));
             let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-            let spec = spec_for(setup.transport, &net, 1, 0, setup.xdp_mode);
+            let spec = with_program(spec_for(setup.transport, &net, 1, 0, setup.xdp_mode), setup.xdp_program);
             let ns = net.host(1).ns.clone();
             let core = setup.server_core;
             let mut devices = vec![pc::test_device(pc::TEST_DEVICE_ID)];
@@ -280,6 +292,10 @@ where
                         XdpMode::Native => "native",
                     },
                 ]);
+                // The server picks its XDP program from the environment.
+                if let Some(p) = setup.xdp_program {
+                    cmd.env(XDP_PROG_ENV, p.to_string());
+                }
             }
             if setup.transport == TransportKind::Udp {
                 cmd.args(["--udp-bind", &format!("{}:{UDP_PORT}", net.host(1).ipv4)]);
@@ -344,7 +360,7 @@ fn client_side<R, F>(setup: &Setup, net: &TestNet, load: F) -> Result<R, Harness
 where
     F: FnOnce(Box<dyn Transport>, Target) -> Result<R, LoadError>,
 {
-    let spec = spec_for(setup.transport, net, 0, 1, setup.xdp_mode);
+    let spec = with_program(spec_for(setup.transport, net, 0, 1, setup.xdp_mode), setup.xdp_program);
     let core = setup.client_core;
     net.with_host(0, move || -> Result<R, HarnessError> {
         if let Some(c) = core {

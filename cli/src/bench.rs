@@ -15,7 +15,7 @@ use dmfabric_bench::loadgen::{self, LoadReport, Retry, Target};
 use dmfabric_bench::report::{RttJson, ThroughputJson};
 use dmfabric_bench::scratch::{self, ScratchMode};
 use dmfabric_dataplane::fault::{FaultConfig, FaultInjector};
-use dmfabric_dataplane::xdp::{XdpConfig, XdpMode};
+use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpProgram};
 use dmfabric_dataplane::{Transport, TransportKind, TransportSpec};
 
 #[derive(Debug, Subcommand)]
@@ -108,11 +108,24 @@ impl AuthArg {
     }
 }
 
-/// One measured configuration: a transport, with or without authentication.
+/// One measured configuration: a transport, with or without
+/// authentication; for AF_XDP, with which XDP program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Run {
     kind: TransportKind,
     authenticated: bool,
+    program: Option<XdpProgram>,
+}
+
+impl Run {
+    /// The transport's name in reports: `xdp-default` for AF_XDP with
+    /// libxdp's default program.
+    fn name(&self) -> &'static str {
+        match (self.kind, self.program) {
+            (TransportKind::Xdp, Some(XdpProgram::LibxdpDefault)) => "xdp-default",
+            (kind, _) => kind.name(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -132,6 +145,12 @@ pub struct Hosts {
     /// Where the XDP program runs: auto (native, else generic), native, generic.
     #[arg(long, default_value = "auto")]
     xdp_mode: XdpMode,
+    /// With xdp: the XDP program(s), one run each: dmfabric (its own: only
+    /// the fabric's frames to the socket) or default (libxdp's: every
+    /// frame), e.g. `dmfabric,default` to compare them in one run. Unset:
+    /// as DMFABRIC_XDP_PROG says, dmfabric if that is unset.
+    #[arg(long, value_delimiter = ',')]
+    xdp_prog: Vec<XdpProgram>,
     /// How to run the server on the test host.
     #[arg(long, value_enum, default_value = "process")]
     server: ServerMode,
@@ -214,11 +233,12 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
             })?;
             let rows: Vec<RttJson> =
-                reports.iter().map(|(run, r)| RttJson::new(run.kind.name(), run.authenticated, r)).collect();
+                reports.iter().map(|(run, r)| RttJson::new(run.name(), run.authenticated, r)).collect();
             for row in &rows {
                 print_rtt(row);
             }
             print_ratio(&rows, |r| r.p50_us, "p50 latency");
+            print_program_ratio(&rows, |r| r.p50_us, "p50 latency");
             print_auth_cost(&rows, |r| (r.transport.clone(), r.authenticated), |r| r.p50_us, "p50 latency");
             write_json(&a.common.json, &rows)?;
             fail_on_loss(&reports)
@@ -235,12 +255,13 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             })?;
             let rows: Vec<ThroughputJson> = reports
                 .iter()
-                .map(|(run, r)| ThroughputJson::new(run.kind.name(), run.authenticated, a.inflight, r))
+                .map(|(run, r)| ThroughputJson::new(run.name(), run.authenticated, a.inflight, r))
                 .collect();
             for row in &rows {
                 print_throughput(row);
             }
             print_ratio(&rows, |r| r.mreq_per_s, "throughput");
+            print_program_ratio(&rows, |r| r.mreq_per_s, "throughput");
             print_auth_cost(
                 &rows,
                 |r| (r.transport.clone(), r.authenticated),
@@ -275,7 +296,7 @@ fn for_each_transport(
         if common.auth != AuthArg::On {
             bail!("--iface talks to a running server, which always authenticates: --auth on");
         }
-        let run = Run { kind, authenticated: true };
+        let run = Run { kind, authenticated: true, program: common.hosts.xdp_prog.first().copied() };
         return Ok(vec![(run, on_given_interface(common, kind, iface, stop, load)?)]);
     }
     if common.auth != AuthArg::On && common.hosts.server != ServerMode::Thread {
@@ -287,7 +308,15 @@ fn for_each_transport(
         .hosts
         .transport
         .iter()
-        .flat_map(|&kind| common.auth.runs().iter().map(move |&authenticated| Run { kind, authenticated }));
+        .flat_map(|&kind| common.auth.runs().iter().map(move |&authenticated| (kind, authenticated)))
+        .flat_map(|(kind, authenticated)| {
+            let programs: Vec<Option<XdpProgram>> = if kind == TransportKind::Xdp && !common.hosts.xdp_prog.is_empty() {
+                common.hosts.xdp_prog.iter().map(|&p| Some(p)).collect()
+            } else {
+                vec![None]
+            };
+            programs.into_iter().map(move |program| Run { kind, authenticated, program })
+        });
     for run in runs {
         let kind = run.kind;
         if stop.load(Ordering::Relaxed) {
@@ -297,7 +326,13 @@ fn for_each_transport(
         setup.server_layout = common.server_layout.clone();
         setup.test_devices = common.test_devices.max(1);
         setup.authenticate = run.authenticated;
-        let auth = if run.authenticated { "" } else { " (no authentication, for comparison)" };
+        setup.xdp_program = run.program;
+        let auth = match (run.authenticated, run.program == Some(XdpProgram::LibxdpDefault)) {
+            (true, false) => "",
+            (true, true) => " (libxdp's default XDP program, for comparison)",
+            (false, false) => " (no authentication, for comparison)",
+            (false, true) => " (no authentication, libxdp's default XDP program, for comparison)",
+        };
         eprintln!("dmfabric bench: {kind}{auth}: test hosts up, server starting ...");
         let flag = stop.clone();
         let outcome =
@@ -322,6 +357,7 @@ fn on_given_interface(
         TransportKind::Xdp => {
             let mut cfg = XdpConfig::new(iface);
             cfg.mode = common.hosts.xdp_mode;
+            cfg.program = common.hosts.xdp_prog.first().copied();
             TransportSpec::Xdp(cfg)
         }
         TransportKind::Packet => TransportSpec::Packet { iface: iface.to_string() },
@@ -420,6 +456,24 @@ fn print_auth_cost<T>(rows: &[T], key: impl Fn(&T) -> (String, bool), cost: impl
             if base > 0.0 {
                 println!("  {transport} authenticated / not, {what}: {:.3}x", cost(on) / base);
             }
+        }
+    }
+}
+
+/// With AF_XDP measured under both XDP programs, print dmfabric's over
+/// libxdp's default (per authentication setting).
+fn print_program_ratio<T: serde::Serialize>(rows: &[T], value: impl Fn(&T) -> f64, what: &str) {
+    let field = |r: &T, name: &str| serde_json::to_value(r).ok().and_then(|v| v.get(name).cloned());
+    for own in rows.iter().filter(|r| field(r, "transport") == Some("xdp".into())) {
+        let auth = field(own, "authenticated");
+        let Some(def) = rows
+            .iter()
+            .find(|r| field(r, "transport") == Some("xdp-default".into()) && field(r, "authenticated") == auth)
+        else {
+            continue;
+        };
+        if value(def) > 0.0 {
+            println!("  xdp dmfabric's XDP program / libxdp's default, {what}: {:.3}x", value(own) / value(def));
         }
     }
 }
