@@ -124,12 +124,20 @@ fn the_served_interface_keeps_ipv6_and_tcp_and_short_fabric_frames_are_counted()
             })
             .unwrap()
         });
+        // The load stops when the other traffic is done, also on a panic.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let stop_load = StopOnDrop(&stop);
         // Let the load start before the other traffic.
         std::thread::sleep(Duration::from_millis(300));
         let ping6 = net.ping6(0, peer6).expect("ping");
         let tcp4 = net.tcp_round_trip(0, 1, net.host(1).ipv4.into(), 47200).unwrap();
         let tcp6 = net.tcp_round_trip(0, 1, peer6.into(), 47201).unwrap();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(stop_load);
         (ping6, tcp4, tcp6, load.join().unwrap())
     });
     assert!(load.completed > 0 && load.wrong == 0 && load.lost == 0, "{load:?}");

@@ -603,6 +603,10 @@ struct OwnProgram {
     prog: *mut libxdp_sys::xdp_program,
     ifindex: i32,
     mode: libxdp_sys::xdp_attach_mode,
+    /// The network namespace `ifindex` belongs to: a transport may be
+    /// dropped by a thread in another one, where the index names another
+    /// interface.
+    netns: Option<std::fs::File>,
 }
 
 // SAFETY: the libbpf object and libxdp program are plain heap objects and
@@ -627,7 +631,8 @@ impl OwnProgram {
             }
             obj
         };
-        let mut own = OwnProgram { obj, prog: std::ptr::null_mut(), ifindex: ifindex as i32, mode };
+        let netns = std::fs::File::open("/proc/thread-self/ns/net").ok();
+        let mut own = OwnProgram { obj, prog: std::ptr::null_mut(), ifindex: ifindex as i32, mode, netns };
         // SAFETY: `obj` is open and not loaded yet (a map's size can still
         // change); the map pointer lives as long as `obj`.
         let map = unsafe {
@@ -683,13 +688,43 @@ impl OwnProgram {
     }
 }
 
+impl OwnProgram {
+    /// Run `f` in the network namespace the program was attached in, then
+    /// return the thread to its own (`f` runs in place when they are the
+    /// same, or when the namespace cannot be entered).
+    fn in_own_netns<R>(&self, f: impl FnOnce() -> R) -> R {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::File::open("/proc/thread-self/ns/net").ok();
+        let id = |f: &std::fs::File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let (Some(own), Some(here)) = (&self.netns, here) else {
+            return f();
+        };
+        if id(own).is_none() || id(own) == id(&here) {
+            return f();
+        }
+        // SAFETY: setns(2) on an open network namespace file changes only
+        // the calling thread's namespace; it is switched back below.
+        if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return f();
+        }
+        let r = f();
+        // SAFETY: as above, back to the namespace the thread was in.
+        if unsafe { libc::setns(here.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            tracing::error!(error = %io::Error::last_os_error(), "cannot return to this thread's network namespace after detaching the XDP program");
+        }
+        r
+    }
+}
+
 impl Drop for OwnProgram {
     fn drop(&mut self) {
         // SAFETY: `prog` (if set) is attached to `ifindex` in `mode` and
         // was made from `obj`, which is closed last; neither is used after.
         unsafe {
             if !self.prog.is_null() {
-                let rc = libxdp_sys::xdp_program__detach(self.prog, self.ifindex, self.mode, 0);
+                let (prog, ifindex, mode) = (self.prog, self.ifindex, self.mode);
+                let rc = self.in_own_netns(|| libxdp_sys::xdp_program__detach(prog, ifindex, mode, 0));
                 if rc != 0 {
                     tracing::warn!(
                         ifindex = self.ifindex,

@@ -66,6 +66,15 @@ fn echoes(t: &mut XdpTransport, net: &TestNet) -> u32 {
     got
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Shared {
     ping6: bool,
     tcp4: bool,
@@ -92,19 +101,21 @@ fn share_the_interface(program: XdpProgram) -> Shared {
             let cfg = PollConfig { spin: 1000, wait: Duration::from_millis(5), ..PollConfig::default() };
             poll::run(&mut t, &mut Echo, cfg, stop).unwrap();
         });
-        let shared = (|| {
-            ready_rx.recv_timeout(Duration::from_secs(10)).expect("host 1 ready");
-            let mut client = net.with_host(0, || open_xdp(net, 0, program)).unwrap();
-            let echoes_before = echoes(&mut client, net);
-            let ping6 = net.ping6(0, peer6).expect("ping");
-            let tcp4 = net.tcp_round_trip(0, 1, net.host(1).ipv4.into(), TCP_PORT).unwrap();
-            let tcp6 = net.tcp_round_trip(0, 1, peer6.into(), TCP_PORT + 1).unwrap();
-            let echoes_after = echoes(&mut client, net);
-            Shared { ping6, tcp4, tcp6, echoes_before, echoes_after }
-        })();
-        stop.store(true, Ordering::Relaxed);
+        // Host 1 stops serving when this is done, also on a panic.
+        let stop_server = StopOnDrop(stop);
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("host 1 ready");
+        let mut client = net.with_host(0, || open_xdp(net, 0, program)).unwrap();
+        let echoes_before = echoes(&mut client, net);
+        let ping6 = net.ping6(0, peer6).expect("ping");
+        let tcp4 = net.tcp_round_trip(0, 1, net.host(1).ipv4.into(), TCP_PORT).unwrap();
+        let tcp6 = net.tcp_round_trip(0, 1, peer6.into(), TCP_PORT + 1).unwrap();
+        let echoes_after = echoes(&mut client, net);
+        // libxdp detaches its default program by interface index: in the
+        // namespace the socket was opened in.
+        net.with_host(0, || drop(client)).unwrap();
+        drop(stop_server);
         server.join().unwrap();
-        shared
+        Shared { ping6, tcp4, tcp6, echoes_before, echoes_after }
     })
 }
 
