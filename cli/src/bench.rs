@@ -484,6 +484,15 @@ fn bench_flood(a: &FloodArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         r.flood_pps,
         r.flood_per_valid
     );
+    let [server_core, client_core, flood_core] = r.cores;
+    if client_core == flood_core {
+        println!(
+            "  cores: server {server_core}, client and flooder sharing {client_core} (two cores: the flooded figure \
+             includes the client's lost CPU share; the flooder gets a core of its own on three)"
+        );
+    } else {
+        println!("  cores: server {server_core}, client {client_core}, flooder {flood_core}");
+    }
     let (s, c) = (&r.sent, &r.counted);
     println!(
         "  flood sent: forged {} untagged {} malformed {} replayed {} (total {})",
