@@ -4,7 +4,13 @@
 //!
 //! Every commit checks its changes against the stored database inside the
 //! same write transaction, so two writers can never both get a conflicting
-//! change in; each commit bumps the revision that watchers poll.
+//! change in; each commit bumps the revision that followers read.
+//!
+//! Followers are told of changes, not left to poll ([`Store::subscribe`]):
+//! a redb writer pokes a file beside the store (`<file>.changed`) after each
+//! commit, key change or state put, and followers wait on it with inotify
+//! (the store file itself will not do: every open, a read's too, writes
+//! its header); etcd has its watch API ([`crate::etcd`]).
 //!
 //! Besides the records, a store keeps secrets that are never part of
 //! [`Db`] (what [`Store::load`] returns, what `dmfabric ctl ls` prints):
@@ -17,7 +23,9 @@
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dmfabric_wire::auth::Secret;
@@ -37,6 +45,51 @@ pub enum StoreError {
     /// A state in transit that was taken (it is gone) but refused.
     #[error("The store {store}: state {key}: {error}")]
     State { store: String, key: String, error: SealError },
+}
+
+/// What a store tells a follower that subscribed ([`Store::subscribe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Poke {
+    /// The store may have changed (a commit, a key change, a state put in
+    /// the part subscribed to): read it.
+    Changed,
+    /// Notifications stopped (etcd went away): poll until the next
+    /// [`Poke::Changed`], which comes when they are back.
+    Lost(String),
+}
+
+/// Where a subscription's pokes go (called on its own thread).
+pub type PokeFn = Arc<dyn Fn(Poke) + Send + Sync>;
+
+/// A running subscription ([`Store::subscribe`]): its thread, stopped and
+/// joined on drop.
+pub struct Subscription {
+    stop: Option<Box<dyn FnOnce() + Send>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// `thread`, stopped by `stop` (which must make it return soon).
+    pub fn new(stop: impl FnOnce() + Send + 'static, thread: JoinHandle<()>) -> Subscription {
+        Subscription { stop: Some(Box::new(stop)), thread: Some(thread) }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A database of client platforms, servers, VMs and devices.
@@ -76,6 +129,15 @@ pub trait Store: Send + Sync {
     /// store has no users (its file's mode is its access control).
     fn sync_access(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
+    }
+    /// Call `tell` (on a thread of the subscription's own) whenever the
+    /// store may have changed: every commit and key change, and states put
+    /// under `states` ("device/", "vm/": those a follower waits for). Each
+    /// change is told at least once after the last read this store made
+    /// before subscribing. `None`: this store cannot tell; poll it.
+    fn subscribe(&self, states: Option<&str>, tell: PokeFn) -> Result<Option<Subscription>, StoreError> {
+        let _ = (states, tell);
+        Ok(None)
     }
 }
 
@@ -287,6 +349,46 @@ impl RedbStore {
         *cached = Some(k.clone());
         Ok(k)
     }
+
+    /// The file writers poke after a change: `<store file>.changed`.
+    pub fn changed_file(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".changed");
+        self.path.with_file_name(name)
+    }
+
+    /// Tell followers the store changed (after the write is committed and
+    /// the file closed, so that they can open it at once). Best effort: a
+    /// follower that misses it sees the change at its next check.
+    fn poke(&self, what: &str) {
+        let file = self.changed_file();
+        let wrote = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, what.as_bytes()));
+        if let Err(e) = wrote {
+            tracing::warn!(
+                store = %self.path.display(),
+                "cannot poke {} ({e}): followers see this change only at their next check (make the directory writable)",
+                file.display()
+            );
+        }
+    }
+}
+
+/// The directory a redb store's followers watch, and the name of the file
+/// its writers poke there.
+fn watched(path: &Path) -> (PathBuf, std::ffi::OsString) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".changed");
+    (dir, name)
 }
 
 impl Store for RedbStore {
@@ -328,6 +430,8 @@ impl Store for RedbStore {
         }
         let revision = self.bump(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
+        drop(db);
+        self.poke(&format!("revision {revision}\n"));
         Ok((revision, said))
     }
 
@@ -353,7 +457,10 @@ impl Store for RedbStore {
         let db = self.db()?;
         let tx = db.begin_write().map_err(|e| self.err(e))?;
         tx.open_table(STATES).map_err(|e| self.err(e))?.insert(key, sealed.as_slice()).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))
+        tx.commit().map_err(|e| self.err(e))?;
+        drop(db);
+        self.poke(&format!("state {key}\n"));
+        Ok(())
     }
 
     fn take_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -418,6 +525,8 @@ impl Store for RedbStore {
         }
         let revision = self.bump(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
+        drop(db);
+        self.poke(&format!("revision {revision}\n"));
         Ok(revision)
     }
 
@@ -451,6 +560,64 @@ impl Store for RedbStore {
         };
         tx.commit().map_err(|e| self.err(e))?;
         Ok(key)
+    }
+
+    /// inotify on the store's directory, for the file writers poke
+    /// ([`RedbStore::changed_file`]); every state put pokes it, so
+    /// `states` needs no filter here.
+    fn subscribe(&self, _states: Option<&str>, tell: PokeFn) -> Result<Option<Subscription>, StoreError> {
+        use inotify::{EventMask, Inotify, WatchMask};
+        let (dir, name) = watched(&self.path);
+        let cannot = |e: std::io::Error| {
+            self.err(format!("cannot watch {} for changes (inotify: {e}); see /proc/sys/fs/inotify/max_user_instances and max_user_watches", dir.display()))
+        };
+        let mut inotify = Inotify::init().map_err(cannot)?;
+        let mut watches = inotify.watches();
+        let wd = watches.add(&dir, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO).map_err(cannot)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let store = self.describe();
+        let thread = std::thread::Builder::new()
+            .name("store-notify".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let events = match inotify.read_events_blocking(&mut buf) {
+                        Ok(events) => events,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tell(Poke::Lost(format!("The store {store}: its change notification failed: {e}")));
+                            return;
+                        }
+                    };
+                    if stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let mut changed = false;
+                    let mut gone = false;
+                    for ev in events {
+                        // An overflowed queue may have lost a poke.
+                        changed |= ev.name == Some(name.as_os_str()) || ev.mask.contains(EventMask::Q_OVERFLOW);
+                        gone |= ev.mask.contains(EventMask::IGNORED);
+                    }
+                    if changed {
+                        tell(Poke::Changed);
+                    }
+                    if gone {
+                        tell(Poke::Lost(format!("The store {store}: its directory went away")));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| self.err(format!("cannot start its change notification: {e}")))?;
+        // Removing the watch wakes the blocked read (IN_IGNORED).
+        Ok(Some(Subscription::new(
+            move || {
+                stop.store(true, Ordering::Release);
+                let _ = watches.remove(wd);
+            },
+            thread,
+        )))
     }
 }
 

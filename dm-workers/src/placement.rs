@@ -46,6 +46,10 @@ pub const STATE_WAIT: Duration = Duration::from_secs(5);
 /// Requests one arriving device may hold before more are dropped (the
 /// clients retransmit them).
 pub const HELD_MAX: usize = 1024;
+/// How soon the planner runs again while the loop is about to hand over
+/// the state of a device that leaves (the loop does not wake it: it never
+/// makes a system call for the planner).
+pub const HANDOVER_TICK: Duration = Duration::from_millis(1);
 
 /// Why a control-panel record cannot be a device here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -236,6 +240,8 @@ pub struct Planner {
     served: HashMap<u32, DeviceSpec>,
     /// Devices waiting for their state: since when.
     awaiting: HashMap<u32, Instant>,
+    /// Devices leaving whose state the loop has not handed over yet: since when.
+    handing: HashMap<u32, Instant>,
     keys: KeySource,
 }
 
@@ -265,6 +271,7 @@ impl Planner {
             planned: None,
             served: HashMap::new(),
             awaiting: HashMap::new(),
+            handing: HashMap::new(),
             keys,
         };
         p.plan();
@@ -277,11 +284,34 @@ impl Planner {
     }
 
     /// One step: plan a new table, write what left, look for states of
-    /// what arrives. The watch runs it every period ([`Planner::chores`]).
-    pub fn step(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+    /// what arrives. The watch runs it after each change the store pushes
+    /// ([`Planner::chores`]), and again as soon as the step asks: within
+    /// [`HANDOVER_TICK`] while the loop is about to hand over a state,
+    /// soon while states are awaited (a push brings them sooner; an
+    /// awaited state has a deadline).
+    pub fn step(&mut self, store: &dyn Store) -> Result<Option<Duration>, StoreError> {
         self.plan();
         self.send_departures(store)?;
-        self.look_for_states(store)
+        self.look_for_states(store)?;
+        let now = Instant::now();
+        self.handing.retain(|dev, since| {
+            let late = now.duration_since(*since) > STATE_WAIT;
+            if late {
+                tracing::warn!(
+                    server = self.server,
+                    device = dev,
+                    "the loop did not hand over the state of a device that left within {STATE_WAIT:?}"
+                );
+            }
+            !late
+        });
+        Ok(if !self.handing.is_empty() || !lock(&self.link.departures).is_empty() {
+            Some(HANDOVER_TICK)
+        } else if !self.awaiting.is_empty() {
+            Some(STATE_WAIT)
+        } else {
+            None
+        })
     }
 
     /// [`Planner::step`] as a store watch's chores.
@@ -314,6 +344,7 @@ impl Planner {
             }
             self.served.remove(&dev);
             self.awaiting.remove(&dev);
+            self.handing.insert(dev, now);
             let to = table.placement(dev).map(|p| p.server);
             match to {
                 Some(to) => tracing::info!(server = id, device = dev, to, "device moves away"),
@@ -438,6 +469,7 @@ impl Planner {
     fn send_departures(&mut self, store: &dyn Store) -> Result<(), StoreError> {
         let mut pending = std::mem::take(&mut *lock(&self.link.departures)).into_iter();
         while let Some(d) = pending.next() {
+            self.handing.remove(&d.id);
             let Some(to) = d.to else {
                 tracing::info!(server = self.server, device = d.id, "device removed: its state is dropped");
                 continue;

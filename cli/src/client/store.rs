@@ -60,20 +60,26 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         .collect();
     plan.client.servers = needed.into_iter().collect();
     plan.client.open_on_demand = true;
-    let watch = dmfabric_control::watch::Watch::start(
-        dmfabric_control::store::open(spec)?,
-        format!("dmfabric client {me}"),
-        Duration::from_millis(50),
-        None,
-    )?;
+    // Told of commits, and of VM states put in transit (a migration here).
+    let follow = dmfabric_control::watch::Follow::new(format!("dmfabric client {me}"), Duration::from_millis(50))
+        .with_states("vm/");
+    let watch = dmfabric_control::watch::Watch::start_with(dmfabric_control::store::open(spec)?, follow, |_| None)?;
     let (tx, changes) = crossbeam_channel::unbounded();
+    let swapped = tx.clone();
     watch.on_swap(Box::new(move |_| {
+        let _ = swapped.send(());
+    }));
+    let pokes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let poked = pokes.clone();
+    watch.on_poke(Box::new(move || {
+        poked.fetch_add(1, std::sync::atomic::Ordering::Release);
         let _ = tx.send(());
     }));
     let control = StoreControl {
         me,
         watch,
         changes,
+        pokes,
         store,
         maps: Mutex::new(Vec::new()),
         seen: Mutex::new(0),
@@ -167,6 +173,8 @@ struct Arrivals {
     waiting: std::collections::BTreeMap<u32, std::time::Instant>,
     /// When the store was last asked for their states.
     asked: Option<std::time::Instant>,
+    /// The store's pushes counted then.
+    asked_pokes: u64,
     /// The table revision last scanned for launches and migrations.
     scanned: u64,
 }
@@ -191,8 +199,11 @@ pub(super) struct StoreControl {
     /// revision they were read at.
     keys: Mutex<dmfabric_control::keys::ClientKeys>,
     keys_revision: Mutex<u64>,
-    /// A message on each revision the watch swaps in (the supervisor wakes).
+    /// A message on each revision the watch swaps in and each change the
+    /// store pushes (the supervisor wakes).
     changes: crossbeam_channel::Receiver<()>,
+    /// Changes the store pushed (a state put in transit among them).
+    pokes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -268,10 +279,15 @@ impl StoreControl {
     /// restored, recorded as running here.
     fn migrated_in(&self, t: &dmfabric_control::routing::RoutingTable, arr: &mut Arrivals) -> Vec<VmSpec> {
         let now = std::time::Instant::now();
-        if arr.waiting.is_empty() || arr.asked.is_some_and(|a| now.duration_since(a) < Duration::from_millis(20)) {
+        // Asked at once when the store pushed a change since the last ask
+        // (the state may be in), else every 20 ms.
+        let pokes = self.pokes.load(std::sync::atomic::Ordering::Acquire);
+        let recent = arr.asked.is_some_and(|a| now.duration_since(a) < Duration::from_millis(20));
+        if arr.waiting.is_empty() || (recent && pokes == arr.asked_pokes) {
             return Vec::new();
         }
         arr.asked = Some(now);
+        arr.asked_pokes = pokes;
         let mut out = Vec::new();
         for (vm, since) in arr.waiting.clone() {
             let Some(v) = t.db.vms.get(&vm).filter(|v| v.migrate_to == Some(self.me)) else {
@@ -367,7 +383,8 @@ impl machine::VmControl for StoreControl {
 
     /// Launched VMs not started here yet, and migrated ones whose state
     /// arrived. The table is scanned when it changes; states in transit
-    /// are asked for every 20 ms while some are awaited.
+    /// are asked for when the store pushes a change, and every 20 ms while
+    /// some are awaited.
     fn arrivals(&self) -> Vec<VmSpec> {
         use dmfabric_control::model::VmState;
         let t = self.watch.routes().load();
