@@ -445,3 +445,88 @@ fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
     assert!(stats.contains("given up 0"), "{stats}");
     eprintln!("interrupts across the migration: {stats}");
 }
+
+/// etcd goes away under a running server and client and comes back on the
+/// same data: the guest keeps running on the last tables meanwhile, and a
+/// VM and device added once etcd is back reach both without a restart.
+/// The server polls only once an hour (`--watch-ms 3600000`): what it
+/// sees, etcd's watch pushed.
+#[test]
+fn servers_and_clients_follow_etcd_through_an_outage() {
+    let name = "servers_and_clients_follow_etcd_through_an_outage";
+    if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let net = TestNet::new(TestNetConfig { hosts: 2, management: true, ..TestNetConfig::default() }).unwrap();
+    let Some(store) = StoreFile::etcd(name, &net, 1) else { return };
+    // Client platform 1 (host 0), I/O server 2 (host 1, beside etcd); VM 1 runs until shut down.
+    add_hosts(&store, &net, &[(1, 0)], &[(2, 1, "io")]);
+    let add_vm = |id: &str, iterations: &str| {
+        let args = format!("{iterations},0x500,0xd0000000");
+        store.ctl(&["add", "vm", "--id", id, "--client", "1", "--image", "io_loop", "--args", &args]);
+        store.ctl(&[
+            "add",
+            "device",
+            "--id",
+            id,
+            "--kind",
+            "regfile",
+            "--server",
+            "2",
+            "--vm",
+            id,
+            "--pio",
+            "0x500:0x100",
+            "--mmio",
+            "0xd0000000:0x1000",
+        ]);
+        store.ctl(&["vm", "launch", id]);
+    };
+    add_vm("1", "100000000");
+    let iface = net.host(1).iface.clone();
+    let args = [
+        "server",
+        "--iface",
+        &iface,
+        "--store",
+        store.path(),
+        "--server-id",
+        "2",
+        "--layout",
+        "rtc",
+        "--spin",
+        "0",
+        "--watch-ms",
+        "3600000",
+    ];
+    let (_s, s_rx) = spawn_logged(&net, 1, &args);
+    wait_for(&s_rx, "dmfabric server ready").unwrap_or_else(|l| panic!("server: {l:?}"));
+    let (mut c, c_rx) = client(&net, &store, 0, 1);
+    wait_for(&c_rx, "running 1 VM").unwrap_or_else(|l| panic!("client: {l:?}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = live_requests(&mut c, &c_rx);
+    store.etcd.as_ref().unwrap().0.lock().unwrap().stop();
+    wait_for(&s_rx, "polling every").unwrap_or_else(|l| panic!("the server did not notice etcd went away: {l:?}"));
+    let during = live_requests(&mut c, &c_rx);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = live_requests(&mut c, &c_rx);
+    assert!(before < during && during < later, "the guest runs on while etcd is away: {before} → {during} → {later}");
+    // Back on the same data directory; then a new VM and its device.
+    let endpoint_ready = |endpoint: &str| net.with_host(1, || EtcdStore::connect(endpoint).is_ok()).unwrap_or(false);
+    store.etcd.as_ref().unwrap().0.lock().unwrap().restart(&endpoint_ready).unwrap();
+    add_vm("2", "10");
+    wait_for_all(&s_rx, &["device added", "device=2"]).unwrap_or_else(|l| panic!("server: {l:?}"));
+    wait_for_all(&c_rx, &["VM joins this client platform", "vm=2"]).unwrap_or_else(|l| panic!("client: {l:?}"));
+    store.ctl(&["vm", "shutdown", "1"]);
+    // (VM 1 is shut down in the middle of an access: the client says so
+    // and exits with an error; that is not what this test is about.)
+    c.wait_with_output().unwrap();
+    let lines: Vec<String> = c_rx.try_iter().collect();
+    assert!(lines.iter().any(|l| l.contains("shut down by the control panel vm=1")), "{lines:#?}");
+    // VM 2 ran to its end against the device the server added.
+    let sum = dmfabric_vmm_shim::guests::io_loop_checksum(10);
+    let want = format!("VM 2 vCPU 0: reported {:#x} {:#x}", sum as u32, (sum >> 32) as u32);
+    assert!(lines.iter().any(|l| l.contains(&want)), "{want}: {lines:#?}");
+    let s_lines: Vec<String> = s_rx.try_iter().collect();
+    assert!(!s_lines.iter().any(|l| l.contains("dmfabric server ready")), "one server all along: {s_lines:#?}");
+}

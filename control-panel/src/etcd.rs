@@ -83,6 +83,10 @@ const COMMIT_TRIES: u32 = 16;
 /// A subscription's longest wait between tries to watch again while etcd
 /// is away.
 const REWATCH_MAX: Duration = Duration::from_secs(1);
+/// How often a subscription's connection pings etcd (etcd closes one that
+/// pings more often than every 5 s, `--grpc-keepalive-min-time`), and how
+/// long it waits for the answer before taking etcd for gone.
+const WATCH_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
 
 /// The user and role that edits the control panel.
 pub const ADMIN: &str = "dmfabric-admin";
@@ -870,7 +874,7 @@ async fn watch_once(
     // notices an etcd that went silent.
     let opts = ConnectOptions::new()
         .with_connect_timeout(CALL_TIMEOUT)
-        .with_keep_alive(CALL_TIMEOUT, CALL_TIMEOUT)
+        .with_keep_alive(WATCH_KEEPALIVE.0, WATCH_KEEPALIVE.1)
         .with_keep_alive_while_idle(true);
     let mut client = match tokio::time::timeout(CALL_TIMEOUT, connect_client(spec, opts)).await {
         Ok(Ok(c)) => c,
