@@ -287,8 +287,11 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     let moved = lines1.iter().find(|l| l.contains("VM 1: migrated to client platform 2"));
     eprintln!("migration: {}", moved.unwrap_or_else(|| panic!("{lines1:#?}")));
     assert!(!lines1.iter().any(|l| l.contains("reported")), "it had not finished: {lines1:#?}");
-    wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
+    let l2 = wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
         .unwrap_or_else(|l| panic!("client 2: {l:?}"));
+    if std::env::var("DEBUG_MIGRATE").is_ok() {
+        eprintln!("C1 {lines1:#?}\nC2 {l2:#?}");
+    }
     eprintln!("migration: the VM resumed on client platform 2 {:?} after the command", start.elapsed());
     store.ctl(&["vm", "shutdown", "2"]);
     let out2 = c2.wait_with_output().unwrap();
@@ -430,8 +433,11 @@ fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
     let lines1: Vec<String> = c1_rx.try_iter().collect();
     assert!(out1.status.success(), "{lines1:#?}");
     assert!(lines1.iter().any(|l| l.contains("VM 1: migrated to client platform 2")), "{lines1:#?}");
-    wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
+    let l2 = wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
         .unwrap_or_else(|l| panic!("client 2: {l:?}"));
+    if std::env::var("DEBUG_MIGRATE").is_ok() {
+        eprintln!("C1 {lines1:#?}\nC2 {l2:#?}");
+    }
     store.ctl(&["vm", "shutdown", "2"]);
     let out2 = c2.wait_with_output().unwrap();
     let lines2: Vec<String> = c2_rx.try_iter().collect();
