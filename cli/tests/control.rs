@@ -280,19 +280,39 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     std::thread::sleep(Duration::from_millis(200));
     // ... and the VM to client platform 2.
     let start = Instant::now();
-    store.ctl(&["vm", "migrate", "1", "--to", "2"]);
+    let wall = std::time::SystemTime::now();
+    let said = store.ctl(&["vm", "migrate", "1", "--to", "2"]);
+    let revision = said.split("(revision ").nth(1).and_then(|r| r.split(')').next()).unwrap_or("?").to_string();
+    // The state taken on the new platform (waited for first: the old one's
+    // exit, removing its XDP program, may take longer).
+    let seen2 = wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
+        .unwrap_or_else(|l| panic!("client 2: {l:?}"));
+    let taken = start.elapsed();
     let out1 = c1.wait_with_output().unwrap();
     let lines1: Vec<String> = c1_rx.try_iter().collect();
     assert!(out1.status.success(), "{lines1:#?}");
     let moved = lines1.iter().find(|l| l.contains("VM 1: migrated to client platform 2"));
     eprintln!("migration: {}", moved.unwrap_or_else(|| panic!("{lines1:#?}")));
     assert!(!lines1.iter().any(|l| l.contains("reported")), "it had not finished: {lines1:#?}");
-    let l2 = wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
-        .unwrap_or_else(|l| panic!("client 2: {l:?}"));
-    if std::env::var("DEBUG_MIGRATE").is_ok() {
-        eprintln!("C1 {lines1:#?}\nC2 {l2:#?}");
-    }
-    eprintln!("migration: the VM resumed on client platform 2 {:?} after the command", start.elapsed());
+    eprintln!(
+        "migration: the state taken on client platform 2 {taken:?} after the command; client platform 1 ended {:?} after it",
+        start.elapsed()
+    );
+    // Where the time went, from the clients' log timestamps (ms after the command started).
+    let at = |lines: &[String], parts: &[&str]| {
+        let l = lines.iter().find(|l| parts.iter().all(|p| l.contains(p)))?;
+        Some(format!("{:.0}", (log_time(l)? - since_midnight(wall)) * 1000.0))
+    };
+    let show = |o: Option<String>| o.unwrap_or_else(|| "?".into());
+    let swapped = format!("revision={revision} ");
+    eprintln!(
+        "migration: ms after the command: client 1 sees it {}, client 2 {}; vCPUs held {}; state in the store {}; taken {}",
+        show(at(&lines1, &["routing tables swapped in", &swapped])),
+        show(at(&seen2, &["routing tables swapped in", &swapped])),
+        show(at(&lines1, &["holding its vCPUs"])),
+        show(at(&lines1, &["ending: migrated"])),
+        show(at(&seen2, &["VM 1: state arrived"])),
+    );
     store.ctl(&["vm", "shutdown", "2"]);
     let out2 = c2.wait_with_output().unwrap();
     let lines2: Vec<String> = c2_rx.try_iter().collect();
@@ -307,6 +327,20 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     let show = store.ctl(&["show", "vm", "1", "--json"]);
     let vm: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!((vm["client"].as_u64(), vm["state"].as_str()), (Some(2), Some("running")));
+}
+
+/// Seconds since midnight (UTC) of a log line's timestamp
+/// ("2026-12-01T03:15:18.204793Z ...").
+fn log_time(line: &str) -> Option<f64> {
+    let t = line.split_whitespace().next()?.split_once('T')?.1.strip_suffix('Z')?;
+    let mut parts = t.split(':');
+    let (h, m, s): (f64, f64, f64) =
+        (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn since_midnight(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() % 86_400.0)
 }
 
 /// The live request count of VM 1 as the client prints it on SIGUSR1.

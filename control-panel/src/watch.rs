@@ -50,8 +50,9 @@ pub type Chores = Box<dyn FnMut(&dyn Store) -> Result<Option<Duration>, StoreErr
 /// Told each revision the watch swaps in (from its thread).
 pub type OnSwap = Box<dyn Fn(u64) + Send + Sync>;
 
-/// Told each change the store pushes, after the watch has read it (a new
-/// table, or a state put in transit: the revision may not move).
+/// Told each change the store pushes, as it comes and before the watch
+/// reads the store (a commit, whose table [`OnSwap`] announces once read;
+/// or a state put in transit, which does not move the revision).
 pub type OnPoke = Box<dyn Fn() + Send + Sync>;
 
 /// How a watch follows its store.
@@ -166,8 +167,9 @@ impl Watch {
         self.listeners.swap.lock().unwrap_or_else(|e| e.into_inner()).push(f);
     }
 
-    /// Call `f` after each change the store pushes from now on (a state in
-    /// transit put, too: the revision need not move).
+    /// Call `f` on each change the store pushes from now on, before the
+    /// watch reads it (a state in transit put, too: the revision need not
+    /// move).
     pub fn on_poke(&self, f: OnPoke) {
         self.listeners.poke.lock().unwrap_or_else(|e| e.into_inner()).push(f);
     }
@@ -234,6 +236,13 @@ impl Follower {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
+            if poked {
+                // Before the read: a state put in transit does not move
+                // the revision, and its taker need not wait for the read.
+                for f in self.listeners.poke.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    f();
+                }
+            }
             let now = Instant::now();
             if now >= check {
                 read = true;
@@ -263,11 +272,6 @@ impl Follower {
                     }
                     // Chores with work in hand try again at the next check.
                     chores_due = None;
-                }
-            }
-            if poked {
-                for f in self.listeners.poke.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                    f();
                 }
             }
         }

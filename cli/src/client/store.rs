@@ -280,9 +280,10 @@ impl StoreControl {
     fn migrated_in(&self, t: &dmfabric_control::routing::RoutingTable, arr: &mut Arrivals) -> Vec<VmSpec> {
         let now = std::time::Instant::now();
         // Asked at once when the store pushed a change since the last ask
-        // (the state may be in), else every 20 ms.
+        // (the state may be in), else as often as next_look says.
         let pokes = self.pokes.load(std::sync::atomic::Ordering::Acquire);
-        let recent = arr.asked.is_some_and(|a| now.duration_since(a) < Duration::from_millis(20));
+        let every = Duration::from_millis(if self.watch.pushed() { 250 } else { 20 });
+        let recent = arr.asked.is_some_and(|a| now.duration_since(a) < every);
         if arr.waiting.is_empty() || (recent && pokes == arr.asked_pokes) {
             return Vec::new();
         }
@@ -320,7 +321,7 @@ impl StoreControl {
                     continue;
                 }
             };
-            eprintln!("dmfabric client: VM {vm}: state arrived ({} KiB)", bytes.len() / 1024);
+            tracing::info!("VM {vm}: state arrived ({} KiB)", bytes.len() / 1024);
             let mut spec = match self.spec_for(&t.db, v) {
                 Ok(s) => s,
                 Err(e) => {
@@ -383,8 +384,8 @@ impl machine::VmControl for StoreControl {
 
     /// Launched VMs not started here yet, and migrated ones whose state
     /// arrived. The table is scanned when it changes; states in transit
-    /// are asked for when the store pushes a change, and every 20 ms while
-    /// some are awaited.
+    /// are asked for when the store pushes a change (or, while it cannot,
+    /// every 20 ms while some are awaited).
     fn arrivals(&self) -> Vec<VmSpec> {
         use dmfabric_control::model::VmState;
         let t = self.watch.routes().load();
@@ -459,10 +460,12 @@ impl machine::VmControl for StoreControl {
         Some(self.changes.clone())
     }
 
-    /// While a migrating VM's state is awaited: every 20 ms.
+    /// While a migrating VM's state is awaited: every 20 ms if the store
+    /// does not push its changes, else every 250 ms in case a push was lost
+    /// (the push of the state put wakes it at once).
     fn next_look(&self) -> Option<std::time::Instant> {
         let arr = lock(&self.arrivals);
-        (!arr.waiting.is_empty())
-            .then(|| arr.asked.map_or_else(std::time::Instant::now, |a| a + Duration::from_millis(20)))
+        let every = Duration::from_millis(if self.watch.pushed() { 250 } else { 20 });
+        (!arr.waiting.is_empty()).then(|| arr.asked.map_or_else(std::time::Instant::now, |a| a + every))
     }
 }
