@@ -50,6 +50,8 @@ pub const HELD_MAX: usize = 1024;
 /// the state of a device that leaves (the loop does not wake it: it never
 /// makes a system call for the planner).
 pub const HANDOVER_TICK: Duration = Duration::from_millis(1);
+/// How soon the planner asks again for keys it could not read.
+pub const KEYS_RETRY: Duration = Duration::from_millis(100);
 
 /// Why a control-panel record cannot be a device here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -243,6 +245,11 @@ pub struct Planner {
     /// Devices leaving whose state the loop has not handed over yet: since when.
     handing: HashMap<u32, Instant>,
     keys: KeySource,
+    /// Each client platform's keys as last read: kept while a read fails
+    /// (etcd just back, a connection not yet up again).
+    known_keys: HashMap<u16, KeyRing>,
+    /// A keys read failed: plan again soon, even without a new table.
+    keys_retry: bool,
 }
 
 impl std::fmt::Debug for Planner {
@@ -273,6 +280,8 @@ impl Planner {
             awaiting: HashMap::new(),
             handing: HashMap::new(),
             keys,
+            known_keys: HashMap::new(),
+            keys_retry: false,
         };
         p.plan();
         p
@@ -287,7 +296,8 @@ impl Planner {
     /// what arrives. The watch runs it after each change the store pushes
     /// ([`Planner::chores`]), and again as soon as the step asks: within
     /// [`HANDOVER_TICK`] while the loop is about to hand over a state,
-    /// soon while states are awaited (a push brings them sooner; an
+    /// within [`KEYS_RETRY`] after a keys read failed (the keys it had
+    /// are kept meanwhile), soon while states are awaited (a push brings them sooner; an
     /// awaited state has a deadline).
     pub fn step(&mut self, store: &dyn Store) -> Result<Option<Duration>, StoreError> {
         self.plan();
@@ -307,6 +317,8 @@ impl Planner {
         });
         Ok(if !self.handing.is_empty() || !lock(&self.link.departures).is_empty() {
             Some(HANDOVER_TICK)
+        } else if self.keys_retry {
+            Some(KEYS_RETRY)
         } else if !self.awaiting.is_empty() {
             Some(STATE_WAIT)
         } else {
@@ -322,9 +334,10 @@ impl Planner {
     /// If the table moved on: what changes here, built, for the loop
     /// (part of [`Planner::step`]).
     pub fn plan(&mut self) {
-        if self.planned.as_ref().is_some_and(|t| t.revision == self.routes.revision()) {
+        if !self.keys_retry && self.planned.as_ref().is_some_and(|t| t.revision == self.routes.revision()) {
             return;
         }
+        self.keys_retry = false;
         let table = self.routes.load();
         let id = self.server;
         let now = Instant::now();
@@ -420,18 +433,35 @@ impl Planner {
             }
             let Some(mac) = table.client_mac(c.id) else { continue };
             let keys = match (self.keys)(c.id) {
-                Ok(Some(keys)) => keys,
+                Ok(Some(keys)) => {
+                    self.known_keys.insert(c.id, keys.clone());
+                    keys
+                }
                 Ok(None) => {
+                    self.known_keys.remove(&c.id);
                     tracing::warn!(server = me, client = c.id, "client platform has no key in the control panel: its frames are refused (`dmfabric ctl client rekey {}`)", c.id);
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        server = me,
-                        client = c.id,
-                        "cannot read the client platform's keys ({e}): its frames are refused until they can be read"
-                    );
-                    continue;
+                    self.keys_retry = true;
+                    match self.known_keys.get(&c.id) {
+                        Some(keys) => {
+                            tracing::warn!(
+                                server = me,
+                                client = c.id,
+                                "cannot read the client platform's keys ({e}): keeping the ones it had, asking again"
+                            );
+                            keys.clone()
+                        }
+                        None => {
+                            tracing::warn!(
+                                server = me,
+                                client = c.id,
+                                "cannot read the client platform's keys ({e}): its frames are refused until they can be read (asking again)"
+                            );
+                            continue;
+                        }
+                    }
                 }
             };
             clients.push(Client { id: c.id, mac, hypervisor: c.hypervisor, keys, vms });

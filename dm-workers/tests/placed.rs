@@ -323,3 +323,51 @@ fn a_uart_placed_on_a_running_server_gets_a_console() {
     console.drain_output(&mut got);
     assert_eq!(got, b"x");
 }
+
+/// A keys read that fails (etcd just back, its connection not up again)
+/// keeps the keys the planner had: the client platform's frames are still
+/// answered under a new table, and the planner asks to run again soon,
+/// until the keys can be read.
+#[test]
+fn a_failed_keys_read_keeps_the_keys_in_use() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let db1 = db();
+    let routes = Arc::new(LiveRoutes::new(RoutingTable::build(&db1, 1)));
+    let (env, link) = (DeviceEnv::new(), PlacementLink::new());
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = fail.clone();
+    let keys = Box::new(move |client| {
+        if failing.load(Ordering::SeqCst) {
+            Err("Unknown: transport error: broken pipe".to_string())
+        } else {
+            Ok(Some(testing::ring(client)))
+        }
+    });
+    let mut planner = Planner::new(11, S11, routes.clone(), env.clone(), link.clone(), keys);
+    let mut s11: TestServer = Server::placed(11, S11, env.clone(), inline(&env), link);
+    poll(&mut s11);
+    let mut c = TestClient::new(3, CLIENT, 11, S11);
+    c.open(&mut s11);
+    let answered = |s: &mut TestServer, c: &mut TestClient, data: u64| {
+        let out = feed(s, &access(c, 2, Direction::Write, 0x602, data));
+        matches!(one(&out).msg, Message::IoCompletion(_))
+    };
+    assert!(answered(&mut s11, &mut c, 1));
+    let store_dir = std::env::temp_dir().join(format!("dmfabric-keys-retry-{}", std::process::id()));
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let store = RedbStore::open(&store_dir.join("s.redb")).unwrap();
+    // A new table while the keys cannot be read.
+    fail.store(true, Ordering::SeqCst);
+    let mut db2 = db1.clone();
+    db2.apply(&[Change::AddDevice(regfile(3, 11, 0x700))]).unwrap();
+    routes.swap(RoutingTable::build(&db2, 2));
+    let again = planner.step(&store).unwrap();
+    assert_eq!(again, Some(dmfabric_dm_workers::placement::KEYS_RETRY), "asks again soon");
+    poll(&mut s11); // the loop takes the plan in
+    assert!(answered(&mut s11, &mut c, 2), "the keys it had are kept");
+    // Readable again: the next step plans with them and asks for nothing more.
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(planner.step(&store).unwrap(), None);
+    assert!(answered(&mut s11, &mut c, 3));
+    let _ = std::fs::remove_dir_all(&store_dir);
+}
