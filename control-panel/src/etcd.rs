@@ -580,6 +580,12 @@ impl Store for EtcdStore {
         Ok(self.read()?.0)
     }
 
+    /// One transaction: the records and the revision key together.
+    fn load_with_revision(&self) -> Result<(u64, Db), StoreError> {
+        let (db, revision, _) = self.read()?;
+        Ok((revision, db))
+    }
+
     fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError> {
         for _ in 0..COMMIT_TRIES {
             let (mut db, revision, mod_revision) = self.read()?;

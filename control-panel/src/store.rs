@@ -53,6 +53,10 @@ pub enum Poke {
     /// The store may have changed (a commit, a key change, a state put in
     /// the part subscribed to): read it.
     Changed,
+    /// The store changed and its revision is now at least this: a
+    /// follower already at it has only a state in transit to look at (no
+    /// need to read the records).
+    At(u64),
     /// Notifications stopped (etcd went away): poll until the next
     /// [`Poke::Changed`], which comes when they are back.
     Lost(String),
@@ -101,6 +105,12 @@ pub trait Store: Send + Sync {
     fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError>;
     /// Bumped by every commit: watchers reload when it moves.
     fn revision(&self) -> Result<u64, StoreError>;
+    /// The database and its revision, read together (one read where the
+    /// store can: they match).
+    fn load_with_revision(&self) -> Result<(u64, Db), StoreError> {
+        let revision = self.revision()?;
+        Ok((revision, self.load()?))
+    }
     /// Where it is, for messages ("redb file /var/lib/...", "etcd at ...").
     fn describe(&self) -> String;
     /// Keep a saved state in transit — a device model moving to another
@@ -352,15 +362,16 @@ impl RedbStore {
 
     /// The file writers poke after a change: `<store file>.changed`.
     pub fn changed_file(&self) -> PathBuf {
-        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(".changed");
-        self.path.with_file_name(name)
+        let (dir, name) = watched(&self.path);
+        dir.join(name)
     }
 
-    /// Tell followers the store changed (after the write is committed and
-    /// the file closed, so that they can open it at once). Best effort: a
-    /// follower that misses it sees the change at its next check.
-    fn poke(&self, what: &str) {
+    /// Tell followers the store changed and is at `revision`: written
+    /// after the commit while `_db` (the file's lock) is still held, so
+    /// that pokes are written in commit order and the last one names the
+    /// latest revision. Best effort: a follower that misses it sees the
+    /// change at its next check.
+    fn poke(&self, revision: u64, _db: &Database) {
         let file = self.changed_file();
         let wrote = std::fs::OpenOptions::new()
             .write(true)
@@ -368,7 +379,7 @@ impl RedbStore {
             .truncate(true)
             .mode(0o600)
             .open(&file)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, what.as_bytes()));
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("revision {revision}\n").as_bytes()));
         if let Err(e) = wrote {
             tracing::warn!(
                 store = %self.path.display(),
@@ -377,6 +388,12 @@ impl RedbStore {
             );
         }
     }
+}
+
+/// The revision a poke file names ("revision N"), if it names one.
+fn poked_revision(path: &Path) -> Option<u64> {
+    let text = std::fs::read(path).ok()?;
+    std::str::from_utf8(text.get(..64.min(text.len()))?).ok()?.trim().strip_prefix("revision ")?.parse().ok()
 }
 
 /// The directory a redb store's followers watch, and the name of the file
@@ -430,8 +447,7 @@ impl Store for RedbStore {
         }
         let revision = self.bump(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
-        drop(db);
-        self.poke(&format!("revision {revision}\n"));
+        self.poke(revision, &db);
         Ok((revision, said))
     }
 
@@ -443,6 +459,22 @@ impl Store for RedbStore {
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
             Err(e) => Err(self.err(e)),
         }
+    }
+
+    fn load_with_revision(&self) -> Result<(u64, Db), StoreError> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
+        let revision = match tx.open_table(META) {
+            Ok(t) => t.get("revision").map_err(|e| self.err(e))?.map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(self.err(e)),
+        };
+        let records = match tx.open_table(RECORDS) {
+            Ok(t) => self.read_db(&t)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => Db::default(),
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok((revision, records))
     }
 
     fn describe(&self) -> String {
@@ -457,9 +489,12 @@ impl Store for RedbStore {
         let db = self.db()?;
         let tx = db.begin_write().map_err(|e| self.err(e))?;
         tx.open_table(STATES).map_err(|e| self.err(e))?.insert(key, sealed.as_slice()).map_err(|e| self.err(e))?;
+        let revision = match tx.open_table(META) {
+            Ok(t) => t.get("revision").map_err(|e| self.err(e))?.map_or(0, |v| v.value()),
+            Err(e) => return Err(self.err(e)),
+        };
         tx.commit().map_err(|e| self.err(e))?;
-        drop(db);
-        self.poke(&format!("state {key}\n"));
+        self.poke(revision, &db);
         Ok(())
     }
 
@@ -525,8 +560,7 @@ impl Store for RedbStore {
         }
         let revision = self.bump(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
-        drop(db);
-        self.poke(&format!("revision {revision}\n"));
+        self.poke(revision, &db);
         Ok(revision)
     }
 
@@ -568,6 +602,7 @@ impl Store for RedbStore {
     fn subscribe(&self, _states: Option<&str>, tell: PokeFn) -> Result<Option<Subscription>, StoreError> {
         use inotify::{EventMask, Inotify, WatchMask};
         let (dir, name) = watched(&self.path);
+        let file = dir.join(&name);
         let cannot = |e: std::io::Error| {
             self.err(format!("cannot watch {} for changes (inotify: {e}); see /proc/sys/fs/inotify/max_user_instances and max_user_watches", dir.display()))
         };
@@ -601,7 +636,7 @@ impl Store for RedbStore {
                         gone |= ev.mask.contains(EventMask::IGNORED);
                     }
                     if changed {
-                        tell(Poke::Changed);
+                        tell(poked_revision(&file).map_or(Poke::Changed, Poke::At));
                     }
                     if gone {
                         tell(Poke::Lost(format!("The store {store}: its directory went away")));

@@ -81,6 +81,17 @@ impl Follow {
     }
 }
 
+/// What a wake asks of the watch thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Read {
+    /// Nothing to read (a state put in transit: chores and listeners only).
+    No,
+    /// Read the revision, and the records if it moved.
+    Check,
+    /// The revision moved: read the records (with their revision).
+    Load,
+}
+
 /// What wakes the watch thread.
 enum Wake {
     Poke(Poke),
@@ -131,8 +142,8 @@ impl Watch {
         follow: Follow,
         chores: impl FnOnce(Arc<LiveRoutes>) -> Option<Chores>,
     ) -> Result<Watch, StoreError> {
-        let revision = store.revision()?;
-        let table = RoutingTable::from_db(Arc::new(store.load()?), revision);
+        let (revision, db) = store.load_with_revision()?;
+        let table = RoutingTable::from_db(Arc::new(db), revision);
         let routes = Arc::new(LiveRoutes::new(table));
         let chores = chores(routes.clone());
         let listeners: Arc<Listeners> = Arc::default();
@@ -220,7 +231,7 @@ impl Follower {
         let mut chores_due: Option<Instant> = None;
         loop {
             let until = chores_due.map_or(check, |c| c.min(check));
-            let mut read = false;
+            let mut read = Read::No;
             let mut poked = false;
             match wake.recv_timeout(until.saturating_duration_since(Instant::now())) {
                 Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -245,12 +256,12 @@ impl Follower {
             }
             let now = Instant::now();
             if now >= check {
-                read = true;
+                read = read.max(Read::Check);
             }
-            if read {
+            if read != Read::No {
                 check = now + if self.pushed.load(Ordering::Acquire) { idle } else { period };
             }
-            let run_chores = read || chores_due.is_some_and(|c| now >= c);
+            let run_chores = read != Read::No || poked || chores_due.is_some_and(|c| now >= c);
             if !run_chores {
                 continue;
             }
@@ -278,14 +289,24 @@ impl Follower {
         drop(subscription);
     }
 
-    /// Note a push: read the store now, or poll until pushes are back.
-    fn poked(&self, p: Poke, read: &mut bool, poked: &mut bool) {
+    /// Note a push: what to read now; or poll until pushes are back.
+    fn poked(&self, p: Poke, read: &mut Read, poked: &mut bool) {
+        let pushing = || {
+            if !self.pushed.swap(true, Ordering::AcqRel) {
+                tracing::info!(who = self.follow.who, "the store pushes its changes again");
+            }
+        };
         match p {
             Poke::Changed => {
-                if !self.pushed.swap(true, Ordering::AcqRel) {
-                    tracing::info!(who = self.follow.who, "the store pushes its changes again");
+                pushing();
+                *read = (*read).max(Read::Check);
+                *poked = true;
+            }
+            Poke::At(revision) => {
+                pushing();
+                if revision != self.routes.revision() {
+                    *read = (*read).max(Read::Load);
                 }
-                *read = true;
                 *poked = true;
             }
             Poke::Lost(why) => {
@@ -296,18 +317,24 @@ impl Follower {
                         self.follow.period
                     );
                 }
-                *read = true;
+                *read = (*read).max(Read::Check);
             }
         }
     }
 
-    /// Read the revision (if `read`) and swap in a new table if it moved;
-    /// then the chores. Returns when the chores want to run again.
-    fn step(&mut self, read: bool) -> Result<Option<Duration>, StoreError> {
-        if read {
-            let revision = self.store.revision()?;
+    /// Read the store as `read` says and swap in a new table if the
+    /// revision moved; then the chores. Returns when the chores want to
+    /// run again.
+    fn step(&mut self, read: Read) -> Result<Option<Duration>, StoreError> {
+        let load = match read {
+            Read::No => false,
+            Read::Check => self.store.revision()? != self.routes.revision(),
+            Read::Load => true,
+        };
+        if load {
+            let (revision, db) = self.store.load_with_revision()?;
             if revision != self.routes.revision() {
-                let table = RoutingTable::from_db(Arc::new(self.store.load()?), revision);
+                let table = RoutingTable::from_db(Arc::new(db), revision);
                 let (vms, devices) = (table.vm_count(), table.device_count());
                 self.routes.swap(table);
                 self.health.swaps.fetch_add(1, Ordering::Relaxed);
