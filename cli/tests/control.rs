@@ -68,6 +68,8 @@ impl Drop for StoreFile {
     fn drop(&mut self) {
         if let Some(f) = &self.file {
             let _ = std::fs::remove_file(f);
+            // Its writers' poke file.
+            let _ = std::fs::remove_file(format!("{}.changed", f.display()));
         }
     }
 }

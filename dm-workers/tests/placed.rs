@@ -192,9 +192,15 @@ fn moves_with_its_state(backend: MakeBackend) {
     impl Drop for Remove {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
+            let mut poked = self.0.clone().into_os_string();
+            poked.push(".changed");
+            let _ = std::fs::remove_file(poked);
         }
     }
-    let path = Remove(std::env::temp_dir().join(format!("dmfabric-placed-{}.redb", std::process::id())));
+    // One file per run: the inline and sharded runs go in parallel in one process.
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = Remove(std::env::temp_dir().join(format!("dmfabric-placed-{}-{run}.redb", std::process::id())));
     let _ = std::fs::remove_file(&path.0);
     let store = RedbStore::open(&path.0).unwrap();
     let mut d = db();

@@ -269,7 +269,10 @@ impl StoreControl {
         lock(&self.failed).clone()
     }
 
+    /// VM `vm` could not start here: said, kept for the report, and taken
+    /// as dealt with (the run does not wait for it: [`StoreControl::pending`]).
     fn fail(&self, vm: u32, why: String) {
+        lock(&self.started).insert(vm);
         let line = format!("VM {vm} could not start here: {why}");
         eprintln!("dmfabric client: {line}");
         lock(&self.failed).push(line);
@@ -424,8 +427,21 @@ impl machine::VmControl for StoreControl {
         out
     }
 
+    /// A migration on its way, or a VM the table already has running here
+    /// (launched, or arrived) that the run has not picked up yet: the
+    /// swap that brought it wakes the supervisor, which must not end first.
     fn pending(&self) -> bool {
-        !lock(&self.arrivals).waiting.is_empty()
+        use dmfabric_control::model::VmState;
+        if !lock(&self.arrivals).waiting.is_empty() {
+            return true;
+        }
+        let t = self.watch.routes().load();
+        let started = lock(&self.started);
+        t.db.vms.values().any(|v| {
+            !started.contains(&v.id)
+                && ((v.client == self.me && v.state == VmState::Running)
+                    || (v.state == VmState::Migrating && v.migrate_to == Some(self.me)))
+        })
     }
 
     /// A rekey bumps the store's revision: read the keys again then (and
