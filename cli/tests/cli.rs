@@ -671,4 +671,5 @@ fn ctl_edits_the_store_checks_every_change_and_lists_as_table_or_json() {
     let (_, out, _) = ctl(&["ls", "vms"]);
     assert!(out.contains("100      1        1      4        Defined    io_loop"), "{out}");
     let _ = std::fs::remove_file(&store);
+    let _ = std::fs::remove_file(format!("{s}.changed")); // its writers' poke file
 }
