@@ -14,6 +14,7 @@ mod console;
 mod ctl;
 mod demo;
 mod io;
+mod metrics;
 mod server;
 pub mod server_config;
 
