@@ -113,6 +113,8 @@ impl AuthArg {
 struct Run {
     kind: TransportKind,
     authenticated: bool,
+    /// The server's metrics were scraped every second meanwhile.
+    scraped: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -178,6 +180,29 @@ pub struct Common {
     /// Test devices on the server; the load spreads its vCPUs over them.
     #[arg(long, default_value_t = 1)]
     test_devices: u32,
+    /// Start the server with --metrics and scrape it every second during
+    /// the load (on), not (off), or both one after the other, to measure
+    /// what a Prometheus scraping does to the data plane (a server process
+    /// only).
+    #[arg(long, value_enum, default_value = "off")]
+    scrape: ScrapeArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScrapeArg {
+    Off,
+    On,
+    Both,
+}
+
+impl ScrapeArg {
+    fn runs(self) -> &'static [bool] {
+        match self {
+            ScrapeArg::Off => &[false],
+            ScrapeArg::On => &[true],
+            ScrapeArg::Both => &[false, true],
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -213,11 +238,14 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
             })?;
-            let rows: Vec<RttJson> =
-                reports.iter().map(|(run, r)| RttJson::new(run.kind.name(), run.authenticated, r)).collect();
+            let rows: Vec<RttJson> = reports
+                .iter()
+                .map(|(run, r)| RttJson { scraped: run.scraped, ..RttJson::new(run.kind.name(), run.authenticated, r) })
+                .collect();
             for row in &rows {
                 print_rtt(row);
             }
+            print_scrape_cost(&rows);
             print_ratio(&rows, |r| r.p50_us, "p50 latency");
             print_auth_cost(&rows, |r| (r.transport.clone(), r.authenticated), |r| r.p50_us, "p50 latency");
             write_json(&a.common.json, &rows)?;
@@ -275,19 +303,25 @@ fn for_each_transport(
         if common.auth != AuthArg::On {
             bail!("--iface talks to a running server, which always authenticates: --auth on");
         }
-        let run = Run { kind, authenticated: true };
+        if common.scrape != ScrapeArg::Off {
+            bail!("--scrape starts the server itself: not with --iface (scrape your server's --metrics yourself)");
+        }
+        let run = Run { kind, authenticated: true, scraped: false };
         return Ok(vec![(run, on_given_interface(common, kind, iface, stop, load)?)]);
     }
     if common.auth != AuthArg::On && common.hosts.server != ServerMode::Thread {
         bail!("--auth {:?} measures a server without authentication: add --server thread (a server process always authenticates)", common.auth);
     }
+    if common.scrape != ScrapeArg::Off && common.hosts.server != ServerMode::Process {
+        bail!("--scrape scrapes a server process's --metrics: not with --server thread");
+    }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let mut out = Vec::new();
-    let runs = common
-        .hosts
-        .transport
-        .iter()
-        .flat_map(|&kind| common.auth.runs().iter().map(move |&authenticated| Run { kind, authenticated }));
+    let runs = common.hosts.transport.iter().flat_map(|&kind| {
+        common.auth.runs().iter().flat_map(move |&authenticated| {
+            common.scrape.runs().iter().map(move |&scraped| Run { kind, authenticated, scraped })
+        })
+    });
     for run in runs {
         let kind = run.kind;
         if stop.load(Ordering::Relaxed) {
@@ -297,7 +331,12 @@ fn for_each_transport(
         setup.server_layout = common.server_layout.clone();
         setup.test_devices = common.test_devices.max(1);
         setup.authenticate = run.authenticated;
-        let auth = if run.authenticated { "" } else { " (no authentication, for comparison)" };
+        setup.scrape = run.scraped.then_some(Duration::from_secs(1));
+        let auth = match (run.authenticated, run.scraped) {
+            (false, _) => " (no authentication, for comparison)",
+            (true, true) => " (its metrics scraped every second)",
+            (true, false) => "",
+        };
         eprintln!("dmfabric bench: {kind}{auth}: test hosts up, server starting ...");
         let flag = stop.clone();
         let outcome =
@@ -380,10 +419,29 @@ fn label(transport: &str, authenticated: bool) -> String {
     }
 }
 
+/// With runs scraped and not, the p50 ratio of each transport.
+fn print_scrape_cost(rows: &[RttJson]) {
+    for on in rows.iter().filter(|r| r.scraped) {
+        let off = rows.iter().find(|r| !r.scraped && r.transport == on.transport && r.authenticated == on.authenticated);
+        if let Some(off) = off.filter(|o| o.p50_us > 0.0) {
+            println!(
+                "  {} p50 with a 1 s metrics scrape / without: {:.3}x ({:.2} / {:.2} µs; p99 {:.2} / {:.2} µs)",
+                on.transport,
+                on.p50_us / off.p50_us,
+                on.p50_us,
+                off.p50_us,
+                on.p99_us,
+                off.p99_us
+            );
+        }
+    }
+}
+
 fn print_rtt(r: &RttJson) {
+    let label = if r.scraped { format!("{}+scrape", label(&r.transport, r.authenticated)) } else { label(&r.transport, r.authenticated) };
     println!(
         "  {:<12} requests {:>8}  lost {}  wrong {}  p50 {:>7.2} µs  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>8.2}  max {:>9.2}",
-        label(&r.transport, r.authenticated),
+        label,
         r.requests,
         r.lost,
         r.wrong,

@@ -63,7 +63,7 @@ impl Drop for TempDir {
 struct Rig {
     net: TestNet,
     _keys: Keys,
-    server: (ChildGuard, mpsc::Receiver<String>),
+    _server: (ChildGuard, mpsc::Receiver<String>),
     client: (ChildGuard, mpsc::Receiver<String>),
     json: PathBuf,
 }
@@ -135,7 +135,7 @@ impl Rig {
         let json_s = json.to_string_lossy().into_owned();
         let client = spawn_logged(&net, 0, &["client", "--config", &config_s, "--json", &json_s]);
         wait_for(&client.1, &format!("metrics at http://{CLIENT_METRICS}/metrics")).expect("client metrics");
-        Rig { net, _keys: keys, server, client, json }
+        Rig { net, _keys: keys, _server: server, client, json }
     }
 
     /// GET `path` at `addr` from host `host`; the body.
@@ -375,4 +375,122 @@ fn a_metrics_port_in_use_is_one_line_and_nothing_starts() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("port 9464 is already in use"), "{stderr}");
     drop(held);
+}
+
+/// A tmux server of the test's own (its own socket), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new() -> Tmux {
+        Tmux { socket: format!("dmf-top-{}", std::process::id()) }
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux").arg("-L").arg(&self.socket).args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// The req/s of server `id` in a screen of `dmfabric top`.
+fn server_rate(screen: &str, id: &str) -> Option<f64> {
+    let mut in_servers = false;
+    for line in screen.lines() {
+        if line.starts_with("SERVER ") && line.contains("Mreq/s") {
+            in_servers = true;
+            continue;
+        }
+        if in_servers {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.first() == Some(&id) {
+                return f.get(2)?.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn dmfabric_top_shows_live_rates_under_tmux_and_its_json_parses() {
+    let test = "dmfabric_top_shows_live_rates_under_tmux";
+    if !dmfabric_testkit::privileged_or_skip(test, &[Need::Root, Need::Kvm]) || !installed_or_skip(test, "tmux", "tmux") {
+        return;
+    }
+    let mut rig = Rig::start("top", ITERATIONS);
+    let end = Instant::now() + Duration::from_secs(30);
+    while rig.client_counter("dmfabric_client_requests_total").unwrap_or(0.0) == 0.0 {
+        assert!(Instant::now() < end, "the client's load did not start: {:?}", drain(&rig.client.1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let endpoints = ["--endpoint", SERVER_METRICS, "--endpoint", CLIENT_METRICS];
+
+    // --once --json: one sample over a second, for scripts.
+    let out = rig.net.command(0, BIN).args(["top", "--once", "--json"]).args(endpoints).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("top --once --json is JSON");
+    assert!(v["interval_s"].as_f64().is_some_and(|s| s > 0.5), "{v}");
+    assert!(v["endpoints"].as_array().unwrap().iter().all(|e| e["error"].is_null()), "{v}");
+    let server = &v["servers"][0];
+    assert_eq!(server["server"], "1", "{v}");
+    assert!(server["requests_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    assert!(server["mreq_per_s"].as_f64().is_some() && server["drops"].is_object(), "{v}");
+    let vm1 = v["vms"].as_array().unwrap().iter().find(|m| m["vm"] == "1").unwrap_or_else(|| panic!("{v}"));
+    assert!(vm1["exits_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    assert!(vm1["p50_us"].as_f64().is_some_and(|p| p > 0.0), "{v}");
+    assert!(vm1["p99_us"].as_f64() >= vm1["p50_us"].as_f64(), "{v}");
+    assert!(vm1["interrupts_per_s"].is_number(), "{v}");
+    let dev = v["devices"].as_array().unwrap().iter().find(|d| d["vm"] == "1" && d["server"] == "1");
+    assert!(dev.is_some_and(|d| d["device"] == "1" && d["exits_per_s"].as_f64() > Some(0.0)), "{v}");
+    let sdev = v["server_devices"].as_array().unwrap().iter().find(|d| d["device"] == "1");
+    assert!(sdev.is_some_and(|d| d["kind"] == "regfile" && d["service_p50_us"].is_number()), "{v}");
+
+    // The live view in a terminal: rates that move, q quits and gives the
+    // terminal back as it was.
+    let dir = TempDir::new("top");
+    let stty = dir.0.join("stty");
+    let tmux = Tmux::new();
+    let script = format!(
+        "{BIN} top {}; echo \"top exited $?\"; stty -a > {}; sleep 60",
+        endpoints.join(" "),
+        stty.display()
+    );
+    let ns = rig.net.host(0).ns.clone();
+    let out = tmux.run(&["new-session", "-d", "-s", "top", "-x", "150", "-y", "45", "ip", "netns", "exec", &ns, "sh", "-c", &script]);
+    assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut screen = String::new();
+    while Instant::now() < end {
+        screen = tmux.screen();
+        if server_rate(&screen, "1").is_some_and(|r| r > 0.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(server_rate(&screen, "1").is_some_and(|r| r > 0.0), "a non-zero req/s for server 1:\n{screen}");
+    assert!(screen.contains("exits/s") && screen.contains("p99 us"), "{screen}");
+    tmux.run(&["send-keys", "-t", "top", "q"]);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !tmux.screen().contains("top exited 0") {
+        assert!(Instant::now() < end, "q did not end top:\n{}", tmux.screen());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    while !stty.exists() || std::fs::read_to_string(&stty).unwrap_or_default().is_empty() {
+        assert!(Instant::now() < end, "stty -a after top");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let modes = std::fs::read_to_string(&stty).unwrap();
+    for mode in ["icanon", "echo", "isig"] {
+        assert!(modes.split_whitespace().any(|m| m == mode), "{mode} restored: {modes}");
+    }
+    let _ = rig.stop_client();
 }

@@ -488,6 +488,10 @@ fn vcpu_body(
             },
             None => None,
         };
+        if let Some(l) = &live {
+            // Seen (with nothing counted) from the start, even if it never exits.
+            l.put(VcpuCounters::default());
+        }
         let mut router = Router::new(&spec.map, &spec.local, remote);
         router.reset_on(&spec.reset);
         router.tick_with(&ticker);
