@@ -422,7 +422,8 @@ fn label(transport: &str, authenticated: bool) -> String {
 /// With runs scraped and not, the p50 ratio of each transport.
 fn print_scrape_cost(rows: &[RttJson]) {
     for on in rows.iter().filter(|r| r.scraped) {
-        let off = rows.iter().find(|r| !r.scraped && r.transport == on.transport && r.authenticated == on.authenticated);
+        let off =
+            rows.iter().find(|r| !r.scraped && r.transport == on.transport && r.authenticated == on.authenticated);
         if let Some(off) = off.filter(|o| o.p50_us > 0.0) {
             println!(
                 "  {} p50 with a 1 s metrics scrape / without: {:.3}x ({:.2} / {:.2} µs; p99 {:.2} / {:.2} µs)",
@@ -438,7 +439,11 @@ fn print_scrape_cost(rows: &[RttJson]) {
 }
 
 fn print_rtt(r: &RttJson) {
-    let label = if r.scraped { format!("{}+scrape", label(&r.transport, r.authenticated)) } else { label(&r.transport, r.authenticated) };
+    let label = if r.scraped {
+        format!("{}+scrape", label(&r.transport, r.authenticated))
+    } else {
+        label(&r.transport, r.authenticated)
+    };
     println!(
         "  {:<12} requests {:>8}  lost {}  wrong {}  p50 {:>7.2} µs  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>8.2}  max {:>9.2}",
         label,

@@ -16,8 +16,8 @@ mod demo;
 mod io;
 mod metrics;
 mod server;
-mod top;
 pub mod server_config;
+mod top;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -388,17 +388,15 @@ pub fn client_families(id: u16, live: &LiveRun) -> Vec<Family> {
     );
     per_target.sort_by(|a, b| a.0.cmp(&b.0));
     for ((vm, server, device), (r, w, t)) in per_target {
-        let labels =
-            vec![("client", id.to_string()), ("vm", vm.to_string()), ("server", server), ("device", device)];
+        let labels = vec![("client", id.to_string()), ("vm", vm.to_string()), ("server", server), ("device", device)];
         reads.series.push((labels.clone(), Value::Counter(r)));
         writes.series.push((labels.clone(), Value::Counter(w)));
         rtt.series.push((labels, Value::Histogram(t)));
     }
     out.extend([reads, writes, rtt]);
-    out.push(Family::new("dmfabric_client_vcpus", "vCPUs started so far").with(
-        client(),
-        Value::Gauge(samples.len() as f64),
-    ));
+    out.push(
+        Family::new("dmfabric_client_vcpus", "vCPUs started so far").with(client(), Value::Gauge(samples.len() as f64)),
+    );
     out
 }
 

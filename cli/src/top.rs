@@ -206,10 +206,8 @@ fn buckets(s: &[Sample], name: &str, keep: impl Fn(&Sample) -> bool) -> Buckets 
 /// What changed between two bucket sets (all of `cur` if nothing did, or
 /// a counter went back: a restart).
 fn delta_buckets(prev: &Buckets, cur: &Buckets) -> Buckets {
-    let d: Buckets = cur
-        .iter()
-        .map(|&(le, c)| (le, c - prev.iter().find(|p| p.0 == le).map_or(0.0, |p| p.1)))
-        .collect();
+    let d: Buckets =
+        cur.iter().map(|&(le, c)| (le, c - prev.iter().find(|p| p.0 == le).map_or(0.0, |p| p.1))).collect();
     if d.iter().any(|x| x.1 < 0.0) || d.last().is_none_or(|x| x.1 <= 0.0) {
         cur.clone()
     } else {
@@ -364,7 +362,10 @@ fn view(prev: &Scrape, cur: &Scrape, endpoints: &[String]) -> View {
     }
     for id in ids(c, "dmfabric_client_device_reads_total", &["client", "vm", "server", "device"]) {
         let this = |x: &Sample| {
-            x.label("client") == id[0] && x.label("vm") == id[1] && x.label("server") == id[2] && x.label("device") == id[3]
+            x.label("client") == id[0]
+                && x.label("vm") == id[1]
+                && x.label("server") == id[2]
+                && x.label("device") == id[3]
         };
         let b = delta_buckets(
             &buckets(p, "dmfabric_client_exit_round_trip_seconds", this),
@@ -408,11 +409,16 @@ fn opt(v: Option<f64>) -> String {
 fn table(v: &View) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let _ = write!(o, "dmfabric top: {} endpoint(s), rates over {:.1} s (q quits)\r\n", v.endpoints.len(), v.interval_s);
+    let _ =
+        write!(o, "dmfabric top: {} endpoint(s), rates over {:.1} s (q quits)\r\n", v.endpoints.len(), v.interval_s);
     for e in v.endpoints.iter().filter(|e| e.error.is_some()) {
         let _ = write!(o, "  {}: {}\r\n", e.endpoint, e.error.as_deref().unwrap_or_default());
     }
-    let _ = write!(o, "\r\n{:<8} {:>9} {:>11} {:>9} {:>13}  drops (total, /s)\r\n", "SERVER", "Mreq/s", "req/s", "irq/s", "requests");
+    let _ = write!(
+        o,
+        "\r\n{:<8} {:>9} {:>11} {:>9} {:>13}  drops (total, /s)\r\n",
+        "SERVER", "Mreq/s", "req/s", "irq/s", "requests"
+    );
     for s in &v.servers {
         let drops: Vec<String> = s.drops.iter().map(|(r, d)| format!("{r} {} ({:.0}/s)", d.total, d.per_s)).collect();
         let _ = write!(
@@ -426,7 +432,11 @@ fn table(v: &View) -> String {
             if drops.is_empty() { "none".to_string() } else { drops.join(", ") }
         );
     }
-    let _ = write!(o, "\r\n{:<7} {:<6} {:>11} {:>9} {:>10} {:>10}\r\n", "CLIENT", "VM", "exits/s", "irq/s", "p50 us", "p99 us");
+    let _ = write!(
+        o,
+        "\r\n{:<7} {:<6} {:>11} {:>9} {:>10} {:>10}\r\n",
+        "CLIENT", "VM", "exits/s", "irq/s", "p50 us", "p99 us"
+    );
     for m in &v.vms {
         let _ = write!(
             o,
@@ -556,7 +566,10 @@ pub fn run(args: TopArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     if args.once {
         let first = scrape_all(&args.endpoints);
         if first.errors.len() == args.endpoints.len() {
-            bail!("no endpoint answered: {}", first.errors.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>().join("; "));
+            bail!(
+                "no endpoint answered: {}",
+                first.errors.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>().join("; ")
+            );
         }
         std::thread::sleep(interval);
         let v = view(&first, &scrape_all(&args.endpoints), &args.endpoints);
@@ -626,7 +639,8 @@ mod tests {
     #[test]
     fn rates_come_from_two_scrapes() {
         let at = Instant::now();
-        let scrape = |t: f64, reqs: f64, bad: f64, exits: f64, b2: f64| Scrape {
+        let scrape = |t: f64, reqs: f64, bad: f64, exits: f64, b2: f64| {
+            Scrape {
             at: Some(at + Duration::from_secs_f64(t)),
             samples: parse(&format!(
                 "dmfabric_server_requests_total{{server=\"1\"}} {reqs}\n\
@@ -638,6 +652,7 @@ mod tests {
                  dmfabric_client_exit_round_trip_seconds_bucket{{client=\"3\",vm=\"1\",server=\"1\",device=\"1\",le=\"+Inf\"}} {b2}\n"
             )),
             errors: Vec::new(),
+        }
         };
         let v = view(&scrape(0.0, 1000.0, 1.0, 10.0, 10.0), &scrape(2.0, 3_001_000.0, 5.0, 4010.0, 4010.0), &[]);
         assert_eq!(v.servers.len(), 1);

@@ -311,8 +311,7 @@ fn a_real_prometheus_scrapes_server_and_client_and_holds_what_the_client_counted
         assert!(increase.is_some_and(|r| r > 0.0), "increase of {series}: {increase:?}");
     }
     let exits = Prometheus::query(&rig.net, r#"sum(dmfabric_client_vm_exits_total{vm="1",kind="remote"})"#);
-    let server_reads =
-        Prometheus::query(&rig.net, r#"sum(dmfabric_server_device_reads_total{server="1",device="1"})"#);
+    let server_reads = Prometheus::query(&rig.net, r#"sum(dmfabric_server_device_reads_total{server="1",device="1"})"#);
     let rtt_count = Prometheus::query(&rig.net, r#"sum(dmfabric_client_exit_round_trip_seconds_count{vm="1"})"#);
     let service = Prometheus::query(&rig.net, r#"sum(dmfabric_server_device_service_seconds_count{device="1"})"#);
     assert!(server_reads.is_some_and(|n| n >= want / 2.0), "server reads of device 1: {server_reads:?}");
@@ -355,14 +354,10 @@ fn a_metrics_port_in_use_is_one_line_and_nothing_starts() {
     let link = Command::new("ip").args(["-n", &net.host(1).ns, "-d", "link", "show", "dmf0"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "no XDP program was attached");
     // The client too, before it opens its link or starts a VM.
-    let out = net
-        .command(1, BIN)
-        .args(["client", "--example-config"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = net.command(1, BIN).args(["client", "--example-config"]).stdin(Stdio::null()).output().unwrap();
     let config = keys.dir.join("client.toml");
-    std::fs::write(&config, String::from_utf8_lossy(&out.stdout).replace("iface = \"dmf0\"", "iface = \"dmf0\"")).unwrap();
+    std::fs::write(&config, String::from_utf8_lossy(&out.stdout).replace("iface = \"dmf0\"", "iface = \"dmf0\""))
+        .unwrap();
     let out = net
         .command(1, BIN)
         .args(["client", "--metrics", "127.0.0.1:9464", "--config"])
@@ -423,7 +418,8 @@ fn server_rate(screen: &str, id: &str) -> Option<f64> {
 #[test]
 fn dmfabric_top_shows_live_rates_under_tmux_and_its_json_parses() {
     let test = "dmfabric_top_shows_live_rates_under_tmux";
-    if !dmfabric_testkit::privileged_or_skip(test, &[Need::Root, Need::Kvm]) || !installed_or_skip(test, "tmux", "tmux") {
+    if !dmfabric_testkit::privileged_or_skip(test, &[Need::Root, Need::Kvm]) || !installed_or_skip(test, "tmux", "tmux")
+    {
         return;
     }
     let mut rig = Rig::start("top", ITERATIONS);
@@ -459,13 +455,26 @@ fn dmfabric_top_shows_live_rates_under_tmux_and_its_json_parses() {
     let dir = TempDir::new("top");
     let stty = dir.0.join("stty");
     let tmux = Tmux::new();
-    let script = format!(
-        "{BIN} top {}; echo \"top exited $?\"; stty -a > {}; sleep 60",
-        endpoints.join(" "),
-        stty.display()
-    );
+    let script =
+        format!("{BIN} top {}; echo \"top exited $?\"; stty -a > {}; sleep 60", endpoints.join(" "), stty.display());
     let ns = rig.net.host(0).ns.clone();
-    let out = tmux.run(&["new-session", "-d", "-s", "top", "-x", "150", "-y", "45", "ip", "netns", "exec", &ns, "sh", "-c", &script]);
+    let out = tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "150",
+        "-y",
+        "45",
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "sh",
+        "-c",
+        &script,
+    ]);
     assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
     let end = Instant::now() + Duration::from_secs(20);
     let mut screen = String::new();

@@ -110,9 +110,7 @@ impl LiveRun {
         let deadline = Instant::now() + within;
         all.iter()
             .zip(asked)
-            .filter_map(|((vm, vcpu, m), a)| {
-                Some(VcpuSample { vm: *vm, vcpu: *vcpu, counters: m.wait(a, deadline)? })
-            })
+            .filter_map(|((vm, vcpu, m), a)| Some(VcpuSample { vm: *vm, vcpu: *vcpu, counters: m.wait(a, deadline)? }))
             .collect()
     }
 }

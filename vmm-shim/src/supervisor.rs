@@ -13,14 +13,14 @@ use hdrhistogram::Histogram;
 
 use crate::exits::Router;
 use crate::kvm::{Vcpu, VcpuState, Vm};
-use crate::live::VcpuCounters;
-use dmfabric_dataplane::observe::Mailbox;
 use crate::linux;
+use crate::live::VcpuCounters;
 use crate::local::Ticker;
 use crate::machine::{Boot, Desired, MachineError, RunOptions, VcpuReport, VmControl, VmReport, VmSpec};
 use crate::migrate::VmSnapshot;
 use crate::remote::{ClientPort, RemoteError, VmEntry};
 use crate::vcpu::{RunState, VcpuEvent, VcpuHandle, VcpuMessage, VcpuResponse};
+use dmfabric_dataplane::observe::Mailbox;
 
 /// A migration whose delivery failed is tried again after this long.
 const DELIVERY_RETRY: Duration = Duration::from_millis(100);
