@@ -53,8 +53,11 @@ pub struct LiveRun {
     port: Mutex<Option<Arc<ClientPort>>>,
     /// The link's last counters once the run gave its port back.
     ended: Mutex<Option<LinkCounters>>,
-    vcpus: Mutex<Vec<(u32, u16, Arc<Mailbox<VcpuCounters>>)>>,
+    vcpus: Mutex<Vec<VcpuBox>>,
 }
+
+/// A vCPU's (VM, vCPU) and its mailbox.
+type VcpuBox = (u32, u16, Arc<Mailbox<VcpuCounters>>);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
