@@ -310,7 +310,14 @@ fn a_real_prometheus_scrapes_server_and_client_and_holds_what_the_client_counted
         let increase = Prometheus::query(&rig.net, &format!("increase({series}[5m])"));
         assert!(increase.is_some_and(|r| r > 0.0), "increase of {series}: {increase:?}");
     }
-    let exits = Prometheus::query(&rig.net, r#"sum(dmfabric_client_vm_exits_total{vm="1",kind="remote"})"#);
+    // VM 1's vCPU hands over its last copy when it ends, a moment after its last request.
+    let exits = Prometheus::wait(
+        &rig.net,
+        r#"sum(dmfabric_client_vm_exits_total{vm="1",kind="remote"})"#,
+        Duration::from_secs(30),
+        |v| v >= want,
+    );
+    assert_eq!(exits, Some(want), "VM 1's remote exits: one per request");
     let server_reads = Prometheus::query(&rig.net, r#"sum(dmfabric_server_device_reads_total{server="1",device="1"})"#);
     let rtt_count = Prometheus::query(&rig.net, r#"sum(dmfabric_client_exit_round_trip_seconds_count{vm="1"})"#);
     let service = Prometheus::query(&rig.net, r#"sum(dmfabric_server_device_service_seconds_count{device="1"})"#);
