@@ -14,8 +14,9 @@ need_root() {
 # Build: clang, libelf, m4, libpcap for libxdp/libbpf (xsk-rs); binutils
 # assembles the test guests; iproute2 for test hosts; util-linux for setpriv
 # (privilege tests); qemu-system-x86 runs the guests' Multiboot builds; openssl
-# makes the certificates of the TLS etcd test.
-packages=(clang libelf-dev m4 libpcap-dev pkg-config zlib1g-dev gcc make binutils iproute2 util-linux qemu-system-x86 protobuf-compiler libprotobuf-dev etcd-server openssl prometheus tmux)
+# makes the certificates of the TLS etcd test; prometheus (with promtool) and
+# tmux run the metrics and `dmfabric top` tests.
+packages=(clang libelf-dev m4 libpcap-dev pkg-config zlib1g-dev gcc make binutils iproute2 util-linux qemu-system-x86 protobuf-compiler libprotobuf-dev etcd-server openssl systemd prometheus tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -53,6 +53,9 @@ pub struct ExitJson {
     pub exits_per_s: f64,
     /// Requests retransmitted on the remote path.
     pub retransmits: u64,
+    /// Every exit's time, nanoseconds (for `--plot` and `--hgrm`).
+    #[serde(skip)]
+    pub hist: hdrhistogram::Histogram<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +109,7 @@ fn summarise(mode: ExitMode, transport: &str, exits: u64, report: &RunReport) ->
         mean_us: (h.mean() / 10.0).round() / 100.0,
         exits_per_s: ((exits / 2 * 2) as f64 / secs).round(),
         retransmits: report.client.map_or(0, |c| c.retransmits),
+        hist: h.clone(),
     })
 }
 

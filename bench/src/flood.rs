@@ -111,6 +111,9 @@ pub struct FloodJson {
     pub flood_pps: f64,
     /// Flood frames per valid request completed under the flood.
     pub flood_per_valid: f64,
+    /// Cores: the server's, the client's, the flooder's (the same as the
+    /// client's on a two-core machine).
+    pub cores: [usize; 3],
     pub sent: FloodSent,
     pub counted: FloodCounted,
     /// Every forged, untagged and malformed frame counted by its reason,
@@ -277,6 +280,12 @@ pub fn run(cfg: &FloodConfig, stop: &Arc<AtomicBool>) -> Result<FloodJson, Harne
     let (client_mac, server_mac) = (net.host(0).mac, net.host(1).mac);
     let cores = dmfabric_pinning::available_cores();
     let server_core = cores[cores.len() - 1];
+    // The server keeps its core: on a real segment the flooder is another
+    // host. With three cores or more the client and the flooder get one
+    // each; with two they share the other one, and the flooded figure then
+    // counts the client's lost CPU share as well as the server's work.
+    let load_core = cores[0];
+    let flood_core = if cores.len() >= 3 { cores[1] } else { load_core };
 
     // The server, in host 1, counting.
     let server_stop = Arc::new(AtomicBool::new(false));
@@ -314,6 +323,7 @@ pub fn run(cfg: &FloodConfig, stop: &Arc<AtomicBool>) -> Result<FloodJson, Harne
             .map_err(|_| HarnessError::ServerStart("timed out".into()))?
             .map_err(HarnessError::ServerStart)?;
         // The client, in host 0.
+        dmfabric_pinning::pin_current(load_core)?;
         let sealer = setup.sealer();
         let recorded = Arc::new(Mutex::new(Vec::new()));
         let phase = Duration::from_secs_f64(cfg.seconds);
@@ -335,6 +345,7 @@ pub fn run(cfg: &FloodConfig, stop: &Arc<AtomicBool>) -> Result<FloodJson, Harne
         let (fns, fstop) = (net.host(2).ns.clone(), flood_stop.clone());
         let flooder = std::thread::spawn(move || -> Result<FloodSent, String> {
             netns::enter(&fns).map_err(|e| e.to_string())?;
+            dmfabric_pinning::pin_current(flood_core).map_err(|e| e.to_string())?;
             let mut t = XdpTransport::open(&XdpConfig::new(netns::HOST_IFACE)).map_err(|e| e.to_string())?;
             flood(&mut t, &frames, pps, &fstop).map_err(|e| e.to_string())
         });
@@ -373,6 +384,7 @@ pub fn run(cfg: &FloodConfig, stop: &Arc<AtomicBool>) -> Result<FloodJson, Harne
             flood_target_pps: pps,
             flood_pps: (sent.total() as f64 / flood_secs.max(1e-9)).round(),
             flood_per_valid: round4(sent.total() as f64 / (flooded.completed.max(1)) as f64),
+            cores: [server_core, load_core, flood_core],
             sent,
             counted,
             accounted: false,

@@ -11,5 +11,6 @@ pub mod exit;
 pub mod flood;
 pub mod harness;
 pub mod loadgen;
+pub mod plot;
 pub mod report;
 pub mod scratch;

@@ -95,6 +95,7 @@ fn summarise(mode: ScratchMode, transport: &str, samples: &[u8], tsc_per_ns: f64
         mean_us: (h.mean() / 10.0).round() / 100.0,
         exits_per_s: (exits as f64 / (total_ns / 1e9).max(1e-9)).round(),
         retransmits,
+        hist: h,
     }
 }
 

@@ -12,6 +12,7 @@ use dmfabric_bench::exit::{self, ExitMode};
 use dmfabric_bench::flood;
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
 use dmfabric_bench::loadgen::{self, LoadReport, Retry, Target};
+use dmfabric_bench::plot;
 use dmfabric_bench::report::{RttJson, ThroughputJson};
 use dmfabric_bench::scratch::{self, ScratchMode};
 use dmfabric_dataplane::fault::{FaultConfig, FaultInjector};
@@ -89,6 +90,47 @@ pub struct ExitArgs {
     /// Write the results as JSON here (an object for one run, an array for several).
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    latency: LatencyOut,
+}
+
+/// Latency distributions written beside the figures.
+#[derive(Debug, Args)]
+pub struct LatencyOut {
+    /// Draw each run's latency percentile curve (log scale of 1/(1-p), as
+    /// HdrHistogram plots it) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Write each run's HdrHistogram percentile distribution (µs) here; with
+    /// several runs, one file each: FILE-<run>.hgrm.
+    #[arg(long, value_name = "FILE")]
+    hgrm: Option<PathBuf>,
+}
+
+impl LatencyOut {
+    /// Make the files' directories before a long run, so that what could
+    /// not be written after it fails now.
+    fn check(&self) -> anyhow::Result<()> {
+        for path in [&self.plot, &self.hgrm].into_iter().flatten() {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, title: &str, curves: &[plot::Curve<'_>]) -> anyhow::Result<()> {
+        if let Some(path) = &self.hgrm {
+            for file in plot::write_hgrm(path, curves)? {
+                eprintln!("dmfabric bench: wrote {}", file.display());
+            }
+        }
+        if let Some(path) = &self.plot {
+            plot::svg(path, title, curves)?;
+            eprintln!("dmfabric bench: wrote {}", path.display());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -216,6 +258,8 @@ pub struct RttArgs {
     /// measurably inflates the percentiles on virtualised hosts).
     #[arg(long, default_value_t = 50_000)]
     warmup: u64,
+    #[command(flatten)]
+    latency: LatencyOut,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +279,7 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         BenchCmd::Exit(a) => bench_exit(&a, &stop),
         BenchCmd::Flood(a) => bench_flood(&a, &stop),
         BenchCmd::Rtt(a) => {
+            a.latency.check()?;
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
             })?;
@@ -249,6 +294,10 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             print_ratio(&rows, |r| r.p50_us, "p50 latency");
             print_auth_cost(&rows, |r| (r.transport.clone(), r.authenticated), |r| r.p50_us, "p50 latency");
             write_json(&a.common.json, &rows)?;
+            let labels: Vec<String> = rows.iter().map(|r| label(&r.transport, r.authenticated)).collect();
+            let curves: Vec<plot::Curve<'_>> =
+                reports.iter().zip(&labels).map(|((_, r), label)| plot::Curve { label, hist: &r.hist }).collect();
+            a.latency.write("dmfabric bench rtt: request round trip", &curves)?;
             fail_on_loss(&reports)
         }
         BenchCmd::Throughput(a) => {
@@ -547,6 +596,15 @@ fn bench_flood(a: &FloodArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         r.flood_pps,
         r.flood_per_valid
     );
+    let [server_core, client_core, flood_core] = r.cores;
+    if client_core == flood_core {
+        println!(
+            "  cores: server {server_core}, client and flooder sharing {client_core} (two cores: the flooded figure \
+             includes the client's lost CPU share; the flooder gets a core of its own on three)"
+        );
+    } else {
+        println!("  cores: server {server_core}, client {client_core}, flooder {flood_core}");
+    }
     let (s, c) = (&r.sent, &r.counted);
     println!(
         "  flood sent: forged {} untagged {} malformed {} replayed {} (total {})",
@@ -580,6 +638,7 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     if a.device == ExitDevice::UartScratch && a.exits > 2_000_000 {
         bail!("--device uart-scratch keeps a sample per exit in guest memory: at most 2000000 exits");
     }
+    a.latency.check()?;
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let mut runs: Vec<(ExitModeArg, TransportKind)> = Vec::new();
     for &mode in &a.mode {
@@ -624,7 +683,14 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
     }
-    write_json(&a.json, &rows)
+    write_json(&a.json, &rows)?;
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| if r.mode == "remote" { format!("remote {}", r.transport) } else { r.mode.clone() })
+        .collect();
+    let curves: Vec<plot::Curve<'_>> =
+        rows.iter().zip(&labels).map(|(r, label)| plot::Curve { label, hist: &r.hist }).collect();
+    a.latency.write("dmfabric bench exit: VM exit round trip", &curves)
 }
 
 /// The harness set-up for one transport: the server as `dmfabric server`

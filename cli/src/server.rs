@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use dmfabric_control::keys::KeyFile;
-use dmfabric_control::watch::Watch;
+use dmfabric_control::watch::{Follow, Watch};
 use dmfabric_dataplane::observe::Mailbox;
 use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
@@ -103,7 +103,8 @@ pub struct ServerArgs {
     /// are forwarded there, device models move with their state.
     #[arg(long, conflicts_with_all = ["config", "pc_vm"])]
     store: Option<String>,
-    /// How often the store is asked for changes, in milliseconds.
+    /// How often the store is asked for changes when it cannot push them
+    /// (etcd away), in milliseconds; a store that pushes is read when told.
     #[arg(long, default_value_t = 50)]
     watch_ms: u64,
     /// Print an example device config and exit.
@@ -509,7 +510,8 @@ fn placement(store: &str, id: u16, mac: MacAddr, env: &DeviceEnv, period: Durati
         let keys = keys_store.client_keys(client).map_err(|e| e.to_string())?;
         keys.map(|k| k.ring().map_err(|e| e.to_string())).transpose()
     });
-    let watch = Watch::start_with(opened, format!("dmfabric server {id}"), period, |routes| {
+    let follow = Follow::new(format!("dmfabric server {id}"), period).with_states("device/");
+    let watch = Watch::start_with(opened, follow, |routes| {
         Some(Planner::new(id, mac, routes, env.clone(), link.clone(), keys).chores())
     })?;
     Ok(Placement { watch, link, devices: devices.len() })

@@ -172,6 +172,10 @@ fn bench_rtt_writes_json_and_leaves_nothing_behind() {
     let spawned = Command::new(BIN)
         .args(["bench", "rtt", "--transport", "xdp,udp", "--requests", "3000", "--warmup", "500", "--json"])
         .arg(&json)
+        .arg("--plot")
+        .arg(dir.join("rtt.svg"))
+        .arg("--hgrm")
+        .arg(dir.join("rtt.hgrm"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -190,7 +194,19 @@ fn bench_rtt_writes_json_and_leaves_nothing_behind() {
         for key in ["p50_us", "p99_us", "p999_us", "max_us"] {
             assert!(row[key].as_f64().unwrap() > 0.0, "{key} in {row}");
         }
+        // Its percentile distribution: every timed request, up to its max.
+        let hgrm = std::fs::read_to_string(dir.join(format!("rtt-{name}.hgrm"))).unwrap();
+        let last = hgrm.lines().take_while(|l| !l.starts_with('#')).last().unwrap().to_string();
+        let fields: Vec<f64> = last.split_whitespace().map(|f| f.parse().unwrap()).collect();
+        assert_eq!((fields[1], fields[2]), (1.0, 3000.0), "{hgrm}");
+        let max = row["max_us"].as_f64().unwrap();
+        assert!((fields[0] - max).abs() <= max * 0.01 + 0.01, "max {max} vs {last}");
     }
+    let svg = std::fs::read_to_string(dir.join("rtt.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.matches(r#"stroke-width="2""#).count() == 4,
+        "a curve and a legend mark per run"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     // The bench made its namespaces (named after its pid) and removed them.
     let left = leftover_namespaces(pid);
@@ -338,6 +354,10 @@ fn bench_exit_reports_local_and_remote() {
     let out = Command::new(BIN)
         .args(["bench", "exit", "--mode", "local,remote", "--transport", "xdp", "--exits", "4000", "--json"])
         .arg(&json)
+        .arg("--plot")
+        .arg(dir.join("exit.svg"))
+        .arg("--hgrm")
+        .arg(dir.join("exit.hgrm"))
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -352,6 +372,16 @@ fn bench_exit_reports_local_and_remote() {
             assert!(row[key].as_f64().unwrap() > 0.0, "{key} in {row}");
         }
     }
+    // A distribution per run, of every exit (the loop's, and the few of the
+    // guest's report at its end); one plot with both curves.
+    for name in ["local", "remote-xdp"] {
+        let hgrm = std::fs::read_to_string(dir.join(format!("exit-{name}.hgrm"))).unwrap();
+        let last = hgrm.lines().take_while(|l| !l.starts_with('#')).last().unwrap().to_string();
+        let count: u64 = last.split_whitespace().nth(2).and_then(|c| c.parse().ok()).unwrap_or(0);
+        assert!((4000..4016).contains(&count), "{name}: {last}");
+    }
+    let svg = std::fs::read_to_string(dir.join("exit.svg")).unwrap();
+    assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 4, "a curve and a legend mark per run");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -641,4 +671,5 @@ fn ctl_edits_the_store_checks_every_change_and_lists_as_table_or_json() {
     let (_, out, _) = ctl(&["ls", "vms"]);
     assert!(out.contains("100      1        1      4        Defined    io_loop"), "{out}");
     let _ = std::fs::remove_file(&store);
+    let _ = std::fs::remove_file(format!("{s}.changed")); // its writers' poke file
 }

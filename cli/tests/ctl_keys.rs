@@ -210,3 +210,70 @@ fn etcd_over_tls_gives_each_host_what_it_serves_and_no_more() {
     assert_eq!(s1.client_keys(4).unwrap().unwrap().client, 4);
     assert!(denied(s2.client_keys(4)), "server 2 still reads client 4's keys");
 }
+
+/// With etcd's authentication on, a server's and a client platform's
+/// users may watch what they follow (the revision key, and the states in
+/// transit they take): both are pushed each commit and each state put
+/// for them, and neither falls back to polling.
+#[test]
+fn with_etcd_auth_each_host_is_pushed_what_it_follows() {
+    use dmfabric_control::watch::{Follow, Watch};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let users = ["dmfabric-admin", "dmfabric-server-1", "dmfabric-client-3"];
+    let Some(etcd) =
+        start_or_skip("with_etcd_auth_each_host_is_pushed_what_it_follows", || EtcdProcess::start_tls(&users))
+    else {
+        return;
+    };
+    let admin = etcd.spec("dmfabric-admin");
+    ctl(&admin, &["add", "server", "--id", "1", "--mac", "02:00:00:00:00:11", "--role", "io"]);
+    ctl(&admin, &["add", "client", "--id", "3", "--mac", "02:00:00:00:00:03"]);
+    ctl(&admin, &["add", "vm", "--id", "30", "--client", "3"]);
+    let device = |id: &str| {
+        let args = ["add", "device", "--id", id, "--kind", "regfile", "--server", "1", "--vm", "30", "--pio"];
+        let pio = format!("0x{:x}:0x10", 0x500 + 0x10 * id.parse::<u32>().unwrap());
+        ctl(&admin, &[&args[..], &[pio.as_str()]].concat())
+    };
+    device("1");
+    ctl(&admin, &["etcd-auth"]);
+    // Never polls: whatever the watches see, etcd pushed.
+    let never = Duration::from_secs(3600);
+    let follow = |user: &str, states: &'static str| {
+        let w = Watch::start_with(store_as(&etcd, user), Follow::new(user, never).with_states(states), |_| None)
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let pokes = Arc::new(AtomicU64::new(0));
+        let p = pokes.clone();
+        w.on_poke(Box::new(move || {
+            p.fetch_add(1, Ordering::SeqCst);
+        }));
+        (w, pokes)
+    };
+    let (server, server_pokes) = follow("dmfabric-server-1", "device/");
+    let (client, client_pokes) = follow("dmfabric-client-3", "vm/");
+    let within = |done: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !done() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done()
+    };
+    let before = server.routes().revision();
+    device("2");
+    for (who, w) in [("server", &server), ("client", &client)] {
+        assert!(within(&|| w.routes().revision() > before), "{who} pushed the commit");
+    }
+    // Settled (a grant sync may bump the revision once more): then a
+    // state put pokes without a new revision.
+    std::thread::sleep(Duration::from_millis(300));
+    let revisions = (server.routes().revision(), client.routes().revision());
+    let (s, c) = (server_pokes.load(Ordering::SeqCst), client_pokes.load(Ordering::SeqCst));
+    store_as(&etcd, "dmfabric-server-1").put_state("device/1", b"registers").unwrap();
+    assert!(within(&|| server_pokes.load(Ordering::SeqCst) > s), "the server pushed a device state");
+    store_as(&etcd, "dmfabric-client-3").put_state("vm/30", b"memory").unwrap();
+    assert!(within(&|| client_pokes.load(Ordering::SeqCst) > c), "the client pushed a VM state");
+    assert_eq!((server.routes().revision(), client.routes().revision()), revisions, "states are not revisions");
+    assert!(server.pushed() && client.pushed(), "no watch was refused");
+    assert_eq!(server.health().errors.load(Ordering::Relaxed) + client.health().errors.load(Ordering::Relaxed), 0);
+}

@@ -46,19 +46,23 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dmfabric_wire::auth::Secret;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity, Permission,
     PermissionType, RoleRevokePermissionOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, UserAddOptions,
+    WatchFilterType, WatchOptions,
 };
 
 use crate::keys::ClientKeys;
 use crate::model::{Change, Conflict, Db};
 use crate::seal::{StateKey, STATE_TTL};
-use crate::store::{parse_cluster_key, read_record, removed_clients, writes, Store, StoreError};
+use crate::store::{
+    parse_cluster_key, read_record, removed_clients, writes, Poke, PokeFn, Store, StoreError, Subscription,
+};
 
 const ROOT: &str = "/dmfabric/";
 const PREFIX: &str = "/dmfabric/records/";
@@ -76,6 +80,13 @@ const STATE_PART: usize = 1 << 20;
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commits that lose the race to another writer before giving up.
 const COMMIT_TRIES: u32 = 16;
+/// A subscription's longest wait between tries to watch again while etcd
+/// is away.
+const REWATCH_MAX: Duration = Duration::from_secs(1);
+/// How often a subscription's connection pings etcd (etcd closes one that
+/// pings more often than every 5 s, `--grpc-keepalive-min-time`), and how
+/// long it waits for the answer before taking etcd for gone.
+const WATCH_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
 
 /// The user and role that edits the control panel.
 pub const ADMIN: &str = "dmfabric-admin";
@@ -265,10 +276,16 @@ fn is_ours(role: &str) -> bool {
 pub struct EtcdStore {
     endpoints: String,
     tls: bool,
+    /// Where and how it connected (a subscription connects again).
+    spec: EtcdSpec,
     rt: tokio::runtime::Runtime,
     client: Client,
     /// The key states are sealed with, once read.
     state_key: Mutex<Option<StateKey>>,
+    /// etcd's revision (its own counter, not dmfabric's) as of the last
+    /// read of the records or the revision key: a subscription watches
+    /// from the next one, so that it misses nothing since.
+    seen: AtomicI64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -306,41 +323,32 @@ impl EtcdStore {
     /// Connect as `spec` says (TLS and a client certificate for `etcds://`).
     pub fn connect_spec(spec: &EtcdSpec) -> Result<EtcdStore, StoreError> {
         let endpoints = spec.endpoints.join(",");
-        let store = match spec.tls {
-            Some(_) => format!("etcd at {endpoints} over TLS"),
-            None => format!("etcd at {endpoints}"),
-        };
+        let store = describe_spec(spec);
         let err = |what: String| StoreError::Backend { store: store.clone(), what };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| err(format!("cannot start its runtime: {e}")))?;
-        let mut opts = ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT).with_timeout(CALL_TIMEOUT);
-        let scheme = match &spec.tls {
-            Some(files) => {
-                let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(
-                    &store,
-                    "CA certificate",
-                    &files.ca,
-                )?));
-                if let Some((cert, key)) = &files.identity {
-                    warn_if_exposed(key);
-                    let cert = read_pem(&store, "client certificate", cert)?;
-                    let key = read_pem(&store, "client certificate's key", key)?;
-                    tls = tls.identity(Identity::from_pem(cert, key));
-                }
-                opts = opts.with_tls(tls);
-                "https"
-            }
-            None => "http",
+        let opts = ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT).with_timeout(CALL_TIMEOUT);
+        let client = rt.block_on(connect_client(spec, opts))?;
+        let s = EtcdStore {
+            endpoints,
+            tls: spec.tls.is_some(),
+            spec: spec.clone(),
+            rt,
+            client,
+            state_key: Mutex::new(None),
+            seen: AtomicI64::new(0),
         };
-        let list: Vec<String> = spec.endpoints.iter().map(|e| format!("{scheme}://{e}")).collect();
-        let client = rt
-            .block_on(Client::connect(list, Some(opts)))
-            .map_err(|e| err(format!("cannot reach it ({}): is etcd running there?", cause(&e))))?;
-        let s = EtcdStore { endpoints, tls: spec.tls.is_some(), rt, client, state_key: Mutex::new(None) };
         s.revision()?;
         Ok(s)
+    }
+
+    /// Note etcd's revision of a read (see `seen`).
+    fn saw(&self, header: Option<&etcd_client::ResponseHeader>) {
+        if let Some(h) = header {
+            self.seen.fetch_max(h.revision(), Ordering::AcqRel);
+        }
     }
 
     fn err(&self, what: impl std::fmt::Display) -> StoreError {
@@ -383,6 +391,7 @@ impl EtcdStore {
         let txn = Txn::new()
             .and_then([TxnOp::get(PREFIX, Some(GetOptions::new().with_prefix())), TxnOp::get(REVISION, None)]);
         let resp = self.call(|mut c| async move { c.txn(txn).await })?;
+        self.saw(resp.header());
         let mut db = Db::default();
         let (mut revision, mut mod_revision) = (0, 0);
         for op in resp.op_responses() {
@@ -571,6 +580,12 @@ impl Store for EtcdStore {
         Ok(self.read()?.0)
     }
 
+    /// One transaction: the records and the revision key together.
+    fn load_with_revision(&self) -> Result<(u64, Db), StoreError> {
+        let (db, revision, _) = self.read()?;
+        Ok((revision, db))
+    }
+
     fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError> {
         for _ in 0..COMMIT_TRIES {
             let (mut db, revision, mod_revision) = self.read()?;
@@ -597,6 +612,7 @@ impl Store for EtcdStore {
 
     fn revision(&self) -> Result<u64, StoreError> {
         let resp = self.call(|mut c| async move { c.get(REVISION, None).await })?;
+        self.saw(resp.header());
         match resp.kvs().first() {
             None => Ok(0),
             Some(kv) => self.parse_revision(kv.value()),
@@ -604,11 +620,40 @@ impl Store for EtcdStore {
     }
 
     fn describe(&self) -> String {
-        if self.tls {
-            format!("etcd at {} over TLS", self.endpoints)
-        } else {
-            format!("etcd at {}", self.endpoints)
-        }
+        describe_spec(&self.spec)
+    }
+
+    /// etcd's watch API on a connection of the subscription's own (its own
+    /// thread and runtime): the revision key, and `/dmfabric/state/<states>`
+    /// (puts only), from the etcd revision after the last read. When etcd
+    /// goes away the subscription says so ([`Poke::Lost`]) and watches
+    /// again, from the revision it had, until etcd is back; then it says
+    /// [`Poke::Changed`] (what changed meanwhile comes as events too). A
+    /// revision etcd has compacted away is read afresh: watched from now on,
+    /// with a [`Poke::Changed`] so that the follower reads the store.
+    fn subscribe(&self, states: Option<&str>, tell: PokeFn) -> Result<Option<Subscription>, StoreError> {
+        let spec = self.spec.clone();
+        let desc = self.describe();
+        let from = self.seen.load(Ordering::Acquire);
+        let states = states.map(|s| format!("{STATES}{s}"));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| self.err(format!("cannot start its watch's runtime: {e}")))?;
+        let thread = std::thread::Builder::new()
+            .name("store-notify".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    tokio::select! {
+                        () = follow(&spec, &desc, from, states.as_deref(), &*tell) => {}
+                        () = stopped.notified() => {}
+                    }
+                })
+            })
+            .map_err(|e| self.err(format!("cannot start its watch: {e}")))?;
+        Ok(Some(Subscription::new(move || stop.notify_one(), thread)))
     }
 
     /// etcd takes at most 1.5 MiB per request: a sealed state goes in parts
@@ -754,6 +799,145 @@ impl Store for EtcdStore {
 
 /// What went wrong, in one line: the gRPC status ("Unavailable: tcp
 /// connect error") or the innermost cause.
+/// "etcd at HOST:PORT[ over TLS]".
+fn describe_spec(spec: &EtcdSpec) -> String {
+    match spec.tls {
+        Some(_) => format!("etcd at {} over TLS", spec.endpoints.join(",")),
+        None => format!("etcd at {}", spec.endpoints.join(",")),
+    }
+}
+
+/// A client of etcd as `spec` says, with `opts` (timeouts) and its TLS.
+async fn connect_client(spec: &EtcdSpec, mut opts: ConnectOptions) -> Result<Client, StoreError> {
+    let store = describe_spec(spec);
+    let err = |what: String| StoreError::Backend { store: store.clone(), what };
+    let scheme = match &spec.tls {
+        Some(files) => {
+            let mut tls =
+                TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(&store, "CA certificate", &files.ca)?));
+            if let Some((cert, key)) = &files.identity {
+                warn_if_exposed(key);
+                let cert = read_pem(&store, "client certificate", cert)?;
+                let key = read_pem(&store, "client certificate's key", key)?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+            "https"
+        }
+        None => "http",
+    };
+    let list: Vec<String> = spec.endpoints.iter().map(|e| format!("{scheme}://{e}")).collect();
+    Client::connect(list, Some(opts))
+        .await
+        .map_err(|e| err(format!("cannot reach it ({}): is etcd running there?", cause(&e))))
+}
+
+/// How one watch of a subscription ended.
+enum WatchEnd {
+    /// etcd went away or refused: try again from the same revision.
+    Lost(String),
+    /// etcd compacted the revision asked for: watch from now on.
+    Compacted,
+}
+
+/// A subscription's life: watch, and watch again after each end, until
+/// the caller drops the future.
+async fn follow(spec: &EtcdSpec, desc: &str, from: i64, states: Option<&str>, tell: &(dyn Fn(Poke) + Send + Sync)) {
+    // The etcd revision to watch from (0: from now on).
+    let mut next = if from > 0 { from + 1 } else { 0 };
+    let mut lost = false;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match watch_once(spec, &mut next, states, tell, &mut lost, &mut wait).await {
+            WatchEnd::Compacted => {
+                tracing::info!(store = desc, "etcd compacted the revisions this watch had not seen: reading afresh");
+                next = 0;
+                tell(Poke::Changed);
+            }
+            WatchEnd::Lost(why) => {
+                if !lost {
+                    lost = true;
+                    tell(Poke::Lost(format!("The store {desc}: its watch ended ({why})")));
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(REWATCH_MAX);
+            }
+        }
+    }
+}
+
+/// Connect, watch the revision key (and the states) from `next`, and tell
+/// of each change until the watch ends; `next` follows the events.
+async fn watch_once(
+    spec: &EtcdSpec,
+    next: &mut i64,
+    states: Option<&str>,
+    tell: &(dyn Fn(Poke) + Send + Sync),
+    lost: &mut bool,
+    wait: &mut Duration,
+) -> WatchEnd {
+    // No overall request timeout (it would end the stream): a keep-alive
+    // notices an etcd that went silent.
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(CALL_TIMEOUT)
+        .with_keep_alive(WATCH_KEEPALIVE.0, WATCH_KEEPALIVE.1)
+        .with_keep_alive_while_idle(true);
+    let mut client = match tokio::time::timeout(CALL_TIMEOUT, connect_client(spec, opts)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return WatchEnd::Lost(e.to_string()),
+        Err(_) => return WatchEnd::Lost(format!("no connection within {CALL_TIMEOUT:?}")),
+    };
+    let from = |o: WatchOptions| if *next > 0 { o.with_start_revision(*next) } else { o };
+    let revision = from(WatchOptions::new());
+    let mut stream = match tokio::time::timeout(CALL_TIMEOUT, client.watch(REVISION, Some(revision))).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return WatchEnd::Lost(cause(&e)),
+        Err(_) => return WatchEnd::Lost(format!("no answer within {CALL_TIMEOUT:?}")),
+    };
+    let mut watches = 1;
+    if let Some(prefix) = states {
+        let o = from(WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoDelete]));
+        if let Err(e) = stream.watch(prefix, Some(o)).await {
+            return WatchEnd::Lost(cause(&e));
+        }
+        watches += 1;
+    }
+    let mut created = 0;
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return WatchEnd::Lost("etcd closed it".into()),
+            Err(e) => return WatchEnd::Lost(cause(&e)),
+        };
+        if resp.compact_revision() > 0 {
+            return WatchEnd::Compacted;
+        }
+        if resp.canceled() {
+            return WatchEnd::Lost(format!("etcd cancelled it: {}", resp.cancel_reason()));
+        }
+        if resp.created() {
+            created += 1;
+            if created == watches {
+                *wait = Duration::from_millis(50);
+                if std::mem::take(lost) {
+                    // Back: the follower reads what it missed.
+                    tell(Poke::Changed);
+                }
+            }
+        }
+        let mut changed = false;
+        for ev in resp.events() {
+            if let Some(kv) = ev.kv() {
+                *next = (*next).max(kv.mod_revision() + 1);
+                changed = true;
+            }
+        }
+        if changed {
+            tell(Poke::Changed);
+        }
+    }
+}
+
 fn cause(e: &etcd_client::Error) -> String {
     let innermost = |e: &dyn std::error::Error| {
         let mut last = e;

@@ -4,7 +4,13 @@
 //!
 //! Every commit checks its changes against the stored database inside the
 //! same write transaction, so two writers can never both get a conflicting
-//! change in; each commit bumps the revision that watchers poll.
+//! change in; each commit bumps the revision that followers read.
+//!
+//! Followers are told of changes, not left to poll ([`Store::subscribe`]):
+//! a redb writer pokes a file beside the store (`<file>.changed`) after each
+//! commit, key change or state put, and followers wait on it with inotify
+//! (the store file itself will not do: every open, a read's too, writes
+//! its header); etcd has its watch API ([`crate::etcd`]).
 //!
 //! Besides the records, a store keeps secrets that are never part of
 //! [`Db`] (what [`Store::load`] returns, what `dmfabric ctl ls` prints):
@@ -17,7 +23,9 @@
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dmfabric_wire::auth::Secret;
@@ -39,6 +47,55 @@ pub enum StoreError {
     State { store: String, key: String, error: SealError },
 }
 
+/// What a store tells a follower that subscribed ([`Store::subscribe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Poke {
+    /// The store may have changed (a commit, a key change, a state put in
+    /// the part subscribed to): read it.
+    Changed,
+    /// The store changed and its revision is now at least this: a
+    /// follower already at it has only a state in transit to look at (no
+    /// need to read the records).
+    At(u64),
+    /// Notifications stopped (etcd went away): poll until the next
+    /// [`Poke::Changed`], which comes when they are back.
+    Lost(String),
+}
+
+/// Where a subscription's pokes go (called on its own thread).
+pub type PokeFn = Arc<dyn Fn(Poke) + Send + Sync>;
+
+/// A running subscription ([`Store::subscribe`]): its thread, stopped and
+/// joined on drop.
+pub struct Subscription {
+    stop: Option<Box<dyn FnOnce() + Send>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// `thread`, stopped by `stop` (which must make it return soon).
+    pub fn new(stop: impl FnOnce() + Send + 'static, thread: JoinHandle<()>) -> Subscription {
+        Subscription { stop: Some(Box::new(stop)), thread: Some(thread) }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A database of client platforms, servers, VMs and devices.
 pub trait Store: Send + Sync {
     /// The database as stored now.
@@ -48,6 +105,12 @@ pub trait Store: Send + Sync {
     fn commit(&self, changes: &[Change]) -> Result<(u64, Vec<String>), StoreError>;
     /// Bumped by every commit: watchers reload when it moves.
     fn revision(&self) -> Result<u64, StoreError>;
+    /// The database and its revision, read together (one read where the
+    /// store can: they match).
+    fn load_with_revision(&self) -> Result<(u64, Db), StoreError> {
+        let revision = self.revision()?;
+        Ok((revision, self.load()?))
+    }
     /// Where it is, for messages ("redb file /var/lib/...", "etcd at ...").
     fn describe(&self) -> String;
     /// Keep a saved state in transit — a device model moving to another
@@ -76,6 +139,15 @@ pub trait Store: Send + Sync {
     /// store has no users (its file's mode is its access control).
     fn sync_access(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
+    }
+    /// Call `tell` (on a thread of the subscription's own) whenever the
+    /// store may have changed: every commit and key change, and states put
+    /// under `states` ("device/", "vm/": those a follower waits for). Each
+    /// change is told at least once after the last read this store made
+    /// before subscribing. `None`: this store cannot tell; poll it.
+    fn subscribe(&self, states: Option<&str>, tell: PokeFn) -> Result<Option<Subscription>, StoreError> {
+        let _ = (states, tell);
+        Ok(None)
     }
 }
 
@@ -287,6 +359,53 @@ impl RedbStore {
         *cached = Some(k.clone());
         Ok(k)
     }
+
+    /// The file writers poke after a change: `<store file>.changed`.
+    pub fn changed_file(&self) -> PathBuf {
+        let (dir, name) = watched(&self.path);
+        dir.join(name)
+    }
+
+    /// Tell followers the store changed and is at `revision`: written
+    /// after the commit while `_db` (the file's lock) is still held, so
+    /// that pokes are written in commit order and the last one names the
+    /// latest revision. Best effort: a follower that misses it sees the
+    /// change at its next check.
+    fn poke(&self, revision: u64, _db: &Database) {
+        let file = self.changed_file();
+        let wrote = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("revision {revision}\n").as_bytes()));
+        if let Err(e) = wrote {
+            tracing::warn!(
+                store = %self.path.display(),
+                "cannot poke {} ({e}): followers see this change only at their next check (make the directory writable)",
+                file.display()
+            );
+        }
+    }
+}
+
+/// The revision a poke file names ("revision N"), if it names one.
+fn poked_revision(path: &Path) -> Option<u64> {
+    let text = std::fs::read(path).ok()?;
+    std::str::from_utf8(text.get(..64.min(text.len()))?).ok()?.trim().strip_prefix("revision ")?.parse().ok()
+}
+
+/// The directory a redb store's followers watch, and the name of the file
+/// its writers poke there.
+fn watched(path: &Path) -> (PathBuf, std::ffi::OsString) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".changed");
+    (dir, name)
 }
 
 impl Store for RedbStore {
@@ -328,6 +447,7 @@ impl Store for RedbStore {
         }
         let revision = self.bump(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
+        self.poke(revision, &db);
         Ok((revision, said))
     }
 
@@ -339,6 +459,22 @@ impl Store for RedbStore {
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
             Err(e) => Err(self.err(e)),
         }
+    }
+
+    fn load_with_revision(&self) -> Result<(u64, Db), StoreError> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
+        let revision = match tx.open_table(META) {
+            Ok(t) => t.get("revision").map_err(|e| self.err(e))?.map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(self.err(e)),
+        };
+        let records = match tx.open_table(RECORDS) {
+            Ok(t) => self.read_db(&t)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => Db::default(),
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok((revision, records))
     }
 
     fn describe(&self) -> String {
@@ -353,7 +489,13 @@ impl Store for RedbStore {
         let db = self.db()?;
         let tx = db.begin_write().map_err(|e| self.err(e))?;
         tx.open_table(STATES).map_err(|e| self.err(e))?.insert(key, sealed.as_slice()).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))
+        let revision = match tx.open_table(META) {
+            Ok(t) => t.get("revision").map_err(|e| self.err(e))?.map_or(0, |v| v.value()),
+            Err(e) => return Err(self.err(e)),
+        };
+        tx.commit().map_err(|e| self.err(e))?;
+        self.poke(revision, &db);
+        Ok(())
     }
 
     fn take_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -418,6 +560,7 @@ impl Store for RedbStore {
         }
         let revision = self.bump(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
+        self.poke(revision, &db);
         Ok(revision)
     }
 
@@ -451,6 +594,65 @@ impl Store for RedbStore {
         };
         tx.commit().map_err(|e| self.err(e))?;
         Ok(key)
+    }
+
+    /// inotify on the store's directory, for the file writers poke
+    /// ([`RedbStore::changed_file`]); every state put pokes it, so
+    /// `states` needs no filter here.
+    fn subscribe(&self, _states: Option<&str>, tell: PokeFn) -> Result<Option<Subscription>, StoreError> {
+        use inotify::{EventMask, Inotify, WatchMask};
+        let (dir, name) = watched(&self.path);
+        let file = dir.join(&name);
+        let cannot = |e: std::io::Error| {
+            self.err(format!("cannot watch {} for changes (inotify: {e}); see /proc/sys/fs/inotify/max_user_instances and max_user_watches", dir.display()))
+        };
+        let mut inotify = Inotify::init().map_err(cannot)?;
+        let mut watches = inotify.watches();
+        let wd = watches.add(&dir, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO).map_err(cannot)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let store = self.describe();
+        let thread = std::thread::Builder::new()
+            .name("store-notify".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let events = match inotify.read_events_blocking(&mut buf) {
+                        Ok(events) => events,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tell(Poke::Lost(format!("The store {store}: its change notification failed: {e}")));
+                            return;
+                        }
+                    };
+                    if stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let mut changed = false;
+                    let mut gone = false;
+                    for ev in events {
+                        // An overflowed queue may have lost a poke.
+                        changed |= ev.name == Some(name.as_os_str()) || ev.mask.contains(EventMask::Q_OVERFLOW);
+                        gone |= ev.mask.contains(EventMask::IGNORED);
+                    }
+                    if changed {
+                        tell(poked_revision(&file).map_or(Poke::Changed, Poke::At));
+                    }
+                    if gone {
+                        tell(Poke::Lost(format!("The store {store}: its directory went away")));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| self.err(format!("cannot start its change notification: {e}")))?;
+        // Removing the watch wakes the blocked read (IN_IGNORED).
+        Ok(Some(Subscription::new(
+            move || {
+                stop.store(true, Ordering::Release);
+                let _ = watches.remove(wd);
+            },
+            thread,
+        )))
     }
 }
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use dmfabric_control::etcd::EtcdStore;
 use dmfabric_control::model::fixtures::{platform, uart};
 use dmfabric_control::model::{Change, Db, Device, Range};
+use dmfabric_control::store::Poke;
 use dmfabric_control::store::{self, RedbStore, Store};
-use dmfabric_control::watch::Watch;
+use dmfabric_control::watch::{Follow, Watch};
 use dmfabric_testkit::etcd::{start_or_skip, EtcdProcess};
 
 /// A store kind under test: opens (and reopens) its store.
@@ -37,6 +38,9 @@ impl Kind for Redb {
 impl Drop for Redb {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let mut poked = self.0.clone().into_os_string();
+        poked.push(".changed");
+        let _ = std::fs::remove_file(poked);
     }
 }
 
@@ -153,6 +157,48 @@ fn a_watch_swaps_in_each_commit(kind: &dyn Kind) {
     assert_eq!(w.health().swaps.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
+/// A watch that would poll only once an hour: whatever it sees, the store pushed.
+const NEVER: Duration = Duration::from_secs(3600);
+
+/// Wait up to `limit` for `done` (a bound on a hang, not a timing).
+fn within(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// A watch that never polls is told of a commit, and of a state put in
+/// transit (which does not move the revision), and reads the new table.
+fn a_watch_is_told_of_commits_and_states_without_polling(kind: &dyn Kind) {
+    let s = kind.open();
+    s.commit(&platform()).unwrap();
+    let w = Watch::start_with(kind.open(), Follow::new("test", NEVER).with_states("device/"), |_| None).unwrap();
+    assert!(w.pushed(), "the store pushes");
+    let pokes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p = pokes.clone();
+    w.on_poke(Box::new(move || {
+        p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    let routes = w.routes();
+    s.commit(&[Change::AddDevice(uart(1, 0x3f8))]).unwrap();
+    assert!(within(Duration::from_secs(10), || routes.revision() == 2), "told of the commit");
+    assert_eq!(routes.load().route(100, false, 0x3f8).map(|h| h.device), Some(1));
+    let before = pokes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(before >= 1, "the commit was a push");
+    s.put_state("device/1", b"state").unwrap();
+    assert!(
+        within(Duration::from_secs(10), || pokes.load(std::sync::atomic::Ordering::SeqCst) > before),
+        "told of the state"
+    );
+    assert_eq!(routes.revision(), 2, "a state is not a revision");
+    assert_eq!(w.health().errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod redb {
@@ -182,7 +228,60 @@ suite!(
     racing_writers_never_both_get_a_conflicting_change_in,
     device_states_are_taken_once,
     a_watch_swaps_in_each_commit,
+    a_watch_is_told_of_commits_and_states_without_polling,
 );
+
+/// etcd goes away and comes back on the same data: a watch that never
+/// polls keeps its table meanwhile, then is told of a change made once
+/// etcd is back (its etcd watch resumed from the revision it had).
+#[test]
+fn an_etcd_that_comes_back_is_followed_again() {
+    let Some(mut etcd) = Etcd::new("an_etcd_that_comes_back_is_followed_again") else {
+        return;
+    };
+    let s = etcd.open();
+    s.commit(&setup()).unwrap();
+    let w = Watch::start_with(etcd.open(), Follow::new("test", NEVER), |_| None).unwrap();
+    assert!(w.pushed());
+    etcd.0.stop();
+    assert!(within(Duration::from_secs(20), || !w.pushed()), "the watch noticed etcd went away");
+    let t = w.routes().load();
+    assert_eq!((t.revision, t.route(100, false, 0x3f8).map(|h| h.device)), (1, Some(1)), "the last table stays");
+    etcd.0.restart(&|e| EtcdStore::connect(e).is_ok()).unwrap();
+    let again = etcd.open();
+    again.commit(&[Change::AddDevice(uart(2, 0x2f8))]).unwrap();
+    let routes = w.routes();
+    assert!(within(Duration::from_secs(20), || routes.revision() == 2), "the change made after etcd came back");
+    assert_eq!(routes.load().route(100, false, 0x2f8).map(|h| h.device), Some(2));
+    assert!(within(Duration::from_secs(5), || w.pushed()), "pushing again");
+}
+
+/// A subscription asked to resume from a revision etcd compacted away is
+/// told to read afresh, and follows from then on.
+#[test]
+fn a_compacted_revision_is_read_afresh() {
+    let Some(etcd) = Etcd::new("a_compacted_revision_is_read_afresh") else {
+        return;
+    };
+    let s = etcd.open();
+    s.commit(&platform()).unwrap();
+    let behind = etcd.open();
+    behind.revision().unwrap(); // its subscription resumes after this read
+    for id in 1..=3 {
+        s.commit(&[Change::AddDevice(uart(id, 0x3f8 + 8 * id as u64))]).unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([format!("http://{}", etcd.0.endpoint)], None).await.unwrap();
+        let now = c.get("/dmfabric/revision", None).await.unwrap().header().unwrap().revision();
+        c.compact(now, None).await.unwrap();
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _sub = behind.subscribe(None, Arc::new(move |p| drop(tx.send(p)))).unwrap().expect("etcd pushes");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(Poke::Changed), "told to read afresh");
+    s.commit(&[Change::RemoveDevice(3)]).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(Poke::Changed), "and follows on");
+}
 
 #[test]
 fn a_watch_keeps_its_tables_while_etcd_is_down() {

@@ -46,6 +46,12 @@ pub const STATE_WAIT: Duration = Duration::from_secs(5);
 /// Requests one arriving device may hold before more are dropped (the
 /// clients retransmit them).
 pub const HELD_MAX: usize = 1024;
+/// How soon the planner runs again while the loop is about to hand over
+/// the state of a device that leaves (the loop does not wake it: it never
+/// makes a system call for the planner).
+pub const HANDOVER_TICK: Duration = Duration::from_millis(1);
+/// How soon the planner asks again for keys it could not read.
+pub const KEYS_RETRY: Duration = Duration::from_millis(100);
 
 /// Why a control-panel record cannot be a device here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -236,7 +242,14 @@ pub struct Planner {
     served: HashMap<u32, DeviceSpec>,
     /// Devices waiting for their state: since when.
     awaiting: HashMap<u32, Instant>,
+    /// Devices leaving whose state the loop has not handed over yet: since when.
+    handing: HashMap<u32, Instant>,
     keys: KeySource,
+    /// Each client platform's keys as last read: kept while a read fails
+    /// (etcd just back, a connection not yet up again).
+    known_keys: HashMap<u16, KeyRing>,
+    /// A keys read failed: plan again soon, even without a new table.
+    keys_retry: bool,
 }
 
 impl std::fmt::Debug for Planner {
@@ -265,7 +278,10 @@ impl Planner {
             planned: None,
             served: HashMap::new(),
             awaiting: HashMap::new(),
+            handing: HashMap::new(),
             keys,
+            known_keys: HashMap::new(),
+            keys_retry: false,
         };
         p.plan();
         p
@@ -277,11 +293,37 @@ impl Planner {
     }
 
     /// One step: plan a new table, write what left, look for states of
-    /// what arrives. The watch runs it every period ([`Planner::chores`]).
-    pub fn step(&mut self, store: &dyn Store) -> Result<(), StoreError> {
+    /// what arrives. The watch runs it after each change the store pushes
+    /// ([`Planner::chores`]), and again as soon as the step asks: within
+    /// [`HANDOVER_TICK`] while the loop is about to hand over a state,
+    /// within [`KEYS_RETRY`] after a keys read failed (the keys it had
+    /// are kept meanwhile), soon while states are awaited (a push brings them sooner; an
+    /// awaited state has a deadline).
+    pub fn step(&mut self, store: &dyn Store) -> Result<Option<Duration>, StoreError> {
         self.plan();
         self.send_departures(store)?;
-        self.look_for_states(store)
+        self.look_for_states(store)?;
+        let now = Instant::now();
+        self.handing.retain(|dev, since| {
+            let late = now.duration_since(*since) > STATE_WAIT;
+            if late {
+                tracing::warn!(
+                    server = self.server,
+                    device = dev,
+                    "the loop did not hand over the state of a device that left within {STATE_WAIT:?}"
+                );
+            }
+            !late
+        });
+        Ok(if !self.handing.is_empty() || !lock(&self.link.departures).is_empty() {
+            Some(HANDOVER_TICK)
+        } else if self.keys_retry {
+            Some(KEYS_RETRY)
+        } else if !self.awaiting.is_empty() {
+            Some(STATE_WAIT)
+        } else {
+            None
+        })
     }
 
     /// [`Planner::step`] as a store watch's chores.
@@ -292,9 +334,10 @@ impl Planner {
     /// If the table moved on: what changes here, built, for the loop
     /// (part of [`Planner::step`]).
     pub fn plan(&mut self) {
-        if self.planned.as_ref().is_some_and(|t| t.revision == self.routes.revision()) {
+        if !self.keys_retry && self.planned.as_ref().is_some_and(|t| t.revision == self.routes.revision()) {
             return;
         }
+        self.keys_retry = false;
         let table = self.routes.load();
         let id = self.server;
         let now = Instant::now();
@@ -314,6 +357,7 @@ impl Planner {
             }
             self.served.remove(&dev);
             self.awaiting.remove(&dev);
+            self.handing.insert(dev, now);
             let to = table.placement(dev).map(|p| p.server);
             match to {
                 Some(to) => tracing::info!(server = id, device = dev, to, "device moves away"),
@@ -389,18 +433,35 @@ impl Planner {
             }
             let Some(mac) = table.client_mac(c.id) else { continue };
             let keys = match (self.keys)(c.id) {
-                Ok(Some(keys)) => keys,
+                Ok(Some(keys)) => {
+                    self.known_keys.insert(c.id, keys.clone());
+                    keys
+                }
                 Ok(None) => {
+                    self.known_keys.remove(&c.id);
                     tracing::warn!(server = me, client = c.id, "client platform has no key in the control panel: its frames are refused (`dmfabric ctl client rekey {}`)", c.id);
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        server = me,
-                        client = c.id,
-                        "cannot read the client platform's keys ({e}): its frames are refused until they can be read"
-                    );
-                    continue;
+                    self.keys_retry = true;
+                    match self.known_keys.get(&c.id) {
+                        Some(keys) => {
+                            tracing::warn!(
+                                server = me,
+                                client = c.id,
+                                "cannot read the client platform's keys ({e}): keeping the ones it had, asking again"
+                            );
+                            keys.clone()
+                        }
+                        None => {
+                            tracing::warn!(
+                                server = me,
+                                client = c.id,
+                                "cannot read the client platform's keys ({e}): its frames are refused until they can be read (asking again)"
+                            );
+                            continue;
+                        }
+                    }
                 }
             };
             clients.push(Client { id: c.id, mac, hypervisor: c.hypervisor, keys, vms });
@@ -438,6 +499,7 @@ impl Planner {
     fn send_departures(&mut self, store: &dyn Store) -> Result<(), StoreError> {
         let mut pending = std::mem::take(&mut *lock(&self.link.departures)).into_iter();
         while let Some(d) = pending.next() {
+            self.handing.remove(&d.id);
             let Some(to) = d.to else {
                 tracing::info!(server = self.server, device = d.id, "device removed: its state is dropped");
                 continue;

@@ -192,9 +192,15 @@ fn moves_with_its_state(backend: MakeBackend) {
     impl Drop for Remove {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
+            let mut poked = self.0.clone().into_os_string();
+            poked.push(".changed");
+            let _ = std::fs::remove_file(poked);
         }
     }
-    let path = Remove(std::env::temp_dir().join(format!("dmfabric-placed-{}.redb", std::process::id())));
+    // One file per run: the inline and sharded runs go in parallel in one process.
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = Remove(std::env::temp_dir().join(format!("dmfabric-placed-{}-{run}.redb", std::process::id())));
     let _ = std::fs::remove_file(&path.0);
     let store = RedbStore::open(&path.0).unwrap();
     let mut d = db();
@@ -322,4 +328,52 @@ fn a_uart_placed_on_a_running_server_gets_a_console() {
     let mut got = Vec::new();
     console.drain_output(&mut got);
     assert_eq!(got, b"x");
+}
+
+/// A keys read that fails (etcd just back, its connection not up again)
+/// keeps the keys the planner had: the client platform's frames are still
+/// answered under a new table, and the planner asks to run again soon,
+/// until the keys can be read.
+#[test]
+fn a_failed_keys_read_keeps_the_keys_in_use() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let db1 = db();
+    let routes = Arc::new(LiveRoutes::new(RoutingTable::build(&db1, 1)));
+    let (env, link) = (DeviceEnv::new(), PlacementLink::new());
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = fail.clone();
+    let keys = Box::new(move |client| {
+        if failing.load(Ordering::SeqCst) {
+            Err("Unknown: transport error: broken pipe".to_string())
+        } else {
+            Ok(Some(testing::ring(client)))
+        }
+    });
+    let mut planner = Planner::new(11, S11, routes.clone(), env.clone(), link.clone(), keys);
+    let mut s11: TestServer = Server::placed(11, S11, env.clone(), inline(&env), link);
+    poll(&mut s11);
+    let mut c = TestClient::new(3, CLIENT, 11, S11);
+    c.open(&mut s11);
+    let answered = |s: &mut TestServer, c: &mut TestClient, data: u64| {
+        let out = feed(s, &access(c, 2, Direction::Write, 0x602, data));
+        matches!(one(&out).msg, Message::IoCompletion(_))
+    };
+    assert!(answered(&mut s11, &mut c, 1));
+    let store_dir = std::env::temp_dir().join(format!("dmfabric-keys-retry-{}", std::process::id()));
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let store = RedbStore::open(&store_dir.join("s.redb")).unwrap();
+    // A new table while the keys cannot be read.
+    fail.store(true, Ordering::SeqCst);
+    let mut db2 = db1.clone();
+    db2.apply(&[Change::AddDevice(regfile(3, 11, 0x700))]).unwrap();
+    routes.swap(RoutingTable::build(&db2, 2));
+    let again = planner.step(&store).unwrap();
+    assert_eq!(again, Some(dmfabric_dm_workers::placement::KEYS_RETRY), "asks again soon");
+    poll(&mut s11); // the loop takes the plan in
+    assert!(answered(&mut s11, &mut c, 2), "the keys it had are kept");
+    // Readable again: the next step plans with them and asks for nothing more.
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(planner.step(&store).unwrap(), None);
+    assert!(answered(&mut s11, &mut c, 3));
+    let _ = std::fs::remove_dir_all(&store_dir);
 }

@@ -14,6 +14,9 @@ use std::time::Duration;
 pub struct EtcdProcess {
     child: std::process::Child,
     dir: std::path::PathBuf,
+    /// How it was started (program, arguments): [`EtcdProcess::restart`]
+    /// runs the same again, on the same data directory.
+    argv: Vec<std::ffi::OsString>,
     /// "IP:PORT" clients connect to.
     pub endpoint: String,
     /// The certificates, when it runs over TLS.
@@ -291,23 +294,51 @@ impl EtcdProcess {
                 .arg(&tls.ca)
                 .arg("--client-cert-auth");
         }
+        let argv = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_os_string()).collect();
         let child = cmd.spawn().map_err(|e| EtcdStartError::Failed(e.to_string()))?;
-        let mut p = EtcdProcess { child, dir, endpoint, tls: None };
+        let mut p = EtcdProcess { child, dir, argv, endpoint, tls: None };
+        p.wait_ready(ready)?;
+        Ok(p)
+    }
+
+    fn wait_ready(&mut self, ready: &dyn Fn(&str) -> bool) -> Result<(), EtcdStartError> {
+        let log_path = self.dir.join("etcd.log");
         let start = std::time::Instant::now();
         loop {
-            if let Ok(Some(status)) = p.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(3).collect();
                 return Err(EtcdStartError::Failed(format!("exited with {status}: {}", tail.join(" | "))));
             }
-            if ready(&p.endpoint) {
-                return Ok(p);
+            if ready(&self.endpoint) {
+                return Ok(());
             }
             if start.elapsed() > Duration::from_secs(20) {
-                return Err(EtcdStartError::Failed(format!("no answer on {} within 20 s", p.endpoint)));
+                return Err(EtcdStartError::Failed(format!("no answer on {} within 20 s", self.endpoint)));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Start it again after [`EtcdProcess::stop`] (stopped first if it
+    /// runs): the same command on the same data directory, so it comes
+    /// back with what it had. `ready` tells when it answers, as for the
+    /// first start.
+    pub fn restart(&mut self, ready: &dyn Fn(&str) -> bool) -> Result<(), EtcdStartError> {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.join("etcd.log"))
+            .map_err(|e| EtcdStartError::Failed(e.to_string()))?;
+        self.child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| EtcdStartError::Failed(e.to_string()))?;
+        self.wait_ready(ready)
     }
 
     /// Stop it now (a store that became unreachable).

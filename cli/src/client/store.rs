@@ -61,20 +61,26 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         .collect();
     plan.client.servers = needed.into_iter().collect();
     plan.client.open_on_demand = true;
-    let watch = dmfabric_control::watch::Watch::start(
-        dmfabric_control::store::open(spec)?,
-        format!("dmfabric client {me}"),
-        Duration::from_millis(50),
-        None,
-    )?;
+    // Told of commits, and of VM states put in transit (a migration here).
+    let follow = dmfabric_control::watch::Follow::new(format!("dmfabric client {me}"), Duration::from_millis(50))
+        .with_states("vm/");
+    let watch = dmfabric_control::watch::Watch::start_with(dmfabric_control::store::open(spec)?, follow, |_| None)?;
     let (tx, changes) = crossbeam_channel::unbounded();
+    let swapped = tx.clone();
     watch.on_swap(Box::new(move |_| {
+        let _ = swapped.send(());
+    }));
+    let pokes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let poked = pokes.clone();
+    watch.on_poke(Box::new(move || {
+        poked.fetch_add(1, std::sync::atomic::Ordering::Release);
         let _ = tx.send(());
     }));
     let control = StoreControl {
         me,
         watch,
         changes,
+        pokes,
         store,
         maps: Mutex::new(Vec::new()),
         seen: Mutex::new(0),
@@ -168,6 +174,8 @@ struct Arrivals {
     waiting: std::collections::BTreeMap<u32, std::time::Instant>,
     /// When the store was last asked for their states.
     asked: Option<std::time::Instant>,
+    /// The store's pushes counted then.
+    asked_pokes: u64,
     /// The table revision last scanned for launches and migrations.
     scanned: u64,
 }
@@ -192,8 +200,11 @@ pub(super) struct StoreControl {
     /// revision they were read at.
     keys: Mutex<dmfabric_control::keys::ClientKeys>,
     keys_revision: Mutex<u64>,
-    /// A message on each revision the watch swaps in (the supervisor wakes).
+    /// A message on each revision the watch swaps in and each change the
+    /// store pushes (the supervisor wakes).
     changes: crossbeam_channel::Receiver<()>,
+    /// Changes the store pushed (a state put in transit among them).
+    pokes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -259,7 +270,10 @@ impl StoreControl {
         lock(&self.failed).clone()
     }
 
+    /// VM `vm` could not start here: said, kept for the report, and taken
+    /// as dealt with (the run does not wait for it: [`StoreControl::pending`]).
     fn fail(&self, vm: u32, why: String) {
+        lock(&self.started).insert(vm);
         let line = format!("VM {vm} could not start here: {why}");
         eprintln!("dmfabric client: {line}");
         lock(&self.failed).push(line);
@@ -269,10 +283,16 @@ impl StoreControl {
     /// restored, recorded as running here.
     fn migrated_in(&self, t: &dmfabric_control::routing::RoutingTable, arr: &mut Arrivals) -> Vec<VmSpec> {
         let now = std::time::Instant::now();
-        if arr.waiting.is_empty() || arr.asked.is_some_and(|a| now.duration_since(a) < Duration::from_millis(20)) {
+        // Asked at once when the store pushed a change since the last ask
+        // (the state may be in), else as often as next_look says.
+        let pokes = self.pokes.load(std::sync::atomic::Ordering::Acquire);
+        let every = Duration::from_millis(if self.watch.pushed() { 250 } else { 20 });
+        let recent = arr.asked.is_some_and(|a| now.duration_since(a) < every);
+        if arr.waiting.is_empty() || (recent && pokes == arr.asked_pokes) {
             return Vec::new();
         }
         arr.asked = Some(now);
+        arr.asked_pokes = pokes;
         let mut out = Vec::new();
         for (vm, since) in arr.waiting.clone() {
             let Some(v) = t.db.vms.get(&vm).filter(|v| v.migrate_to == Some(self.me)) else {
@@ -305,7 +325,7 @@ impl StoreControl {
                     continue;
                 }
             };
-            eprintln!("dmfabric client: VM {vm}: state arrived ({} KiB)", bytes.len() / 1024);
+            tracing::info!("VM {vm}: state arrived ({} KiB)", bytes.len() / 1024);
             let mut spec = match self.spec_for(&t.db, v) {
                 Ok(s) => s,
                 Err(e) => {
@@ -368,7 +388,8 @@ impl machine::VmControl for StoreControl {
 
     /// Launched VMs not started here yet, and migrated ones whose state
     /// arrived. The table is scanned when it changes; states in transit
-    /// are asked for every 20 ms while some are awaited.
+    /// are asked for when the store pushes a change (or, while it cannot,
+    /// every 20 ms while some are awaited).
     fn arrivals(&self) -> Vec<VmSpec> {
         use dmfabric_control::model::VmState;
         let t = self.watch.routes().load();
@@ -407,8 +428,21 @@ impl machine::VmControl for StoreControl {
         out
     }
 
+    /// A migration on its way, or a VM the table already has running here
+    /// (launched, or arrived) that the run has not picked up yet: the
+    /// swap that brought it wakes the supervisor, which must not end first.
     fn pending(&self) -> bool {
-        !lock(&self.arrivals).waiting.is_empty()
+        use dmfabric_control::model::VmState;
+        if !lock(&self.arrivals).waiting.is_empty() {
+            return true;
+        }
+        let t = self.watch.routes().load();
+        let started = lock(&self.started);
+        t.db.vms.values().any(|v| {
+            !started.contains(&v.id)
+                && ((v.client == self.me && v.state == VmState::Running)
+                    || (v.state == VmState::Migrating && v.migrate_to == Some(self.me)))
+        })
     }
 
     /// A rekey bumps the store's revision: read the keys again then (and
@@ -443,10 +477,12 @@ impl machine::VmControl for StoreControl {
         Some(self.changes.clone())
     }
 
-    /// While a migrating VM's state is awaited: every 20 ms.
+    /// While a migrating VM's state is awaited: every 20 ms if the store
+    /// does not push its changes, else every 250 ms in case a push was lost
+    /// (the push of the state put wakes it at once).
     fn next_look(&self) -> Option<std::time::Instant> {
         let arr = lock(&self.arrivals);
-        (!arr.waiting.is_empty())
-            .then(|| arr.asked.map_or_else(std::time::Instant::now, |a| a + Duration::from_millis(20)))
+        let every = Duration::from_millis(if self.watch.pushed() { 250 } else { 20 });
+        (!arr.waiting.is_empty()).then(|| arr.asked.map_or_else(std::time::Instant::now, |a| a + every))
     }
 }
