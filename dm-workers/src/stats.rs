@@ -236,3 +236,31 @@ impl fmt::Display for ServerStats {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A counter added to ServerStats must reach a metrics endpoint: every
+    /// field is in `counters`, `nacks` (as `nack_<reason>`) or `drops`.
+    #[test]
+    fn every_counter_is_named_for_the_metrics() {
+        let fields = serde_json::to_value(ServerStats::default()).unwrap();
+        let s = ServerStats::default();
+        let named: Vec<String> = s
+            .counters()
+            .iter()
+            .map(|c| c.0.to_string())
+            .chain(s.nacks().iter().map(|(r, _)| format!("nack_{r}")))
+            .chain(s.drops().into_iter().map(|(r, _)| r))
+            .collect();
+        for (field, _) in fields.as_object().unwrap() {
+            let by_reason = matches!(field.as_str(), "unauthenticated" | "malformed" | "devices");
+            assert!(by_reason || named.contains(field), "ServerStats::{field} is not exported");
+        }
+        let mut unique = named.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), named.len(), "a name twice: {named:?}");
+    }
+}
