@@ -378,18 +378,19 @@ fn a_metrics_port_in_use_is_one_line_and_nothing_starts() {
     drop(held);
 }
 
-/// A tmux server of the test's own (its own socket), killed when dropped.
+/// A tmux server of the test's own (its socket in the test's directory),
+/// killed when dropped.
 struct Tmux {
-    socket: String,
+    socket: PathBuf,
 }
 
 impl Tmux {
-    fn new() -> Tmux {
-        Tmux { socket: format!("dmf-top-{}", std::process::id()) }
+    fn new(dir: &TempDir) -> Tmux {
+        Tmux { socket: dir.0.join("tmux.sock") }
     }
 
     fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("tmux").arg("-L").arg(&self.socket).args(args).stdin(Stdio::null()).output().unwrap()
+        Command::new("tmux").arg("-S").arg(&self.socket).args(args).stdin(Stdio::null()).output().unwrap()
     }
 
     fn screen(&self) -> String {
@@ -460,7 +461,7 @@ fn dmfabric_top_shows_live_rates_under_tmux_and_its_json_parses() {
     // terminal back as it was.
     let dir = TempDir::new("top");
     let stty = dir.0.join("stty");
-    let tmux = Tmux::new();
+    let tmux = Tmux::new(&dir);
     let script =
         format!("{BIN} top {}; echo \"top exited $?\"; stty -a > {}; sleep 60", endpoints.join(" "), stty.display());
     let ns = rig.net.host(0).ns.clone();
