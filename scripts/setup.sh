@@ -16,8 +16,9 @@ need_root() {
 # guests; iproute2 for test hosts; util-linux for setpriv (privilege tests);
 # qemu-system-x86 runs the guests' Multiboot builds; openssl makes the
 # certificates of the TLS etcd test; iputils-ping pings over IPv6 on an
-# interface the data plane serves (its XDP program passes what is not 0x88B5).
-packages=(clang libelf-dev m4 libpcap-dev pkg-config zlib1g-dev gcc make binutils iproute2 util-linux qemu-system-x86 protobuf-compiler libprotobuf-dev etcd-server openssl systemd iputils-ping)
+# interface the data plane serves (its XDP program passes what is not 0x88B5);
+# prometheus (with promtool) and tmux run the metrics and `dmfabric top` tests.
+packages=(clang libelf-dev m4 libpcap-dev pkg-config zlib1g-dev gcc make binutils iproute2 util-linux qemu-system-x86 protobuf-compiler libprotobuf-dev etcd-server openssl systemd iputils-ping prometheus tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

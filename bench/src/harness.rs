@@ -60,6 +60,9 @@ pub struct Setup {
     /// Seal and check every frame (off only to measure what that costs;
     /// a server thread only).
     pub authenticate: bool,
+    /// Start a server process with `--metrics` and scrape it this often
+    /// while the load runs (what a Prometheus does to the data plane).
+    pub scrape: Option<Duration>,
 }
 
 impl Setup {
@@ -80,6 +83,7 @@ impl Setup {
             pc_vm: None,
             secret: fresh_secret(),
             authenticate: true,
+            scrape: None,
         }
     }
 
@@ -312,6 +316,9 @@ where
                 }
             }
             cmd.args(["--test-devices", &setup.test_devices.to_string()]);
+            if setup.scrape.is_some() {
+                cmd.args(["--metrics", METRICS_ADDR]);
+            }
             // A PC's devices come with a console directory: one for this run.
             let console_dir = run_dir.join("consoles");
             if let Some(vm) = setup.pc_vm {
@@ -329,7 +336,12 @@ where
                 }
             });
             wait_ready(&line_rx, stop)?;
+            let scraper = setup.scrape.map(|every| Scraper::start(&net, every));
             let result = client_side(setup, &net, load);
+            if let Some(s) = scraper {
+                let (n, failed) = s.finish();
+                eprintln!("dmfabric bench: scraped the server's metrics {n} times during the load ({failed} failed)");
+            }
             let _ = child.interrupt(Duration::from_secs(5));
             drop(child);
             let _ = reader.join();
@@ -339,6 +351,57 @@ where
             Ok(Outcome { result: result?, server: None, server_json })
         }
     }
+}
+
+/// Where a server process started with [`Setup::scrape`] serves its
+/// metrics, inside its own namespace.
+const METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// GETs the server's metrics every so often, from inside its namespace.
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(u64, u64), netns::NetnsError>>,
+}
+
+impl Scraper {
+    fn start(net: &TestNet, every: Duration) -> Scraper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = net.spawn_in(1, "dmf-bench-scrape", move || {
+            let (mut ok, mut failed) = (0, 0);
+            let mut next = std::time::Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                if std::time::Instant::now() >= next {
+                    next += every;
+                    if scrape_once().is_some() {
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        });
+        Scraper { stop, thread }
+    }
+
+    /// Stop; scrapes done and failed.
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().ok().and_then(Result::ok).unwrap_or_default()
+    }
+}
+
+fn scrape_once() -> Option<usize> {
+    use std::io::{Read, Write};
+    let addr = METRICS_ADDR.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").ok()?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).ok()?;
+    body.starts_with(b"HTTP/1.1 200").then_some(body.len())
 }
 
 fn wait_ready(lines: &mpsc::Receiver<String>, stop: &AtomicBool) -> Result<(), HarnessError> {

@@ -10,6 +10,10 @@ pub struct RttJson {
     pub transport: String,
     /// Frames sealed and checked (false only in a measurement of the cost).
     pub authenticated: bool,
+    /// The server's metrics endpoint was scraped every second meanwhile
+    /// (`--scrape`; only written when it was).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub scraped: bool,
     pub requests: u64,
     pub completed: u64,
     pub lost: u64,
@@ -28,6 +32,7 @@ impl RttJson {
         RttJson {
             transport: transport.to_string(),
             authenticated,
+            scraped: false,
             requests: r.sent,
             completed: r.completed,
             lost: r.lost,

@@ -157,6 +157,8 @@ struct Run {
     kind: TransportKind,
     authenticated: bool,
     program: Option<XdpProgram>,
+    /// The server's metrics were scraped every second meanwhile.
+    scraped: bool,
 }
 
 impl Run {
@@ -239,6 +241,29 @@ pub struct Common {
     /// Test devices on the server; the load spreads its vCPUs over them.
     #[arg(long, default_value_t = 1)]
     test_devices: u32,
+    /// Start the server with --metrics and scrape it every second during
+    /// the load (on), not (off), or both one after the other, to measure
+    /// what a Prometheus scraping does to the data plane (a server process
+    /// only).
+    #[arg(long, value_enum, default_value = "off")]
+    scrape: ScrapeArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScrapeArg {
+    Off,
+    On,
+    Both,
+}
+
+impl ScrapeArg {
+    fn runs(self) -> &'static [bool] {
+        match self {
+            ScrapeArg::Off => &[false],
+            ScrapeArg::On => &[true],
+            ScrapeArg::Both => &[false, true],
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -277,11 +302,14 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
                 loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
             })?;
-            let rows: Vec<RttJson> =
-                reports.iter().map(|(run, r)| RttJson::new(run.name(), run.authenticated, r)).collect();
+            let rows: Vec<RttJson> = reports
+                .iter()
+                .map(|(run, r)| RttJson { scraped: run.scraped, ..RttJson::new(run.name(), run.authenticated, r) })
+                .collect();
             for row in &rows {
                 print_rtt(row);
             }
+            print_scrape_cost(&rows);
             print_ratio(&rows, |r| r.p50_us, "p50 latency");
             print_program_ratio(&rows, |r| r.p50_us, "p50 latency");
             print_auth_cost(&rows, |r| (r.transport.clone(), r.authenticated), |r| r.p50_us, "p50 latency");
@@ -345,11 +373,17 @@ fn for_each_transport(
         if common.auth != AuthArg::On {
             bail!("--iface talks to a running server, which always authenticates: --auth on");
         }
-        let run = Run { kind, authenticated: true, program: common.hosts.xdp_prog.first().copied() };
+        if common.scrape != ScrapeArg::Off {
+            bail!("--scrape starts the server itself: not with --iface (scrape your server's --metrics yourself)");
+        }
+        let run = Run { kind, authenticated: true, program: common.hosts.xdp_prog.first().copied(), scraped: false };
         return Ok(vec![(run, on_given_interface(common, kind, iface, stop, load)?)]);
     }
     if common.auth != AuthArg::On && common.hosts.server != ServerMode::Thread {
         bail!("--auth {:?} measures a server without authentication: add --server thread (a server process always authenticates)", common.auth);
+    }
+    if common.scrape != ScrapeArg::Off && common.hosts.server != ServerMode::Process {
+        bail!("--scrape scrapes a server process's --metrics: not with --server thread");
     }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let mut out = Vec::new();
@@ -364,7 +398,10 @@ fn for_each_transport(
             } else {
                 vec![None]
             };
-            programs.into_iter().map(move |program| Run { kind, authenticated, program })
+            programs.into_iter().map(move |program| (kind, authenticated, program))
+        })
+        .flat_map(|(kind, authenticated, program)| {
+            common.scrape.runs().iter().map(move |&scraped| Run { kind, authenticated, program, scraped })
         });
     for run in runs {
         let kind = run.kind;
@@ -376,12 +413,18 @@ fn for_each_transport(
         setup.test_devices = common.test_devices.max(1);
         setup.authenticate = run.authenticated;
         setup.xdp_program = run.program;
-        let auth = match (run.authenticated, run.program == Some(XdpProgram::LibxdpDefault)) {
-            (true, false) => "",
-            (true, true) => " (libxdp's default XDP program, for comparison)",
-            (false, false) => " (no authentication, for comparison)",
-            (false, true) => " (no authentication, libxdp's default XDP program, for comparison)",
-        };
+        setup.scrape = run.scraped.then_some(Duration::from_secs(1));
+        let mut notes = Vec::new();
+        if !run.authenticated {
+            notes.push("no authentication");
+        }
+        if run.program == Some(XdpProgram::LibxdpDefault) {
+            notes.push("libxdp's default XDP program");
+        }
+        if run.scraped {
+            notes.push("its metrics scraped every second");
+        }
+        let auth = if notes.is_empty() { String::new() } else { format!(" ({}, for comparison)", notes.join(", ")) };
         eprintln!("dmfabric bench: {kind}{auth}: test hosts up, server starting ...");
         let flag = stop.clone();
         let outcome =
@@ -465,10 +508,34 @@ fn label(transport: &str, authenticated: bool) -> String {
     }
 }
 
+/// With runs scraped and not, the p50 ratio of each transport.
+fn print_scrape_cost(rows: &[RttJson]) {
+    for on in rows.iter().filter(|r| r.scraped) {
+        let off =
+            rows.iter().find(|r| !r.scraped && r.transport == on.transport && r.authenticated == on.authenticated);
+        if let Some(off) = off.filter(|o| o.p50_us > 0.0) {
+            println!(
+                "  {} p50 with a 1 s metrics scrape / without: {:.3}x ({:.2} / {:.2} µs; p99 {:.2} / {:.2} µs)",
+                on.transport,
+                on.p50_us / off.p50_us,
+                on.p50_us,
+                off.p50_us,
+                on.p99_us,
+                off.p99_us
+            );
+        }
+    }
+}
+
 fn print_rtt(r: &RttJson) {
+    let label = if r.scraped {
+        format!("{}+scrape", label(&r.transport, r.authenticated))
+    } else {
+        label(&r.transport, r.authenticated)
+    };
     println!(
         "  {:<12} requests {:>8}  lost {}  wrong {}  p50 {:>7.2} µs  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>8.2}  max {:>9.2}",
-        label(&r.transport, r.authenticated),
+        label,
         r.requests,
         r.lost,
         r.wrong,

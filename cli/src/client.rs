@@ -67,6 +67,11 @@ pub struct ClientArgs {
     /// Also write the per-VM and per-device counters as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Serve the counters in the Prometheus text format at
+    /// http://ADDR:PORT/metrics (overrides the config's `metrics`; off
+    /// unless one of them gives it).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
 }
 
 pub const EXAMPLE: &str = r#"# dmfabric client config: the VMs of this client platform.
@@ -77,6 +82,7 @@ key_file = "client-3.key"   # this platform's key (relative to this file; mode 0
 run_seconds = 60        # stop every VM after this long
 timeout_ms = 20         # retransmit a request after this long ...
 retries = 4             # ... this many times, then stop the VM
+# metrics = "127.0.0.1:9464"   # serve Prometheus metrics at http://ADDR:PORT/metrics (off unless given)
 
 [link]
 transport = "xdp"       # xdp | packet | udp
@@ -151,6 +157,8 @@ struct FileConfig {
     timeout_ms: u64,
     #[serde(default = "default_retries")]
     retries: u32,
+    /// Where to serve the Prometheus metrics (off unless given).
+    metrics: Option<SocketAddr>,
     #[serde(default)]
     link: LinkConfig,
     #[serde(default)]
@@ -259,6 +267,7 @@ struct Plan {
     link: Option<(TransportSpec, String)>,
     vms: Vec<VmSpec>,
     run: Duration,
+    metrics: Option<SocketAddr>,
 }
 
 fn load(path: &Path, iface: Option<&str>, seconds: Option<f64>) -> anyhow::Result<Plan> {
@@ -410,6 +419,7 @@ fn plan_vms(
         link,
         vms,
         run: Duration::from_secs_f64(run_seconds),
+        metrics: cfg.metrics,
     })
 }
 
@@ -689,6 +699,8 @@ pub fn run(args: ClientArgs, signals: &crate::Signals) -> anyhow::Result<()> {
         print!("{EXAMPLE}");
         return Ok(());
     }
+    // The metrics port first: one in use stops the client before it did anything.
+    let mut endpoint = args.metrics.map(crate::metrics::Endpoint::bind).transpose()?;
     dmfabric_vmm_shim::kvm::probe()?;
     let (plan, control) = match (&args.store, args.config.as_deref()) {
         (Some(store), _) => {
@@ -698,11 +710,26 @@ pub fn run(args: ClientArgs, signals: &crate::Signals) -> anyhow::Result<()> {
         (None, Some(path)) => (load(path, args.iface.as_deref(), args.seconds)?, None),
         (None, None) => bail!("--config (or --store) is required"),
     };
+    if endpoint.is_none() {
+        endpoint = plan.metrics.map(crate::metrics::Endpoint::bind).transpose().context("metrics")?;
+    }
+    let live = match endpoint {
+        Some(e) => {
+            let live = dmfabric_vmm_shim::live::LiveRun::new();
+            let (l, id, addr) = (live.clone(), plan.client.client, e.addr());
+            // The vCPU threads are not pinned: any core will do.
+            e.serve(None, move || crate::metrics::render(crate::metrics::client_families(id, &l)))?;
+            eprintln!("dmfabric client: metrics at http://{addr}/metrics");
+            Some(live)
+        }
+        None => None,
+    };
     let opts = RunOptions {
         timeout: plan.run,
         dump: Some(signals.dump.clone()),
         wake: Some(signals.wake.clone()),
         control: control.clone().map(|c| machine::Control(c as Arc<dyn machine::VmControl>)),
+        live,
         ..RunOptions::default()
     };
     let transport = match &plan.link {

@@ -14,8 +14,10 @@ mod console;
 mod ctl;
 mod demo;
 mod io;
+mod metrics;
 mod server;
 pub mod server_config;
+mod top;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,6 +72,9 @@ enum Cmd {
     /// Measure the data plane between two network namespaces.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// A live view of servers and clients from their --metrics endpoints
+    /// (q quits; --once --json for scripts).
+    Top(top::TopArgs),
     /// Boot a KVM guest whose UART, RTC, event timer and i8042 are served by
     /// a dmfabric server in another network namespace; stream its console,
     /// type at it, print the counters, remove everything.
@@ -136,6 +141,7 @@ pub fn main() -> ExitCode {
             Cmd::Io(args) => io::run(args, stop),
             Cmd::Bench(cmd) => bench::run(cmd, stop),
             Cmd::Demo(args) => demo::run(args, &signals),
+            Cmd::Top(args) => top::run(args, stop),
         }
     });
     match result {

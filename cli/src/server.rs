@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use dmfabric_control::keys::KeyFile;
 use dmfabric_control::watch::{Follow, Watch};
+use dmfabric_dataplane::observe::Mailbox;
 use dmfabric_dataplane::poll::{self, Handler, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport, ZeroCopy};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind, TransportSpec};
@@ -81,6 +82,11 @@ pub struct ServerArgs {
     /// Print the final counters as one `stats-json: {...}` line on stdout.
     #[arg(long)]
     stats_json: bool,
+    /// Serve the counters in the Prometheus text format at
+    /// http://ADDR:PORT/metrics (off unless given), from a thread off the
+    /// data-plane core.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
     /// The devices to host and the client platforms that may use them
     /// (TOML; see --example-config). Without it: the test devices, and the
     /// PC devices of each --pc-vm, for the clients of --clients.
@@ -126,7 +132,12 @@ struct Reporting {
     server: Server<Box<dyn Backend>>,
     every: Option<Duration>,
     next: Instant,
+    /// Where a metrics scrape asks for a copy of the counters.
+    metrics: Option<Arc<Mailbox<Snapshot>>>,
 }
+
+/// The counters a metrics scrape reads.
+type Snapshot = (ServerStats, Option<ShardStats>);
 
 impl Handler for Reporting {
     fn on_frame(&mut self, frame: &[u8], tx: &mut FrameBatch, now: Instant) {
@@ -144,6 +155,10 @@ impl Handler for Reporting {
         }
         if asked || due {
             print_stats(&self.server.stats(), self.server.shard_stats().as_ref());
+        }
+        // A scrape asked for a copy (one relaxed load per poll, as above).
+        if let Some(m) = self.metrics.as_ref().filter(|m| m.wanted()) {
+            m.publish((self.server.stats(), self.server.shard_stats()));
         }
     }
 
@@ -301,6 +316,8 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         print!("{}", crate::server_config::EXAMPLE);
         return Ok(());
     }
+    // The metrics port first: one in use stops the server before it did anything.
+    let endpoint = args.metrics.map(crate::metrics::Endpoint::bind).transpose()?;
     let layout = layout(&args)?;
     let dp_core = match &layout {
         Layout::RunToCompletion { core } => *core,
@@ -362,13 +379,40 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             console_dir.display()
         );
     }
+    let mailbox = match endpoint {
+        Some(e) => {
+            let mailbox = Arc::new(Mailbox::<Snapshot>::new());
+            let (m, id) = (mailbox.clone(), args.server_id);
+            let busy: Vec<usize> = match &layout {
+                Layout::RunToCompletion { core } => vec![*core],
+                Layout::Split { dataplane, workers } => dataplane.iter().chain(workers).copied().collect(),
+            };
+            let core = crate::metrics::off_core(&busy).or_else(|| crate::metrics::off_core(&[dp_core]));
+            let addr = e.addr();
+            e.serve(core, move || {
+                let families = match m.fetch(crate::metrics::FETCH_WAIT) {
+                    Some((stats, shards)) => crate::metrics::server_families(id, &stats, shards.as_ref()),
+                    None => Vec::new(),
+                };
+                crate::metrics::render(families)
+            })?;
+            println!("dmfabric server: metrics at http://{addr}/metrics");
+            Some(mailbox)
+        }
+        None => None,
+    };
     let every = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
-    let mut handler = Reporting { server, every, next: Instant::now() + every.unwrap_or_default() };
+    let mut handler =
+        Reporting { server, every, next: Instant::now() + every.unwrap_or_default(), metrics: mailbox.clone() };
     let cfg = PollConfig { spin: if args.busy_poll { u32::MAX } else { args.spin }, ..PollConfig::default() };
     let result = poll::run(transport.as_mut(), &mut handler, cfg, &stop);
     consoles.finish();
     let (stats, shards) = handler.server.finish();
     print_stats(&stats, shards.as_ref());
+    if let Some(m) = &mailbox {
+        // Scrapes until the process exits see every counter.
+        m.put((stats.clone(), shards.clone()));
+    }
     if let Some(p) = &placed {
         use std::sync::atomic::Ordering::Relaxed;
         let h = p.watch.health();

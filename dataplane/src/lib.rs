@@ -5,7 +5,8 @@
 //! ([`packet`]), UDP ([`udp`]), in-memory ([`mem`]) and a fault-injecting
 //! wrapper ([`fault`]); the bounded-burst poll loop with buffered TX
 //! ([`poll`]); the SPSC rings between cores ([`ring`]); and the test hosts
-//! (network namespaces joined by veth, [`netns`]).
+//! (network namespaces joined by veth, [`netns`]); how a reader off the
+//! data plane gets a copy of a core's counters ([`observe`]).
 //!
 //! Does not own: what frames mean (that is `dmfabric-wire`) or what a
 //! server or client does with them.
@@ -17,6 +18,7 @@ pub mod fault;
 pub mod hello;
 pub mod mem;
 pub mod netns;
+pub mod observe;
 pub mod packet;
 pub mod poll;
 pub mod reliable;

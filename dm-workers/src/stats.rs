@@ -107,6 +107,87 @@ impl ServerStats {
     }
 }
 
+/// A counter of [`ServerStats`] as a metrics endpoint names it: (name
+/// without the `_total` suffix, help, value).
+pub type NamedCounter = (&'static str, &'static str, u64);
+
+impl ServerStats {
+    /// Every plain counter with a name and a help line, for a metrics
+    /// endpoint (what is by reason is in [`ServerStats::nacks`] and
+    /// [`ServerStats::drops`], what is per device in `devices`).
+    pub fn counters(&self) -> Vec<NamedCounter> {
+        vec![
+            ("requests", "I/O requests received", self.requests),
+            ("completions", "I/O completions sent", self.completions),
+            ("unclaimed", "Accesses no device register claimed", self.unclaimed),
+            ("forwarded", "Requests for devices on another server, sent there", self.forwarded),
+            ("held", "Requests that waited for their device's state to arrive", self.held),
+            ("duplicates_answered", "Retransmitted requests answered again from the cache", self.duplicates_answered),
+            ("duplicates_in_flight", "Retransmitted requests still being executed", self.duplicates_in_flight),
+            ("hellos", "Hellos received", self.hellos),
+            ("sessions_offered", "Sessions offered (Hello answers)", self.sessions_offered),
+            ("sessions_started", "Sessions started (first used)", self.sessions_started),
+            ("clients_forgotten", "Clients forgotten after a long silence", self.clients_forgotten),
+            ("devices_arrived", "Devices taken over with their saved state", self.devices_arrived),
+            ("devices_left", "Devices that moved away", self.devices_left),
+            ("vm_resets", "Reset requests sent to VMs' clients", self.vm_resets),
+            ("interrupts", "Interrupt frames sent (first copies)", self.interrupts),
+            ("interrupt_retransmits", "Interrupt frames sent again", self.interrupt_retransmits),
+            ("interrupt_acks", "Interrupt acknowledgements received", self.interrupt_acks),
+            ("interrupts_coalesced", "Level changes folded into one still queued", self.interrupts_coalesced),
+            ("levels_resent", "Level lines sent again to a client with a new session", self.levels_resent),
+        ]
+    }
+
+    /// Requests refused with a Nack, by reason (every reason, zeros too).
+    pub fn nacks(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("unknown_device", self.nack_unknown_device),
+            ("other_vm", self.nack_other_vm),
+            ("wrong_server", self.nack_wrong_server),
+            ("unknown_vm", self.nack_unknown_vm),
+            ("bad_vcpu", self.nack_bad_vcpu),
+            ("no_session", self.nack_no_session),
+        ]
+    }
+
+    /// What was dropped (or not sent), by reason — every reason, zeros too,
+    /// so that a rate is defined from the first scrape. Frames: of another
+    /// EtherType, for another MAC, malformed (`malformed_<why>`), not
+    /// authentic (`unauthenticated_<why>`), of the wrong source or kind;
+    /// requests stale, over the hold limit; interrupts and events that
+    /// could not be sent; Nacks and Hello answers rate-limited; replies
+    /// that did not fit a burst.
+    pub fn drops(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = vec![
+            ("foreign".into(), self.foreign),
+            ("not_for_us".into(), self.not_for_us),
+            ("unexpected_kind".into(), self.unexpected_kind),
+            ("wrong_source".into(), self.wrong_source),
+            ("bad_hello".into(), self.bad_hello),
+            ("stale".into(), self.stale),
+            ("held_dropped".into(), self.held_dropped),
+            ("tx_full".into(), self.tx_full),
+            ("nacks_limited".into(), self.nacks_limited),
+            ("hellos_limited".into(), self.hellos_limited),
+            ("interrupts_unbound".into(), self.interrupts_unbound),
+            ("interrupts_given_up".into(), self.interrupts_given_up),
+            ("interrupts_queue_full".into(), self.interrupts_queue_full),
+            ("interrupt_acks_stale".into(), self.interrupt_acks_stale),
+            ("vm_events_unbound".into(), self.vm_events_unbound),
+            ("vm_events_dropped".into(), self.vm_events_dropped),
+        ];
+        let of = |table: &[(&'static str, u64)], name: &str| table.iter().find(|(n, _)| *n == name).map_or(0, |t| t.1);
+        for e in dmfabric_wire::auth::AuthError::ALL {
+            out.push((format!("unauthenticated_{}", e.name()), of(&self.unauthenticated, e.name())));
+        }
+        for e in dmfabric_wire::WireError::ALL {
+            out.push((format!("malformed_{}", e.name()), of(&self.malformed, e.name())));
+        }
+        out
+    }
+}
+
 impl fmt::Display for ServerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -153,5 +234,33 @@ impl fmt::Display for ServerStats {
             write!(f, " {name}={n}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A counter added to ServerStats must reach a metrics endpoint: every
+    /// field is in `counters`, `nacks` (as `nack_<reason>`) or `drops`.
+    #[test]
+    fn every_counter_is_named_for_the_metrics() {
+        let fields = serde_json::to_value(ServerStats::default()).unwrap();
+        let s = ServerStats::default();
+        let named: Vec<String> = s
+            .counters()
+            .iter()
+            .map(|c| c.0.to_string())
+            .chain(s.nacks().iter().map(|(r, _)| format!("nack_{r}")))
+            .chain(s.drops().into_iter().map(|(r, _)| r))
+            .collect();
+        for (field, _) in fields.as_object().unwrap() {
+            let by_reason = matches!(field.as_str(), "unauthenticated" | "malformed" | "devices");
+            assert!(by_reason || named.contains(field), "ServerStats::{field} is not exported");
+        }
+        let mut unique = named.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), named.len(), "a name twice: {named:?}");
     }
 }

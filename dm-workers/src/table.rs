@@ -26,6 +26,9 @@ pub struct DeviceCounters {
     pub service_p99_ns: u64,
     /// The device has left this server (moved or removed): what it did while here.
     pub gone: bool,
+    /// The service times in a metrics endpoint's buckets.
+    #[serde(skip)]
+    pub service: dmfabric_dataplane::observe::LatencyBuckets,
 }
 
 impl fmt::Display for DeviceCounters {
@@ -122,6 +125,7 @@ impl Devices {
         DeviceCounters {
             service_p50_ns: e.service.value_at_quantile(0.5),
             service_p99_ns: e.service.value_at_quantile(0.99),
+            service: dmfabric_dataplane::observe::LatencyBuckets::of(&e.service),
             ..e.counters.clone()
         }
     }

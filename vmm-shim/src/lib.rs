@@ -18,6 +18,7 @@ pub mod exits;
 pub mod guests;
 pub mod kvm;
 pub mod linux;
+pub mod live;
 pub mod local;
 pub mod machine;
 pub mod migrate;

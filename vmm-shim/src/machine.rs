@@ -146,6 +146,8 @@ pub struct RunOptions {
     pub keep_memory: Option<(u64, usize)>,
     /// What the control panel wants of each VM while it runs.
     pub control: Option<Control>,
+    /// Where a metrics endpoint reads the run's counters while it runs.
+    pub live: Option<Arc<crate::live::LiveRun>>,
 }
 
 impl Default for RunOptions {
@@ -157,6 +159,7 @@ impl Default for RunOptions {
             wake: None,
             keep_memory: None,
             control: None,
+            live: None,
         }
     }
 }
@@ -351,10 +354,16 @@ pub fn run(
         None => None,
     };
     sup.set_port(port.clone());
+    if let Some(l) = &opts.live {
+        l.set_port(port.clone());
+    }
     for vm in vms {
         sup.start(vm)?;
     }
     let reports = sup.run();
+    if let Some(l) = &opts.live {
+        l.end();
+    }
     let client = port.as_ref().map(|p| p.stats());
     let transport = port.and_then(|p| Arc::try_unwrap(p).ok()).map(ClientPort::into_transport);
     Ok((RunReport { vms: reports, client }, transport))

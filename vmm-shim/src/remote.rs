@@ -510,6 +510,13 @@ impl ClientPort {
         lock(&self.link).stats
     }
 
+    /// The VMs this port serves (or served), by id.
+    pub fn vm_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.table().by_id.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Counters of VM `vm`.
     pub fn vm_stats(&self, vm: u32) -> Option<VmRemoteStats> {
         let i = self.vm_index(vm)?;

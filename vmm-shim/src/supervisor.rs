@@ -14,11 +14,13 @@ use hdrhistogram::Histogram;
 use crate::exits::Router;
 use crate::kvm::{Vcpu, VcpuState, Vm};
 use crate::linux;
+use crate::live::VcpuCounters;
 use crate::local::Ticker;
 use crate::machine::{Boot, Desired, MachineError, RunOptions, VcpuReport, VmControl, VmReport, VmSpec};
 use crate::migrate::VmSnapshot;
 use crate::remote::{ClientPort, RemoteError, VmEntry};
 use crate::vcpu::{RunState, VcpuEvent, VcpuHandle, VcpuMessage, VcpuResponse};
+use dmfabric_dataplane::observe::Mailbox;
 
 /// A migration whose delivery failed is tried again after this long.
 const DELIVERY_RETRY: Duration = Duration::from_millis(100);
@@ -184,7 +186,9 @@ impl<'r> Supervisor<'r> {
         let mut handles = Vec::new();
         for (n, vcpu) in vcpus.into_iter().enumerate() {
             let n = n as u16;
-            let body = vcpu_body(spec.clone(), n, vcpu, self.port.clone(), self.ticker.clone(), self.opts.time_exits);
+            let live = self.opts.live.as_ref().map(|l| l.vcpu(id, n));
+            let body =
+                vcpu_body(spec.clone(), n, vcpu, self.port.clone(), self.ticker.clone(), self.opts.time_exits, live);
             let handle = VcpuHandle::spawn(id, n, held, self.responses.0.clone(), body)
                 .map_err(|source| MachineError::Thread { vm: id, vcpu: n, source })?;
             handles.push(handle);
@@ -474,6 +478,7 @@ fn vcpu_body(
     port: Option<Arc<ClientPort>>,
     ticker: Arc<Ticker>,
     time_exits: bool,
+    live: Option<Arc<Mailbox<VcpuCounters>>>,
 ) -> impl FnOnce(&mut crate::vcpu::VcpuEvents, &Arc<AtomicBool>) -> VcpuReport + Send + 'static {
     move |events, stopping| {
         let remote = match &port {
@@ -483,6 +488,10 @@ fn vcpu_body(
             },
             None => None,
         };
+        if let Some(l) = &live {
+            // Seen (with nothing counted) from the start, even if it never exits.
+            l.put(VcpuCounters::default());
+        }
         let mut router = Router::new(&spec.map, &spec.local, remote);
         router.reset_on(&spec.reset);
         router.tick_with(&ticker);
@@ -501,8 +510,16 @@ fn vcpu_body(
                 }
                 last = Some(now);
             }
-            router.handle(e)
+            let flow = router.handle(e);
+            // A metrics reader asked for a copy: one relaxed load per exit.
+            if let Some(l) = live.as_ref().filter(|l| l.wanted()) {
+                l.publish(VcpuCounters::of(router.stats(), router.per_device(), router.times()));
+            }
+            flow
         });
+        if let Some(l) = &live {
+            l.put(VcpuCounters::of(router.stats(), router.per_device(), router.times()));
+        }
         let tail = router.console().map(|t| t.last_lines(8)).filter(|t| !t.is_empty());
         let result = match (result, tail) {
             (Err(e), Some(tail)) => Err(format!("{e}; the console's last lines:\n{tail}")),

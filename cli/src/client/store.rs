@@ -41,6 +41,7 @@ pub(super) fn store_plan(spec: &str, args: &ClientArgs) -> anyhow::Result<(Plan,
         run_seconds: args.seconds.unwrap_or(86_400.0),
         timeout_ms: args.timeout_ms,
         retries: args.retries,
+        metrics: None,
         link: LinkConfig { iface: Some(iface), ..LinkConfig::default() },
         vm: mine.iter().map(|v| vm_config(&db, v)).collect(),
     };
