@@ -42,8 +42,12 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 echo "setup: building dmfabric (release)"
-cargo build --release --locked -p dmfabric 2>&1 | grep -vE '^\s*(Compiling|Downloaded|Downloading)' || true
-test -x target/release/dmfabric || { echo "setup: build failed" >&2; exit 1; }
+# A failed build stops here (an older binary left in target/ must not run;
+# pipefail makes the pipeline fail with cargo).
+if ! cargo build --release --locked -p dmfabric 2>&1 | { grep -vE '^\s*(Compiling|Downloaded|Downloading)' || true; }; then
+  echo "setup: build failed" >&2
+  exit 1
+fi
 
 # The Linux guest images (Debian's cloud kernel, a busybox initramfs):
 # cached, so only the first run downloads.

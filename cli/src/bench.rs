@@ -697,6 +697,11 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         bail!("--device uart-scratch keeps a sample per exit in guest memory: at most 2000000 exits");
     }
     a.latency.check()?;
+    if a.hosts.xdp_prog.len() > 1 {
+        bail!(
+            "bench exit measures one XDP program at a time: give --xdp-prog once (rtt and throughput compare several)"
+        );
+    }
     let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
     let mut runs: Vec<(ExitModeArg, TransportKind)> = Vec::new();
     for &mode in &a.mode {
@@ -760,5 +765,6 @@ fn setup_for(kind: TransportKind, hosts: &Hosts, exe: &std::path::Path) -> Setup
     };
     let mut setup = Setup::new(kind, launch);
     setup.xdp_mode = hosts.xdp_mode;
+    setup.xdp_program = hosts.xdp_prog.first().copied();
     setup
 }
