@@ -6,34 +6,17 @@
 //! and fails under DMFABRIC_REQUIRE_PRIVILEGED=1, as CI runs it).
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use dmfabric_control::keys::KeyFile;
 use dmfabric_control::model::Change;
 use dmfabric_control::store::{self, Store};
 use dmfabric_testkit::etcd::{start_or_skip, EtcdProcess};
+use dmfabric_testkit::TestDir;
 
 mod common;
 use common::BIN;
-
-/// A directory of the test's own, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("dmfabric-ctl-keys-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `dmfabric args`: (success, stdout, stderr).
 fn dmfabric(args: &[&str]) -> (bool, String, String) {
@@ -60,11 +43,11 @@ fn mode(p: &Path) -> u32 {
 
 #[test]
 fn keys_are_made_rotated_exported_and_never_printed() {
-    let dir = Dir::new("redb");
-    let spec = dir.0.join("store/control.redb").to_str().unwrap().to_string();
+    let dir = TestDir::new("ctl-keys-redb");
+    let spec = dir.join("store/control.redb").to_str().unwrap().to_string();
     let out = ctl(&spec, &["add", "client", "--id", "3", "--mac", "02:00:00:00:00:03"]);
     assert!(out.contains("made key 1 of client platform 3"), "{out}");
-    assert_eq!((mode(Path::new(&spec)), mode(&dir.0.join("store"))), (0o600, 0o700));
+    assert_eq!((mode(Path::new(&spec)), mode(&dir.join("store"))), (0o600, 0o700));
     let s = store::open(&spec).unwrap();
     let first = s.client_keys(3).unwrap().expect("key 1 made with the client");
     assert_eq!((first.ids(), first.send), (vec![1], 1));
@@ -82,7 +65,7 @@ fn keys_are_made_rotated_exported_and_never_printed() {
     assert_eq!((rekeyed.ids(), rekeyed.send), (vec![1, 2], 2));
     assert_eq!(rekeyed.keys[0].secret.to_hex(), secret, "the old key stays until retired");
 
-    let file = dir.0.join("client3.toml");
+    let file = dir.join("client3.toml");
     let f = file.to_str().unwrap();
     ctl(&spec, &["client", "export-key", "3", "--out", f]);
     assert_eq!(mode(&file), 0o600);
@@ -102,7 +85,7 @@ fn keys_are_made_rotated_exported_and_never_printed() {
     assert_eq!(s.client_keys(3).unwrap(), None, "its keys went with it");
 
     // Config mode: a key file without a store.
-    let k4 = dir.0.join("client4.toml");
+    let k4 = dir.join("client4.toml");
     let (ok, out, err) = dmfabric(&["keygen", "--client", "4", "--out", k4.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
     assert_eq!(mode(&k4), 0o600);

@@ -8,8 +8,10 @@
 //! it). This machine does not run systemd as PID 1, so the units are not
 //! started here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+
+use dmfabric_testkit::TestDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
 const UNITS: [&str; 2] = ["dmfabric-server@.service", "dmfabric-client@.service"];
@@ -27,24 +29,6 @@ fn have_analyze(test: &str) -> bool {
     false
 }
 
-/// A directory of this test's own, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("dmfabric-systemd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn shipped(unit: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd").join(unit);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -52,14 +36,14 @@ fn shipped(unit: &str) -> String {
 
 /// `text` as unit `name` in `dir`, run from this build's binary; verify's
 /// complaints about it (an instance of a template, as systemctl starts it).
-fn verify(dir: &Dir, name: &str, text: &str) -> Vec<String> {
+fn verify(dir: &TestDir, name: &str, text: &str) -> Vec<String> {
     let local = text.replace(INSTALLED, BIN);
     let instance = name.replace("@.", "@ci.");
-    std::fs::write(dir.0.join(name), &local).unwrap();
-    std::fs::write(dir.0.join(&instance), &local).unwrap();
+    std::fs::write(dir.join(name), &local).unwrap();
+    std::fs::write(dir.join(&instance), &local).unwrap();
     let mut said = Vec::new();
     for unit in [name, instance.as_str()] {
-        let out = Command::new("systemd-analyze").arg("verify").arg(dir.0.join(unit)).output().unwrap();
+        let out = Command::new("systemd-analyze").arg("verify").arg(dir.join(unit)).output().unwrap();
         let stem = unit.split('@').next().unwrap();
         // Only what concerns this unit (verify also loads the system's own units).
         let lines: Vec<String> = String::from_utf8_lossy(&out.stderr)
@@ -81,7 +65,7 @@ fn the_units_pass_systemd_analyze_verify() {
     if !have_analyze("the_units_pass_systemd_analyze_verify") {
         return;
     }
-    let dir = Dir::new("verify");
+    let dir = TestDir::new("systemd-verify");
     for unit in UNITS {
         let text = shipped(unit);
         let exec: Vec<&str> = text.lines().filter(|l| l.starts_with("ExecStart=")).collect();
@@ -97,7 +81,7 @@ fn verify_catches_a_broken_unit() {
     if !have_analyze("verify_catches_a_broken_unit") {
         return;
     }
-    let dir = Dir::new("broken");
+    let dir = TestDir::new("systemd-broken");
     let text = shipped(UNITS[0]).replace("Restart=on-failure", "Restart=sometimes");
     let said = verify(&dir, "dmfabric-broken@.service", &text);
     assert!(said.iter().any(|l| l.contains("sometimes")), "{said:#?}");

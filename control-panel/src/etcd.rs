@@ -707,14 +707,7 @@ impl Store for EtcdStore {
         let k = format!("{CLIENT_KEYS}{client}");
         let resp = self.call(|mut c| async move { c.get(k, None).await })?;
         let Some(kv) = resp.kvs().first() else { return Ok(None) };
-        let keys = ClientKeys::from_json(&format!("the keys of client platform {client}"), kv.value())
-            .map_err(|e| self.err(e))?;
-        if keys.client != client {
-            return Err(
-                self.err(format!("the keys stored for client platform {client} are client platform {}'s", keys.client))
-            );
-        }
-        Ok(Some(keys))
+        ClientKeys::from_stored(client, kv.value()).map(Some).map_err(|e| self.err(e))
     }
 
     fn put_client_keys(&self, keys: &ClientKeys) -> Result<u64, StoreError> {

@@ -227,6 +227,19 @@ impl ClientKeys {
         serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
     }
 
+    /// Parse the set stored for `client` (JSON), which must be that
+    /// client platform's: what both stores read.
+    pub fn from_stored(client: u16, bytes: &[u8]) -> Result<ClientKeys, KeyError> {
+        let keys = ClientKeys::from_json(&format!("the keys of client platform {client}"), bytes)?;
+        if keys.client != client {
+            return Err(KeyError::Corrupt {
+                what: format!("the keys stored for client platform {client}"),
+                why: format!("they are client platform {}'s", keys.client),
+            });
+        }
+        Ok(keys)
+    }
+
     /// The stored form (JSON).
     pub fn to_json(&self) -> Vec<u8> {
         // Plain integers and strings: serialising cannot fail.

@@ -536,14 +536,7 @@ impl Store for RedbStore {
         };
         let k = format!("client/{client}");
         let Some(v) = t.get(k.as_str()).map_err(|e| self.err(e))? else { return Ok(None) };
-        let keys = ClientKeys::from_json(&format!("the keys of client platform {client}"), v.value())
-            .map_err(|e| self.err(e))?;
-        if keys.client != client {
-            return Err(
-                self.err(format!("the keys stored for client platform {client} are client platform {}'s", keys.client))
-            );
-        }
-        Ok(Some(keys))
+        ClientKeys::from_stored(client, v.value()).map(Some).map_err(|e| self.err(e))
     }
 
     fn put_client_keys(&self, keys: &ClientKeys) -> Result<u64, StoreError> {

@@ -7,32 +7,15 @@ use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::packet::PacketTransport;
-use dmfabric_dataplane::poll::{self, Handler, PollConfig};
+use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::udp::UdpTransport;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpTransport};
 use dmfabric_dataplane::{FrameBatch, Transport, TransportKind};
-use dmfabric_testkit::Need;
+use dmfabric_testkit::{Echo, Need};
 use dmfabric_wire::ETHERTYPE_DMFABRIC;
 
 const PORT: u16 = 47000;
 const FRAMES: u32 = 300;
-
-/// Swaps the MACs and sends the frame back.
-struct Echo;
-
-impl Handler for Echo {
-    fn on_frame(&mut self, frame: &[u8], tx: &mut FrameBatch, _now: Instant) {
-        if frame.len() < 14 || frame[12..14] != ETHERTYPE_DMFABRIC.to_be_bytes() {
-            return;
-        }
-        tx.push_with(|buf| {
-            buf[..frame.len()].copy_from_slice(frame);
-            buf[..6].copy_from_slice(&frame[6..12]);
-            buf[6..12].copy_from_slice(&frame[..6]);
-            Some(frame.len())
-        });
-    }
-}
 
 fn open(kind: TransportKind, net: &TestNet, me: usize, peer: usize, mode: XdpMode) -> Box<dyn Transport> {
     let host = net.host(me);

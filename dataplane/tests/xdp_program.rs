@@ -9,31 +9,14 @@ use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::packet::PacketTransport;
-use dmfabric_dataplane::poll::{self, Handler, PollConfig};
+use dmfabric_dataplane::poll::{self, PollConfig};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpProgram, XdpTransport};
 use dmfabric_dataplane::{FrameBatch, Transport};
-use dmfabric_testkit::Need;
+use dmfabric_testkit::{Echo, Need};
 use dmfabric_wire::{Frame, WireError, ETHERTYPE_DMFABRIC};
 
 const FRAMES: u32 = 200;
 const TCP_PORT: u16 = 47100;
-
-/// Swaps the MACs of a dmfabric frame and sends it back.
-struct Echo;
-
-impl Handler for Echo {
-    fn on_frame(&mut self, frame: &[u8], tx: &mut FrameBatch, _now: Instant) {
-        if frame.len() < 14 || frame[12..14] != ETHERTYPE_DMFABRIC.to_be_bytes() {
-            return;
-        }
-        tx.push_with(|buf| {
-            buf[..frame.len()].copy_from_slice(frame);
-            buf[..6].copy_from_slice(&frame[6..12]);
-            buf[6..12].copy_from_slice(&frame[..6]);
-            Some(frame.len())
-        });
-    }
-}
 
 fn open_xdp(net: &TestNet, host: usize, program: XdpProgram) -> XdpTransport {
     let mut cfg = XdpConfig::new(&net.host(host).iface);

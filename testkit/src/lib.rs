@@ -1,7 +1,8 @@
 //! What the tests and benches share and production never ships: skipping
 //! (or, under `DMFABRIC_REQUIRE_PRIVILEGED=1`, failing) a test that lacks a
 //! privilege, an etcd of a test's own ([`etcd`]), a control-panel database
-//! for server tests ([`fixtures`]), test keys ([`keys`]), and a counting interrupt line. A
+//! for server tests ([`fixtures`]), test keys ([`keys`]), a scratch directory and an echoing
+//! handler ([`rigs`]), and a counting interrupt line. A
 //! dev-dependency only.
 //!
 //! The test hosts themselves (network namespaces joined by veth) are in
@@ -11,9 +12,11 @@
 pub mod etcd;
 pub mod fixtures;
 pub mod keys;
+pub mod rigs;
 
 pub use dmfabric_dataplane::netns::{ChildGuard, TestNet, TestNetConfig};
 pub use dmfabric_devices::testing::CountingLine;
+pub use rigs::{Echo, TestDir};
 
 /// What a privileged test needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
