@@ -47,7 +47,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dmfabric_wire::auth::Secret;
@@ -59,7 +59,7 @@ use etcd_client::{
 
 use crate::keys::ClientKeys;
 use crate::model::{Change, Conflict, Db};
-use crate::seal::{StateKey, STATE_TTL};
+use crate::seal::{StateKey, StateKeyCache, STATE_TTL};
 use crate::store::{
     parse_cluster_key, read_record, removed_clients, writes, Poke, PokeFn, Store, StoreError, Subscription,
 };
@@ -281,7 +281,7 @@ pub struct EtcdStore {
     rt: tokio::runtime::Runtime,
     client: Client,
     /// The key states are sealed with, once read.
-    state_key: Mutex<Option<StateKey>>,
+    state_key: StateKeyCache,
     /// etcd's revision (its own counter, not dmfabric's) as of the last
     /// read of the records or the revision key: a subscription watches
     /// from the next one, so that it misses nothing since.
@@ -337,7 +337,7 @@ impl EtcdStore {
             spec: spec.clone(),
             rt,
             client,
-            state_key: Mutex::new(None),
+            state_key: StateKeyCache::default(),
             seen: AtomicI64::new(0),
         };
         s.revision()?;
@@ -418,13 +418,7 @@ impl EtcdStore {
     }
 
     fn state_key(&self) -> Result<StateKey, StoreError> {
-        let mut cached = self.state_key.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = cached.as_ref() {
-            return Ok(k.clone());
-        }
-        let k = StateKey::new(&self.cluster_key()?);
-        *cached = Some(k.clone());
-        Ok(k)
+        self.state_key.get(|| self.cluster_key())
     }
 
     fn roles_and_users(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), StoreError> {

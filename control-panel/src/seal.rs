@@ -70,6 +70,24 @@ pub struct StateKey {
     fingerprint: [u8; FINGERPRINT_LEN],
 }
 
+/// A store's state key, derived once from the cluster key it reads and
+/// kept for the store's life.
+#[derive(Debug, Default)]
+pub(crate) struct StateKeyCache(std::sync::Mutex<Option<StateKey>>);
+
+impl StateKeyCache {
+    /// The kept key, or the one `cluster` reads (kept if it reads).
+    pub(crate) fn get<E>(&self, cluster: impl FnOnce() -> Result<Secret, E>) -> Result<StateKey, E> {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = cached.as_ref() {
+            return Ok(k.clone());
+        }
+        let k = StateKey::new(&cluster()?);
+        *cached = Some(k.clone());
+        Ok(k)
+    }
+}
+
 impl std::fmt::Debug for StateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("StateKey(..)")

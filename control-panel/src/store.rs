@@ -24,7 +24,7 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::keys::ClientKeys;
 use crate::model::{Change, Conflict, Db, MAX_RECORD_BYTES};
-use crate::seal::{SealError, StateKey, STATE_TTL};
+use crate::seal::{SealError, StateKey, StateKeyCache, STATE_TTL};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +276,7 @@ const REDB_BUSY_WAIT: Duration = Duration::from_secs(5);
 pub struct RedbStore {
     path: PathBuf,
     /// The key states are sealed with, once read.
-    state_key: Mutex<Option<StateKey>>,
+    state_key: StateKeyCache,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -289,7 +289,7 @@ impl RedbStore {
     /// The store at `path`, created if needed (checked now: a file that is
     /// not a store is an error here, not at the first watch).
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let s = RedbStore { path: path.to_path_buf(), state_key: Mutex::new(None) };
+        let s = RedbStore { path: path.to_path_buf(), state_key: StateKeyCache::default() };
         drop(s.db()?);
         s.narrow_mode()?;
         Ok(s)
@@ -351,13 +351,7 @@ impl RedbStore {
     }
 
     fn state_key(&self) -> Result<StateKey, StoreError> {
-        let mut cached = self.state_key.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = cached.as_ref() {
-            return Ok(k.clone());
-        }
-        let k = StateKey::new(&self.cluster_key()?);
-        *cached = Some(k.clone());
-        Ok(k)
+        self.state_key.get(|| self.cluster_key())
     }
 
     /// The file writers poke after a change: `<store file>.changed`.
