@@ -318,9 +318,21 @@ fn a_real_prometheus_scrapes_server_and_client_and_holds_what_the_client_counted
         |v| v >= want,
     );
     assert_eq!(exits, Some(want), "VM 1's remote exits: one per request");
-    let server_reads = Prometheus::query(&rig.net, r#"sum(dmfabric_server_device_reads_total{server="1",device="1"})"#);
+    // The server's last requests reach Prometheus a scrape later than the
+    // client's exits did: wait for them too (bounded).
+    let server_reads = Prometheus::wait(
+        &rig.net,
+        r#"sum(dmfabric_server_device_reads_total{server="1",device="1"})"#,
+        Duration::from_secs(30),
+        |n| n >= want / 2.0,
+    );
+    let service = Prometheus::wait(
+        &rig.net,
+        r#"sum(dmfabric_server_device_service_seconds_count{device="1"})"#,
+        Duration::from_secs(30),
+        |n| n >= want,
+    );
     let rtt_count = Prometheus::query(&rig.net, r#"sum(dmfabric_client_exit_round_trip_seconds_count{vm="1"})"#);
-    let service = Prometheus::query(&rig.net, r#"sum(dmfabric_server_device_service_seconds_count{device="1"})"#);
     assert!(server_reads.is_some_and(|n| n >= want / 2.0), "server reads of device 1: {server_reads:?}");
     assert!(service.is_some_and(|n| n >= want), "service times of device 1: {service:?}");
     let drops = Prometheus::query(&rig.net, r#"count(dmfabric_server_drops_total{reason="unauthenticated_bad_tag"})"#);
