@@ -369,10 +369,7 @@ fn a_metrics_port_in_use_is_one_line_and_nothing_starts() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("port 9464 is already in use"), "{stderr}");
+    assert_port_in_use(&out);
     assert!(String::from_utf8_lossy(&out.stdout).is_empty(), "nothing started: {:?}", out.stdout);
     let link = Command::new("ip").args(["-n", &net.host(1).ns, "-d", "link", "show", "dmf0"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "no XDP program was attached");
@@ -387,10 +384,7 @@ fn a_metrics_port_in_use_is_one_line_and_nothing_starts() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("port 9464 is already in use"), "{stderr}");
+    assert_port_in_use(&out);
     drop(held);
 }
 
@@ -525,4 +519,12 @@ fn dmfabric_top_shows_live_rates_under_tmux_and_its_json_parses() {
         assert!(modes.split_whitespace().any(|m| m == mode), "{mode} restored: {modes}");
     }
     let _ = rig.stop_client();
+}
+
+/// A process that stopped before starting, with one line naming the port it could not take.
+fn assert_port_in_use(out: &std::process::Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("port 9464 is already in use"), "{stderr}");
 }
