@@ -8,7 +8,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmfabric_dataplane::reliable::Retry;
 use dmfabric_devices::platform::pc::{TEST_DEVICE_ID, TEST_DEVICE_PIO};
 use dmfabric_devices::regfile::RegisterFile;
 use dmfabric_vmm_shim::devmap::Target;
@@ -114,13 +113,13 @@ fn summarise(mode: ExitMode, transport: &str, exits: u64, report: &RunReport) ->
 }
 
 /// How a bench's client speaks to the harness's server: as the load
-/// generator's client platform, with its keys and the default retransmits.
+/// generator's client platform, with its keys and the set-up's retransmits.
 pub fn client_config(target: &loadgen::Target, setup: &Setup) -> ClientConfig {
     ClientConfig {
         client: target.client_id,
         hypervisor: 1,
         servers: vec![target.server_id],
-        retry: Retry::default(),
+        retry: setup.client_retry,
         hello_timeout: Duration::from_secs(5),
         sealer: setup.sealer(),
         open_on_demand: false,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use dmfabric_dataplane::hello::Sealer;
 use dmfabric_dataplane::netns::{self, TestNet};
 use dmfabric_dataplane::poll::{self, PollConfig};
+use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpMode, XdpProgram, XDP_PROG_ENV};
 use dmfabric_dataplane::{mem, Transport, TransportKind, TransportSpec};
 use dmfabric_devices::platform::pc::{self, PcLayout};
@@ -63,6 +64,8 @@ pub struct Setup {
     /// Start a server process with `--metrics` and scrape it this often
     /// while the load runs (what a Prometheus does to the data plane).
     pub scrape: Option<Duration>,
+    /// How a VM's client platform retransmits its requests (`bench exit`).
+    pub client_retry: Retry,
 }
 
 impl Setup {
@@ -84,6 +87,7 @@ impl Setup {
             secret: fresh_secret(),
             authenticate: true,
             scrape: None,
+            client_retry: Retry::default(),
         }
     }
 

@@ -92,6 +92,9 @@ pub struct ExitArgs {
     json: Option<PathBuf>,
     #[command(flatten)]
     latency: LatencyOut,
+    /// How the VM's client platform retransmits (remote runs).
+    #[command(flatten)]
+    retry: RetryArgs,
 }
 
 /// Latency distributions written beside the figures.
@@ -200,6 +203,23 @@ pub struct Hosts {
     server: ServerMode,
 }
 
+/// How the load's client retransmits.
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// Send a request again when its answer has not come after this long.
+    #[arg(long, default_value_t = 20)]
+    timeout_ms: u64,
+    /// Retransmissions before a request counts as lost.
+    #[arg(long, default_value_t = 4)]
+    retries: u32,
+}
+
+impl RetryArgs {
+    fn retry(&self) -> Retry {
+        Retry { timeout: Duration::from_millis(self.timeout_ms.max(1)), retries: self.retries }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct Common {
     #[command(flatten)]
@@ -226,12 +246,8 @@ pub struct Common {
     /// --server thread: a server process always authenticates).
     #[arg(long, value_enum, default_value = "on")]
     auth: AuthArg,
-    /// Send a request again when its answer has not come after this long.
-    #[arg(long, default_value_t = 20)]
-    timeout_ms: u64,
-    /// Retransmissions before a request counts as lost.
-    #[arg(long, default_value_t = 4)]
-    retries: u32,
+    #[command(flatten)]
+    retry: RetryArgs,
     /// Inject faults on the client's transport, e.g. drop=0.05,dup=0.05,reorder=0.01,seed=7.
     #[arg(long)]
     faults: Option<String>,
@@ -300,7 +316,7 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         BenchCmd::Rtt(a) => {
             a.latency.check()?;
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
-                loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry(), stop)
+                loadgen::rtt(t, &target, a.requests, a.warmup, a.common.retry.retry(), stop)
             })?;
             let rows: Vec<RttJson> = reports
                 .iter()
@@ -328,7 +344,14 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 bail!("--inflight must be between 1 and {}, not {}", loadgen::MAX_INFLIGHT, a.inflight);
             }
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
-                loadgen::throughput(t, &target, Duration::from_secs_f64(a.seconds), a.inflight, a.common.retry(), stop)
+                loadgen::throughput(
+                    t,
+                    &target,
+                    Duration::from_secs_f64(a.seconds),
+                    a.inflight,
+                    a.common.retry.retry(),
+                    stop,
+                )
             })?;
             let rows: Vec<ThroughputJson> = reports
                 .iter()
@@ -472,12 +495,6 @@ fn on_given_interface(
     let target =
         Target { devices: common.test_devices.max(1), client_id: key.client, ..Target::test_device(&session, &sealer) };
     Ok(with_faults(common, t.as_mut(), |t| load(t, target, stop))?)
-}
-
-impl Common {
-    fn retry(&self) -> Retry {
-        Retry { timeout: Duration::from_millis(self.timeout_ms.max(1)), retries: self.retries }
-    }
 }
 
 /// Run `load` on `t`, through the fault injector if `--faults` asks for it.
@@ -718,7 +735,8 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         if stop.load(Ordering::Relaxed) {
             bail!("Interrupted");
         }
-        let setup = setup_for(kind, &a.hosts, &exe);
+        let mut setup = setup_for(kind, &a.hosts, &exe);
+        setup.client_retry = a.retry.retry();
         let what = match mode {
             ExitModeArg::Local => "local".to_string(),
             ExitModeArg::Remote => format!("remote over {kind}"),

@@ -423,6 +423,11 @@ fn client_errors_are_one_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A remote `bench exit` in a test: what it reports is checked, not how fast
+/// it is, and the tests beside it load both cores (busy-polling servers,
+/// floods of frames), so its client waits up to 2 s for an answer, not 100 ms.
+const PATIENT: [&str; 4] = ["--timeout-ms", "50", "--retries", "40"];
+
 #[test]
 fn bench_exit_reports_local_and_remote() {
     if !dmfabric_testkit::privileged_or_skip("bench_exit_reports_local_and_remote", &[Need::Root, Need::Kvm]) {
@@ -431,7 +436,9 @@ fn bench_exit_reports_local_and_remote() {
     let dir = std::env::temp_dir().join(format!("dmfabric-exit-{}", std::process::id()));
     let json = dir.join("exit.json");
     let out = Command::new(BIN)
-        .args(["bench", "exit", "--mode", "local,remote", "--transport", "xdp", "--exits", "4000", "--json"])
+        .args(["bench", "exit", "--mode", "local,remote", "--transport", "xdp", "--exits", "4000"])
+        .args(PATIENT)
+        .arg("--json")
         .arg(&json)
         .arg("--plot")
         .arg(dir.join("exit.svg"))
@@ -659,6 +666,7 @@ fn bench_exit_uart_scratch_compares_local_remote_and_qemu() {
     let json = dir.join("scratch.json");
     let out = Command::new(BIN)
         .args(["bench", "exit", "--device", "uart-scratch", "--mode", "local,remote,qemu", "--exits", "4000"])
+        .args(PATIENT)
         .arg("--json")
         .arg(&json)
         .stdin(Stdio::null())
