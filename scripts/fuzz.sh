@@ -6,7 +6,8 @@
 #   scripts/fuzz.sh --seeds [target...]
 #
 #   --smoke      what ./run test runs: each target until 200,000 inputs or 20 s,
-#                as many at a time as there are cores
+#                as many at a time as there are cores, built unoptimised (half
+#                the build's time, and the run is capped by time anyway)
 #   --runs N     each target for N inputs (no time limit unless --seconds too)
 #   --seconds S  each target for S seconds (the default: 60)
 #   --jobs J     run J targets at a time (the default: 1; each takes a core)
@@ -31,10 +32,11 @@ runs=-1
 seconds=
 seeds=0
 jobs=1
+profile=release
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --smoke) runs=200000; seconds=20; jobs=$(nproc) ;;
+    --smoke) runs=200000; seconds=20; jobs=$(nproc); profile=debug ;;
     --jobs) jobs=${2:?--jobs needs a number}; shift ;;
     --runs) runs=${2:?--runs needs a number}; shift ;;
     --seconds) seconds=${2:?--seconds needs a number}; shift ;;
@@ -73,7 +75,9 @@ done
 
 target_dir=$root/target/fuzz
 triple=$(rustc "${toolchain[@]}" -vV | sed -n 's/^host: //p')
-bin=$target_dir/$triple/release
+bin=$target_dir/$triple/$profile
+build_flags=()
+[ "$profile" = debug ] && build_flags=(--dev)
 artifacts=$target_dir/artifacts
 
 # Scratch space, removed on exit: tmpfs where there is one (the records
@@ -86,7 +90,7 @@ trap 'rm -rf "$work"' EXIT
 echo "fuzz: building ${targets[*]} (cargo fuzz build, cache in target/fuzz)"
 build_log=$work/build.log
 for t in "${targets[@]}"; do
-  if ! cargo "${toolchain[@]}" fuzz build --fuzz-dir fuzz --target-dir "$target_dir" "$t" >>"$build_log" 2>&1; then
+  if ! cargo "${toolchain[@]}" fuzz build "${build_flags[@]}" --fuzz-dir fuzz --target-dir "$target_dir" "$t" >>"$build_log" 2>&1; then
     grep -E '^(error|warning)' -A12 "$build_log" | head -60 >&2 || tail -40 "$build_log" >&2
     echo "fuzz: the build of $t failed" >&2
     exit 1
