@@ -27,6 +27,11 @@ pub trait Wiring {
     fn reset(&self, device: u32) -> Box<dyn ResetSink>;
     /// The wall clock RTCs read.
     fn clock(&self) -> WallClock;
+    /// The storage of block device `device` (its image), if the host has
+    /// one for it; a block device without is an empty drive.
+    fn block(&self, _device: u32) -> Option<Box<dyn crate::dma::BlockBackend>> {
+        None
+    }
 }
 
 /// The state in `saved` if it is a `want`'s, or the model's fresh state.

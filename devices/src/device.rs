@@ -36,6 +36,11 @@ pub trait Device: Send {
     }
     /// The model's state, to rebuild it elsewhere with [`crate::build`].
     fn save(&self) -> DeviceState;
+    /// A model that reads and writes guest memory and does backend I/O
+    /// asynchronously ([`crate::dma`]); the others have none.
+    fn dma(&mut self) -> Option<&mut dyn crate::dma::DmaDevice> {
+        None
+    }
 }
 
 /// Saving and restoring a model (Firecracker's `Persist` is the model):

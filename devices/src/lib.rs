@@ -17,6 +17,7 @@
 
 mod build;
 mod device;
+pub mod dma;
 pub mod i8042;
 pub mod irq;
 pub mod irqtest;
@@ -29,6 +30,7 @@ pub mod uart;
 
 pub use build::{build, fresh, Wiring};
 pub use device::{Device, DeviceState, Persist, RestoreError};
+pub use dma::{BlockBackend, BlockOp, BlockResult, DmaDevice, DmaOp, DmaRequest, DmaResult};
 pub use i8042::ResetSink;
 pub use irq::IrqLine;
 pub use kind::{DeviceKind, DeviceSpec, KindError, SpecError};
