@@ -228,7 +228,7 @@ pub fn run(args: IoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut map = DeviceMap::default();
     map.add(Space::Pio, 0, 1 << 16, Target::Remote(Remote { device: ANY_DEVICE, ..target }))?;
     let map = Arc::new(dmfabric_vmm_shim::exits::LiveMap::from_pointee(map));
-    let vms = [VmEntry { id: args.vm, vcpus: args.vcpu.saturating_add(1), irq: printer.clone(), map }];
+    let vms = [VmEntry { id: args.vm, vcpus: args.vcpu.saturating_add(1), irq: printer.clone(), map, ram: None }];
     let port = Arc::new(ClientPort::connect(t, &cfg, &vms)?);
     let mut vcpu = port.vcpu(args.vm, args.vcpu, None)?;
     let mut failed = 0;

@@ -7,7 +7,9 @@
 
 use std::time::Instant;
 
-use dmfabric_devices::{Device, DeviceSpec, DeviceState};
+use std::collections::VecDeque;
+
+use dmfabric_devices::{Device, DeviceSpec, DeviceState, DmaRequest, DmaResult};
 use dmfabric_wire::{IoCompletion, IoRequest, MacAddr};
 
 use crate::rx::Refusal;
@@ -32,6 +34,9 @@ pub enum Done {
     /// A device taken out ([`Backend::remove`]), brought to the time of
     /// its removal, with its state.
     Removed { id: u32, state: DeviceState },
+    /// Device `device` asks for DMA to or from its VM's memory; the answer
+    /// goes back through [`Backend::dma_done`].
+    Dma { device: u32, req: DmaRequest },
 }
 
 /// Counters of the split layout.
@@ -75,6 +80,8 @@ pub trait Backend: Send {
     fn install(&mut self, spec: &DeviceSpec, model: Box<dyn Device>, now: Instant);
     /// Take device `id` out; its state comes back as [`Done::Removed`], now or later.
     fn remove(&mut self, id: u32, now: Instant) -> Option<Done>;
+    /// The answer to DMA request `tag` of device `device`.
+    fn dma_done(&mut self, device: u32, tag: u64, result: DmaResult, now: Instant);
     /// What the models did so far.
     fn stats(&self) -> BackendStats;
     /// Stop any worker cores; everything counted.
@@ -100,6 +107,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn remove(&mut self, id: u32, now: Instant) -> Option<Done> {
         (**self).remove(id, now)
     }
+    fn dma_done(&mut self, device: u32, tag: u64, result: DmaResult, now: Instant) {
+        (**self).dma_done(device, tag, result, now)
+    }
     fn stats(&self) -> BackendStats {
         (**self).stats()
     }
@@ -112,26 +122,46 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 #[derive(Debug)]
 pub struct Inline {
     devices: Devices,
+    /// DMA the models asked for, for `poll_done`.
+    dma: VecDeque<Done>,
+    scratch: Vec<(u32, DmaRequest)>,
 }
 
 impl Inline {
     pub fn new(devices: Devices) -> Inline {
-        Inline { devices }
+        Inline { devices, dma: VecDeque::new(), scratch: Vec::new() }
+    }
+
+    fn pump(&mut self) {
+        self.devices.pump_dma(&mut self.scratch);
+        self.dma.extend(self.scratch.drain(..).map(|(device, req)| Done::Dma { device, req }));
     }
 }
 
 impl Backend for Inline {
     fn submit(&mut self, job: Job, now: Instant) -> Option<Done> {
         let result = self.devices.execute(&job.req, now).map_err(|why| (job.req, why));
+        if self.devices.dma_busy() {
+            self.pump();
+        }
         Some(Done::Ran { result, to: job.reply_to, named: job.named })
     }
 
     fn poll_done(&mut self) -> Option<Done> {
-        None
+        self.dma.pop_front()
     }
 
     fn tick(&mut self, now: Instant) {
         self.devices.tick(now);
+        if self.devices.dma_busy() {
+            self.pump();
+        }
+    }
+
+    fn dma_done(&mut self, device: u32, tag: u64, result: DmaResult, _now: Instant) {
+        if self.devices.dma_done(device, tag, result) {
+            self.pump();
+        }
     }
 
     fn next_due(&self) -> Option<Instant> {

@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod console;
+pub mod dma;
 pub mod env;
 pub mod interrupts;
 pub mod irq;

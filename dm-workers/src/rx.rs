@@ -21,7 +21,7 @@ use dmfabric_control::routing::RoutingTable;
 use dmfabric_wire::auth::AuthError;
 use dmfabric_wire::session::{HelloBody, CHALLENGE_LEN};
 use dmfabric_wire::{
-    ControlMsg, ControlOp, Frame, FrameRepr, InterruptAck, IoRequest, MacAddr, Message, NackReason, Route, Space,
+    ControlMsg, ControlOp, Frame, FrameRepr, InterruptAck, IoRequest, Kind, MacAddr, Message, NackReason, Route, Space,
     WireError, ETHERTYPE_DMFABRIC,
 };
 
@@ -128,6 +128,10 @@ pub enum Rx {
     Register { client: u16, seq: u64, epoch: u32 },
     /// A client acknowledged an interrupt.
     Ack(InterruptAck),
+    /// A client answered a DMA chunk (the frame's [`dmfabric_wire::Dma`]).
+    DmaAnswer { client: u16 },
+    /// A client refused a DMA chunk.
+    DmaRefused { client: u16, seq: u64, reason: NackReason },
     /// Count it and do nothing.
     Drop(Dropped),
 }
@@ -224,6 +228,10 @@ pub fn classify(bytes: &[u8], v: &View<'_>) -> Rx {
             Rx::Register { client: client.id, seq, epoch: repr.epoch }
         }
         Message::InterruptAck(ack) => Rx::Ack(ack),
+        Message::Dma(d) if d.reply && d.route.server == v.server => Rx::DmaAnswer { client: client.id },
+        Message::Nack(n) if matches!(n.nacked, Kind::DmaRead | Kind::DmaWrite) && n.route.server == v.server => {
+            Rx::DmaRefused { client: client.id, seq: n.seq, reason: n.reason }
+        }
         _ => Rx::Drop(Dropped::UnexpectedKind),
     }
 }

@@ -29,6 +29,7 @@ use dmfabric_wire::{
 };
 
 use crate::backend::{Backend, Done, Inline, Job, ShardStats};
+use crate::dma::DmaEngine;
 use crate::env::{DeviceEnv, VmEvent};
 use crate::interrupts::{IrqStreams, Sealing};
 use crate::peers::{Peers, Registry, SessionChange, StreamKey, Verdict};
@@ -82,6 +83,8 @@ pub struct Server<B> {
     /// Check and seal tags (off only to measure what that costs).
     authenticate: bool,
     irqs: IrqStreams,
+    /// The models' DMA in flight to their clients.
+    dma: DmaEngine,
     env: DeviceEnv,
     backend: B,
     /// Resolves requests that name no device (ANY_DEVICE) by address, and
@@ -159,6 +162,7 @@ impl<B: Backend> Server<B> {
             peers: Peers::random(),
             authenticate: true,
             irqs: IrqStreams::new(id, mac),
+            dma: DmaEngine::new(mac, crate::dma::DEFAULT_DMA_CHUNK),
             env,
             backend,
             addresses: AddressMap::default(),
@@ -187,6 +191,18 @@ impl<B: Backend> Server<B> {
     pub fn with_idle_forget(mut self, idle: Duration) -> Server<B> {
         self.peers = std::mem::replace(&mut self.peers, Peers::random()).with_idle(idle);
         self
+    }
+
+    /// Send device DMA in chunks of `bytes` (the link's MTU less
+    /// dmfabric's header and tag; [`crate::dma::DEFAULT_DMA_CHUNK`] for 1500).
+    pub fn with_dma_chunk(mut self, bytes: u32) -> Server<B> {
+        self.dma = DmaEngine::new(self.mac, bytes);
+        self
+    }
+
+    /// What the models' DMA did so far.
+    pub fn dma_stats(&self) -> crate::dma::DmaStats {
+        self.dma.stats()
     }
 
     pub fn id(&self) -> u16 {
@@ -320,6 +336,10 @@ impl<B: Backend> Server<B> {
                 self.send(tx, to, Message::IoCompletion(cmp), false);
             }
             Done::Ran { result: Err((req, why)), to, .. } => self.nack(tx, to, &req, why, Instant::now()),
+            Done::Dma { device, req } => {
+                let to = self.irqs.binding(device);
+                self.dma.submit(device, req, to, Instant::now());
+            }
             Done::Removed { id, state } => {
                 let Some(p) = self.placed.as_mut() else { return };
                 let to = p.leaving.remove(&id).flatten();
@@ -377,6 +397,7 @@ impl<B: Backend> Server<B> {
         };
         if let SessionChange::Started(session) = change {
             self.irqs.start_session(client, session);
+            self.dma.start_session(client, session);
         }
         match answer {
             Some(answer) => {
@@ -521,9 +542,16 @@ impl<B: Backend> Handler for Server<B> {
             Rx::Register { client, seq, epoch } => {
                 if let SessionChange::Started(session) = self.peers.register(client, seq, epoch, now) {
                     self.irqs.start_session(client, session);
+                    self.dma.start_session(client, session);
                 }
             }
             Rx::Ack(ack) => self.irqs.ack(&ack),
+            Rx::DmaAnswer { client } => {
+                if let Ok(FrameRepr { msg: Message::Dma(d), .. }) = FrameRepr::parse_bytes(bytes) {
+                    self.dma.answer(client, &d);
+                }
+            }
+            Rx::DmaRefused { client, seq, reason } => self.dma.refused(client, seq, reason),
             Rx::Drop(Dropped::Foreign) => self.stats.foreign += 1,
             Rx::Drop(Dropped::Malformed(e)) => self.malformed[e.index()] += 1,
             Rx::Drop(Dropped::NotForUs) => self.stats.not_for_us += 1,
@@ -552,15 +580,25 @@ impl<B: Backend> Handler for Server<B> {
         self.irqs.take(&self.env.irqs);
         let seal = Sealing { registry: &self.registry, epoch: self.peers.epoch32(), authenticate: self.authenticate };
         self.irqs.send(tx, now, &seal);
+        self.dma.send(tx, now, &seal);
+        for (device, tag, result) in self.dma.take_finished() {
+            self.backend.dma_done(device, tag, result, now);
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         // A placed server looks for plans and arrivals every few ms even when idle.
         let watch = self.placed.as_ref().map(|_| Instant::now() + Duration::from_millis(5));
-        [self.backend.next_due(), self.irqs.next_retransmit(), watch, Some(self.next_forget)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.backend.next_due(),
+            self.irqs.next_retransmit(),
+            self.dma.next_retransmit(),
+            watch,
+            Some(self.next_forget),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 

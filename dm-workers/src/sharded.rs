@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dmfabric_dataplane::ring::{self, Consumer, Producer};
-use dmfabric_devices::{Device, DeviceSpec};
+use dmfabric_devices::{Device, DeviceSpec, DmaRequest, DmaResult};
 use hdrhistogram::Histogram;
 
 use crate::backend::{Backend, BackendStats, Done, Job, ShardStats};
@@ -35,6 +35,12 @@ enum Work {
     Run(Job),
     Install(Box<(DeviceSpec, Box<dyn Device>)>),
     Remove(u32),
+    /// The answer to a model's DMA request.
+    DmaDone {
+        device: u32,
+        tag: u64,
+        result: DmaResult,
+    },
 }
 
 /// What a worker hands back when it stops.
@@ -302,6 +308,12 @@ impl Backend for Sharded {
         None
     }
 
+    fn dma_done(&mut self, device: u32, tag: u64, result: DmaResult, _now: Instant) {
+        if let Some(w) = self.shard(device) {
+            self.send(w, Work::DmaDone { device, tag, result });
+        }
+    }
+
     fn stats(&self) -> BackendStats {
         match &self.ended {
             Some(e) => e.clone(),
@@ -328,14 +340,26 @@ fn worker_loop(
 ) -> WorkerEnd {
     let mut handoff = new_histogram();
     let mut empty = 0u32;
+    let mut dma: Vec<(u32, DmaRequest)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         // Timers and console input run on the shard's own loop.
         devices.tick(now);
+        // DMA models waiting for their backends move on here too.
+        if devices.dma_busy() {
+            devices.pump_dma(&mut dma);
+            for (device, req) in dma.drain(..) {
+                if !push_done(&mut done, Done::Dma { device, req }, stop) {
+                    return WorkerEnd { devices, handoff };
+                }
+            }
+        }
         let next = if pause.load(Ordering::Acquire) { None } else { work.pop().ok() };
         let Some(next) = next else {
             empty = empty.saturating_add(1);
-            if empty >= idle.spin {
+            if devices.dma_busy() {
+                std::hint::spin_loop();
+            } else if empty >= idle.spin {
                 let nap = devices.next_due().map_or(idle.nap, |d| idle.nap.min(d.saturating_duration_since(now)));
                 std::thread::sleep(nap);
                 empty = 0;
@@ -345,7 +369,7 @@ fn worker_loop(
             continue;
         };
         empty = 0;
-        let mut item = match next {
+        let item = match next {
             Work::Run(job) => {
                 handoff.saturating_record(now.saturating_duration_since(job.queued).as_nanos() as u64);
                 let result = devices.execute(&job.req, now).map_err(|why| (job.req, why));
@@ -360,22 +384,34 @@ fn worker_loop(
                 Some(state) => Done::Removed { id, state },
                 None => continue,
             },
-        };
-        // A full completion ring waits for the data-plane core to drain it.
-        loop {
-            match done.push(item) {
-                Ok(()) => break,
-                Err(ring::PushError::Full(back)) => {
-                    if stop.load(Ordering::Relaxed) {
-                        return WorkerEnd { devices, handoff };
-                    }
-                    item = back;
-                    std::hint::spin_loop();
-                }
+            Work::DmaDone { device, tag, result } => {
+                // The model goes on at the top of the loop.
+                devices.dma_done(device, tag, result);
+                continue;
             }
+        };
+        if !push_done(&mut done, item, stop) {
+            return WorkerEnd { devices, handoff };
         }
     }
     WorkerEnd { devices, handoff }
+}
+
+/// Hand `item` back; a full completion ring waits for the data-plane core
+/// to drain it. False if the workers are stopping.
+fn push_done(done: &mut Producer<Done>, mut item: Done, stop: &AtomicBool) -> bool {
+    loop {
+        match done.push(item) {
+            Ok(()) => return true,
+            Err(ring::PushError::Full(back)) => {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                item = back;
+                std::hint::spin_loop();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

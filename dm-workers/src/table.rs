@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Instant;
 
-use dmfabric_devices::{Device, DeviceSpec, DeviceState};
+use dmfabric_devices::{Device, DeviceSpec, DeviceState, DmaRequest, DmaResult};
 use dmfabric_wire::{Direction, IoCompletion, IoRequest, Status};
 use hdrhistogram::Histogram;
 
@@ -50,6 +50,10 @@ struct Entry {
     service: Histogram<u64>,
     /// When the model wants its next tick.
     due: Option<Instant>,
+    /// The model does DMA ([`Device::dma`]).
+    dma: bool,
+    /// A DMA model to poll at the next [`Devices::pump_dma`] (it was accessed or answered).
+    poke: bool,
 }
 
 /// The devices of a server (or of one worker shard), sorted by id.
@@ -57,6 +61,8 @@ pub struct Devices {
     table: Vec<Entry>,
     /// Counters of devices that left.
     gone: Vec<DeviceCounters>,
+    /// A DMA model waits for something or has work: pump it on every pass.
+    dma_busy: bool,
     /// The earliest `due` of the table.
     next_due: Option<Instant>,
     unclaimed: u64,
@@ -69,10 +75,11 @@ impl fmt::Debug for Devices {
 }
 
 impl Entry {
-    fn new(spec: &DeviceSpec, model: Box<dyn Device>, now: Instant) -> Entry {
+    fn new(spec: &DeviceSpec, mut model: Box<dyn Device>, now: Instant) -> Entry {
         let counters = DeviceCounters { id: spec.id, kind: model.kind(), ..DeviceCounters::default() };
         let service = Histogram::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds");
-        Entry { id: spec.id, vm: spec.vm, model, counters, service, due: Some(now) }
+        let dma = model.dma().is_some();
+        Entry { id: spec.id, vm: spec.vm, model, counters, service, due: Some(now), dma, poke: dma }
     }
 }
 
@@ -83,7 +90,7 @@ impl Devices {
         let mut table: Vec<Entry> = specs.iter().map(|s| Entry::new(s, env.build(s, now), now)).collect();
         table.sort_by_key(|e| e.id);
         table.dedup_by_key(|e| e.id);
-        Devices { table, gone: Vec::new(), next_due: Some(now), unclaimed: 0 }
+        Devices { table, gone: Vec::new(), dma_busy: false, next_due: Some(now), unclaimed: 0 }
     }
 
     /// Whether device `id` is here.
@@ -135,9 +142,46 @@ impl Devices {
         self.unclaimed
     }
 
-    /// When the next model wants a tick.
+    /// When the next model wants a tick (now, while a DMA model is busy).
     pub fn next_due(&self) -> Option<Instant> {
+        if self.dma_busy {
+            return Some(Instant::now());
+        }
         self.next_due
+    }
+
+    /// Move the DMA models on: what they ask of their VMs' memory goes to
+    /// `out` as (device, request). Polls those accessed or answered since
+    /// the last pump and those that wait for their backends.
+    pub fn pump_dma(&mut self, out: &mut Vec<(u32, DmaRequest)>) {
+        let mut busy = false;
+        let mut reqs = Vec::new();
+        for e in self.table.iter_mut().filter(|e| e.dma) {
+            let Some(dma) = e.model.dma() else { continue };
+            if e.poke || dma.busy() {
+                e.poke = false;
+                dma.poll(&mut reqs);
+                out.extend(reqs.drain(..).map(|r| (e.id, r)));
+                busy |= dma.busy();
+            }
+        }
+        self.dma_busy = busy;
+    }
+
+    /// The answer to DMA request `tag` of `device`; false if the device is not here.
+    pub fn dma_done(&mut self, device: u32, tag: u64, result: DmaResult) -> bool {
+        let Ok(i) = self.table.binary_search_by_key(&device, |e| e.id) else { return false };
+        let e = &mut self.table[i];
+        let Some(dma) = e.model.dma() else { return false };
+        dma.dma_done(tag, result);
+        e.poke = true;
+        self.dma_busy = true;
+        true
+    }
+
+    /// Whether a DMA model has something to do.
+    pub fn dma_busy(&self) -> bool {
+        self.dma_busy
     }
 
     fn recompute_due(&mut self) {
@@ -180,6 +224,10 @@ impl Devices {
             Direction::Write => (req.data, e.model.write(req.space, req.addr, req.size, req.data)),
         };
         let due = e.model.tick(now);
+        if e.dma {
+            e.poke = true;
+            self.dma_busy = true;
+        }
         let was = e.due;
         e.due = due;
         if !claimed {

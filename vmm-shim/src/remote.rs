@@ -34,6 +34,15 @@
 //!   the last again only acknowledged, anything else dropped. Whoever
 //!   holds the link delivers them: a waiting vCPU, or the
 //!   [`ClientPort::serve`] thread while every vCPU is in its guest.
+//! - **Device DMA.** A device model on a server reads and writes its VM's
+//!   memory with DmaRead / DmaWrite frames, answered here without stopping
+//!   a vCPU. A chunk is done only if it comes from a server with a session,
+//!   at its MAC, naming its epoch and numbered in that session, for one of
+//!   this client's VMs, from a device of that VM's map that runs on that
+//!   server, and lies inside the VM's RAM; otherwise it is refused with a
+//!   Nack (counted). Each server's chunks are numbered in one sequence: a
+//!   write is applied once, its duplicates only acknowledged
+//!   ([`DmaWindow`]); a read is answered from memory each time it comes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -47,8 +56,8 @@ use dmfabric_dataplane::{FrameBatch, Transport, TransportError};
 use dmfabric_wire::auth::{AuthError, KeyRing};
 use dmfabric_wire::session::{HelloReplyBody, Seq, CHALLENGE_LEN};
 use dmfabric_wire::{
-    ControlMsg, ControlOp, Direction, EthernetRepr, Frame, FrameRepr, InterruptAck, IoRequest, IrqSource, MacAddr,
-    Message, NackReason, Route, Status, LIFECYCLE_RESET,
+    ControlMsg, ControlOp, Direction, Dma, DmaDir, EthernetRepr, Frame, FrameRepr, InterruptAck, IoRequest, IrqSource,
+    Kind, MacAddr, Message, Nack, NackReason, Route, Status, LIFECYCLE_RESET,
 };
 
 use crate::devmap::{Remote, Target, ANY_DEVICE};
@@ -126,6 +135,79 @@ pub struct ClientStats {
     /// HelloReplies answering no Hello of ours (replays), and announcements
     /// of an epoch already known.
     pub stale_hellos: u64,
+    /// Device DMA done for servers: chunks and bytes.
+    pub dma_reads: u64,
+    pub dma_writes: u64,
+    pub dma_bytes: u64,
+    /// Write chunks that came again: acknowledged, not applied again.
+    pub dma_duplicates: u64,
+    /// Chunks refused: outside the VM's RAM, a VM not here, a device not
+    /// of that VM on that server, or not of the session in force.
+    pub dma_refused: u64,
+}
+
+/// A VM's memory as a device's DMA sees it: copies in and out, every range
+/// checked (false: not all of it is the VM's RAM, nothing was copied).
+pub trait DmaMemory: Send + Sync {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
+    fn write(&self, addr: u64, data: &[u8]) -> bool;
+}
+
+/// Bits of [`DmaWindow`]: how far behind the newest chunk a duplicate is still told.
+const DMA_WINDOW_BITS: u32 = 1024;
+
+/// Which chunk numbers of one server's DMA sequence were applied: the
+/// newest and a bitmap of the [`DMA_WINDOW_BITS`] before it. A number older
+/// than that is taken as applied (the server gives up long before).
+#[derive(Debug, Clone)]
+struct DmaWindow {
+    server: u16,
+    session: u32,
+    /// One past the newest counter seen.
+    top: u32,
+    bits: [u64; (DMA_WINDOW_BITS / 64) as usize],
+}
+
+impl DmaWindow {
+    fn new(server: u16, session: u32) -> DmaWindow {
+        DmaWindow { server, session, top: 0, bits: [0; (DMA_WINDOW_BITS / 64) as usize] }
+    }
+
+    fn bit(c: u32) -> (usize, u64) {
+        let i = c % DMA_WINDOW_BITS;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
+
+    /// Whether chunk `c` was applied already.
+    fn seen(&self, c: u32) -> bool {
+        if c >= self.top {
+            return false;
+        }
+        if self.top - c > DMA_WINDOW_BITS {
+            return true;
+        }
+        let (w, b) = DmaWindow::bit(c);
+        self.bits[w] & b != 0
+    }
+
+    /// Chunk `c` is applied.
+    fn mark(&mut self, c: u32) {
+        if c >= self.top {
+            if c - self.top >= DMA_WINDOW_BITS {
+                self.bits = [0; (DMA_WINDOW_BITS / 64) as usize];
+            } else {
+                for k in self.top..c {
+                    let (w, b) = DmaWindow::bit(k);
+                    self.bits[w] &= !b;
+                }
+            }
+            self.top = c + 1;
+        } else if self.top - c > DMA_WINDOW_BITS {
+            return;
+        }
+        let (w, b) = DmaWindow::bit(c);
+        self.bits[w] |= b;
+    }
 }
 
 /// Counters of one VM's remote traffic.
@@ -195,6 +277,8 @@ struct VmPort {
     slots: Box<[Slot]>,
     /// Being saved to migrate: its interrupts are refused.
     frozen: AtomicBool,
+    /// Its memory, for device DMA (None: DMA is refused).
+    ram: Option<Arc<dyn DmaMemory>>,
 }
 
 impl VmPort {
@@ -202,6 +286,7 @@ impl VmPort {
         VmPort {
             irq: e.irq.clone(),
             map: e.map.clone(),
+            ram: e.ram.clone(),
             slots: (0..e.vcpus.max(1)).map(|_| Slot::new()).collect(),
             frozen: AtomicBool::new(false),
         }
@@ -284,6 +369,8 @@ struct Link {
     reopened: Vec<(u16, Instant)>,
     /// When the VMs' maps are next looked at for servers with no session.
     next_scan: Instant,
+    /// Which DMA write chunks of each server were applied.
+    dma_windows: Vec<DmaWindow>,
 }
 
 /// A VM this client runs: its id, vCPU count, where its interrupts go and
@@ -294,6 +381,8 @@ pub struct VmEntry {
     pub vcpus: u16,
     pub irq: Arc<dyn IrqSink>,
     pub map: Arc<LiveMap>,
+    /// Its memory, for device DMA (None: the VM's devices do none).
+    pub ram: Option<Arc<dyn DmaMemory>>,
 }
 
 impl std::fmt::Debug for VmEntry {
@@ -357,6 +446,9 @@ pub struct ClientPort {
     /// Remote accesses started so far: while it moves, the vCPUs deliver
     /// what arrives within one exit and the serve thread only naps.
     activity: AtomicU64,
+    /// A server's device DMA arrived since the serve thread last looked:
+    /// it keeps delivering (DMA comes while the vCPUs are in their guests).
+    dma_active: AtomicBool,
     /// Told the id of a VM whose device model asked for a reset.
     resets: Mutex<Option<crossbeam_channel::Sender<u32>>>,
     /// The streams of vCPUs not running now, by (VM, vCPU): a VM that
@@ -426,6 +518,7 @@ impl ClientPort {
             stats: ClientStats::default(),
             vm_stats: vec![VmRemoteStats::default(); table.ports.len()],
             irq_last: Vec::new(),
+            dma_windows: Vec::new(),
             sealer: cfg.sealer.clone(),
             opening: Vec::new(),
             reopened: Vec::new(),
@@ -447,6 +540,7 @@ impl ClientPort {
             outbox: ArrayQueue::new(OUTBOX),
             waiters: AtomicUsize::new(0),
             activity: AtomicU64::new(0),
+            dma_active: AtomicBool::new(false),
             resets: Mutex::new(None),
             parked: Mutex::new(HashMap::new()),
         })
@@ -601,10 +695,20 @@ impl ClientPort {
         let mut seen = u64::MAX;
         while !stop.load(Ordering::Acquire) {
             let now = self.activity.load(Ordering::Acquire);
-            if self.waiters.load(Ordering::Acquire) > 0 || now != seen {
+            let dma = self.dma_active.swap(false, Ordering::AcqRel);
+            let waiting = self.waiters.load(Ordering::Acquire) > 0;
+            if waiting || now != seen {
                 seen = now;
-                std::thread::sleep(SERVE_NAP);
-                continue;
+                if !dma {
+                    std::thread::sleep(SERVE_NAP);
+                    continue;
+                }
+                if waiting {
+                    // A vCPU delivers meanwhile; look again soon.
+                    self.dma_active.store(true, Ordering::Release);
+                    std::thread::sleep(DMA_NAP);
+                    continue;
+                }
             }
             let got = match self.try_hold() {
                 Some(mut held) => self.poll(&mut held.link)?,
@@ -756,7 +860,81 @@ impl ClientPort {
             Message::IoCompletion(_) | Message::Nack(_) => self.answer(&repr.msg, link),
             Message::Interrupt(_) => self.stream_item(&repr, peer, link),
             Message::Control(c) if c.op == ControlOp::Lifecycle => self.stream_item(&repr, peer, link),
+            Message::Dma(d) if !d.reply => self.dma(&d, repr.epoch, peer, link),
             _ => link.stats.unexpected_kind += 1,
+        }
+    }
+
+    /// A device's DMA chunk from `peer`: checked, done against the VM's
+    /// memory (a write once only), answered or refused.
+    fn dma(&self, d: &Dma<'_>, epoch: u32, peer: Peer, link: &mut Link) {
+        self.dma_active.store(true, Ordering::Release);
+        let refuse = |link: &mut Link, reason: NackReason| {
+            link.stats.dma_refused += 1;
+            let nacked = if d.dir == DmaDir::Read { Kind::DmaRead } else { Kind::DmaWrite };
+            let nack = Nack { route: d.route, seq: d.seq, reason, nacked };
+            let out = FrameRepr::new(EthernetRepr { dst: peer.session.mac, src: self.mac }, Message::Nack(nack));
+            if !link.sealer.push(&mut link.tx, &out) {
+                link.stats.tx_full += 1;
+            }
+        };
+        let table = self.table();
+        let Some((_, vm)) = table.find(d.route.vm) else {
+            return refuse(link, NackReason::UnknownVm);
+        };
+        if vm.device(d.route.server, d.route.device).is_none() {
+            return refuse(link, NackReason::NotAuthorised);
+        }
+        let seq = Seq(d.seq);
+        if epoch != peer.session.epoch32() || seq.session() != peer.session.id {
+            return refuse(link, NackReason::NoSession);
+        }
+        let Some(ram) = vm.ram.as_ref() else {
+            return refuse(link, NackReason::OutOfRange);
+        };
+        let server = peer.session.server;
+        let w = match link.dma_windows.iter().position(|w| w.server == server) {
+            Some(i) => i,
+            None => {
+                link.dma_windows.push(DmaWindow::new(server, seq.session()));
+                link.dma_windows.len() - 1
+            }
+        };
+        if link.dma_windows[w].session != seq.session() {
+            link.dma_windows[w] = DmaWindow::new(server, seq.session());
+        }
+        let mut buf = [0u8; dmfabric_dataplane::FRAME_CAP];
+        let len = d.len as usize;
+        let payload: &[u8] = match d.dir {
+            DmaDir::Read => {
+                let Some(into) = buf.get_mut(..len) else {
+                    return refuse(link, NackReason::OutOfRange);
+                };
+                if !ram.read(d.addr, into) {
+                    return refuse(link, NackReason::OutOfRange);
+                }
+                link.stats.dma_reads += 1;
+                link.stats.dma_bytes += len as u64;
+                &buf[..len]
+            }
+            DmaDir::Write => {
+                if link.dma_windows[w].seen(seq.counter()) {
+                    link.stats.dma_duplicates += 1;
+                } else {
+                    if !ram.write(d.addr, d.payload) {
+                        return refuse(link, NackReason::OutOfRange);
+                    }
+                    link.dma_windows[w].mark(seq.counter());
+                    link.stats.dma_writes += 1;
+                    link.stats.dma_bytes += len as u64;
+                }
+                &[]
+            }
+        };
+        let reply = d.reply_with(payload);
+        let out = FrameRepr::new(EthernetRepr { dst: peer.session.mac, src: self.mac }, Message::Dma(reply));
+        if !link.sealer.push(&mut link.tx, &out) {
+            link.stats.tx_full += 1;
         }
     }
 
@@ -937,6 +1115,8 @@ impl ClientPort {
 
 /// How long [`ClientPort::serve`] naps while vCPUs are busy with remote I/O.
 pub const SERVE_NAP: Duration = Duration::from_millis(1);
+/// How long it naps while a vCPU holds the link and device DMA is flowing.
+const DMA_NAP: Duration = Duration::from_micros(20);
 
 /// One vCPU's streams to the servers.
 pub struct VcpuRemote {
@@ -1309,7 +1489,7 @@ mod tests {
     }
 
     fn entry(id: u32, vcpus: u16, rec: &Arc<Recorder>) -> VmEntry {
-        VmEntry { id, vcpus, irq: rec.clone(), map: map() }
+        VmEntry { id, vcpus, irq: rec.clone(), map: map(), ram: None }
     }
 
     /// A port of client 3 with `vms`, connected to server 1 (played by the test).
@@ -1325,6 +1505,110 @@ mod tests {
         });
         server.received(); // the Register
         (Arc::new(port), server)
+    }
+
+    /// A VM's memory as a vector.
+    struct VecRam(Mutex<Vec<u8>>);
+
+    impl DmaMemory for VecRam {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            let m = self.0.lock().unwrap();
+            let Some(src) = usize::try_from(addr).ok().and_then(|a| m.get(a..a.checked_add(buf.len())?)) else {
+                return false;
+            };
+            buf.copy_from_slice(src);
+            true
+        }
+        fn write(&self, addr: u64, data: &[u8]) -> bool {
+            let mut m = self.0.lock().unwrap();
+            let Some(dst) = usize::try_from(addr).ok().and_then(|a| m.get_mut(a..a.checked_add(data.len())?)) else {
+                return false;
+            };
+            dst.copy_from_slice(data);
+            true
+        }
+    }
+
+    fn dma_msg(r: Route, seq: Seq, dir: DmaDir, addr: u64, len: u32, payload: &[u8]) -> Message<'_> {
+        Message::Dma(Dma { route: r, seq: seq.0, dir, reply: false, addr, len, payload })
+    }
+
+    /// What the client answered: (seq, the DMA reply's payload) or (seq, the Nack's reason).
+    fn dma_answers(server: &mut FakeServer) -> Vec<(u64, Result<Vec<u8>, NackReason>)> {
+        server
+            .received()
+            .iter()
+            .map(|f| match FrameRepr::parse_bytes(f).unwrap().msg {
+                Message::Dma(d) => {
+                    assert!(d.reply);
+                    (d.seq, Ok(d.payload.to_vec()))
+                }
+                Message::Nack(n) => (n.seq, Err(n.reason)),
+                other => panic!("not a DMA answer: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn device_dma_is_done_once_inside_the_vm_and_refused_elsewhere() {
+        let rec = Arc::new(Recorder::default());
+        let ram = Arc::new(VecRam(Mutex::new(vec![0u8; 0x10000])));
+        let vm = VmEntry { ram: Some(ram.clone()), ..entry(7, 1, &rec) };
+        let (port, mut server) = connected(&[vm]);
+        let r = route(3, 7, 0);
+        let session = server.session;
+        let s = |c| Seq::new(session, c);
+        let (s0, s1, s2) = (s(0), s(1), s(2));
+        server.send(dma_msg(r, s0, DmaDir::Write, 0x100, 4, &[1, 2, 3, 4]));
+        server.send(dma_msg(r, s1, DmaDir::Read, 0xfe, 8, &[]));
+        port.poll_once().unwrap();
+        assert_eq!(dma_answers(&mut server), [(s0.0, Ok(vec![])), (s1.0, Ok(vec![0, 0, 1, 2, 3, 4, 0, 0]))]);
+        // The guest changes the bytes; the write again (its answer was lost)
+        // is acknowledged, not applied a second time.
+        ram.0.lock().unwrap()[0x100] = 9;
+        server.send(dma_msg(r, s0, DmaDir::Write, 0x100, 4, &[1, 2, 3, 4]));
+        port.poll_once().unwrap();
+        assert_eq!(dma_answers(&mut server), [(s0.0, Ok(vec![]))]);
+        assert_eq!(ram.0.lock().unwrap()[0x100], 9);
+        // Outside the RAM, another VM, a device the VM does not have on this
+        // server, another session: refused, nothing written.
+        server.send(dma_msg(r, s2, DmaDir::Write, 0xfffe, 4, &[7; 4]));
+        server.send(dma_msg(Route { vm: 8, ..r }, s(3), DmaDir::Read, 0, 4, &[]));
+        server.send(dma_msg(Route { device: 5, ..r }, s(4), DmaDir::Read, 0, 4, &[]));
+        server.send(dma_msg(r, Seq::new(session + 1, 5), DmaDir::Read, 0, 4, &[]));
+        port.poll_once().unwrap();
+        let answers: Vec<_> = dma_answers(&mut server).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(
+            answers,
+            [
+                Err(NackReason::OutOfRange),
+                Err(NackReason::UnknownVm),
+                Err(NackReason::NotAuthorised),
+                Err(NackReason::NoSession)
+            ]
+        );
+        assert_eq!(&ram.0.lock().unwrap()[0xfffe..], &[0, 0]);
+        let st = port.stats();
+        assert_eq!((st.dma_writes, st.dma_reads, st.dma_duplicates, st.dma_refused), (1, 1, 1, 4), "{st:?}");
+    }
+
+    #[test]
+    fn the_dma_window_tells_duplicates_across_its_span() {
+        let mut w = DmaWindow::new(1, 5);
+        for c in [0, 1, 3] {
+            assert!(!w.seen(c));
+            w.mark(c);
+            assert!(w.seen(c));
+        }
+        assert!(!w.seen(2), "never applied");
+        for c in [2000, 1500] {
+            w.mark(c);
+        }
+        assert!(w.seen(2000) && w.seen(1500) && !w.seen(1501));
+        assert!(w.seen(2) && w.seen(3), "older than the window: taken as applied");
+        assert!(!w.seen(1999) && !w.seen(2001));
+        w.mark(2001 + DMA_WINDOW_BITS * 3);
+        assert!(!w.seen(2001 + DMA_WINDOW_BITS * 3 - 1) && w.seen(2001 + DMA_WINDOW_BITS * 3));
     }
 
     #[test]

@@ -52,6 +52,7 @@ impl NewVm {
             vcpus: self.spec.vcpus,
             irq: Arc::new(self.vm.irq_handle()),
             map: self.spec.map.clone(),
+            ram: None,
         }
     }
 }
@@ -149,6 +150,7 @@ impl<'r> Supervisor<'r> {
             Boot::Flat { image, entry, .. } => vm.load(*entry, image)?,
         }
         let _ = spec.irq_target.set(vm.irq_handle());
+        let _ = spec.ram.set(vm.ram());
         let mut vcpus = Vec::new();
         for n in 0..spec.vcpus {
             let vcpu = match (&spec.boot, &linux_boot) {

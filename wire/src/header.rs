@@ -26,15 +26,18 @@ pub const AUTH_TAG_LEN: usize = 16;
 /// 20 device_id    u32
 /// 24 seq          u64    per (client, VM, vCPU) stream, or per interrupt source
 /// 32 space        u8     IoRequest/IoCompletion: Space; Interrupt: 1 line, 2 MSI;
-///                        Control: ControlOp; Nack: the nacked Kind
+///                        Control: ControlOp; Nack: the nacked Kind; DMA: 0
 /// 33 size         u8     access size in bytes (I/O kinds), else 0
 /// 34 status       u8     IoCompletion: Status; Nack: NackReason; else 0
 /// 35 key_id       u8     which of the client platform's keys sealed the frame
 /// 36 epoch        u32    the server's epoch (low 32 bits) as the sender knows
 ///                        it: a client starting a stream, a server's frames
 ///                        (see `session`); else 0
-/// 40 addr         u64    port / MMIO address; Interrupt: line or MSI address
-/// 48 data         u64    write data / read result; Interrupt: MSI data
+/// 40 addr         u64    port / MMIO address; Interrupt: line or MSI address;
+///                        DMA: guest-physical address
+/// 48 data         u64    write data / read result; Interrupt: MSI data;
+///                        DMA: bytes read or written (the payload's length
+///                        where the frame carries the data)
 /// ```
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
@@ -75,11 +78,13 @@ pub mod flags {
     pub const ASSERTED: u16 = 1 << 3;
     /// The sender retransmitted this frame (informational).
     pub const RETRANSMIT: u16 = 1 << 4;
+    /// DmaRead / DmaWrite: the client's answer (otherwise the server's request).
+    pub const REPLY: u16 = 1 << 5;
     /// Every defined bit.
-    pub const ALL: u16 = WRITE | AUTH_TAG | LEVEL | ASSERTED | RETRANSMIT;
+    pub const ALL: u16 = WRITE | AUTH_TAG | LEVEL | ASSERTED | RETRANSMIT | REPLY;
 }
 
-/// Message kinds. Values 7 and 8 are reserved for DmaRead / DmaWrite.
+/// Message kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Kind {
@@ -89,6 +94,12 @@ pub enum Kind {
     InterruptAck = 4,
     Control = 5,
     Nack = 6,
+    /// A device model on a server reads its VM's memory: the server asks
+    /// (no payload), the client answers with the bytes (flag `REPLY`).
+    DmaRead = 7,
+    /// A device model on a server writes its VM's memory: the server sends
+    /// the bytes, the client acknowledges (flag `REPLY`, no payload).
+    DmaWrite = 8,
 }
 
 impl Kind {
@@ -101,6 +112,8 @@ impl Kind {
             4 => Kind::InterruptAck,
             5 => Kind::Control,
             6 => Kind::Nack,
+            7 => Kind::DmaRead,
+            8 => Kind::DmaWrite,
             _ => return None,
         })
     }
@@ -140,6 +153,8 @@ pub enum NackReason {
     /// the client platform: it restarted, or forgot an idle client. The
     /// client says Hello again and asks anew.
     NoSession = 6,
+    /// DMA: the range is not the VM's memory.
+    OutOfRange = 7,
 }
 
 impl NackReason {
@@ -151,6 +166,7 @@ impl NackReason {
             4 => NackReason::BadVersion,
             5 => NackReason::WrongServer,
             6 => NackReason::NoSession,
+            7 => NackReason::OutOfRange,
             _ => return None,
         })
     }

@@ -37,8 +37,8 @@ pub use header::{
     flags, ControlOp, Header, Kind, NackReason, Status, AUTH_TAG_LEN, HEADER_LEN, LIFECYCLE_RESET, MAGIC, VERSION,
 };
 pub use repr::{
-    AccessSize, ControlMsg, Direction, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoCompletion, IoRequest,
-    IrqSource, Message, Nack, Route, Space, Trigger,
+    AccessSize, ControlMsg, Direction, Dma, DmaDir, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoCompletion,
+    IoRequest, IrqSource, Message, Nack, Route, Space, Trigger, MAX_DMA_CHUNK,
 };
 
 /// Bytes of Ethernet plus dmfabric header: the smallest valid frame.

@@ -168,6 +168,54 @@ pub struct Nack {
     pub nacked: Kind,
 }
 
+/// Which way a DMA moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DmaDir {
+    /// Guest memory to the device model (kind DmaRead).
+    Read,
+    /// The device model to guest memory (kind DmaWrite).
+    Write,
+}
+
+/// The most bytes one DMA frame carries: the payload length is 16 bits.
+pub const MAX_DMA_CHUNK: u32 = u16::MAX as u32;
+
+/// A device model's access to its VM's memory, one chunk of it: the
+/// server's request, or the client's answer (`reply`).
+///
+/// | | request (server) | reply (client) |
+/// |---|---|---|
+/// | read | `len` bytes wanted, no payload | the `len` bytes |
+/// | write | the `len` bytes | no payload |
+///
+/// `len` is at least 1 and at most [`MAX_DMA_CHUNK`]; `addr + len` does not
+/// pass the end of the address space. A client that will not do it answers
+/// with a Nack (`OutOfRange`, `UnknownVm`, `NotAuthorised`) instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dma<'a> {
+    pub route: Route,
+    pub seq: u64,
+    pub dir: DmaDir,
+    pub reply: bool,
+    /// Guest-physical address.
+    pub addr: u64,
+    pub len: u32,
+    /// The bytes, where the frame carries them (write requests, read replies).
+    pub payload: &'a [u8],
+}
+
+impl<'a> Dma<'a> {
+    /// Whether this frame carries the data.
+    pub fn carries_data(dir: DmaDir, reply: bool) -> bool {
+        matches!((dir, reply), (DmaDir::Write, false) | (DmaDir::Read, true))
+    }
+
+    /// The answer to this request: `payload` is a read's bytes (empty for a write).
+    pub fn reply_with(&self, payload: &'a [u8]) -> Dma<'a> {
+        Dma { reply: true, payload, ..*self }
+    }
+}
+
 /// One message of any kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Message<'a> {
@@ -177,6 +225,7 @@ pub enum Message<'a> {
     InterruptAck(InterruptAck),
     Control(ControlMsg<'a>),
     Nack(Nack),
+    Dma(Dma<'a>),
 }
 
 impl Message<'_> {
@@ -188,6 +237,10 @@ impl Message<'_> {
             Message::InterruptAck(_) => Kind::InterruptAck,
             Message::Control(_) => Kind::Control,
             Message::Nack(_) => Kind::Nack,
+            Message::Dma(m) => match m.dir {
+                DmaDir::Read => Kind::DmaRead,
+                DmaDir::Write => Kind::DmaWrite,
+            },
         }
     }
 
@@ -199,6 +252,7 @@ impl Message<'_> {
             Message::InterruptAck(m) => &m.route,
             Message::Control(m) => &m.route,
             Message::Nack(m) => &m.route,
+            Message::Dma(m) => &m.route,
         }
     }
 
@@ -210,12 +264,14 @@ impl Message<'_> {
             Message::InterruptAck(m) => m.seq,
             Message::Control(m) => m.seq,
             Message::Nack(m) => m.seq,
+            Message::Dma(m) => m.seq,
         }
     }
 
     fn payload(&self) -> &[u8] {
         match self {
             Message::Control(m) => m.payload,
+            Message::Dma(m) => m.payload,
             _ => &[],
         }
     }
@@ -275,12 +331,13 @@ impl<'a> FrameRepr<'a> {
         let kind_flags = match kind {
             Kind::IoRequest | Kind::IoCompletion => flags::WRITE,
             Kind::Interrupt => flags::LEVEL | flags::ASSERTED,
+            Kind::DmaRead | Kind::DmaWrite => flags::REPLY,
             _ => 0,
         };
         if f & !(kind_flags | flags::AUTH_TAG | flags::RETRANSMIT) != 0 {
             return Err(WireError::BadFlags);
         }
-        if kind != Kind::Control && !payload.is_empty() {
+        if !matches!(kind, Kind::Control | Kind::DmaRead | Kind::DmaWrite) && !payload.is_empty() {
             return Err(WireError::UnexpectedPayload);
         }
         let no_io_fields = |h: &Header, space_used: bool, status_used: bool| {
@@ -357,6 +414,24 @@ impl<'a> FrameRepr<'a> {
                 let nacked = Kind::from_u8(h.space).ok_or(WireError::BadSpace)?;
                 let reason = NackReason::from_u8(h.status).ok_or(WireError::BadStatus)?;
                 Message::Nack(Nack { route, seq, reason, nacked })
+            }
+            Kind::DmaRead | Kind::DmaWrite => {
+                no_io_fields(h, false, false)?;
+                let dir = if kind == Kind::DmaRead { DmaDir::Read } else { DmaDir::Write };
+                let reply = f & flags::REPLY != 0;
+                let len = u32::try_from(h.data.get()).map_err(|_| WireError::DataTooWide)?;
+                if len == 0 || len > MAX_DMA_CHUNK {
+                    return Err(WireError::DataTooWide);
+                }
+                let addr = h.addr.get();
+                if addr.checked_add(u64::from(len) - 1).is_none() {
+                    return Err(WireError::DataTooWide);
+                }
+                let want = if Dma::carries_data(dir, reply) { len as usize } else { 0 };
+                if payload.len() != want {
+                    return Err(WireError::UnexpectedPayload);
+                }
+                Message::Dma(Dma { route, seq, dir, reply, addr, len, payload })
             }
         };
 
@@ -457,6 +532,13 @@ impl<'a> FrameRepr<'a> {
                 space = m.nacked as u8;
                 status = m.reason as u8;
             }
+            Message::Dma(m) => {
+                addr = m.addr;
+                data = u64::from(m.len);
+                if m.reply {
+                    f |= flags::REPLY;
+                }
+            }
         }
         let hdr = Header {
             magic: U16::new(MAGIC),
@@ -490,5 +572,57 @@ impl<'a> FrameRepr<'a> {
             at += AUTH_TAG_LEN;
         }
         Ok(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dma(dir: DmaDir, reply: bool, addr: u64, len: u32, payload: &[u8]) -> FrameRepr<'_> {
+        let msg = Message::Dma(Dma { route: Route::default(), seq: 9, dir, reply, addr, len, payload });
+        FrameRepr::new(EthernetRepr { dst: MacAddr([2; 6]), src: MacAddr([4; 6]) }, msg)
+    }
+
+    fn emitted(repr: &FrameRepr<'_>) -> Vec<u8> {
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn dma_frames_round_trip_and_carry_data_only_where_they_should() {
+        let bytes = [0xabu8; 1400];
+        for repr in [
+            dma(DmaDir::Read, false, 0x10_0000, 1400, &[]),
+            dma(DmaDir::Read, true, 0x10_0000, 1400, &bytes),
+            dma(DmaDir::Write, false, 0x10_0000, 1400, &bytes),
+            dma(DmaDir::Write, true, 0x10_0000, 1400, &[]),
+            dma(DmaDir::Read, false, u64::MAX, 1, &[]),
+        ] {
+            let buf = emitted(&repr);
+            assert_eq!(FrameRepr::parse_bytes(&buf).unwrap(), repr);
+        }
+    }
+
+    #[test]
+    fn dma_frames_whose_length_and_payload_disagree_are_refused() {
+        let bytes = [1u8; 16];
+        let cases = [
+            (dma(DmaDir::Read, false, 0x1000, 16, &bytes), WireError::UnexpectedPayload),
+            (dma(DmaDir::Read, true, 0x1000, 17, &bytes), WireError::UnexpectedPayload),
+            (dma(DmaDir::Write, false, 0x1000, 8, &bytes), WireError::UnexpectedPayload),
+            (dma(DmaDir::Write, true, 0x1000, 16, &bytes), WireError::UnexpectedPayload),
+            (dma(DmaDir::Read, false, 0x1000, 0, &[]), WireError::DataTooWide),
+            (dma(DmaDir::Read, false, u64::MAX, 2, &[]), WireError::DataTooWide),
+        ];
+        for (repr, want) in cases {
+            let buf = emitted(&repr);
+            assert_eq!(FrameRepr::parse_bytes(&buf).err(), Some(want), "{repr:?}");
+        }
+        // A write flag on a DMA frame is not one of its flags.
+        let mut buf = emitted(&dma(DmaDir::Read, false, 0x1000, 16, &[]));
+        buf[ETHERNET_HEADER_LEN + 5] |= flags::WRITE as u8;
+        assert_eq!(FrameRepr::parse_bytes(&buf).err(), Some(WireError::BadFlags));
     }
 }

@@ -47,10 +47,28 @@ fn message(payload: &[u8]) -> impl Strategy<Value = Message<'_>> {
     let ctl = (route(), any::<u64>(), 1u8..=6).prop_map(move |(route, seq, op)| {
         Message::Control(ControlMsg { route, seq, op: ControlOp::from_u8(op).unwrap(), payload })
     });
-    let nack = (route(), any::<u64>(), 1u8..=5, 1u8..=6).prop_map(|(route, seq, r, k)| {
+    let nack = (route(), any::<u64>(), 1u8..=7, 1u8..=8).prop_map(|(route, seq, r, k)| {
         Message::Nack(Nack { route, seq, reason: NackReason::from_u8(r).unwrap(), nacked: Kind::from_u8(k).unwrap() })
     });
-    prop_oneof![io_req, io_cmp, irq, ack, ctl, nack]
+    // A DMA frame carries exactly `len` bytes where it carries data: a data
+    // frame takes the payload's length (at least 1), the others any length.
+    let dma = (route(), any::<u64>(), any::<bool>(), any::<bool>(), any::<u64>(), 1u32..=MAX_DMA_CHUNK).prop_map(
+        move |(route, seq, write, reply, addr, len)| {
+            let dir = if write { DmaDir::Write } else { DmaDir::Read };
+            let (len, body) = if Dma::carries_data(dir, reply) {
+                if payload.is_empty() {
+                    (1, &[7u8][..])
+                } else {
+                    (payload.len() as u32, payload)
+                }
+            } else {
+                (len, &[][..])
+            };
+            let addr = addr.min(u64::MAX - u64::from(len) + 1);
+            Message::Dma(Dma { route, seq, dir, reply, addr, len, payload: body })
+        },
+    );
+    prop_oneof![io_req, io_cmp, irq, ack, ctl, nack, dma]
 }
 
 proptest! {
