@@ -1,17 +1,20 @@
 //! What a server's device models are wired to ([`DeviceEnv`]): interrupt
 //! lines into the [`IrqQueue`], UARTs to the server's consoles, an i8042's
-//! reset line to a request for the VM's client ([`VmEvents`]), and the host
-//! clock. Shared by every shard and by the thread that prepares models for
+//! reset line to a request for the VM's client ([`VmEvents`]), block
+//! devices to their image files ([`Images`], io_uring), and the host clock. Shared by every shard and by the thread that prepares models for
 //! the data-plane core.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use crossbeam_queue::ArrayQueue;
 use dmfabric_devices::{
-    ByteSink, ByteSource, Device, DeviceSpec, DeviceState, ResetSink, RestoreError, WallClock, Wiring,
+    BlockBackend, ByteSink, ByteSource, Device, DeviceSpec, DeviceState, ResetSink, RestoreError, WallClock, Wiring,
 };
+use dmfabric_storage::{ImageError, OpenOptions, UringImage};
 use dmfabric_wire::IrqSource;
 
 use crate::console::{ConsoleIn, ConsoleOut, Consoles};
@@ -65,6 +68,45 @@ impl ResetSink for VmReset {
     }
 }
 
+/// A block device's image on this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl ImageSpec {
+    /// Open the image (io_uring, O_DIRECT where the file system has it).
+    pub fn open(&self) -> Result<UringImage, ImageError> {
+        UringImage::open(&self.path, OpenOptions { read_only: self.read_only, ..OpenOptions::default() })
+    }
+}
+
+/// The images of a server's block devices, by device id: set before the
+/// device is built (from the config at start, from the control panel's
+/// records when one is placed or moved here).
+#[derive(Debug, Default)]
+pub struct Images {
+    by_device: RwLock<HashMap<u32, ImageSpec>>,
+    /// Images that would not open when a device was built (the device runs
+    /// as an empty drive; the cause was logged).
+    failed: AtomicU64,
+}
+
+impl Images {
+    pub fn set(&self, device: u32, image: ImageSpec) {
+        self.by_device.write().unwrap_or_else(|e| e.into_inner()).insert(device, image);
+    }
+
+    pub fn get(&self, device: u32) -> Option<ImageSpec> {
+        self.by_device.read().unwrap_or_else(|e| e.into_inner()).get(&device).cloned()
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
 /// What models are wired to on a server.
 #[derive(Debug, Clone)]
 pub struct DeviceEnv {
@@ -74,6 +116,8 @@ pub struct DeviceEnv {
     /// placed or moved here later) and served by the console service.
     pub consoles: Arc<Consoles>,
     pub clock: WallClock,
+    /// Block devices' image files.
+    pub images: Arc<Images>,
 }
 
 impl Default for DeviceEnv {
@@ -90,6 +134,7 @@ impl DeviceEnv {
             events: VmEvents::new(),
             consoles: Arc::new(Consoles::default()),
             clock: WallClock::host(),
+            images: Arc::new(Images::default()),
         }
     }
 
@@ -128,5 +173,17 @@ impl Wiring for DeviceEnv {
 
     fn clock(&self) -> WallClock {
         self.clock
+    }
+
+    fn block(&self, device: u32) -> Option<Box<dyn BlockBackend>> {
+        let image = self.images.get(device)?;
+        match image.open() {
+            Ok(i) => Some(Box::new(i)),
+            Err(e) => {
+                self.images.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(device, error = %e, "block device runs with no image");
+                None
+            }
+        }
     }
 }
