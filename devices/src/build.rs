@@ -12,6 +12,7 @@ use crate::regfile::RegisterFile;
 use crate::rtc::{Cmos, WallClock};
 use crate::timer::EventTimer;
 use crate::uart::{ByteSink, ByteSource, Uart16550};
+use crate::virtio::blk::{NoMedia, VirtioBlk};
 
 /// What a host wires its models to. A server's lines queue Interrupt
 /// frames and its UARTs talk to its consoles; the client's shim wires
@@ -85,6 +86,11 @@ pub fn build<W: Wiring>(
         DeviceKind::Timer { line: n } => {
             let state = state_of(saved, name, |s| if let DeviceState::Timer(s) = s { Ok(s) } else { Err(s) })?;
             Box::new(EventTimer::restore((base, line(n), now), state)?)
+        }
+        DeviceKind::VirtioBlk { line: n } => {
+            let state = state_of(saved, name, |s| if let DeviceState::VirtioBlk(s) = s { Ok(s) } else { Err(s) })?;
+            let backend = wiring.block(spec.id).unwrap_or_else(|| Box::new(NoMedia::default()));
+            Box::new(VirtioBlk::restore((spec.mmio, line(n), backend, spec.id), state)?)
         }
     })
 }
@@ -166,6 +172,56 @@ mod tests {
         let mut d = fresh(&wrapping, &TestWiring, now);
         assert_eq!(d.read(Space::Mmio, u64::MAX, AccessSize::B1), Some(0));
         assert_eq!(d.read(Space::Pio, 0xffff, AccessSize::B1), Some(0));
+    }
+
+    /// TestWiring with a disk for block devices.
+    struct DiskWiring(crate::testing::MemBackend);
+
+    impl Wiring for DiskWiring {
+        type Line = CountingLine;
+        fn line(&self, device: u32, gsi: u32) -> CountingLine {
+            TestWiring.line(device, gsi)
+        }
+        fn console(&self, vm: Option<u32>, device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>) {
+            TestWiring.console(vm, device)
+        }
+        fn reset(&self, device: u32) -> Box<dyn ResetSink> {
+            TestWiring.reset(device)
+        }
+        fn clock(&self) -> WallClock {
+            TestWiring.clock()
+        }
+        fn block(&self, _device: u32) -> Option<Box<dyn crate::dma::BlockBackend>> {
+            Some(Box::new(self.0.clone()))
+        }
+    }
+
+    #[test]
+    fn a_virtio_blk_is_built_on_its_wiring_disk_or_as_an_empty_drive() {
+        let now = Instant::now();
+        let spec = pc::virtio_blk_device(1005, Some(1));
+        assert_eq!(spec.check(), Ok(()));
+        let capacity = |d: &mut Box<dyn Device>| d.read(Space::Mmio, pc::VIRTIO_BLK_MMIO + 0x100, AccessSize::B8);
+        let mut empty = build(&spec, &TestWiring, None, now).unwrap();
+        assert_eq!(capacity(&mut empty), Some(0), "no disk: no sectors");
+        assert_eq!(empty.read(Space::Mmio, pc::VIRTIO_BLK_MMIO, AccessSize::B4), Some(0x7472_6976));
+        assert!(empty.dma().is_some());
+        let disk = DiskWiring(crate::testing::MemBackend::new(1 << 20));
+        let mut d = build(&spec, &disk, None, now).unwrap();
+        assert_eq!(capacity(&mut d), Some(2048));
+        d.write(Space::Mmio, pc::VIRTIO_BLK_MMIO + 0x70, AccessSize::B4, 3);
+        let saved = d.save();
+        assert_eq!(saved.model(), "virtio-blk");
+        let back = build(&spec, &disk, Some(saved.clone()), now).unwrap();
+        assert_eq!(back.save(), saved);
+        assert!(back.counters().iter().any(|&(name, _)| name == "requests"));
+        let timer = DeviceSpec::at(2, pc::Role::EventTimer.kind(), 0x700, None);
+        assert!(build(&timer, &TestWiring, None, now).unwrap().counters().is_empty(), "a model without counters");
+        // In port space it decodes nothing, and nothing breaks.
+        let at_ports = DeviceSpec::at(9, DeviceKind::VirtioBlk { line: 10 }, 0x500, None);
+        assert_eq!(at_ports.check(), Ok(()));
+        let mut d = fresh(&at_ports, &TestWiring, now);
+        assert_eq!(d.read(Space::Pio, 0x500, AccessSize::B4), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::regfile::RegisterFileState;
 use crate::rtc::RtcState;
 use crate::timer::TimerState;
 use crate::uart::UartState;
+use crate::virtio::blk::VirtioBlkState;
 
 /// A device model: register reads and writes in one or both address spaces.
 ///
@@ -41,6 +42,11 @@ pub trait Device: Send {
     fn dma(&mut self) -> Option<&mut dyn crate::dma::DmaDevice> {
         None
     }
+    /// The model's own counters by name (what it did, what bad input it
+    /// refused), for hosts to print or export; most models have none.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Saving and restoring a model (Firecracker's `Persist` is the model):
@@ -67,6 +73,7 @@ pub enum DeviceState {
     Rtc(RtcState),
     I8042(I8042State),
     Timer(TimerState),
+    VirtioBlk(VirtioBlkState),
 }
 
 impl DeviceState {
@@ -79,6 +86,7 @@ impl DeviceState {
             DeviceState::Rtc(_) => "rtc",
             DeviceState::I8042(_) => "i8042",
             DeviceState::Timer(_) => "timer",
+            DeviceState::VirtioBlk(_) => "virtio-blk",
         }
     }
 }

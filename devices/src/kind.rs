@@ -22,6 +22,9 @@ pub enum DeviceKind {
     I8042 { kbd_line: u32, aux_line: u32 },
     /// The event timer ([`crate::timer`]).
     Timer { line: u32 },
+    /// A virtio-blk device on the virtio-mmio transport
+    /// ([`crate::virtio::blk`]), in MMIO space only.
+    VirtioBlk { line: u32 },
 }
 
 /// A model name no model answers to.
@@ -31,7 +34,7 @@ pub struct KindError(pub String);
 
 impl DeviceKind {
     /// The model names configs and the control panel's records use.
-    pub const NAMES: [&'static str; 6] = ["uart", "rtc", "i8042", "timer", "regfile", "irqtest"];
+    pub const NAMES: [&'static str; 7] = ["uart", "rtc", "i8042", "timer", "regfile", "irqtest", "virtio-blk"];
 
     /// The model called `name` raising `lines`; where a line is not given,
     /// the one it has in a PC ([`pc`]).
@@ -44,6 +47,7 @@ impl DeviceKind {
             "rtc" => DeviceKind::Rtc { line: line(0, pc::RTC_IRQ) },
             "i8042" => DeviceKind::I8042 { kbd_line: line(0, pc::KBD_IRQ), aux_line: line(1, pc::AUX_IRQ) },
             "timer" => DeviceKind::Timer { line: line(0, pc::EVENT_TIMER_IRQ) },
+            "virtio-blk" => DeviceKind::VirtioBlk { line: line(0, pc::VIRTIO_BLK_IRQ) },
             other => return Err(KindError(other.to_string())),
         })
     }
@@ -56,11 +60,10 @@ impl DeviceKind {
             DeviceKind::Rtc { .. } => "rtc",
             DeviceKind::I8042 { .. } => "i8042",
             DeviceKind::Timer { .. } => "timer",
+            DeviceKind::VirtioBlk { .. } => "virtio-blk",
         }
     }
 
-    /// Ports the model decodes from its base; None: as many as it is given
-    /// (the register file).
     /// The IRQ lines a model of this kind raises.
     pub fn lines(&self) -> Vec<u32> {
         match *self {
@@ -68,7 +71,8 @@ impl DeviceKind {
             DeviceKind::IrqTest { line }
             | DeviceKind::Uart { line }
             | DeviceKind::Rtc { line }
-            | DeviceKind::Timer { line } => vec![line],
+            | DeviceKind::Timer { line }
+            | DeviceKind::VirtioBlk { line } => vec![line],
             DeviceKind::I8042 { kbd_line, aux_line } => vec![kbd_line, aux_line],
         }
     }
@@ -78,9 +82,12 @@ impl DeviceKind {
         matches!(self, DeviceKind::I8042 { .. })
     }
 
+    /// Ports the model decodes from its base; None: as many as it is given
+    /// (the register file), or none (virtio-blk sits in MMIO space and
+    /// ignores ports).
     pub fn ports(&self) -> Option<u16> {
         match self {
-            DeviceKind::RegFile => None,
+            DeviceKind::RegFile | DeviceKind::VirtioBlk { .. } => None,
             DeviceKind::IrqTest { .. } => Some(pc::IRQ_TEST.len),
             DeviceKind::Uart { .. } => Some(pc::COM1.len),
             DeviceKind::Rtc { .. } => Some(pc::RTC.len),
@@ -93,12 +100,21 @@ impl DeviceKind {
     /// no usual place).
     pub fn usual_base(&self) -> Option<u16> {
         match self {
-            DeviceKind::RegFile => None,
+            DeviceKind::RegFile | DeviceKind::VirtioBlk { .. } => None,
             DeviceKind::IrqTest { .. } => Some(pc::IRQ_TEST.base),
             DeviceKind::Uart { .. } => Some(pc::COM1.base),
             DeviceKind::Rtc { .. } => Some(pc::RTC.base),
             DeviceKind::I8042 { .. } => Some(pc::I8042.base),
             DeviceKind::Timer { .. } => Some(pc::EVENT_TIMER.base),
+        }
+    }
+
+    /// The MMIO window `(base, len)` of this kind's device in a PC, for the
+    /// models that sit in MMIO space.
+    pub fn usual_mmio(&self) -> Option<(u64, u32)> {
+        match self {
+            DeviceKind::VirtioBlk { .. } => Some((pc::VIRTIO_BLK_MMIO, pc::VIRTIO_MMIO_LEN)),
+            _ => None,
         }
     }
 
@@ -229,6 +245,21 @@ mod tests {
             assert_eq!(s.confined(), s, "a valid spec is left as it is");
         }
         assert_eq!(regfile(Some((0xff00, 0x100)), Some((u64::MAX - 0xfff, 0x1000))).check(), Ok(()), "up to the ends");
+    }
+
+    #[test]
+    fn virtio_blk_is_a_model_in_mmio_space() {
+        assert!(DeviceKind::NAMES.contains(&"virtio-blk"));
+        let kind = DeviceKind::parse("virtio-blk", &[]).unwrap();
+        assert_eq!(kind, DeviceKind::VirtioBlk { line: pc::VIRTIO_BLK_IRQ });
+        assert_eq!(kind.name(), "virtio-blk");
+        assert_eq!(DeviceKind::parse("virtio-blk", &[11]).unwrap().lines(), vec![11]);
+        assert_eq!((kind.ports(), kind.usual_base(), kind.fixed_base()), (None, None, None));
+        assert_eq!(kind.usual_mmio(), Some((0xfeb0_0000, 0x200)));
+        let spec = pc::virtio_blk_device(5, Some(1));
+        assert_eq!((spec.pio, spec.mmio), (None, Some((pc::VIRTIO_BLK_MMIO, pc::VIRTIO_MMIO_LEN))));
+        assert_eq!(spec.check(), Ok(()));
+        assert_eq!(spec.confined(), spec);
     }
 
     #[test]

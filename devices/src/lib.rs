@@ -4,7 +4,8 @@
 //! ([`IrqLine`]) and how its state is saved and restored ([`Persist`],
 //! [`DeviceState`]: plain structs, validated on the way back in); the
 //! models themselves — 16550A UART, CMOS RTC, i8042, event timer, register
-//! file, interrupt tester; building a model from its description wired to
+//! file, interrupt tester, virtio-blk on virtio-mmio ([`virtio`], which does
+//! its I/O through [`dma`]); building a model from its description wired to
 //! whatever the host gives it ([`build`], [`Wiring`]); and the PC layout
 //! ([`platform::pc`]): ports, IRQ lines and device ids, written once.
 //!
@@ -22,11 +23,14 @@ pub mod i8042;
 pub mod irq;
 pub mod irqtest;
 mod kind;
+#[cfg(any(test, feature = "testing"))]
+mod membackend;
 pub mod platform;
 pub mod regfile;
 pub mod rtc;
 pub mod timer;
 pub mod uart;
+pub mod virtio;
 
 pub use build::{build, fresh, Wiring};
 pub use device::{Device, DeviceState, Persist, RestoreError};
@@ -36,9 +40,11 @@ pub use irq::IrqLine;
 pub use kind::{DeviceKind, DeviceSpec, KindError, SpecError};
 pub use rtc::WallClock;
 pub use uart::{ByteSink, ByteSource};
+pub use virtio::blk::{VirtioBlk, VirtioBlkCounters, VirtioBlkState};
 
 /// Test doubles for other crates' tests (feature `testing`).
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
     pub use crate::irq::CountingLine;
+    pub use crate::membackend::MemBackend;
 }

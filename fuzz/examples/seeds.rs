@@ -109,6 +109,11 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
             s
         }
         DeviceKind::IrqTest { .. } => vec![w4(0, 1), w4(0, 2), r4(0), r4(4), w4(0, 3)],
+        // virtio-mmio: magic, version, device id; ACKNOWLEDGE, DRIVER; the features.
+        DeviceKind::VirtioBlk { .. } => {
+            let m = |write: bool, off: u8, v: u16| acc(write, true, 4, off + 8, v);
+            vec![m(false, 0, 0), m(false, 4, 0), m(false, 8, 0), m(true, 0x70, 1), m(true, 0x70, 3), m(false, 0x10, 0)]
+        }
         DeviceKind::RegFile => vec![
             w4(0, 0x1234),
             acc(true, true, 8, 8, 0xbeef),

@@ -38,6 +38,12 @@ pub const AUX_IRQ: u32 = 12;
 /// dmfabric's event timer ([`crate::timer`]) in a PC.
 pub const EVENT_TIMER: Ports = Ports { base: 0x700, len: crate::timer::TIMER_PORTS };
 pub const EVENT_TIMER_IRQ: u32 = 5;
+/// The first virtio-mmio block device ([`crate::virtio::blk`]): its
+/// register window, below the I/O APIC, and its line (free in a PC). A
+/// Linux guest finds it with `virtio_mmio.device=512@0xfeb00000:10`.
+pub const VIRTIO_BLK_MMIO: u64 = 0xfeb0_0000;
+pub const VIRTIO_MMIO_LEN: u32 = crate::virtio::mmio::WINDOW;
+pub const VIRTIO_BLK_IRQ: u32 = 10;
 
 /// The register-file test device every server has by default.
 pub const TEST_DEVICE_ID: u32 = 1;
@@ -68,6 +74,18 @@ pub fn test_device(id: u32) -> DeviceSpec {
 /// Interrupt test device `n` (0-based): id [`IRQ_TEST_FIRST_ID`]` + n`, for any VM.
 pub fn irq_test_device(n: u32) -> DeviceSpec {
     DeviceSpec::at(IRQ_TEST_FIRST_ID + n, DeviceKind::IrqTest { line: IRQ_TEST_IRQ }, IRQ_TEST.base, None)
+}
+
+/// virtio-blk device `id` at the PC's usual window and line, for `vm`.
+pub fn virtio_blk_device(id: u32, vm: Option<u32>) -> DeviceSpec {
+    DeviceSpec {
+        id,
+        kind: DeviceKind::VirtioBlk { line: VIRTIO_BLK_IRQ },
+        pio: None,
+        mmio: Some((VIRTIO_BLK_MMIO, VIRTIO_MMIO_LEN)),
+        vm,
+        shard: None,
+    }
 }
 
 /// Which of a PC's devices.
