@@ -34,6 +34,9 @@ const GUESTS: &[(&str, [u64; 3])] = &[
     ("demo", [5, 100_000, 0]),
     // 1000 round trips to COM1's scratch register, samples at 2 MiB (the bench patches these).
     ("scratch_loop", [1000, 0x3ff, 0x20_0000]),
+    // The virtio-mmio block device found by scanning microvm's transports; the check (mode 0)
+    // of 64 requests of 1 sector, 4 in flight; seed 1, driver memory at 2 MiB.
+    ("virtio_blk", [0, (64 << 32) | (1 << 16) | (4 << 8), 1]),
 ];
 
 fn link_flat(out: &Path, objs: &[&Path], entry: &str, name: &str) {

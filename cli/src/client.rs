@@ -235,7 +235,12 @@ struct RangeConfig {
     /// Whether the device may reset the VM.
     #[serde(default)]
     reset: bool,
+    /// A model kept in this process: "regfile" or "virtio-blk".
     local: Option<String>,
+    /// A local virtio-blk's image file (a raw image), and whether it is read-only.
+    image: Option<PathBuf>,
+    #[serde(default)]
+    read_only: bool,
 }
 
 fn one() -> u16 {
@@ -369,8 +374,10 @@ fn check_vm(vm: &VmConfig) -> anyhow::Result<bool> {
                     bail!("device {device}: irq {l}: lines are 0 to 23");
                 }
             }
-            (None, None, Some("regfile")) => {}
-            (None, None, Some(other)) => bail!("local model {other:?}: the client can keep \"regfile\" models"),
+            (None, None, Some("regfile" | "virtio-blk")) => {}
+            (None, None, Some(other)) => {
+                bail!("local model {other:?}: the client can keep \"regfile\" and \"virtio-blk\" models")
+            }
             _ => bail!("device range {:#x}+{:#x}: give either server and device, or local", r.base, r.len),
         }
         map.add(space, r.base, r.len, ()).map_err(anyhow::Error::msg)?;
@@ -473,8 +480,19 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
     };
     let mut ranges = Vec::new();
     let mut local: Vec<Box<dyn Device>> = Vec::new();
-    let irq_target = dmfabric_vmm_shim::local::IrqTarget::default();
-    let reset = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // What local models are wired to: this VM's interrupt lines, RAM and
+    // reset, the console (a local UART's output), the local disks' images.
+    let sink: Box<dyn ByteSink> = match (&vm.console_log, vm.pc.as_deref()) {
+        (Some(path), Some("local")) => Box::new(FileSink(
+            std::fs::File::create(path).with_context(|| format!("Cannot create the console log {path}"))?,
+        )),
+        _ => Box::new(FileSink(std::io::stdout())),
+    };
+    let wiring = dmfabric_vmm_shim::local::LocalWiring::new(
+        dmfabric_vmm_shim::local::IrqTarget::default(),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        sink,
+    );
     const PC: [Role; 3] = [Role::Com1, Role::Rtc, Role::I8042];
     match vm.pc.as_deref() {
         None => {}
@@ -484,13 +502,6 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
             ranges.extend(dmfabric_vmm_shim::devmap::pc_remote_ranges(vm.pc_server, &layout, &PC));
         }
         Some("local") => {
-            let sink: Box<dyn ByteSink> = match &vm.console_log {
-                Some(path) => Box::new(FileSink(
-                    std::fs::File::create(path).with_context(|| format!("Cannot create the console log {path}"))?,
-                )),
-                None => Box::new(FileSink(std::io::stdout())),
-            };
-            let wiring = dmfabric_vmm_shim::local::LocalWiring::new(irq_target.clone(), reset.clone(), sink);
             let (models, pc_ranges) = dmfabric_vmm_shim::local::pc_devices(&PC, 0, &wiring);
             local.extend(models);
             ranges.extend(pc_ranges);
@@ -529,6 +540,17 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
                 local.push(Box::new(model));
                 Target::Local(local.len() - 1)
             }
+            (None, None, Some("virtio-blk")) => {
+                local.push(local_disk(r, space, local.len(), &wiring)?);
+                Target::Local(local.len() - 1)
+            }
+            (None, None, Some(other)) => {
+                bail!(
+                    "device range {:#x}+{:#x}: local {other:?}: the local models are regfile and virtio-blk",
+                    r.base,
+                    r.len
+                )
+            }
             _ => bail!("device range {:#x}+{:#x}: give either server and device, or local", r.base, r.len),
         };
         ranges.push((space, r.base, r.len, target));
@@ -543,15 +565,13 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         dmfabric_vmm_shim::linux::check(&image, vm.memory_mib << 20)?;
         let mut spec =
             VmSpec::linux(vm.id, vm.vcpus, vm.memory_mib << 20, image, &ranges, local).map_err(anyhow::Error::msg)?;
-        spec.irq_target = irq_target;
-        spec.reset = reset;
+        spec.wire_local(&wiring);
         return Ok(spec);
     }
     let args = vm.vcpu_args.clone().unwrap_or_else(|| vec![vm.args]);
     let mut spec = VmSpec::test_guest(vm.id, vm.vcpus, &image, args, &ranges, local).map_err(anyhow::Error::msg)?;
     spec.mem_bytes = vm.memory_mib << 20;
-    spec.irq_target = irq_target;
-    spec.reset = reset;
+    spec.wire_local(&wiring);
     if guests::LOAD_ADDR as usize + image.len() > spec.mem_bytes {
         bail!(
             "the guest image ({} bytes at {:#x}) does not fit in {} MiB",
@@ -561,6 +581,39 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         );
     }
     Ok(spec)
+}
+
+/// A virtio-blk kept in this process over the image `r` names (the
+/// hybrid case: the same model a server runs, its DMA done at once).
+fn local_disk(
+    r: &RangeConfig,
+    space: Space,
+    index: usize,
+    wiring: &dmfabric_vmm_shim::local::LocalWiring,
+) -> anyhow::Result<Box<dyn Device>> {
+    use dmfabric_devices::{DeviceKind, DeviceSpec};
+    let Some(path) = &r.image else {
+        bail!("device range {:#x}: a local virtio-blk needs image = \"PATH\" (a raw image file)", r.base);
+    };
+    let len = dmfabric_devices::platform::pc::VIRTIO_MMIO_LEN;
+    if space != Space::Mmio || r.len != u64::from(len) {
+        bail!("device range {:#x}: a virtio-blk is {len:#x} bytes of MMIO (space = \"mmio\", len = {len:#x})", r.base);
+    }
+    let options = dmfabric_storage::OpenOptions { read_only: r.read_only, ..Default::default() };
+    let image = dmfabric_storage::UringImage::open(path, options)?;
+    // Local models are numbered by their place in the VM's list.
+    let id = 0x4c00_0000 + index as u32;
+    let line = r.irq.first().copied().unwrap_or(dmfabric_devices::platform::pc::VIRTIO_BLK_IRQ);
+    let spec = DeviceSpec {
+        id,
+        kind: DeviceKind::VirtioBlk { line },
+        pio: None,
+        mmio: Some((r.base, len)),
+        vm: None,
+        shard: None,
+    };
+    wiring.add_block(id, Box::new(image));
+    Ok(dmfabric_vmm_shim::local::local_device(&spec, wiring, std::time::Instant::now()))
 }
 
 /// A local UART's output into a file or stdout.

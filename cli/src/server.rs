@@ -63,6 +63,10 @@ pub struct ServerArgs {
     /// run-to-completion layout takes the last).
     #[arg(long)]
     cores: Option<String>,
+    /// Inject faults on this server's transport (testing how clients and
+    /// device DMA ride them out), e.g. drop=0.05,dup=0.05,seed=7.
+    #[arg(long, value_name = "SPEC")]
+    faults: Option<String>,
     /// Register-file test devices to host, ids 1..=N (spread over the workers).
     #[arg(long, default_value_t = 1)]
     test_devices: u32,
@@ -259,6 +263,33 @@ fn devices(args: &ServerArgs) -> anyhow::Result<Vec<DeviceSpec>> {
     Ok(devices)
 }
 
+/// Make (if asked) and open each block device's image once, so that a
+/// missing, too small or read-only one stops the server now with one line;
+/// the devices open them again when they are built.
+fn open_images(images: &[crate::server_config::BlockImage], env: &DeviceEnv) -> anyhow::Result<()> {
+    for i in images {
+        if let Some(size) = i.create {
+            if !i.path.exists() {
+                dmfabric_storage::create_image(&i.path, size).with_context(|| format!("device {}", i.device))?;
+                println!("dmfabric server: device {}: created {} ({} MiB)", i.device, i.path.display(), size >> 20);
+            }
+        }
+        let spec = dmfabric_dm_workers::env::ImageSpec { path: i.path.clone(), read_only: i.read_only };
+        let opened = spec.open().with_context(|| format!("device {}", i.device))?;
+        use dmfabric_devices::BlockBackend;
+        println!(
+            "dmfabric server: device {}: image {} ({} MiB, {}{})",
+            i.device,
+            i.path.display(),
+            opened.capacity() >> 20,
+            if opened.direct() { "O_DIRECT" } else { "buffered" },
+            if i.read_only { ", read-only" } else { "" }
+        );
+        env.images.set(i.device, spec);
+    }
+    Ok(())
+}
+
 /// Where the models run: on this core, or on the layout's worker cores.
 fn backend(
     layout: &Layout,
@@ -323,10 +354,19 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         Layout::RunToCompletion { core } => *core,
         Layout::Split { dataplane, .. } => dataplane[0],
     };
+    let faults = args
+        .faults
+        .as_deref()
+        .map(dmfabric_dataplane::fault::FaultConfig::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--faults: {e}"))?;
     let spec = transport_spec(&args)?;
     let (mut transport, description) = open_transport(&spec)?;
     let mac = transport.mac();
     let env = DeviceEnv::new();
+    if let Some(path) = &args.config {
+        open_images(&crate::server_config::load(path)?.images, &env)?;
+    }
     // The store's watch thread starts before this thread is pinned: it
     // must not share the data-plane core.
     let placed = match &args.store {
@@ -405,10 +445,39 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut handler =
         Reporting { server, every, next: Instant::now() + every.unwrap_or_default(), metrics: mailbox.clone() };
     let cfg = PollConfig { spin: if args.busy_poll { u32::MAX } else { args.spin }, ..PollConfig::default() };
-    let result = poll::run(transport.as_mut(), &mut handler, cfg, &stop);
+    let result = match faults {
+        Some(f) => {
+            let mut faulty = dmfabric_dataplane::fault::FaultInjector::new(transport.as_mut(), f);
+            let r = poll::run(&mut faulty, &mut handler, cfg, &stop);
+            let f = faulty.fault_stats();
+            eprintln!(
+                "dmfabric server: faults injected: dropped {} duplicated {} reordered {} corrupted {}",
+                f.dropped, f.duplicated, f.reordered, f.corrupted
+            );
+            r
+        }
+        None => poll::run(transport.as_mut(), &mut handler, cfg, &stop),
+    };
     consoles.finish();
     let (stats, shards) = handler.server.finish();
     print_stats(&stats, shards.as_ref());
+    let dma = handler.server.dma_stats();
+    if dma.requests > 0 {
+        eprintln!(
+            "dmfabric server: device DMA: requests {} completed {} failed {} read {} B written {} B; chunks sent {} retransmitted {}, answers stale {} bad {}, refused {}, given up {}",
+            dma.requests,
+            dma.completed,
+            dma.failed,
+            dma.bytes_read,
+            dma.bytes_written,
+            dma.chunks_sent,
+            dma.retransmits,
+            dma.stale_answers,
+            dma.bad_answers,
+            dma.refused,
+            dma.gave_up
+        );
+    }
     if let Some(m) = &mailbox {
         // Scrapes until the process exits see every counter.
         m.put((stats.clone(), shards.clone()));
@@ -456,11 +525,14 @@ fn announce(args: &ServerArgs, where_: &str, mac: MacAddr, layout: &Layout, devi
     );
     for d in devices.iter().filter(|d| !matches!(d.kind, DeviceKind::RegFile | DeviceKind::IrqTest { .. })) {
         println!(
-            "dmfabric server: device {} {} for {} at port {:#x}",
+            "dmfabric server: device {} {} for {} at {}",
             d.id,
             d.kind.name(),
             d.vm.map_or("any VM".to_string(), |v| format!("VM {v}")),
-            d.base()
+            match (d.pio, d.mmio) {
+                (None, Some((base, _))) => format!("mmio {base:#x}"),
+                _ => format!("port {:#x}", d.base()),
+            }
         );
     }
     if args.config.is_none() && args.irq_test_devices > 0 {

@@ -54,6 +54,17 @@ id = 1
 kind = "regfile"     # the test device: any VM
 pio = [0x500, 0x100]
 mmio = [0xd0000000, 0x1000]
+
+# A disk: virtio-blk on virtio-mmio (mmio 0xfeb00000, 0x200 bytes; irq 10),
+# its image a raw file on this server read and written through io_uring
+# (O_DIRECT where the file system allows it).
+# [[device]]
+# id = 15
+# kind = "virtio-blk"
+# vm = 1
+# image = "vm1.img"    # relative to this file
+# size = "64M"         # create the image this size if it does not exist
+# read_only = false
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +117,8 @@ pub struct ClientEntry {
 pub struct ServerFile {
     pub devices: Vec<DeviceSpec>,
     pub clients: Vec<ClientEntry>,
+    /// The images of the block devices.
+    pub images: Vec<BlockImage>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +145,21 @@ struct Device {
     mmio: Option<Range>,
     irq: Option<Irq>,
     shard: Option<usize>,
+    /// virtio-blk: the image file, its size if it is to be made, read-only.
+    image: Option<PathBuf>,
+    size: Option<String>,
+    read_only: Option<bool>,
+}
+
+/// A block device's image, as a server config names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockImage {
+    pub device: u32,
+    /// Made absolute against the config file's directory.
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Create the image this many bytes large if it does not exist.
+    pub create: Option<u64>,
 }
 
 /// Read and check the devices and client platforms of `path` (key files
@@ -142,6 +170,9 @@ pub fn load(path: &Path) -> anyhow::Result<ServerFile> {
     let dir = path.parent().unwrap_or(Path::new("."));
     for c in &mut file.clients {
         c.key_file = dir.join(&c.key_file);
+    }
+    for i in &mut file.images {
+        i.path = dir.join(&i.path);
     }
     Ok(file)
 }
@@ -156,8 +187,12 @@ const MAX_VCPUS: u16 = 1024;
 pub fn parse(text: &str) -> anyhow::Result<ServerFile> {
     let file: File = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().replace('\n', " ")))?;
     let mut specs: Vec<DeviceSpec> = Vec::new();
+    let mut images = Vec::new();
     for d in &file.device {
         specs.push(spec(d).with_context(|| format!("device {}", d.id))?);
+        if let Some(i) = image(d).with_context(|| format!("device {}", d.id))? {
+            images.push(i);
+        }
     }
     check(&specs)?;
     if file.client.len() > MAX_CLIENTS {
@@ -191,7 +226,22 @@ pub fn parse(text: &str) -> anyhow::Result<ServerFile> {
     if vms.len() > MAX_VMS {
         bail!("{} VMs: at most {MAX_VMS}", vms.len());
     }
-    Ok(ServerFile { devices: specs, clients })
+    Ok(ServerFile { devices: specs, clients, images })
+}
+
+/// The image of a block device, checked; `None` for other kinds.
+fn image(d: &Device) -> anyhow::Result<Option<BlockImage>> {
+    if d.kind != "virtio-blk" {
+        if d.image.is_some() || d.size.is_some() || d.read_only.is_some() {
+            bail!("image, size and read_only are for a virtio-blk, not a {}", d.kind);
+        }
+        return Ok(None);
+    }
+    let Some(path) = d.image.clone() else {
+        bail!("a virtio-blk needs image = \"PATH\" (a raw image file; add size = \"64M\" to create it)");
+    };
+    let create = d.size.as_deref().map(dmfabric_storage::parse_size).transpose().context("size")?;
+    Ok(Some(BlockImage { device: d.id, path, read_only: d.read_only.unwrap_or(false), create }))
 }
 
 /// The one line `d` names, if any (its kind's usual one otherwise).
@@ -249,7 +299,24 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
             }
             return Ok(DeviceSpec { id: d.id, pio, mmio, kind: DeviceKind::RegFile, vm: d.vm, shard: d.shard });
         }
-        other => bail!("unknown kind {other:?}: uart, rtc, i8042, timer, regfile or irqtest"),
+        "virtio-blk" => {
+            let kind = DeviceKind::parse("virtio-blk", &line(d)?)?;
+            let (usual, len) = kind.usual_mmio().unwrap_or((0, 0x200));
+            if d.pio.is_some() {
+                bail!("a virtio-blk sits in MMIO space: no pio");
+            }
+            let base = match d.mmio {
+                None => usual,
+                Some(Range::Base(b)) => b,
+                Some(Range::BaseLen([b, l])) if l == u64::from(len) => b,
+                Some(Range::BaseLen([_, l])) => bail!("mmio: a virtio-blk takes {len:#x} bytes, not {l:#x}"),
+            };
+            if base.checked_add(u64::from(len)).is_none() || base % 0x200 != 0 {
+                bail!("mmio {base:#x}: a virtio-blk's window must be 512-byte aligned and inside the address space");
+            }
+            return Ok(DeviceSpec { id: d.id, kind, pio: None, mmio: Some((base, len)), vm: d.vm, shard: d.shard });
+        }
+        other => bail!("unknown kind {other:?}: uart, rtc, i8042, timer, regfile, irqtest or virtio-blk"),
     };
     if d.mmio.is_some() {
         bail!("a {} sits in port space: no mmio", d.kind);

@@ -256,7 +256,7 @@ impl DmaEngine {
             self.stats.stale_answers += 1;
             return;
         };
-        let expected = Dma::carries_data(op.dir, true).then_some(c.len as usize).unwrap_or(0);
+        let expected = if Dma::carries_data(op.dir, true) { c.len as usize } else { 0 };
         if dma.dir != op.dir
             || dma.route != c.to.route
             || dma.len != c.len

@@ -29,6 +29,9 @@ pub struct DeviceCounters {
     /// The service times in a metrics endpoint's buckets.
     #[serde(skip)]
     pub service: dmfabric_dataplane::observe::LatencyBuckets,
+    /// The model's own counters ([`Device::counters`]: a virtio-blk's
+    /// requests and the bad rings it refused), those not zero.
+    pub model: Vec<(&'static str, u64)>,
 }
 
 impl fmt::Display for DeviceCounters {
@@ -38,7 +41,11 @@ impl fmt::Display for DeviceCounters {
             f,
             "device {} ({}{gone}): reads {} writes {} unclaimed {} service p50 {} ns p99 {} ns",
             self.id, self.kind, self.reads, self.writes, self.unclaimed, self.service_p50_ns, self.service_p99_ns
-        )
+        )?;
+        for (name, n) in &self.model {
+            write!(f, " {name} {n}")?;
+        }
+        Ok(())
     }
 }
 
@@ -133,6 +140,7 @@ impl Devices {
             service_p50_ns: e.service.value_at_quantile(0.5),
             service_p99_ns: e.service.value_at_quantile(0.99),
             service: dmfabric_dataplane::observe::LatencyBuckets::of(&e.service),
+            model: e.model.counters().into_iter().filter(|(_, n)| *n > 0).collect(),
             ..e.counters.clone()
         }
     }

@@ -30,6 +30,7 @@ pub const MULTIBOOT: &[(&str, &[u8])] = &[
     ("uart_hello", include_bytes!(concat!(env!("OUT_DIR"), "/uart_hello.mb.bin"))),
     ("kbd_reset", include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset.mb.bin"))),
     ("scratch_loop", include_bytes!(concat!(env!("OUT_DIR"), "/scratch_loop.mb.bin"))),
+    ("virtio_blk", include_bytes!(concat!(env!("OUT_DIR"), "/virtio_blk.mb.bin"))),
 ];
 
 /// `uart_hello`: sends "hello from a dmfabric guest\n" through the 16550 at
@@ -64,6 +65,13 @@ pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bin"));
 /// checksum, exits (under QEMU: halts, for its memory to be read).
 pub const SCRATCH_LOOP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/scratch_loop.bin"));
 
+/// `virtio_blk`: a virtio-mmio (version 2) block driver that checks what
+/// it writes (mode 0) or keeps requests in flight for a benchmark (modes
+/// 1-3); its arguments are [`VirtioBlkArgs::regs`], its report
+/// [`VirtioBlkReport::parse`] (the header of `guests/virtio_blk.S` has
+/// both in full).
+pub const VIRTIO_BLK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/virtio_blk.bin"));
+
 include!(concat!(env!("OUT_DIR"), "/mb_args.rs"));
 
 /// The Multiboot image of `name` with its arguments set to `args`.
@@ -91,6 +99,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("kbd_reset", KBD_RESET),
     ("demo", DEMO),
     ("scratch_loop", SCRATCH_LOOP),
+    ("virtio_blk", VIRTIO_BLK),
 ];
 
 /// The checksum `io_loop` reports against a device whose registers read
@@ -102,4 +111,251 @@ pub fn io_loop_checksum(iterations: u64) -> u64 {
 /// The checksum `pio_loop` reports against a register file.
 pub fn pio_loop_checksum(round_trips: u64) -> u64 {
     (0..round_trips).fold(0u64, |sum, i| sum.wrapping_add(i & 0xffff_ffff))
+}
+
+/// What `virtio_blk` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioBlkMode {
+    /// Write a pattern at pseudo-random sectors, flush, read it back and
+    /// compare ([`virtio_blk_checksum`]).
+    Check = 0,
+    RandRead = 1,
+    RandWrite = 2,
+    SeqRead = 3,
+}
+
+/// The arguments of `virtio_blk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioBlkArgs {
+    /// The virtio-mmio transport's base; 0: scan QEMU microvm's slots
+    /// ([`VIRTIO_MMIO_SCAN`]).
+    pub mmio: u64,
+    pub mode: VirtioBlkMode,
+    /// Do the I/O in user mode (CPL3), which this host runs natively,
+    /// instead of kernel mode, which it emulates an instruction at a time
+    /// (MACHINE-FACTS.md): for benchmarks of the device rather than of the
+    /// emulator. Each exit costs more there (~25 µs instead of ~8 µs).
+    pub user: bool,
+    /// Requests in flight (1-255; the guest takes at most its queue size / 3).
+    pub qd: u8,
+    /// Sectors of 512 bytes per request (1-256).
+    pub bs: u16,
+    /// Requests (in [`VirtioBlkMode::Check`]: per phase).
+    pub count: u32,
+    pub seed: u32,
+    /// Guest-physical address of the driver's memory ([`VirtioBlkArgs::memory`]
+    /// bytes of RAM, below 4 GiB); 0: [`VIRTIO_BLK_AREA`].
+    pub area: u32,
+}
+
+/// Where `virtio_blk` keeps its rings and buffers unless told otherwise.
+pub const VIRTIO_BLK_AREA: u64 = 0x20_0000;
+/// Where `virtio_blk` looks for its device when its base is 0: QEMU
+/// microvm's virtio-mmio transports, `(first, stride, count)` (QEMU puts
+/// the first device on the last transport).
+pub const VIRTIO_MMIO_SCAN: (u64, u64, u64) = (0xfeb0_0000, 0x200, 32);
+
+impl VirtioBlkArgs {
+    /// rdi, rsi, rdx.
+    pub fn regs(&self) -> [u64; 3] {
+        let mode = self.mode as u64 | if self.user { 0x80 } else { 0 };
+        let rsi = mode | u64::from(self.qd) << 8 | u64::from(self.bs) << 16 | u64::from(self.count) << 32;
+        [self.mmio, rsi, u64::from(self.seed) | u64::from(self.area) << 32]
+    }
+
+    /// The driver's memory's base.
+    pub fn area(&self) -> u64 {
+        if self.area == 0 {
+            VIRTIO_BLK_AREA
+        } else {
+            u64::from(self.area)
+        }
+    }
+
+    /// Bytes of memory the driver uses from [`VirtioBlkArgs::area`]: rings
+    /// and bookkeeping, the latency samples, a buffer per request in flight.
+    pub fn memory(&self) -> u64 {
+        0x1_0000 + self.samples_bytes() + u64::from(self.qd.max(1)) * u64::from(self.bs.clamp(1, 256)) * 512
+    }
+
+    fn samples_bytes(&self) -> u64 {
+        (u64::from(self.count) * 4).next_multiple_of(0x1000)
+    }
+}
+
+/// What `virtio_blk` reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioBlkReport {
+    /// Requests completed (in [`VirtioBlkMode::Check`]: writes, the flush
+    /// if the device offers one, and reads).
+    pub completed: u32,
+    /// [`VirtioBlkMode::Check`]: the checksum of what was read back
+    /// ([`virtio_blk_checksum`]); the benchmarks: TSC cycles from the first
+    /// submission to the last completion.
+    pub sum_or_cycles: u64,
+    /// 64-bit words read back that differ from the pattern.
+    pub mismatches: u32,
+    /// Requests whose status byte was not VIRTIO_BLK_S_OK.
+    pub bad_status: u32,
+    /// The device's capacity in sectors.
+    pub capacity: u64,
+    /// Features the driver accepted.
+    pub features: u64,
+    pub queue_size: u32,
+    /// Requests it kept in flight.
+    pub in_flight: u32,
+    /// Guest-physical address of the latency samples: one u32 of TSC
+    /// cycles per request, in completion order (of the last phase).
+    pub samples: u32,
+}
+
+/// Why `virtio_blk` stopped before doing any I/O: the code it reported
+/// (and exited with).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VirtioBlkError {
+    #[error("No virtio-mmio block device at the base given (or in the slots scanned)")]
+    NoDevice,
+    #[error("The transport is not virtio-mmio version 2 (under QEMU: -global virtio-mmio.force-legacy=false)")]
+    Legacy,
+    #[error("The device does not offer VIRTIO_F_VERSION_1, or refused FEATURES_OK")]
+    Features,
+    #[error("Queue 0 is in use or smaller than 4 entries")]
+    Queue,
+    #[error("The device is smaller than one request")]
+    TooSmall,
+    #[error("The device put an entry in the used ring that names no request")]
+    BadUsed,
+    #[error("Unknown mode")]
+    BadMode,
+    #[error("The guest reported {0:?}, which is no virtio_blk report")]
+    Garbled(Vec<u32>),
+}
+
+impl VirtioBlkReport {
+    /// The report in `words` (what the guest sent to the debug port).
+    pub fn parse(words: &[u32]) -> Result<VirtioBlkReport, VirtioBlkError> {
+        let garbled = || VirtioBlkError::Garbled(words.to_vec());
+        match words.first() {
+            Some(0) => {}
+            Some(1) => return Err(VirtioBlkError::NoDevice),
+            Some(2) => return Err(VirtioBlkError::Legacy),
+            Some(3) => return Err(VirtioBlkError::Features),
+            Some(4) => return Err(VirtioBlkError::Queue),
+            Some(5) => return Err(VirtioBlkError::TooSmall),
+            Some(6) => return Err(VirtioBlkError::BadUsed),
+            Some(7) => return Err(VirtioBlkError::BadMode),
+            _ => return Err(garbled()),
+        }
+        if words.len() != 13 {
+            return Err(garbled());
+        }
+        let u64_at = |i| crate::debugport::u64_at(words, i).unwrap_or_default();
+        Ok(VirtioBlkReport {
+            completed: words[1],
+            sum_or_cycles: u64_at(2),
+            mismatches: words[4],
+            bad_status: words[5],
+            capacity: u64_at(6),
+            features: u64_at(8),
+            queue_size: words[10],
+            in_flight: words[11],
+            samples: words[12],
+        })
+    }
+}
+
+/// The LCG `virtio_blk` draws sectors from (Knuth's MMIX constants):
+/// successive values after `seed`.
+fn virtio_blk_lcg(seed: u32) -> impl Iterator<Item = u64> {
+    std::iter::successors(Some(u64::from(seed)), |x| {
+        Some(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407))
+    })
+    .skip(1)
+}
+
+/// The first sectors of the `count` requests of `bs` sectors that
+/// `virtio_blk` makes in [`VirtioBlkMode::Check`] on a device of
+/// `capacity` sectors (the same in both phases; they may overlap, which
+/// the pattern makes harmless).
+pub fn virtio_blk_sectors(seed: u32, capacity: u64, bs: u16, count: u32) -> Vec<u64> {
+    let bs = u64::from(bs.clamp(1, 256));
+    let span = capacity.saturating_sub(bs) + 1;
+    virtio_blk_lcg(seed).take(count as usize).map(|x| (x >> 33) % span).collect()
+}
+
+/// Word `word` (0..64) of sector `sector` as `virtio_blk` writes it.
+pub fn virtio_blk_pattern(seed: u32, sector: u64, word: u64) -> u64 {
+    (sector ^ u64::from(seed) << 32).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(word)
+}
+
+/// Sector `sector` as `virtio_blk` writes it.
+pub fn virtio_blk_sector_bytes(seed: u32, sector: u64) -> [u8; 512] {
+    let mut out = [0u8; 512];
+    for (j, w) in out.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&virtio_blk_pattern(seed, sector, j as u64).to_le_bytes());
+    }
+    out
+}
+
+/// The checksum [`VirtioBlkMode::Check`] reports when every word read
+/// back is the pattern: the wrapping sum, over each request's sectors, of
+/// each word rotated left by its index in the sector.
+pub fn virtio_blk_checksum(seed: u32, capacity: u64, bs: u16, count: u32) -> u64 {
+    let bs = u64::from(bs.clamp(1, 256));
+    let mut sum = 0u64;
+    for first in virtio_blk_sectors(seed, capacity, bs as u16, count) {
+        for s in first..first + bs {
+            for j in 0..64 {
+                sum = sum.wrapping_add(virtio_blk_pattern(seed, s, j).rotate_left(j as u32));
+            }
+        }
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_blk_arguments_pack_as_the_guest_reads_them() {
+        let a = VirtioBlkArgs {
+            mmio: 0xfeb0_0000,
+            mode: VirtioBlkMode::RandWrite,
+            user: true,
+            qd: 16,
+            bs: 8,
+            count: 100_000,
+            seed: 0xdead_beef,
+            area: 0x40_0000,
+        };
+        assert_eq!(a.regs(), [0xfeb0_0000, 0x82 | 16 << 8 | 8 << 16 | 100_000 << 32, 0xdead_beef | 0x40_0000 << 32]);
+        assert_eq!(a.area(), 0x40_0000);
+        assert_eq!(a.memory(), 0x1_0000 + 400_000u64.next_multiple_of(0x1000) + 16 * 8 * 512);
+        assert_eq!(VirtioBlkArgs { area: 0, ..a }.area(), VIRTIO_BLK_AREA);
+    }
+
+    #[test]
+    fn virtio_blk_sectors_stay_inside_the_device() {
+        let s = virtio_blk_sectors(7, 100, 8, 1000);
+        assert_eq!(s.len(), 1000);
+        assert!(s.iter().all(|&x| x + 8 <= 100));
+        // The first value after the seed, as the guest computes it.
+        let x1 = 7u64.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        assert_eq!(s[0], (x1 >> 33) % 93);
+        assert_eq!(virtio_blk_sectors(7, 8, 8, 3), vec![0, 0, 0]);
+        assert_eq!(virtio_blk_sector_bytes(3, 9)[8..16], virtio_blk_pattern(3, 9, 1).to_le_bytes());
+        assert_ne!(virtio_blk_checksum(1, 1 << 20, 1, 4), virtio_blk_checksum(2, 1 << 20, 1, 4));
+    }
+
+    #[test]
+    fn virtio_blk_reports_parse() {
+        let ok = [0, 129, 0x89ab_cdef, 0x0123_4567, 0, 0, 2048, 0, 0x244, 1, 128, 4, 0x21_0000];
+        let r = VirtioBlkReport::parse(&ok).unwrap();
+        assert_eq!(r.sum_or_cycles, 0x0123_4567_89ab_cdef);
+        assert_eq!((r.capacity, r.features, r.queue_size, r.in_flight), (2048, 0x1_0000_0244, 128, 4));
+        assert_eq!(VirtioBlkReport::parse(&[2]), Err(VirtioBlkError::Legacy));
+        assert!(matches!(VirtioBlkReport::parse(&[0, 1]), Err(VirtioBlkError::Garbled(_))));
+        assert!(matches!(VirtioBlkReport::parse(&[]), Err(VirtioBlkError::Garbled(_))));
+    }
 }

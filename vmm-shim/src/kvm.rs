@@ -170,7 +170,7 @@ pub fn kick<T>(thread: &std::thread::JoinHandle<T>) {
 /// struct, no fd can outlive the memory registered with it.
 struct VmShared {
     fd: VmFd,
-    mem: MmapMut,
+    mem: Arc<MmapMut>,
     kvm: Kvm,
 }
 
@@ -223,9 +223,11 @@ impl Vm {
         // SAFETY: the region is `mem`, a private anonymous mapping that
         // `VmShared` owns together with `fd`: the memory is unmapped only
         // when the last holder of the VM fd (a `Vm`, a `Vcpu`, an
-        // `IrqHandle`) is gone, after the fd itself is closed (field order).
+        // `IrqHandle`) is gone, after the fd itself is closed (field order),
+        // and when no `GuestRam` holds it any more (a `GuestRam` keeps the
+        // mapping, not the fd: memory outliving the fd is harmless).
         unsafe { fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vm = Vm { shared: Arc::new(VmShared { fd, mem, kvm }) };
+        let mut vm = Vm { shared: Arc::new(VmShared { fd, mem: Arc::new(mem), kvm }) };
         write_page_tables_and_gdt(vm.memory_mut()?);
         Ok(vm)
     }
@@ -276,6 +278,13 @@ impl Vm {
     /// A handle that raises this VM's interrupts from any thread.
     pub fn irq_handle(&self) -> IrqHandle {
         IrqHandle(self.shared.clone())
+    }
+
+    /// A handle on this VM's guest memory for device DMA from any thread
+    /// ([`GuestRam`]); it keeps the memory mapped. Take it after loading:
+    /// [`Vm::memory_mut`] fails while one exists.
+    pub fn ram(&self) -> GuestRam {
+        GuestRam { mem: self.shared.mem.clone() }
     }
 
     /// Bytes of guest memory at `addr` (None if out of range).
@@ -389,10 +398,13 @@ impl Vm {
         fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
     }
 
-    /// Guest memory, for loaders: only before vCPUs or interrupt handles
-    /// share the VM.
+    /// Guest memory, for loaders: only before vCPUs, interrupt handles or
+    /// RAM handles ([`Vm::ram`]) share the VM.
     pub fn memory_mut(&mut self) -> Result<&mut [u8], KvmError> {
-        Arc::get_mut(&mut self.shared).map(|s| &mut s.mem[..]).ok_or(KvmError::MemoryShared)
+        Arc::get_mut(&mut self.shared)
+            .and_then(|s| Arc::get_mut(&mut s.mem))
+            .map(|m| &mut m[..])
+            .ok_or(KvmError::MemoryShared)
     }
 
     /// Guest memory as a whole (to move the VM: read while its vCPUs are held).
@@ -432,6 +444,89 @@ impl Vm {
 fn memory_at(mem: &[u8], addr: u64, len: usize) -> Option<&[u8]> {
     let start = usize::try_from(addr).ok()?;
     mem.get(start..start.checked_add(len)?)
+}
+
+/// A VM's guest memory as its devices see it: DMA by copy, from any thread,
+/// while the guest runs. Cheap to clone (an `Arc` of the mapping, which it
+/// keeps mapped: a handle may outlive its [`Vm`]).
+///
+/// The guest writes the same memory concurrently, as real hardware's DMA
+/// races the CPU: [`GuestRam::read`] and [`GuestRam::write`] copy bytes in
+/// or out and never hand out a reference into guest memory, so nothing in
+/// Rust assumes those bytes hold still. What a copy sees of a range the
+/// guest writes at the same time is the guest's business (a driver does
+/// not touch a buffer it handed to its device).
+#[derive(Clone)]
+pub struct GuestRam {
+    mem: Arc<MmapMut>,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam").field("size", &self.size()).finish()
+    }
+}
+
+impl GuestRam {
+    /// `size` bytes of zeroed memory that no VM uses: for tests, and tools
+    /// that serve DMA without KVM.
+    pub fn anonymous(size: usize) -> Result<GuestRam, KvmError> {
+        let mem = MmapMut::map_anon(size).map_err(|e| KvmError::Memory(size, e))?;
+        Ok(GuestRam { mem: Arc::new(mem) })
+    }
+
+    /// Bytes of guest memory, from guest-physical 0.
+    pub fn size(&self) -> u64 {
+        self.mem.len() as u64
+    }
+
+    /// Whether `[addr, addr + len)` is all guest memory (an empty range at
+    /// the very end is; any range whose end overflows is not).
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr.checked_add(len).is_some_and(|end| end <= self.size())
+    }
+
+    /// The offset of `addr` in the mapping if `[addr, addr + len)` is all
+    /// guest memory.
+    fn offset(&self, addr: u64, len: usize) -> Option<usize> {
+        let len = u64::try_from(len).ok()?;
+        // Within the mapping, so it fits a usize.
+        self.contains(addr, len).then_some(addr as usize)
+    }
+
+    /// Copy guest memory at `addr` into `buf`; false (and `buf` untouched)
+    /// if the range is not all guest memory.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        let Some(off) = self.offset(addr, buf.len()) else { return false };
+        // SAFETY: `off + buf.len() <= size` (checked above, without
+        // overflow), so the source range lies inside the mapping, which
+        // `self.mem` keeps mapped; the pointer comes from the mapping's own
+        // raw pointer, and no Rust reference into guest memory exists while
+        // this runs (GuestRam never makes one; `Vm::memory_mut` cannot be
+        // reached while the Arc is shared). `buf` is an exclusive borrow of
+        // ordinary memory, so the ranges cannot overlap. The guest may write
+        // the source concurrently: the bytes copied are then some mix of old
+        // and new, which is what a device's DMA sees on hardware too.
+        unsafe { std::ptr::copy_nonoverlapping(self.mem.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        true
+    }
+
+    /// Copy `data` into guest memory at `addr`; false (and nothing
+    /// written) if the range is not all guest memory.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        let Some(off) = self.offset(addr, data.len()) else { return false };
+        // SAFETY: as in `read`: the destination range is inside the
+        // mapping (checked, no overflow), which stays mapped while `self`
+        // lives, and it is a writable (PROT_WRITE, MAP_PRIVATE anonymous)
+        // mapping. The pointer is the mapping's raw pointer, never derived
+        // from a Rust reference to its bytes, and no such reference exists
+        // now, so writing through it does not break aliasing rules; `data`
+        // is ordinary memory (a shared borrow of it cannot point into guest
+        // memory, since no reference into it is ever handed out), so the
+        // ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.mem.as_ptr().cast_mut().add(off), data.len()) };
+        true
+    }
 }
 
 /// Where a VM's interrupts are delivered: the one delivery abstraction
@@ -793,4 +888,67 @@ impl Vcpu {
 fn io_exit(space: Space, addr: u64, len: usize, dir: Direction, data: u64) -> Result<Exit, KvmError> {
     let size = AccessSize::new(len as u8, space).ok_or(KvmError::BadAccess { space, addr, len })?;
     Ok(Exit { space, addr, size, dir, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_copies_in_and_out_inside_its_bounds() {
+        let ram = GuestRam::anonymous(0x2000).unwrap();
+        assert_eq!(ram.size(), 0x2000);
+        assert!(ram.write(0x100, b"hello"));
+        let mut buf = [0u8; 7];
+        assert!(ram.read(0xff, &mut buf));
+        assert_eq!(&buf, b"\0hello\0");
+        // The last byte is guest memory, the one after it is not.
+        assert!(ram.write(0x1fff, &[0xaa]));
+        let mut last = [0u8; 1];
+        assert!(ram.read(0x1fff, &mut last));
+        assert_eq!(last, [0xaa]);
+        assert!(ram.write(0x1ffe, &[1, 2]));
+        assert!(!ram.write(0x1fff, &[1, 2]));
+        assert!(!ram.read(0x2000, &mut last));
+        assert!(!ram.write(0x2000, &[1]));
+        // Empty ranges: up to the end, not past it.
+        assert!(ram.read(0x2000, &mut []));
+        assert!(!ram.read(0x2001, &mut []));
+        // A refused copy leaves both sides alone.
+        let mut two = [7u8; 2];
+        assert!(!ram.read(0x1fff, &mut two));
+        assert_eq!(two, [7, 7]);
+        assert!(ram.read(0x1ffe, &mut two));
+        assert_eq!(two, [1, 2]);
+    }
+
+    #[test]
+    fn guest_ram_refuses_ranges_that_overflow() {
+        let ram = GuestRam::anonymous(0x1000).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(!ram.read(u64::MAX, &mut buf));
+        assert!(!ram.read(u64::MAX - 8, &mut buf));
+        assert!(!ram.write(u64::MAX - 15, &buf));
+        assert!(!ram.write(u64::MAX, &[]));
+        assert!(!ram.contains(1, u64::MAX));
+        assert!(ram.contains(0, 0x1000));
+        assert!(!ram.contains(0, 0x1001));
+    }
+
+    #[test]
+    fn guest_ram_clones_share_the_memory_and_keep_it_mapped() {
+        let ram = GuestRam::anonymous(0x1000).unwrap();
+        let other = ram.clone();
+        drop(ram);
+        assert!(other.write(0x10, &[5]));
+        let copy = other.clone();
+        let mut b = [0u8];
+        assert!(copy.read(0x10, &mut b));
+        assert_eq!(b, [5]);
+        let moved = std::thread::spawn(move || {
+            let mut b = [0u8];
+            copy.read(0x10, &mut b) && b == [5]
+        });
+        assert!(moved.join().unwrap());
+    }
 }

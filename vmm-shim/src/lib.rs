@@ -14,6 +14,7 @@
 pub mod acpi;
 pub mod debugport;
 pub mod devmap;
+pub mod dma;
 pub mod exits;
 pub mod guests;
 pub mod kvm;

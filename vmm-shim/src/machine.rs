@@ -16,7 +16,7 @@ use crate::devmap::{DeviceMap, MapError, Target};
 use crate::exits::{AccessTimes, DeviceCount, ExitStats, LiveMap, LocalDevices};
 use crate::kvm::KvmError;
 use crate::linux::{LinuxError, LinuxImage};
-use crate::local::IrqTarget;
+use crate::local::{IrqTarget, LocalWiring, RamTarget};
 use crate::migrate::{SnapshotError, VmSnapshot};
 use crate::remote::{ClientConfig, ClientPort, ClientStats, RemoteError, VmRemoteStats};
 pub use crate::vcpu::VcpuReport;
@@ -47,6 +47,8 @@ pub struct VmSpec {
     pub local: Arc<LocalDevices>,
     /// Where local models' interrupt lines go (set when the VM exists).
     pub irq_target: IrqTarget,
+    /// The RAM local models do DMA to (set when the VM exists).
+    pub ram: RamTarget,
     /// Set by a local i8042's reset pulse: the VM stops, reset.
     pub reset: Arc<AtomicBool>,
     /// A 16550's base port whose output to keep the end of, for reports
@@ -105,9 +107,18 @@ impl VmSpec {
             map: Arc::new(LiveMap::from_pointee(map)),
             local: local.into_iter().map(Mutex::new).collect::<Vec<_>>().into(),
             irq_target: IrqTarget::default(),
+            ram: RamTarget::default(),
             reset: Arc::new(AtomicBool::new(false)),
             console_port: None,
         })
+    }
+
+    /// Give the VM the targets the local models built with `wiring` use:
+    /// their interrupt lines, their DMA and an i8042's reset reach this VM.
+    pub fn wire_local(&mut self, wiring: &LocalWiring) {
+        self.irq_target = wiring.target.clone();
+        self.ram = wiring.ram.clone();
+        self.reset = wiring.reset.clone();
     }
 
     /// A Linux VM: `image` booted with `mem_bytes` of memory, `ranges`

@@ -153,6 +153,15 @@ pub trait DmaMemory: Send + Sync {
     fn write(&self, addr: u64, data: &[u8]) -> bool;
 }
 
+impl DmaMemory for crate::kvm::GuestRam {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        crate::kvm::GuestRam::read(self, addr, buf)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> bool {
+        crate::kvm::GuestRam::write(self, addr, data)
+    }
+}
+
 /// Bits of [`DmaWindow`]: how far behind the newest chunk a duplicate is still told.
 const DMA_WINDOW_BITS: u32 = 1024;
 

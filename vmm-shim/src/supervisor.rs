@@ -52,7 +52,7 @@ impl NewVm {
             vcpus: self.spec.vcpus,
             irq: Arc::new(self.vm.irq_handle()),
             map: self.spec.map.clone(),
-            ram: None,
+            ram: Some(Arc::new(self.vm.ram())),
         }
     }
 }

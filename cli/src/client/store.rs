@@ -118,6 +118,8 @@ fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
             irq: (0..32).filter(|&l| r.may_raise(l)).collect(),
             reset: r.reset,
             local: None,
+            image: None,
+            read_only: false,
         })
         .collect();
     VmConfig {
