@@ -239,6 +239,10 @@ struct RangeConfig {
     local: Option<String>,
     /// A local virtio-blk's image file (a raw image), and whether it is read-only.
     image: Option<PathBuf>,
+    /// The range is a virtio-mmio device (a remote virtio-blk): a Linux
+    /// guest is told where it is on its command line. Local virtio-blks are.
+    #[serde(default)]
+    virtio: bool,
     #[serde(default)]
     read_only: bool,
 }
@@ -560,7 +564,10 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         let image = LinuxImage {
             kernel: read("kernel", kernel)?,
             initrd: vm.initrd.as_deref().map(|p| read("initramfs", p)).transpose()?,
-            cmdline: vm.cmdline.clone().unwrap_or_else(|| dmfabric_vmm_shim::linux::DEFAULT_CMDLINE.to_string()),
+            cmdline: with_virtio_devices(
+                vm.cmdline.clone().unwrap_or_else(|| dmfabric_vmm_shim::linux::DEFAULT_CMDLINE.to_string()),
+                &vm.device,
+            ),
         };
         dmfabric_vmm_shim::linux::check(&image, vm.memory_mib << 20)?;
         let mut spec =
@@ -581,6 +588,21 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         );
     }
     Ok(spec)
+}
+
+/// `cmdline` with a `virtio_mmio.device=SIZE@BASE:IRQ` for each virtio-mmio
+/// range of the VM (Linux's virtio_mmio driver then finds the device:
+/// there is no bus to discover it on), unless the command line names it.
+fn with_virtio_devices(mut cmdline: String, ranges: &[RangeConfig]) -> String {
+    for r in ranges.iter().filter(|r| r.virtio || r.local.as_deref() == Some("virtio-blk")) {
+        let irq = r.irq.first().copied().unwrap_or(dmfabric_devices::platform::pc::VIRTIO_BLK_IRQ);
+        let arg = format!("virtio_mmio.device={}@{:#x}:{irq}", r.len, r.base);
+        if !cmdline.contains(&format!("@{:#x}:", r.base)) {
+            cmdline.push(' ');
+            cmdline.push_str(&arg);
+        }
+    }
+    cmdline
 }
 
 /// A virtio-blk kept in this process over the image `r` names (the
@@ -851,6 +873,18 @@ mod tests {
             Ok(_) => "no error".into(),
             Err(e) => format!("{e:#}"),
         }
+    }
+
+    #[test]
+    fn a_linux_guest_is_told_where_its_virtio_devices_are() {
+        let text = "client = 3\nkey_file = \"k\"\n[[vm]]\nid = 1\nkernel = \"/k\"\n\
+                    [[vm.device]]\nspace = \"mmio\"\nbase = 0xfeb00000\nlen = 0x200\nserver = 1\ndevice = 15\nirq = [10]\nvirtio = true\n\
+                    [[vm.device]]\nspace = \"mmio\"\nbase = 0xfeb00200\nlen = 0x200\nlocal = \"virtio-blk\"\nimage = \"/d\"\n\
+                    [[vm.device]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x100\nserver = 1\ndevice = 1\n";
+        let cfg: FileConfig = toml::from_str(text).unwrap();
+        let line = with_virtio_devices("console=ttyS0".into(), &cfg.vm[0].device);
+        assert_eq!(line, "console=ttyS0 virtio_mmio.device=512@0xfeb00000:10 virtio_mmio.device=512@0xfeb00200:10");
+        assert_eq!(with_virtio_devices(line.clone(), &cfg.vm[0].device), line, "named once");
     }
 
     #[test]

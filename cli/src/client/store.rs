@@ -120,6 +120,7 @@ fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
             local: None,
             image: None,
             read_only: false,
+            virtio: db.devices.get(&r.device).is_some_and(|d| d.kind == "virtio-blk"),
         })
         .collect();
     VmConfig {
