@@ -64,6 +64,7 @@ fn database() -> Db {
                 vm: vm + 1,
                 ranges: vec![range],
                 irqs: vec![],
+                image: None,
             };
             db.devices.insert(id, d);
         }

@@ -10,15 +10,25 @@
 //! key file without a store. Against an `etcds://` store, `ctl etcd-auth`
 //! sets up etcd's users and every commit re-derives their grants
 //! (`dmfabric_control::etcd`).
+//!
+//! A virtio-blk's record names its image, a raw file on the server that
+//! holds the device (`ctl add device --kind virtio-blk --image PATH`); the
+//! server opens it when it builds the model, and a server it moves to
+//! opens the same path (shared storage). `--size` creates the image, on
+//! the machine ctl runs on.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use dmfabric_control::keys::{now_unix, ClientKeys, KeyFile};
-use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Lifecycle, Range, Server, ServerRole, Vm, VmState};
+use dmfabric_control::model::{
+    BlockImage, Change, ClientPlatform, Db, Device, Lifecycle, Range, Server, ServerRole, Vm, VmState, VIRTIO_BLK,
+    VIRTIO_BLK_WINDOW,
+};
 use dmfabric_control::store::{Store, DEFAULT_STORE};
+use dmfabric_devices::platform::pc;
 
 use crate::io::number;
 
@@ -298,11 +308,14 @@ pub enum AddCmd {
         #[arg(long, value_delimiter = ',')]
         args: Vec<String>,
     },
+    /// A device of a VM, on a server. A virtio-blk (--kind virtio-blk
+    /// --image PATH) takes the PC's window (--mmio 0xfeb00000:0x200) and
+    /// line (--irq 10) unless given others.
     Device {
         #[arg(long)]
         id: u32,
-        /// uart, rtc, i8042, timer, regfile or irqtest.
-        #[arg(long)]
+        /// uart, rtc, i8042, timer, regfile, irqtest or virtio-blk.
+        #[arg(long, visible_alias = "model")]
         kind: String,
         #[arg(long)]
         server: u16,
@@ -313,12 +326,30 @@ pub enum AddCmd {
         /// Port ranges, BASE:LEN (repeatable).
         #[arg(long)]
         pio: Vec<String>,
-        /// MMIO ranges, BASE:LEN (repeatable).
+        /// MMIO ranges, BASE:LEN (repeatable; a virtio-blk's one window may
+        /// be given as BASE).
         #[arg(long)]
         mmio: Vec<String>,
         /// Interrupt lines (repeatable).
         #[arg(long)]
         irq: Vec<u32>,
+        /// A virtio-blk's image: the absolute path of a raw image file on the
+        /// server that holds the device, which opens it. A device that may
+        /// move between servers needs it on storage they share, at the same
+        /// path.
+        #[arg(long, value_name = "PATH")]
+        image: Option<String>,
+        /// The virtio-blk's disk is read-only (the server opens the image
+        /// read-only).
+        #[arg(long)]
+        read_only: bool,
+        /// Create the image this large (64M, 1G: whole 512-byte sectors) if it
+        /// does not exist; one that does must be this size. It is created on
+        /// the machine ctl runs on: right when that is the server, or when the
+        /// path is on storage the servers share. Without --size the image
+        /// must exist here already.
+        #[arg(long)]
+        size: Option<String>,
     },
 }
 
@@ -330,7 +361,11 @@ pub enum Role {
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCmd {
-    /// Place a device on another server (and shard).
+    /// Place a device on another server (and shard). Its model's state
+    /// moves with it, through the store. A virtio-blk's new server opens
+    /// the same image path: keep images of devices that move on storage
+    /// every server mounts at the same path (a server that cannot open it
+    /// logs so, and the device runs as an empty drive there).
     Move {
         id: u32,
         #[arg(long)]
@@ -340,13 +375,20 @@ pub enum DeviceCmd {
     },
 }
 
-fn range(s: &str, mmio: bool) -> anyhow::Result<Range> {
-    let (b, l) = s.split_once(':').with_context(|| format!("{s:?}: a range is BASE:LEN"))?;
-    Ok(Range { mmio, base: number(b)?, len: number(l)? })
+/// `BASE:LEN`, or `BASE` where the kind has a fixed length.
+fn range(s: &str, mmio: bool, fixed: Option<u64>) -> anyhow::Result<Range> {
+    match (s.split_once(':'), fixed) {
+        (Some((b, l)), _) => Ok(Range { mmio, base: number(b)?, len: number(l)? }),
+        (None, Some(len)) => Ok(Range { mmio, base: number(s)?, len }),
+        (None, None) => bail!("{s:?}: a range is BASE:LEN"),
+    }
 }
 
-fn change(cmd: AddCmd) -> anyhow::Result<Change> {
-    Ok(match cmd {
+/// What `ctl add` asks: the change, and for a virtio-blk, the size to
+/// create its image if it does not exist.
+fn change(cmd: AddCmd) -> anyhow::Result<(Change, Option<u64>)> {
+    let mut create = None;
+    let change = match cmd {
         AddCmd::Client { id, mac, hypervisor } => {
             Change::AddClient(ClientPlatform { id, mac, hypervisor, hypervisor_kind: "kvm".into() })
         }
@@ -372,21 +414,69 @@ fn change(cmd: AddCmd) -> anyhow::Result<Change> {
                 migrate_to: None,
             })
         }
-        AddCmd::Device { id, kind, server, vm, shard, pio, mmio, irq } => {
+        AddCmd::Device { id, kind, server, vm, shard, pio, mmio, mut irq, image, read_only, size } => {
+            let blk = kind == VIRTIO_BLK;
+            let image = match image {
+                Some(path) if blk => Some(BlockImage { path, read_only }),
+                None if blk => bail!("a virtio-blk needs --image PATH (a raw image file; add --size 64M to create it)"),
+                _ if !blk && (image.is_some() || read_only || size.is_some()) => {
+                    bail!("--image, --size and --read-only are for a virtio-blk, not a {kind}")
+                }
+                _ => None,
+            };
+            create = size.as_deref().map(dmfabric_storage::parse_size).transpose().context("--size")?;
             let mut ranges = Vec::new();
             for p in &pio {
-                ranges.push(range(p, false)?);
+                ranges.push(range(p, false, None)?);
             }
             for m in &mmio {
-                ranges.push(range(m, true)?);
+                ranges.push(range(m, true, blk.then_some(VIRTIO_BLK_WINDOW))?);
             }
-            Change::AddDevice(Device { id, kind, server, shard, vm, ranges, irqs: irq })
+            if blk && ranges.is_empty() {
+                ranges.push(Range { mmio: true, base: pc::VIRTIO_BLK_MMIO, len: VIRTIO_BLK_WINDOW });
+            }
+            if blk && irq.is_empty() {
+                irq.push(pc::VIRTIO_BLK_IRQ);
+            }
+            Change::AddDevice(Device { id, kind, server, shard, vm, ranges, irqs: irq, image })
         }
-    })
+    };
+    Ok((change, create))
+}
+
+/// A virtio-blk's image, on this machine: created `create` bytes large if
+/// it is not there (kept if it is that size already), or there already.
+/// Says what it did, if anything.
+fn prepare_image(image: &BlockImage, create: Option<u64>) -> anyhow::Result<Option<String>> {
+    let path = Path::new(&image.path);
+    let there = path.exists();
+    if let Some(size) = create {
+        dmfabric_storage::create_image(path, size)?;
+        if !there {
+            return Ok(Some(format!(
+                "created image {} ({size} bytes) on this machine: the server opens that path",
+                image.path
+            )));
+        }
+        return Ok(None);
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!("image {} is a directory: give a raw image file", image.path),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("image {} does not exist: pass --size (e.g. --size 64M) to create it, or create it first", image.path)
+        }
+        Err(e) => bail!("image {}: {e}", image.path),
+    }
 }
 
 fn ranges(d: &Device) -> String {
     d.ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// A device's image as the table shows it: its path, "(read-only)", or "-".
+fn image(d: &Device) -> String {
+    d.image.as_ref().map_or_else(|| "-".into(), ToString::to_string)
 }
 
 fn print_table(db: &Db, what: Option<What>) {
@@ -418,10 +508,23 @@ fn print_table(db: &Db, what: Option<What>) {
         }
     }
     if all || what == Some(What::Devices) {
-        println!("{:<8} {:<8} {:<8} {:<6} {:<6} {:<10} RANGES", "DEVICE", "KIND", "SERVER", "SHARD", "VM", "IRQS");
+        println!(
+            "{:<8} {:<10} {:<8} {:<6} {:<6} {:<10} {:<24} IMAGE",
+            "DEVICE", "KIND", "SERVER", "SHARD", "VM", "IRQS", "RANGES"
+        );
         for d in db.devices.values() {
             let irqs = d.irqs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-            println!("{:<8} {:<8} {:<8} {:<6} {:<6} {:<10} {}", d.id, d.kind, d.server, d.shard, d.vm, irqs, ranges(d));
+            println!(
+                "{:<8} {:<10} {:<8} {:<6} {:<6} {:<10} {:<24} {}",
+                d.id,
+                d.kind,
+                d.server,
+                d.shard,
+                d.vm,
+                irqs,
+                ranges(d),
+                image(d)
+            );
         }
     }
 }
@@ -486,8 +589,17 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCmd::Add(cmd) => {
-            let change = change(cmd)?;
+            let (change, create) = change(cmd)?;
+            let mut made = None;
+            if let Change::AddDevice(Device { image: Some(image), .. }) = &change {
+                // What the store would refuse is refused before the image is touched.
+                store.load()?.check(&change)?;
+                made = prepare_image(image, create)?;
+            }
             commit(std::slice::from_ref(&change))?;
+            if let Some(line) = made {
+                println!("{line}");
+            }
             if let Change::AddClient(c) = change {
                 let keys = ClientKeys::generate(c.id)?;
                 let revision = store.put_client_keys(&keys).with_context(|| {
@@ -529,7 +641,14 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             let db = store.load()?;
             let Some(d) = db.devices.get(&id) else { bail!("no device {id}") };
             let moved = Device { server: to, shard: shard.unwrap_or(d.shard), ..d.clone() };
+            let (from, image) = (d.server, d.image.clone());
             commit(&[Change::UpdateDevice(moved)])?;
+            if let Some(image) = image.filter(|_| from != to) {
+                println!(
+                    "server {to} opens the image {} as server {from} did: both need it at that path (shared storage), or the device runs there as an empty drive",
+                    image.path
+                );
+            }
         }
         CtlCmd::Client(cmd) => client_keys_cmd(&*store, cmd)?,
         // Handled above, before a store is opened; here for completeness.

@@ -461,7 +461,7 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     consoles.finish();
     let (stats, shards) = handler.server.finish();
     print_stats(&stats, shards.as_ref());
-    let dma = handler.server.dma_stats();
+    let dma = &stats.dma;
     if dma.requests > 0 {
         eprintln!(
             "dmfabric server: device DMA: requests {} completed {} failed {} read {} B written {} B; chunks sent {} retransmitted {}, answers stale {} bad {}, refused {}, given up {}",

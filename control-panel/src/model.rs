@@ -160,10 +160,42 @@ impl fmt::Display for Range {
     }
 }
 
+/// A virtio-blk's disk: a raw image file on the server that holds the
+/// device, which opens it when it builds the model.
+///
+/// The path is the server's: a device moved to another server (its
+/// model's state moves through the store) is opened there at the same
+/// path, so a virtio-blk that may move keeps its image on storage every
+/// such server mounts at the same place. A server that cannot open it
+/// says so (path and server) and runs the device as an empty drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockImage {
+    /// An absolute path, 1 to [`MAX_IMAGE_LEN`] bytes, no control characters.
+    pub path: String,
+    /// The guest sees a read-only disk; the server opens the file read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl fmt::Display for BlockImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)?;
+        if self.read_only {
+            f.write_str(" (read-only)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The one model kind with an image.
+pub const VIRTIO_BLK: &str = "virtio-blk";
+/// A virtio-blk's window: `VIRTIO_MMIO_LEN` bytes at a base aligned to it.
+pub const VIRTIO_BLK_WINDOW: u64 = dmfabric_devices::platform::pc::VIRTIO_MMIO_LEN as u64;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
     pub id: u32,
-    /// A model kind: uart, rtc, i8042, timer, regfile, irqtest.
+    /// A model kind: uart, rtc, i8042, timer, regfile, irqtest, virtio-blk.
     pub kind: String,
     /// The server holding the model.
     pub server: u16,
@@ -172,6 +204,10 @@ pub struct Device {
     pub vm: u32,
     pub ranges: Vec<Range>,
     pub irqs: Vec<u32>,
+    /// A virtio-blk's image (and only a virtio-blk's). Records written
+    /// before devices had images load without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<BlockImage>,
 }
 
 fn check_name(what: &str, id: u64, field: &str, value: &str) -> Result<(), Conflict> {
@@ -271,6 +307,48 @@ impl Device {
         if let Some(line) = self.irqs.iter().find(|l| **l >= IRQ_LINES) {
             return bad(format!("interrupt line {line} does not exist (lines are 0 to {})", IRQ_LINES - 1));
         }
+        if self.kind != VIRTIO_BLK {
+            if self.image.is_some() {
+                return bad(format!("an image is for a virtio-blk, not a {}", self.kind));
+            }
+            return Ok(());
+        }
+        let window = match self.ranges.as_slice() {
+            [r] => r.mmio && r.len == VIRTIO_BLK_WINDOW && r.base % VIRTIO_BLK_WINDOW == 0,
+            _ => false,
+        };
+        if !window {
+            let ranges: Vec<String> = self.ranges.iter().map(ToString::to_string).collect();
+            return bad(format!(
+                "a virtio-blk has one MMIO window of {VIRTIO_BLK_WINDOW:#x} bytes at a {VIRTIO_BLK_WINDOW}-byte aligned base and no ports, not [{}]",
+                ranges.join(", ")
+            ));
+        }
+        if self.irqs.len() > 1 {
+            return bad(format!("a virtio-blk raises one interrupt line, not {}", self.irqs.len()));
+        }
+        let Some(image) = &self.image else {
+            return bad("a virtio-blk needs an image (the absolute path of a raw image file on its server)".into());
+        };
+        image.validate().or_else(bad)
+    }
+}
+
+impl BlockImage {
+    /// Why this cannot be an image's path, if it cannot (a hostile path is
+    /// not echoed whole).
+    pub fn validate(&self) -> Result<(), String> {
+        let path = &self.path;
+        if path.is_empty() || path.len() > MAX_IMAGE_LEN {
+            return Err(format!("an image path is 1 to {MAX_IMAGE_LEN} bytes, not {}", path.len()));
+        }
+        if path.chars().any(char::is_control) {
+            return Err("an image path has no control characters".into());
+        }
+        if !path.starts_with('/') {
+            let shown: String = path.chars().take(64).collect();
+            return Err(format!("image {shown:?}: the path must be absolute (its server opens it)"));
+        }
         Ok(())
     }
 }
@@ -298,7 +376,11 @@ impl fmt::Display for Change {
             Change::AddServer(s) => write!(f, "added server {} ({:?}, {})", s.id, s.role, s.mac),
             Change::AddVm(v) => write!(f, "added VM {} on client platform {}", v.id, v.client),
             Change::AddDevice(d) => {
-                write!(f, "added device {} ({}) of VM {} on server {}", d.id, d.kind, d.vm, d.server)
+                write!(f, "added device {} ({}) of VM {} on server {}", d.id, d.kind, d.vm, d.server)?;
+                match &d.image {
+                    Some(image) => write!(f, ", image {image}"),
+                    None => Ok(()),
+                }
             }
             Change::UpdateVm(v) => write!(f, "updated VM {} (client platform {}, {:?})", v.id, v.client, v.state),
             Change::UpdateDevice(d) => write!(f, "updated device {} (server {}, shard {})", d.id, d.server, d.shard),
@@ -543,7 +625,12 @@ impl Db {
         let devices: usize = self
             .devices
             .values()
-            .map(|d| d.kind.capacity() + d.ranges.capacity() * size_of::<Range>() + d.irqs.capacity() * 4)
+            .map(|d| {
+                d.kind.capacity()
+                    + d.ranges.capacity() * size_of::<Range>()
+                    + d.irqs.capacity() * 4
+                    + d.image.as_ref().map_or(0, |i| i.path.capacity())
+            })
             .sum();
         let vms: usize = self.vms.values().map(|v| v.image.capacity() + v.args.capacity() * 8).sum();
         let named: usize =
@@ -612,13 +699,28 @@ pub mod fixtures {
             vm: 100,
             ranges: vec![Range { mmio: false, base, len: 8 }],
             irqs: vec![4],
+            image: None,
+        }
+    }
+
+    /// A virtio-blk `id` of VM 100 on server 10 at MMIO `base`, its image `path`.
+    pub fn virtio_blk(id: u32, base: u64, path: &str) -> Device {
+        Device {
+            id,
+            kind: VIRTIO_BLK.into(),
+            server: 10,
+            shard: 0,
+            vm: 100,
+            ranges: vec![Range { mmio: true, base, len: VIRTIO_BLK_WINDOW }],
+            irqs: vec![10],
+            image: Some(BlockImage { path: path.into(), read_only: false }),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fixtures::{platform, uart};
+    use super::fixtures::{platform, uart, virtio_blk};
     use super::*;
 
     fn base() -> Db {
@@ -716,6 +818,61 @@ mod tests {
         assert!(e.len() < 200, "a hostile name is not echoed whole: {e}");
         let kvm = ClientPlatform { id: 9, mac: "02:00:00:00:00:09".into(), hypervisor: 1, hypervisor_kind: "".into() };
         assert!(refused(&mut db, Change::AddClient(kvm)).contains("hypervisor_kind must be 1 to 32"));
+    }
+
+    #[test]
+    fn a_virtio_blk_has_an_absolute_image_and_one_mmio_window() {
+        let mut db = base();
+        let blk = virtio_blk(15, 0xfeb0_0000, "/srv/vm1.img");
+        let said = db.apply(&[Change::AddDevice(blk.clone())]).unwrap();
+        assert_eq!(said, vec!["added device 15 (virtio-blk) of VM 100 on server 10, image /srv/vm1.img"]);
+        let ro = Device { image: Some(BlockImage { path: "/srv/ro.img".into(), read_only: true }), ..blk.clone() };
+        let said = db.apply(&[Change::UpdateDevice(ro)]).unwrap();
+        assert_eq!(said, vec!["updated device 15 (server 10, shard 0)"]);
+        assert_eq!(db.devices[&15].image.as_ref().unwrap().to_string(), "/srv/ro.img (read-only)");
+        let refused = |d: Device| base().apply(&[Change::AddDevice(d)]).unwrap_err().to_string();
+        // No image.
+        let e = refused(Device { image: None, ..blk.clone() });
+        assert_eq!(e, "device 15: a virtio-blk needs an image (the absolute path of a raw image file on its server)");
+        // An image on another kind.
+        let e = refused(Device { image: blk.image.clone(), ..uart(3, 0x2f8) });
+        assert_eq!(e, "device 3: an image is for a virtio-blk, not a uart");
+        // Paths: relative, empty, too long, with control characters.
+        let path = |p: &str| Device { image: Some(BlockImage { path: p.into(), read_only: false }), ..blk.clone() };
+        let e = refused(path("vm1.img"));
+        assert_eq!(e, "device 15: image \"vm1.img\": the path must be absolute (its server opens it)");
+        assert!(refused(path("")).contains("an image path is 1 to 4096 bytes, not 0"));
+        let e = refused(path(&"/x".repeat(MAX_IMAGE_LEN)));
+        assert!(e.contains("not 8192") && e.len() < 200, "{e}");
+        assert!(refused(path("/srv/a\nb.img")).contains("no control characters"));
+        // The window: one MMIO range of 0x200 bytes, 512-byte aligned, no ports.
+        let window = "a virtio-blk has one MMIO window of 0x200 bytes at a 512-byte aligned base and no ports";
+        let e = refused(virtio_blk(15, 0xfeb0_0100, "/srv/vm1.img"));
+        assert_eq!(e, format!("device 15: {window}, not [mmio 0xfeb00100+0x200]"));
+        let long = Device { ranges: vec![Range { mmio: true, base: 0xfeb0_0000, len: 0x1000 }], ..blk.clone() };
+        assert!(refused(long).contains(window));
+        let ports = Device { ranges: vec![Range { mmio: false, base: 0x500, len: 0x200 }], ..blk.clone() };
+        assert!(refused(ports).contains(window));
+        let two = Device { ranges: vec![blk.ranges[0], Range { mmio: false, base: 0x500, len: 8 }], ..blk.clone() };
+        assert!(refused(two).contains(window));
+        assert!(refused(Device { ranges: vec![], ..blk.clone() }).contains(window));
+        assert!(refused(Device { irqs: vec![10, 11], ..blk.clone() }).contains("one interrupt line, not 2"));
+    }
+
+    #[test]
+    fn a_device_record_without_an_image_still_loads_and_one_with_round_trips() {
+        // As a version before images wrote it.
+        let old = r#"{"id":1,"kind":"uart","server":10,"shard":0,"vm":100,"ranges":[{"mmio":false,"base":1016,"len":8}],"irqs":[4]}"#;
+        let d: Device = serde_json::from_str(old).unwrap();
+        assert_eq!(d, uart(1, 0x3f8));
+        assert_eq!(serde_json::to_string(&d).unwrap(), old, "no image field written for other kinds");
+        let blk = virtio_blk(15, 0xfeb0_0000, "/srv/vm1.img");
+        let text = serde_json::to_string(&blk).unwrap();
+        assert!(text.ends_with(r#""image":{"path":"/srv/vm1.img","read_only":false}}"#), "{text}");
+        assert_eq!(serde_json::from_str::<Device>(&text).unwrap(), blk);
+        // read_only may be left out.
+        let short = text.replace(r#","read_only":false"#, "");
+        assert_eq!(serde_json::from_str::<Device>(&short).unwrap(), blk);
     }
 
     #[test]

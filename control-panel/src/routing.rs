@@ -231,6 +231,7 @@ mod tests {
                     Range { mmio: false, base: 0x500, len: 0x100 },
                 ],
                 irqs: vec![],
+                image: None,
             }),
         ]);
         let mut db = Db::default();

@@ -848,6 +848,20 @@ mod tests {
         assert!(read(&mut db, "device/2", &dev(&many, "")).contains("at most 16 address ranges"));
         let e = read(&mut db, "device/2", &dev("", "").replace("regfile", "gpu"));
         assert!(e.contains("unknown kind \"gpu\""), "{e}");
+        // A virtio-blk's image: absolute, and only a virtio-blk's.
+        let blk = |image: &str| {
+            format!(
+                r#"{{"id":3,"kind":"virtio-blk","server":10,"shard":0,"vm":5,"ranges":[{{"mmio":true,"base":4272947200,"len":512}}],"irqs":[10]{image}}}"#
+            )
+        };
+        let good = blk(r#","image":{"path":"/srv/vm5.img","read_only":true}"#);
+        assert!(read_record(&mut db, "device/3", good.as_bytes()).is_ok());
+        assert!(db.devices[&3].image.as_ref().is_some_and(|i| i.read_only));
+        let e = read(&mut db, "device/3", &blk(r#","image":{"path":"vm5.img"}"#));
+        assert!(e.contains("the path must be absolute"), "{e}");
+        assert!(read(&mut db, "device/3", &blk("")).contains("a virtio-blk needs an image"));
+        let e = read(&mut db, "device/2", &dev("", "").replace(r#""irqs":[]"#, r#""irqs":[],"image":{"path":"/a"}"#));
+        assert!(e.contains("an image is for a virtio-blk, not a regfile"), "{e}");
         let e = read(&mut db, "client/1", r#"{"id":1,"mac":"nope","hypervisor":1,"hypervisor_kind":"kvm"}"#);
         assert!(e.contains("is not a MAC address"), "{e}");
         let e = read(

@@ -21,13 +21,24 @@
 //!   builds the model from it; the loop installs it, adopts A's answers and
 //!   runs the waiting requests. After [`STATE_WAIT`] without a state (A
 //!   gone), B starts D fresh and says so.
+//!
+//! A virtio-blk's image is named by its record ([`BlockImage`]): before
+//! the planner builds one placed or moved here it sets it in
+//! [`DeviceEnv::images`] and checks that it opens. The path is this
+//! server's: a virtio-blk that moves is opened on its new server at the
+//! same path, so its image lives on storage both servers mount at the same
+//! place. Its model's state moves (the virtio transport, the queue
+//! positions; requests taken but not answered are done again on the new
+//! server); the disk's data is whatever the file holds. A server that
+//! cannot open the image logs one error naming the path and the server,
+//! and the device runs as an empty drive.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dmfabric_control::model::{Db, Device as DeviceRecord};
+use dmfabric_control::model::{BlockImage, Db, Device as DeviceRecord};
 use dmfabric_control::routing::{LiveRoutes, RoutingTable};
 use dmfabric_control::store::{Store, StoreError};
 use dmfabric_control::watch::Chores;
@@ -35,7 +46,7 @@ use dmfabric_devices::{Device, DeviceKind, DeviceSpec, DeviceState};
 use dmfabric_wire::auth::KeyRing;
 use dmfabric_wire::{EthernetRepr, FrameRepr, MacAddr, Message};
 
-use crate::env::DeviceEnv;
+use crate::env::{DeviceEnv, ImageSpec};
 use crate::interrupts::VmMove;
 pub use crate::peers::StreamAnswer;
 use crate::peers::{Client, Registry, StreamKey};
@@ -370,6 +381,10 @@ impl Planner {
             if self.served.contains_key(dev) {
                 continue;
             }
+            // Before it is built: fresh here, or when its state comes.
+            if let Some(image) = table.db.devices.get(dev).and_then(|d| d.image.as_ref()) {
+                self.set_image(*dev, image);
+            }
             let from = self.planned.as_ref().and_then(|t| t.placement(*dev)).map(|p| p.server).filter(|s| *s != id);
             match from {
                 Some(from) => {
@@ -408,6 +423,24 @@ impl Planner {
             registry,
             bound,
         });
+    }
+
+    /// Give block device `dev` its image before its model is built, and
+    /// say (one line: device, path, server) if it does not open here. It
+    /// is set either way: the device runs as an empty drive (and
+    /// [`crate::env::Images::failed`] counts it) until it is placed again.
+    fn set_image(&self, dev: u32, image: &BlockImage) {
+        let spec = ImageSpec { path: image.path.clone().into(), read_only: image.read_only };
+        if let Err(e) = spec.open() {
+            tracing::error!(
+                server = self.server,
+                device = dev,
+                path = %image.path,
+                "server {} cannot open the image of device {dev}, which runs as an empty drive: {e} (a device that moves between servers needs its image on storage they share, at the same path)",
+                self.server
+            );
+        }
+        self.env.images.set(dev, spec);
     }
 
     /// The client platforms this server acts for: those with a VM (running

@@ -287,6 +287,7 @@ impl<B: Backend> Server<B> {
         s.clients_forgotten = p.clients_evicted;
         s.unclaimed = b.unclaimed;
         s.devices = b.devices;
+        s.dma = self.dma.stats();
         s
     }
 

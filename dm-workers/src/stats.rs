@@ -89,6 +89,8 @@ pub struct ServerStats {
     pub vm_events_dropped: u64,
     /// Malformed frames by reason (WireError::name → count, non-zero only).
     pub malformed: Vec<(&'static str, u64)>,
+    /// Device DMA to and from the clients' VMs ([`crate::dma`]).
+    pub dma: crate::dma::DmaStats,
     /// Per device (filled where the devices are: at once in the
     /// run-to-completion layout, after `finish` in the split one).
     pub devices: Vec<DeviceCounters>,
@@ -136,6 +138,13 @@ impl ServerStats {
             ("interrupt_acks", "Interrupt acknowledgements received", self.interrupt_acks),
             ("interrupts_coalesced", "Level changes folded into one still queued", self.interrupts_coalesced),
             ("levels_resent", "Level lines sent again to a client with a new session", self.levels_resent),
+            ("dma_requests", "DMA requests of device models", self.dma.requests),
+            ("dma_failed", "DMA requests failed (refused, or never answered)", self.dma.failed),
+            ("dma_read_bytes", "Bytes device models read from guest memory", self.dma.bytes_read),
+            ("dma_written_bytes", "Bytes device models wrote to guest memory", self.dma.bytes_written),
+            ("dma_chunks", "DMA chunk frames sent (first copies and again)", self.dma.chunks_sent),
+            ("dma_retransmits", "DMA chunk frames sent again", self.dma.retransmits),
+            ("dma_stale_answers", "DMA answers nobody waited for", self.dma.stale_answers),
         ]
     }
 

@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_control::model::{Change, ClientPlatform, Db, Device, Range, Vm};
+use dmfabric_control::model::{BlockImage, Change, ClientPlatform, Db, Device, Range, Vm};
 use dmfabric_control::routing::{LiveRoutes, RoutingTable};
 use dmfabric_control::store::RedbStore;
 use dmfabric_dataplane::poll::Handler;
 use dmfabric_dataplane::FrameBatch;
 use dmfabric_dm_workers::backend::{Backend, Inline};
-use dmfabric_dm_workers::env::DeviceEnv;
+use dmfabric_dm_workers::env::{DeviceEnv, ImageSpec};
 use dmfabric_dm_workers::placement::{PlacementLink, Planner};
 use dmfabric_dm_workers::server::Server;
 use dmfabric_dm_workers::sharded::{Sharded, WorkerIdle};
@@ -328,6 +328,48 @@ fn a_uart_placed_on_a_running_server_gets_a_console() {
     let mut got = Vec::new();
     console.drain_output(&mut got);
     assert_eq!(got, b"x");
+}
+
+/// A virtio-blk of VM 7 on `server`, its image `path`, read-only.
+fn virtio_blk(id: u32, server: u16, base: u64, path: &std::path::Path) -> Device {
+    Device {
+        id,
+        kind: "virtio-blk".into(),
+        ranges: vec![Range { mmio: true, base, len: 0x200 }],
+        irqs: vec![10],
+        image: Some(BlockImage { path: path.to_str().unwrap().into(), read_only: true }),
+        ..regfile(id, server, 0)
+    }
+}
+
+#[test]
+fn a_placed_virtio_blk_is_given_its_image_here_and_where_it_moves() {
+    let dir = std::env::temp_dir().join(format!("dmfabric-placed-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("vm7.img");
+    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let mut d = db();
+    d.apply(&[Change::AddDevice(virtio_blk(6, 10, 0xfeb0_0000, &img))]).unwrap();
+    // Placed at start: set before its model was built.
+    let mut p = pair(&d, inline);
+    let want = ImageSpec { path: img.clone(), read_only: true };
+    assert_eq!(p.s10.env().images.get(6), Some(want.clone()));
+    assert_eq!(p.s11.env().images.get(6), None, "not placed there");
+    assert_eq!(p.s10.env().images.get(1), None, "a register file has none");
+    // Moved: the server it moves to opens the same path (shared storage).
+    d.apply(&[Change::UpdateDevice(virtio_blk(6, 11, 0xfeb0_0000, &img))]).unwrap();
+    p.swap(&d, 2);
+    assert_eq!(p.s11.env().images.get(6), Some(want));
+    // Placed on a running server, an image that is not there: still set
+    // (it runs as an empty drive, counted; the planner said why).
+    let failed = p.s10.env().images.failed();
+    let missing = dir.join("not-there.img");
+    d.apply(&[Change::AddDevice(virtio_blk(8, 10, 0xfeb0_0200, &missing))]).unwrap();
+    p.swap(&d, 3);
+    let got = p.s10.env().images.get(8).unwrap();
+    assert_eq!(got.path, missing);
+    assert_eq!(p.s10.env().images.failed(), failed + 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A keys read that fails (etcd just back, its connection not up again)

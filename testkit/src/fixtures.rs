@@ -17,6 +17,7 @@ pub fn regfile(id: u32, server: u16, base: u64) -> Device {
         vm: 7,
         ranges: vec![Range { mmio: false, base, len: 0x10 }],
         irqs: vec![],
+        image: None,
     }
 }
 
