@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use crate::device::{Device, DeviceState, Persist, RestoreError};
+use crate::hpet::{Hpet, HpetLines};
 use crate::i8042::{ResetSink, I8042};
+use crate::ioapic::{DropMsi, IoApic, MsiSink};
 use crate::irq::IrqLine;
 use crate::irqtest::IrqTester;
 use crate::kind::{DeviceKind, DeviceSpec};
@@ -32,6 +34,11 @@ pub trait Wiring {
     /// one for it; a block device without is an empty drive.
     fn block(&self, _device: u32) -> Option<Box<dyn crate::dma::BlockBackend>> {
         None
+    }
+    /// Where I/O APIC `device` sends its MSIs; a host without a way to
+    /// the VM's local APICs drops them (the model counts what it sent).
+    fn msi(&self, _device: u32) -> Box<dyn MsiSink> {
+        Box::new(DropMsi::default())
     }
 }
 
@@ -91,6 +98,14 @@ pub fn build<W: Wiring>(
             let state = state_of(saved, name, |s| if let DeviceState::VirtioBlk(s) = s { Ok(s) } else { Err(s) })?;
             let backend = wiring.block(spec.id).unwrap_or_else(|| Box::new(NoMedia::default()));
             Box::new(VirtioBlk::restore((spec.mmio, line(n), backend, spec.id), state)?)
+        }
+        DeviceKind::Hpet => {
+            let state = state_of(saved, name, |s| if let DeviceState::Hpet(s) = s { Ok(s) } else { Err(s) })?;
+            Box::new(Hpet::restore((spec.mmio, HpetLines::wire(line), now), state)?)
+        }
+        DeviceKind::IoApic => {
+            let state = state_of(saved, name, |s| if let DeviceState::IoApic(s) = s { Ok(s) } else { Err(s) })?;
+            Box::new(IoApic::restore((spec.mmio.map(|(b, _)| b), wiring.msi(spec.id), now), state)?)
         }
     })
 }
@@ -222,6 +237,45 @@ mod tests {
         assert_eq!(at_ports.check(), Ok(()));
         let mut d = fresh(&at_ports, &TestWiring, now);
         assert_eq!(d.read(Space::Pio, 0x500, AccessSize::B4), None);
+    }
+
+    #[test]
+    fn an_hpet_is_built_at_its_window_and_restores_its_counter() {
+        let now = Instant::now();
+        let spec = pc::hpet_device(6, Some(1));
+        let mut d = build(&spec, &TestWiring, None, now).unwrap();
+        assert_eq!(d.read(Space::Mmio, pc::HPET_MMIO + 4, AccessSize::B4), Some(10_000_000), "period in fs");
+        assert!(d.write(Space::Mmio, pc::HPET_MMIO + 0xf0, AccessSize::B8, 1234));
+        let saved = d.save();
+        assert_eq!(saved.model(), "hpet");
+        let mut back = build(&spec, &TestWiring, Some(saved.clone()), now).unwrap();
+        assert_eq!(back.save(), saved);
+        assert_eq!(back.read(Space::Mmio, pc::HPET_MMIO + 0xf0, AccessSize::B8), Some(1234));
+        assert!(back.counters().iter().any(|&(name, _)| name == "missed_periods"));
+    }
+
+    #[test]
+    fn an_ioapic_is_built_at_its_window_sending_to_its_wiring() {
+        let now = Instant::now();
+        let spec = pc::ioapic_device(7, Some(1));
+        let mut d = build(&spec, &TestWiring, None, now).unwrap();
+        let (sel, win) = (pc::IOAPIC_MMIO, pc::IOAPIC_MMIO + 0x10);
+        assert!(d.write(Space::Mmio, sel, AccessSize::B4, 1));
+        assert_eq!(d.read(Space::Mmio, win, AccessSize::B4), Some(0x0017_0020), "version 0x20, 24 pins");
+        assert!(d.write(Space::Mmio, sel, AccessSize::B4, 0x10));
+        assert!(d.write(Space::Mmio, win, AccessSize::B4, 0x8030), "pin 0: level, vector 0x30, unmasked");
+        let saved = d.save();
+        assert_eq!(saved.model(), "ioapic");
+        let mut back = build(&spec, &TestWiring, Some(saved.clone()), now).unwrap();
+        assert_eq!(back.save(), saved);
+        assert_eq!(back.read(Space::Mmio, win, AccessSize::B4), Some(0x8030));
+        assert!(back.counters().iter().any(|&(name, _)| name == "bad_vector"));
+        let DeviceState::IoApic(mut bad) = saved else { panic!("not an I/O APIC's") };
+        bad.redirection.pop();
+        assert!(build(&spec, &TestWiring, Some(DeviceState::IoApic(bad)), now).is_err());
+        // A fresh one from a spec without a window decodes nothing.
+        let nowhere = DeviceSpec { mmio: None, ..spec };
+        assert_eq!(fresh(&nowhere, &TestWiring, now).read(Space::Mmio, sel, AccessSize::B4), None);
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::time::Instant;
 use dmfabric_wire::{AccessSize, Space};
 use serde::{Deserialize, Serialize};
 
+use crate::hpet::HpetState;
 use crate::i8042::I8042State;
+use crate::ioapic::IoApicState;
 use crate::irqtest::IrqTesterState;
 use crate::kind::SpecError;
 use crate::regfile::RegisterFileState;
@@ -74,6 +76,8 @@ pub enum DeviceState {
     I8042(I8042State),
     Timer(TimerState),
     VirtioBlk(VirtioBlkState),
+    Hpet(HpetState),
+    IoApic(IoApicState),
 }
 
 impl DeviceState {
@@ -87,6 +91,8 @@ impl DeviceState {
             DeviceState::I8042(_) => "i8042",
             DeviceState::Timer(_) => "timer",
             DeviceState::VirtioBlk(_) => "virtio-blk",
+            DeviceState::Hpet(_) => "hpet",
+            DeviceState::IoApic(_) => "ioapic",
         }
     }
 }

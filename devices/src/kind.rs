@@ -25,6 +25,12 @@ pub enum DeviceKind {
     /// A virtio-blk device on the virtio-mmio transport
     /// ([`crate::virtio::blk`]), in MMIO space only.
     VirtioBlk { line: u32 },
+    /// The HPET ([`crate::hpet`]), in MMIO space only; its lines are fixed
+    /// ([`crate::hpet::LINES`]).
+    Hpet,
+    /// The I/O APIC ([`crate::ioapic`]), in MMIO space only: its pins are
+    /// its inputs; it raises no lines (it sends MSIs).
+    IoApic,
 }
 
 /// A model name no model answers to.
@@ -34,7 +40,8 @@ pub struct KindError(pub String);
 
 impl DeviceKind {
     /// The model names configs and the control panel's records use.
-    pub const NAMES: [&'static str; 7] = ["uart", "rtc", "i8042", "timer", "regfile", "irqtest", "virtio-blk"];
+    pub const NAMES: [&'static str; 9] =
+        ["uart", "rtc", "i8042", "timer", "regfile", "irqtest", "virtio-blk", "hpet", "ioapic"];
 
     /// The model called `name` raising `lines`; where a line is not given,
     /// the one it has in a PC ([`pc`]).
@@ -48,6 +55,9 @@ impl DeviceKind {
             "i8042" => DeviceKind::I8042 { kbd_line: line(0, pc::KBD_IRQ), aux_line: line(1, pc::AUX_IRQ) },
             "timer" => DeviceKind::Timer { line: line(0, pc::EVENT_TIMER_IRQ) },
             "virtio-blk" => DeviceKind::VirtioBlk { line: line(0, pc::VIRTIO_BLK_IRQ) },
+            // Its lines are the HPET's own: lines given are ignored.
+            "hpet" => DeviceKind::Hpet,
+            "ioapic" => DeviceKind::IoApic,
             other => return Err(KindError(other.to_string())),
         })
     }
@@ -61,19 +71,23 @@ impl DeviceKind {
             DeviceKind::I8042 { .. } => "i8042",
             DeviceKind::Timer { .. } => "timer",
             DeviceKind::VirtioBlk { .. } => "virtio-blk",
+            DeviceKind::Hpet => "hpet",
+            DeviceKind::IoApic => "ioapic",
         }
     }
 
     /// The IRQ lines a model of this kind raises.
     pub fn lines(&self) -> Vec<u32> {
         match *self {
-            DeviceKind::RegFile => Vec::new(),
+            DeviceKind::RegFile | DeviceKind::IoApic => Vec::new(),
             DeviceKind::IrqTest { line }
             | DeviceKind::Uart { line }
             | DeviceKind::Rtc { line }
             | DeviceKind::Timer { line }
             | DeviceKind::VirtioBlk { line } => vec![line],
             DeviceKind::I8042 { kbd_line, aux_line } => vec![kbd_line, aux_line],
+            // Legacy replacement's 0 and 8, and every pin a timer may be routed to.
+            DeviceKind::Hpet => crate::hpet::LINES.to_vec(),
         }
     }
 
@@ -87,7 +101,7 @@ impl DeviceKind {
     /// ignores ports).
     pub fn ports(&self) -> Option<u16> {
         match self {
-            DeviceKind::RegFile | DeviceKind::VirtioBlk { .. } => None,
+            DeviceKind::RegFile | DeviceKind::VirtioBlk { .. } | DeviceKind::Hpet | DeviceKind::IoApic => None,
             DeviceKind::IrqTest { .. } => Some(pc::IRQ_TEST.len),
             DeviceKind::Uart { .. } => Some(pc::COM1.len),
             DeviceKind::Rtc { .. } => Some(pc::RTC.len),
@@ -100,7 +114,7 @@ impl DeviceKind {
     /// no usual place).
     pub fn usual_base(&self) -> Option<u16> {
         match self {
-            DeviceKind::RegFile | DeviceKind::VirtioBlk { .. } => None,
+            DeviceKind::RegFile | DeviceKind::VirtioBlk { .. } | DeviceKind::Hpet | DeviceKind::IoApic => None,
             DeviceKind::IrqTest { .. } => Some(pc::IRQ_TEST.base),
             DeviceKind::Uart { .. } => Some(pc::COM1.base),
             DeviceKind::Rtc { .. } => Some(pc::RTC.base),
@@ -114,6 +128,8 @@ impl DeviceKind {
     pub fn usual_mmio(&self) -> Option<(u64, u32)> {
         match self {
             DeviceKind::VirtioBlk { .. } => Some((pc::VIRTIO_BLK_MMIO, pc::VIRTIO_MMIO_LEN)),
+            DeviceKind::Hpet => Some((pc::HPET_MMIO, pc::HPET_LEN)),
+            DeviceKind::IoApic => Some((pc::IOAPIC_MMIO, pc::IOAPIC_LEN)),
             _ => None,
         }
     }
@@ -259,6 +275,31 @@ mod tests {
         let spec = pc::virtio_blk_device(5, Some(1));
         assert_eq!((spec.pio, spec.mmio), (None, Some((pc::VIRTIO_BLK_MMIO, pc::VIRTIO_MMIO_LEN))));
         assert_eq!(spec.check(), Ok(()));
+        assert_eq!(spec.confined(), spec);
+    }
+
+    #[test]
+    fn the_hpet_is_a_model_in_mmio_space_with_its_own_lines() {
+        let kind = DeviceKind::parse("hpet", &[5, 12]).unwrap();
+        assert_eq!((kind, kind.name()), (DeviceKind::Hpet, "hpet"));
+        assert_eq!(kind.lines(), vec![0, 2, 8, 16, 17, 18, 19, 20, 21, 22, 23], "given lines are ignored");
+        assert_eq!((kind.ports(), kind.usual_base(), kind.fixed_base()), (None, None, None));
+        assert_eq!(kind.usual_mmio(), Some((0xfed0_0000, 0x400)));
+        let spec = pc::hpet_device(6, Some(1));
+        assert_eq!((spec.pio, spec.mmio, spec.check()), (None, Some((0xfed0_0000, 0x400)), Ok(())));
+        assert_eq!(spec.confined(), spec);
+    }
+
+    #[test]
+    fn the_ioapic_is_a_model_in_mmio_space_without_lines() {
+        let kind = DeviceKind::parse("ioapic", &[3]).unwrap();
+        assert_eq!((kind, kind.name()), (DeviceKind::IoApic, "ioapic"));
+        assert!(DeviceKind::NAMES.contains(&"ioapic"));
+        assert_eq!(kind.lines(), Vec::<u32>::new(), "it sends MSIs, it raises no lines");
+        assert_eq!((kind.ports(), kind.usual_base(), kind.fixed_base(), kind.may_reset()), (None, None, None, false));
+        assert_eq!(kind.usual_mmio(), Some((0xfec0_0000, 0x1000)));
+        let spec = pc::ioapic_device(7, Some(1));
+        assert_eq!((spec.pio, spec.mmio, spec.check()), (None, Some((0xfec0_0000, 0x1000)), Ok(())));
         assert_eq!(spec.confined(), spec);
     }
 

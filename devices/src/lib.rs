@@ -4,7 +4,7 @@
 //! ([`IrqLine`]) and how its state is saved and restored ([`Persist`],
 //! [`DeviceState`]: plain structs, validated on the way back in); the
 //! models themselves — 16550A UART, CMOS RTC, i8042, event timer, register
-//! file, interrupt tester, virtio-blk on virtio-mmio ([`virtio`], which does
+//! file, interrupt tester, HPET, I/O APIC, virtio-blk on virtio-mmio ([`virtio`], which does
 //! its I/O through [`dma`]); building a model from its description wired to
 //! whatever the host gives it ([`build`], [`Wiring`]); and the PC layout
 //! ([`platform::pc`]): ports, IRQ lines and device ids, written once.
@@ -19,7 +19,9 @@
 mod build;
 mod device;
 pub mod dma;
+pub mod hpet;
 pub mod i8042;
+pub mod ioapic;
 pub mod irq;
 pub mod irqtest;
 mod kind;
@@ -35,7 +37,9 @@ pub mod virtio;
 pub use build::{build, fresh, Wiring};
 pub use device::{Device, DeviceState, Persist, RestoreError};
 pub use dma::{BlockBackend, BlockOp, BlockResult, DmaDevice, DmaOp, DmaRequest, DmaResult};
+pub use hpet::{Hpet, HpetLines, HpetState};
 pub use i8042::ResetSink;
+pub use ioapic::{IoApic, IoApicCounters, IoApicState, MsiSink};
 pub use irq::IrqLine;
 pub use kind::{DeviceKind, DeviceSpec, KindError, SpecError};
 pub use rtc::WallClock;
@@ -45,6 +49,7 @@ pub use virtio::blk::{VirtioBlk, VirtioBlkCounters, VirtioBlkState};
 /// Test doubles for other crates' tests (feature `testing`).
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
+    pub use crate::ioapic::CountingMsi;
     pub use crate::irq::CountingLine;
     pub use crate::membackend::MemBackend;
 }

@@ -44,6 +44,14 @@ pub const EVENT_TIMER_IRQ: u32 = 5;
 pub const VIRTIO_BLK_MMIO: u64 = 0xfeb0_0000;
 pub const VIRTIO_MMIO_LEN: u32 = crate::virtio::mmio::WINDOW;
 pub const VIRTIO_BLK_IRQ: u32 = 10;
+/// The HPET ([`crate::hpet`]): its register window, where the ACPI HPET
+/// table says it is. Its lines are [`crate::hpet::LINES`].
+pub const HPET_MMIO: u64 = 0xfed0_0000;
+pub const HPET_LEN: u32 = crate::hpet::WINDOW;
+/// The I/O APIC ([`crate::ioapic`]): its register window, where the MADT
+/// says it is (GSI base 0, 24 pins).
+pub const IOAPIC_MMIO: u64 = 0xfec0_0000;
+pub const IOAPIC_LEN: u32 = crate::ioapic::WINDOW as u32;
 
 /// The register-file test device every server has by default.
 pub const TEST_DEVICE_ID: u32 = 1;
@@ -86,6 +94,16 @@ pub fn virtio_blk_device(id: u32, vm: Option<u32>) -> DeviceSpec {
         vm,
         shard: None,
     }
+}
+
+/// The HPET `id` at the PC's usual window, for `vm`.
+pub fn hpet_device(id: u32, vm: Option<u32>) -> DeviceSpec {
+    DeviceSpec { id, kind: DeviceKind::Hpet, pio: None, mmio: Some((HPET_MMIO, HPET_LEN)), vm, shard: None }
+}
+
+/// The I/O APIC `id` at the PC's usual window, for `vm`.
+pub fn ioapic_device(id: u32, vm: Option<u32>) -> DeviceSpec {
+    DeviceSpec { id, kind: DeviceKind::IoApic, pio: None, mmio: Some((IOAPIC_MMIO, IOAPIC_LEN)), vm, shard: None }
 }
 
 /// Which of a PC's devices.
