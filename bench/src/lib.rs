@@ -5,8 +5,10 @@
 //! harness that runs a server and the load in two test hosts
 //! ([`harness`]), a flood from a third host while the load runs
 //! ([`flood`]), and the JSON reports ([`report`]). The criterion suites
-//! are under `benches/`.
+//! are under `benches/`. [`blk`] measures block I/O through a virtio-blk
+//! in the client process, on a server and in QEMU.
 
+pub mod blk;
 pub mod exit;
 pub mod flood;
 pub mod harness;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use dmfabric_bench::blk;
 use dmfabric_bench::exit::{self, ExitMode};
 use dmfabric_bench::flood;
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
@@ -34,6 +35,60 @@ pub enum BenchCmd {
     /// frames: throughput without and with the flood, and the server's
     /// drop counters by reason.
     Flood(FloodArgs),
+    /// Block I/O: the block test guest keeps --qd requests of --bs bytes in
+    /// flight against a virtio-blk over an image file, in the client
+    /// process (local), on a server in another network namespace (remote)
+    /// and in QEMU (qemu): IOPS, MB/s and per-request latency.
+    Blk(BlkArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BlkModeArg {
+    /// dmfabric's virtio-blk in the client process (the hybrid case).
+    Local,
+    /// dmfabric's virtio-blk on a `dmfabric server` in another network namespace.
+    Remote,
+    /// QEMU's virtio-blk (microvm, virtio-mmio): the same guest under qemu-system-x86_64 -enable-kvm.
+    Qemu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BlkPattern {
+    Randread,
+    Randwrite,
+    Seqread,
+}
+
+#[derive(Debug, Args)]
+pub struct BlkArgs {
+    /// Where the virtio-blk runs; several (comma-separated) run one after the other.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "local,remote,qemu")]
+    mode: Vec<BlkModeArg>,
+    #[command(flatten)]
+    hosts: Hosts,
+    /// What the guest does.
+    #[arg(long, value_enum, default_value = "randread")]
+    pattern: BlkPattern,
+    /// Bytes per request: 512 to 128k, a multiple of 512 (4k, 128k, 4096).
+    #[arg(long, default_value = "4k")]
+    bs: String,
+    /// Requests in flight (1-42); several (comma-separated): one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    qd: Vec<u8>,
+    /// Requests per run.
+    #[arg(long, default_value_t = 2000)]
+    requests: u32,
+    /// The image's size (a file filled with data, in a temporary directory).
+    #[arg(long, default_value = "64M")]
+    image_size: String,
+    /// Write the results as JSON here (an array of rows).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    latency: LatencyOut,
+    /// How the VM's client platform retransmits (remote runs).
+    #[command(flatten)]
+    retry: RetryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -313,6 +368,7 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Exit(a) => bench_exit(&a, &stop),
         BenchCmd::Flood(a) => bench_flood(&a, &stop),
+        BenchCmd::Blk(a) => bench_blk(&a, &stop),
         BenchCmd::Rtt(a) => {
             a.latency.check()?;
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
@@ -772,6 +828,112 @@ fn bench_exit(a: &ExitArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let curves: Vec<plot::Curve<'_>> =
         rows.iter().zip(&labels).map(|(r, label)| plot::Curve { label, hist: &r.hist }).collect();
     a.latency.write("dmfabric bench exit: VM exit round trip", &curves)
+}
+
+fn bench_blk(a: &BlkArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    let bs = dmfabric_storage::parse_size(&a.bs).map_err(|e| anyhow::anyhow!("--bs: {e}"))?;
+    if bs == 0 || !bs.is_multiple_of(512) || bs > u64::from(blk::MAX_BS) {
+        bail!("--bs must be a multiple of 512 up to 128k, not {}", a.bs);
+    }
+    let image_bytes = dmfabric_storage::parse_size(&a.image_size).map_err(|e| anyhow::anyhow!("--image-size: {e}"))?;
+    if image_bytes < 1 << 20 || !image_bytes.is_multiple_of(1 << 20) || image_bytes > 64 << 30 {
+        bail!("--image-size must be a whole number of MiB between 1M and 64G, not {}", a.image_size);
+    }
+    if bs > image_bytes {
+        bail!("--bs {} is larger than the image ({})", a.bs, a.image_size);
+    }
+    if let Some(&qd) = a.qd.iter().find(|&&q| q == 0 || q > blk::MAX_QD) {
+        bail!("--qd must be between 1 and {}, not {qd}", blk::MAX_QD);
+    }
+    if !(1..=1_000_000).contains(&a.requests) {
+        bail!("--requests must be between 1 and 1000000, not {}", a.requests);
+    }
+    if a.hosts.server == ServerMode::Thread {
+        bail!("bench blk runs its server as `dmfabric server --config` (--server process)");
+    }
+    if a.hosts.xdp_prog.len() > 1 || a.hosts.transport.contains(&TransportKind::Mem) {
+        bail!("bench blk's remote runs take one --xdp-prog and a network transport (xdp, packet, udp)");
+    }
+    a.latency.check()?;
+    let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
+    let pattern = match a.pattern {
+        BlkPattern::Randread => blk::Pattern::RandRead,
+        BlkPattern::Randwrite => blk::Pattern::RandWrite,
+        BlkPattern::Seqread => blk::Pattern::SeqRead,
+    };
+    let mut runs: Vec<(blk::BlkMode, TransportKind)> = Vec::new();
+    for &mode in &a.mode {
+        match mode {
+            BlkModeArg::Local => runs.push((blk::BlkMode::Local, TransportKind::Mem)),
+            BlkModeArg::Remote => runs.extend(a.hosts.transport.iter().map(|&k| (blk::BlkMode::Remote, k))),
+            BlkModeArg::Qemu => runs.push((blk::BlkMode::Qemu, TransportKind::Mem)),
+        }
+    }
+    let image = blk::BenchImage::new(image_bytes).context("Cannot make the bench's image")?;
+    eprintln!(
+        "dmfabric bench blk: {} {} B, {} requests per run, image {} MiB (O_DIRECT, io_uring); the guest does its I/O in user mode (CPL3: this host emulates guest kernel mode)",
+        pattern.name(),
+        bs,
+        a.requests,
+        image_bytes >> 20
+    );
+    let mut rows = Vec::new();
+    for (mode, kind) in runs {
+        for &qd in &a.qd {
+            if stop.load(Ordering::Relaxed) {
+                bail!("Interrupted");
+            }
+            let mut setup = setup_for(kind, &a.hosts, &exe);
+            setup.client_retry = a.retry.retry();
+            let what = match mode {
+                blk::BlkMode::Remote => format!("remote over {kind}"),
+                m => m.name().to_string(),
+            };
+            eprintln!("dmfabric bench blk: {what}, qd {qd} ...");
+            let cfg = blk::BlkConfig { pattern, bs: bs as u32, qd, requests: a.requests };
+            let row = blk::run(mode, &setup, &exe, &image, &cfg, stop)
+                .with_context(|| format!("{what} qd {qd} run failed"))?;
+            println!(
+                "  {:<6} {:<6} qd {:>2}  {:>8.0} IOPS  {:>8.2} MB/s  p50 {:>8.2} µs  p99 {:>8.2} µs  mean {:>8.2} µs  retransmits {}",
+                row.mode, row.transport, row.qd, row.iops, row.mb_per_s, row.p50_us, row.p99_us, row.mean_us, row.retransmits
+            );
+            rows.push(row);
+        }
+    }
+    for r in rows.iter().filter(|r| r.mode == "remote") {
+        for base in ["local", "qemu"] {
+            if let Some(b) = rows.iter().find(|b| b.mode == base && b.qd == r.qd).filter(|b| b.iops > 0.0) {
+                println!(
+                    "  remote ({}) / {base} IOPS at qd {}: {:.2}x (p50 {:.2}x)",
+                    r.transport,
+                    r.qd,
+                    r.iops / b.iops,
+                    r.p50_us / b.p50_us.max(1e-9)
+                );
+            }
+        }
+    }
+    let Some(path) = &a.json else { return write_blk_curves(a, &rows) };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&rows)? + "\n")
+        .with_context(|| format!("Cannot write {}", path.display()))?;
+    eprintln!("dmfabric bench: wrote {}", path.display());
+    write_blk_curves(a, &rows)
+}
+
+fn write_blk_curves(a: &BlkArgs, rows: &[blk::BlkJson]) -> anyhow::Result<()> {
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let m = if r.mode == "remote" { format!("remote {}", r.transport) } else { r.mode.clone() };
+            format!("{m} qd{}", r.qd)
+        })
+        .collect();
+    let curves: Vec<plot::Curve<'_>> =
+        rows.iter().zip(&labels).map(|(r, label)| plot::Curve { label, hist: &r.hist }).collect();
+    a.latency.write("dmfabric bench blk: request latency", &curves)
 }
 
 /// The harness set-up for one transport: the server as `dmfabric server`

@@ -211,6 +211,11 @@ struct VmConfig {
     pc_server: u16,
     /// With pc = "local": where the UART's output goes (default: stdout).
     console_log: Option<String>,
+    /// Where the VM's interrupt controllers are: "kernel" (KVM's PIC, I/O
+    /// APIC and PIT; the default) or "remote" (KVM's split irqchip: the
+    /// local APICs in KVM, the I/O APIC a device model on a server, mapped
+    /// at 0xfec00000 with `msi = true`; no PIC or PIT).
+    irqchip: Option<String>,
     #[serde(default)]
     args: [u64; 3],
     vcpu_args: Option<Vec<[u64; 3]>>,
@@ -243,6 +248,9 @@ struct RangeConfig {
     /// guest is told where it is on its command line. Local virtio-blks are.
     #[serde(default)]
     virtio: bool,
+    /// The device may send the VM MSIs (its remote I/O APIC).
+    #[serde(default)]
+    msi: bool,
     #[serde(default)]
     read_only: bool,
 }
@@ -524,6 +532,9 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
                 if r.reset {
                     remote = remote.resets();
                 }
+                if r.msi {
+                    remote = remote.msis();
+                }
                 Target::Remote(remote)
             }
             (None, None, Some("regfile")) => {
@@ -573,12 +584,14 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         let mut spec =
             VmSpec::linux(vm.id, vm.vcpus, vm.memory_mib << 20, image, &ranges, local).map_err(anyhow::Error::msg)?;
         spec.wire_local(&wiring);
+        spec.irqchip = irqchip_mode(vm)?;
         return Ok(spec);
     }
     let args = vm.vcpu_args.clone().unwrap_or_else(|| vec![vm.args]);
     let mut spec = VmSpec::test_guest(vm.id, vm.vcpus, &image, args, &ranges, local).map_err(anyhow::Error::msg)?;
     spec.mem_bytes = vm.memory_mib << 20;
     spec.wire_local(&wiring);
+    spec.irqchip = irqchip_mode(vm)?;
     if guests::LOAD_ADDR as usize + image.len() > spec.mem_bytes {
         bail!(
             "the guest image ({} bytes at {:#x}) does not fit in {} MiB",
@@ -588,6 +601,29 @@ fn vm_spec(vm: &VmConfig, servers: &mut BTreeSet<u16>) -> anyhow::Result<VmSpec>
         );
     }
     Ok(spec)
+}
+
+/// Where VM `vm`'s interrupt controllers are. A remote one needs the
+/// I/O APIC's window mapped to a device that may send MSIs.
+fn irqchip_mode(vm: &VmConfig) -> anyhow::Result<dmfabric_vmm_shim::kvm::IrqChipMode> {
+    use dmfabric_vmm_shim::kvm::IrqChipMode;
+    match vm.irqchip.as_deref() {
+        None | Some("kernel") => Ok(IrqChipMode::Kernel),
+        Some("remote") => {
+            let base = dmfabric_devices::platform::pc::IOAPIC_MMIO;
+            if !vm.device.iter().any(|r| r.msi && r.space == "mmio" && r.base <= base && base < r.base + r.len) {
+                bail!(
+                    "VM {}: irqchip = \"remote\" needs its I/O APIC: a [[vm.device]] with space = \"mmio\", base = {base:#x}, len = 0x1000, server, device and msi = true",
+                    vm.id
+                );
+            }
+            if vm.pc.is_some() {
+                bail!("VM {}: irqchip = \"remote\" has no PIC for the PC devices' lines: leave out pc", vm.id);
+            }
+            Ok(IrqChipMode::Split)
+        }
+        Some(other) => bail!("VM {}: irqchip {other:?}: \"kernel\" or \"remote\"", vm.id),
+    }
 }
 
 /// `cmdline` with a `virtio_mmio.device=SIZE@BASE:IRQ` for each virtio-mmio

@@ -387,6 +387,8 @@ pub fn run(args: ServerArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 .is_ok_and(|f| r.client(f.header().client_id.get()).is_some_and(|c| c.keys.verify(&f).is_ok()))
         }));
     }
+    // The lines of a VM whose I/O APIC is here drive it, not the wire.
+    env.pins.route(&devices);
     let backend = backend(&layout, &devices, &env, &args)?;
     let clients = registry.as_ref().map_or(0, |r| r.clients().len());
     let server = match (&placed, registry) {

@@ -316,7 +316,18 @@ fn spec(d: &Device) -> anyhow::Result<DeviceSpec> {
             }
             return Ok(DeviceSpec { id: d.id, kind, pio: None, mmio: Some((base, len)), vm: d.vm, shard: d.shard });
         }
-        other => bail!("unknown kind {other:?}: uart, rtc, i8042, timer, regfile, irqtest or virtio-blk"),
+        name @ ("ioapic" | "hpet") => {
+            let kind = DeviceKind::parse(name, &[])?;
+            let (base, len) = kind.usual_mmio().unwrap_or((0, 0));
+            if d.pio.is_some() || d.mmio.is_some() || d.irq.is_some() {
+                bail!("an {name} sits at the PC's {base:#x} and has its own lines: no pio, mmio or irq");
+            }
+            if d.vm.is_none() {
+                bail!("an {name} belongs to one VM: give vm");
+            }
+            return Ok(DeviceSpec { id: d.id, kind, pio: None, mmio: Some((base, len)), vm: d.vm, shard: d.shard });
+        }
+        other => bail!("unknown kind {other:?}: uart, rtc, i8042, timer, regfile, irqtest, virtio-blk, ioapic or hpet"),
     };
     if d.mmio.is_some() {
         bail!("a {} sits in port space: no mmio", d.kind);

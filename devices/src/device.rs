@@ -44,6 +44,11 @@ pub trait Device: Send {
     fn dma(&mut self) -> Option<&mut dyn crate::dma::DmaDevice> {
         None
     }
+    /// An interrupt controller whose pins the host drives from the VM's
+    /// other devices' lines (the I/O APIC); the others are none.
+    fn irqchip(&mut self) -> Option<&mut dyn crate::irq::IrqChip> {
+        None
+    }
     /// The model's own counters by name (what it did, what bad input it
     /// refused), for hosts to print or export; most models have none.
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -92,8 +92,14 @@ pub trait DmaDevice {
 /// bytes, multiples of 512.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockOp {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8> },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Everything written before is on stable storage when this completes.
     Flush,
 }
@@ -136,6 +142,9 @@ pub trait BlockBackend: Send {
 
 impl fmt::Debug for dyn BlockBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BlockBackend").field("capacity", &self.capacity()).field("in_flight", &self.in_flight()).finish()
+        f.debug_struct("BlockBackend")
+            .field("capacity", &self.capacity())
+            .field("in_flight", &self.in_flight())
+            .finish()
     }
 }

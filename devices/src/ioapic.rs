@@ -619,9 +619,19 @@ impl<S: MsiSink> Persist for IoApic<S> {
     }
 }
 
-impl<S: MsiSink> Device for IoApic<S> {
+impl<S: MsiSink> crate::irq::IrqChip for IoApic<S> {
+    fn set_pin(&mut self, pin: u32, high: bool) {
+        self.set_level(pin, high);
+    }
+}
+
+impl<S: MsiSink + 'static> Device for IoApic<S> {
     fn kind(&self) -> &'static str {
         "ioapic"
+    }
+
+    fn irqchip(&mut self) -> Option<&mut dyn crate::irq::IrqChip> {
+        Some(self)
     }
 
     fn save(&self) -> DeviceState {

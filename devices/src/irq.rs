@@ -14,6 +14,13 @@ pub trait IrqLine: Send {
     fn set_level(&mut self, asserted: bool);
 }
 
+/// An interrupt controller a host feeds its VM's other devices' lines
+/// into (the I/O APIC model, [`crate::ioapic`]): `pin`'s input is driven
+/// to `high`; an edge is a rise and a fall.
+pub trait IrqChip {
+    fn set_pin(&mut self, pin: u32, high: bool);
+}
+
 /// A test's interrupt line: counts edges and level changes.
 #[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -40,7 +40,7 @@ pub use dma::{BlockBackend, BlockOp, BlockResult, DmaDevice, DmaOp, DmaRequest, 
 pub use hpet::{Hpet, HpetLines, HpetState};
 pub use i8042::ResetSink;
 pub use ioapic::{IoApic, IoApicCounters, IoApicState, MsiSink};
-pub use irq::IrqLine;
+pub use irq::{IrqChip, IrqLine};
 pub use kind::{DeviceKind, DeviceSpec, KindError, SpecError};
 pub use rtc::WallClock;
 pub use uart::{ByteSink, ByteSource};

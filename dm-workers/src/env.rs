@@ -118,6 +118,8 @@ pub struct DeviceEnv {
     pub clock: WallClock,
     /// Block devices' image files.
     pub images: Arc<Images>,
+    /// Lines of VMs whose interrupt controller is a model here.
+    pub pins: Arc<crate::irqchip::Pins>,
 }
 
 impl Default for DeviceEnv {
@@ -135,6 +137,7 @@ impl DeviceEnv {
             consoles: Arc::new(Consoles::default()),
             clock: WallClock::host(),
             images: Arc::new(Images::default()),
+            pins: Arc::new(crate::irqchip::Pins::default()),
         }
     }
 
@@ -155,11 +158,42 @@ impl DeviceEnv {
     }
 }
 
-impl Wiring for DeviceEnv {
-    type Line = WireLine;
+/// A model's line on a server: to the wire, or into its VM's interrupt
+/// controller when that is a model here ([`crate::irqchip`]).
+#[derive(Debug)]
+pub enum ServerLine {
+    Wire(WireLine),
+    Pin(crate::irqchip::PinLine),
+}
 
-    fn line(&self, device: u32, gsi: u32) -> WireLine {
-        WireLine::new(device, IrqSource::Line(gsi), self.irqs.clone())
+impl dmfabric_devices::IrqLine for ServerLine {
+    fn pulse(&mut self) {
+        match self {
+            ServerLine::Wire(l) => l.pulse(),
+            ServerLine::Pin(l) => l.pulse(),
+        }
+    }
+
+    fn set_level(&mut self, asserted: bool) {
+        match self {
+            ServerLine::Wire(l) => l.set_level(asserted),
+            ServerLine::Pin(l) => l.set_level(asserted),
+        }
+    }
+}
+
+impl Wiring for DeviceEnv {
+    type Line = ServerLine;
+
+    fn line(&self, device: u32, gsi: u32) -> ServerLine {
+        match self.pins.vm_of(device).and_then(|vm| self.pins.queue(vm)) {
+            Some(q) => ServerLine::Pin(crate::irqchip::PinLine::new(gsi, q)),
+            None => ServerLine::Wire(WireLine::new(device, IrqSource::Line(gsi), self.irqs.clone())),
+        }
+    }
+
+    fn msi(&self, device: u32) -> Box<dyn dmfabric_devices::ioapic::MsiSink> {
+        Box::new(crate::irqchip::WireMsi::new(device, self.irqs.clone()))
     }
 
     fn console(&self, vm: Option<u32>, device: u32) -> (Box<dyn ByteSink>, Box<dyn ByteSource>) {

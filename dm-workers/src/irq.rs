@@ -74,6 +74,13 @@ impl IrqQueue {
         }
     }
 
+    /// Queue an edge (counted if the queue is full).
+    pub fn push_edge(&self, e: IrqEvent) {
+        if self.queue.push(e).is_err() {
+            self.edges_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Edges lost because the queue was full.
     pub fn edges_dropped(&self) -> u64 {
         self.edges_dropped.load(Ordering::Relaxed)

@@ -21,6 +21,7 @@ pub mod dma;
 pub mod env;
 pub mod interrupts;
 pub mod irq;
+pub mod irqchip;
 pub mod peers;
 pub mod placement;
 pub mod rx;

@@ -111,6 +111,7 @@ impl Server<Inline> {
         env: DeviceEnv,
         registry: Registry,
     ) -> Server<Inline> {
+        env.pins.route(devices);
         let backend = Inline::new(Devices::new(devices, &env));
         Server::unplaced(id, mac, env, backend, devices, registry)
     }
@@ -832,6 +833,50 @@ mod tests {
         let answered: usize = (0..100).map(|_| answer(&mut s, &hello(3)).len()).sum();
         assert!(answered < 10, "{answered}");
         assert!(s.stats().hellos_limited > 90);
+    }
+
+    #[test]
+    fn a_vm_whose_io_apic_is_here_gets_its_devices_lines_as_msis_and_a_level_fires_again_after_eoi() {
+        use dmfabric_devices::{DeviceKind, DeviceSpec};
+        let ioapic = pc::ioapic_device(20, Some(7));
+        let tester = DeviceSpec::at(21, DeviceKind::IrqTest { line: 5 }, pc::IRQ_TEST.base, Some(7));
+        let mut s = Server::new(1, SERVER, &[ioapic.clone(), tester], registry());
+        let mut c = TestClient::new(3, CLIENT, 1, SERVER);
+        c.open(&mut s);
+        let now = Instant::now();
+        let mmio = |c: &mut TestClient, s: &mut Server<Inline>, off: u64, data: u64| {
+            let f = c.request(7, 0, 20, Space::Mmio, Direction::Write, AccessSize::B4, pc::IOAPIC_MMIO + off, data);
+            answer(s, &f);
+        };
+        // Pin 5: vector 0x35, level-triggered, to APIC 0; unmasked.
+        mmio(&mut c, &mut s, 0, 0x10 + 2 * 5);
+        mmio(&mut c, &mut s, 0x10, 0x35 | 1 << 15);
+        let msis = |s: &mut Server<Inline>, c: &TestClient| -> Vec<(u64, u32)> {
+            let mut tx = FrameBatch::new();
+            s.on_poll(&mut tx, now);
+            let mut out = Vec::new();
+            for f in tx.iter() {
+                if let Message::Interrupt(i) = FrameRepr::parse_bytes(f).unwrap().msg {
+                    assert_eq!(i.route.device, 20, "from the I/O APIC");
+                    let IrqSource::Msi { address, data } = i.source else { panic!("{i:?}") };
+                    out.push((address, data));
+                    // Acknowledged, so the next goes out.
+                    answer(s, &c.ack(i.route, i.seq));
+                }
+            }
+            out
+        };
+        let level = (0xfee0_0000, 0x35 | 1 << 14 | 1 << 15);
+        answer(&mut s, &c.outl(7, 21, u64::from(pc::IRQ_TEST.base), 2)); // assert the level
+        assert_eq!(msis(&mut s, &c), [level]);
+        assert_eq!(msis(&mut s, &c), [], "remote IRR: not again before the EOI");
+        // The guest's EOI (the client's KVM_EXIT_IOAPIC_EOI) with the line still high: again.
+        mmio(&mut c, &mut s, 0x40, 0x35);
+        assert_eq!(msis(&mut s, &c), [level]);
+        answer(&mut s, &c.outl(7, 21, u64::from(pc::IRQ_TEST.base), 3)); // lower it
+        mmio(&mut c, &mut s, 0x40, 0x35);
+        assert_eq!(msis(&mut s, &c), [], "lowered: nothing after the EOI");
+        assert_eq!(s.stats().interrupts, 2);
     }
 
     fn irq_command(r: &mut Rig, command: u64) -> Vec<u8> {

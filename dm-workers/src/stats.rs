@@ -139,12 +139,16 @@ impl ServerStats {
             ("interrupts_coalesced", "Level changes folded into one still queued", self.interrupts_coalesced),
             ("levels_resent", "Level lines sent again to a client with a new session", self.levels_resent),
             ("dma_requests", "DMA requests of device models", self.dma.requests),
+            ("dma_completed", "DMA requests done", self.dma.completed),
             ("dma_failed", "DMA requests failed (refused, or never answered)", self.dma.failed),
-            ("dma_read_bytes", "Bytes device models read from guest memory", self.dma.bytes_read),
-            ("dma_written_bytes", "Bytes device models wrote to guest memory", self.dma.bytes_written),
-            ("dma_chunks", "DMA chunk frames sent (first copies and again)", self.dma.chunks_sent),
+            ("dma_bytes_read", "Bytes device models read from guest memory", self.dma.bytes_read),
+            ("dma_bytes_written", "Bytes device models wrote to guest memory", self.dma.bytes_written),
+            ("dma_chunks_sent", "DMA chunk frames sent (first copies and again)", self.dma.chunks_sent),
             ("dma_retransmits", "DMA chunk frames sent again", self.dma.retransmits),
             ("dma_stale_answers", "DMA answers nobody waited for", self.dma.stale_answers),
+            ("dma_bad_answers", "DMA answers that did not match their chunk", self.dma.bad_answers),
+            ("dma_refused", "DMA chunks the client refused", self.dma.refused),
+            ("dma_gave_up", "DMA chunks never answered", self.dma.gave_up),
         ]
     }
 
@@ -263,7 +267,13 @@ mod tests {
             .chain(s.nacks().iter().map(|(r, _)| format!("nack_{r}")))
             .chain(s.drops().into_iter().map(|(r, _)| r))
             .collect();
-        for (field, _) in fields.as_object().unwrap() {
+        for (field, value) in fields.as_object().unwrap() {
+            if field == "dma" {
+                for (sub, _) in value.as_object().unwrap() {
+                    assert!(named.contains(&format!("dma_{sub}")), "ServerStats::dma.{sub} is not exported");
+                }
+                continue;
+            }
             let by_reason = matches!(field.as_str(), "unauthenticated" | "malformed" | "devices");
             assert!(by_reason || named.contains(field), "ServerStats::{field} is not exported");
         }

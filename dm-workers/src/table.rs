@@ -61,6 +61,8 @@ struct Entry {
     dma: bool,
     /// A DMA model to poll at the next [`Devices::pump_dma`] (it was accessed or answered).
     poke: bool,
+    /// The model is its VM's interrupt controller ([`Device::irqchip`]).
+    chip: bool,
 }
 
 /// The devices of a server (or of one worker shard), sorted by id.
@@ -70,6 +72,10 @@ pub struct Devices {
     gone: Vec<DeviceCounters>,
     /// A DMA model waits for something or has work: pump it on every pass.
     dma_busy: bool,
+    /// Where the lines of VMs with their controller here wait for it.
+    pins: std::sync::Arc<crate::irqchip::Pins>,
+    /// The table holds an interrupt controller.
+    chips: bool,
     /// The earliest `due` of the table.
     next_due: Option<Instant>,
     unclaimed: u64,
@@ -86,7 +92,8 @@ impl Entry {
         let counters = DeviceCounters { id: spec.id, kind: model.kind(), ..DeviceCounters::default() };
         let service = Histogram::new_with_bounds(1, 10_000_000_000, 2).expect("valid bounds");
         let dma = model.dma().is_some();
-        Entry { id: spec.id, vm: spec.vm, model, counters, service, due: Some(now), dma, poke: dma }
+        let chip = model.irqchip().is_some();
+        Entry { id: spec.id, vm: spec.vm, model, counters, service, due: Some(now), dma, poke: dma, chip }
     }
 }
 
@@ -97,7 +104,16 @@ impl Devices {
         let mut table: Vec<Entry> = specs.iter().map(|s| Entry::new(s, env.build(s, now), now)).collect();
         table.sort_by_key(|e| e.id);
         table.dedup_by_key(|e| e.id);
-        Devices { table, gone: Vec::new(), dma_busy: false, next_due: Some(now), unclaimed: 0 }
+        let chips = table.iter().any(|e| e.chip);
+        Devices {
+            table,
+            gone: Vec::new(),
+            dma_busy: false,
+            pins: env.pins.clone(),
+            chips,
+            next_due: Some(now),
+            unclaimed: 0,
+        }
     }
 
     /// Whether device `id` is here.
@@ -117,6 +133,7 @@ impl Devices {
             Ok(i) => self.table[i] = entry,
             Err(i) => self.table.insert(i, entry),
         }
+        self.chips = self.table.iter().any(|e| e.chip);
         self.next_due = Some(now);
     }
 
@@ -196,8 +213,21 @@ impl Devices {
         self.next_due = self.table.iter().filter_map(|e| e.due).min();
     }
 
+    /// Drive the interrupt controllers here with what their VMs' lines did.
+    fn drive_pins(&mut self) {
+        for e in self.table.iter_mut().filter(|e| e.chip) {
+            let Some(q) = e.vm.and_then(|vm| self.pins.queue(vm)) else { continue };
+            if let Some(chip) = e.model.irqchip() {
+                q.drive(chip);
+            }
+        }
+    }
+
     /// Tick every model whose time has come.
     pub fn tick(&mut self, now: Instant) {
+        if self.chips {
+            self.drive_pins();
+        }
         if self.next_due.is_none_or(|d| d > now) {
             return;
         }
@@ -247,6 +277,9 @@ impl Devices {
         }
         if due != was {
             self.recompute_due();
+        }
+        if self.chips {
+            self.drive_pins();
         }
         let status = if claimed { Status::Ok } else { Status::Unclaimed };
         Ok(IoCompletion::for_request(req, data, status))

@@ -42,11 +42,13 @@ pub struct Remote {
     pub lines: u32,
     /// Whether the device may reset the VM (an i8042).
     pub reset: bool,
+    /// Whether the device may send the VM MSIs (its remote I/O APIC).
+    pub msi: bool,
 }
 
 impl Remote {
     pub const fn new(server: u16, device: u32) -> Remote {
-        Remote { server, device, runs_on: server, lines: 0, reset: false }
+        Remote { server, device, runs_on: server, lines: 0, reset: false, msi: false }
     }
 
     /// The same, run by `server` (requests go to an owner server).
@@ -63,6 +65,11 @@ impl Remote {
     /// The same, allowed to reset the VM.
     pub const fn resets(self) -> Remote {
         Remote { reset: true, ..self }
+    }
+
+    /// The same, allowed to send the VM MSIs (the VM's I/O APIC).
+    pub const fn msis(self) -> Remote {
+        Remote { msi: true, ..self }
     }
 
     /// Whether the device may raise IRQ line `line`.

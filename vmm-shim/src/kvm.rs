@@ -18,7 +18,7 @@
 
 use std::cell::Cell;
 use std::io;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 
 use dmfabric_wire::{AccessSize, Direction, IrqSource, Space, Trigger};
 use kvm_bindings::{
@@ -172,7 +172,30 @@ struct VmShared {
     fd: VmFd,
     mem: Arc<MmapMut>,
     kvm: Kvm,
+    irqchip: IrqChipMode,
+    /// Split irqchip: the level-triggered MSIs seen so far, each on a GSI
+    /// below [`SPLIT_IRQCHIP_PINS`] so that KVM exits on their EOIs.
+    level_routes: Mutex<Vec<(u64, u32)>>,
 }
+
+/// Where a VM's interrupt controllers are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IrqChipMode {
+    /// KVM's PIC, I/O APIC and local APICs, and its PIT.
+    #[default]
+    Kernel,
+    /// KVM_CAP_SPLIT_IRQCHIP: the local APICs in KVM, the I/O APIC a
+    /// device model (on a server): its messages come as MSIs, and the EOIs
+    /// of level-triggered vectors leave KVM ([`IOAPIC_EOI`]). No PIC, no PIT.
+    Split,
+}
+
+/// Pins of the I/O APIC a split irqchip has outside KVM.
+pub const SPLIT_IRQCHIP_PINS: u64 = 24;
+
+/// Where a split irqchip VM's EOI of a level-triggered vector goes: the
+/// I/O APIC's EOI register (the vCPU writes the vector there, to the model).
+pub const IOAPIC_EOI: u64 = dmfabric_devices::platform::pc::IOAPIC_MMIO + 0x40;
 
 /// A VM with its guest memory.
 pub struct Vm {
@@ -204,14 +227,31 @@ pub fn probe() -> Result<(), KvmError> {
 impl Vm {
     /// A VM with `mem_bytes` of guest memory at guest-physical 0.
     pub fn new(mem_bytes: usize) -> Result<Vm, KvmError> {
+        Vm::with_irqchip(mem_bytes, IrqChipMode::Kernel)
+    }
+
+    /// A VM with `mem_bytes` of guest memory and its interrupt controllers
+    /// where `irqchip` says.
+    pub fn with_irqchip(mem_bytes: usize, irqchip: IrqChipMode) -> Result<Vm, KvmError> {
         let kvm = open_kvm()?;
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-        // The in-kernel PIC, IOAPIC and local APICs, and the PIT: interrupts
-        // are injected with KVM_IRQ_LINE / KVM_SIGNAL_MSI on the VM fd and
-        // a halted vCPU waits in the kernel.
-        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        match irqchip {
+            IrqChipMode::Kernel => {
+                // The in-kernel PIC, IOAPIC and local APICs, and the PIT:
+                // interrupts are injected with KVM_IRQ_LINE / KVM_SIGNAL_MSI
+                // on the VM fd and a halted vCPU waits in the kernel.
+                fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+                let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+                fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+            }
+            IrqChipMode::Split => {
+                // Before any vCPU: the local APICs stay in the kernel.
+                let mut cap =
+                    kvm_bindings::kvm_enable_cap { cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, ..Default::default() };
+                cap.args[0] = SPLIT_IRQCHIP_PINS;
+                fd.enable_cap(&cap).map_err(ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+            }
+        }
         let mem = MmapMut::map_anon(mem_bytes).map_err(|e| KvmError::Memory(mem_bytes, e))?;
         let region = kvm_userspace_memory_region {
             slot: 0,
@@ -227,7 +267,8 @@ impl Vm {
         // and when no `GuestRam` holds it any more (a `GuestRam` keeps the
         // mapping, not the fd: memory outliving the fd is harmless).
         unsafe { fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vm = Vm { shared: Arc::new(VmShared { fd, mem: Arc::new(mem), kvm }) };
+        let shared = VmShared { fd, mem: Arc::new(mem), kvm, irqchip, level_routes: Mutex::new(Vec::new()) };
+        let mut vm = Vm { shared: Arc::new(shared) };
         write_page_tables_and_gdt(vm.memory_mut()?);
         Ok(vm)
     }
@@ -415,6 +456,11 @@ impl Vm {
     /// The VM-wide device state KVM keeps: both PICs, the I/O APIC, the
     /// PIT and the guest clock.
     pub fn save_state(&self) -> Result<VmDeviceState, KvmError> {
+        if self.shared.irqchip == IrqChipMode::Split {
+            return Err(KvmError::Guest(
+                "a VM whose I/O APIC is remote (split irqchip) cannot be saved yet: run it with irqchip = \"kernel\" to migrate it".into(),
+            ));
+        }
         let chip = |id: u32| -> Result<kvm_irqchip, KvmError> {
             let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
             self.fd().get_irqchip(&mut c).map_err(ioctl("KVM_GET_IRQCHIP"))?;
@@ -554,9 +600,48 @@ impl IrqHandle {
 
     /// Deliver a message-signalled interrupt.
     pub fn signal_msi(&self, address: u64, data: u32) -> Result<(), KvmError> {
+        if self.0.irqchip == IrqChipMode::Split && data & (1 << 15) != 0 {
+            self.track_level(address, data)?;
+        }
         let msi =
             kvm_msi { address_lo: address as u32, address_hi: (address >> 32) as u32, data, ..Default::default() };
         self.0.fd.signal_msi(msi).map(|_| ()).map_err(ioctl("KVM_SIGNAL_MSI"))
+    }
+
+    /// A split irqchip exits on the EOI of a vector only if a GSI route
+    /// below [`SPLIT_IRQCHIP_PINS`] sends a level-triggered MSI with it (KVM
+    /// scans those routes for the I/O APIC's vectors): give each level
+    /// message seen one (the oldest gives up its place past 24).
+    fn track_level(&self, address: u64, data: u32) -> Result<(), KvmError> {
+        let mut routes = self.0.level_routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.contains(&(address, data)) {
+            return Ok(());
+        }
+        if routes.len() as u64 >= SPLIT_IRQCHIP_PINS {
+            routes.remove(0);
+        }
+        routes.push((address, data));
+        let entries: Vec<kvm_bindings::kvm_irq_routing_entry> = routes
+            .iter()
+            .zip(0u32..)
+            .map(|(&(address, data), gsi)| {
+                let mut e = kvm_bindings::kvm_irq_routing_entry {
+                    gsi,
+                    type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
+                };
+                e.u.msi = kvm_bindings::kvm_irq_routing_msi {
+                    address_lo: address as u32,
+                    address_hi: (address >> 32) as u32,
+                    data,
+                    ..Default::default()
+                };
+                e
+            })
+            .collect();
+        let table = kvm_bindings::KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| KvmError::Guest("too many interrupt routes".into()))?;
+        self.0.fd.set_gsi_routing(&table).map_err(ioctl("KVM_SET_GSI_ROUTING"))
     }
 }
 
@@ -735,6 +820,13 @@ impl Vcpu {
                         data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
                     }
                     flow
+                }
+                VcpuExit::IoapicEoi(vector) => {
+                    // A split irqchip's level-triggered vector is done: to
+                    // the I/O APIC model, as a write of its EOI register.
+                    stats.mmio_exits += 1;
+                    let e = io_exit(Space::Mmio, IOAPIC_EOI, 4, Direction::Write, u64::from(vector))?;
+                    on_exit(&e)
                 }
                 VcpuExit::Intr => {
                     stats.interrupted += 1;

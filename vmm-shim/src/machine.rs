@@ -53,6 +53,9 @@ pub struct VmSpec {
     pub reset: Arc<AtomicBool>,
     /// A 16550's base port whose output to keep the end of, for reports
     /// of a VM that stops (Linux VMs: COM1).
+    /// Where its interrupt controllers are: KVM's, or the I/O APIC a
+    /// device model (KVM's split irqchip).
+    pub irqchip: crate::kvm::IrqChipMode,
     pub console_port: Option<u64>,
 }
 
@@ -109,6 +112,7 @@ impl VmSpec {
             irq_target: IrqTarget::default(),
             ram: RamTarget::default(),
             reset: Arc::new(AtomicBool::new(false)),
+            irqchip: crate::kvm::IrqChipMode::Kernel,
             console_port: None,
         })
     }

@@ -29,9 +29,11 @@
 //!   from a server this client has a session with, at that server's MAC,
 //!   naming its epoch, for one of this client's VMs, from a device of that
 //!   VM's map that runs on that server and may raise that line (or reset
-//!   the VM); MSIs are refused (no device model raises one). Each (VM,
+//!   the VM, or send MSIs). Each (VM,
 //!   server) is a stream: the next number is injected and acknowledged,
-//!   the last again only acknowledged, anything else dropped. Whoever
+//!   the last again only acknowledged, anything else dropped. MSIs are
+//!   taken only from a device the map lets send them (a VM's remote I/O
+//!   APIC). Whoever
 //!   holds the link delivers them: a waiting vCPU, or the
 //!   [`ClientPort::serve`] thread while every vCPU is in its guest.
 //! - **Device DMA.** A device model on a server reads and writes its VM's
@@ -455,9 +457,11 @@ pub struct ClientPort {
     /// Remote accesses started so far: while it moves, the vCPUs deliver
     /// what arrives within one exit and the serve thread only naps.
     activity: AtomicU64,
-    /// A server's device DMA arrived since the serve thread last looked:
-    /// it keeps delivering (DMA comes while the vCPUs are in their guests).
-    dma_active: AtomicBool,
+    /// When a server's device DMA last arrived (ns since `born`): while it
+    /// is recent the serve thread does not nap after a vCPU's exit — DMA
+    /// comes while the vCPUs are in their guests, after a notify.
+    dma_at: AtomicU64,
+    born: Instant,
     /// Told the id of a VM whose device model asked for a reset.
     resets: Mutex<Option<crossbeam_channel::Sender<u32>>>,
     /// The streams of vCPUs not running now, by (VM, vCPU): a VM that
@@ -549,7 +553,8 @@ impl ClientPort {
             outbox: ArrayQueue::new(OUTBOX),
             waiters: AtomicUsize::new(0),
             activity: AtomicU64::new(0),
-            dma_active: AtomicBool::new(false),
+            dma_at: AtomicU64::new(u64::MAX),
+            born: Instant::now(),
             resets: Mutex::new(None),
             parked: Mutex::new(HashMap::new()),
         })
@@ -704,7 +709,7 @@ impl ClientPort {
         let mut seen = u64::MAX;
         while !stop.load(Ordering::Acquire) {
             let now = self.activity.load(Ordering::Acquire);
-            let dma = self.dma_active.swap(false, Ordering::AcqRel);
+            let dma = self.dma_recent();
             let waiting = self.waiters.load(Ordering::Acquire) > 0;
             if waiting || now != seen {
                 seen = now;
@@ -714,7 +719,6 @@ impl ClientPort {
                 }
                 if waiting {
                     // A vCPU delivers meanwhile; look again soon.
-                    self.dma_active.store(true, Ordering::Release);
                     std::thread::sleep(DMA_NAP);
                     continue;
                 }
@@ -734,6 +738,12 @@ impl ClientPort {
             }
         }
         Ok(())
+    }
+
+    /// Whether a server's device DMA arrived within [`DMA_LINGER`].
+    fn dma_recent(&self) -> bool {
+        let at = self.dma_at.load(Ordering::Acquire);
+        at != u64::MAX && (self.born.elapsed().as_nanos() as u64).saturating_sub(at) < DMA_LINGER.as_nanos() as u64
     }
 
     /// Send what waits in the outbox and the Hellos of sessions being
@@ -877,7 +887,7 @@ impl ClientPort {
     /// A device's DMA chunk from `peer`: checked, done against the VM's
     /// memory (a write once only), answered or refused.
     fn dma(&self, d: &Dma<'_>, epoch: u32, peer: Peer, link: &mut Link) {
-        self.dma_active.store(true, Ordering::Release);
+        self.dma_at.store(self.born.elapsed().as_nanos() as u64, Ordering::Release);
         let refuse = |link: &mut Link, reason: NackReason| {
             link.stats.dma_refused += 1;
             let nacked = if d.dir == DmaDir::Read { Kind::DmaRead } else { Kind::DmaWrite };
@@ -1054,7 +1064,10 @@ impl ClientPort {
             return;
         };
         let granted = vm.device(route.server, route.device).is_some_and(|d| match repr.msg {
-            Message::Interrupt(i) => matches!(i.source, IrqSource::Line(l) if d.may_raise(l)),
+            Message::Interrupt(i) => match i.source {
+                IrqSource::Line(l) => d.may_raise(l),
+                IrqSource::Msi { .. } => d.msi,
+            },
             Message::Control(c) => c.payload == [LIFECYCLE_RESET] && d.reset,
             _ => false,
         });
@@ -1126,6 +1139,9 @@ impl ClientPort {
 pub const SERVE_NAP: Duration = Duration::from_millis(1);
 /// How long it naps while a vCPU holds the link and device DMA is flowing.
 const DMA_NAP: Duration = Duration::from_micros(20);
+/// How long after the last device DMA the serve thread stays ready for the
+/// next (a guest's next batch of requests).
+const DMA_LINGER: Duration = Duration::from_millis(200);
 
 /// One vCPU's streams to the servers.
 pub struct VcpuRemote {

@@ -133,7 +133,7 @@ impl<'r> Supervisor<'r> {
     /// A VM's memory, KVM state and vCPUs, loaded (or restored) and ready.
     pub(crate) fn create(&self, spec: VmSpec) -> Result<NewVm, MachineError> {
         let id = spec.id;
-        let mut vm = Vm::new(spec.mem_bytes)?;
+        let mut vm = Vm::with_irqchip(spec.mem_bytes, spec.irqchip)?;
         let mut linux_boot = None;
         match &spec.boot {
             Boot::Restore(snap) => {

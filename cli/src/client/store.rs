@@ -121,6 +121,7 @@ fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
             image: None,
             read_only: false,
             virtio: db.devices.get(&r.device).is_some_and(|d| d.kind == "virtio-blk"),
+            msi: db.devices.get(&r.device).is_some_and(|d| d.kind == "ioapic"),
         })
         .collect();
     VmConfig {
@@ -134,6 +135,7 @@ fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
         pc: None,
         pc_server: 1,
         console_log: None,
+        irqchip: None,
         args: a,
         vcpu_args: None,
         device,
