@@ -37,6 +37,9 @@ const GUESTS: &[(&str, [u64; 3])] = &[
     // The virtio-mmio block device found by scanning microvm's transports; the check (mode 0)
     // of 64 requests of 1 sector, 4 in flight; seed 1, driver memory at 2 MiB.
     ("virtio_blk", [0, (64 << 32) | (1 << 16) | (4 << 8), 1]),
+    // 20 interrupts of QEMU's HPET timer 0 every 10 ms, then the level test; a watchdog of 5 s
+    // a phase; the guest picks the I/O APIC pins from the timers' route capabilities.
+    ("apic_hpet", [20 | (5000 << 32), 10_000, 0xffff]),
 ];
 
 fn link_flat(out: &Path, objs: &[&Path], entry: &str, name: &str) {

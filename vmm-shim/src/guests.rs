@@ -31,6 +31,7 @@ pub const MULTIBOOT: &[(&str, &[u8])] = &[
     ("kbd_reset", include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset.mb.bin"))),
     ("scratch_loop", include_bytes!(concat!(env!("OUT_DIR"), "/scratch_loop.mb.bin"))),
     ("virtio_blk", include_bytes!(concat!(env!("OUT_DIR"), "/virtio_blk.mb.bin"))),
+    ("apic_hpet", include_bytes!(concat!(env!("OUT_DIR"), "/apic_hpet.mb.bin"))),
 ];
 
 /// `uart_hello`: sends "hello from a dmfabric guest\n" through the 16550 at
@@ -72,6 +73,14 @@ pub const SCRATCH_LOOP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/scratc
 /// both in full).
 pub const VIRTIO_BLK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/virtio_blk.bin"));
 
+/// `apic_hpet`: the local APIC, the I/O APIC and the HPET with no 8259 or
+/// PIT: HPET timer 0 periodic (edge) counted and timed against the TSC,
+/// then timer 1 one-shot level-triggered, EOIed once with its line still
+/// asserted (the I/O APIC must deliver it again); its arguments are
+/// [`ApicHpetArgs::regs`], its report [`ApicHpetReport::parse`] (the
+/// header of `guests/apic_hpet.S` has both in full).
+pub const APIC_HPET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/apic_hpet.bin"));
+
 include!(concat!(env!("OUT_DIR"), "/mb_args.rs"));
 
 /// The Multiboot image of `name` with its arguments set to `args`.
@@ -100,6 +109,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("demo", DEMO),
     ("scratch_loop", SCRATCH_LOOP),
     ("virtio_blk", VIRTIO_BLK),
+    ("apic_hpet", APIC_HPET),
 ];
 
 /// The checksum `io_loop` reports against a device whose registers read
@@ -313,6 +323,205 @@ pub fn virtio_blk_checksum(seed: u32, capacity: u64, bs: u16, count: u32) -> u64
     sum
 }
 
+/// The arguments of `apic_hpet`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApicHpetArgs {
+    /// Interrupts of the periodic timer to count (at least 2).
+    pub periodic: u32,
+    /// The periodic timer's period in µs; also the one-shot's delay and
+    /// the time the guest waits for stray deliveries after the level test.
+    pub period_us: u32,
+    /// How long a phase may wait, in ms (the local APIC timer as a
+    /// watchdog, assuming KVM's 1 GHz APIC bus); 0: 10 s.
+    pub watchdog_ms: u32,
+    /// The I/O APIC pin of HPET timer 0; None: the guest picks
+    /// ([`ApicHpetArgs::regs`]).
+    pub pin0: Option<u8>,
+    /// The I/O APIC pin of HPET timer 1; None: the guest picks.
+    pub pin1: Option<u8>,
+}
+
+/// Where `apic_hpet` leaves a copy of its report in guest memory (QEMU's
+/// debugcon keeps only each dword's low byte).
+pub const APIC_HPET_REPORT_AT: u64 = 0xa000;
+/// Dwords of `apic_hpet`'s report.
+pub const APIC_HPET_REPORT_WORDS: usize = 21;
+/// The vectors `apic_hpet` programs: the periodic timer's, the level
+/// timer's, its watchdog's and the spurious vector.
+pub const APIC_HPET_VECTORS: (u8, u8, u8, u8) = (0x30, 0x31, 0x3e, 0xff);
+
+impl Default for ApicHpetArgs {
+    /// The Multiboot build's: 20 interrupts 10 ms apart, 5 s a phase, pins
+    /// picked by the guest.
+    fn default() -> ApicHpetArgs {
+        ApicHpetArgs { periodic: 20, period_us: 10_000, watchdog_ms: 5000, pin0: None, pin1: None }
+    }
+}
+
+impl ApicHpetArgs {
+    /// rdi, rsi, rdx. A pin left to the guest: timer 0 takes its lowest
+    /// allowed pin (Tn_INT_ROUTE_CAP) >= 16, else 2, else its lowest;
+    /// timer 1 its lowest allowed >= 16 other than timer 0's, else any
+    /// other, else timer 0's (the phases do not overlap).
+    pub fn regs(&self) -> [u64; 3] {
+        let pin = |p: Option<u8>| u64::from(p.unwrap_or(0xff));
+        [
+            u64::from(self.periodic) | u64::from(self.watchdog_ms) << 32,
+            u64::from(self.period_us),
+            pin(self.pin0) | pin(self.pin1) << 8,
+        ]
+    }
+}
+
+/// What `apic_hpet` reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApicHpetReport {
+    /// 0, or the code of an [`ApicHpetError`] ([`ApicHpetReport::error`]);
+    /// the rest of the report is what the guest had when it stopped.
+    pub status: u32,
+    /// Deliveries of the periodic timer's vector (0x30).
+    pub periodic: u32,
+    /// Deliveries of the level timer's vector (0x31).
+    pub level: u32,
+    /// Of those, deliveries that found timer 1's status bit set (its line
+    /// asserted): the first and the one the EOI brought back.
+    pub level_asserted: u32,
+    /// Deliveries of the watchdog's vector (0x3e).
+    pub watchdog: u32,
+    /// Deliveries of any other vector.
+    pub stray: u32,
+    /// Spurious interrupts (0xff).
+    pub spurious: u32,
+    /// The HPET's main counter period in femtoseconds.
+    pub hpet_period_fs: u32,
+    /// The HPET's capabilities and ID register, low dword.
+    pub hpet_caps: u32,
+    pub hpet_timers: u32,
+    /// Main counter ticks from the first periodic interrupt to the last.
+    pub counter_delta: u64,
+    /// TSC ticks over the same span.
+    pub tsc_delta: u64,
+    /// The I/O APIC's version register (version in bits 0-7, the last
+    /// redirection entry's index in bits 16-23).
+    pub ioapic_version: u32,
+    /// The local APIC's ID register (the APIC id in bits 24-31).
+    pub lapic_id: u32,
+    pub lapic_version: u32,
+    /// Tn_INT_ROUTE_CAP of timers 0 and 1.
+    pub route_caps: [u32; 2],
+    /// The I/O APIC pins of timers 0 and 1.
+    pub pins: [u8; 2],
+    /// The period in main-counter ticks.
+    pub period_ticks: u32,
+}
+
+/// Why `apic_hpet` stopped early (its report's first word), or a report
+/// that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApicHpetError {
+    #[error("No I/O APIC at 0xfec00000 (its version register reads all ones or is no 82093AA's)")]
+    NoIoApic,
+    #[error("No HPET at 0xfed00000 (capabilities all ones, or a period of 0 or above 100 ns)")]
+    NoHpet,
+    #[error("The HPET has fewer than 2 timers")]
+    FewTimers,
+    #[error("HPET timer 0 cannot be periodic")]
+    NotPeriodic,
+    #[error("An I/O APIC pin outside its timer's Tn_INT_ROUTE_CAP or past the I/O APIC's last")]
+    BadPin,
+    #[error("Timed out waiting for the periodic timer's interrupts")]
+    PeriodicTimeout,
+    #[error("Timed out waiting for the level-triggered timer's interrupts")]
+    LevelTimeout,
+    #[error("The guest took an exception")]
+    Exception,
+    #[error("The guest reported error {0}, which apic_hpet has not")]
+    Unknown(u32),
+    #[error("The guest reported {0:?}, which is no apic_hpet report")]
+    Garbled(Vec<u32>),
+}
+
+impl ApicHpetReport {
+    /// The report in `words` (what the guest sent to the debug port).
+    pub fn parse(words: &[u32]) -> Result<ApicHpetReport, ApicHpetError> {
+        if words.len() != APIC_HPET_REPORT_WORDS {
+            return Err(ApicHpetError::Garbled(words.to_vec()));
+        }
+        let u64_at = |i| crate::debugport::u64_at(words, i).unwrap_or_default();
+        Ok(ApicHpetReport {
+            status: words[0],
+            periodic: words[1],
+            level: words[2],
+            level_asserted: words[3],
+            watchdog: words[4],
+            stray: words[5],
+            spurious: words[6],
+            hpet_period_fs: words[7],
+            hpet_caps: words[8],
+            hpet_timers: words[9],
+            counter_delta: u64_at(10),
+            tsc_delta: u64_at(12),
+            ioapic_version: words[14],
+            lapic_id: words[15],
+            lapic_version: words[16],
+            route_caps: [words[17], words[18]],
+            pins: [words[19] as u8, (words[19] >> 8) as u8],
+            period_ticks: words[20],
+        })
+    }
+
+    /// The report as the guest left it in memory at [`APIC_HPET_REPORT_AT`].
+    pub fn from_memory(bytes: &[u8]) -> Result<ApicHpetReport, ApicHpetError> {
+        let words: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        ApicHpetReport::parse(&words)
+    }
+
+    /// Why the guest stopped early, if it did.
+    pub fn error(&self) -> Option<ApicHpetError> {
+        Some(match self.status {
+            0 => return None,
+            1 => ApicHpetError::NoIoApic,
+            2 => ApicHpetError::NoHpet,
+            3 => ApicHpetError::FewTimers,
+            4 => ApicHpetError::NotPeriodic,
+            5 => ApicHpetError::BadPin,
+            6 => ApicHpetError::PeriodicTimeout,
+            7 => ApicHpetError::LevelTimeout,
+            8 => ApicHpetError::Exception,
+            n => ApicHpetError::Unknown(n),
+        })
+    }
+
+    /// Redirection entries of the I/O APIC.
+    pub fn ioapic_entries(&self) -> u32 {
+        ((self.ioapic_version >> 16) & 0xff) + 1
+    }
+
+    /// The APIC id of the vCPU that ran it.
+    pub fn apic_id(&self) -> u8 {
+        (self.lapic_id >> 24) as u8
+    }
+
+    /// Level deliveries that found the line already low: none on a correct
+    /// interrupt path.
+    pub fn level_unasserted(&self) -> u32 {
+        self.level.saturating_sub(self.level_asserted)
+    }
+
+    /// Nanoseconds between the first and the last periodic interrupt by
+    /// the HPET's main counter at its advertised period.
+    pub fn hpet_ns(&self) -> f64 {
+        self.counter_delta as f64 * f64::from(self.hpet_period_fs) / 1e6
+    }
+
+    /// The HPET's time over the TSC's for the same span, the TSC counting
+    /// `tsc_per_ns` ticks a nanosecond: 1.0 when the HPET runs at the
+    /// period it advertises.
+    pub fn hpet_over_tsc(&self, tsc_per_ns: f64) -> f64 {
+        self.hpet_ns() / (self.tsc_delta as f64 / tsc_per_ns)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +555,32 @@ mod tests {
         assert_eq!(virtio_blk_sectors(7, 8, 8, 3), vec![0, 0, 0]);
         assert_eq!(virtio_blk_sector_bytes(3, 9)[8..16], virtio_blk_pattern(3, 9, 1).to_le_bytes());
         assert_ne!(virtio_blk_checksum(1, 1 << 20, 1, 4), virtio_blk_checksum(2, 1 << 20, 1, 4));
+    }
+
+    #[test]
+    fn apic_hpet_arguments_pack_as_the_guest_reads_them() {
+        assert_eq!(ApicHpetArgs::default().regs(), [20 | 5000 << 32, 10_000, 0xffff]);
+        let a = ApicHpetArgs { periodic: 7, period_us: 500, watchdog_ms: 0, pin0: Some(2), pin1: Some(17) };
+        assert_eq!(a.regs(), [7, 500, 2 | 17 << 8]);
+    }
+
+    #[test]
+    fn apic_hpet_reports_parse() {
+        let mut w = [0u32; APIC_HPET_REPORT_WORDS];
+        w[..10].copy_from_slice(&[0, 20, 2, 2, 0, 0, 0, 10_000_000, 0x8086_a201, 3]);
+        w[10..14].copy_from_slice(&[19_000_000, 0, 0xd09d_c300, 0]); // 190 ms; 3.5e9 TSC ticks
+        w[14..].copy_from_slice(&[0x0017_0011, 0, 0x0005_0014, 0xff_0104, 0xff_0104, 16 | 17 << 8, 1_000_000]);
+        let r = ApicHpetReport::parse(&w).unwrap();
+        assert_eq!(r.error(), None);
+        assert_eq!((r.periodic, r.level, r.level_asserted, r.level_unasserted()), (20, 2, 2, 0));
+        assert_eq!((r.ioapic_entries(), r.apic_id(), r.pins, r.hpet_timers), (24, 0, [16, 17], 3));
+        assert_eq!(r.hpet_ns(), 190e6);
+        assert!((r.hpet_over_tsc(f64::from(0xd09d_c300u32) / 190e6) - 1.0).abs() < 1e-12);
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(ApicHpetReport::from_memory(&bytes), Ok(r));
+        w[0] = 7;
+        assert_eq!(ApicHpetReport::parse(&w).unwrap().error(), Some(ApicHpetError::LevelTimeout));
+        assert!(matches!(ApicHpetReport::parse(&w[..3]), Err(ApicHpetError::Garbled(_))));
     }
 
     #[test]
