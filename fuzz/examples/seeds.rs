@@ -27,6 +27,62 @@ fn main() {
     records(&out.join("records"));
     console_protocol(&out.join("console_protocol"));
     vm_snapshot(&out.join("vm_snapshot"));
+    virtio_blk(&out.join("virtio_blk"));
+}
+
+/// Rings a virtio-blk driver writes (the virtio_blk target's layout:
+/// descriptor table at 0, available ring at 0x1000, used at 0x2000):
+/// a write, a read, a flush and a GET_ID, each a chain of header, data and
+/// status, and one chain that loops.
+fn virtio_blk(dir: &Path) {
+    // Input: queue size log2, flags, 8 bytes of choices, then guest RAM.
+    let mut ram = vec![0u8; 0x6000];
+    let desc = |ram: &mut Vec<u8>, i: usize, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = i * 16;
+        ram[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+        ram[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+        ram[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
+        ram[at + 14..at + 16].copy_from_slice(&next.to_le_bytes());
+    };
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    // (type, sector, data flags): OUT 1, IN 0, FLUSH 4, GET_ID 8.
+    let requests: [(u32, u64, Option<u16>); 4] = [(1, 0, Some(0)), (0, 0, Some(WRITE)), (4, 0, None), (8, 0, Some(WRITE))];
+    for (r, (kind, sector, data)) in requests.iter().enumerate() {
+        let head = r * 3;
+        let hdr = 0x3000 + r as u64 * 16;
+        ram[hdr as usize..hdr as usize + 4].copy_from_slice(&kind.to_le_bytes());
+        ram[hdr as usize + 8..hdr as usize + 16].copy_from_slice(&sector.to_le_bytes());
+        let status = 0x3800 + r as u64;
+        match data {
+            Some(f) => {
+                desc(&mut ram, head, hdr, 16, NEXT, (head + 1) as u16);
+                desc(&mut ram, head + 1, 0x4000 + r as u64 * 512, 512, f | NEXT, (head + 2) as u16);
+                desc(&mut ram, head + 2, status, 1, WRITE, 0);
+            }
+            None => {
+                desc(&mut ram, head, hdr, 16, NEXT, (head + 1) as u16);
+                desc(&mut ram, head + 1, status, 1, WRITE, 0);
+            }
+        }
+        ram[0x1004 + r * 2..0x1006 + r * 2].copy_from_slice(&(head as u16).to_le_bytes());
+    }
+    ram[0x1002..0x1004].copy_from_slice(&4u16.to_le_bytes());
+    let seed = |qlog: u8, flags: u8, ram: &[u8]| {
+        let mut s = vec![qlog, flags];
+        s.extend_from_slice(&7u64.to_le_bytes());
+        s.extend_from_slice(ram);
+        s
+    };
+    put(dir, "write_read_flush_id", &seed(4, 0, &ram));
+    put(dir, "read_only_failing_flush", &seed(4, 3, &ram));
+    // A chain that points back at its head.
+    let mut looped = ram.clone();
+    desc(&mut looped, 14, 0x3000, 16, NEXT, 15);
+    desc(&mut looped, 15, 0x4000, 512, NEXT | WRITE, 14);
+    looped[0x100c..0x100e].copy_from_slice(&14u16.to_le_bytes());
+    looped[0x1002..0x1004].copy_from_slice(&5u16.to_le_bytes());
+    put(dir, "looping_chain", &seed(4, 0, &looped));
 }
 
 fn put(dir: &Path, name: &str, bytes: &[u8]) {
@@ -114,6 +170,40 @@ fn script(kind: &DeviceKind) -> Vec<[u8; 4]> {
             let m = |write: bool, off: u8, v: u16| acc(write, true, 4, off + 8, v);
             vec![m(false, 0, 0), m(false, 4, 0), m(false, 8, 0), m(true, 0x70, 1), m(true, 0x70, 3), m(false, 0x10, 0)]
         }
+        // I/O APIC: read the version, program pin 0 (level, vector 0x30,
+        // unmasked) and its destination, read it back, EOI its vector.
+        DeviceKind::IoApic => {
+            let m = |write: bool, off: u8, v: u16| acc(write, true, 4, off + 8, v);
+            vec![
+                m(true, 0, 1),
+                m(false, 0x10, 0),
+                m(true, 0, 0x11),
+                m(true, 0x10, 0x0100),
+                m(true, 0, 0x10),
+                m(true, 0x10, 0x8030),
+                m(false, 0x10, 0),
+                m(true, 0x40, 0x30),
+            ]
+        }
+        // HPET: capabilities and period; the counter set while halted;
+        // enabled in legacy mode; the counter read in halves as it runs; a
+        // status clear; halted again.
+        DeviceKind::Hpet => {
+            let m4 = |write: bool, off: u8, v: u16| acc(write, true, 4, off + 8, v);
+            let m8 = |write: bool, off: u8, v: u16| acc(write, true, 8, off + 8, v);
+            vec![
+                m8(false, 0, 0),
+                m4(false, 4, 0),
+                m8(true, 0xf0, 0x1000),
+                m4(true, 0x10, 3),
+                m4(false, 0xf0, 0),
+                m4(false, 0xf4, 0),
+                m8(false, 0xf0, 0),
+                m4(true, 0x20, 7),
+                m4(true, 0x10, 0),
+                m8(false, 0xf0, 0),
+            ]
+        }
         DeviceKind::RegFile => vec![
             w4(0, 0x1234),
             acc(true, true, 8, 8, 0xbeef),
@@ -196,6 +286,7 @@ fn records(dir: &Path) {
             Range { mmio: true, base: 0xd000_0000, len: 0x1000 },
         ],
         irqs: vec![],
+        image: None,
     };
     seeds.push(("device_regfile", 3, json(&regfile)));
     let io = Server { id: 77, mac: "02:00:00:00:00:0b".into(), role: ServerRole::Io };
