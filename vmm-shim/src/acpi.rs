@@ -5,6 +5,7 @@
 //! ```text
 //! RSDP (v2) → XSDT → FADT (rev 6, HW_REDUCED_ACPI) → DSDT (empty)
 //!                  → MADT: one local APIC per vCPU, the I/O APIC, NMI on LINT1
+//!                  → HPET (a VM whose I/O APIC and HPET are remote models)
 //! ```
 //!
 //! The RSDP's address goes into the zero page (`acpi_rsdp_addr`), and it
@@ -36,6 +37,24 @@ fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
 /// The tables for `vcpus` processors, to be copied to [`ACPI_START`]; the
 /// RSDP is at its start.
 pub fn build(vcpus: u8) -> Vec<u8> {
+    build_with(vcpus, false)
+}
+
+/// The HPET table's body (IA-PC HPET 1.0a, table 3): the event timer block
+/// of dmfabric's HPET model at its PC address.
+fn hpet_body() -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&0x8086_a201u32.to_le_bytes()); // event timer block id: its capabilities' low dword
+    b.extend_from_slice(&[0, 64, 0, 0]); // base address: system memory, 64 bits wide, offset 0
+    b.extend_from_slice(&dmfabric_devices::platform::pc::HPET_MMIO.to_le_bytes());
+    b.push(0); // HPET number
+    b.extend_from_slice(&128u16.to_le_bytes()); // minimum clock ticks in periodic mode (as QEMU's)
+    b.push(0); // page protection: none
+    b
+}
+
+/// [`build`], with an HPET table when `hpet` (a VM with `irqchip = "remote"`).
+pub fn build_with(vcpus: u8, hpet: bool) -> Vec<u8> {
     let base = ACPI_START;
     // Layout: RSDP (36, padded to 48), DSDT, FADT, MADT, XSDT.
     let rsdp_len = 48u64;
@@ -66,11 +85,17 @@ pub fn build(vcpus: u8) -> Vec<u8> {
     let madt = sdt(b"APIC", 4, &madt_body);
     let madt_at = fadt_at + fadt.len() as u64;
 
+    let hpet_table = hpet.then(|| sdt(b"HPET", 1, &hpet_body()));
+    let hpet_at = madt_at + madt.len() as u64;
+
     let mut xsdt_body = Vec::new();
     xsdt_body.extend_from_slice(&fadt_at.to_le_bytes());
     xsdt_body.extend_from_slice(&madt_at.to_le_bytes());
+    if hpet_table.is_some() {
+        xsdt_body.extend_from_slice(&hpet_at.to_le_bytes());
+    }
     let xsdt = sdt(b"XSDT", 1, &xsdt_body);
-    let xsdt_at = madt_at + madt.len() as u64;
+    let xsdt_at = hpet_at + hpet_table.as_ref().map_or(0, |t| t.len() as u64);
 
     let mut rsdp = vec![0u8; 36];
     rsdp[0..8].copy_from_slice(b"RSD PTR ");
@@ -83,7 +108,7 @@ pub fn build(vcpus: u8) -> Vec<u8> {
 
     let mut out = rsdp;
     out.resize(rsdp_len as usize, 0);
-    for t in [dsdt, fadt, madt, xsdt] {
+    for t in [Some(dsdt), Some(fadt), Some(madt), hpet_table, Some(xsdt)].into_iter().flatten() {
         out.extend_from_slice(&t);
     }
     out
@@ -123,5 +148,24 @@ mod tests {
         assert_eq!(cpus, vec![0, 1, 2]);
         assert_eq!((entries[24], entries[26]), (1, 3));
         assert!(ACPI_START as usize + t.len() < 0xf_0000, "below the reserved BIOS area");
+    }
+
+    #[test]
+    fn a_vm_with_a_remote_hpet_gets_an_hpet_table() {
+        let t = build_with(1, true);
+        let xsdt_at = u64::from_le_bytes(t[24..32].try_into().unwrap());
+        let at = |a: u64| (a - ACPI_START) as usize;
+        let table = |a: u64| {
+            let off = at(a);
+            let len = u32::from_le_bytes(t[off + 4..off + 8].try_into().unwrap()) as usize;
+            &t[off..off + len]
+        };
+        let xsdt = table(xsdt_at);
+        assert_eq!((xsdt.len(), sum(xsdt)), (36 + 3 * 8, 0));
+        let hpet = table(u64::from_le_bytes(xsdt[52..60].try_into().unwrap()));
+        assert_eq!((&hpet[0..4], hpet.len(), sum(hpet)), (&b"HPET"[..], 56, 0));
+        assert_eq!(u32::from_le_bytes(hpet[36..40].try_into().unwrap()), 0x8086_a201);
+        assert_eq!(u64::from_le_bytes(hpet[44..52].try_into().unwrap()), 0xfed0_0000);
+        assert_eq!(build_with(2, false), build(2), "no HPET table otherwise");
     }
 }

@@ -168,6 +168,12 @@ pub fn check(img: &LinuxImage, mem_bytes: usize) -> Result<(), LinuxError> {
 /// Load `img` into `vm` and return where its vCPU 0 starts. With more
 /// than one vCPU an MP table tells the kernel about the others.
 pub fn load(vm: &mut Vm, img: &LinuxImage, vcpus: u8) -> Result<LinuxBoot, LinuxError> {
+    load_with(vm, img, vcpus, false)
+}
+
+/// [`load`], for a VM whose I/O APIC and HPET are remote models when
+/// `remote_irqchip`: the kernel finds the HPET in an ACPI table.
+pub fn load_with(vm: &mut Vm, img: &LinuxImage, vcpus: u8, remote_irqchip: bool) -> Result<LinuxBoot, LinuxError> {
     let k = &img.kernel;
     let m = vm.memory_mut().map_err(|_| LinuxError::MemoryShared)?;
     let mem = m.len() as u64;
@@ -207,7 +213,8 @@ pub fn load(vm: &mut Vm, img: &LinuxImage, vcpus: u8) -> Result<LinuxBoot, Linux
 
     // The e820 map: low RAM, the EBDA and BIOS area reserved, RAM from 1 MiB.
     // With several vCPUs the ACPI tables sit at 0xe0000: reserve from there.
-    let bios = if vcpus > 1 { crate::acpi::ACPI_START } else { 0xf_0000 };
+    let acpi = vcpus > 1 || remote_irqchip;
+    let bios = if acpi { crate::acpi::ACPI_START } else { 0xf_0000 };
     let map = [
         (0u64, 0x9_fc00u64, E820_RAM),
         (0x9_fc00, 0x400, E820_RESERVED),
@@ -221,13 +228,13 @@ pub fn load(vm: &mut Vm, img: &LinuxImage, vcpus: u8) -> Result<LinuxBoot, Linux
         m[at + 16..at + 20].copy_from_slice(&kind.to_le_bytes());
     }
     m[zp + 0x1e8] = map.len() as u8;
-    if vcpus > 1 {
+    if acpi {
         // The other CPUs: an MP table for kernels that parse one, ACPI for
-        // those that only read the MADT.
+        // those that only read the MADT (and the HPET table).
         let table = crate::mptable::build(vcpus);
         let at = crate::mptable::MPTABLE_START as usize;
         m[at..at + table.len()].copy_from_slice(&table);
-        let tables = crate::acpi::build(vcpus);
+        let tables = crate::acpi::build_with(vcpus, remote_irqchip);
         let at = crate::acpi::ACPI_START as usize;
         m[at..at + tables.len()].copy_from_slice(&tables);
         m[zp + 0x70..zp + 0x78].copy_from_slice(&crate::acpi::ACPI_START.to_le_bytes());

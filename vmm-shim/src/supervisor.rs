@@ -143,7 +143,8 @@ impl<'r> Supervisor<'r> {
                 vm.restore_state(&snap.device)?;
             }
             Boot::Linux(image) => {
-                let b = linux::load(&mut vm, image, spec.vcpus.min(255) as u8)
+                let remote_irqchip = spec.irqchip == crate::kvm::IrqChipMode::Split;
+                let b = linux::load_with(&mut vm, image, spec.vcpus.min(255) as u8, remote_irqchip)
                     .map_err(|error| MachineError::Linux { vm: id, error })?;
                 linux_boot = Some(b);
             }
