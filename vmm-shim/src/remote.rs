@@ -382,6 +382,8 @@ struct Link {
     next_scan: Instant,
     /// Which DMA write chunks of each server were applied.
     dma_windows: Vec<DmaWindow>,
+    /// Received frames, copied out of the transport (kept between polls).
+    rx: Vec<Vec<u8>>,
 }
 
 /// A VM this client runs: its id, vCPU count, where its interrupts go and
@@ -532,6 +534,7 @@ impl ClientPort {
             vm_stats: vec![VmRemoteStats::default(); table.ports.len()],
             irq_last: Vec::new(),
             dma_windows: Vec::new(),
+            rx: Vec::new(),
             sealer: cfg.sealer.clone(),
             opening: Vec::new(),
             reopened: Vec::new(),
@@ -772,11 +775,26 @@ impl ClientPort {
         if !link.tx.is_empty() {
             link.t.send(&mut link.tx)?;
         }
-        let mut frames = Vec::new();
-        let n = link.t.recv(dmfabric_dataplane::MAX_BURST, &mut |f| frames.push(f.to_vec()))?;
-        for f in &frames {
+        // The burst is copied out of the transport's ring (delivering sends
+        // on the same link) into buffers kept from poll to poll: no
+        // allocation once they have grown to a burst of full frames.
+        let mut frames = std::mem::take(&mut link.rx);
+        let mut used = 0;
+        let n = link.t.recv(dmfabric_dataplane::MAX_BURST, &mut |f| {
+            match frames.get_mut(used) {
+                Some(buf) => {
+                    buf.clear();
+                    buf.extend_from_slice(f);
+                }
+                None => frames.push(f.to_vec()),
+            }
+            used += 1;
+        });
+        for f in &frames[..used] {
             self.deliver(f, link);
         }
+        link.rx = frames;
+        let n = n?;
         if !link.tx.is_empty() {
             link.t.send(&mut link.tx)?;
         }
