@@ -12,6 +12,7 @@ pub mod blk;
 pub mod exit;
 pub mod flood;
 pub mod harness;
+pub mod irq;
 pub mod loadgen;
 pub mod plot;
 pub mod report;

@@ -12,6 +12,7 @@ use dmfabric_bench::blk;
 use dmfabric_bench::exit::{self, ExitMode};
 use dmfabric_bench::flood;
 use dmfabric_bench::harness::{self, ServerLaunch, Setup};
+use dmfabric_bench::irq;
 use dmfabric_bench::loadgen::{self, LoadReport, Retry, Target};
 use dmfabric_bench::plot;
 use dmfabric_bench::report::{RttJson, ThroughputJson};
@@ -40,6 +41,55 @@ pub enum BenchCmd {
     /// process (local), on a server in another network namespace (remote)
     /// and in QEMU (qemu): IOPS, MB/s and per-request latency.
     Blk(BlkArgs),
+    /// Interrupts: the apic_hpet guest's periodic HPET timer, the HPET and
+    /// I/O APIC in the client process (local), on a server in another
+    /// network namespace (remote) or QEMU's (qemu: kernel-irqchip=split;
+    /// qemu-kernel: KVM's in-kernel I/O APIC): lateness from the
+    /// comparator's match to the guest's handler (p50/p99), and interrupts
+    /// a second sustained at a short period.
+    Irq(IrqArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IrqModeArg {
+    /// dmfabric's HPET in the client process, KVM's in-kernel I/O APIC.
+    Local,
+    /// dmfabric's I/O APIC and HPET on a `dmfabric server` in another network namespace (split irqchip).
+    Remote,
+    /// QEMU's HPET and I/O APIC (pc, kernel-irqchip=split).
+    Qemu,
+    /// QEMU's HPET, KVM's in-kernel I/O APIC (pc).
+    QemuKernel,
+}
+
+#[derive(Debug, Args)]
+pub struct IrqArgs {
+    /// Where the HPET and I/O APIC run; several (comma-separated) run one after the other.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "local,remote,qemu")]
+    mode: Vec<IrqModeArg>,
+    #[command(flatten)]
+    hosts: Hosts,
+    /// Periodic interrupts per run (each mode runs twice: at --period-us
+    /// for the lateness, at --rate-period-us for the rate).
+    #[arg(long, default_value_t = 1000)]
+    interrupts: u32,
+    /// The period of the lateness run, µs (long beside the lateness: a
+    /// sample is exact while the interrupt is less than a period late;
+    /// with a remote HPET at 1 ms some are, see the README).
+    #[arg(long, default_value_t = 10_000)]
+    period_us: u32,
+    /// The period of the rate run, µs (100: dmfabric's HPET fires at most
+    /// every 100 µs).
+    #[arg(long, default_value_t = irq::RATE_PERIOD_US)]
+    rate_period_us: u32,
+    /// Write the results as JSON here (an array of rows).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    latency: LatencyOut,
+    /// How the VM's client platform retransmits (remote runs).
+    #[command(flatten)]
+    retry: RetryArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -369,6 +419,7 @@ pub fn run(cmd: BenchCmd, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         BenchCmd::Exit(a) => bench_exit(&a, &stop),
         BenchCmd::Flood(a) => bench_flood(&a, &stop),
         BenchCmd::Blk(a) => bench_blk(&a, &stop),
+        BenchCmd::Irq(a) => bench_irq(&a, &stop),
         BenchCmd::Rtt(a) => {
             a.latency.check()?;
             let reports = for_each_transport(&a.common, &stop, |t, target, stop| {
@@ -934,6 +985,91 @@ fn write_blk_curves(a: &BlkArgs, rows: &[blk::BlkJson]) -> anyhow::Result<()> {
     let curves: Vec<plot::Curve<'_>> =
         rows.iter().zip(&labels).map(|(r, label)| plot::Curve { label, hist: &r.hist }).collect();
     a.latency.write("dmfabric bench blk: request latency", &curves)
+}
+
+fn bench_irq(a: &IrqArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    if !(2..=dmfabric_vmm_shim::guests::APIC_HPET_SAMPLES_MAX).contains(&a.interrupts) {
+        bail!(
+            "--interrupts must be between 2 and {}, not {}",
+            dmfabric_vmm_shim::guests::APIC_HPET_SAMPLES_MAX,
+            a.interrupts
+        );
+    }
+    if !(1..=10_000_000).contains(&a.period_us) || !(1..=10_000_000).contains(&a.rate_period_us) {
+        bail!("--period-us and --rate-period-us must be between 1 and 10000000");
+    }
+    if a.hosts.server == ServerMode::Thread {
+        bail!("bench irq runs its server as `dmfabric server --config` (--server process)");
+    }
+    if a.hosts.xdp_prog.len() > 1 || a.hosts.transport.contains(&TransportKind::Mem) {
+        bail!("bench irq's remote runs take one --xdp-prog and a network transport (xdp, packet, udp)");
+    }
+    a.latency.check()?;
+    let exe = std::env::current_exe().context("Cannot find the dmfabric executable")?;
+    let mut runs: Vec<(irq::IrqMode, TransportKind)> = Vec::new();
+    for &mode in &a.mode {
+        match mode {
+            IrqModeArg::Local => runs.push((irq::IrqMode::Local, TransportKind::Mem)),
+            IrqModeArg::Remote => runs.extend(a.hosts.transport.iter().map(|&k| (irq::IrqMode::Remote, k))),
+            IrqModeArg::Qemu => runs.push((irq::IrqMode::Qemu, TransportKind::Mem)),
+            IrqModeArg::QemuKernel => runs.push((irq::IrqMode::QemuKernel, TransportKind::Mem)),
+        }
+    }
+    let cfg = irq::IrqConfig { interrupts: a.interrupts, period_us: a.period_us, rate_period_us: a.rate_period_us };
+    let dir = irq::BenchDir::new()?;
+    eprintln!(
+        "dmfabric bench irq: apic_hpet, {} periodic HPET interrupts a run: lateness at a {} µs period, the rate at {} µs",
+        a.interrupts, a.period_us, a.rate_period_us
+    );
+    let mut rows = Vec::new();
+    for (mode, kind) in runs {
+        if stop.load(Ordering::Relaxed) {
+            bail!("Interrupted");
+        }
+        let mut setup = setup_for(kind, &a.hosts, &exe);
+        setup.client_retry = a.retry.retry();
+        let what = match mode {
+            irq::IrqMode::Remote => format!("remote over {kind}"),
+            m => m.name().to_string(),
+        };
+        eprintln!("dmfabric bench irq: {what} ...");
+        let row = irq::run(mode, &setup, &exe, &dir, &cfg, stop).with_context(|| format!("{what} run failed"))?;
+        println!(
+            "  {:<11} irqchip {:<6} lateness p50 {:>8.2} µs  p99 {:>8.2} µs  max {:>8.2} µs  missed {}  |  at {} µs: {:>7.0} /s of {:.0} ({} of {} periods missed)  retransmits {}",
+            row.mode,
+            row.irqchip,
+            row.p50_us,
+            row.p99_us,
+            row.max_us,
+            row.missed,
+            row.rate_period_us,
+            row.interrupts_per_s,
+            row.nominal_per_s,
+            row.rate_missed,
+            row.rate_periods,
+            row.retransmits
+        );
+        if row.missed > 0 {
+            eprintln!(
+                "dmfabric bench irq: {}: {} periods missed at {} µs: some interrupts came a period or more late, and their samples wrapped (a longer --period-us measures them)",
+                row.mode, row.missed, row.period_us
+            );
+        }
+        rows.push(row);
+    }
+    drop(dir);
+    if let Some(path) = &a.json {
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).with_context(|| format!("Cannot create {}", d.display()))?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&rows)? + "\n")
+            .with_context(|| format!("Cannot write {}", path.display()))?;
+        eprintln!("dmfabric bench: wrote {}", path.display());
+    }
+    let labels: Vec<String> = rows.iter().map(|r| r.mode.clone()).collect();
+    let curves: Vec<plot::Curve<'_>> =
+        rows.iter().zip(&labels).map(|(r, label)| plot::Curve { label, hist: &r.hist }).collect();
+    a.latency.write("dmfabric bench irq: HPET interrupt lateness", &curves)
 }
 
 /// The harness set-up for one transport: the server as `dmfabric server`

@@ -214,7 +214,9 @@ struct VmConfig {
     /// Where the VM's interrupt controllers are: "kernel" (KVM's PIC, I/O
     /// APIC and PIT; the default) or "remote" (KVM's split irqchip: the
     /// local APICs in KVM, the I/O APIC a device model on a server, mapped
-    /// at 0xfec00000 with `msi = true`; no PIC or PIT).
+    /// at 0xfec00000 with `msi = true`; no PIC or PIT; with pc = "remote",
+    /// the PC devices' lines drive that I/O APIC's pins: it must run on
+    /// `pc_server`).
     irqchip: Option<String>,
     #[serde(default)]
     args: [u64; 3],
@@ -611,14 +613,28 @@ fn irqchip_mode(vm: &VmConfig) -> anyhow::Result<dmfabric_vmm_shim::kvm::IrqChip
         None | Some("kernel") => Ok(IrqChipMode::Kernel),
         Some("remote") => {
             let base = dmfabric_devices::platform::pc::IOAPIC_MMIO;
-            if !vm.device.iter().any(|r| r.msi && r.space == "mmio" && r.base <= base && base < r.base + r.len) {
+            let Some(ioapic) =
+                vm.device.iter().find(|r| r.msi && r.space == "mmio" && r.base <= base && base < r.base + r.len)
+            else {
                 bail!(
                     "VM {}: irqchip = \"remote\" needs its I/O APIC: a [[vm.device]] with space = \"mmio\", base = {base:#x}, len = 0x1000, server, device and msi = true",
                     vm.id
                 );
-            }
-            if vm.pc.is_some() {
-                bail!("VM {}: irqchip = \"remote\" has no PIC for the PC devices' lines: leave out pc", vm.id);
+            };
+            // A remote PC's lines drive the I/O APIC of the server that
+            // hosts the PC devices; local ones would need a PIC.
+            match vm.pc.as_deref() {
+                None => {}
+                Some("remote") if ioapic.runs_on.or(ioapic.server) == Some(vm.pc_server) => {}
+                Some("remote") => bail!(
+                    "VM {}: irqchip = \"remote\" with pc = \"remote\": the PC devices' lines reach only an I/O APIC on their own server: run the I/O APIC on pc_server {}",
+                    vm.id,
+                    vm.pc_server
+                ),
+                Some(_) => bail!(
+                    "VM {}: irqchip = \"remote\" has no PIC for local PC devices' lines: use pc = \"remote\" (on the I/O APIC's server) or leave out pc",
+                    vm.id
+                ),
             }
             Ok(IrqChipMode::Split)
         }
@@ -921,6 +937,23 @@ mod tests {
         let line = with_virtio_devices("console=ttyS0".into(), &cfg.vm[0].device);
         assert_eq!(line, "console=ttyS0 virtio_mmio.device=512@0xfeb00000:10 virtio_mmio.device=512@0xfeb00200:10");
         assert_eq!(with_virtio_devices(line.clone(), &cfg.vm[0].device), line, "named once");
+    }
+
+    #[test]
+    fn a_remote_irqchip_takes_a_remote_pc_on_its_own_server() {
+        let mode = |pc: &str, ioapic_server: u16| {
+            let text = format!(
+                "client = 3\n[[vm]]\nid = 1\nguest = \"demo_apic\"\nirqchip = \"remote\"\n{pc}\
+                 [[vm.device]]\nspace = \"mmio\"\nbase = 0xfec00000\nlen = 0x1000\nserver = {ioapic_server}\ndevice = 1005\nmsi = true\n"
+            );
+            let cfg: FileConfig = toml::from_str(&text).unwrap();
+            irqchip_mode(&cfg.vm[0]).map_err(|e| e.to_string())
+        };
+        use dmfabric_vmm_shim::kvm::IrqChipMode;
+        assert_eq!(mode("", 1), Ok(IrqChipMode::Split));
+        assert_eq!(mode("pc = \"remote\"\n", 1), Ok(IrqChipMode::Split));
+        assert!(mode("pc = \"remote\"\n", 2).unwrap_err().contains("run the I/O APIC on pc_server 1"));
+        assert!(mode("pc = \"local\"\n", 1).unwrap_err().contains("no PIC for local PC devices"));
     }
 
     #[test]

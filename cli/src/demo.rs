@@ -1,8 +1,11 @@
 //! `dmfabric demo`: two test hosts, a `dmfabric server` with a PC's devices
-//! for VM 1 in one, a KVM guest in the other whose UART, RTC, event timer
-//! and i8042 are all on that server, over AF_XDP. The guest's console is
-//! streamed from the server; a line is typed at it; the guest resets itself
-//! through the i8042; then the counters, and everything is removed.
+//! for VM 1 in one, a KVM guest in the other whose UART, RTC, i8042, I/O
+//! APIC and HPET are all on that server, over AF_XDP: the guest's ticks come
+//! from the remote HPET through the remote I/O APIC (KVM's split irqchip;
+//! `--irqchip kernel`: KVM's PIC and the event timer instead). The guest's
+//! console is streamed from the server; a line is typed at it; the guest
+//! resets itself through the i8042; then the counters, and everything is
+//! removed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -16,17 +19,19 @@ use clap::Args;
 use dmfabric_dataplane::netns::TestNet;
 use dmfabric_dataplane::reliable::Retry;
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
-use dmfabric_devices::platform::pc::{PcLayout, Role};
+use dmfabric_devices::platform::pc::{self, PcLayout, Role};
 use dmfabric_devices::ByteSink;
-use dmfabric_vmm_shim::devmap::Target;
-use dmfabric_vmm_shim::guests::DEMO;
+use dmfabric_vmm_shim::devmap::{Remote, Target};
+use dmfabric_vmm_shim::guests::{DEMO, DEMO_APIC};
+use dmfabric_vmm_shim::kvm::IrqChipMode;
 use dmfabric_vmm_shim::linux::{self, LinuxImage};
 use dmfabric_vmm_shim::machine::{self, RunOptions, VmSpec};
 use dmfabric_vmm_shim::remote::ClientConfig;
+use dmfabric_wire::Space;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Event-timer ticks the guest shows.
+    /// Timer ticks the guest shows.
     #[arg(long, default_value_t = 5)]
     ticks: u32,
     /// The timer's period, in milliseconds.
@@ -50,6 +55,19 @@ pub struct DemoArgs {
     /// namespace) or local (in this process, for comparison; nothing is typed).
     #[arg(long, value_enum, default_value = "remote")]
     devices: Devices,
+    /// Where the interrupt controller is: remote (the I/O APIC and an HPET
+    /// on the server, KVM's split irqchip: the ticks come from the HPET
+    /// through the I/O APIC; the default with remote devices) or kernel
+    /// (KVM's 8259s and the server's event timer; the only choice with
+    /// --linux or --devices local).
+    #[arg(long, value_enum)]
+    irqchip: Option<IrqChip>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IrqChip {
+    Remote,
+    Kernel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -59,19 +77,43 @@ pub enum Devices {
 }
 
 const VM: u32 = 1;
+/// The server's device ids of VM 1's I/O APIC and HPET (after its PC
+/// devices, 1001-1004).
+const IOAPIC: u32 = VM * 1000 + 5;
+const HPET: u32 = VM * 1000 + 6;
 
-/// The PC devices the demo's guest uses (the Linux guest: all but the timer).
-fn roles(linux: bool) -> &'static [Role] {
-    if linux {
+/// The PC devices the demo's guest uses (the Linux guest, and the guest
+/// whose ticks come from the HPET: all but the event timer).
+fn roles(linux: bool, irqchip: IrqChip) -> &'static [Role] {
+    if linux || irqchip == IrqChip::Remote {
         &Role::ALL[..3]
     } else {
         &Role::ALL
     }
 }
 
+/// The server's devices for the remote irqchip: VM 1's COM1, RTC and
+/// i8042 (numbered as `--pc-vm 1` numbers them), its I/O APIC, whose pins
+/// their lines then drive, and an HPET.
+fn server_devices(layout: &PcLayout) -> String {
+    let mut text = String::new();
+    for (id, kind) in [
+        (layout.id(Role::Com1), "uart"),
+        (layout.id(Role::Rtc), "rtc"),
+        (layout.id(Role::I8042), "i8042"),
+        (IOAPIC, "ioapic"),
+        (HPET, "hpet"),
+    ] {
+        text.push_str(&format!("[[device]]\nid = {id}\nkind = \"{kind}\"\nvm = {VM}\n\n"));
+    }
+    text
+}
+
 fn name_of(t: Target) -> String {
     let layout = PcLayout::new(VM).expect("VM 1 has PC devices");
     match t {
+        Target::Remote(r) if r.device == IOAPIC => "I/O APIC".into(),
+        Target::Remote(r) if r.device == HPET => "HPET".into(),
         Target::Remote(r) => layout.device(r.device).map_or(format!("device {}", r.device), |d| d.role.label().into()),
         // The order of `roles`.
         Target::Local(i) => Role::ALL.get(i).map_or(format!("local device {i}"), |r| format!("{}, local", r.label())),
@@ -160,6 +202,15 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
         bail!("--tick-ms must be between 1 and 10000");
     }
     dmfabric_vmm_shim::kvm::probe()?;
+    let irqchip = match args.irqchip {
+        Some(IrqChip::Remote) if args.linux => bail!("--irqchip remote: the Linux guest uses KVM's 8259s"),
+        Some(IrqChip::Remote) if args.devices == Devices::Local => {
+            bail!("--irqchip remote: the I/O APIC and the HPET run only on a server (--devices remote)")
+        }
+        Some(chip) => chip,
+        None if args.linux || args.devices == Devices::Local => IrqChip::Kernel,
+        None => IrqChip::Remote,
+    };
     if args.devices == Devices::Local {
         return run_local(&args, &stop);
     }
@@ -193,9 +244,22 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     .context("Cannot write the demo's client list")?;
     let keys = key.ring()?;
 
-    // The server, in host 1.
+    // The server, in host 1: VM 1's PC devices (`--pc-vm 1`), or with the
+    // remote irqchip those but the event timer, and its I/O APIC and HPET
+    // (a device config of the demo's own).
+    let layout = PcLayout::new(VM)?;
     let mut cmd = net.command(1, &exe);
-    cmd.args(["server", "--transport", "xdp", "--iface", &net.host(1).iface, "--pc-vm", &VM.to_string()]);
+    cmd.args(["server", "--transport", "xdp", "--iface", &net.host(1).iface]);
+    match irqchip {
+        IrqChip::Kernel => {
+            cmd.args(["--pc-vm", &VM.to_string()]);
+        }
+        IrqChip::Remote => {
+            let devices = dir.join("devices.toml");
+            std::fs::write(&devices, server_devices(&layout)).context("Cannot write the demo's device config")?;
+            cmd.arg("--config").arg(devices);
+        }
+    }
     cmd.args(["--irq-test-devices", "0", "--busy-poll", "--cores", &server_core.to_string(), "--console-dir"]);
     cmd.arg(&dir).arg("--clients").arg(&clients);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -226,10 +290,23 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
         }
     }
     println!("dmfabric demo: VM {VM} runs on KVM in network namespace {} (core {client_core});", net.host(0).ns);
-    println!(
-        "its UART, RTC, event timer and i8042 are served by `dmfabric server` in {} (core {server_core}), over AF_XDP.",
-        net.host(1).ns
-    );
+    match irqchip {
+        IrqChip::Remote => {
+            println!(
+                "its UART, RTC, i8042, I/O APIC and HPET are served by `dmfabric server` in {} (core {server_core}), over AF_XDP;",
+                net.host(1).ns
+            );
+            println!(
+                "KVM keeps only the local APIC (split irqchip): the ticks come from the remote HPET, timer 0 on I/O APIC pin 16, and"
+            );
+            println!("the UART's IRQ 4 from the remote I/O APIC's pin 4, both as MSIs from the server.");
+        }
+        IrqChip::Kernel => println!(
+            "its UART, RTC, event timer and i8042 are served by `dmfabric server` in {} (core {server_core}), over AF_XDP;\n\
+             their lines go to KVM's 8259s: the ticks come from the remote event timer on IRQ 5.",
+            net.host(1).ns
+        ),
+    }
     if args.interactive {
         println!(
             "Type a line at the VM's console from another terminal: {} console {VM} --console-dir {}",
@@ -251,14 +328,27 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     // The client, in host 0.
     let tick_us = u64::from(args.tick_ms) * 1000;
     let wait_ticks = if args.interactive { 60_000 / u64::from(args.tick_ms) } else { 3000 / u64::from(args.tick_ms) };
-    let layout = PcLayout::new(VM)?;
-    let ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, &layout, roles(args.linux));
-    let spec = if args.linux {
+    let mut ranges = dmfabric_vmm_shim::devmap::pc_remote_ranges(1, &layout, roles(args.linux, irqchip));
+    if irqchip == IrqChip::Remote {
+        ranges.push((
+            Space::Mmio,
+            pc::IOAPIC_MMIO,
+            u64::from(pc::IOAPIC_LEN),
+            Target::Remote(Remote::new(1, IOAPIC).msis()),
+        ));
+        ranges.push((Space::Mmio, pc::HPET_MMIO, u64::from(pc::HPET_LEN), Target::Remote(Remote::new(1, HPET))));
+    }
+    let guest_args = vec![[u64::from(args.ticks), tick_us, wait_ticks.max(1)]];
+    let mut spec = if args.linux {
         VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges, vec![]).map_err(anyhow::Error::msg)?
+    } else if irqchip == IrqChip::Remote {
+        VmSpec::test_guest(VM, 1, DEMO_APIC, guest_args, &ranges, vec![]).map_err(anyhow::Error::msg)?
     } else {
-        VmSpec::test_guest(VM, 1, DEMO, vec![[u64::from(args.ticks), tick_us, wait_ticks.max(1)]], &ranges, vec![])
-            .map_err(anyhow::Error::msg)?
+        VmSpec::test_guest(VM, 1, DEMO, guest_args, &ranges, vec![]).map_err(anyhow::Error::msg)?
     };
+    if irqchip == IrqChip::Remote {
+        spec.irqchip = IrqChipMode::Split;
+    }
     let timeout = args.timeout_s.unwrap_or(if args.linux { 900 } else { 60 });
     let opts =
         RunOptions { timeout: Duration::from_secs(timeout), wake: Some(signals.wake.clone()), ..RunOptions::default() };
@@ -294,8 +384,9 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     }
     print_devices(vm);
     if let (Some(c), Some(r)) = (report.client, vm.remote) {
+        let how = if irqchip == IrqChip::Remote { " (MSIs from the remote I/O APIC)" } else { "" };
         println!(
-            "  interrupts injected {}, requests {}, retransmits {}, frames for others dropped {}",
+            "  interrupts injected {}{how}, requests {}, retransmits {}, frames for others dropped {}",
             r.interrupts,
             r.requests,
             c.retransmits,
@@ -308,7 +399,7 @@ pub fn run(args: DemoArgs, signals: &crate::Signals) -> anyhow::Result<()> {
     drop(net);
     let _ = console_dir.close();
     println!("namespaces, links, the XDP programs and the console directory removed.");
-    finish(&args, vm, &seen, &stop)
+    finish(&args, irqchip, vm, &seen, &stop)
 }
 
 /// A local UART's output to stdout, indented like the remote console, and kept.
@@ -337,7 +428,7 @@ fn run_local(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let seen = Arc::new(Mutex::new(String::new()));
     let sink = Box::new(Indented { at_line_start: true, seen: seen.clone() });
     let wiring = dmfabric_vmm_shim::local::LocalWiring::new(Default::default(), Default::default(), sink);
-    let (devices, ranges) = dmfabric_vmm_shim::local::pc_devices(roles(args.linux), 0, &wiring);
+    let (devices, ranges) = dmfabric_vmm_shim::local::pc_devices(roles(args.linux, IrqChip::Kernel), 0, &wiring);
     let (target, reset) = (wiring.target.clone(), wiring.reset.clone());
     let mut spec = if args.linux {
         VmSpec::linux(VM, 1, 512 << 20, linux_image()?, &ranges, devices).map_err(anyhow::Error::msg)?
@@ -365,7 +456,7 @@ fn run_local(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     }
     print_devices(vm);
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    finish(args, vm, &seen, stop)
+    finish(args, IrqChip::Kernel, vm, &seen, stop)
 }
 
 fn linux_image() -> anyhow::Result<LinuxImage> {
@@ -401,7 +492,13 @@ fn print_devices(vm: &machine::VmReport) {
 }
 
 /// The demo's verdict from what the console showed.
-fn finish(args: &DemoArgs, vm: &machine::VmReport, seen: &str, stop: &AtomicBool) -> anyhow::Result<()> {
+fn finish(
+    args: &DemoArgs,
+    irqchip: IrqChip,
+    vm: &machine::VmReport,
+    seen: &str,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
     if stop.load(Ordering::Relaxed) {
         bail!("Interrupted");
     }
@@ -420,6 +517,13 @@ fn finish(args: &DemoArgs, vm: &machine::VmReport, seen: &str, stop: &AtomicBool
     if !seen.contains("dmfabric demo guest") || !seen.contains("from the remote RTC") && !seen.contains("from the RTC")
     {
         bail!("The guest's console never showed its banner and clock (seen: {seen:?})");
+    }
+    let last_tick = match irqchip {
+        IrqChip::Remote => format!("HPET tick {} (through the remote I/O APIC)", args.ticks),
+        IrqChip::Kernel => format!("event timer tick {}", args.ticks),
+    };
+    if !seen.contains(&last_tick) {
+        bail!("The guest's console never showed \"{last_tick}\" (seen: {seen:?})");
     }
     Ok(())
 }

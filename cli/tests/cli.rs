@@ -617,12 +617,37 @@ fn demo_boots_the_guest_shows_banner_and_clock_and_leaves_nothing() {
     let year = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d").output().unwrap();
     let today = String::from_utf8_lossy(&year.stdout).trim().to_string();
     assert!(stdout.contains(&format!("time from the RTC: {today} ")), "{today} in {stdout}");
-    assert!(stdout.contains("event timer tick 5"), "{stdout}");
+    // The ticks came from the remote HPET, through the remote I/O APIC.
+    assert!(stdout.contains("│ HPET tick 5 (through the remote I/O APIC)"), "{stdout}");
+    assert!(!stdout.contains("event timer tick"), "{stdout}");
     assert!(stdout.contains("echo> hello from the server's console"), "{stdout}");
     assert!(stdout.contains("reset itself through the remote i8042"), "{stdout}");
-    assert!(stdout.contains("COM1 (16550 UART)"), "{stdout}");
+    for device in ["COM1 (16550 UART)", "I/O APIC", "HPET"] {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(device) && l.contains(" exits (")),
+            "{device}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("(MSIs from the remote I/O APIC)"), "{stdout}");
     assert!(leftover_namespaces(pid).is_empty());
     assert!(!std::env::temp_dir().join(format!("dmfabric-demo-{pid}")).exists(), "console directory removed");
+}
+
+#[test]
+fn demo_with_the_kernel_irqchip_ticks_with_the_event_timer() {
+    if !dmfabric_testkit::privileged_or_skip("demo_with_the_kernel_irqchip", &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    let out = Command::new(BIN).args(["demo", "--irqchip", "kernel"]).stdin(Stdio::null()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("│ event timer tick 5"), "{stdout}");
+    assert!(stdout.contains("echo> hello from the server's console"), "{stdout}");
+    assert!(stdout.contains("reset itself through the remote i8042"), "{stdout}");
+    assert!(
+        !stdout.contains("HPET tick") && !stdout.lines().any(|l| l.trim_start().starts_with("I/O APIC")),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -647,7 +672,7 @@ fn ctrl_c_during_the_demo_leaves_nothing_behind() {
         }
     });
     // After the ticks the guest prompts (no newline) and waits for a line.
-    wait_for(&rx, "event timer tick 5").expect("the guest ran");
+    wait_for(&rx, "HPET tick 5").expect("the guest ran");
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(pid as i32, libc::SIGINT) };

@@ -20,7 +20,17 @@
 #            so an HPET timer routed to 2 is lost there (QEMU pc's
 #            capability is pin 2 alone: give QEMU
 #            `-global hpet.hpet-intcap=0xff0104`, q35's and dmfabric's
-#            HPET's, for pins 2, 8 and 16-23).
+#            HPET's, for pins 2, 8 and 16-23);
+#            bits 16-47: lateness samples to keep, C (0: none, as before;
+#            at most 0x100000). The VM then needs RAM up to SAMPLES_AT +
+#            4 C: 8 MiB for the most (the flat image is at 1 MiB and the
+#            Multiboot build's stack and page tables below 0x80000, so
+#            0x400000 up is free RAM in any VM of 8 MiB or more);
+#            bits 48-63: phase 2's delay D in ms (0: P, as before): the
+#            one-shot's delay and the settling time after it. A short P
+#            is too short for a remote HPET: the comparator written P
+#            ahead has passed by the time the configuration write that
+#            enables its interrupt arrives, and the one-shot is lost.
 #
 # Set-up: both 8259s masked (0x21, 0xa1 = 0xff) and never touched again;
 # an IDT at 0x9000 (exceptions: stop with error 8; vector 0x30 the
@@ -42,14 +52,36 @@
 # EOI), so exactly N are expected. The report carries both deltas
 # (last - first): N - 1 periods of the main counter and of the TSC.
 #
+# Lateness: the handler also divides the main counter it read by the
+# period P (in ticks): the quotient is the index of the latest period
+# boundary at or before that read, the remainder how many ticks (10 ns on
+# QEMU's and dmfabric's HPET) past it the read came. Why that boundary is
+# the comparator that matched: the counter is set to 0 while the HPET is
+# halted and timer 0's comparator to P, and in periodic mode the HPET adds
+# P to the comparator at each match (QEMU's and dmfabric's keep it on that
+# grid even when they coalesce late periods), so the k-th period matches
+# at counter k P. Reading Tn_COMPARATOR in the handler would say the same
+# (the matched one is the current one minus P) at the cost of one more
+# register access per interrupt, which a remote HPET pays in a round trip.
+# The remainder is the interrupt's lateness: from the comparator match to
+# the handler's read of the counter (delivery, the few emulated
+# instructions before the read, and the read's own way to the model).
+# It is exact while lateness < P; a later one aliases to the next period
+# (then the period indices jump, as they do for a coalesced period). The
+# k-th interrupt's lateness (k from 0, k < C) is kept as a u32 (saturated)
+# at SAMPLES_AT + 4 k, SAMPLES_AT = 0x400000; the first and the last
+# interrupt's period indices go in the report: (last - first + 1) periods
+# elapsed, N interrupts delivered, the difference periods missed
+# (coalesced, or later than P).
+#
 # Phase 2 (level, one-shot): timer 0's pin masked; timer 1 one-shot,
 # level, routed to its pin, whose entry is vector 0x31, level; its
-# comparator P from now. The handler, at its first delivery, sends only
+# comparator D (P unless given) from now. The handler, at its first delivery, sends only
 # the EOI: the line is still asserted, so the I/O APIC (its remote IRR
 # cleared by the EOI) must deliver it again; at the second it clears
 # the status bit (writes 2 to the general interrupt status, 0x020) and
 # then sends the EOI. Each delivery also notes whether timer 1's status
-# bit was set when it came. After the second, P more with interrupts on
+# bit was set when it came. After the second, D more with interrupts on
 # (polling the main counter) catch any further delivery: 2 expected.
 # Then timer 1 is disabled, its pin masked, the HPET halted.
 #
@@ -57,7 +89,7 @@
 # a tick: the bound is only as good as that) ends a phase that waits too
 # long, with error 6 or 7.
 #
-# Out: the report, 21 dwords, both on the report port 0x4f0 and at
+# Out: the report, 25 dwords, both on the report port 0x4f0 and at
 # guest-physical 0xa000 (written before the port, for QEMU, whose
 # debugcon keeps only each dword's low byte; the test reads the memory):
 #   [0]  0, or an error code: 1 no I/O APIC (version all ones or not
@@ -84,6 +116,11 @@
 #   [18] timer 1's Tn_INT_ROUTE_CAP
 #   [19] pins used: timer 0's | timer 1's << 8
 #   [20] the period in main-counter ticks
+#   [21] where the lateness samples are (SAMPLES_AT), 0 if C is 0
+#   [22] lateness samples kept: min(N delivered, C)
+#   [23] the first periodic interrupt's period index (counter / P), low dword
+#   [24] the last periodic interrupt's period index, low dword
+# (Words 0-20 are as they were before 21-24 were added.)
 # then exit code 0 on the exit port 0x4f4, and (under QEMU, where
 # nothing answers there) a halt with interrupts off.
 
@@ -131,7 +168,9 @@
 
     .equ IDT_AT, 0x9000
     .equ REPORT_AT, 0xa000
-    .equ REPORT_WORDS, 21
+    .equ REPORT_WORDS, 25
+    .equ SAMPLES_AT, 0x400000
+    .equ SAMPLES_MAX, 0x100000
 
 _start:
     cli
@@ -156,6 +195,15 @@ _start:
 1:
     mov     [rip + period_us], rsi
     mov     [rip + pins_arg], rdx
+    mov     rax, rdx
+    shr     rax, 48
+    mov     [rip + level_ms], rax
+    shr     rdx, 16
+    mov     edx, edx
+    mov     eax, SAMPLES_MAX
+    cmp     rdx, rax
+    cmova   rdx, rax
+    mov     [rip + samples_cap], rdx
 
     # The 8259s: masked, and that is all.
     mov     al, 0xff
@@ -315,6 +363,18 @@ _start:
     inc     eax
 1:
     mov     [rip + period_ticks], rax
+    # Phase 2's delay in ticks: D ms * 10^12 / fs, or P's.
+    mov     [rip + level_ticks], rax
+    mov     rax, [rip + level_ms]
+    test    rax, rax
+    jz      1f
+    imul    rax, rax, 1000000
+    imul    rax, rax, 1000000
+    mov     ecx, [rip + hpet_period]
+    xor     edx, edx
+    div     rcx
+    mov     [rip + level_ticks], rax
+1:
 
     # Phase 1. Timer 0: the comparator set one-shot first (a periodic
     # timer's comparator write without Tn_VAL_SET_CNF sets only the
@@ -358,7 +418,7 @@ _start:
     mov     eax, V_LEVEL | RTE_LEVEL
     call    rte_write
     mov     rax, [rbx + H_COUNTER]
-    add     rax, [rip + period_ticks]
+    add     rax, [rip + level_ticks]
     mov     [rbx + H_T1_CMP], rax
     mov     dword ptr [rbx + H_STATUS], 2
     mov     eax, [rip + pin1]
@@ -375,9 +435,9 @@ _start:
     jne     fail
     cmp     qword ptr [rip + level], 2
     jb      1b
-    # P more with interrupts on: any further delivery is counted.
+    # D more with interrupts on: any further delivery is counted.
     mov     r9, [rbx + H_COUNTER]
-    add     r9, [rip + period_ticks]
+    add     r9, [rip + level_ticks]
     sti
 1:
     pause
@@ -442,6 +502,20 @@ fail:
     mov     [rdi + 76], eax
     mov     eax, [rip + period_ticks]
     mov     [rdi + 80], eax
+    xor     eax, eax
+    cmp     qword ptr [rip + samples_cap], 0
+    je      1f
+    mov     eax, SAMPLES_AT
+1:
+    mov     [rdi + 84], eax
+    mov     rax, [rip + periodic]
+    cmp     rax, [rip + samples_cap]
+    cmova   rax, [rip + samples_cap]
+    mov     [rdi + 88], eax
+    mov     eax, [rip + first_index]
+    mov     [rdi + 92], eax
+    mov     eax, [rip + last_index]
+    mov     [rdi + 96], eax
     mov     rsi, rdi
     mov     ecx, REPORT_WORDS
     mov     dx, REPORT_PORT
@@ -522,7 +596,9 @@ gate:
     ret
 
 # Timer 0, periodic: TSC (the midpoint of two reads around the counter's)
-# and main counter at the first and the last; the N-th disables timer 0.
+# and main counter at the first and the last; each one's period index and
+# lateness (counter / P, counter % P: the header's Lateness), the lateness
+# kept as a sample while fewer than C are; the N-th disables timer 0.
 periodic_isr:
     push    rax
     push    rcx
@@ -549,6 +625,23 @@ periodic_isr:
 1:
     mov     [rip + last_tsc], rax
     mov     [rip + last_counter], rsi
+    # Lateness: the counter past the latest period boundary (see the header).
+    mov     rax, rsi
+    xor     edx, edx
+    div     qword ptr [rip + period_ticks]
+    cmp     qword ptr [rip + periodic], 0
+    jne     3f
+    mov     [rip + first_index], rax
+3:
+    mov     [rip + last_index], rax
+    mov     rcx, [rip + periodic]
+    cmp     rcx, [rip + samples_cap]
+    jae     4f
+    mov     eax, 0xffffffff
+    cmp     rdx, rax
+    cmova   rdx, rax
+    mov     [rcx * 4 + SAMPLES_AT], edx
+4:
     inc     qword ptr [rip + periodic]
     mov     rax, [rip + periodic]
     cmp     rax, [rip + target]
@@ -628,6 +721,11 @@ first_tsc:      .quad 0
 last_tsc:       .quad 0
 first_counter:  .quad 0
 last_counter:   .quad 0
+samples_cap:    .quad 0
+level_ms:       .quad 0
+level_ticks:    .quad 0
+first_index:    .quad 0
+last_index:     .quad 0
 pin0:           .long 0
 pin1:           .long 0
 ioapic_pins:    .long 0

@@ -60,6 +60,12 @@ pub const KBD_RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kbd_reset
 /// i8042. Reports ticks seen and bytes echoed.
 pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.bin"));
 
+/// `demo_apic`: what `demo` does, its interrupts through the local APIC and
+/// the I/O APIC (a split irqchip: no 8259), its ticks from HPET timer 0
+/// (periodic, edge, I/O APIC pin 16) instead of the event timer; COM1's
+/// IRQ 4 on pin 4. Same arguments and report as `demo`.
+pub const DEMO_APIC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo_apic.bin"));
+
 /// `scratch_loop`: rdi round trips of OUT then IN on port rsi (COM1's
 /// scratch register), each exit timed with the guest's TSC into two u32
 /// samples per round trip at guest address rdx; reports round trips and a
@@ -107,6 +113,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("uart_echo", UART_ECHO),
     ("kbd_reset", KBD_RESET),
     ("demo", DEMO),
+    ("demo_apic", DEMO_APIC),
     ("scratch_loop", SCRATCH_LOOP),
     ("virtio_blk", VIRTIO_BLK),
     ("apic_hpet", APIC_HPET),
@@ -339,13 +346,32 @@ pub struct ApicHpetArgs {
     pub pin0: Option<u8>,
     /// The I/O APIC pin of HPET timer 1; None: the guest picks.
     pub pin1: Option<u8>,
+    /// Lateness samples of the periodic timer to keep (0: none; at most
+    /// [`APIC_HPET_SAMPLES_MAX`]), a u32 each at [`APIC_HPET_SAMPLES_AT`]:
+    /// the VM needs RAM up to [`ApicHpetArgs::memory_end`].
+    pub samples: u32,
+    /// The level phase's one-shot delay (and the settling time after it)
+    /// in ms; 0: `period_us`, as before. A remote HPET needs a few ms:
+    /// with a shorter delay the comparator passes before the write that
+    /// enables its interrupt arrives, and the one-shot is lost.
+    pub level_delay_ms: u16,
 }
 
 /// Where `apic_hpet` leaves a copy of its report in guest memory (QEMU's
 /// debugcon keeps only each dword's low byte).
 pub const APIC_HPET_REPORT_AT: u64 = 0xa000;
 /// Dwords of `apic_hpet`'s report.
-pub const APIC_HPET_REPORT_WORDS: usize = 21;
+pub const APIC_HPET_REPORT_WORDS: usize = 25;
+/// Dwords of its report before the lateness samples' words were added
+/// (what [`ApicHpetReport::parse`] still takes).
+pub const APIC_HPET_REPORT_WORDS_V1: usize = 21;
+/// Where `apic_hpet` keeps its periodic interrupts' lateness samples (a
+/// u32 each, in main-counter ticks past the comparator that matched, in
+/// order): above the flat image (at 1 MiB) and the Multiboot build's
+/// stack and page tables.
+pub const APIC_HPET_SAMPLES_AT: u64 = 0x40_0000;
+/// The most samples it keeps (up to 8 MiB of guest memory).
+pub const APIC_HPET_SAMPLES_MAX: u32 = 0x10_0000;
 /// The vectors `apic_hpet` programs: the periodic timer's, the level
 /// timer's, its watchdog's and the spurious vector.
 pub const APIC_HPET_VECTORS: (u8, u8, u8, u8) = (0x30, 0x31, 0x3e, 0xff);
@@ -354,7 +380,15 @@ impl Default for ApicHpetArgs {
     /// The Multiboot build's: 20 interrupts 10 ms apart, 5 s a phase, pins
     /// picked by the guest.
     fn default() -> ApicHpetArgs {
-        ApicHpetArgs { periodic: 20, period_us: 10_000, watchdog_ms: 5000, pin0: None, pin1: None }
+        ApicHpetArgs {
+            periodic: 20,
+            period_us: 10_000,
+            watchdog_ms: 5000,
+            pin0: None,
+            pin1: None,
+            samples: 0,
+            level_delay_ms: 0,
+        }
     }
 }
 
@@ -368,8 +402,22 @@ impl ApicHpetArgs {
         [
             u64::from(self.periodic) | u64::from(self.watchdog_ms) << 32,
             u64::from(self.period_us),
-            pin(self.pin0) | pin(self.pin1) << 8,
+            pin(self.pin0)
+                | pin(self.pin1) << 8
+                | u64::from(self.samples.min(APIC_HPET_SAMPLES_MAX)) << 16
+                | u64::from(self.level_delay_ms) << 48,
         ]
+    }
+
+    /// The guest-physical end of what the guest uses with these
+    /// arguments: its samples' end when it keeps any (a VM needs at least
+    /// this much RAM; 8 MiB is always enough).
+    pub fn memory_end(&self) -> u64 {
+        let kept = self.samples.min(APIC_HPET_SAMPLES_MAX).min(self.periodic.max(2));
+        if kept == 0 {
+            return 2 << 20;
+        }
+        APIC_HPET_SAMPLES_AT + 4 * u64::from(kept)
     }
 }
 
@@ -413,6 +461,13 @@ pub struct ApicHpetReport {
     pub pins: [u8; 2],
     /// The period in main-counter ticks.
     pub period_ticks: u32,
+    /// Where the lateness samples are (0: none kept, or an old report).
+    pub samples_at: u32,
+    /// Lateness samples kept (the first this many periodic interrupts').
+    pub samples: u32,
+    /// The period index (main counter / period) of the first and the
+    /// last periodic interrupt, low dwords (0, 0 in an old report).
+    pub period_index: [u32; 2],
 }
 
 /// Why `apic_hpet` stopped early (its report's first word), or a report
@@ -444,9 +499,10 @@ pub enum ApicHpetError {
 impl ApicHpetReport {
     /// The report in `words` (what the guest sent to the debug port).
     pub fn parse(words: &[u32]) -> Result<ApicHpetReport, ApicHpetError> {
-        if words.len() != APIC_HPET_REPORT_WORDS {
+        if words.len() != APIC_HPET_REPORT_WORDS && words.len() != APIC_HPET_REPORT_WORDS_V1 {
             return Err(ApicHpetError::Garbled(words.to_vec()));
         }
+        let new = |i: usize| words.get(i).copied().unwrap_or(0);
         let u64_at = |i| crate::debugport::u64_at(words, i).unwrap_or_default();
         Ok(ApicHpetReport {
             status: words[0],
@@ -467,6 +523,9 @@ impl ApicHpetReport {
             route_caps: [words[17], words[18]],
             pins: [words[19] as u8, (words[19] >> 8) as u8],
             period_ticks: words[20],
+            samples_at: new(21),
+            samples: new(22),
+            period_index: [new(23), new(24)],
         })
     }
 
@@ -490,6 +549,33 @@ impl ApicHpetReport {
             8 => ApicHpetError::Exception,
             n => ApicHpetError::Unknown(n),
         })
+    }
+
+    /// Periods of the periodic timer from the first interrupt's to the
+    /// last's, both counted: what would have been delivered with none
+    /// missed (0 in an old report).
+    pub fn periods_elapsed(&self) -> u32 {
+        if self.period_index == [0, 0] {
+            return 0;
+        }
+        self.period_index[1].wrapping_sub(self.period_index[0]).wrapping_add(1)
+    }
+
+    /// Periods missed over the same span: coalesced by the HPET, or
+    /// interrupts that came a period or more late.
+    pub fn missed_periods(&self) -> u32 {
+        self.periods_elapsed().saturating_sub(self.periodic)
+    }
+
+    /// The lateness samples in `bytes` (guest memory from `samples_at`),
+    /// in nanoseconds at the HPET's advertised period.
+    pub fn lateness_ns(&self, bytes: &[u8]) -> Vec<f64> {
+        let per_tick = f64::from(self.hpet_period_fs) / 1e6;
+        bytes
+            .chunks_exact(4)
+            .take(self.samples as usize)
+            .map(|c| f64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])) * per_tick)
+            .collect()
     }
 
     /// Redirection entries of the I/O APIC.
@@ -560,8 +646,24 @@ mod tests {
     #[test]
     fn apic_hpet_arguments_pack_as_the_guest_reads_them() {
         assert_eq!(ApicHpetArgs::default().regs(), [20 | 5000 << 32, 10_000, 0xffff]);
-        let a = ApicHpetArgs { periodic: 7, period_us: 500, watchdog_ms: 0, pin0: Some(2), pin1: Some(17) };
+        assert_eq!(ApicHpetArgs::default().memory_end(), 2 << 20);
+        let a = ApicHpetArgs {
+            periodic: 7,
+            period_us: 500,
+            watchdog_ms: 0,
+            pin0: Some(2),
+            pin1: Some(17),
+            samples: 0,
+            level_delay_ms: 0,
+        };
         assert_eq!(a.regs(), [7, 500, 2 | 17 << 8]);
+        let s = ApicHpetArgs { samples: 1000, ..a };
+        assert_eq!(s.regs()[2], 2 | 17 << 8 | 1000 << 16);
+        assert_eq!(s.memory_end(), APIC_HPET_SAMPLES_AT + 28);
+        let most = ApicHpetArgs { periodic: u32::MAX, samples: u32::MAX, ..a };
+        assert_eq!(most.regs()[2] >> 16, u64::from(APIC_HPET_SAMPLES_MAX));
+        assert_eq!(most.memory_end(), 8 << 20);
+        assert_eq!(ApicHpetArgs { level_delay_ms: 20, ..s }.regs()[2], 2 | 17 << 8 | 1000 << 16 | 20 << 48);
     }
 
     #[test]
@@ -569,8 +671,16 @@ mod tests {
         let mut w = [0u32; APIC_HPET_REPORT_WORDS];
         w[..10].copy_from_slice(&[0, 20, 2, 2, 0, 0, 0, 10_000_000, 0x8086_a201, 3]);
         w[10..14].copy_from_slice(&[19_000_000, 0, 0xd09d_c300, 0]); // 190 ms; 3.5e9 TSC ticks
-        w[14..].copy_from_slice(&[0x0017_0011, 0, 0x0005_0014, 0xff_0104, 0xff_0104, 16 | 17 << 8, 1_000_000]);
+        w[14..21].copy_from_slice(&[0x0017_0011, 0, 0x0005_0014, 0xff_0104, 0xff_0104, 16 | 17 << 8, 1_000_000]);
+        // An old report (21 words) parses, with no samples.
+        let old = ApicHpetReport::parse(&w[..APIC_HPET_REPORT_WORDS_V1]).unwrap();
+        assert_eq!((old.samples_at, old.samples, old.periods_elapsed(), old.missed_periods()), (0, 0, 0, 0));
+        w[21..].copy_from_slice(&[0x40_0000, 20, 1, 21]);
         let r = ApicHpetReport::parse(&w).unwrap();
+        assert_eq!(ApicHpetReport { samples_at: 0, samples: 0, period_index: [0, 0], ..r }, old);
+        assert_eq!((r.samples_at, r.samples, r.periods_elapsed(), r.missed_periods()), (0x40_0000, 20, 21, 1));
+        let samples: Vec<u8> = [150u32, 7, 99].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(r.lateness_ns(&samples), vec![1500.0, 70.0, 990.0]);
         assert_eq!(r.error(), None);
         assert_eq!((r.periodic, r.level, r.level_asserted, r.level_unasserted()), (20, 2, 2, 0));
         assert_eq!((r.ioapic_entries(), r.apic_id(), r.pins, r.hpet_timers), (24, 0, [16, 17], 3));
