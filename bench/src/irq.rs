@@ -35,12 +35,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::netns::{ChildGuard, TestNet};
-use dmfabric_dataplane::xdp::{XdpMode, XDP_PROG_ENV};
-use dmfabric_dataplane::{TransportKind, TransportSpec};
+use dmfabric_dataplane::netns::TestNet;
+use dmfabric_dataplane::TransportSpec;
 use dmfabric_devices::platform::pc::{self, HPET_LEN, HPET_MMIO, IOAPIC_LEN, IOAPIC_MMIO};
 use dmfabric_vmm_shim::devmap::{Remote, Target};
 use dmfabric_vmm_shim::guests::{
@@ -54,8 +53,9 @@ use dmfabric_wire::Space;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::harness::{self, Setup, SERVER_ID};
+use crate::harness::{self, Setup};
 use crate::loadgen;
+use crate::server_process;
 
 /// The VM of the bench, and its I/O APIC's and HPET's device ids on the server.
 const VM: u32 = 1;
@@ -358,7 +358,7 @@ fn run_remote(
 ) -> Result<Outcome, IrqBenchError> {
     let net = TestNet::pair().map_err(harness::HarnessError::from)?;
     let config = write_server_config(setup, dir, &net)?;
-    let mut server = start_server(setup, exe, &net, &config, stop)?;
+    let mut server = server_process::start(setup, exe, &net, &config, stop).map_err(IrqBenchError::Run)?;
     let result = client_side(setup, &net, args, stop);
     let _ = server.child.interrupt(Duration::from_secs(5));
     let lines = server.finish();
@@ -374,115 +374,10 @@ fn run_remote(
 /// The server's config: the bench's client platform (its key file too)
 /// and VM 1's I/O APIC and HPET.
 fn write_server_config(setup: &Setup, dir: &BenchDir, net: &TestNet) -> Result<PathBuf, IrqBenchError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let key = dir.0.join("bench-client.key");
-    let _ = std::fs::remove_file(&key);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key)
-        .map_err(io("Cannot write the client's key file"))?;
-    let c = loadgen::CLIENT_ID;
-    writeln!(f, "client = {c}\nsend = 1\n\n[[key]]\nid = 1\nsecret = \"{}\"", setup.secret.to_hex())
-        .map_err(io("Cannot write the client's key file"))?;
-    let config = dir.0.join("server.toml");
-    let text = format!(
-        "[[client]]\nid = {c}\nmac = \"{mac}\"\nkey_file = \"{key}\"\nvms = [{{ id = {VM}, vcpus = 1 }}]\n\n\
-         [[device]]\nid = {IOAPIC}\nkind = \"ioapic\"\nvm = {VM}\n\n\
-         [[device]]\nid = {HPET}\nkind = \"hpet\"\nvm = {VM}\n",
-        mac = net.host(0).mac,
-        key = key.display(),
+    let devices = format!(
+        "[[device]]\nid = {IOAPIC}\nkind = \"ioapic\"\nvm = {VM}\n\n[[device]]\nid = {HPET}\nkind = \"hpet\"\nvm = {VM}\n"
     );
-    std::fs::write(&config, text).map_err(io("Cannot write the server's config"))?;
-    Ok(config)
-}
-
-/// A server process and what it says.
-struct ServerProcess {
-    child: ChildGuard,
-    readers: Vec<std::thread::JoinHandle<()>>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl ServerProcess {
-    /// Its output, once it has ended.
-    fn finish(mut self) -> Vec<String> {
-        drop(self.child);
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        self.lines.try_iter().collect()
-    }
-}
-
-fn start_server(
-    setup: &Setup,
-    exe: &Path,
-    net: &TestNet,
-    config: &Path,
-    stop: &AtomicBool,
-) -> Result<ServerProcess, IrqBenchError> {
-    let mut cmd = net.command(1, exe);
-    cmd.args(["server", "--transport", setup.transport.name(), "--iface", &net.host(1).iface]);
-    cmd.args(["--server-id", &SERVER_ID.to_string(), "--busy-poll", "--config"]).arg(config);
-    cmd.arg("--console-dir").arg(config.with_file_name("consoles"));
-    if let Some(c) = setup.server_core {
-        cmd.args(["--cores", &c.to_string()]);
-    }
-    match setup.transport {
-        TransportKind::Xdp => {
-            let mode = match setup.xdp_mode {
-                XdpMode::Auto => "auto",
-                XdpMode::Generic => "generic",
-                XdpMode::Native => "native",
-            };
-            cmd.args(["--xdp-mode", mode]);
-            if let Some(p) = setup.xdp_program {
-                cmd.env(XDP_PROG_ENV, p.to_string());
-            }
-        }
-        TransportKind::Udp => {
-            cmd.args(["--udp-bind", &format!("{}:{}", net.host(1).ipv4, harness::UDP_PORT)]);
-        }
-        _ => {}
-    }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = net.spawn(&mut cmd).map_err(harness::HarnessError::Spawn)?;
-    let (tx, lines) = mpsc::channel::<String>();
-    let mut readers = Vec::new();
-    let out: Vec<Box<dyn std::io::Read + Send>> = [
-        child.child().stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child.child().stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for stream in out {
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        }));
-    }
-    drop(tx);
-    let server = ServerProcess { child, readers, lines };
-    let end = Instant::now() + Duration::from_secs(30);
-    let mut said = Vec::new();
-    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
-        match server.lines.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.starts_with("dmfabric server ready") => return Ok(server),
-            Ok(l) => said.push(l),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    let mut rest = server.finish();
-    said.append(&mut rest);
-    Err(IrqBenchError::Run(format!("the server did not start:\n{}", said.join("\n"))))
+    server_process::write_config(setup, &dir.0, net, VM, &devices).map_err(io("Cannot write the server's config"))
 }
 
 /// The VM in host 0, its I/O APIC (sending MSIs) and HPET on the server:

@@ -17,3 +17,4 @@ pub mod loadgen;
 pub mod plot;
 pub mod report;
 pub mod scratch;
+mod server_process;
