@@ -45,7 +45,8 @@ fuzz_target!(|data: &[u8]| {
     let (client_t, mut server_t) = mem::pair(CLIENT, SERVER, 8);
     let mut map = DeviceMap::default();
     map.add(Space::Pio, 0x500, 0x100, Target::Remote(Remote::new(1, 1).lines(&[5]).resets())).unwrap();
-    let vms = [VmEntry { id: 7, vcpus: 2, irq: Arc::new(Nowhere), map: Arc::new(LiveMap::from_pointee(map)) }];
+    let vms =
+        [VmEntry { id: 7, vcpus: 2, irq: Arc::new(Nowhere), map: Arc::new(LiveMap::from_pointee(map)), ram: None }];
     let cfg = ClientConfig {
         client: 3,
         hypervisor: 1,
