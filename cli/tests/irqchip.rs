@@ -83,8 +83,10 @@ fn the_remote_io_apic_and_hpet_deliver_exactly_what_the_guest_programmed() {
     // With 5 % of frames lost, a lost request costs the client's 5 ms
     // timeout and a lost interrupt the server's 20 ms (IRQ_RETRY): the
     // period is long beside both, so that the guest's count of periods and
-    // its one-shot, armed one period ahead, mean what they say.
-    for (faults, period_us) in [(None, 5_000), (Some("drop=0.05,dup=0.05,seed=5"), 50_000)] {
+    // its one-shot, armed one period ahead, mean what they say. The span
+    // measured (19 periods) is long beside the jitter of one remote read of
+    // the counter on a loaded host (the HPET/TSC check is within 1 %).
+    for (faults, period_us) in [(None, 20_000), (Some("drop=0.05,dup=0.05,seed=5"), 50_000)] {
         let args = ApicHpetArgs { periodic: 20, period_us, ..ApicHpetArgs::default() };
         let config = server_config(&keys);
         let iface = net.host(1).iface.clone();
