@@ -20,8 +20,7 @@
 //! three (dmfabric's `UringImage` where the file system takes it, QEMU's
 //! `cache=none`), both through io_uring.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +41,7 @@ use serde::Serialize;
 
 use crate::harness::{self, Setup};
 use crate::loadgen;
+use crate::qemu::{qmp, Qemu, TempDir};
 use crate::server_process;
 
 /// The VM of the bench, and its disk's device id on the server.
@@ -465,53 +465,6 @@ fn spec_remote(args: &VirtioBlkArgs, disk: Remote) -> VmSpec {
     spec(args, Target::Remote(disk), Vec::new())
 }
 
-/// Removes a directory when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills QEMU when dropped.
-struct Qemu(std::process::Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Send `commands` to QEMU's QMP socket, each answered before the next.
-fn qmp(sock: &Path, commands: &[String]) -> Result<(), BlkBenchError> {
-    let err = |what: &str, e: std::io::Error| BlkBenchError::Run(format!("QEMU's QMP socket: {what}: {e}"));
-    let mut s = UnixStream::connect(sock).map_err(|e| err("connect", e))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| err("timeout", e))?;
-    let mut r = BufReader::new(s.try_clone().map_err(|e| err("clone", e))?);
-    let mut line = String::new();
-    if r.read_line(&mut line).map_err(|e| err("greeting", e))? == 0 || !line.contains("QMP") {
-        return Err(BlkBenchError::Run(format!("QEMU's QMP socket: no greeting ({:?})", line.trim())));
-    }
-    for c in commands {
-        s.write_all(c.as_bytes()).and_then(|()| s.write_all(b"\n")).map_err(|e| err("send", e))?;
-        loop {
-            line.clear();
-            if r.read_line(&mut line).map_err(|e| err("answer", e))? == 0 {
-                return Ok(()); // quit closes the socket
-            }
-            if line.contains("\"return\"") {
-                break;
-            }
-            if line.contains("\"error\"") {
-                return Err(BlkBenchError::Run(format!("QEMU refused {c}: {}", line.trim())));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Boot the Multiboot build of the guest under QEMU (microvm, its
 /// virtio-blk on a modern virtio-mmio transport over the image, O_DIRECT
 /// and io_uring), wait for its report, and read its samples and report
@@ -602,7 +555,7 @@ fn qemu(image: &BenchImage, cfg: &BlkConfig, stop: &AtomicBool) -> Result<(Virti
     };
     // Once more on a fresh connection if the first one broke before the
     // dumps were written (as scratch.rs has seen once).
-    let first = qmp(&sock, &commands);
+    let first = qmp(&sock, &commands).map_err(BlkBenchError::Run);
     if first.is_err() && !done() && q.0.try_wait().ok().flatten().is_none() {
         std::thread::sleep(Duration::from_millis(200));
         let _ = qmp(&sock, &commands);

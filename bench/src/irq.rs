@@ -30,8 +30,6 @@
 //! mode, emulated on this host at ~0.5 µs each) and the read's own way to
 //! the model (a round trip's first half for a remote HPET).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +53,7 @@ use serde::Serialize;
 
 use crate::harness::{self, Setup};
 use crate::loadgen;
+use crate::qemu::{qmp, Qemu};
 use crate::server_process;
 
 /// The VM of the bench, and its I/O APIC's and HPET's device ids on the server.
@@ -421,44 +420,6 @@ fn client_side(
     .map_err(harness::HarnessError::from)?
 }
 
-/// Kills QEMU when dropped.
-struct Qemu(std::process::Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Send `commands` to QEMU's QMP socket, each answered before the next.
-fn qmp(sock: &Path, commands: &[String]) -> Result<(), IrqBenchError> {
-    let err = |what: &str, e: std::io::Error| IrqBenchError::Run(format!("QEMU's QMP socket: {what}: {e}"));
-    let mut s = UnixStream::connect(sock).map_err(|e| err("connect", e))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| err("timeout", e))?;
-    let mut r = BufReader::new(s.try_clone().map_err(|e| err("clone", e))?);
-    let mut line = String::new();
-    if r.read_line(&mut line).map_err(|e| err("greeting", e))? == 0 || !line.contains("QMP") {
-        return Err(IrqBenchError::Run(format!("QEMU's QMP socket: no greeting ({:?})", line.trim())));
-    }
-    for c in commands {
-        s.write_all(c.as_bytes()).and_then(|()| s.write_all(b"\n")).map_err(|e| err("send", e))?;
-        loop {
-            line.clear();
-            if r.read_line(&mut line).map_err(|e| err("answer", e))? == 0 {
-                return Ok(()); // quit closes the socket
-            }
-            if line.contains("\"return\"") {
-                break;
-            }
-            if line.contains("\"error\"") {
-                return Err(IrqBenchError::Run(format!("QEMU refused {c}: {}", line.trim())));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The Multiboot build of the guest under QEMU `machine` (its own I/O APIC
 /// and HPET, the HPET offered pins 16-23), its report and samples read
 /// out of its memory once it has written the report (QMP pmemsave;
@@ -526,7 +487,7 @@ fn qemu(dir: &BenchDir, machine: &str, args: &ApicHpetArgs, stop: &AtomicBool) -
         save(APIC_HPET_SAMPLES_AT, samples_len, &samples_dump),
         r#"{"execute":"quit"}"#.to_string(),
     ];
-    qmp(&sock, &commands)?;
+    qmp(&sock, &commands).map_err(IrqBenchError::Run)?;
     let _ = q.0.wait();
     let bytes = std::fs::read(&report_dump).map_err(io("QEMU's memory dump"))?;
     let report = ApicHpetReport::from_memory(&bytes)?;

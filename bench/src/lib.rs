@@ -15,6 +15,7 @@ pub mod harness;
 pub mod irq;
 pub mod loadgen;
 pub mod plot;
+mod qemu;
 pub mod report;
 pub mod scratch;
 mod server_process;

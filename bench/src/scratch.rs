@@ -12,9 +12,6 @@
 //! scaling), and the same rate serves all three modes, so their ratio
 //! does not depend on it.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -30,6 +27,7 @@ use hdrhistogram::Histogram;
 
 use crate::exit::{ExitBenchError, ExitJson};
 use crate::harness::{self, Setup};
+use crate::qemu::{qmp, Qemu, TempDir};
 
 /// Where the scratch register is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,52 +166,6 @@ pub fn run(mode: ScratchMode, setup: &Setup, exits: u64, stop: &Arc<AtomicBool>)
     }
 }
 
-/// Removes a directory when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills QEMU when dropped.
-struct Qemu(std::process::Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn qmp(sock: &Path, commands: &[String]) -> Result<(), ExitBenchError> {
-    let err = |what: &str, e: std::io::Error| ExitBenchError::Guest(format!("QEMU's QMP socket: {what}: {e}"));
-    let mut s = UnixStream::connect(sock).map_err(|e| err("connect", e))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| err("timeout", e))?;
-    let mut r = BufReader::new(s.try_clone().map_err(|e| err("clone", e))?);
-    let mut line = String::new();
-    if r.read_line(&mut line).map_err(|e| err("greeting", e))? == 0 || !line.contains("QMP") {
-        return Err(ExitBenchError::Guest(format!("QEMU's QMP socket: no greeting ({:?})", line.trim())));
-    }
-    for c in commands {
-        s.write_all(c.as_bytes()).and_then(|()| s.write_all(b"\n")).map_err(|e| err("send", e))?;
-        loop {
-            line.clear();
-            if r.read_line(&mut line).map_err(|e| err("answer", e))? == 0 {
-                return Ok(()); // quit closes the socket
-            }
-            if line.contains("\"return\"") {
-                break;
-            }
-            if line.contains("\"error\"") {
-                return Err(ExitBenchError::Guest(format!("QEMU refused {c}: {}", line.trim())));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Boot the Multiboot build of `scratch_loop` under QEMU with KVM, wait for
 /// its report, and read its samples out of guest memory (QMP pmemsave).
 fn qemu(round_trips: u64, core: Option<usize>) -> Result<Vec<u8>, ExitBenchError> {
@@ -266,10 +218,10 @@ fn qemu(round_trips: u64, core: Option<usize>) -> Result<Vec<u8>, ExitBenchError
     ];
     // Once more on a fresh connection if the first one broke before the
     // dump was written (seen once in CI: the socket closed under us).
-    let mut outcome = qmp(&sock, &commands);
+    let mut outcome = qmp(&sock, &commands).map_err(ExitBenchError::Guest);
     if outcome.is_err() && std::fs::metadata(&dump).map_or(0, |m| m.len()) != len as u64 {
         std::thread::sleep(Duration::from_millis(200));
-        outcome = qmp(&sock, &commands);
+        outcome = qmp(&sock, &commands).map_err(ExitBenchError::Guest);
     }
     if std::fs::metadata(&dump).map_or(0, |m| m.len()) != len as u64 {
         outcome?;

@@ -5,23 +5,10 @@
 
 use std::process::{Command, Stdio};
 
-use dmfabric_dataplane::netns;
 use dmfabric_testkit::Need;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
-
-/// The test hosts a `dmfabric` process `pid` left.
-fn leftover_namespaces(pid: u32) -> Vec<String> {
-    let prefix = format!("{}{pid}-", netns::NS_PREFIX);
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+mod common;
+use common::{leftover_namespaces, BIN};
 
 fn qemu_present() -> bool {
     Command::new("qemu-system-x86_64").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success())

@@ -6,23 +6,10 @@
 
 use std::process::{Command, Stdio};
 
-use dmfabric_dataplane::netns;
 use dmfabric_testkit::Need;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dmfabric");
-
-/// The test hosts a `dmfabric` process `pid` left.
-fn leftover_namespaces(pid: u32) -> Vec<String> {
-    let prefix = format!("{}{pid}-", netns::NS_PREFIX);
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+mod common;
+use common::{leftover_namespaces, BIN};
 
 /// Processes whose command line names `needle` (a QEMU the bench left).
 fn processes_naming(needle: &str) -> Vec<String> {

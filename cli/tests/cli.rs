@@ -7,12 +7,12 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use dmfabric_bench::loadgen::{self, Target};
-use dmfabric_dataplane::netns::{self, ChildGuard, TestNet};
+use dmfabric_dataplane::netns::{ChildGuard, TestNet};
 use dmfabric_dataplane::xdp::{XdpConfig, XdpTransport};
 use dmfabric_testkit::Need;
 
 mod common;
-use common::{spawn_logged, wait_for, Keys, BIN};
+use common::{leftover_namespaces, spawn_logged, wait_for, Keys, BIN};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run dmfabric");
@@ -581,19 +581,6 @@ fn dmfabric_io_replays_register_scripts_and_prints_interrupts() {
     let lines = wait_for(&rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("{l:?}"));
     assert!(lines.iter().any(|l| l.contains("device 1001 (uart16550): reads 2 writes 1 unclaimed 1")), "{lines:?}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Namespaces this test process's child `pid` made and left.
-fn leftover_namespaces(pid: u32) -> Vec<String> {
-    let prefix = format!("{}{pid}-", netns::NS_PREFIX);
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]

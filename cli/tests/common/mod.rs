@@ -119,3 +119,16 @@ impl Drop for Keys {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The test hosts (network namespaces) a `dmfabric` process `pid` made and left.
+pub fn leftover_namespaces(pid: u32) -> Vec<String> {
+    let prefix = format!("{}{pid}-", dmfabric_dataplane::netns::NS_PREFIX);
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,56 @@
+//! What the benchmarks that compare with QEMU share: a scratch directory
+//! removed when dropped, QEMU killed when dropped, and commands to its QMP
+//! socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Removes a directory when dropped.
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills QEMU when dropped.
+pub(crate) struct Qemu(pub(crate) std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Send `commands` to QEMU's QMP socket, each answered before the next;
+/// an error says what went wrong in one line.
+pub(crate) fn qmp(sock: &Path, commands: &[String]) -> Result<(), String> {
+    let err = |what: &str, e: std::io::Error| format!("QEMU's QMP socket: {what}: {e}");
+    let mut s = UnixStream::connect(sock).map_err(|e| err("connect", e))?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| err("timeout", e))?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| err("clone", e))?);
+    let mut line = String::new();
+    if r.read_line(&mut line).map_err(|e| err("greeting", e))? == 0 || !line.contains("QMP") {
+        return Err(format!("QEMU's QMP socket: no greeting ({:?})", line.trim()));
+    }
+    for c in commands {
+        s.write_all(c.as_bytes()).and_then(|()| s.write_all(b"\n")).map_err(|e| err("send", e))?;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).map_err(|e| err("answer", e))? == 0 {
+                return Ok(()); // quit closes the socket
+            }
+            if line.contains("\"return\"") {
+                break;
+            }
+            if line.contains("\"error\"") {
+                return Err(format!("QEMU refused {c}: {}", line.trim()));
+            }
+        }
+    }
+    Ok(())
+}
