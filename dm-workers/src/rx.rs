@@ -21,8 +21,8 @@ use dmfabric_control::routing::RoutingTable;
 use dmfabric_wire::auth::AuthError;
 use dmfabric_wire::session::{HelloBody, CHALLENGE_LEN};
 use dmfabric_wire::{
-    ControlMsg, ControlOp, Frame, FrameRepr, InterruptAck, IoRequest, Kind, MacAddr, Message, NackReason, Route, Space,
-    WireError, ETHERTYPE_DMFABRIC,
+    ControlMsg, ControlOp, Dma, Frame, FrameRepr, InterruptAck, IoRequest, Kind, MacAddr, Message, NackReason, Route,
+    Space, WireError, ETHERTYPE_DMFABRIC,
 };
 
 use dmfabric_devices::DeviceSpec;
@@ -128,8 +128,9 @@ pub enum Rx {
     Register { client: u16, seq: u64, epoch: u32 },
     /// A client acknowledged an interrupt.
     Ack(InterruptAck),
-    /// A client answered a DMA chunk (the frame's [`dmfabric_wire::Dma`]).
-    DmaAnswer { client: u16 },
+    /// A client answered a DMA chunk: the answer without its payload (a
+    /// read's bytes are the frame's payload, [`dma_payload`]).
+    DmaAnswer { client: u16, answer: Dma<'static> },
     /// A client refused a DMA chunk.
     DmaRefused { client: u16, seq: u64, reason: NackReason },
     /// Count it and do nothing.
@@ -185,6 +186,26 @@ impl Refusal {
     }
 }
 
+/// `answer` with its payload: the bytes of `frame` (which [`classify`]
+/// took as that [`Rx::DmaAnswer`], so their length was checked) after the
+/// headers, for a read's answer.
+pub fn dma_answer<'b>(frame: &'b [u8], answer: &Dma<'_>) -> Dma<'b> {
+    let at = dmfabric_wire::ETHERNET_HEADER_LEN + dmfabric_wire::HEADER_LEN;
+    let payload = match Dma::carries_data(answer.dir, true) {
+        true => frame.get(at..at + answer.len as usize).unwrap_or(&[]),
+        false => &[],
+    };
+    Dma {
+        route: answer.route,
+        seq: answer.seq,
+        dir: answer.dir,
+        reply: true,
+        addr: answer.addr,
+        len: answer.len,
+        payload,
+    }
+}
+
 /// What to do with the frame in `bytes`.
 pub fn classify(bytes: &[u8], v: &View<'_>) -> Rx {
     if bytes.len() >= 14 && bytes[12..14] != ETHERTYPE_DMFABRIC.to_be_bytes() {
@@ -228,7 +249,11 @@ pub fn classify(bytes: &[u8], v: &View<'_>) -> Rx {
             Rx::Register { client: client.id, seq, epoch: repr.epoch }
         }
         Message::InterruptAck(ack) => Rx::Ack(ack),
-        Message::Dma(d) if d.reply && d.route.server == v.server => Rx::DmaAnswer { client: client.id },
+        Message::Dma(d) if d.reply && d.route.server == v.server => {
+            let answer =
+                Dma { route: d.route, seq: d.seq, dir: d.dir, reply: true, addr: d.addr, len: d.len, payload: &[] };
+            Rx::DmaAnswer { client: client.id, answer }
+        }
         Message::Nack(n) if matches!(n.nacked, Kind::DmaRead | Kind::DmaWrite) && n.route.server == v.server => {
             Rx::DmaRefused { client: client.id, seq: n.seq, reason: n.reason }
         }

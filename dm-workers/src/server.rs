@@ -548,11 +548,7 @@ impl<B: Backend> Handler for Server<B> {
                 }
             }
             Rx::Ack(ack) => self.irqs.ack(&ack),
-            Rx::DmaAnswer { client } => {
-                if let Ok(FrameRepr { msg: Message::Dma(d), .. }) = FrameRepr::parse_bytes(bytes) {
-                    self.dma.answer(client, &d);
-                }
-            }
+            Rx::DmaAnswer { client, answer } => self.dma.answer(client, &rx::dma_answer(bytes, &answer)),
             Rx::DmaRefused { client, seq, reason } => self.dma.refused(client, seq, reason),
             Rx::Drop(Dropped::Foreign) => self.stats.foreign += 1,
             Rx::Drop(Dropped::Malformed(e)) => self.malformed[e.index()] += 1,
