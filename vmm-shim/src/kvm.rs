@@ -544,16 +544,33 @@ impl GuestRam {
     /// if the range is not all guest memory.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         let Some(off) = self.offset(addr, buf.len()) else { return false };
-        // SAFETY: `off + buf.len() <= size` (checked above, without
-        // overflow), so the source range lies inside the mapping, which
-        // `self.mem` keeps mapped; the pointer comes from the mapping's own
-        // raw pointer, and no Rust reference into guest memory exists while
-        // this runs (GuestRam never makes one; `Vm::memory_mut` cannot be
-        // reached while the Arc is shared). `buf` is an exclusive borrow of
-        // ordinary memory, so the ranges cannot overlap. The guest may write
-        // the source concurrently: the bytes copied are then some mix of old
-        // and new, which is what a device's DMA sees on hardware too.
-        unsafe { std::ptr::copy_nonoverlapping(self.mem.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        // In ascending address order, eight bytes at a time (volatile loads
+        // are not reordered by the compiler, nor loads by an x86 CPU): a
+        // driver writes a ring's entries before its index, so a read that
+        // takes the index first sees entries at least that new. (memcpy
+        // may load the end of a range first, and did: a virtio-blk read an
+        // available index newer than the entries after it.)
+        let mut chunks = buf.chunks_exact_mut(8);
+        let mut at = off;
+        for word in &mut chunks {
+            // SAFETY: `off + buf.len() <= size` (checked above, without
+            // overflow) and `at + 8 <= off + buf.len()`, so the eight bytes
+            // lie inside the mapping, which `self.mem` keeps mapped; the
+            // pointer comes from the mapping's own raw pointer, and no Rust
+            // reference into guest memory exists while this runs (GuestRam
+            // never makes one; `Vm::memory_mut` cannot be reached while the
+            // Arc is shared). `[u8; 8]` has alignment 1. The guest may write
+            // the source concurrently: the bytes read are then old or new,
+            // which is what a device's DMA sees on hardware too.
+            let v = unsafe { std::ptr::read_volatile(self.mem.as_ptr().add(at) as *const [u8; 8]) };
+            word.copy_from_slice(&v);
+            at += 8;
+        }
+        for byte in chunks.into_remainder() {
+            // SAFETY: as above, for one byte inside the checked range.
+            *byte = unsafe { std::ptr::read_volatile(self.mem.as_ptr().add(at)) };
+            at += 1;
+        }
         true
     }
 
