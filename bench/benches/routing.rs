@@ -39,6 +39,7 @@ fn database() -> Db {
             owner: None,
             args: Vec::new(),
             migrate_to: None,
+            irqchip: Default::default(),
         }));
     }
     let mut db = Db::default();

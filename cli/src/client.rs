@@ -617,7 +617,8 @@ fn irqchip_mode(vm: &VmConfig) -> anyhow::Result<dmfabric_vmm_shim::kvm::IrqChip
                 vm.device.iter().find(|r| r.msi && r.space == "mmio" && r.base <= base && base < r.base + r.len)
             else {
                 bail!(
-                    "VM {}: irqchip = \"remote\" needs its I/O APIC: a [[vm.device]] with space = \"mmio\", base = {base:#x}, len = 0x1000, server, device and msi = true",
+                    "VM {}: irqchip = \"remote\" needs its I/O APIC: a device of kind ioapic (dmfabric ctl add device --kind ioapic --vm {} --server S), or in a config file a [[vm.device]] with space = \"mmio\", base = {base:#x}, len = 0x1000, server, device and msi = true",
+                    vm.id,
                     vm.id
                 );
             };
@@ -627,7 +628,7 @@ fn irqchip_mode(vm: &VmConfig) -> anyhow::Result<dmfabric_vmm_shim::kvm::IrqChip
                 None => {}
                 Some("remote") if ioapic.runs_on.or(ioapic.server) == Some(vm.pc_server) => {}
                 Some("remote") => bail!(
-                    "VM {}: irqchip = \"remote\" with pc = \"remote\": the PC devices' lines reach only an I/O APIC on their own server: run the I/O APIC on pc_server {}",
+                    "VM {}: irqchip = \"remote\" with pc = \"remote\": servers run from config files send the PC devices' lines only to an I/O APIC on their own server: run the I/O APIC on pc_server {} (or place the VM with the control panel, whose servers send them across)",
                     vm.id,
                     vm.pc_server
                 ),

@@ -24,8 +24,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use dmfabric_control::keys::{now_unix, ClientKeys, KeyFile};
 use dmfabric_control::model::{
-    BlockImage, Change, ClientPlatform, Db, Device, Lifecycle, Range, Server, ServerRole, Vm, VmState, VIRTIO_BLK,
-    VIRTIO_BLK_WINDOW,
+    BlockImage, Change, ClientPlatform, Db, Device, IrqChip, Lifecycle, Range, Server, ServerRole, Vm, VmState,
+    VIRTIO_BLK, VIRTIO_BLK_WINDOW,
 };
 use dmfabric_control::store::{Store, DEFAULT_STORE};
 use dmfabric_devices::platform::pc;
@@ -307,6 +307,12 @@ pub enum AddCmd {
         /// The test guest's arguments (rdi, rsi, rdx), comma-separated.
         #[arg(long, value_delimiter = ',')]
         args: Vec<String>,
+        /// Its interrupt controllers: kernel (KVM's PICs, I/O APIC and PIT
+        /// on the client) or remote (KVM's split irqchip: its I/O APIC is a
+        /// device of kind ioapic on a server, and the lines of its devices
+        /// on every server drive that model's pins).
+        #[arg(long, value_enum, default_value = "kernel")]
+        irqchip: Chip,
     },
     /// A device of a VM, on a server. A virtio-blk (--kind virtio-blk
     /// --image PATH) takes the PC's window (--mmio 0xfeb00000:0x200) and
@@ -314,7 +320,9 @@ pub enum AddCmd {
     Device {
         #[arg(long)]
         id: u32,
-        /// uart, rtc, i8042, timer, regfile, irqtest or virtio-blk.
+        /// uart, rtc, i8042, timer, regfile, irqtest, virtio-blk, ioapic or
+        /// hpet (the last two take their PC windows, 0xfec00000:0x1000 and
+        /// 0xfed00000:0x400, unless given others).
         #[arg(long, visible_alias = "model")]
         kind: String,
         #[arg(long)]
@@ -351,6 +359,12 @@ pub enum AddCmd {
         #[arg(long)]
         size: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Chip {
+    Kernel,
+    Remote,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -397,7 +411,7 @@ fn change(cmd: AddCmd) -> anyhow::Result<(Change, Option<u64>)> {
             mac,
             role: if role == Role::Owner { ServerRole::Owner } else { ServerRole::Io },
         }),
-        AddCmd::Vm { id, client, vcpus, memory_mib, image, owner, args } => {
+        AddCmd::Vm { id, client, vcpus, memory_mib, image, owner, args, irqchip } => {
             let args = args.iter().map(|a| number(a)).collect::<anyhow::Result<Vec<u64>>>()?;
             if args.len() > 3 {
                 bail!("--args: at most three (rdi, rsi, rdx)");
@@ -412,6 +426,7 @@ fn change(cmd: AddCmd) -> anyhow::Result<(Change, Option<u64>)> {
                 owner,
                 args,
                 migrate_to: None,
+                irqchip: if irqchip == Chip::Remote { IrqChip::Remote } else { IrqChip::Kernel },
             })
         }
         AddCmd::Device { id, kind, server, vm, shard, pio, mmio, mut irq, image, read_only, size } => {
@@ -434,6 +449,14 @@ fn change(cmd: AddCmd) -> anyhow::Result<(Change, Option<u64>)> {
             }
             if blk && ranges.is_empty() {
                 ranges.push(Range { mmio: true, base: pc::VIRTIO_BLK_MMIO, len: VIRTIO_BLK_WINDOW });
+            }
+            // The I/O APIC and the HPET have their one window in a PC.
+            if ranges.is_empty() && (kind == "ioapic" || kind == "hpet") {
+                if let Some((base, len)) =
+                    dmfabric_devices::DeviceKind::parse(&kind, &[]).ok().and_then(|k| k.usual_mmio())
+                {
+                    ranges.push(Range { mmio: true, base, len: len.into() });
+                }
             }
             if blk && irq.is_empty() {
                 irq.push(pc::VIRTIO_BLK_IRQ);
@@ -494,15 +517,16 @@ fn print_table(db: &Db, what: Option<What>) {
         }
     }
     if all || what == Some(What::Vms) {
-        println!("{:<8} {:<8} {:<6} {:<8} {:<10} IMAGE", "VM", "CLIENT", "VCPUS", "MEM MIB", "STATE");
+        println!("{:<8} {:<8} {:<6} {:<8} {:<10} {:<8} IMAGE", "VM", "CLIENT", "VCPUS", "MEM MIB", "STATE", "IRQCHIP");
         for v in db.vms.values() {
             println!(
-                "{:<8} {:<8} {:<6} {:<8} {:<10} {}",
+                "{:<8} {:<8} {:<6} {:<8} {:<10} {:<8} {}",
                 v.id,
                 v.client,
                 v.vcpus,
                 v.memory_mib,
                 format!("{:?}", v.state),
+                v.irqchip.to_string(),
                 v.image
             );
         }

@@ -768,7 +768,7 @@ fn ctl_edits_the_store_checks_every_change_and_lists_as_table_or_json() {
     assert_eq!((rows[0]["server"].as_u64(), rows[0]["shard"].as_u64()), (Some(11), Some(2)));
     assert_eq!(rows.as_array().unwrap().len(), 1, "the refused device was not written");
     let (_, out, _) = ctl(&["ls", "vms"]);
-    assert!(out.contains("100      1        1      4        Defined    io_loop"), "{out}");
+    assert!(out.contains("100      1        1      4        Defined    kernel   io_loop"), "{out}");
     let _ = std::fs::remove_file(&store);
     let _ = std::fs::remove_file(format!("{s}.changed")); // its writers' poke file
 }

@@ -2,13 +2,15 @@
 //! as a user runs them: `dmfabric server` with a VM's I/O APIC and HPET in
 //! one network namespace, `dmfabric client` running the VM with KVM's split
 //! irqchip (`irqchip = "remote"`) in another, over AF_XDP; the apic_hpet
-//! guest programs both and counts what it gets.
+//! guest programs both and counts what it gets. Then the same placed by the
+//! control panel with the HPET on one server and the I/O APIC on another:
+//! the HPET's lines reach the I/O APIC as frames between the servers.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use dmfabric_dataplane::netns::TestNet;
+use dmfabric_dataplane::netns::{TestNet, TestNetConfig};
 use dmfabric_testkit::Need;
 use dmfabric_vmm_shim::guests::{ApicHpetArgs, ApicHpetReport};
 
@@ -56,8 +58,13 @@ fn client_config(keys: &Keys, args: &ApicHpetArgs) -> PathBuf {
 
 /// Run the client; its stderr and the guest's report.
 fn run_client(net: &TestNet, config: &Path) -> (String, ApicHpetReport) {
+    run_client_with(net, &["--config", config.to_str().unwrap()])
+}
+
+/// Run the client with `args`; its stderr and the guest's report.
+fn run_client_with(net: &TestNet, args: &[&str]) -> (String, ApicHpetReport) {
     let mut cmd = net.command(0, BIN);
-    cmd.args(["client", "--iface", &net.host(0).iface, "--config"]).arg(config);
+    cmd.args(["client", "--iface", &net.host(0).iface]).args(args);
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let line = stderr.lines().find(|l| l.contains("VM 1 vCPU 0: reported")).unwrap_or_else(|| panic!("{stderr}"));
@@ -126,6 +133,124 @@ fn the_remote_io_apic_and_hpet_deliver_exactly_what_the_guest_programmed() {
         let lines = wait_for(&rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("{l:?}"));
         let ioapic = lines.iter().find(|l| l.contains(&format!("device {IOAPIC} (ioapic)"))).unwrap();
         // Every level delivery after the first came from an EOI, on the server's I/O APIC.
+        assert!(ioapic.contains(&format!("level_messages {} eoi_resends {}", r.level, r.level - 1)), "{ioapic}");
+    }
+}
+
+/// `dmfabric ctl --store <store> args`, which must succeed.
+fn ctl(store: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--store", store.to_str().unwrap()])
+        .args(args)
+        .env_remove("DMFABRIC_STORE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ctl {args:?}: {stdout}{stderr}");
+    stdout.into_owned()
+}
+
+/// The store file and its writers' poke file, removed on drop.
+struct StoreFile(std::path::PathBuf);
+
+impl Drop for StoreFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(format!("{}.changed", self.0.display()));
+    }
+}
+
+/// The number after `what` in `line`.
+fn count(line: &str, what: &str) -> u64 {
+    let n = line.split(what).nth(1).and_then(|r| r.split([' ', ',', ')']).next());
+    n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no {what:?} in {line}"))
+}
+
+#[test]
+fn placed_by_the_control_panel_the_hpets_lines_reach_the_io_apic_on_another_server() {
+    let name = "placed_by_the_control_panel_the_hpets_lines_reach_the_io_apic_on_another_server";
+    if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
+        return;
+    }
+    // Host 0: client platform 3; host 1: server 10 with VM 1's I/O APIC;
+    // host 2: server 11 with its HPET.
+    let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();
+    let rate = tsc_per_ns();
+    for (faults, period_us) in [(None, 20_000), (Some("drop=0.05,dup=0.05,seed=7"), 50_000)] {
+        let store =
+            StoreFile(std::env::temp_dir().join(format!("dmfabric-irqchip-placed-{}.redb", std::process::id())));
+        let _ = std::fs::remove_file(&store.0);
+        let st = store.0.as_path();
+        let args = ApicHpetArgs { periodic: 20, period_us, ..ApicHpetArgs::default() };
+        let regs: Vec<String> = args.regs().iter().map(|r| format!("{r:#x}")).collect();
+        ctl(st, &["add", "client", "--id", "3", "--mac", &net.host(0).mac.to_string()]);
+        ctl(st, &["add", "server", "--id", "10", "--mac", &net.host(1).mac.to_string()]);
+        ctl(st, &["add", "server", "--id", "11", "--mac", &net.host(2).mac.to_string(), "--role", "io"]);
+        let vm = ["add", "vm", "--id", "1", "--client", "3", "--memory-mib", "8", "--image", "apic_hpet"];
+        ctl(st, &[&vm[..], &["--args", &regs.join(","), "--irqchip", "remote"]].concat());
+        let said =
+            ctl(st, &["add", "device", "--id", &IOAPIC.to_string(), "--kind", "ioapic", "--server", "10", "--vm", "1"]);
+        assert!(said.starts_with(&format!("added device {IOAPIC} (ioapic) of VM 1 on server 10")), "{said}");
+        ctl(st, &["add", "device", "--id", &HPET.to_string(), "--kind", "hpet", "--server", "11", "--vm", "1"]);
+        let vms = ctl(st, &["ls", "vms"]);
+        assert!(vms.lines().nth(1).is_some_and(|l| l.contains(" remote ") && l.ends_with("apic_hpet")), "{vms}");
+        ctl(st, &["vm", "launch", "1"]);
+        let server = |host: usize, id: &str, faults: Option<&str>| {
+            let iface = net.host(host).iface.clone();
+            let mut a = vec!["server", "--iface", &iface, "--store", st.to_str().unwrap(), "--server-id", id];
+            // Two servers and a client on two cores: servers sleep on their socket when idle.
+            a.extend(["--layout", "rtc", "--spin", "0"]);
+            if let Some(f) = faults {
+                a.extend(["--faults", f]);
+            }
+            let (child, rx) = spawn_logged(&net, host, &a);
+            wait_for(&rx, "dmfabric server ready").unwrap_or_else(|l| panic!("server {id}: {l:?}"));
+            (child, rx)
+        };
+        let (mut chip, chip_rx) = server(1, "10", None);
+        // The HPET's server loses and doubles frames: its lines to the I/O
+        // APIC and their acknowledgements among them.
+        let (mut hpet, hpet_rx) = server(2, "11", faults);
+        let (stderr, r) = run_client_with(
+            &net,
+            &[
+                "--store",
+                st.to_str().unwrap(),
+                "--client-id",
+                "3",
+                "--seconds",
+                "60",
+                "--timeout-ms",
+                "5",
+                "--retries",
+                "40",
+            ],
+        );
+        let what = format!("faults {faults:?}: {r:?}\n{stderr}");
+        assert_eq!(r.error(), None, "{what}");
+        assert_eq!((r.ioapic_entries(), r.hpet_period_fs, r.hpet_timers), (24, 10_000_000, 3), "{what}");
+        assert_eq!(r.periodic, args.periodic, "{what}");
+        assert_eq!((r.watchdog, r.stray, r.spurious), (0, 0, 0), "{what}");
+        assert_eq!(r.level_asserted, 2, "{what}");
+        assert!(r.level == 2 || (r.level == 3 && std::path::Path::new("/sys/module/kvm_pvm").exists()), "{what}");
+        let want = f64::from(args.periodic - 1) * f64::from(r.period_ticks);
+        assert!((r.counter_delta as f64 / want - 1.0).abs() < 0.05, "{want} ticks: {what}");
+        let ratio = r.hpet_over_tsc(rate);
+        assert!((ratio - 1.0).abs() < 0.01, "HPET/TSC {ratio}: {what}");
+        // Every interrupt came through the I/O APIC on server 10 from the
+        // HPET's line changes on server 11, each applied once.
+        assert!(hpet.interrupt(Duration::from_secs(5)).unwrap().success());
+        let lines = wait_for(&hpet_rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("{l:?}"));
+        let stats = lines.iter().find(|l| l.contains("dmfabric server: requests")).unwrap();
+        let sent = count(stats, "chip lines (pins 0, sent ");
+        assert!(sent > u64::from(args.periodic), "{stats}");
+        assert!(count(stats, "fenced ") > 0, "the level's lowering held its completion: {stats}");
+        assert!(chip.interrupt(Duration::from_secs(5)).unwrap().success());
+        let lines = wait_for(&chip_rx, "dmfabric server: transport").unwrap_or_else(|l| panic!("{l:?}"));
+        let stats = lines.iter().find(|l| l.contains("dmfabric server: requests")).unwrap();
+        assert_eq!(count(stats, ", in "), sent, "each change applied once: {stats}");
+        let ioapic = lines.iter().find(|l| l.contains(&format!("device {IOAPIC} (ioapic)"))).unwrap();
         assert!(ioapic.contains(&format!("level_messages {} eoi_resends {}", r.level, r.level - 1)), "{ioapic}");
     }
 }

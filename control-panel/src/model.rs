@@ -68,6 +68,34 @@ pub struct Server {
     pub role: ServerRole,
 }
 
+/// Where a VM's interrupt controllers are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IrqChip {
+    /// KVM's in the client's kernel: PICs, I/O APIC and PIT (the default).
+    #[default]
+    Kernel,
+    /// KVM's split irqchip: the local APICs in the client's kernel, the I/O
+    /// APIC a device model (kind "ioapic") of the VM on a server. The lines
+    /// of the VM's devices on every server drive that model's pins.
+    Remote,
+}
+
+impl IrqChip {
+    pub fn is_kernel(&self) -> bool {
+        *self == IrqChip::Kernel
+    }
+}
+
+impl fmt::Display for IrqChip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IrqChip::Kernel => "kernel",
+            IrqChip::Remote => "remote",
+        })
+    }
+}
+
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,6 +127,10 @@ pub struct Vm {
     /// While migrating: the client platform it is moving to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrate_to: Option<u16>,
+    /// Its interrupt controllers (records written before VMs had one load
+    /// as `kernel`).
+    #[serde(default, skip_serializing_if = "IrqChip::is_kernel")]
+    pub irqchip: IrqChip,
 }
 
 /// What `dmfabric ctl vm ...` asks of a VM.
@@ -685,6 +717,7 @@ pub mod fixtures {
                 owner: None,
                 args: Vec::new(),
                 migrate_to: None,
+                irqchip: IrqChip::Kernel,
             }),
         ]
     }
@@ -746,6 +779,22 @@ mod tests {
         assert!(err.to_string().contains("still used by device 1"));
         assert!(db.apply(&[Change::AddDevice(Device { kind: "gpu".into(), ..uart(4, 0x2f8) })]).is_err());
         assert!(db.apply(&[Change::AddServer(Server { id: 12, mac: "zz".into(), role: ServerRole::Io })]).is_err());
+    }
+
+    #[test]
+    fn a_vm_record_without_an_irqchip_is_kernel_and_a_remote_one_says_so() {
+        let vm = base().vms[&100].clone();
+        let json = serde_json::to_value(&vm).unwrap();
+        assert!(json.get("irqchip").is_none(), "the default is not written: {json}");
+        let old: Vm = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(old.irqchip, IrqChip::Kernel);
+        let remote = Vm { irqchip: IrqChip::Remote, ..vm };
+        let json = serde_json::to_value(&remote).unwrap();
+        assert_eq!(json["irqchip"], "remote");
+        assert_eq!(serde_json::from_value::<Vm>(json).unwrap(), remote);
+        let mut bad = serde_json::to_value(&remote).unwrap();
+        bad["irqchip"] = "pic".into();
+        assert!(serde_json::from_value::<Vm>(bad).is_err());
     }
 
     #[test]

@@ -40,6 +40,8 @@ struct InFlight<T> {
     sent: Instant,
     /// Sends so far (the first included).
     sends: u32,
+    /// How this item is retried.
+    retry: Retry,
 }
 
 /// What a stop-and-wait sender has to do at some instant.
@@ -68,7 +70,13 @@ impl<T> StopAndWait<T> {
     /// `item` with sequence number `seq` was sent at `now` and waits for its
     /// acknowledgement (replacing whatever was in flight).
     pub fn sent(&mut self, item: T, seq: u64, now: Instant) {
-        self.in_flight = Some(InFlight { item, seq, sent: now, sends: 1 });
+        self.sent_with(item, seq, now, self.retry);
+    }
+
+    /// The same, retried as `retry` says instead of as the stream's items
+    /// are (an item to a faster peer than the others).
+    pub fn sent_with(&mut self, item: T, seq: u64, now: Instant, retry: Retry) {
+        self.in_flight = Some(InFlight { item, seq, sent: now, sends: 1, retry });
     }
 
     /// An acknowledgement of `seq`: the item, if it was the one in flight.
@@ -96,19 +104,18 @@ impl<T> StopAndWait<T> {
 
     /// When the item in flight is due to be sent again.
     pub fn deadline(&self) -> Option<Instant> {
-        self.in_flight.as_ref().map(|f| f.sent + self.retry.timeout)
+        self.in_flight.as_ref().map(|f| f.sent + f.retry.timeout)
     }
 
     /// What is due at `now`.
     pub fn poll(&mut self, now: Instant) -> Due<'_, T> {
-        let (timeout, retries) = (self.retry.timeout, self.retry.retries);
         match self.in_flight.take() {
             None => Due::Idle,
-            Some(f) if now.saturating_duration_since(f.sent) < timeout => {
+            Some(f) if now.saturating_duration_since(f.sent) < f.retry.timeout => {
                 self.in_flight = Some(f);
                 Due::Waiting
             }
-            Some(f) if f.sends > retries => Due::GaveUp(f.item),
+            Some(f) if f.sends > f.retry.retries => Due::GaveUp(f.item),
             Some(f) => {
                 let f = self.in_flight.insert(InFlight { sent: now, sends: f.sends + 1, ..f });
                 Due::Resend(&f.item)

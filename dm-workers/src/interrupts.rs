@@ -18,6 +18,14 @@
 //!   ([`IrqStreams::start_session`]: it restarted, or this server did) its
 //!   streams start again at 0 in it, the unacknowledged item first, and
 //!   every level line of its devices is sent again at its current level.
+//! - **Lines of a VM whose interrupt controller is a model** (an I/O APIC,
+//!   [`IrqStreams::bind_chips`]) drive its pins instead of going to the
+//!   client: on this server, through its pin queue; on another server, as
+//!   Interrupt frames to that server on the VM's stream, which that server
+//!   acknowledges like a client. [`IrqStreams::chip_pending`] says when a
+//!   VM still has such a line change unacknowledged: the server holds the
+//!   completions of that VM's requests until then, so a level the guest
+//!   lowered is low at the controller before the guest can EOI it.
 //! - **Bounds**: [`IRQ_STREAM_QUEUE`] items per stream (past it edges are
 //!   dropped and counted, levels coalesce), each sent at most
 //!   [`IRQ_TRIES`] times, every [`IRQ_RETRY`], only to the registered MAC.
@@ -35,6 +43,7 @@ use dmfabric_wire::{
 };
 
 use crate::irq::{IrqEvent, IrqQueue};
+use crate::irqchip::{PinQueue, Pins};
 use crate::peers::Registry;
 
 /// Items one (client, VM) stream may queue behind the one in flight;
@@ -44,6 +53,12 @@ pub const IRQ_STREAM_QUEUE: usize = 1024;
 pub const IRQ_RETRY: Duration = Duration::from_millis(20);
 /// Sends of one item before the server gives up on it.
 pub const IRQ_TRIES: u32 = 50;
+/// How a line change to the server holding its VM's interrupt controller
+/// is retried: that server busy-polls and acknowledges at once, and the
+/// completions of the VM's requests wait for the acknowledgement, so a
+/// lost frame is sent again sooner than one to a client; given up after
+/// about as long.
+pub const CHIP_RETRY: Retry = Retry { timeout: Duration::from_millis(2), retries: 499 };
 
 /// Where a device's items go: the client platform (at its registered MAC)
 /// and the VM.
@@ -87,6 +102,11 @@ pub struct IrqStats {
     pub resets: u64,
     /// Levels sent again because their client started a new session.
     pub levels_resent: u64,
+    /// Line changes that drove the pins of an interrupt controller here.
+    pub chip_pins: u64,
+    /// Line changes sent to the server holding their VM's interrupt
+    /// controller (first copies; also counted in `sent`).
+    pub chip_sent: u64,
 }
 
 /// What a stream carries.
@@ -116,6 +136,18 @@ struct Pending {
     item: Item,
     route: Route,
     to: MacAddr,
+    /// A line change on its way to the server holding the VM's
+    /// interrupt controller (`to` is that server's MAC).
+    to_chip: bool,
+}
+
+/// Where the lines of a VM with its interrupt controller as a model go.
+#[derive(Debug, Clone)]
+enum ChipRoute {
+    /// The controller is here: its pin queue.
+    Here(std::sync::Arc<PinQueue>),
+    /// On that server, at that MAC.
+    At(MacAddr),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +205,8 @@ pub struct IrqStreams {
     /// The last level of each level line (device, source): sent again to a
     /// client that starts a new session.
     levels: HashMap<(u32, IrqSource), bool>,
+    /// VMs whose lines drive an interrupt controller model.
+    chips: HashMap<u32, ChipRoute>,
     /// Each client's session here.
     sessions: HashMap<u16, u32>,
     retry: Retry,
@@ -189,6 +223,7 @@ impl IrqStreams {
             bindings: HashMap::new(),
             streams: HashMap::new(),
             levels: HashMap::new(),
+            chips: HashMap::new(),
             sessions: HashMap::new(),
             retry: Retry { timeout: IRQ_RETRY, retries: IRQ_TRIES - 1 },
             stats: IrqStats::default(),
@@ -220,6 +255,36 @@ impl IrqStreams {
         self.bindings = fresh;
     }
 
+    /// Where the lines of the bound VMs whose interrupt controller is a
+    /// model go: its pin queue in `pins` if it is here, else the server
+    /// `registry` names for it. Call after [`IrqStreams::bind_all`].
+    pub fn bind_chips(&mut self, registry: &Registry, pins: &Pins) {
+        let mut chips = HashMap::new();
+        for b in self.bindings.values().filter(|b| b.fixed) {
+            let vm = b.route.vm;
+            if let Some(q) = pins.queue(vm) {
+                chips.insert(vm, ChipRoute::Here(q));
+            } else if let Some((_, mac)) = registry.chip_of(vm) {
+                chips.insert(vm, ChipRoute::At(mac));
+            }
+        }
+        self.chips = chips;
+    }
+
+    /// Whether VM `vm`'s lines go to an interrupt controller on another server.
+    pub fn chip_elsewhere(&self, vm: u32) -> bool {
+        matches!(self.chips.get(&vm), Some(ChipRoute::At(_)))
+    }
+
+    /// Whether `client`'s stream of VM `vm` holds a line change for the
+    /// VM's interrupt controller on another server that it has not
+    /// acknowledged yet (in flight or queued).
+    pub fn chip_pending(&self, client: u16, vm: u32) -> bool {
+        self.streams
+            .get(&(client, vm))
+            .is_some_and(|st| st.sender.item().is_some_and(|s| s.pending.to_chip) || st.queue.iter().any(|p| p.to_chip))
+    }
+
     /// A verified request of `route`'s client and VM ran on `device`, a
     /// device of no VM in particular: its items go to that VM now.
     pub fn bind_shared(&mut self, device: u32, route: &Route, to: MacAddr) {
@@ -242,6 +307,21 @@ impl IrqStreams {
     }
 
     fn enqueue_irq(&mut self, e: IrqEvent) {
+        let chip = match (e.source, self.bindings.get(&e.device)) {
+            (IrqSource::Line(pin), Some(b)) if b.fixed => self.chips.get(&b.route.vm).map(|c| (pin, c)),
+            _ => None,
+        };
+        if let Some((pin, ChipRoute::Here(q))) = chip {
+            match e.trigger {
+                Trigger::Edge => {
+                    q.push(pin, true);
+                    q.push(pin, false);
+                }
+                Trigger::Level { asserted } => q.push(pin, asserted),
+            }
+            self.stats.chip_pins += 1;
+            return;
+        }
         if let Trigger::Level { asserted } = e.trigger {
             self.levels.insert((e.device, e.source), asserted);
         }
@@ -289,7 +369,13 @@ impl IrqStreams {
                 Item::Reset { .. } => {}
             }
         }
-        stream.queue.push_back(Pending { item, route: Route { device: item.device(), ..b.route }, to: b.to });
+        // A line of a VM whose controller is on another server goes there.
+        let chip = match (item, self.chips.get(&b.route.vm)) {
+            (Item::Irq { source: IrqSource::Line(_), .. }, Some(ChipRoute::At(mac))) => Some(*mac),
+            _ => None,
+        };
+        let route = Route { device: item.device(), ..b.route };
+        stream.queue.push_back(Pending { item, route, to: chip.unwrap_or(b.to), to_chip: chip.is_some() });
     }
 
     /// `client` started using `session` here: its streams start again in it
@@ -340,11 +426,15 @@ impl IrqStreams {
                     let seq = Seq::new(session, stream.counter).0;
                     stream.counter = stream.counter.wrapping_add(1);
                     let sent = Sent { pending: p, seq };
-                    stream.sender.sent(sent, seq, now);
+                    match p.to_chip {
+                        true => stream.sender.sent_with(sent, seq, now, CHIP_RETRY),
+                        false => stream.sender.sent(sent, seq, now),
+                    }
                     match p.item {
                         Item::Irq { .. } => stats.sent += 1,
                         Item::Reset { .. } => stats.resets += 1,
                     }
+                    stats.chip_sent += u64::from(p.to_chip);
                     (sent, false)
                 }
             };
@@ -410,7 +500,9 @@ impl IrqStreams {
                 let new = self.streams.entry((m.client, m.vm)).or_insert_with(|| IrqStream::new(retry, session));
                 for p in unacked {
                     let route = Route { client: m.client, hypervisor: m.hypervisor, ..p.route };
-                    new.queue.push_back(Pending { route, to: m.mac, ..p });
+                    // A line for the controller still goes to its server.
+                    let to = if p.to_chip { p.to } else { m.mac };
+                    new.queue.push_back(Pending { route, to, ..p });
                 }
             }
         }
@@ -540,6 +632,75 @@ mod tests {
         streams.start_session(3, 71);
         assert_eq!(deliver_all(&mut streams, &reg), vec![(3, 5, Trigger::Level { asserted: true }, Seq::new(71, 0))]);
         assert!(streams.stats().levels_resent >= 2);
+    }
+
+    #[test]
+    fn lines_of_a_vm_whose_controller_is_a_model_go_to_its_pins_or_its_server() {
+        const CHIP_SERVER: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x0a]);
+        // VM 7's controller is on server 10; VM 8's is here.
+        let reg = registry().with_chips([(7, (10, CHIP_SERVER))].into());
+        let pins = Pins::default();
+        pins.set_chips(&[8]);
+        let queue = IrqQueue::new();
+        let mut streams = IrqStreams::new(1, MacAddr([2, 0, 0, 0, 0, 1]));
+        streams.bind_all([(5, Some(7)), (6, Some(8))], &reg);
+        streams.bind_chips(&reg, &pins);
+        assert!(streams.chip_elsewhere(7) && !streams.chip_elsewhere(8));
+        streams.start_session(3, 1);
+        streams.start_session(4, 1);
+        let mut line7 = WireLine::new(5, IrqSource::Line(2), queue.clone());
+        let mut msi7 = WireLine::new(5, IrqSource::Msi { address: 0xfee0_0000, data: 0x41 }, queue.clone());
+        let mut line8 = WireLine::new(6, IrqSource::Line(9), queue.clone());
+        line7.set_level(true);
+        msi7.pulse();
+        line8.pulse();
+        streams.take(&queue);
+        // VM 8's line drove the pins here, and went nowhere else.
+        #[derive(Default)]
+        struct Chip(Vec<(u32, bool)>);
+        impl dmfabric_devices::IrqChip for Chip {
+            fn set_pin(&mut self, pin: u32, high: bool) {
+                self.0.push((pin, high));
+            }
+        }
+        let mut chip = Chip::default();
+        pins.queue(8).unwrap().drive(&mut chip);
+        assert_eq!(chip.0, [(9, true), (9, false)]);
+        assert!(streams.chip_pending(3, 7) && !streams.chip_pending(4, 8));
+        // VM 7's line goes to the controller's server, sealed for client 3;
+        // its MSI to the client, in order after it.
+        let seal = Sealing { registry: &reg, epoch: 9, authenticate: true };
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            let mut tx = FrameBatch::new();
+            streams.send(&mut tx, Instant::now(), &seal);
+            let Some(frame) = tx.iter().next() else { break };
+            let repr = FrameRepr::parse_bytes(frame).unwrap();
+            let Message::Interrupt(i) = repr.msg else { panic!("not an interrupt") };
+            sent.push((repr.eth.dst, i.source));
+            if repr.eth.dst == CHIP_SERVER {
+                // Not acknowledged: sent again after CHIP_RETRY, not IRQ_RETRY.
+                let mut again = FrameBatch::new();
+                streams.send(&mut again, Instant::now() + CHIP_RETRY.timeout + Duration::from_millis(1), &seal);
+                let again = FrameRepr::parse_bytes(again.iter().next().expect("sent again")).unwrap();
+                assert!(again.retransmit && again.eth.dst == CHIP_SERVER);
+            }
+            streams.ack(&InterruptAck { route: i.route, seq: i.seq });
+            if repr.eth.dst == CHIP_SERVER {
+                assert!(!streams.chip_pending(3, 7), "acknowledged by the controller's server");
+            }
+        }
+        assert_eq!(
+            sent,
+            [(CHIP_SERVER, IrqSource::Line(2)), (CLIENT, IrqSource::Msi { address: 0xfee0_0000, data: 0x41 })]
+        );
+        let st = streams.stats();
+        assert_eq!((st.chip_pins, st.chip_sent, st.sent), (1, 1, 2), "{st:?}");
+        // A new session of the client sends the level again, to the controller.
+        streams.start_session(3, 2);
+        let mut tx = FrameBatch::new();
+        streams.send(&mut tx, Instant::now(), &seal);
+        assert_eq!(FrameRepr::parse_bytes(tx.iter().next().unwrap()).unwrap().eth.dst, CHIP_SERVER);
     }
 
     #[test]

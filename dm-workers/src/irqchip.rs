@@ -29,7 +29,8 @@ pub struct PinQueue {
 }
 
 impl PinQueue {
-    fn push(&self, pin: u32, high: bool) {
+    /// Queue a change of `pin`'s input (counted as dropped when full).
+    pub fn push(&self, pin: u32, high: bool) {
         let mut q = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() >= PIN_QUEUE {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -73,6 +74,19 @@ impl Pins {
                 routed.insert(s.id, vm);
                 queues.entry(vm).or_default();
             }
+        }
+    }
+
+    /// The VMs whose controllers are here now are `vms` (a server placed by
+    /// the control panel): each has a queue, which the lines of its devices
+    /// reach through the data-plane core ([`crate::interrupts`]) whatever
+    /// server they are on. Devices routed by [`Pins::route`] keep theirs.
+    pub fn set_chips(&self, vms: &[u32]) {
+        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        let routed = self.routed.read().unwrap_or_else(|e| e.into_inner());
+        queues.retain(|vm, _| vms.contains(vm) || routed.values().any(|v| v == vm));
+        for vm in vms {
+            queues.entry(*vm).or_default();
         }
     }
 

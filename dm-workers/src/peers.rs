@@ -59,6 +59,9 @@ pub struct Registry {
     servers: Vec<(u16, MacAddr)>,
     /// Which client platform runs each VM (interrupts go there).
     runs_on: HashMap<u32, u16>,
+    /// VMs whose interrupt controller (an I/O APIC model) is on another
+    /// server: that server's id and MAC (their devices' lines go there).
+    chips: HashMap<u32, (u16, MacAddr)>,
 }
 
 impl Registry {
@@ -77,7 +80,24 @@ impl Registry {
                 runs_on.entry(vm).or_insert(c.id);
             }
         }
-        Registry { clients, servers, runs_on }
+        Registry { clients, servers, runs_on, chips: HashMap::new() }
+    }
+
+    /// The same, with the interrupt controllers of VMs that are on other
+    /// servers: VM → (server, its MAC).
+    pub fn with_chips(mut self, chips: HashMap<u32, (u16, MacAddr)>) -> Registry {
+        self.chips = chips;
+        self
+    }
+
+    /// Where VM `vm`'s interrupt controller is, if on another server.
+    pub fn chip_of(&self, vm: u32) -> Option<(u16, MacAddr)> {
+        self.chips.get(&vm).copied()
+    }
+
+    /// Server `id`'s MAC, if it is another server this one knows.
+    pub fn server_mac(&self, id: u16) -> Option<MacAddr> {
+        self.servers.iter().find(|(s, _)| *s == id).map(|(_, m)| *m)
     }
 
     pub fn client(&self, id: u16) -> Option<&Client> {

@@ -102,6 +102,27 @@ pub fn specs_in(db: &Db, server: u16) -> Vec<Result<DeviceSpec, RecordError>> {
     db.devices.values().filter(|d| d.server == server).map(spec_of).collect()
 }
 
+/// Where the interrupt controllers of the VMs with `irqchip = remote` in
+/// `db` are, for server `me`: the VMs whose I/O APIC (their device of kind
+/// ioapic with the lowest id) is here, and the others' servers (id, MAC).
+/// The lines of their devices drive those controllers instead of going to
+/// their clients.
+pub fn chip_places(db: &Db, me: u16) -> (Vec<u32>, HashMap<u32, (u16, MacAddr)>) {
+    let (mut here, mut elsewhere) = (Vec::new(), HashMap::new());
+    for vm in db.vms.values().filter(|v| v.irqchip == dmfabric_control::model::IrqChip::Remote) {
+        // Devices are kept by id: the first is the lowest.
+        let Some(chip) = db.devices.values().find(|d| d.vm == vm.id && d.kind == "ioapic") else { continue };
+        if chip.server == me {
+            here.push(vm.id);
+        } else if let Some(mac) =
+            db.servers.get(&chip.server).and_then(|s| dmfabric_control::routing::parse_mac(&s.mac))
+        {
+            elsewhere.insert(vm.id, (chip.server, mac));
+        }
+    }
+    (here, elsewhere)
+}
+
 /// Where a planner finds a client platform's keys: the control panel's
 /// key store (readable only by the servers that serve that client).
 /// `Err` says why they could not be read (the client is left out, and the
@@ -402,7 +423,9 @@ impl Planner {
         let moves = self.moves(&table);
         let specs: Vec<DeviceSpec> = self.served.values().cloned().collect();
         let here = self.served.keys().copied().collect();
-        let registry = Arc::new(self.registry(&table));
+        let (chips_here, chips_elsewhere) = chip_places(&table.db, id);
+        self.env.pins.set_chips(&chips_here);
+        let registry = Arc::new(self.registry(&table).with_chips(chips_elsewhere));
         let bound = specs.iter().map(|s| (s.id, s.vm)).collect();
         tracing::debug!(
             server = id,
@@ -629,5 +652,35 @@ impl Planner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmfabric_control::model::{Change, Device as Record, IrqChip, Range};
+
+    #[test]
+    fn a_remote_irqchip_vms_controller_is_here_or_on_the_server_holding_its_io_apic() {
+        // VM 7 (client 3) with an I/O APIC on server 10; servers 10 and 11.
+        let mut db = dmfabric_testkit::fixtures::owner_and_io_server();
+        let ioapic = |id: u32, server: u16| Record {
+            id,
+            kind: "ioapic".into(),
+            server,
+            shard: 0,
+            vm: 7,
+            ranges: vec![Range { mmio: true, base: 0xfec0_0000 + u64::from(id) * 0x1000, len: 0x1000 }],
+            irqs: vec![],
+            image: None,
+        };
+        db.apply(&[Change::AddDevice(ioapic(20, 10)), Change::AddDevice(ioapic(30, 11))]).unwrap();
+        // Kernel irqchip (the default): its lines go to its client.
+        assert_eq!(chip_places(&db, 10), (vec![], HashMap::new()));
+        let remote = dmfabric_control::model::Vm { irqchip: IrqChip::Remote, ..db.vms[&7].clone() };
+        db.apply(&[Change::UpdateVm(remote)]).unwrap();
+        let mac = MacAddr([2, 0, 0, 0, 0, 0x0a]);
+        assert_eq!(chip_places(&db, 10), (vec![7], HashMap::new()), "the lowest id is its I/O APIC");
+        assert_eq!(chip_places(&db, 11), (vec![], [(7, (10, mac))].into()));
     }
 }

@@ -8,7 +8,8 @@
 //! lookup, no state); its client platform's keys (the one lookup before
 //! the tag is checked); the tag;
 //! then the source (the client's registered MAC, or another server's for a
-//! forwarded request); then what the frame asks, against the registry
+//! forwarded request, a line change for an interrupt controller here and
+//! the acknowledgement of one sent there); then what the frame asks, against the registry
 //! (the client's VMs and vCPUs) and the devices (each device's VM). A frame
 //! failing before the identity checks is dropped with no answer at all;
 //! one failing them is authentic, and is refused with a Nack to the
@@ -21,8 +22,8 @@ use dmfabric_control::routing::RoutingTable;
 use dmfabric_wire::auth::AuthError;
 use dmfabric_wire::session::{HelloBody, CHALLENGE_LEN};
 use dmfabric_wire::{
-    ControlMsg, ControlOp, Dma, Frame, FrameRepr, InterruptAck, IoRequest, Kind, MacAddr, Message, NackReason, Route,
-    Space, WireError, ETHERTYPE_DMFABRIC,
+    ControlMsg, ControlOp, Dma, Frame, FrameRepr, Interrupt, InterruptAck, IoRequest, IrqSource, Kind, MacAddr,
+    Message, NackReason, Route, Space, WireError, ETHERTYPE_DMFABRIC,
 };
 
 use dmfabric_devices::DeviceSpec;
@@ -126,8 +127,13 @@ pub enum Rx {
     Hello { to: MacAddr, route: Route, seq: u64, challenge: [u8; CHALLENGE_LEN] },
     /// A client starts using a session it was offered.
     Register { client: u16, seq: u64, epoch: u32 },
-    /// A client acknowledged an interrupt.
+    /// A client (or the server holding a VM's interrupt controller)
+    /// acknowledged an interrupt.
     Ack(InterruptAck),
+    /// Another server (`from`, its registered MAC) changed a line of a
+    /// device of one of the client's VMs: for that VM's interrupt
+    /// controller, if it is here. Acknowledged to `from`.
+    Line { from: MacAddr, irq: Interrupt },
     /// A client answered a DMA chunk: the answer without its payload (a
     /// read's bytes are the frame's payload, [`dma_payload`]).
     DmaAnswer { client: u16, answer: Dma<'static> },
@@ -236,7 +242,8 @@ pub fn classify(bytes: &[u8], v: &View<'_>) -> Rx {
     }
     let from = repr.eth.src;
     let forwarded = from != client.mac;
-    if forwarded && !(matches!(repr.msg, Message::IoRequest(_)) && v.registry.is_server(from)) {
+    let server_may_send = matches!(repr.msg, Message::IoRequest(_) | Message::Interrupt(_) | Message::InterruptAck(_));
+    if forwarded && !(server_may_send && v.registry.is_server(from)) {
         return Rx::Drop(Dropped::WrongSource);
     }
     match repr.msg {
@@ -249,6 +256,16 @@ pub fn classify(bytes: &[u8], v: &View<'_>) -> Rx {
             Rx::Register { client: client.id, seq, epoch: repr.epoch }
         }
         Message::InterruptAck(ack) => Rx::Ack(ack),
+        // A line change from the server it names, for a VM of the client.
+        Message::Interrupt(irq) if forwarded => {
+            if v.registry.server_mac(irq.route.server) != Some(from) {
+                return Rx::Drop(Dropped::WrongSource);
+            }
+            match (irq.source, client.vcpus(irq.route.vm)) {
+                (IrqSource::Line(_), Some(_)) => Rx::Line { from, irq },
+                _ => Rx::Drop(Dropped::UnexpectedKind),
+            }
+        }
         Message::Dma(d) if d.reply && d.route.server == v.server => {
             let answer =
                 Dma { route: d.route, seq: d.seq, dir: d.dir, reply: true, addr: d.addr, len: d.len, payload: &[] };
@@ -382,6 +399,41 @@ mod tests {
             Message::InterruptAck(InterruptAck { route: Route { client: 3, ..Route::default() }, seq: 1 }),
         );
         assert!(matches!(classify(&ack, &v), Rx::Ack(_)));
+    }
+
+    #[test]
+    fn line_changes_are_taken_only_from_the_server_they_name_for_the_clients_vms() {
+        let (reg, addresses) = (registry(), AddressMap::default());
+        let v = unplaced(&reg, &addresses);
+        let irq = |server: u16, vm: u32, source: IrqSource| {
+            Message::Interrupt(Interrupt {
+                route: Route { server, hypervisor: 1, client: 3, vm, vcpu: 0, device: 21 },
+                seq: 5,
+                source,
+                trigger: dmfabric_wire::Trigger::Level { asserted: true },
+            })
+        };
+        let line = irq(11, 7, IrqSource::Line(2));
+        match classify(&frame(IO, ME, line), &v) {
+            Rx::Line { from, irq } => assert_eq!((from, irq.route.device, irq.seq), (IO, 21, 5)),
+            other => panic!("{other:?}"),
+        }
+        // Naming a server it is not; from a MAC no server has; from the
+        // client (clients raise no lines); another client's VM; an MSI.
+        assert_eq!(classify(&frame(IO, ME, irq(12, 7, IrqSource::Line(2))), &v), Rx::Drop(Dropped::WrongSource));
+        assert_eq!(classify(&frame(FORGER, ME, line), &v), Rx::Drop(Dropped::WrongSource));
+        assert_eq!(classify(&frame(CLIENT, ME, line), &v), Rx::Drop(Dropped::UnexpectedKind));
+        assert_eq!(classify(&frame(IO, ME, irq(11, 8, IrqSource::Line(2))), &v), Rx::Drop(Dropped::UnexpectedKind));
+        let Message::Interrupt(mut msi) = irq(11, 7, IrqSource::Msi { address: 0xfee0_0000, data: 0x30 }) else {
+            unreachable!()
+        };
+        msi.trigger = dmfabric_wire::Trigger::Edge;
+        let msi = Message::Interrupt(msi);
+        assert_eq!(classify(&frame(IO, ME, msi), &v), Rx::Drop(Dropped::UnexpectedKind));
+        // The controller's server acknowledges one sent there.
+        let ack = Message::InterruptAck(InterruptAck { route: Route { client: 3, vm: 7, ..Route::default() }, seq: 5 });
+        assert!(matches!(classify(&frame(IO, ME, ack), &v), Rx::Ack(_)));
+        assert_eq!(classify(&frame(FORGER, ME, ack), &v), Rx::Drop(Dropped::WrongSource));
     }
 
     #[test]

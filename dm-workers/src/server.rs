@@ -25,7 +25,8 @@ use dmfabric_devices::DeviceSpec;
 use dmfabric_wire::auth::AuthError;
 use dmfabric_wire::session::HelloReplyBody;
 use dmfabric_wire::{
-    ControlMsg, ControlOp, EthernetRepr, FrameRepr, IoRequest, Kind, MacAddr, Message, Nack, Route, WireError,
+    ControlMsg, ControlOp, EthernetRepr, FrameRepr, Interrupt, InterruptAck, IoCompletion, IoRequest, IrqSource, Kind,
+    MacAddr, Message, Nack, Route, Trigger, WireError,
 };
 
 use crate::backend::{Backend, Done, Inline, Job, ShardStats};
@@ -94,6 +95,13 @@ pub struct Server<B> {
     /// Told every registered client its epoch (once, at the first poll).
     announced: bool,
     next_forget: Instant,
+    /// Completions held until the line changes of their VM reached its
+    /// interrupt controller on another server (at most one per vCPU
+    /// stream): each with where it goes and the device its stream named.
+    fenced: Vec<(IoCompletion, MacAddr, u32)>,
+    /// The last line change taken from each (server, client, VM) stream
+    /// for an interrupt controller here: the same again is not applied.
+    lines_in: HashMap<(u16, u16, u32), u64>,
 }
 
 impl Server<Inline> {
@@ -132,6 +140,7 @@ impl<B: Backend> Server<B> {
         let mut s = Server::bare(id, mac, env, backend, Arc::new(registry));
         s.addresses = AddressMap::new(devices);
         s.irqs.bind_all(devices.iter().map(|d| (d.id, d.vm)), &s.registry);
+        s.irqs.bind_chips(&s.registry, &s.env.pins);
         s
     }
 
@@ -170,6 +179,8 @@ impl<B: Backend> Server<B> {
             placed: None,
             announced: false,
             next_forget: Instant::now() + FORGET_EVERY,
+            fenced: Vec::new(),
+            lines_in: HashMap::new(),
         }
     }
 
@@ -278,6 +289,8 @@ impl<B: Backend> Server<B> {
         s.interrupts_queue_full = i.queue_full;
         s.interrupts_coalesced = i.coalesced;
         s.levels_resent = i.levels_resent;
+        s.chip_pins = i.chip_pins;
+        s.chip_lines_sent = i.chip_sent;
         s.vm_resets = i.resets;
         s.vm_events_dropped = self.env.events.dropped();
         s.tx_full += i.tx_full;
@@ -333,9 +346,19 @@ impl<B: Backend> Server<B> {
         match done {
             Done::Ran { result: Ok(cmp), to, named } => {
                 self.stats.completions += 1;
-                let key = StreamKey { vm: cmp.route.vm, vcpu: cmp.route.vcpu, device: named };
-                self.peers.answered(cmp.route.client, key, cmp.seq, cmp);
-                self.send(tx, to, Message::IoCompletion(cmp), false);
+                // The line changes the request made go to the VM's
+                // interrupt controller on another server before its
+                // completion goes to the client (the model queued them
+                // before it was done).
+                if self.irqs.chip_elsewhere(cmp.route.vm) {
+                    self.irqs.take(&self.env.irqs);
+                    if self.irqs.chip_pending(cmp.route.client, cmp.route.vm) {
+                        self.stats.completions_fenced += 1;
+                        self.fenced.push((cmp, to, named));
+                        return;
+                    }
+                }
+                self.complete(cmp, to, named, tx);
             }
             Done::Ran { result: Err((req, why)), to, .. } => self.nack(tx, to, &req, why, Instant::now()),
             Done::Dma { device, req } => {
@@ -350,6 +373,58 @@ impl<B: Backend> Server<B> {
                 self.stats.devices_left += u64::from(to.is_some());
             }
         }
+    }
+
+    /// Remember `cmp` as its stream's answer and send it.
+    fn complete(&mut self, cmp: IoCompletion, to: MacAddr, named: u32, tx: &mut FrameBatch) {
+        let key = StreamKey { vm: cmp.route.vm, vcpu: cmp.route.vcpu, device: named };
+        self.peers.answered(cmp.route.client, key, cmp.seq, cmp);
+        self.send(tx, to, Message::IoCompletion(cmp), false);
+    }
+
+    /// Send the held completions whose VM's line changes were acknowledged
+    /// (or given up on) by the server holding its interrupt controller.
+    fn release_fenced(&mut self, tx: &mut FrameBatch) {
+        if self.fenced.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.fenced.len() {
+            let (cmp, to, named) = self.fenced[i];
+            if self.irqs.chip_pending(cmp.route.client, cmp.route.vm) {
+                i += 1;
+                continue;
+            }
+            self.fenced.swap_remove(i);
+            self.complete(cmp, to, named, tx);
+        }
+    }
+
+    /// Another server changed a line of a device of a VM whose interrupt
+    /// controller may be here: drive its pin (once per change) and
+    /// acknowledge it to that server.
+    fn line_in(&mut self, from: MacAddr, irq: Interrupt, tx: &mut FrameBatch) {
+        let Some(q) = self.env.pins.queue(irq.route.vm) else {
+            self.stats.chip_lines_no_chip += 1;
+            return;
+        };
+        let IrqSource::Line(pin) = irq.source else { return };
+        let stream = (irq.route.server, irq.route.client, irq.route.vm);
+        if self.lines_in.get(&stream) == Some(&irq.seq) {
+            self.stats.chip_lines_again += 1;
+        } else {
+            self.lines_in.insert(stream, irq.seq);
+            self.stats.chip_lines_in += 1;
+            match irq.trigger {
+                Trigger::Edge => {
+                    q.push(pin, true);
+                    q.push(pin, false);
+                }
+                Trigger::Level { asserted } => q.push(pin, asserted),
+            }
+        }
+        let ack = InterruptAck { route: irq.route, seq: irq.seq };
+        self.send(tx, from, Message::InterruptAck(ack), false);
     }
 
     fn nack(&mut self, tx: &mut FrameBatch, to: MacAddr, req: &IoRequest, why: Refusal, now: Instant) {
@@ -462,6 +537,7 @@ impl<B: Backend> Server<B> {
         self.addresses = plan.addresses;
         self.registry = plan.registry;
         self.irqs.bind_all(plan.bound, &self.registry);
+        self.irqs.bind_chips(&self.registry, &self.env.pins);
     }
 
     /// A moved device's model is ready: install it, take over its last
@@ -547,7 +623,11 @@ impl<B: Backend> Handler for Server<B> {
                     self.dma.start_session(client, session);
                 }
             }
-            Rx::Ack(ack) => self.irqs.ack(&ack),
+            Rx::Ack(ack) => {
+                self.irqs.ack(&ack);
+                self.release_fenced(tx);
+            }
+            Rx::Line { from, irq } => self.line_in(from, irq, tx),
             Rx::DmaAnswer { client, answer } => self.dma.answer(client, &rx::dma_answer(bytes, &answer)),
             Rx::DmaRefused { client, seq, reason } => self.dma.refused(client, seq, reason),
             Rx::Drop(Dropped::Foreign) => self.stats.foreign += 1,
@@ -582,6 +662,8 @@ impl<B: Backend> Handler for Server<B> {
         for (device, tag, result) in self.dma.take_finished() {
             self.backend.dma_done(device, tag, result, now);
         }
+        // (A line change given up on releases what it held.)
+        self.release_fenced(tx);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -873,6 +955,88 @@ mod tests {
         mmio(&mut c, &mut s, 0x40, 0x35);
         assert_eq!(msis(&mut s, &c), [], "lowered: nothing after the EOI");
         assert_eq!(s.stats().interrupts, 2);
+    }
+
+    #[test]
+    fn a_line_of_a_device_on_another_server_reaches_the_vms_io_apic_before_its_completion_goes() {
+        use dmfabric_devices::{DeviceKind, DeviceSpec};
+        const CHIP: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x5a]);
+        let client = || testing::client(3, CLIENT, &[(7, 1)]);
+        // Server 1 holds VM 7's interrupt test device (line 5), server 2 its I/O APIC.
+        let tester = DeviceSpec::at(21, DeviceKind::IrqTest { line: 5 }, pc::IRQ_TEST.base, Some(7));
+        let reg_b = Registry::new(vec![client()], vec![(2, CHIP)], HashMap::new()).with_chips([(7, (2, CHIP))].into());
+        let mut b = Server::new(1, SERVER, &[tester], reg_b);
+        let mut a = Server::new(2, CHIP, &[pc::ioapic_device(20, Some(7))], {
+            Registry::new(vec![client()], vec![(1, SERVER)], HashMap::new())
+        });
+        let (mut cb, mut ca) = (TestClient::new(3, CLIENT, 1, SERVER), TestClient::new(3, CLIENT, 2, CHIP));
+        cb.open(&mut b);
+        ca.open(&mut a);
+        let now = Instant::now();
+        let poll = |s: &mut Server<Inline>| -> Vec<FrameRepr<'static>> {
+            let mut tx = FrameBatch::new();
+            s.on_poll(&mut tx, now);
+            let frames: Vec<Vec<u8>> = tx.iter().map(<[u8]>::to_vec).collect();
+            frames.into_iter().map(|f| FrameRepr::parse_bytes(f.leak()).unwrap()).collect()
+        };
+        poll(&mut a);
+        poll(&mut b);
+        // Pin 5 of the I/O APIC: vector 0x35, level-triggered, unmasked.
+        for (off, data) in [(0, 0x10 + 2 * 5), (0x10, 0x35 | 1 << 15)] {
+            let f = ca.request(7, 0, 20, Space::Mmio, Direction::Write, AccessSize::B4, pc::IOAPIC_MMIO + off, data);
+            answer(&mut a, &f);
+        }
+        // The guest asserts the level on server 1: the completion waits
+        // while the line change goes to server 2, sealed for client 3.
+        let out = answer(&mut b, &cb.outl(7, 21, u64::from(pc::IRQ_TEST.base), 2));
+        assert!(out.is_empty(), "no completion before the controller has the line");
+        let sent = poll(&mut b);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].eth, EthernetRepr { dst: CHIP, src: SERVER });
+        let Message::Interrupt(line) = sent[0].msg else { panic!("{sent:?}") };
+        assert_eq!(
+            (line.source, line.trigger, line.route.server),
+            (IrqSource::Line(5), Trigger::Level { asserted: true }, 1)
+        );
+        assert_eq!(b.stats().completions_fenced, 1);
+        let sealed = {
+            let mut buf = vec![0u8; sent[0].sealed_len()];
+            let mut r = sent[0];
+            r.epoch = 0;
+            let n = r.emit_sealed(&mut buf, &keys::ring(3).sending()).unwrap();
+            buf.truncate(n);
+            buf
+        };
+        // Server 2 takes it (and the same frame again only once), acknowledges both to server 1...
+        let acks: Vec<Vec<u8>> = [answer(&mut a, &sealed), answer(&mut a, &sealed)].concat();
+        assert_eq!(acks.len(), 2);
+        for f in &acks {
+            let repr = FrameRepr::parse_bytes(f).unwrap();
+            assert_eq!(repr.eth.dst, SERVER);
+            assert!(matches!(repr.msg, Message::InterruptAck(k) if k.seq == line.seq));
+        }
+        assert_eq!((a.stats().chip_lines_in, a.stats().chip_lines_again), (1, 1));
+        // ... and its I/O APIC sends the MSI to the client.
+        let msis: Vec<_> = poll(&mut a)
+            .into_iter()
+            .filter_map(|r| match r.msg {
+                Message::Interrupt(i) => Some((r.eth.dst, i.source)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(msis, [(CLIENT, IrqSource::Msi { address: 0xfee0_0000, data: 0x35 | 1 << 14 | 1 << 15 })]);
+        // The acknowledgement releases the completion, to the client.
+        let released = answer(&mut b, &acks[0]);
+        assert!(matches!(only_msg(&released), Message::IoCompletion(_)));
+        assert!(poll(&mut b).is_empty(), "nothing more");
+        // A server that is not the one the line names, or a MAC no server has: dropped.
+        let forged = a.stats().wrong_source;
+        let mut from_elsewhere = sent[0];
+        from_elsewhere.eth.src = MacAddr([2, 0, 0, 0, 0, 0x77]);
+        let mut buf = vec![0u8; from_elsewhere.sealed_len()];
+        let n = from_elsewhere.emit_sealed(&mut buf, &keys::ring(3).sending()).unwrap();
+        assert!(answer(&mut a, &buf[..n]).is_empty());
+        assert_eq!(a.stats().wrong_source, forged + 1);
     }
 
     fn irq_command(r: &mut Rig, command: u64) -> Vec<u8> {

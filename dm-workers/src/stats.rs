@@ -87,6 +87,22 @@ pub struct ServerStats {
     pub interrupts_coalesced: u64,
     /// Reset requests lost because their queue was full.
     pub vm_events_dropped: u64,
+    /// Line changes of devices here that drove the pins of their VM's
+    /// interrupt controller here, through the data-plane core.
+    pub chip_pins: u64,
+    /// Line changes sent to the server holding their VM's interrupt
+    /// controller (first copies).
+    pub chip_lines_sent: u64,
+    /// Line changes from other servers that drove a controller's pins here.
+    pub chip_lines_in: u64,
+    /// The same again (a lost acknowledgement): acknowledged, not applied twice.
+    pub chip_lines_again: u64,
+    /// Line changes from other servers for a VM whose controller is not
+    /// here: dropped unacknowledged.
+    pub chip_lines_no_chip: u64,
+    /// Completions held until the line changes their request made reached
+    /// the VM's interrupt controller on another server.
+    pub completions_fenced: u64,
     /// Malformed frames by reason (WireError::name → count, non-zero only).
     pub malformed: Vec<(&'static str, u64)>,
     /// Device DMA to and from the clients' VMs ([`crate::dma`]).
@@ -138,6 +154,32 @@ impl ServerStats {
             ("interrupt_acks", "Interrupt acknowledgements received", self.interrupt_acks),
             ("interrupts_coalesced", "Level changes folded into one still queued", self.interrupts_coalesced),
             ("levels_resent", "Level lines sent again to a client with a new session", self.levels_resent),
+            ("chip_pins", "Line changes that drove an interrupt controller here", self.chip_pins),
+            (
+                "chip_lines_sent",
+                "Line changes sent to the server of their VM's interrupt controller",
+                self.chip_lines_sent,
+            ),
+            (
+                "chip_lines_in",
+                "Line changes from other servers applied to an interrupt controller here",
+                self.chip_lines_in,
+            ),
+            (
+                "chip_lines_again",
+                "Line changes from other servers received again (not applied twice)",
+                self.chip_lines_again,
+            ),
+            (
+                "chip_lines_no_chip",
+                "Line changes from other servers for a VM whose controller is not here",
+                self.chip_lines_no_chip,
+            ),
+            (
+                "completions_fenced",
+                "Completions held until their line changes reached the VM's controller",
+                self.completions_fenced,
+            ),
             ("dma_requests", "DMA requests of device models", self.dma.requests),
             ("dma_completed", "DMA requests done", self.dma.completed),
             ("dma_failed", "DMA requests failed (refused, or never answered)", self.dma.failed),
@@ -205,7 +247,7 @@ impl fmt::Display for ServerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}, other VM {}, unknown VM {}, bad vCPU {}, no session {}, limited {}) forwarded {} held {} (dropped {}) devices arrived {} left {} resets {} duplicates {} (in flight {}) stale {} hellos {} (limited {}) sessions {}/{} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}, levels resent {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} unauthenticated {} wrong-source {} malformed {}",
+            "requests {} completions {} unclaimed {} nack(unknown device {}, wrong server {}, other VM {}, unknown VM {}, bad vCPU {}, no session {}, limited {}) forwarded {} held {} (dropped {}) devices arrived {} left {} resets {} duplicates {} (in flight {}) stale {} hellos {} (limited {}) sessions {}/{} interrupts {} (retransmits {}, acks {}, unbound {}, given up {}, levels resent {}) chip lines (pins {}, sent {}, in {}, again {}, no chip {}, fenced {}) foreign {} not-for-us {} unexpected-kind {} tx-full {} unauthenticated {} wrong-source {} malformed {}",
             self.requests,
             self.completions,
             self.unclaimed,
@@ -235,6 +277,12 @@ impl fmt::Display for ServerStats {
             self.interrupts_unbound,
             self.interrupts_given_up,
             self.levels_resent,
+            self.chip_pins,
+            self.chip_lines_sent,
+            self.chip_lines_in,
+            self.chip_lines_again,
+            self.chip_lines_no_chip,
+            self.completions_fenced,
             self.foreign,
             self.not_for_us,
             self.unexpected_kind,

@@ -301,6 +301,7 @@ fn records(dir: &Path) {
         owner: Some(10),
         args: vec![1, 2, 3],
         migrate_to: Some(1),
+        irqchip: dmfabric_control::model::IrqChip::Remote,
     };
     seeds.push(("vm_migrating", 2, json(&migrating)));
     for (name, pick, value) in seeds {

@@ -43,6 +43,7 @@ pub fn owner_and_io_server() -> Db {
             owner: Some(10),
             args: Vec::new(),
             migrate_to: None,
+            irqchip: Default::default(),
         }),
         Change::AddDevice(regfile(1, 10, 0x500)),
         Change::AddDevice(regfile(2, 11, 0x600)),

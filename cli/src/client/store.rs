@@ -135,7 +135,7 @@ fn vm_config(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
         pc: None,
         pc_server: 1,
         console_log: None,
-        irqchip: None,
+        irqchip: (v.irqchip == dmfabric_control::model::IrqChip::Remote).then(|| "remote".to_string()),
         args: a,
         vcpu_args: None,
         device,
@@ -156,6 +156,9 @@ fn vm_ranges(db: &dmfabric_control::model::Db, v: &dmfabric_control::model::Vm) 
             remote = remote.lines(&kind.lines());
             if kind.may_reset() {
                 remote = remote.resets();
+            }
+            if kind == dmfabric_devices::DeviceKind::IoApic {
+                remote = remote.msis();
             }
         }
         for r in &d.ranges {
