@@ -84,6 +84,7 @@ fn the_remote_io_apic_and_hpet_deliver_exactly_what_the_guest_programmed() {
     if !dmfabric_testkit::privileged_or_skip("the_remote_io_apic_and_hpet", &[Need::Root, Need::Kvm]) {
         return;
     }
+    let _one_at_a_time = dmfabric_testkit::timing_test();
     let net = TestNet::pair().unwrap();
     let keys = Keys::new("irqchip", net.host(0).mac, &[(3, &[(1, 1)])]);
     let rate = tsc_per_ns();
@@ -173,6 +174,7 @@ fn placed_by_the_control_panel_the_hpets_lines_reach_the_io_apic_on_another_serv
     if !dmfabric_testkit::privileged_or_skip(name, &[Need::Root, Need::Kvm]) {
         return;
     }
+    let _one_at_a_time = dmfabric_testkit::timing_test();
     // Host 0: client platform 3; host 1: server 10 with VM 1's I/O APIC;
     // host 2: server 11 with its HPET.
     let net = TestNet::new(TestNetConfig { hosts: 3, ..TestNetConfig::default() }).unwrap();

@@ -51,3 +51,13 @@ pub fn privileged_or_skip(test: &str, needs: &[Need]) -> bool {
     eprintln!("{msg}");
     false
 }
+
+/// Taken first by tests that measure time (a rate, a period against the
+/// TSC): while one holds it, the other such tests of its test binary wait.
+/// Each runs its own servers and clients on busy-polling cores, and on a
+/// 2-core host two at once measure each other's scheduling, not the code.
+pub fn timing_test() -> std::sync::MutexGuard<'static, ()> {
+    static TIMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it poisoned it: the next may go.
+    TIMING.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -663,9 +663,14 @@ impl IrqHandle {
 }
 
 impl IrqSink for IrqHandle {
-    /// A level is mirrored exactly; an edge is a raise and a lower.
+    /// A level is mirrored exactly; an edge is a raise and a lower. A VM
+    /// with a split irqchip has no I/O APIC or PIC in KVM to raise a line
+    /// on (its GSIs below 24 route level MSIs): a line is refused.
     fn inject(&self, source: IrqSource, trigger: Trigger) -> Result<(), KvmError> {
         match (source, trigger) {
+            (IrqSource::Line(gsi), _) if self.0.irqchip == IrqChipMode::Split => Err(KvmError::Guest(format!(
+                "line {gsi}: this VM's I/O APIC is remote (split irqchip), so its lines go to that model, not to KVM"
+            ))),
             (IrqSource::Line(gsi), Trigger::Level { asserted }) => self.set_line(gsi, asserted),
             (IrqSource::Line(gsi), Trigger::Edge) => self.set_line(gsi, true).and_then(|()| self.set_line(gsi, false)),
             (IrqSource::Msi { address, data }, _) => self.signal_msi(address, data),

@@ -98,6 +98,23 @@ fn a_guest_waiting_for_an_interrupt_that_never_comes_is_stopped_at_the_run_limit
 }
 
 #[test]
+fn a_vm_with_a_split_irqchip_refuses_lines() {
+    if !dmfabric_testkit::privileged_or_skip("a_vm_with_a_split_irqchip_refuses_lines", &[Need::Kvm]) {
+        return;
+    }
+    use dmfabric_vmm_shim::kvm::{IrqChipMode, IrqSink, Vm};
+    use dmfabric_wire::{IrqSource, Trigger};
+    // Its GSIs below 24 route the level MSIs it was sent: a line from a
+    // server must not reach one.
+    let split = Vm::with_irqchip(1 << 20, IrqChipMode::Split).unwrap().irq_handle();
+    let err = split.inject(IrqSource::Line(0), Trigger::Edge).unwrap_err().to_string();
+    assert!(err.contains("split irqchip"), "{err}");
+    assert!(split.inject(IrqSource::Line(4), Trigger::Level { asserted: true }).is_err());
+    let kernel = Vm::with_irqchip(1 << 20, IrqChipMode::Kernel).unwrap().irq_handle();
+    kernel.inject(IrqSource::Line(4), Trigger::Edge).unwrap();
+}
+
+#[test]
 fn two_vcpus_run_on_their_own_threads() {
     if !dmfabric_testkit::privileged_or_skip("two_vcpus_run_on_their_own_threads", &[Need::Kvm]) {
         return;

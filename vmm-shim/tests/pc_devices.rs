@@ -110,6 +110,8 @@ fn a_guest_line_on_the_remote_uart_lands_exactly_in_the_console_log() {
     if !dmfabric_testkit::privileged_or_skip("remote_uart_console_log", &[Need::Kvm, Need::Root]) {
         return;
     }
+    // Not while the timing test runs.
+    let _one_at_a_time = dmfabric_testkit::timing_test();
     let net = TestNet::pair().unwrap();
     let server = PcServer::start(&net, "uart-log");
     let spec =
@@ -130,6 +132,7 @@ fn event_timer_interrupts_arrive_at_the_programmed_rate() {
     if !dmfabric_testkit::privileged_or_skip("event_timer_rate", &[Need::Kvm, Need::Root]) {
         return;
     }
+    let _one_at_a_time = dmfabric_testkit::timing_test();
     let net = TestNet::pair().unwrap();
     let server = PcServer::start(&net, "timer");
     const PERIOD_US: u64 = 2000;
@@ -171,6 +174,8 @@ fn the_i8042_reset_pulse_resets_the_vm() {
     if !dmfabric_testkit::privileged_or_skip("i8042_reset", &[Need::Kvm, Need::Root]) {
         return;
     }
+    // Not while the timing test runs.
+    let _one_at_a_time = dmfabric_testkit::timing_test();
     let net = TestNet::pair().unwrap();
     let server = PcServer::start(&net, "reset");
     let ranges = [(Space::Pio, 0x60, 1, remote(KBC)), (Space::Pio, 0x64, 1, remote(KBC))];
