@@ -454,12 +454,21 @@ impl Vm {
     }
 
     /// The VM-wide device state KVM keeps: both PICs, the I/O APIC, the
-    /// PIT and the guest clock.
+    /// PIT and the guest clock; with a split irqchip (those are models on a
+    /// server, whose state stays there) the clock and the GSI routes of the
+    /// level-triggered MSIs, so that their EOIs still leave KVM.
     pub fn save_state(&self) -> Result<VmDeviceState, KvmError> {
+        let clock = self.fd().get_clock().map_err(ioctl("KVM_GET_CLOCK"))?;
         if self.shared.irqchip == IrqChipMode::Split {
-            return Err(KvmError::Guest(
-                "a VM whose I/O APIC is remote (split irqchip) cannot be saved yet: run it with irqchip = \"kernel\" to migrate it".into(),
-            ));
+            let level_routes = self.shared.level_routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            return Ok(VmDeviceState {
+                pic_master: None,
+                pic_slave: None,
+                ioapic: None,
+                pit: None,
+                clock,
+                level_routes,
+            });
         }
         let chip = |id: u32| -> Result<kvm_irqchip, KvmError> {
             let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
@@ -467,20 +476,46 @@ impl Vm {
             Ok(c)
         };
         Ok(VmDeviceState {
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.fd().get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
-            clock: self.fd().get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+            pic_master: Some(chip(KVM_IRQCHIP_PIC_MASTER)?),
+            pic_slave: Some(chip(KVM_IRQCHIP_PIC_SLAVE)?),
+            ioapic: Some(chip(KVM_IRQCHIP_IOAPIC)?),
+            pit: Some(self.fd().get_pit2().map_err(ioctl("KVM_GET_PIT2"))?),
+            clock,
+            level_routes: Vec::new(),
         })
     }
 
     /// Put [`Vm::save_state`]'s state (from another host) into this VM.
     pub fn restore_state(&self, s: &VmDeviceState) -> Result<(), KvmError> {
-        for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-            self.fd().set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+        match (self.shared.irqchip, &s.pic_master, &s.pic_slave, &s.ioapic, &s.pit) {
+            (IrqChipMode::Kernel, Some(master), Some(slave), Some(ioapic), Some(pit)) => {
+                for chip in [master, slave, ioapic] {
+                    self.fd().set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+                }
+                self.fd().set_pit2(pit).map_err(ioctl("KVM_SET_PIT2"))?;
+            }
+            (IrqChipMode::Split, None, None, None, None) => {
+                if s.level_routes.len() as u64 > SPLIT_IRQCHIP_PINS {
+                    return Err(KvmError::Guest(format!(
+                        "the snapshot has {} level interrupt routes, more than the {SPLIT_IRQCHIP_PINS} a split irqchip has",
+                        s.level_routes.len()
+                    )));
+                }
+                let mut routes = self.shared.level_routes.lock().unwrap_or_else(|e| e.into_inner());
+                routes.clone_from(&s.level_routes);
+                set_level_routes(&self.shared.fd, &routes)?;
+            }
+            (IrqChipMode::Kernel, ..) => {
+                return Err(KvmError::Guest(
+                    "the snapshot is of a VM whose I/O APIC is remote (split irqchip), this VM's is KVM's: give it irqchip = \"remote\" as before".into(),
+                ))
+            }
+            (IrqChipMode::Split, ..) => {
+                return Err(KvmError::Guest(
+                    "the snapshot is of a VM with KVM's irqchip, this VM's I/O APIC is remote (split irqchip): give it irqchip = \"kernel\" as before".into(),
+                ))
+            }
         }
-        self.fd().set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
         // Only the clock value: the flags of the source host do not apply here.
         let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
         self.fd().set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))
@@ -638,28 +673,33 @@ impl IrqHandle {
             routes.remove(0);
         }
         routes.push((address, data));
-        let entries: Vec<kvm_bindings::kvm_irq_routing_entry> = routes
-            .iter()
-            .zip(0u32..)
-            .map(|(&(address, data), gsi)| {
-                let mut e = kvm_bindings::kvm_irq_routing_entry {
-                    gsi,
-                    type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
-                    ..Default::default()
-                };
-                e.u.msi = kvm_bindings::kvm_irq_routing_msi {
-                    address_lo: address as u32,
-                    address_hi: (address >> 32) as u32,
-                    data,
-                    ..Default::default()
-                };
-                e
-            })
-            .collect();
-        let table = kvm_bindings::KvmIrqRouting::from_entries(&entries)
-            .map_err(|_| KvmError::Guest("too many interrupt routes".into()))?;
-        self.0.fd.set_gsi_routing(&table).map_err(ioctl("KVM_SET_GSI_ROUTING"))
+        set_level_routes(&self.0.fd, &routes)
     }
+}
+
+/// Route GSI `i` to level MSI `routes[i]`: KVM then exits on their EOIs.
+fn set_level_routes(fd: &VmFd, routes: &[(u64, u32)]) -> Result<(), KvmError> {
+    let entries: Vec<kvm_bindings::kvm_irq_routing_entry> = routes
+        .iter()
+        .zip(0u32..)
+        .map(|(&(address, data), gsi)| {
+            let mut e = kvm_bindings::kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi = kvm_bindings::kvm_irq_routing_msi {
+                address_lo: address as u32,
+                address_hi: (address >> 32) as u32,
+                data,
+                ..Default::default()
+            };
+            e
+        })
+        .collect();
+    let table = kvm_bindings::KvmIrqRouting::from_entries(&entries)
+        .map_err(|_| KvmError::Guest("too many interrupt routes".into()))?;
+    fd.set_gsi_routing(&table).map_err(ioctl("KVM_SET_GSI_ROUTING"))
 }
 
 impl IrqSink for IrqHandle {
@@ -706,14 +746,22 @@ struct FpuState {
     mxcsr: u32,
 }
 
-/// The device state KVM keeps per VM (in-kernel irqchip, PIT, clock).
+/// The device state KVM keeps per VM: the in-kernel irqchip and PIT (none
+/// with a split irqchip), the clock, and a split irqchip's level routes.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmDeviceState {
-    pic_master: kvm_irqchip,
-    pic_slave: kvm_irqchip,
-    ioapic: kvm_irqchip,
-    pit: kvm_pit_state2,
+    #[serde(default)]
+    pic_master: Option<kvm_irqchip>,
+    #[serde(default)]
+    pic_slave: Option<kvm_irqchip>,
+    #[serde(default)]
+    ioapic: Option<kvm_irqchip>,
+    #[serde(default)]
+    pit: Option<kvm_pit_state2>,
     clock: kvm_clock_data,
+    /// Split irqchip: the level MSIs on GSI routes, in GSI order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    level_routes: Vec<(u64, u32)>,
 }
 
 /// How a vCPU starts.
