@@ -212,7 +212,7 @@ fn three_hosts(net: &TestNet, store: &StoreFile, meanwhile: &dyn Fn()) {
     let (c, c_rx) = client(net, store, 0, 1);
     meanwhile();
     let out = c.wait_with_output().unwrap();
-    let lines: Vec<String> = c_rx.try_iter().collect();
+    let lines: Vec<String> = common::rest(&c_rx);
     assert!(out.status.success(), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains(&checksum_line())), "{lines:#?}");
     // Every frame the client sent (its retransmissions too) went to the owner.
@@ -291,7 +291,7 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
         .unwrap_or_else(|l| panic!("client 2: {l:?}"));
     let taken = start.elapsed();
     let out1 = c1.wait_with_output().unwrap();
-    let lines1: Vec<String> = c1_rx.try_iter().collect();
+    let lines1: Vec<String> = common::rest(&c1_rx);
     assert!(out1.status.success(), "{lines1:#?}");
     let moved = lines1.iter().find(|l| l.contains("VM 1: migrated to client platform 2"));
     eprintln!("migration: {}", moved.unwrap_or_else(|| panic!("{lines1:#?}")));
@@ -317,7 +317,7 @@ fn a_running_guest_migrates_and_its_device_moves_without_losing_a_request() {
     );
     store.ctl(&["vm", "shutdown", "2"]);
     let out2 = c2.wait_with_output().unwrap();
-    let lines2: Vec<String> = c2_rx.try_iter().collect();
+    let lines2: Vec<String> = common::rest(&c2_rx);
     assert!(out2.status.success(), "{lines2:#?}");
     assert!(lines2.iter().any(|l| l.contains(&checksum_line())), "{lines2:#?}");
     assert!(lines2.iter().any(|l| l.contains("VM 2: shut down by the control panel")), "{lines2:#?}");
@@ -429,7 +429,7 @@ fn launch_suspend_resume_and_shutdown_from_ctl_reach_the_running_client() {
     ]);
     store.ctl(&["vm", "launch", "4"]);
     let out = c.wait_with_output().unwrap();
-    let lines: Vec<String> = c_rx.try_iter().collect();
+    let lines: Vec<String> = common::rest(&c_rx);
     assert!(out.status.success(), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains(&checksum_line())), "{lines:#?}");
     let sum = dmfabric_vmm_shim::guests::io_loop_checksum(10);
@@ -466,7 +466,7 @@ fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
     std::thread::sleep(Duration::from_millis(500));
     store.ctl(&["vm", "migrate", "1", "--to", "2"]);
     let out1 = c1.wait_with_output().unwrap();
-    let lines1: Vec<String> = c1_rx.try_iter().collect();
+    let lines1: Vec<String> = common::rest(&c1_rx);
     assert!(out1.status.success(), "{lines1:#?}");
     assert!(lines1.iter().any(|l| l.contains("VM 1: migrated to client platform 2")), "{lines1:#?}");
     let l2 = wait_for_within(&c2_rx, "VM 1: state arrived", Duration::from_secs(10))
@@ -476,7 +476,7 @@ fn a_guest_waiting_for_interrupts_migrates_and_gets_every_one_once() {
     }
     store.ctl(&["vm", "shutdown", "2"]);
     let out2 = c2.wait_with_output().unwrap();
-    let lines2: Vec<String> = c2_rx.try_iter().collect();
+    let lines2: Vec<String> = common::rest(&c2_rx);
     assert!(out2.status.success(), "{lines2:#?}");
     // Every interrupt counted once by the guest, none on another vector,
     // and the device raised exactly that many.
@@ -563,7 +563,7 @@ fn servers_and_clients_follow_etcd_through_an_outage() {
     // (VM 1 is shut down in the middle of an access: the client says so
     // and exits with an error; that is not what this test is about.)
     c.wait_with_output().unwrap();
-    let lines: Vec<String> = c_rx.try_iter().collect();
+    let lines: Vec<String> = common::rest(&c_rx);
     assert!(lines.iter().any(|l| l.contains("shut down by the control panel vm=1")), "{lines:#?}");
     // VM 2 ran to its end against the device the server added.
     let sum = dmfabric_vmm_shim::guests::io_loop_checksum(10);

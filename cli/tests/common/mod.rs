@@ -36,6 +36,17 @@ pub fn spawn_logged(net: &TestNet, host: usize, args: &[&str]) -> Logged {
     (child, rx)
 }
 
+/// The lines of an ended process not taken yet: all of them, read to the
+/// end of its output (its reader threads may still be behind when the
+/// process is reaped), waiting at most 10 s for more.
+pub fn rest(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+        out.push(line);
+    }
+    out
+}
+
 /// Lines until one passes `hit` (within `within`); all lines seen.
 fn wait_until(
     rx: &mpsc::Receiver<String>,
