@@ -1348,7 +1348,10 @@ impl VcpuRemote {
                 // A transport error here surfaces as the request's timeout.
                 let _ = self.port.poll(&mut held.link);
             }
-            None => std::hint::spin_loop(),
+            // The serve thread holds it: let it run if it waits for this
+            // core (a vCPU spinning here while the serve thread it
+            // preempted holds the link would spin out its time slice).
+            None => std::thread::yield_now(),
         }
     }
 
