@@ -41,7 +41,7 @@ use serde::Serialize;
 
 use crate::harness::{self, Setup};
 use crate::loadgen;
-use crate::qemu::{qmp, Qemu, TempDir};
+use crate::qemu::{qmp_dumps, Qemu, TempDir};
 use crate::server_process;
 
 /// The VM of the bench, and its disk's device id on the server.
@@ -549,21 +549,8 @@ fn qemu(image: &BenchImage, cfg: &BlkConfig, stop: &AtomicBool) -> Result<(Virti
         save(0, low, &low_dump),
         r#"{"execute":"quit"}"#.to_string(),
     ];
-    let done = || {
-        std::fs::metadata(&samples_dump).is_ok_and(|m| m.len() == len as u64)
-            && std::fs::metadata(&low_dump).is_ok_and(|m| m.len() == low)
-    };
-    // Once more on a fresh connection if the first one broke before the
-    // dumps were written (as scratch.rs has seen once).
-    let first = qmp(&sock, &commands).map_err(BlkBenchError::Run);
-    if first.is_err() && !done() && q.0.try_wait().ok().flatten().is_none() {
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = qmp(&sock, &commands);
-    }
-    if !done() {
-        first?;
-        return Err(BlkBenchError::Run("QEMU did not dump the guest's memory".into()));
-    }
+    qmp_dumps(&mut q, &sock, &commands, &[(&samples_dump, len as u64), (&low_dump, low)])
+        .map_err(BlkBenchError::Run)?;
     let _ = q.0.wait();
     let samples = std::fs::read(&samples_dump).map_err(io("QEMU's memory dump"))?;
     let memory = std::fs::read(&low_dump).map_err(io("QEMU's memory dump"))?;

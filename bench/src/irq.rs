@@ -53,7 +53,7 @@ use serde::Serialize;
 
 use crate::harness::{self, Setup};
 use crate::loadgen;
-use crate::qemu::{qmp, Qemu};
+use crate::qemu::{qmp_dumps, Qemu};
 use crate::server_process;
 
 /// The VM of the bench, and its I/O APIC's and HPET's device ids on the server.
@@ -438,7 +438,9 @@ fn qemu(dir: &BenchDir, machine: &str, args: &ApicHpetArgs, stop: &AtomicBool) -
     let mem_mib = (mem_bytes(args) >> 20).max(16);
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-enable-kvm", "-cpu", "qemu64", "-M", machine, "-m", &mem_mib.to_string()])
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "null"])
+        // -no-shutdown: a guest that ends in a reset or a shutdown leaves
+        // QEMU running with its memory (read below) instead of exiting.
+        .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown", "-serial", "null"])
         .args(["-global", &format!("hpet.hpet-intcap={QEMU_ROUTE_CAP:#x}"), "-kernel"])
         .arg(&kernel)
         .arg("-chardev")
@@ -487,7 +489,8 @@ fn qemu(dir: &BenchDir, machine: &str, args: &ApicHpetArgs, stop: &AtomicBool) -
         save(APIC_HPET_SAMPLES_AT, samples_len, &samples_dump),
         r#"{"execute":"quit"}"#.to_string(),
     ];
-    qmp(&sock, &commands).map_err(IrqBenchError::Run)?;
+    let dumps = [(report_dump.as_path(), report_len as u64), (samples_dump.as_path(), samples_len as u64)];
+    qmp_dumps(&mut q, &sock, &commands, &dumps).map_err(IrqBenchError::Run)?;
     let _ = q.0.wait();
     let bytes = std::fs::read(&report_dump).map_err(io("QEMU's memory dump"))?;
     let report = ApicHpetReport::from_memory(&bytes)?;

@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 
 use crate::exit::{ExitBenchError, ExitJson};
 use crate::harness::{self, Setup};
-use crate::qemu::{qmp, Qemu, TempDir};
+use crate::qemu::{qmp_dumps, Qemu, TempDir};
 
 /// Where the scratch register is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,16 +216,7 @@ fn qemu(round_trips: u64, core: Option<usize>) -> Result<Vec<u8>, ExitBenchError
         ),
         r#"{"execute":"quit"}"#.to_string(),
     ];
-    // Once more on a fresh connection if the first one broke before the
-    // dump was written (seen once in CI: the socket closed under us).
-    let mut outcome = qmp(&sock, &commands).map_err(ExitBenchError::Guest);
-    if outcome.is_err() && std::fs::metadata(&dump).map_or(0, |m| m.len()) != len as u64 {
-        std::thread::sleep(Duration::from_millis(200));
-        outcome = qmp(&sock, &commands).map_err(ExitBenchError::Guest);
-    }
-    if std::fs::metadata(&dump).map_or(0, |m| m.len()) != len as u64 {
-        outcome?;
-    }
+    qmp_dumps(&mut q, &sock, &commands, &[(&dump, len as u64)]).map_err(ExitBenchError::Guest)?;
     let _ = q.0.wait();
     let samples = std::fs::read(&dump).map_err(|e| ExitBenchError::Guest(format!("QEMU's memory dump: {e}")))?;
     if samples.len() != len {
