@@ -22,10 +22,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dmfabric_dataplane::netns::TestNet;
 use dmfabric_dataplane::TransportSpec;
@@ -41,7 +40,7 @@ use serde::Serialize;
 
 use crate::harness::{self, Setup};
 use crate::loadgen;
-use crate::qemu::{qmp_dumps, Qemu, TempDir};
+use crate::qemu::{self, qmp_dumps, TempDir};
 use crate::server_process;
 
 /// The VM of the bench, and its disk's device id on the server.
@@ -480,59 +479,24 @@ fn qemu(image: &BenchImage, cfg: &BlkConfig, stop: &AtomicBool) -> Result<(Virti
     let (samples_dump, low_dump) = (dir.0.join("samples"), dir.0.join("low"));
     std::fs::write(&kernel, kernel_image).map_err(io("temp file"))?;
     let mem_mib = (mem_bytes(&args) >> 20).max(16);
-    // -no-shutdown: in user mode the guest's last instructions (after its
-    // report) end in a triple fault under QEMU on this host; QEMU then
-    // stops the VM instead of exiting, and its memory can still be read.
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-enable-kvm", "-cpu", "qemu64", "-M", "microvm", "-global", "virtio-mmio.force-legacy=false"])
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown", "-serial", "null"])
-        .args(["-m", &mem_mib.to_string()])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-chardev")
-        .arg(format!("file,id=dbg,path={}", debug.display()))
-        .args(["-device", "isa-debugcon,iobase=0x4f0,chardev=dbg", "-drive"])
-        .arg(format!("file={},format=raw,if=none,id=d0,cache=none,aio=io_uring", image.path.display()))
-        .args(["-device", "virtio-blk-device,drive=d0", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().map_err(|e| {
-        BlkBenchError::Run(format!("cannot run qemu-system-x86_64: {e} (scripts/setup.sh installs it)"))
-    })?;
-    let mut q = Qemu(child);
+    let qemu_args: Vec<String> = ["-M", "microvm", "-global", "virtio-mmio.force-legacy=false", "-m"]
+        .into_iter()
+        .map(String::from)
+        .chain([mem_mib.to_string(), "-drive".into()])
+        .chain([format!("file={},format=raw,if=none,id=d0,cache=none,aio=io_uring", image.path.display())])
+        .chain(["-device".into(), "virtio-blk-device,drive=d0".into()])
+        .collect();
+    let mut q = qemu::spawn(&qemu_args, &kernel, &debug, &sock).map_err(BlkBenchError::Run)?;
     // Thirteen report writes (one byte each in debugcon) when it is done;
     // one, non-zero, if it failed.
-    let end = Instant::now() + Duration::from_secs(300);
-    loop {
-        let got = std::fs::read(&debug).unwrap_or_default();
-        if got.first().is_some_and(|&b| b != 0) {
-            return Err(VirtioBlkReport::parse(&[u32::from(got[0])]).err().map_or_else(
-                || BlkBenchError::Run(format!("the guest under QEMU reported {got:?}")),
-                BlkBenchError::from,
-            ));
-        }
-        if got.len() >= 13 {
-            break;
-        }
-        if let Ok(Some(status)) = q.0.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = q.0.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            return Err(BlkBenchError::Run(format!(
-                "QEMU exited ({status}) before the guest finished: {}",
-                err.trim()
-            )));
-        }
-        if stop.load(Ordering::Relaxed) {
-            return Err(BlkBenchError::Run("Interrupted".into()));
-        }
-        if Instant::now() > end {
-            return Err(BlkBenchError::Run("the guest under QEMU did not finish within 300 s".into()));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let failed = |got: &[u8]| got.first().is_some_and(|&b| b != 0);
+    let got =
+        qemu::wait_report(&mut q, &debug, 13, failed, Duration::from_secs(300), stop).map_err(BlkBenchError::Run)?;
+    if failed(&got) {
+        return Err(VirtioBlkReport::parse(&[u32::from(got[0])]).err().map_or_else(
+            || BlkBenchError::Run(format!("the guest under QEMU reported {got:?}")),
+            BlkBenchError::from,
+        ));
     }
     let (at, len) = samples_at(&args);
     // The guest's code and variables sit below its area.

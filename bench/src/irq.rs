@@ -31,10 +31,9 @@
 //! the model (a round trip's first half for a remote HPET).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dmfabric_dataplane::netns::TestNet;
 use dmfabric_dataplane::TransportSpec;
@@ -53,7 +52,7 @@ use serde::Serialize;
 
 use crate::harness::{self, Setup};
 use crate::loadgen;
-use crate::qemu::{qmp_dumps, Qemu};
+use crate::qemu::{self, qmp_dumps, TempDir};
 use crate::server_process;
 
 /// The VM of the bench, and its I/O APIC's and HPET's device ids on the server.
@@ -168,23 +167,10 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IrqBenchError {
     move |err| IrqBenchError::Io { what, err }
 }
 
-/// A temporary directory of the bench's (removed when dropped).
-#[derive(Debug)]
-pub struct BenchDir(pub PathBuf);
-
-impl BenchDir {
-    pub fn new() -> Result<BenchDir, IrqBenchError> {
-        let dir = std::env::temp_dir().join(format!("dmfabric-bench-irq-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(io(format!("Cannot create {}", dir.display())))?;
-        Ok(BenchDir(dir))
-    }
-}
-
-impl Drop for BenchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// The bench's scratch directory (the server's config, QEMU's files),
+/// removed when dropped.
+pub fn bench_dir() -> Result<TempDir, IrqBenchError> {
+    TempDir::fresh("dmfabric-bench-irq").map_err(io("Cannot create the bench's temporary directory"))
 }
 
 /// One guest run's outcome: its report and its lateness samples' bytes.
@@ -224,7 +210,7 @@ pub fn run(
     mode: IrqMode,
     setup: &Setup,
     exe: &Path,
-    dir: &BenchDir,
+    dir: &TempDir,
     cfg: &IrqConfig,
     stop: &Arc<AtomicBool>,
 ) -> Result<IrqJson, IrqBenchError> {
@@ -351,7 +337,7 @@ fn run_local(args: &ApicHpetArgs, stop: &AtomicBool) -> Result<Outcome, IrqBench
 fn run_remote(
     setup: &Setup,
     exe: &Path,
-    dir: &BenchDir,
+    dir: &TempDir,
     args: &ApicHpetArgs,
     stop: &Arc<AtomicBool>,
 ) -> Result<Outcome, IrqBenchError> {
@@ -372,7 +358,7 @@ fn run_remote(
 
 /// The server's config: the bench's client platform (its key file too)
 /// and VM 1's I/O APIC and HPET.
-fn write_server_config(setup: &Setup, dir: &BenchDir, net: &TestNet) -> Result<PathBuf, IrqBenchError> {
+fn write_server_config(setup: &Setup, dir: &TempDir, net: &TestNet) -> Result<PathBuf, IrqBenchError> {
     let devices = format!(
         "[[device]]\nid = {IOAPIC}\nkind = \"ioapic\"\nvm = {VM}\n\n[[device]]\nid = {HPET}\nkind = \"hpet\"\nvm = {VM}\n"
     );
@@ -424,57 +410,27 @@ fn client_side(
 /// and HPET, the HPET offered pins 16-23), its report and samples read
 /// out of its memory once it has written the report (QMP pmemsave;
 /// debugcon keeps a byte of each report word, which is only checked).
-fn qemu(dir: &BenchDir, machine: &str, args: &ApicHpetArgs, stop: &AtomicBool) -> Result<Outcome, IrqBenchError> {
+fn qemu(dir: &TempDir, machine: &str, args: &ApicHpetArgs, stop: &AtomicBool) -> Result<Outcome, IrqBenchError> {
     let image = guests::multiboot_with_args("apic_hpet", args.regs())
         .ok_or_else(|| IrqBenchError::Run("no Multiboot apic_hpet".into()))?;
     let tag = machine.replace([',', '='], "-");
     let sub = dir.0.join(format!("qemu-{tag}-{}", args.period_us));
     let _ = std::fs::remove_dir_all(&sub);
     std::fs::create_dir_all(&sub).map_err(io("temp dir"))?;
-    let cleanup = BenchDir(sub.clone());
+    let cleanup = TempDir(sub.clone());
     let (kernel, debug, sock) = (sub.join("apic_hpet.mb.bin"), sub.join("debug"), sub.join("qmp.sock"));
     let (report_dump, samples_dump) = (sub.join("report"), sub.join("samples"));
     std::fs::write(&kernel, image).map_err(io("temp file"))?;
     let mem_mib = (mem_bytes(args) >> 20).max(16);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-enable-kvm", "-cpu", "qemu64", "-M", machine, "-m", &mem_mib.to_string()])
-        // -no-shutdown: a guest that ends in a reset or a shutdown leaves
-        // QEMU running with its memory (read below) instead of exiting.
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown", "-serial", "null"])
-        .args(["-global", &format!("hpet.hpet-intcap={QEMU_ROUTE_CAP:#x}"), "-kernel"])
-        .arg(&kernel)
-        .arg("-chardev")
-        .arg(format!("file,id=dbg,path={}", debug.display()))
-        .args(["-device", "isa-debugcon,iobase=0x4f0,chardev=dbg", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().map_err(|e| {
-        IrqBenchError::Run(format!("cannot run qemu-system-x86_64: {e} (scripts/setup.sh installs it)"))
-    })?;
-    let mut q = Qemu(child);
+    let qemu_args: Vec<String> = ["-M", machine, "-m", &mem_mib.to_string(), "-global"]
+        .into_iter()
+        .map(String::from)
+        .chain([format!("hpet.hpet-intcap={QEMU_ROUTE_CAP:#x}")])
+        .collect();
+    let mut q = qemu::spawn(&qemu_args, &kernel, &debug, &sock).map_err(IrqBenchError::Run)?;
     let nominal = Duration::from_micros(u64::from(args.periodic) * u64::from(args.period_us));
-    let end = Instant::now() + Duration::from_secs(60) + nominal * 4;
-    while std::fs::metadata(&debug).map_or(0, |m| m.len()) < APIC_HPET_REPORT_WORDS as u64 {
-        if let Ok(Some(status)) = q.0.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = q.0.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            return Err(IrqBenchError::Run(format!(
-                "QEMU exited ({status}) before the guest reported: {}",
-                err.trim()
-            )));
-        }
-        if stop.load(Ordering::Relaxed) {
-            return Err(IrqBenchError::Run("Interrupted".into()));
-        }
-        if Instant::now() > end {
-            return Err(IrqBenchError::Run("the guest under QEMU did not report in time".into()));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let within = Duration::from_secs(60) + nominal * 4;
+    qemu::wait_report(&mut q, &debug, APIC_HPET_REPORT_WORDS, |_| false, within, stop).map_err(IrqBenchError::Run)?;
     let save = |addr: u64, size: usize, file: &Path| {
         format!(
             r#"{{"execute":"pmemsave","arguments":{{"val":{addr},"size":{size},"filename":"{}"}}}}"#,

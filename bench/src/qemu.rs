@@ -1,14 +1,29 @@
 //! What the benchmarks that compare with QEMU share: a scratch directory
-//! removed when dropped, QEMU killed when dropped, and commands to its QMP
-//! socket.
+//! removed when dropped, QEMU started on a Multiboot guest (debugcon and
+//! QMP) and killed when dropped, the wait for the guest's report, and
+//! commands to its QMP socket.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// Removes a directory when dropped.
-pub(crate) struct TempDir(pub(crate) PathBuf);
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `name` with this process's id in the system's temporary directory,
+    /// made afresh (what an earlier run left there is removed first).
+    pub fn fresh(name: &str) -> std::io::Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -36,6 +51,61 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// `qemu-system-x86_64 -enable-kvm -cpu qemu64` with `args` (machine,
+/// memory, devices) booting the Multiboot image `kernel`: the guest's
+/// debugcon (port 0x4f0) written to `debug`, QMP at `sock`, no display,
+/// serial or default devices. `-no-reboot -no-shutdown`: a guest that ends
+/// in a reset or a shutdown (a triple fault after its report, in user mode
+/// on this host) leaves QEMU running with its memory, which QMP reads.
+pub(crate) fn spawn(args: &[String], kernel: &Path, debug: &Path, sock: &Path) -> Result<Qemu, String> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-enable-kvm", "-cpu", "qemu64"])
+        .args(args)
+        .args(["-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown", "-serial", "null", "-kernel"])
+        .arg(kernel)
+        .arg("-chardev")
+        .arg(format!("file,id=dbg,path={}", debug.display()))
+        .args(["-device", "isa-debugcon,iobase=0x4f0,chardev=dbg", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child =
+        cmd.spawn().map_err(|e| format!("cannot run qemu-system-x86_64: {e} (scripts/setup.sh installs it)"))?;
+    Ok(Qemu(child))
+}
+
+/// Wait until the guest's debugcon (`debug`) holds `len` bytes or `failed`
+/// says what it holds is a failure report; those bytes. An error if QEMU
+/// exits first (with its stderr), `stop` is set, or `within` passes.
+pub(crate) fn wait_report(
+    q: &mut Qemu,
+    debug: &Path,
+    len: usize,
+    failed: impl Fn(&[u8]) -> bool,
+    within: Duration,
+    stop: &AtomicBool,
+) -> Result<Vec<u8>, String> {
+    let end = Instant::now() + within;
+    loop {
+        let got = std::fs::read(debug).unwrap_or_default();
+        if got.len() >= len || failed(&got) {
+            return Ok(got);
+        }
+        let note = q.exit_note();
+        if !note.is_empty() {
+            return Err(format!("the guest under QEMU did not finish{note}"));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err("Interrupted".into());
+        }
+        if Instant::now() > end {
+            return Err(format!("the guest under QEMU did not finish within {within:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

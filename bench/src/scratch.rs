@@ -12,7 +12,7 @@
 //! scaling), and the same rate serves all three modes, so their ratio
 //! does not depend on it.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 
 use crate::exit::{ExitBenchError, ExitJson};
 use crate::harness::{self, Setup};
-use crate::qemu::{qmp_dumps, Qemu, TempDir};
+use crate::qemu::{self, qmp_dumps, TempDir};
 
 /// Where the scratch register is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,36 +177,15 @@ fn qemu(round_trips: u64, core: Option<usize>) -> Result<Vec<u8>, ExitBenchError
         (dir.0.join("scratch.mb.bin"), dir.0.join("debug"), dir.0.join("qmp.sock"), dir.0.join("samples"));
     std::fs::write(&kernel, image).map_err(|e| ExitBenchError::Guest(format!("temp file: {e}")))?;
     let mem_mib = ((SAMPLES_AT as usize + samples_len(round_trips)) >> 20) + 8;
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-enable-kvm", "-cpu", "qemu64", "-M", "pc", "-nodefaults", "-display", "none", "-no-reboot"])
-        .args(["-m", &mem_mib.to_string(), "-serial", "null", "-kernel"])
-        .arg(&kernel)
-        .arg("-chardev")
-        .arg(format!("file,id=dbg,path={}", debug.display()))
-        .args(["-device", "isa-debugcon,iobase=0x4f0,chardev=dbg", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().map_err(|e| {
-        ExitBenchError::Guest(format!("cannot run qemu-system-x86_64: {e} (scripts/setup.sh installs it)"))
-    })?;
-    let mut q = Qemu(child);
+    let qemu_args = ["-M".to_string(), "pc".into(), "-m".into(), mem_mib.to_string()];
+    let mut q = qemu::spawn(&qemu_args, &kernel, &debug, &sock).map_err(ExitBenchError::Guest)?;
     if let Some(c) = core {
         // Pin QEMU (its vCPU thread included) like the shim's client.
         let _ = Command::new("taskset").args(["-a", "-p", "-c", &c.to_string(), &q.0.id().to_string()]).output();
     }
     // The guest's two report writes land in debugcon when it is done.
-    let end = Instant::now() + Duration::from_secs(300);
-    while std::fs::metadata(&debug).map_or(0, |m| m.len()) < 2 {
-        if let Ok(Some(status)) = q.0.try_wait() {
-            return Err(ExitBenchError::Guest(format!("QEMU exited ({status}) before the guest finished")));
-        }
-        if Instant::now() > end {
-            return Err(ExitBenchError::Guest("the guest under QEMU did not finish within 300 s".into()));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let never = AtomicBool::new(false);
+    qemu::wait_report(&mut q, &debug, 2, |_| false, Duration::from_secs(300), &never).map_err(ExitBenchError::Guest)?;
     let len = samples_len(round_trips);
     let commands = [
         r#"{"execute":"qmp_capabilities"}"#.to_string(),

@@ -1016,7 +1016,7 @@ fn bench_irq(a: &IrqArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     }
     let cfg = irq::IrqConfig { interrupts: a.interrupts, period_us: a.period_us, rate_period_us: a.rate_period_us };
-    let dir = irq::BenchDir::new()?;
+    let dir = irq::bench_dir()?;
     eprintln!(
         "dmfabric bench irq: apic_hpet, {} periodic HPET interrupts a run: lateness at a {} µs period, the rate at {} µs",
         a.interrupts, a.period_us, a.rate_period_us
