@@ -69,6 +69,7 @@ fn main() {
     let mut offsets = String::from("/// Offset of the three argument words in each Multiboot image.\npub const MB_ARGS_OFFSET: &[(&str, usize)] = &[\n");
     println!("cargo:rerun-if-changed=guests/multiboot.S");
     println!("cargo:rerun-if-changed=guests/common.inc");
+    println!("cargo:rerun-if-changed=guests/demo.inc");
     for (name, args) in GUESTS {
         let src = format!("guests/{name}.S");
         println!("cargo:rerun-if-changed={src}");

@@ -26,6 +26,7 @@
 
     .intel_syntax noprefix
     .include "common.inc"
+    .include "demo.inc"
     .code64
     .text
     .globl _start
@@ -92,67 +93,12 @@ _start:
     mov     eax, TIMER_VECTOR
     call    rte_write
 
-    # COM1: 115200 8N1, FIFO (trigger 1), DTR RTS OUT2, receive interrupts.
-    mov     dx, COM1 + 3
-    mov     al, 0x80
-    out     dx, al
-    mov     dx, COM1
-    mov     al, 1
-    out     dx, al
-    mov     dx, COM1 + 1
-    xor     eax, eax
-    out     dx, al
-    mov     dx, COM1 + 3
-    mov     al, 0x03
-    out     dx, al
-    mov     dx, COM1 + 2
-    mov     al, 0x07
-    out     dx, al
-    mov     dx, COM1 + 4
-    mov     al, 0x0b
-    out     dx, al
-    mov     dx, COM1 + 1
-    mov     al, 0x01
-    out     dx, al
+    demo_com1_init
 
     lea     rsi, [rip + banner]
     call    puts
 
-    # The RTC: wait while an update is in progress, then read.
-1:
-    mov     al, 0x0a
-    out     0x70, al
-    in      al, 0x71
-    test    al, 0x80
-    jnz     1b
-    lea     rsi, [rip + time_msg]
-    call    puts
-    mov     bl, 0x32                # century
-    call    rtc_bcd
-    mov     bl, 0x09                # year
-    call    rtc_bcd
-    mov     al, '-'
-    call    putc
-    mov     bl, 0x08                # month
-    call    rtc_bcd
-    mov     al, '-'
-    call    putc
-    mov     bl, 0x07                # day
-    call    rtc_bcd
-    mov     al, ' '
-    call    putc
-    mov     bl, 0x04                # hours
-    call    rtc_bcd
-    mov     al, ':'
-    call    putc
-    mov     bl, 0x02                # minutes
-    call    rtc_bcd
-    mov     al, ':'
-    call    putc
-    mov     bl, 0x00                # seconds
-    call    rtc_bcd
-    lea     rsi, [rip + utc_msg]
-    call    puts
+    demo_print_rtc
 
     # The HPET: halted, counter 0; the period in main-counter ticks
     # (µs * 10^9 / fs, at least 1).
@@ -205,44 +151,12 @@ _start:
     jb      2b
 
     # Echo a line typed at the server's console, while the HPET runs on.
-    cmp     qword ptr [rip + echo_wait], 0
-    je      4f
-    lea     rsi, [rip + echo_msg]
-    call    puts
-    mov     r13, [rip + ticks]
-    add     r13, [rip + echo_wait]  # give up at this tick
-3:
-    sti
-    hlt
-    cli
-    cmp     qword ptr [rip + line_done], 0
-    jne     4f
-    cmp     [rip + ticks], r13
-    jb      3b
-    lea     rsi, [rip + no_input_msg]
-    call    puts
+    demo_echo_wait
 4:
     mov     ebx, HPET               # stop the HPET
     mov     dword ptr [rbx + H_CONF], 0
     mov     dword ptr [rbx + H_T0_CONF], 0
-    mov     dx, REPORT_PORT
-    mov     eax, [rip + ticks]
-    out     dx, eax
-    mov     eax, [rip + echoed]
-    out     dx, eax
-    lea     rsi, [rip + bye_msg]
-    call    puts
-    # Wait for the transmitter to drain, then pulse the reset line.
-5:
-    mov     dx, COM1 + 5
-    in      al, dx
-    test    al, 0x40
-    jz      5b
-    mov     al, 0xfe
-    out     0x64, al
-6:
-    hlt
-    jmp     6b
+    demo_report_and_reset
 
 # Pin edx's redirection entry: low dword eax, destination this CPU's local
 # APIC id. The high dword first, the low (which unmasks) last. Clobbers ecx.
@@ -259,43 +173,7 @@ rte_write:
     mov     [r8 + IO_WIN], eax
     ret
 
-# Print the RTC register bl as two BCD digits.
-rtc_bcd:
-    mov     al, bl
-    out     0x70, al
-    in      al, 0x71
-    mov     bl, al
-    shr     al, 4
-    add     al, '0'
-    call    putc
-    mov     al, bl
-    and     al, 0x0f
-    add     al, '0'
-    jmp     putc
-
-# Print the NUL-terminated string at rsi.
-puts:
-    mov     al, [rsi]
-    test    al, al
-    jz      7f
-    call    putc
-    inc     rsi
-    jmp     puts
-7:
-    ret
-
-# Send al when THR is empty. Keeps everything but rdx.
-putc:
-    push    rax
-8:
-    mov     dx, COM1 + 5
-    in      al, dx
-    test    al, 0x20
-    jz      8b
-    pop     rax
-    mov     dx, COM1
-    out     dx, al
-    ret
+    demo_routines
 
 # HPET timer 0 (edge): count, EOI.
 timer_isr:
@@ -309,23 +187,7 @@ timer_isr:
 uart_isr:
     push    rax
     push    rdx
-9:
-    mov     dx, COM1 + 5
-    in      al, dx
-    test    al, 0x01
-    jz      10f
-    mov     dx, COM1
-    in      al, dx
-    cmp     al, 0x0d                # a terminal's Enter
-    jne     11f
-    mov     al, 0x0a
-11:
-    inc     qword ptr [rip + echoed]
-    call    putc
-    cmp     al, 0x0a
-    jne     9b
-    mov     qword ptr [rip + line_done], 1
-    jmp     9b
+    demo_uart_rx
 10:
     mov     eax, LAPIC
     mov     dword ptr [rax + L_EOI], 0
